@@ -1,0 +1,205 @@
+//! TOML configuration.
+//!
+//! Loading is two passes, as in rathole and Vector: serde with
+//! `deny_unknown_fields` turns the text into typed structs (a typo in a key is
+//! an error with its line and column, not a silently ignored option), then
+//! [`validate`] checks the values and reports *every* problem with its dotted
+//! key, so an operator fixes a file in one round instead of one error per try.
+
+mod duration;
+mod validate;
+
+pub use duration::HumanDuration;
+pub use validate::ConfigError;
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The shipped, commented configuration. It is also the embedded default that
+/// `herdgate` runs with when no `--config` is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/herdgate.toml");
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Client websockets and the HTTP API.
+    pub listen: String,
+    /// Health and metrics. Empty string disables the admin listener.
+    pub admin_listen: String,
+    /// Realtime workers (room owners). 0 = one per core.
+    pub workers: usize,
+    /// Sent to clients in `pusher:connection_established`; the server pings a
+    /// socket that was silent this long.
+    pub activity_timeout: HumanDuration,
+    /// How long a pinged socket has to answer before it is closed with 4201.
+    pub pong_timeout: HumanDuration,
+    /// Deadline for a new TCP connection to send complete HTTP request headers.
+    pub handshake_timeout: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:6001".into(),
+            admin_listen: "127.0.0.1:9601".into(),
+            workers: 0,
+            activity_timeout: HumanDuration::secs(120),
+            pong_timeout: HumanDuration::secs(30),
+            handshake_timeout: HumanDuration::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open websocket sessions on this node; upgrades beyond it get 503.
+    pub max_connections: usize,
+    /// TCP connections not (yet) upgraded: handshakes in progress and HTTP API
+    /// keep-alives. The accept loop waits for one to end beyond it.
+    pub max_handshakes: usize,
+    /// Channels one socket may be subscribed to at once.
+    pub max_channels_per_connection: usize,
+    /// Largest event `data` accepted from the HTTP API or a client event.
+    pub max_payload_bytes: usize,
+    /// Largest websocket message a client may send (close 1009 beyond it).
+    pub max_message_bytes: usize,
+    /// Client events per second per socket (burst of the same size).
+    pub client_events_per_second: u32,
+    /// Distinct users in one presence channel.
+    pub max_presence_members: usize,
+    /// Frames waiting to be written to one socket before it counts as a slow consumer.
+    pub outbound_queue_messages: usize,
+    /// Bytes waiting to be written to one socket before it counts as a slow consumer.
+    pub outbound_queue_bytes: usize,
+    /// Commands waiting in one worker's mailbox.
+    pub worker_mailbox: usize,
+    /// Largest HTTP API request body (413 beyond it).
+    pub max_request_body_bytes: usize,
+    /// Largest HTTP request head (431 beyond it).
+    pub max_request_header_bytes: usize,
+    /// A socket whose peer does not take a queued write within this time is closed.
+    pub write_timeout: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 100_000,
+            max_handshakes: 4096,
+            max_channels_per_connection: 100,
+            max_payload_bytes: 10_240,
+            max_message_bytes: 32_768,
+            client_events_per_second: 10,
+            max_presence_members: 100,
+            outbound_queue_messages: 256,
+            outbound_queue_bytes: 256 * 1024,
+            worker_mailbox: 65_536,
+            max_request_body_bytes: 256 * 1024,
+            max_request_header_bytes: 16 * 1024,
+            write_timeout: HumanDuration::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `herdgate=debug`.
+    pub level: String,
+    /// `human` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "human".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    /// Whether sockets may send `client-*` events.
+    #[serde(default = "yes")]
+    pub enable_client_events: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Everything that can go wrong loading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", validate::render(.0))]
+    Invalid(Vec<ConfigError>),
+}
+
+impl Config {
+    /// Parse and validate; every problem is reported at once.
+    pub fn from_toml_str(text: &str) -> Result<Config, LoadError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| LoadError::Invalid(vec![ConfigError::from_toml(text, "", &e)]))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            LoadError::Invalid(vec![ConfigError::from_toml(text, &path, e.inner())])
+        })?;
+        let errors = validate::validate(&config);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(LoadError::Invalid(errors))
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    pub fn embedded_default() -> Config {
+        Config::from_toml_str(EMBEDDED_DEFAULT).expect("embedded default config is valid")
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.parse().expect("validated")
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        (!self.server.admin_listen.is_empty())
+            .then(|| self.server.admin_listen.parse().expect("validated"))
+    }
+
+    pub fn worker_count(&self) -> usize {
+        match self.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}

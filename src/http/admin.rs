@@ -1,0 +1,55 @@
+//! The admin listener: health for load balancers and Prometheus metrics.
+//! It is a separate socket, bound to loopback by default, so that neither
+//! probes nor scrapes compete with clients and neither is exposed publicly.
+
+use super::{text, Body};
+use crate::state::Shared;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &shared)) }
+            });
+            let mut b = http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(5));
+            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
+    match req.uri().path() {
+        // Alive as long as this process answers: load never fails liveness.
+        "/livez" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if shared.shutdown.is_cancelled() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/metrics" => Response::builder()
+            .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(crate::telemetry::render_metrics())))
+            .expect("valid response"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /livez, /readyz or /metrics\n"),
+    }
+}

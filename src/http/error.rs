@@ -1,0 +1,45 @@
+//! HTTP API errors: each maps to one status and a JSON `{"error": "…"}` body.
+
+use super::{json, Body};
+use http::{Response, StatusCode};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    /// Try again later; the `Retry-After` header carries the seconds.
+    #[error("{0}")]
+    Unavailable(String, u64),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = json(self.status(), &serde_json::json!({ "error": self.to_string() }));
+        if let ApiError::Unavailable(_, secs) = self {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+        }
+        resp
+    }
+}
+
+/// A `Retry-After` in whole seconds, spread over `1..=max` so that refused
+/// clients do not come back as one herd.
+pub fn jittered_retry_after(max: u64) -> u64 {
+    rand::random_range(1..=max.max(1))
+}

@@ -1,0 +1,96 @@
+//! HTTP on the public listener: websocket upgrades on `/app/{key}` and the
+//! Pusher HTTP API on `/apps/{id}/…`, served by hyper, one task per TCP
+//! connection. The request head must arrive within `handshake_timeout`
+//! (slow clients cannot hold a connection slot forever).
+
+pub mod admin;
+mod api;
+mod error;
+mod sign;
+mod upgrade;
+
+pub use error::ApiError;
+
+use crate::state::Shared;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+pub type Body = Full<Bytes>;
+
+/// Serve one accepted TCP connection until it closes, upgrades or the server stops.
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let cfg = &shared.config;
+    let svc = tower::ServiceBuilder::new()
+        .map_response(count_status)
+        .service_fn({
+            let shared = shared.clone();
+            move |req| route(req, peer, shared.clone())
+        });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.server.handshake_timeout.get())
+        .max_buf_size(cfg.limits.max_request_header_bytes)
+        .keep_alive(true);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.shutdown.cancelled() => {
+            // Finish the request in flight, take no new ones.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+    }
+}
+
+fn count_status(resp: Response<Body>) -> Response<Body> {
+    metrics::counter!("herdgate_http_requests_total", "status" => resp.status().as_str().to_owned())
+        .increment(1);
+    resp
+}
+
+async fn route(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let resp = if upgrade::is_websocket(&req) {
+        upgrade::handle(req, peer, &shared)
+    } else if path.starts_with("/apps/") {
+        api::handle(req, &shared).await
+    } else if path == "/" {
+        text(StatusCode::OK, "herdgate: Pusher protocol 7 on /app/{key}, HTTP API on /apps/{id}\n")
+    } else {
+        ApiError::NotFound("no such endpoint".into()).into_response()
+    };
+    Ok(resp)
+}
+
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("valid response")
+}
+
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(value.to_string())))
+        .expect("valid response")
+}

@@ -1,0 +1,41 @@
+//! The accept loop: permit → accept → spawn, and nothing else.
+//!
+//! A permit bounds the connections that are not yet websocket sessions
+//! (handshakes in progress, HTTP API keep-alives); sessions hold a separate
+//! slot taken at upgrade time. The loop never does per-connection work, so a
+//! slow or hostile client can delay only its own task, never the next accept.
+
+use crate::state::Shared;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let permits = Arc::new(Semaphore::new(shared.config.limits.max_handshakes));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    metrics::counter!("herdgate_accept_errors_total").increment(1);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        metrics::counter!("herdgate_tcp_accepted_total").increment(1);
+        let shared2 = shared.clone();
+        shared.tasks.spawn(async move {
+            crate::http::serve_connection(stream, peer, shared2).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,168 @@
+//! Server → client frames, encoded once.
+//!
+//! A [`Frame`] is the JSON text of one websocket message in shared,
+//! reference-counted bytes: cloning it for the 10,000th subscriber costs an
+//! atomic increment, not an allocation.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+pub type Frame = Utf8Bytes;
+
+#[derive(Serialize)]
+struct Out<'a, D: Serialize + ?Sized> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    data: &'a D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+}
+
+fn frame<D: Serialize + ?Sized>(event: &str, channel: Option<&str>, data: &D, user_id: Option<&str>) -> Frame {
+    let text = serde_json::to_string(&Out { event, channel, data, user_id })
+        .expect("serializing strings and raw JSON cannot fail");
+    Frame::from(text)
+}
+
+/// An event whose `data` is a string (HTTP API publishes and all server
+/// events carry `data` as a JSON-encoded string).
+pub fn event(event: &str, channel: Option<&str>, data: &str) -> Frame {
+    frame(event, channel, data, None)
+}
+
+/// A client event, forwarded with its `data` exactly as the client sent it;
+/// on presence channels it carries the sender's `user_id`.
+pub fn client_event(event: &str, channel: &str, data: &RawValue, user_id: Option<&str>) -> Frame {
+    frame(event, Some(channel), data, user_id)
+}
+
+/// `data` is a JSON value encoded into a string, as Pusher does for its own events.
+fn internal<T: Serialize>(name: &str, channel: Option<&str>, data: &T) -> Frame {
+    let inner = serde_json::to_string(data).expect("serializable");
+    event(name, channel, &inner)
+}
+
+pub fn connection_established(socket_id: &str, activity_timeout_secs: u64) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        socket_id: &'a str,
+        activity_timeout: u64,
+    }
+    internal(
+        "pusher:connection_established",
+        None,
+        &D { socket_id, activity_timeout: activity_timeout_secs },
+    )
+}
+
+/// `pusher:error`; `code` is `None` for errors Pusher reports without one.
+pub fn error(code: Option<u16>, message: &str) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        code: Option<u16>,
+        message: &'a str,
+    }
+    internal("pusher:error", None, &D { code, message })
+}
+
+pub fn pong() -> Frame {
+    Frame::from_static(r#"{"event":"pusher:pong","data":"{}"}"#)
+}
+
+pub fn ping() -> Frame {
+    Frame::from_static(r#"{"event":"pusher:ping","data":"{}"}"#)
+}
+
+pub fn subscription_succeeded(channel: &str) -> Frame {
+    event("pusher_internal:subscription_succeeded", Some(channel), "{}")
+}
+
+/// Presence members as sent in `subscription_succeeded`.
+pub fn presence_subscription_succeeded<'a, I>(channel: &str, members: I) -> Frame
+where
+    I: IntoIterator<Item = (&'a str, Option<&'a RawValue>)>,
+{
+    let null = RawValue::from_string("null".into()).expect("valid");
+    let mut ids = Vec::new();
+    let mut hash = serde_json::Map::new();
+    for (id, info) in members {
+        ids.push(id);
+        let info: serde_json::Value =
+            serde_json::from_str(info.unwrap_or(&null).get()).unwrap_or_default();
+        hash.insert(id.to_string(), info);
+    }
+    let data = serde_json::json!({"presence": {"count": ids.len(), "ids": ids, "hash": hash}});
+    internal("pusher_internal:subscription_succeeded", Some(channel), &data)
+}
+
+pub fn member_added(channel: &str, user_id: &str, user_info: Option<&RawValue>) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        user_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_info: Option<&'a RawValue>,
+    }
+    internal("pusher_internal:member_added", Some(channel), &D { user_id, user_info })
+}
+
+pub fn member_removed(channel: &str, user_id: &str) -> Frame {
+    internal(
+        "pusher_internal:member_removed",
+        Some(channel),
+        &serde_json::json!({ "user_id": user_id }),
+    )
+}
+
+/// `pusher:subscription_error` on the channel, in the shape pusher-js passes
+/// to `channel.bind('pusher:subscription_error', …)`.
+pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> Frame {
+    internal(
+        "pusher:subscription_error",
+        Some(channel),
+        &serde_json::json!({ "type": kind, "error": message, "status": status }),
+    )
+}
+
+pub fn signin_success(user_data: &str) -> Frame {
+    internal("pusher:signin_success", None, &serde_json::json!({ "user_data": user_data }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_events_carry_string_data() {
+        let f = connection_established("1.2", 120);
+        assert_eq!(
+            f.as_str(),
+            r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.2\",\"activity_timeout\":120}"}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(error(Some(4301), "slow down").as_str()).unwrap();
+        let inner: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(inner["code"], 4301);
+    }
+
+    #[test]
+    fn presence_succeeded_shape() {
+        let info = RawValue::from_string(r#"{"name":"A"}"#.into()).unwrap();
+        let f = presence_subscription_succeeded("presence-x", [("1", Some(&*info)), ("2", None)]);
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(d["presence"]["count"], 2);
+        assert_eq!(d["presence"]["ids"], serde_json::json!(["1", "2"]));
+        assert_eq!(d["presence"]["hash"]["1"]["name"], "A");
+    }
+
+    #[test]
+    fn client_event_keeps_raw_data_and_user_id() {
+        let raw = RawValue::from_string(r#"{"typing":true}"#.into()).unwrap();
+        let f = client_event("client-t", "presence-x", &raw, Some("7"));
+        assert_eq!(
+            f.as_str(),
+            r#"{"event":"client-t","channel":"presence-x","data":{"typing":true},"user_id":"7"}"#
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! Pusher Channels protocol v7: what clients send, what the server sends back.
+//!
+//! Parsing borrows from the frame and leaves event `data` as raw JSON, so a
+//! client event is forwarded without being decoded and re-encoded. Server
+//! frames are encoded once into shared bytes (see [`Frame`]) and the same
+//! bytes go to every subscriber.
+
+pub mod codes;
+mod encode;
+pub mod names;
+
+pub use encode::*;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// A frame as sent by a client: `{"event":…, "channel"?:…, "data"?:…}`.
+#[derive(Debug, Deserialize)]
+pub struct ClientFrame<'a> {
+    #[serde(borrow)]
+    pub event: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+}
+
+/// `pusher:subscribe` data.
+#[derive(Debug, Deserialize)]
+pub struct SubscribeData {
+    pub channel: String,
+    #[serde(default)]
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub channel_data: Option<String>,
+}
+
+/// `pusher:unsubscribe` data.
+#[derive(Debug, Deserialize)]
+pub struct UnsubscribeData {
+    pub channel: String,
+}
+
+/// `pusher:signin` data.
+#[derive(Debug, Deserialize)]
+pub struct SigninData {
+    pub auth: String,
+    pub user_data: String,
+}
+
+/// The parsed `channel_data` of a presence subscription.
+#[derive(Debug, Deserialize)]
+pub struct ChannelData {
+    pub user_id: UserId,
+    #[serde(default)]
+    pub user_info: Option<Box<RawValue>>,
+}
+
+/// The parsed `user_data` of a sign-in: only `id` matters to the server.
+#[derive(Debug, Deserialize)]
+pub struct UserData {
+    pub id: UserId,
+}
+
+/// Pusher accepts numeric user ids and sends them back as strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UserId {
+    Str(String),
+    Num(serde_json::Number),
+}
+
+impl UserId {
+    pub fn into_string(self) -> String {
+        match self {
+            UserId::Str(s) => s,
+            UserId::Num(n) => n.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("message is not a JSON object with an \"event\" string: {0}")]
+    Malformed(String),
+    #[error("\"data\" of {0} is missing or has the wrong shape: {1}")]
+    BadData(&'static str, String),
+}
+
+pub fn parse_frame(text: &str) -> Result<ClientFrame<'_>, ParseError> {
+    serde_json::from_str(text).map_err(|e| ParseError::Malformed(e.to_string()))
+}
+
+/// Decode `data` into `T`, accepting both an object and a JSON-encoded string
+/// holding an object (older clients send the latter).
+pub fn parse_data<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    data: Option<&RawValue>,
+) -> Result<T, ParseError> {
+    let raw = data.ok_or_else(|| ParseError::BadData(what, "missing".into()))?;
+    let text = raw.get();
+    let result = if text.starts_with('"') {
+        serde_json::from_str::<String>(text).and_then(|inner| serde_json::from_str(&inner))
+    } else {
+        serde_json::from_str(text)
+    };
+    result.map_err(|e| ParseError::BadData(what, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_subscribe_with_object_and_string_data() {
+        let f = parse_frame(r#"{"event":"pusher:subscribe","data":{"channel":"a","auth":"k:s"}}"#)
+            .unwrap();
+        let d: SubscribeData = parse_data("pusher:subscribe", f.data).unwrap();
+        assert_eq!(d.channel, "a");
+        assert_eq!(d.auth.as_deref(), Some("k:s"));
+
+        let f = parse_frame(r#"{"event":"pusher:subscribe","data":"{\"channel\":\"b\"}"}"#).unwrap();
+        let d: SubscribeData = parse_data("pusher:subscribe", f.data).unwrap();
+        assert_eq!(d.channel, "b");
+    }
+
+    #[test]
+    fn rejects_malformed_frames() {
+        for bad in ["", "[]", "{}", r#"{"event":1}"#, "nul", r#"{"event":"x","channel":5}"#] {
+            assert!(parse_frame(bad).is_err(), "{bad:?} should not parse");
+        }
+        let f = parse_frame(r#"{"event":"pusher:subscribe","data":7}"#).unwrap();
+        assert!(parse_data::<SubscribeData>("pusher:subscribe", f.data).is_err());
+        let f = parse_frame(r#"{"event":"pusher:subscribe"}"#).unwrap();
+        assert!(parse_data::<SubscribeData>("pusher:subscribe", f.data).is_err());
+    }
+
+    #[test]
+    fn user_ids_may_be_numbers() {
+        let c: ChannelData = serde_json::from_str(r#"{"user_id":10,"user_info":{"a":1}}"#).unwrap();
+        assert_eq!(c.user_id.into_string(), "10");
+        assert_eq!(c.user_info.unwrap().get(), r#"{"a":1}"#);
+    }
+}

@@ -1,0 +1,100 @@
+//! The consistent hash ring that places rooms on workers.
+//!
+//! Every node that builds a ring from the same worker list must place every
+//! room on the same worker, so the key is hashed explicitly (FNV-1a over the
+//! bytes of `app`, a NUL, and `channel`) rather than through `std::hash`,
+//! whose output for `str` is not a stable contract. Virtual nodes spread each
+//! worker over the ring so that adding or removing one of N workers moves
+//! about 1/N of the rooms.
+
+use consistent_hash_ring::{Ring as HashRing, RingBuilder};
+
+/// Virtual nodes per worker: enough for an even spread with a few workers.
+pub const DEFAULT_VNODES: usize = 64;
+
+pub struct Ring {
+    inner: HashRing<usize>,
+}
+
+impl Ring {
+    /// A ring over workers `0..n`.
+    pub fn new(n: usize, vnodes: usize) -> Ring {
+        assert!(n > 0, "a ring needs at least one worker");
+        Ring { inner: RingBuilder::default().vnodes(vnodes).nodes_iter(0..n).build() }
+    }
+
+    /// The worker that owns `channel` of `app`.
+    pub fn owner(&self, app: &str, channel: &str) -> usize {
+        *self.inner.get(room_hash(app, channel))
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+/// FNV-1a, 64-bit: stable across builds, platforms and processes.
+pub fn room_hash(app: &str, channel: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in app.bytes().chain([0u8]).chain(channel.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_input_same_owner_on_every_ring() {
+        let a = Ring::new(5, DEFAULT_VNODES);
+        let b = Ring::new(5, DEFAULT_VNODES);
+        for i in 0..1000 {
+            let ch = format!("room-{i}");
+            assert_eq!(a.owner("1", &ch), b.owner("1", &ch));
+        }
+    }
+
+    #[test]
+    fn spread_is_even_enough_and_growth_moves_about_one_nth() {
+        let n = 4;
+        let small = Ring::new(n, DEFAULT_VNODES);
+        let big = Ring::new(n + 1, DEFAULT_VNODES);
+        let rooms = 20_000;
+        let mut per = vec![0usize; n];
+        let mut moved = 0;
+        for i in 0..rooms {
+            let ch = format!("room-{i}");
+            let before = small.owner("app", &ch);
+            per[before] += 1;
+            let after = big.owner("app", &ch);
+            if before != after {
+                assert_eq!(after, n, "a room only ever moves to the new worker");
+                moved += 1;
+            }
+        }
+        let ideal = rooms / n;
+        for c in per {
+            assert!(c > ideal / 2 && c < ideal * 3 / 2, "uneven spread: {c} vs {ideal}");
+        }
+        let expected = rooms / (n + 1);
+        assert!(
+            moved > expected / 2 && moved < expected * 3 / 2,
+            "moved {moved}, expected about {expected}"
+        );
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        // Pinned so a change of hash (which would re-home every room in a
+        // mixed-version cluster) cannot slip in unnoticed.
+        assert_eq!(room_hash("", ""), 0xaf63_bd4c_8601_b7df);
+        assert_ne!(room_hash("a", "b"), room_hash("ab", ""));
+    }
+}

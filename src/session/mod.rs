@@ -1,0 +1,230 @@
+//! One client socket: the Pusher protocol loop, its timers and its writer.
+//!
+//! The loop is generic over any `Stream + Sink` of websocket messages, so it
+//! runs the same on a real upgraded TCP/TLS stream and on an in-memory pair
+//! in unit tests. It owns the only writer of its socket: rooms hand it frames
+//! through its bounded [`outbound::Outbound`] queue and it writes them,
+//! within `write_timeout`, whenever it is woken.
+//!
+//! The future is kept small on purpose: it lives as long as the socket, and
+//! its size is paid for every idle connection.
+
+mod handler;
+pub mod outbound;
+pub mod ratelimit;
+
+use crate::apps::App;
+use crate::protocol::codes;
+use crate::state::Shared;
+use crate::worker::{ConnId, Subscriber};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use outbound::{CloseOrder, Outbound};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// How a session ended, for the close frame, the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client closed, or the TCP connection went away.
+    PeerGone,
+    /// We close with this code.
+    Close { code: u16, reason: &'static str, label: &'static str },
+}
+
+impl End {
+    pub(crate) fn close(code: u16, reason: &'static str, label: &'static str) -> End {
+        End::Close { code, reason, label }
+    }
+}
+
+pub(crate) struct Channel {
+    name: Arc<str>,
+    kind: crate::protocol::names::ChannelKind,
+    /// The presence user id this socket joined as.
+    user: Option<Arc<str>>,
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    app: Arc<App>,
+    id: ConnId,
+    out: Arc<Outbound>,
+    channels: Vec<Channel>,
+    /// Signed-in user id.
+    user: Option<Arc<str>>,
+    limiter: Option<ratelimit::TokenBucket>,
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, app: Arc<App>) -> Session {
+        let l = &shared.config.limits;
+        let out = Arc::new(Outbound::new(l.outbound_queue_messages, l.outbound_queue_bytes));
+        Session {
+            id: ConnId(rand::random()),
+            out,
+            app,
+            shared,
+            channels: Vec::new(),
+            user: None,
+            limiter: None,
+        }
+    }
+
+    pub fn socket_id(&self) -> String {
+        self.id.socket_id()
+    }
+
+    fn subscriber(&self) -> Subscriber {
+        Subscriber { id: self.id, out: self.out.clone() }
+    }
+}
+
+/// Run a session to its end on `ws`, then release everything it held.
+pub async fn run<S>(mut ws: S, mut session: Session) -> End
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let activity = session.shared.config.server.activity_timeout.get();
+    session.out.push(&crate::protocol::connection_established(&session.socket_id(), activity.as_secs()));
+    let end = session.serve(&mut ws).await;
+    session.release().await;
+    if let End::Close { code, reason, label } = end {
+        metrics::counter!("herdgate_connections_closed_total", "reason" => label).increment(1);
+        close(&mut ws, code, reason).await;
+    } else {
+        metrics::counter!("herdgate_connections_closed_total", "reason" => "client").increment(1);
+    }
+    end
+}
+
+impl Session {
+    async fn serve<S>(&mut self, ws: &mut S) -> End
+    where
+        S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    {
+        let cfg = &self.shared.config;
+        let activity = cfg.server.activity_timeout.get();
+        let pong_wait = cfg.server.pong_timeout.get();
+        let write_timeout = cfg.limits.write_timeout.get();
+        let shutdown = self.shared.shutdown.clone();
+
+        let mut last_seen = Instant::now();
+        let mut pinged_at: Option<Instant> = None;
+        let timer = sleep_until(last_seen + activity);
+        tokio::pin!(timer);
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    return End::close(codes::RECONNECT, "server shutting down", "shutdown");
+                }
+                _ = self.out.ready() => {
+                    let (frames, order) = self.out.drain();
+                    if !frames.is_empty() {
+                        match timeout(write_timeout, write_all(ws, frames)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return End::PeerGone,
+                            Err(_) => return End::close(codes::OVER_CAPACITY, "write timeout", "write_timeout"),
+                        }
+                    }
+                    if let Some(CloseOrder { code, reason }) = order {
+                        let label = if code == codes::OVER_CAPACITY { "slow_consumer" } else { "terminated" };
+                        return End::close(code, reason, label);
+                    }
+                }
+                msg = ws.next() => {
+                    last_seen = Instant::now();
+                    match msg {
+                        None => return End::PeerGone,
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err(end) = self.handle_text(text.as_str()).await {
+                                return end;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            return End::close(codes::ws::UNSUPPORTED_DATA, "binary frames are not supported", "binary_frame");
+                        }
+                        Some(Ok(Message::Close(_))) => return End::PeerGone,
+                        // Pings are answered by tungstenite; pongs only count as activity.
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return map_ws_error(e),
+                    }
+                }
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    match pinged_at {
+                        Some(at) if last_seen <= at => {
+                            return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
+                        }
+                        _ if now >= last_seen + activity => {
+                            self.out.push(&crate::protocol::ping());
+                            pinged_at = Some(now);
+                            timer.as_mut().reset(now + pong_wait);
+                        }
+                        _ => {
+                            pinged_at = None;
+                            timer.as_mut().reset(last_seen + activity);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leave every room and the user registry; called once, when the socket ends.
+    async fn release(&mut self) {
+        let router = &self.shared.router;
+        for ch in std::mem::take(&mut self.channels) {
+            let room = crate::worker::RoomKey { app: self.app.id.clone(), channel: ch.name };
+            let _ = router.unsubscribe(room, self.id).await;
+        }
+        if let Some(user) = self.user.take() {
+            let _ = router.sign_out(&self.app.id, &user, self.id).await;
+        }
+    }
+}
+
+async fn write_all<S>(ws: &mut S, frames: std::collections::VecDeque<crate::protocol::Frame>) -> Result<(), WsError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    for f in frames {
+        ws.feed(Message::Text(f)).await?;
+    }
+    ws.flush().await
+}
+
+fn map_ws_error(e: WsError) -> End {
+    use codes::ws;
+    match e {
+        WsError::Capacity(_) => End::close(ws::MESSAGE_TOO_BIG, "message too big", "message_too_big"),
+        WsError::Utf8(_) => End::close(ws::INVALID_PAYLOAD, "invalid UTF-8", "invalid_utf8"),
+        WsError::Protocol(_) => End::close(ws::PROTOCOL_ERROR, "websocket protocol error", "protocol_error"),
+        _ => End::PeerGone,
+    }
+}
+
+/// Send a close frame and give the peer a moment to answer it, so the code
+/// reaches the client instead of being lost to a reset.
+pub(crate) async fn close<S>(ws: &mut S, code: u16, reason: &'static str)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+    if timeout(Duration::from_secs(2), ws.send(Message::Close(Some(frame)))).await.is_err() {
+        return;
+    }
+    let _ = timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+}

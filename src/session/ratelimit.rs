@@ -1,0 +1,49 @@
+//! A token bucket: `rate` tokens per second, holding at most `burst`.
+
+use tokio::time::Instant;
+
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f32,
+    burst: f32,
+    tokens: f32,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket { rate: rate as f32, burst: burst as f32, tokens: burst as f32, last: now }
+    }
+
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn allows_burst_then_refills_at_rate() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(10, 10, start);
+        assert!((0..10).all(|_| b.try_take(start)));
+        assert!(!b.try_take(start));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(b.try_take(Instant::now()));
+        assert!(!b.try_take(Instant::now()));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let now = Instant::now();
+        assert_eq!((0..20).filter(|_| b.try_take(now)).count(), 10, "never more than the burst");
+    }
+}

@@ -1,0 +1,54 @@
+//! Logs (`tracing`) and metrics (`metrics` + Prometheus exposition).
+
+use crate::config::LogConfig;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use tracing_subscriber::EnvFilter;
+
+/// Install the log subscriber; a second call (tests) is a no-op.
+pub fn init_logging(cfg: &LogConfig) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = if cfg.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the process-wide metrics recorder once and describe every metric.
+pub fn init_metrics() -> &'static PrometheusHandle {
+    METRICS.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+pub fn render_metrics() -> String {
+    init_metrics().render()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("herdgate_connections_open", "Open websocket sessions");
+    describe_counter!("herdgate_connections_accepted_total", "Websocket upgrades admitted");
+    describe_counter!("herdgate_connections_refused_total", "Websocket upgrades refused before the upgrade, by reason");
+    describe_counter!("herdgate_connections_closed_total", "Websocket sessions ended, by reason");
+    describe_counter!("herdgate_tcp_accepted_total", "TCP connections accepted on the public listener");
+    describe_gauge!("herdgate_subscriptions", "Socket-channel subscriptions");
+    describe_gauge!("herdgate_channels", "Occupied channels");
+    describe_counter!("herdgate_messages_published_total", "Events published through the HTTP API, per channel");
+    describe_counter!("herdgate_messages_delivered_total", "Frames queued to sockets by room fan-out");
+    describe_counter!("herdgate_outbound_overflows_total", "Frames refused because a socket's outbound queue was full");
+    describe_counter!("herdgate_client_events_total", "Client events forwarded");
+    describe_counter!("herdgate_client_events_dropped_total", "Client events dropped, by reason");
+    describe_counter!("herdgate_http_requests_total", "HTTP responses on the public listener, by status");
+}

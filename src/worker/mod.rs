@@ -1,0 +1,248 @@
+//! Realtime workers: each owns a share of the rooms, placed by the ring.
+//!
+//! A worker is an actor: one task, one bounded mailbox, state that no other
+//! task touches, so there is no lock shared across workers and no store on
+//! the hot path. Everything a worker is asked arrives as a [`Command`]; a
+//! remote worker (over a network link) accepts the same commands, which is
+//! why subscribers are identified by [`ConnId`] and frames are already-encoded
+//! bytes.
+
+mod room;
+
+pub use room::Delivery;
+
+use crate::protocol::{self, Frame};
+use crate::session::outbound::{CloseOrder, Outbound};
+use room::{Joined, Room};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// A socket, as the rooms know it: its id and its outbound queue.
+#[derive(Clone)]
+pub struct Subscriber {
+    pub id: ConnId,
+    pub out: Arc<Outbound>,
+}
+
+/// The numeric form of a socket id `"<hi>.<lo>"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
+impl ConnId {
+    pub fn socket_id(self) -> String {
+        format!("{}.{}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+
+    /// Parse `"<hi>.<lo>"` where both halves fit in 32 bits.
+    pub fn parse(socket_id: &str) -> Option<ConnId> {
+        let (hi, lo) = socket_id.split_once('.')?;
+        let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(hi) || !digits(lo) {
+            return None;
+        }
+        let (hi, lo): (u32, u32) = (hi.parse().ok()?, lo.parse().ok()?);
+        Some(ConnId(((hi as u64) << 32) | lo as u64))
+    }
+}
+
+/// A presence member as announced by its `channel_data`.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub user_id: Arc<str>,
+    pub user_info: Option<Box<RawValue>>,
+}
+
+/// A room is a channel within an app.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoomKey {
+    pub app: Arc<str>,
+    pub channel: Arc<str>,
+}
+
+/// The answer to a channel query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomInfo {
+    pub subscription_count: usize,
+    pub user_count: usize,
+}
+
+pub enum Command {
+    Subscribe { room: RoomKey, sub: Subscriber, member: Option<Member> },
+    Unsubscribe { room: RoomKey, id: ConnId },
+    Publish { room: RoomKey, frame: Frame, exclude: Option<ConnId> },
+    Query { room: RoomKey, reply: oneshot::Sender<RoomInfo> },
+    Users { room: RoomKey, reply: oneshot::Sender<Vec<String>> },
+    List { app: Arc<str>, prefix: String, reply: oneshot::Sender<Vec<(String, RoomInfo)>> },
+    /// A socket signed in as a user; `room` is that user's `#server-to-user-` channel.
+    SignIn { room: RoomKey, sub: Subscriber },
+    SignOut { room: RoomKey, id: ConnId },
+    /// Close every socket signed in as the user (HTTP API terminate_connections).
+    Terminate { room: RoomKey },
+}
+
+pub struct WorkerConfig {
+    pub max_presence_members: usize,
+}
+
+pub type Mailbox = mpsc::Sender<Command>;
+
+/// Start one worker; it runs until every sender is dropped.
+pub fn spawn(index: usize, mailbox: usize, config: WorkerConfig) -> Mailbox {
+    let (tx, rx) = mpsc::channel(mailbox);
+    let worker = Worker { index, config, rooms: HashMap::new(), users: HashMap::new() };
+    tokio::spawn(worker.run(rx));
+    tx
+}
+
+struct Worker {
+    index: usize,
+    config: WorkerConfig,
+    rooms: HashMap<RoomKey, Room>,
+    /// Signed-in sockets per user, keyed like the user's channel.
+    users: HashMap<RoomKey, HashMap<ConnId, Arc<Outbound>>>,
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        tracing::debug!(worker = self.index, "worker started");
+        while let Some(cmd) = rx.recv().await {
+            self.handle(cmd);
+        }
+        tracing::debug!(worker = self.index, "worker stopped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe { room, sub, member } => self.subscribe(room, sub, member),
+            Command::Unsubscribe { room, id } => self.unsubscribe(room, id),
+            Command::Publish { room, frame, exclude } => {
+                if let Some(r) = self.rooms.get(&room) {
+                    record(r.fan_out(&frame, exclude));
+                }
+            }
+            Command::Query { room, reply } => {
+                let _ = reply.send(self.rooms.get(&room).map(info).unwrap_or_default());
+            }
+            Command::Users { room, reply } => {
+                let users = self.rooms.get(&room).map(|r| r.user_ids().map(String::from).collect());
+                let _ = reply.send(users.unwrap_or_default());
+            }
+            Command::List { app, prefix, reply } => {
+                let list = self
+                    .rooms
+                    .iter()
+                    .filter(|(k, _)| k.app == app && k.channel.starts_with(&prefix))
+                    .map(|(k, r)| (k.channel.to_string(), info(r)))
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::SignIn { room, sub } => {
+                self.users.entry(room).or_default().insert(sub.id, sub.out);
+            }
+            Command::SignOut { room, id } => {
+                if let Some(socks) = self.users.get_mut(&room) {
+                    socks.remove(&id);
+                    if socks.is_empty() {
+                        self.users.remove(&room);
+                    }
+                }
+            }
+            Command::Terminate { room } => {
+                for out in self.users.get(&room).into_iter().flat_map(|s| s.values()) {
+                    out.close(CloseOrder {
+                        code: protocol::codes::UNAUTHORIZED,
+                        reason: "connection terminated by the app",
+                    });
+                }
+            }
+        }
+    }
+
+    fn subscribe(&mut self, key: RoomKey, sub: Subscriber, member: Option<Member>) {
+        let id = sub.id;
+        let out = sub.out.clone();
+        let user = member.as_ref().map(|m| m.user_id.clone());
+        let is_new_room = !self.rooms.contains_key(&key);
+        let room = self.rooms.entry(key.clone()).or_default();
+        match room.join(sub, member, self.config.max_presence_members) {
+            Joined::AlreadySubscribed => {}
+            Joined::PresenceFull => {
+                out.push(&protocol::subscription_error(
+                    &key.channel,
+                    "LimitReached",
+                    "presence channel has reached its member limit",
+                    403,
+                ));
+                if is_new_room {
+                    self.rooms.remove(&key);
+                }
+            }
+            Joined::Ok { new_member } => {
+                if is_new_room {
+                    metrics::gauge!("herdgate_channels").increment(1.0);
+                }
+                metrics::gauge!("herdgate_subscriptions").increment(1.0);
+                match user {
+                    Some(user) => {
+                        room.push_to(id, &room.presence_frame(&key.channel));
+                        if new_member {
+                            let added =
+                                protocol::member_added(&key.channel, &user, room.member_info(&user));
+                            record(room.fan_out_except_user(&added, &user));
+                        }
+                    }
+                    None => {
+                        room.push_to(id, &protocol::subscription_succeeded(&key.channel));
+                    }
+                }
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, key: RoomKey, id: ConnId) {
+        let Some(room) = self.rooms.get_mut(&key) else { return };
+        let before = room.subscription_count();
+        let gone_user = room.leave(id);
+        if room.subscription_count() < before {
+            metrics::gauge!("herdgate_subscriptions").decrement(1.0);
+        }
+        if let Some(user) = gone_user {
+            record(room.fan_out(&protocol::member_removed(&key.channel, &user), None));
+        }
+        if room.is_empty() {
+            self.rooms.remove(&key);
+            metrics::gauge!("herdgate_channels").decrement(1.0);
+        }
+    }
+}
+
+fn info(r: &Room) -> RoomInfo {
+    RoomInfo { subscription_count: r.subscription_count(), user_count: r.user_count() }
+}
+
+fn record(d: Delivery) {
+    if d.queued > 0 {
+        metrics::counter!("herdgate_messages_delivered_total").increment(d.queued);
+    }
+    if d.overflowed > 0 {
+        metrics::counter!("herdgate_outbound_overflows_total").increment(d.overflowed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_ids_round_trip() {
+        for raw in [0u64, 1, u64::MAX, 0x1234_5678_9abc_def0] {
+            let id = ConnId(raw);
+            assert_eq!(ConnId::parse(&id.socket_id()), Some(id));
+        }
+        for bad in ["", "1", "1.", ".1", "a.b", "1.2.3", "99999999999.1", "4294967296.0", "-1.2"] {
+            assert_eq!(ConnId::parse(bad), None, "{bad:?}");
+        }
+    }
+}
