@@ -63,7 +63,12 @@ mod tests {
         assert_eq!(sign(SECRET, &s), sig);
         assert!(verify_token(KEY, SECRET, &s, &format!("{KEY}:{sig}")));
         assert!(!verify_token(KEY, SECRET, &s, &format!("other:{sig}")));
-        assert!(!verify_token(KEY, SECRET, &s, &format!("{KEY}:{}", &sig[..63])));
+        assert!(!verify_token(
+            KEY,
+            SECRET,
+            &s,
+            &format!("{KEY}:{}", &sig[..63])
+        ));
         assert!(!verify_token(KEY, SECRET, &s, sig));
     }
 

@@ -38,9 +38,11 @@ pub struct Running {
 pub fn start(listener: TcpListener, admin: Option<TcpListener>, config: Config) -> Running {
     telemetry::init_metrics();
     let shared = Shared::new(config);
-    shared.tasks.spawn(listener::accept_loop(listener, shared.clone()));
+    shared
+        .tasks
+        .spawn(listener::accept_loop(listener, shared.clone()));
     if let Some(admin) = admin {
-        shared.tasks.spawn(http::admin::serve(admin, shared.clone()));
+        tokio::spawn(http::admin::serve(admin, shared.clone()));
     }
     Running { shared }
 }
@@ -52,9 +54,16 @@ impl Running {
     pub async fn shutdown(self, deadline: Duration) {
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
-        if tokio::time::timeout(deadline, self.shared.tasks.wait()).await.is_err() {
-            tracing::warn!(remaining = self.shared.tasks.len(), "shutdown deadline passed with tasks still running");
+        if tokio::time::timeout(deadline, self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.shared.tasks.len(),
+                "shutdown deadline passed with tasks still running"
+            );
         }
+        self.shared.stopped.cancel();
     }
 }
 

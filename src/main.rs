@@ -62,7 +62,9 @@ fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
         Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listen = config.listen_addr();
         let listener = tokio::net::TcpListener::bind(listen)

@@ -20,7 +20,12 @@ impl Ring {
     /// A ring over workers `0..n`.
     pub fn new(n: usize, vnodes: usize) -> Ring {
         assert!(n > 0, "a ring needs at least one worker");
-        Ring { inner: RingBuilder::default().vnodes(vnodes).nodes_iter(0..n).build() }
+        Ring {
+            inner: RingBuilder::default()
+                .vnodes(vnodes)
+                .nodes_iter(0..n)
+                .build(),
+        }
     }
 
     /// The worker that owns `channel` of `app`.
@@ -81,7 +86,10 @@ mod tests {
         }
         let ideal = rooms / n;
         for c in per {
-            assert!(c > ideal / 2 && c < ideal * 3 / 2, "uneven spread: {c} vs {ideal}");
+            assert!(
+                c > ideal / 2 && c < ideal * 3 / 2,
+                "uneven spread: {c} vs {ideal}"
+            );
         }
         let expected = rooms / (n + 1);
         assert!(

@@ -30,9 +30,20 @@ impl Router {
     /// Start `n` in-process workers.
     pub fn local(n: usize, mailbox: usize, max_presence_members: usize) -> Router {
         let workers = (0..n)
-            .map(|i| worker::spawn(i, mailbox, worker::WorkerConfig { max_presence_members }))
+            .map(|i| {
+                worker::spawn(
+                    i,
+                    mailbox,
+                    worker::WorkerConfig {
+                        max_presence_members,
+                    },
+                )
+            })
             .collect();
-        Router { ring: Ring::new(n, DEFAULT_VNODES), workers }
+        Router {
+            ring: Ring::new(n, DEFAULT_VNODES),
+            workers,
+        }
     }
 
     fn owner(&self, room: &RoomKey) -> &Mailbox {
@@ -41,11 +52,19 @@ impl Router {
 
     /// Send, waiting for mailbox space: for sessions, whose own task may wait.
     async fn send(&self, room: &RoomKey, cmd: Command) -> Result<(), RouteError> {
-        self.owner(room).send(cmd).await.map_err(|_| RouteError::Gone)
+        self.owner(room)
+            .send(cmd)
+            .await
+            .map_err(|_| RouteError::Gone)
     }
 
     /// Send with a deadline: for the HTTP API, which answers 503 rather than hang.
-    async fn send_within(&self, room: &RoomKey, cmd: Command, wait: Duration) -> Result<(), RouteError> {
+    async fn send_within(
+        &self,
+        room: &RoomKey,
+        cmd: Command,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
         match self.owner(room).send_timeout(cmd, wait).await {
             Ok(()) => Ok(()),
             Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => Err(RouteError::Busy),
@@ -53,17 +72,37 @@ impl Router {
         }
     }
 
-    pub async fn subscribe(&self, room: RoomKey, sub: Subscriber, member: Option<Member>) -> Result<(), RouteError> {
-        self.send(&room.clone(), Command::Subscribe { room, sub, member }).await
+    pub async fn subscribe(
+        &self,
+        room: RoomKey,
+        sub: Subscriber,
+        member: Option<Member>,
+    ) -> Result<(), RouteError> {
+        self.send(&room.clone(), Command::Subscribe { room, sub, member })
+            .await
     }
 
     pub async fn unsubscribe(&self, room: RoomKey, id: ConnId) -> Result<(), RouteError> {
-        self.send(&room.clone(), Command::Unsubscribe { room, id }).await
+        self.send(&room.clone(), Command::Unsubscribe { room, id })
+            .await
     }
 
     /// A client event: the sender's own task waits for mailbox space.
-    pub async fn client_event(&self, room: RoomKey, frame: crate::protocol::Frame, sender: ConnId) -> Result<(), RouteError> {
-        self.send(&room.clone(), Command::Publish { room, frame, exclude: Some(sender) }).await
+    pub async fn client_event(
+        &self,
+        room: RoomKey,
+        frame: crate::protocol::Frame,
+        sender: ConnId,
+    ) -> Result<(), RouteError> {
+        self.send(
+            &room.clone(),
+            Command::Publish {
+                room,
+                frame,
+                exclude: Some(sender),
+            },
+        )
+        .await
     }
 
     pub async fn publish(
@@ -73,28 +112,50 @@ impl Router {
         exclude: Option<ConnId>,
         wait: Duration,
     ) -> Result<(), RouteError> {
-        self.send_within(&room.clone(), Command::Publish { room, frame, exclude }, wait).await
+        self.send_within(
+            &room.clone(),
+            Command::Publish {
+                room,
+                frame,
+                exclude,
+            },
+            wait,
+        )
+        .await
     }
 
     pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
         let (tx, rx) = oneshot::channel();
-        self.send_within(&room.clone(), Command::Query { room, reply: tx }, wait).await?;
+        self.send_within(&room.clone(), Command::Query { room, reply: tx }, wait)
+            .await?;
         rx.await.map_err(|_| RouteError::Gone)
     }
 
     pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
         let (tx, rx) = oneshot::channel();
-        self.send_within(&room.clone(), Command::Users { room, reply: tx }, wait).await?;
+        self.send_within(&room.clone(), Command::Users { room, reply: tx }, wait)
+            .await?;
         rx.await.map_err(|_| RouteError::Gone)
     }
 
     /// Occupied channels of an app whose names start with `prefix`, from every worker.
-    pub async fn list(&self, app: &Arc<str>, prefix: &str, wait: Duration) -> Result<Vec<(String, RoomInfo)>, RouteError> {
+    pub async fn list(
+        &self,
+        app: &Arc<str>,
+        prefix: &str,
+        wait: Duration,
+    ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
         let mut replies = Vec::with_capacity(self.workers.len());
         for w in &self.workers {
             let (tx, rx) = oneshot::channel();
-            let cmd = Command::List { app: app.clone(), prefix: prefix.to_string(), reply: tx };
-            w.send_timeout(cmd, wait).await.map_err(|_| RouteError::Busy)?;
+            let cmd = Command::List {
+                app: app.clone(),
+                prefix: prefix.to_string(),
+                reply: tx,
+            };
+            w.send_timeout(cmd, wait)
+                .await
+                .map_err(|_| RouteError::Busy)?;
             replies.push(rx);
         }
         let mut all = Vec::new();
@@ -105,22 +166,38 @@ impl Router {
         Ok(all)
     }
 
-    pub async fn sign_in(&self, app: &Arc<str>, user: &str, sub: Subscriber) -> Result<(), RouteError> {
+    pub async fn sign_in(
+        &self,
+        app: &Arc<str>,
+        user: &str,
+        sub: Subscriber,
+    ) -> Result<(), RouteError> {
         let room = user_room(app, user);
-        self.send(&room.clone(), Command::SignIn { room, sub }).await
+        self.send(&room.clone(), Command::SignIn { room, sub })
+            .await
     }
 
     pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
         let room = user_room(app, user);
-        self.send(&room.clone(), Command::SignOut { room, id }).await
+        self.send(&room.clone(), Command::SignOut { room, id })
+            .await
     }
 
-    pub async fn terminate(&self, app: &Arc<str>, user: &str, wait: Duration) -> Result<(), RouteError> {
+    pub async fn terminate(
+        &self,
+        app: &Arc<str>,
+        user: &str,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
         let room = user_room(app, user);
-        self.send_within(&room.clone(), Command::Terminate { room }, wait).await
+        self.send_within(&room.clone(), Command::Terminate { room }, wait)
+            .await
     }
 }
 
 fn user_room(app: &Arc<str>, user: &str) -> RoomKey {
-    RoomKey { app: app.clone(), channel: Arc::from(format!("{USER_CHANNEL_PREFIX}{user}")) }
+    RoomKey {
+        app: app.clone(),
+        channel: Arc::from(format!("{USER_CHANNEL_PREFIX}{user}")),
+    }
 }

@@ -17,6 +17,8 @@ pub struct Shared {
     pub sessions: Arc<SessionSlots>,
     /// Cancelled when the server stops taking and serving connections.
     pub shutdown: CancellationToken,
+    /// Cancelled when shutdown has finished; the admin listener stops last.
+    pub stopped: CancellationToken,
     /// Upgraded websockets leave hyper's connection tracking, so sessions are tracked here.
     pub tasks: TaskTracker,
     pub ws_config: WebSocketConfig,
@@ -25,7 +27,11 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
         let l = &config.limits;
-        let router = Router::local(config.worker_count(), l.worker_mailbox, l.max_presence_members);
+        let router = Router::local(
+            config.worker_count(),
+            l.worker_mailbox,
+            l.max_presence_members,
+        );
         let ws_config = WebSocketConfig::default()
             // Read buffer: sized for typical Pusher frames, not tungstenite's
             // 128 KiB default, because it is allocated for every socket up front.
@@ -41,6 +47,7 @@ impl Shared {
             router,
             config,
             shutdown: CancellationToken::new(),
+            stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ws_config,
         })
@@ -56,12 +63,17 @@ pub struct SessionSlots {
 
 impl SessionSlots {
     pub fn new(max: usize) -> SessionSlots {
-        SessionSlots { open: AtomicUsize::new(0), max }
+        SessionSlots {
+            open: AtomicUsize::new(0),
+            max,
+        }
     }
 
     pub fn try_take(self: &Arc<Self>) -> Option<SessionSlot> {
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
             .ok()?;
         metrics::gauge!("herdgate_connections_open").increment(1.0);
         Some(SessionSlot(self.clone()))

@@ -11,7 +11,11 @@ pub fn init_logging(cfg: &LogConfig) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi);
     let _ = if cfg.format == "json" {
         builder.json().try_init()
     } else {
@@ -39,16 +43,43 @@ pub fn render_metrics() -> String {
 fn describe() {
     use metrics::{describe_counter, describe_gauge};
     describe_gauge!("herdgate_connections_open", "Open websocket sessions");
-    describe_counter!("herdgate_connections_accepted_total", "Websocket upgrades admitted");
-    describe_counter!("herdgate_connections_refused_total", "Websocket upgrades refused before the upgrade, by reason");
-    describe_counter!("herdgate_connections_closed_total", "Websocket sessions ended, by reason");
-    describe_counter!("herdgate_tcp_accepted_total", "TCP connections accepted on the public listener");
+    describe_counter!(
+        "herdgate_connections_accepted_total",
+        "Websocket upgrades admitted"
+    );
+    describe_counter!(
+        "herdgate_connections_refused_total",
+        "Websocket upgrades refused before the upgrade, by reason"
+    );
+    describe_counter!(
+        "herdgate_connections_closed_total",
+        "Websocket sessions ended, by reason"
+    );
+    describe_counter!(
+        "herdgate_tcp_accepted_total",
+        "TCP connections accepted on the public listener"
+    );
     describe_gauge!("herdgate_subscriptions", "Socket-channel subscriptions");
     describe_gauge!("herdgate_channels", "Occupied channels");
-    describe_counter!("herdgate_messages_published_total", "Events published through the HTTP API, per channel");
-    describe_counter!("herdgate_messages_delivered_total", "Frames queued to sockets by room fan-out");
-    describe_counter!("herdgate_outbound_overflows_total", "Frames refused because a socket's outbound queue was full");
+    describe_counter!(
+        "herdgate_messages_published_total",
+        "Events published through the HTTP API, per channel"
+    );
+    describe_counter!(
+        "herdgate_messages_delivered_total",
+        "Frames queued to sockets by room fan-out"
+    );
+    describe_counter!(
+        "herdgate_outbound_overflows_total",
+        "Frames refused because a socket's outbound queue was full"
+    );
     describe_counter!("herdgate_client_events_total", "Client events forwarded");
-    describe_counter!("herdgate_client_events_dropped_total", "Client events dropped, by reason");
-    describe_counter!("herdgate_http_requests_total", "HTTP responses on the public listener, by status");
+    describe_counter!(
+        "herdgate_client_events_dropped_total",
+        "Client events dropped, by reason"
+    );
+    describe_counter!(
+        "herdgate_http_requests_total",
+        "HTTP responses on the public listener, by status"
+    );
 }

@@ -16,7 +16,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let key = if self.key.is_empty() { "(top level)" } else { &self.key };
+        let key = if self.key.is_empty() {
+            "(top level)"
+        } else {
+            &self.key
+        };
         match self.line_col {
             Some((l, c)) => write!(f, "{key} (line {l}, column {c}): {}", self.message),
             None => write!(f, "{key}: {}", self.message),
@@ -26,12 +30,20 @@ impl fmt::Display for ConfigError {
 
 impl ConfigError {
     fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), line_col: None, message: message.into() }
+        ConfigError {
+            key: key.into(),
+            line_col: None,
+            message: message.into(),
+        }
     }
 
     pub(super) fn from_toml(text: &str, path: &str, err: &toml::de::Error) -> Self {
         let line_col = err.span().map(|span| line_col(text, span.start));
-        ConfigError { key: path.to_string(), line_col, message: err.message().to_string() }
+        ConfigError {
+            key: path.to_string(),
+            line_col,
+            message: err.message().to_string(),
+        }
     }
 }
 
@@ -57,20 +69,35 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
     let mut err = |k: &str, m: String| errs.push(ConfigError::new(k, m));
 
     if c.server.listen.parse::<SocketAddr>().is_err() {
-        err("server.listen", format!("{:?} is not an address like \"0.0.0.0:6001\"", c.server.listen));
+        err(
+            "server.listen",
+            format!(
+                "{:?} is not an address like \"0.0.0.0:6001\"",
+                c.server.listen
+            ),
+        );
     }
     if !c.server.admin_listen.is_empty() && c.server.admin_listen.parse::<SocketAddr>().is_err() {
         err(
             "server.admin_listen",
-            format!("{:?} is not an address like \"127.0.0.1:9601\" (or \"\" to disable)", c.server.admin_listen),
+            format!(
+                "{:?} is not an address like \"127.0.0.1:9601\" (or \"\" to disable)",
+                c.server.admin_listen
+            ),
         );
     }
     if c.server.workers > 1024 {
-        err("server.workers", "must be at most 1024 (0 means one per core)".into());
+        err(
+            "server.workers",
+            "must be at most 1024 (0 means one per core)".into(),
+        );
     }
     let secs = c.server.activity_timeout.get().as_secs();
     if !(1..=3600).contains(&secs) {
-        err("server.activity_timeout", "must be between 1s and 1h".into());
+        err(
+            "server.activity_timeout",
+            "must be between 1s and 1h".into(),
+        );
     }
     for (key, d) in [
         ("server.pong_timeout", c.server.pong_timeout),
@@ -86,16 +113,25 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
     for (key, v) in [
         ("limits.max_connections", l.max_connections),
         ("limits.max_handshakes", l.max_handshakes),
-        ("limits.max_channels_per_connection", l.max_channels_per_connection),
+        (
+            "limits.max_channels_per_connection",
+            l.max_channels_per_connection,
+        ),
         ("limits.max_payload_bytes", l.max_payload_bytes),
         ("limits.max_message_bytes", l.max_message_bytes),
-        ("limits.client_events_per_second", l.client_events_per_second as usize),
+        (
+            "limits.client_events_per_second",
+            l.client_events_per_second as usize,
+        ),
         ("limits.max_presence_members", l.max_presence_members),
         ("limits.outbound_queue_messages", l.outbound_queue_messages),
         ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
         ("limits.worker_mailbox", l.worker_mailbox),
         ("limits.max_request_body_bytes", l.max_request_body_bytes),
-        ("limits.max_request_header_bytes", l.max_request_header_bytes),
+        (
+            "limits.max_request_header_bytes",
+            l.max_request_header_bytes,
+        ),
     ] {
         if v == 0 {
             err(key, "must be greater than zero".into());
@@ -104,24 +140,42 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
     if l.max_message_bytes < l.max_payload_bytes {
         err(
             "limits.max_message_bytes",
-            format!("must be at least limits.max_payload_bytes ({})", l.max_payload_bytes),
+            format!(
+                "must be at least limits.max_payload_bytes ({})",
+                l.max_payload_bytes
+            ),
         );
     }
     if l.max_request_header_bytes < 8192 {
-        err("limits.max_request_header_bytes", "must be at least 8192 (hyper's minimum buffer)".into());
+        err(
+            "limits.max_request_header_bytes",
+            "must be at least 8192 (hyper's minimum buffer)".into(),
+        );
     }
     if l.outbound_queue_bytes < l.max_payload_bytes {
         err(
             "limits.outbound_queue_bytes",
-            format!("must be at least limits.max_payload_bytes ({}) so one event always fits", l.max_payload_bytes),
+            format!(
+                "must be at least limits.max_payload_bytes ({}) so one event always fits",
+                l.max_payload_bytes
+            ),
         );
     }
 
     if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
-        err("log.level", format!("{:?} is not a tracing filter such as \"info\" or \"herdgate=debug\"", c.log.level));
+        err(
+            "log.level",
+            format!(
+                "{:?} is not a tracing filter such as \"info\" or \"herdgate=debug\"",
+                c.log.level
+            ),
+        );
     }
     if !matches!(c.log.format.as_str(), "human" | "json") {
-        err("log.format", format!("{:?}: expected \"human\" or \"json\"", c.log.format));
+        err(
+            "log.format",
+            format!("{:?}: expected \"human\" or \"json\"", c.log.format),
+        );
     }
 
     if c.apps.is_empty() {
@@ -133,8 +187,14 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         for (field, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
             if value.is_empty() {
                 err(&k(field), "must not be empty".into());
-            } else if !value.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
-                err(&k(field), "may contain only ASCII letters, digits, '-', '_' and '.'".into());
+            } else if !value
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                err(
+                    &k(field),
+                    "may contain only ASCII letters, digits, '-', '_' and '.'".into(),
+                );
             }
         }
         if !app.id.is_empty() && !ids.insert(app.id.as_str()) {

@@ -1,6 +1,8 @@
 //! The admin listener: health for load balancers and Prometheus metrics.
 //! It is a separate socket, bound to loopback by default, so that neither
 //! probes nor scrapes compete with clients and neither is exposed publicly.
+//! It keeps answering while the server drains (`/readyz` says 503 then) and
+//! stops last.
 
 use super::{text, Body};
 use crate::state::Shared;
@@ -25,7 +27,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     continue;
                 }
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.stopped.cancelled() => return,
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -34,7 +36,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 async move { Ok::<_, Infallible>(respond(&req, &shared)) }
             });
             let mut b = http1::Builder::new();
-            b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(5));
+            b.timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5));
             let _ = b.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
@@ -44,12 +47,17 @@ fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     match req.uri().path() {
         // Alive as long as this process answers: load never fails liveness.
         "/livez" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.shutdown.is_cancelled() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if shared.shutdown.is_cancelled() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => Response::builder()
             .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(crate::telemetry::render_metrics())))
             .expect("valid response"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /livez, /readyz or /metrics\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /livez, /readyz or /metrics\n",
+        ),
     }
 }

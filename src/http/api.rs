@@ -38,7 +38,10 @@ pub async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -
 async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> ApiResult {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
-    let segments: Vec<String> = path["/apps/".len()..].split('/').map(sign::percent_decode).collect();
+    let segments: Vec<String> = path["/apps/".len()..]
+        .split('/')
+        .map(sign::percent_decode)
+        .collect();
     let app = shared
         .apps
         .by_id(&segments[0])
@@ -60,7 +63,11 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         .map_or(0, |d| d.as_secs() as i64);
     sign::verify(parts.method.as_str(), path, &params, &body, &app, now)?;
 
-    let api = Api { shared, app: &app, params: &params };
+    let api = Api {
+        shared,
+        app: &app,
+        params: &params,
+    };
     let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
     match (&parts.method, rest.as_slice()) {
         (&Method::POST, ["events"]) => api.events(&body).await,
@@ -69,7 +76,10 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         (&Method::GET, ["channels", name]) => api.channel(name).await,
         (&Method::GET, ["channels", name, "users"]) => api.users(name).await,
         (&Method::POST, ["users", user, "terminate_connections"]) => api.terminate(user).await,
-        _ => Err(ApiError::NotFound(format!("no endpoint {} {}", parts.method, path))),
+        _ => Err(ApiError::NotFound(format!(
+            "no endpoint {} {}",
+            parts.method, path
+        ))),
     }
 }
 
@@ -93,7 +103,8 @@ struct Batch {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 fn route_error(e: RouteError) -> ApiError {
@@ -108,11 +119,17 @@ struct Api<'a> {
 
 impl Api<'_> {
     fn room(&self, channel: &str) -> RoomKey {
-        RoomKey { app: self.app.id.clone(), channel: Arc::from(channel) }
+        RoomKey {
+            app: self.app.id.clone(),
+            channel: Arc::from(channel),
+        }
     }
 
     fn param(&self, key: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     async fn events(&self, body: &[u8]) -> ApiResult {
@@ -124,7 +141,9 @@ impl Api<'_> {
     async fn batch(&self, body: &[u8]) -> ApiResult {
         let batch: Batch = parse_json(body)?;
         if batch.batch.len() > MAX_BATCH {
-            return Err(ApiError::BadRequest(format!("at most {MAX_BATCH} events per batch")));
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_BATCH} events per batch"
+            )));
         }
         // Validate the whole batch before publishing any of it.
         for e in &batch.batch {
@@ -135,9 +154,16 @@ impl Api<'_> {
         for e in batch.batch {
             let info = self.publish(e).await?;
             any_info |= info.is_some();
-            infos.push(info.and_then(|m| m.into_iter().next().map(|(_, v)| v)).unwrap_or_else(|| json!({})));
+            infos.push(
+                info.and_then(|m| m.into_iter().next().map(|(_, v)| v))
+                    .unwrap_or_else(|| json!({})),
+            );
         }
-        Ok(if any_info { json!({ "batch": infos }) } else { json!({}) })
+        Ok(if any_info {
+            json!({ "batch": infos })
+        } else {
+            json!({})
+        })
     }
 
     /// Check an event; returns its channels, data text and excluded socket.
@@ -146,13 +172,20 @@ impl Api<'_> {
         let channels = match (&e.channels, &e.channel) {
             (Some(c), None) => c.clone(),
             (None, Some(c)) => vec![c.clone()],
-            _ => return Err(ApiError::BadRequest("give exactly one of \"channels\" and \"channel\"".into())),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "give exactly one of \"channels\" and \"channel\"".into(),
+                ))
+            }
         };
         if channels.is_empty() || channels.len() > MAX_CHANNELS_PER_EVENT {
-            return Err(ApiError::BadRequest(format!("between 1 and {MAX_CHANNELS_PER_EVENT} channels per event")));
+            return Err(ApiError::BadRequest(format!(
+                "between 1 and {MAX_CHANNELS_PER_EVENT} channels per event"
+            )));
         }
         for c in &channels {
-            names::check_channel(c).map_err(|m| ApiError::BadRequest(format!("channel {c:?}: {m}")))?;
+            names::check_channel(c)
+                .map_err(|m| ApiError::BadRequest(format!("channel {c:?}: {m}")))?;
         }
         let data = match &e.data {
             Value::String(s) => s.clone(),
@@ -160,10 +193,15 @@ impl Api<'_> {
         };
         let max = self.shared.config.limits.max_payload_bytes;
         if data.len() > max {
-            return Err(ApiError::TooLarge(format!("event data is larger than {max} bytes")));
+            return Err(ApiError::TooLarge(format!(
+                "event data is larger than {max} bytes"
+            )));
         }
         let exclude = match &e.socket_id {
-            Some(s) => Some(ConnId::parse(s).ok_or_else(|| ApiError::BadRequest(format!("invalid socket_id {s:?}")))?),
+            Some(s) => Some(
+                ConnId::parse(s)
+                    .ok_or_else(|| ApiError::BadRequest(format!("invalid socket_id {s:?}")))?,
+            ),
             None => None,
         };
         Ok((channels, data, exclude))
@@ -175,20 +213,34 @@ impl Api<'_> {
         let router = &self.shared.router;
         for c in &channels {
             let frame = protocol::event(&e.name, Some(c), &data);
-            router.publish(self.room(c), frame, exclude, MAILBOX_WAIT).await.map_err(route_error)?;
+            router
+                .publish(self.room(c), frame, exclude, MAILBOX_WAIT)
+                .await
+                .map_err(route_error)?;
             metrics::counter!("herdgate_messages_published_total").increment(1);
         }
-        let Some(info) = e.info.as_deref().filter(|s| !s.is_empty()) else { return Ok(None) };
+        let Some(info) = e.info.as_deref().filter(|s| !s.is_empty()) else {
+            return Ok(None);
+        };
         let mut out = Map::new();
         for c in &channels {
-            let room_info = router.query(self.room(c), MAILBOX_WAIT).await.map_err(route_error)?;
+            let room_info = router
+                .query(self.room(c), MAILBOX_WAIT)
+                .await
+                .map_err(route_error)?;
             out.insert(c.clone(), self.attributes(c, info, room_info, false)?);
         }
         Ok(Some(out))
     }
 
     /// The `info` attributes asked for, checked against the channel kind.
-    fn attributes(&self, channel: &str, info: &str, r: crate::worker::RoomInfo, occupied: bool) -> Result<Value, ApiError> {
+    fn attributes(
+        &self,
+        channel: &str,
+        info: &str,
+        r: crate::worker::RoomInfo,
+        occupied: bool,
+    ) -> Result<Value, ApiError> {
         let mut m = Map::new();
         if occupied {
             m.insert("occupied".into(), json!(r.subscription_count > 0));
@@ -199,13 +251,19 @@ impl Api<'_> {
                     m.insert("user_count".into(), json!(r.user_count));
                 }
                 "user_count" => {
-                    return Err(ApiError::BadRequest("user_count is only available for presence channels".into()))
+                    return Err(ApiError::BadRequest(
+                        "user_count is only available for presence channels".into(),
+                    ))
                 }
                 "subscription_count" => {
                     m.insert("subscription_count".into(), json!(r.subscription_count));
                 }
                 "cache" => {} // cache channels are not supported; nothing to report
-                other => return Err(ApiError::BadRequest(format!("unknown info attribute {other:?}"))),
+                other => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown info attribute {other:?}"
+                    )))
+                }
             }
         }
         Ok(Value::Object(m))
@@ -215,9 +273,16 @@ impl Api<'_> {
         let prefix = self.param("filter_by_prefix").unwrap_or("");
         let info = self.param("info").unwrap_or("");
         if info.split(',').any(|a| a.trim() == "user_count") && !prefix.starts_with("presence-") {
-            return Err(ApiError::BadRequest("info=user_count needs filter_by_prefix=presence-".into()));
+            return Err(ApiError::BadRequest(
+                "info=user_count needs filter_by_prefix=presence-".into(),
+            ));
         }
-        let list = self.shared.router.list(&self.app.id, prefix, MAILBOX_WAIT).await.map_err(route_error)?;
+        let list = self
+            .shared
+            .router
+            .list(&self.app.id, prefix, MAILBOX_WAIT)
+            .await
+            .map_err(route_error)?;
         let mut channels = Map::new();
         for (name, r) in list {
             if name.starts_with('#') && !prefix.starts_with('#') {
@@ -231,22 +296,38 @@ impl Api<'_> {
 
     async fn channel(&self, name: &str) -> ApiResult {
         names::check_channel(name).map_err(ApiError::BadRequest)?;
-        let r = self.shared.router.query(self.room(name), MAILBOX_WAIT).await.map_err(route_error)?;
+        let r = self
+            .shared
+            .router
+            .query(self.room(name), MAILBOX_WAIT)
+            .await
+            .map_err(route_error)?;
         self.attributes(name, self.param("info").unwrap_or(""), r, true)
     }
 
     async fn users(&self, name: &str) -> ApiResult {
         if names::check_channel(name).map_err(ApiError::BadRequest)? != ChannelKind::Presence {
-            return Err(ApiError::BadRequest("users are only available for presence channels".into()));
+            return Err(ApiError::BadRequest(
+                "users are only available for presence channels".into(),
+            ));
         }
-        let users = self.shared.router.users(self.room(name), MAILBOX_WAIT).await.map_err(route_error)?;
+        let users = self
+            .shared
+            .router
+            .users(self.room(name), MAILBOX_WAIT)
+            .await
+            .map_err(route_error)?;
         let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
         Ok(json!({ "users": users }))
     }
 
     async fn terminate(&self, user: &str) -> ApiResult {
         names::check_user_id(user).map_err(ApiError::BadRequest)?;
-        self.shared.router.terminate(&self.app.id, user, MAILBOX_WAIT).await.map_err(route_error)?;
+        self.shared
+            .router
+            .terminate(&self.app.id, user, MAILBOX_WAIT)
+            .await
+            .map_err(route_error)?;
         Ok(json!({}))
     }
 }

@@ -30,9 +30,13 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut resp = json(self.status(), &serde_json::json!({ "error": self.to_string() }));
+        let mut resp = json(
+            self.status(),
+            &serde_json::json!({ "error": self.to_string() }),
+        );
         if let ApiError::Unavailable(_, secs) = self {
-            resp.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, secs.into());
         }
         resp
     }

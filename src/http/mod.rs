@@ -65,14 +65,21 @@ fn count_status(resp: Response<Body>) -> Response<Body> {
     resp
 }
 
-async fn route(req: Request<Incoming>, peer: SocketAddr, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+async fn route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let resp = if upgrade::is_websocket(&req) {
         upgrade::handle(req, peer, &shared)
     } else if path.starts_with("/apps/") {
         api::handle(req, &shared).await
     } else if path == "/" {
-        text(StatusCode::OK, "herdgate: Pusher protocol 7 on /app/{key}, HTTP API on /apps/{id}\n")
+        text(
+            StatusCode::OK,
+            "herdgate: Pusher protocol 7 on /app/{key}, HTTP API on /apps/{id}\n",
+        )
     } else {
         ApiError::NotFound("no such endpoint".into()).into_response()
     };

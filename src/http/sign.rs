@@ -49,18 +49,36 @@ fn hexval(c: u8) -> Option<u8> {
 }
 
 fn get<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
-pub fn verify(method: &str, path: &str, params: &[(String, String)], body: &[u8], app: &App, now: i64) -> Result<(), ApiError> {
+pub fn verify(
+    method: &str,
+    path: &str,
+    params: &[(String, String)],
+    body: &[u8],
+    app: &App,
+    now: i64,
+) -> Result<(), ApiError> {
     let unauthorized = |m: &str| Err(ApiError::Unauthorized(m.to_string()));
-    let Some(key) = get(params, "auth_key") else { return unauthorized("missing auth_key") };
+    let Some(key) = get(params, "auth_key") else {
+        return unauthorized("missing auth_key");
+    };
     if key != app.key {
         return unauthorized("auth_key does not belong to this app");
     }
-    let Some(signature) = get(params, "auth_signature") else { return unauthorized("missing auth_signature") };
-    let Some(ts) = get(params, "auth_timestamp") else { return unauthorized("missing auth_timestamp") };
-    let Ok(ts) = ts.parse::<i64>() else { return unauthorized("auth_timestamp is not a number") };
+    let Some(signature) = get(params, "auth_signature") else {
+        return unauthorized("missing auth_signature");
+    };
+    let Some(ts) = get(params, "auth_timestamp") else {
+        return unauthorized("missing auth_timestamp");
+    };
+    let Ok(ts) = ts.parse::<i64>() else {
+        return unauthorized("auth_timestamp is not a number");
+    };
     if (now - ts).abs() > MAX_CLOCK_SKEW_SECS {
         return Err(ApiError::Unauthorized(format!(
             "auth_timestamp is more than {MAX_CLOCK_SKEW_SECS} s from server time {now}"
@@ -121,28 +139,69 @@ mod tests {
 
     #[test]
     fn pusher_docs_vector() {
-        assert_eq!(hex::encode(Md5::digest(BODY)), "ec365a775a4cd0599faeb73354201b6f");
+        assert_eq!(
+            hex::encode(Md5::digest(BODY)),
+            "ec365a775a4cd0599faeb73354201b6f"
+        );
         let q = query(SIG);
         assert_eq!(
             string_to_sign("POST", "/apps/3/events", &q),
             "POST\n/apps/3/events\nauth_key=278d425bdf160c739803&auth_timestamp=1353088179&auth_version=1.0&body_md5=ec365a775a4cd0599faeb73354201b6f"
         );
-        assert_eq!(verify("POST", "/apps/3/events", &q, BODY.as_bytes(), &app(), 1353088179), Ok(()));
+        assert_eq!(
+            verify(
+                "POST",
+                "/apps/3/events",
+                &q,
+                BODY.as_bytes(),
+                &app(),
+                1353088179
+            ),
+            Ok(())
+        );
     }
 
     #[test]
     fn refusals() {
         let q = query(SIG);
         let a = app();
-        let stale = verify("POST", "/apps/3/events", &q, BODY.as_bytes(), &a, 1353088179 + 601);
+        let stale = verify(
+            "POST",
+            "/apps/3/events",
+            &q,
+            BODY.as_bytes(),
+            &a,
+            1353088179 + 601,
+        );
         assert!(matches!(stale, Err(ApiError::Unauthorized(m)) if m.contains("600")));
-        let ok_skew = verify("POST", "/apps/3/events", &q, BODY.as_bytes(), &a, 1353088179 - 600);
+        let ok_skew = verify(
+            "POST",
+            "/apps/3/events",
+            &q,
+            BODY.as_bytes(),
+            &a,
+            1353088179 - 600,
+        );
         assert_eq!(ok_skew, Ok(()));
         let tampered = verify("POST", "/apps/3/events", &q, b"{}", &a, 1353088179);
         assert!(matches!(tampered, Err(ApiError::Unauthorized(m)) if m.contains("body_md5")));
-        let bad_sig = verify("POST", "/apps/3/events", &query(&"0".repeat(64)), BODY.as_bytes(), &a, 1353088179);
+        let bad_sig = verify(
+            "POST",
+            "/apps/3/events",
+            &query(&"0".repeat(64)),
+            BODY.as_bytes(),
+            &a,
+            1353088179,
+        );
         assert!(bad_sig.is_err());
-        let wrong_path = verify("POST", "/apps/4/events", &q, BODY.as_bytes(), &a, 1353088179);
+        let wrong_path = verify(
+            "POST",
+            "/apps/4/events",
+            &q,
+            BODY.as_bytes(),
+            &a,
+            1353088179,
+        );
         assert!(wrong_path.is_err());
         assert!(verify("POST", "/apps/3/events", &[], b"", &a, 0).is_err());
     }
@@ -153,10 +212,13 @@ mod tests {
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("a+b"), "a+b");
-        assert_eq!(parse_query("x=1&&y&z=%41"), vec![
-            ("x".into(), "1".into()),
-            ("y".into(), "".into()),
-            ("z".into(), "A".into())
-        ]);
+        assert_eq!(
+            parse_query("x=1&&y&z=%41"),
+            vec![
+                ("x".into(), "1".into()),
+                ("y".into(), "".into()),
+                ("z".into(), "A".into())
+            ]
+        );
     }
 }

@@ -44,8 +44,15 @@ fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
 struct Refusal(u16, &'static str);
 
 fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Refusal> {
-    let Some(key) = uri.path().strip_prefix("/app/").filter(|k| !k.is_empty() && !k.contains('/')) else {
-        return Err(Refusal(codes::PATH_NOT_FOUND, "path not found: expected /app/{key}"));
+    let Some(key) = uri
+        .path()
+        .strip_prefix("/app/")
+        .filter(|k| !k.is_empty() && !k.contains('/'))
+    else {
+        return Err(Refusal(
+            codes::PATH_NOT_FOUND,
+            "path not found: expected /app/{key}",
+        ));
     };
     let (mut protocol, mut version) = (None, None);
     for pair in uri.query().unwrap_or("").split('&') {
@@ -61,32 +68,52 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Refu
     match protocol {
         None => return Err(Refusal(codes::NO_PROTOCOL, "no protocol version supplied")),
         Some(p) if !matches!(p, "5" | "6" | "7") => {
-            return Err(Refusal(codes::UNSUPPORTED_PROTOCOL, "unsupported protocol version"))
+            return Err(Refusal(
+                codes::UNSUPPORTED_PROTOCOL,
+                "unsupported protocol version",
+            ))
         }
         _ => {}
     }
     if let Some(v) = version {
-        let ok = !v.is_empty() && v.len() <= 32 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        let ok = !v.is_empty()
+            && v.len() <= 32
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !ok {
-            return Err(Refusal(codes::INVALID_VERSION, "invalid version string format"));
+            return Err(Refusal(
+                codes::INVALID_VERSION,
+                "invalid version string format",
+            ));
         }
     }
     Ok(key.to_string())
 }
 
-pub fn handle(mut req: Request<hyper::body::Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
+pub fn handle(
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Response<Body> {
     let h = req.headers();
     if req.method() != http::Method::GET || !header_has(h, header::CONNECTION, "upgrade") {
-        return ApiError::BadRequest("a websocket upgrade must be a GET with Connection: upgrade".into())
-            .into_response();
+        return ApiError::BadRequest(
+            "a websocket upgrade must be a GET with Connection: upgrade".into(),
+        )
+        .into_response();
     }
     if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        let mut resp = ApiError::BadRequest("only websocket version 13 is supported".into()).into_response();
+        let mut resp =
+            ApiError::BadRequest("only websocket version 13 is supported".into()).into_response();
         *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
-        resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, "13".parse().expect("valid"));
+        resp.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, "13".parse().expect("valid"));
         return resp;
     }
-    let Some(accept) = h.get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+    let Some(accept) = h
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
         return ApiError::BadRequest("missing Sec-WebSocket-Key".into()).into_response();
     };
     if shared.shutdown.is_cancelled() {
@@ -130,8 +157,13 @@ fn refuse(message: &str, reason: &'static str) -> Response<Body> {
     ApiError::Unavailable(message.into(), jittered_retry_after(RETRY_AFTER_MAX)).into_response()
 }
 
-async fn start<S>(mut ws: WebSocketStream<S>, check: Result<String, Refusal>, peer: SocketAddr, shared: Arc<Shared>, slot: SessionSlot)
-where
+async fn start<S>(
+    mut ws: WebSocketStream<S>,
+    check: Result<String, Refusal>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: SessionSlot,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let _slot = slot;
@@ -139,14 +171,23 @@ where
         Ok(key) => key,
         Err(Refusal(code, message)) => {
             tracing::debug!(%peer, code, message, "websocket refused");
-            metrics::counter!("herdgate_connections_closed_total", "reason" => "pusher_error").increment(1);
+            metrics::counter!("herdgate_connections_closed_total", "reason" => "pusher_error")
+                .increment(1);
             use futures_util::SinkExt;
-            let _ = ws.send(tokio_tungstenite::tungstenite::Message::Text(protocol::error(Some(code), message))).await;
+            let _ = ws
+                .send(tokio_tungstenite::tungstenite::Message::Text(
+                    protocol::error(Some(code), message),
+                ))
+                .await;
             session::close(&mut ws, code, message).await;
             return;
         }
     };
-    let app = shared.apps.by_key(&key).expect("checked before the upgrade").clone();
+    let app = shared
+        .apps
+        .by_key(&key)
+        .expect("checked before the upgrade")
+        .clone();
     let session = Session::new(shared, app);
     let span = tracing::info_span!("session", socket_id = %session.socket_id(), %peer);
     let end = session::run(ws, session).instrument(span.clone()).await;

@@ -20,9 +20,19 @@ struct Out<'a, D: Serialize + ?Sized> {
     user_id: Option<&'a str>,
 }
 
-fn frame<D: Serialize + ?Sized>(event: &str, channel: Option<&str>, data: &D, user_id: Option<&str>) -> Frame {
-    let text = serde_json::to_string(&Out { event, channel, data, user_id })
-        .expect("serializing strings and raw JSON cannot fail");
+fn frame<D: Serialize + ?Sized>(
+    event: &str,
+    channel: Option<&str>,
+    data: &D,
+    user_id: Option<&str>,
+) -> Frame {
+    let text = serde_json::to_string(&Out {
+        event,
+        channel,
+        data,
+        user_id,
+    })
+    .expect("serializing strings and raw JSON cannot fail");
     Frame::from(text)
 }
 
@@ -53,7 +63,10 @@ pub fn connection_established(socket_id: &str, activity_timeout_secs: u64) -> Fr
     internal(
         "pusher:connection_established",
         None,
-        &D { socket_id, activity_timeout: activity_timeout_secs },
+        &D {
+            socket_id,
+            activity_timeout: activity_timeout_secs,
+        },
     )
 }
 
@@ -76,7 +89,11 @@ pub fn ping() -> Frame {
 }
 
 pub fn subscription_succeeded(channel: &str) -> Frame {
-    event("pusher_internal:subscription_succeeded", Some(channel), "{}")
+    event(
+        "pusher_internal:subscription_succeeded",
+        Some(channel),
+        "{}",
+    )
 }
 
 /// Presence members as sent in `subscription_succeeded`.
@@ -94,7 +111,11 @@ where
         hash.insert(id.to_string(), info);
     }
     let data = serde_json::json!({"presence": {"count": ids.len(), "ids": ids, "hash": hash}});
-    internal("pusher_internal:subscription_succeeded", Some(channel), &data)
+    internal(
+        "pusher_internal:subscription_succeeded",
+        Some(channel),
+        &data,
+    )
 }
 
 pub fn member_added(channel: &str, user_id: &str, user_info: Option<&RawValue>) -> Frame {
@@ -104,7 +125,11 @@ pub fn member_added(channel: &str, user_id: &str, user_info: Option<&RawValue>) 
         #[serde(skip_serializing_if = "Option::is_none")]
         user_info: Option<&'a RawValue>,
     }
-    internal("pusher_internal:member_added", Some(channel), &D { user_id, user_info })
+    internal(
+        "pusher_internal:member_added",
+        Some(channel),
+        &D { user_id, user_info },
+    )
 }
 
 pub fn member_removed(channel: &str, user_id: &str) -> Frame {
@@ -126,7 +151,11 @@ pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16)
 }
 
 pub fn signin_success(user_data: &str) -> Frame {
-    internal("pusher:signin_success", None, &serde_json::json!({ "user_data": user_data }))
+    internal(
+        "pusher:signin_success",
+        None,
+        &serde_json::json!({ "user_data": user_data }),
+    )
 }
 
 #[cfg(test)]
@@ -140,7 +169,8 @@ mod tests {
             f.as_str(),
             r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.2\",\"activity_timeout\":120}"}"#
         );
-        let v: serde_json::Value = serde_json::from_str(error(Some(4301), "slow down").as_str()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(error(Some(4301), "slow down").as_str()).unwrap();
         let inner: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
         assert_eq!(inner["code"], 4301);
     }

@@ -120,14 +120,22 @@ mod tests {
         assert_eq!(d.channel, "a");
         assert_eq!(d.auth.as_deref(), Some("k:s"));
 
-        let f = parse_frame(r#"{"event":"pusher:subscribe","data":"{\"channel\":\"b\"}"}"#).unwrap();
+        let f =
+            parse_frame(r#"{"event":"pusher:subscribe","data":"{\"channel\":\"b\"}"}"#).unwrap();
         let d: SubscribeData = parse_data("pusher:subscribe", f.data).unwrap();
         assert_eq!(d.channel, "b");
     }
 
     #[test]
     fn rejects_malformed_frames() {
-        for bad in ["", "[]", "{}", r#"{"event":1}"#, "nul", r#"{"event":"x","channel":5}"#] {
+        for bad in [
+            "",
+            "[]",
+            "{}",
+            r#"{"event":1}"#,
+            "nul",
+            r#"{"event":"x","channel":5}"#,
+        ] {
             assert!(parse_frame(bad).is_err(), "{bad:?} should not parse");
         }
         let f = parse_frame(r#"{"event":"pusher:subscribe","data":7}"#).unwrap();

@@ -54,7 +54,9 @@ pub fn check_channel(name: &str) -> Result<ChannelKind, String> {
         return Err("channel name is empty".into());
     }
     if name.len() > MAX_CHANNEL_NAME {
-        return Err(format!("channel name longer than {MAX_CHANNEL_NAME} characters"));
+        return Err(format!(
+            "channel name longer than {MAX_CHANNEL_NAME} characters"
+        ));
     }
     if let Some(user) = name.strip_prefix(USER_CHANNEL_PREFIX) {
         check_user_id(user)?;
@@ -78,7 +80,9 @@ pub fn check_user_id(id: &str) -> Result<(), String> {
 
 pub fn check_event_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_EVENT_NAME {
-        return Err(format!("event name must be 1 to {MAX_EVENT_NAME} characters"));
+        return Err(format!(
+            "event name must be 1 to {MAX_EVENT_NAME} characters"
+        ));
     }
     Ok(())
 }
@@ -91,7 +95,10 @@ mod tests {
     fn kinds() {
         assert_eq!(check_channel("lobby"), Ok(ChannelKind::Public));
         assert_eq!(check_channel("private-x"), Ok(ChannelKind::Private));
-        assert_eq!(check_channel("private-encrypted-x"), Ok(ChannelKind::PrivateEncrypted));
+        assert_eq!(
+            check_channel("private-encrypted-x"),
+            Ok(ChannelKind::PrivateEncrypted)
+        );
         assert_eq!(check_channel("presence-x"), Ok(ChannelKind::Presence));
         assert_eq!(check_channel("#server-to-user-42"), Ok(ChannelKind::User));
         assert_eq!(check_channel("a_-=@,.;Z9"), Ok(ChannelKind::Public));

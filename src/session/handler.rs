@@ -31,7 +31,10 @@ impl Session {
                 Err(e) => self.error(None, &e.to_string()),
             },
             "pusher:unsubscribe" => {
-                match protocol::parse_data::<protocol::UnsubscribeData>("pusher:unsubscribe", frame.data) {
+                match protocol::parse_data::<protocol::UnsubscribeData>(
+                    "pusher:unsubscribe",
+                    frame.data,
+                ) {
                     Ok(d) => self.unsubscribe(&d.channel).await,
                     Err(e) => self.error(None, &e.to_string()),
                 }
@@ -58,8 +61,14 @@ impl Session {
 
     fn sub_error(&self, channel: &str, kind: &str, message: &str, status: u16) -> Handled {
         tracing::debug!(channel, kind, message, "subscription refused");
-        let channel = if channel.len() > names::MAX_CHANNEL_NAME { truncate(channel) } else { channel };
-        self.out.push(&protocol::subscription_error(channel, kind, message, status));
+        let channel = if channel.len() > names::MAX_CHANNEL_NAME {
+            truncate(channel)
+        } else {
+            channel
+        };
+        self.out.push(&protocol::subscription_error(
+            channel, kind, message, status,
+        ));
         Ok(())
     }
 
@@ -78,7 +87,12 @@ impl Session {
             return Ok(());
         }
         if self.channels.len() >= self.shared.config.limits.max_channels_per_connection {
-            return self.sub_error(channel, "LimitReached", "too many channels on this connection", 403);
+            return self.sub_error(
+                channel,
+                "LimitReached",
+                "too many channels on this connection",
+                403,
+            );
         }
         let mut member = None;
         match kind {
@@ -93,16 +107,22 @@ impl Session {
                 let data = if kind == ChannelKind::Presence {
                     match d.channel_data.as_deref() {
                         Some(data) => Some(data),
-                        None => return self.sub_error(channel, "AuthError", "presence channels need channel_data", 400),
+                        None => {
+                            return self.sub_error(
+                                channel,
+                                "AuthError",
+                                "presence channels need channel_data",
+                                400,
+                            )
+                        }
                     }
                 } else {
                     None
                 };
                 let signed = auth::channel_string(&self.socket_id(), channel, data);
-                let auth_ok = d
-                    .auth
-                    .as_deref()
-                    .is_some_and(|a| auth::verify_token(&self.app.key, &self.app.secret, &signed, a));
+                let auth_ok = d.auth.as_deref().is_some_and(|a| {
+                    auth::verify_token(&self.app.key, &self.app.secret, &signed, a)
+                });
                 if !auth_ok {
                     return self.sub_error(channel, "AuthError", "invalid signature", 401);
                 }
@@ -113,10 +133,18 @@ impl Session {
                             if let Err(msg) = names::check_user_id(&user_id) {
                                 return self.sub_error(channel, "InvalidChannelData", &msg, 400);
                             }
-                            member = Some(Member { user_id: Arc::from(user_id), user_info: cd.user_info });
+                            member = Some(Member {
+                                user_id: Arc::from(user_id),
+                                user_info: cd.user_info,
+                            });
                         }
                         Err(e) => {
-                            return self.sub_error(channel, "InvalidChannelData", &format!("channel_data: {e}"), 400)
+                            return self.sub_error(
+                                channel,
+                                "InvalidChannelData",
+                                &format!("channel_data: {e}"),
+                                400,
+                            )
                         }
                     }
                 }
@@ -124,9 +152,22 @@ impl Session {
         }
         let name: Arc<str> = Arc::from(channel);
         let user = member.as_ref().map(|m| m.user_id.clone());
-        let room = RoomKey { app: self.app.id.clone(), channel: name.clone() };
-        if self.shared.router.subscribe(room, self.subscriber(), member).await.is_err() {
-            return Err(End::close(codes::RECONNECT, "server shutting down", "shutdown"));
+        let room = RoomKey {
+            app: self.app.id.clone(),
+            channel: name.clone(),
+        };
+        if self
+            .shared
+            .router
+            .subscribe(room, self.subscriber(), member)
+            .await
+            .is_err()
+        {
+            return Err(End::close(
+                codes::RECONNECT,
+                "server shutting down",
+                "shutdown",
+            ));
         }
         self.channels.push(Channel { name, kind, user });
         Ok(())
@@ -137,7 +178,10 @@ impl Session {
             return Ok(());
         };
         let ch = self.channels.swap_remove(pos);
-        let room = RoomKey { app: self.app.id.clone(), channel: ch.name };
+        let room = RoomKey {
+            app: self.app.id.clone(),
+            channel: ch.name,
+        };
         let _ = self.shared.router.unsubscribe(room, self.id).await;
         Ok(())
     }
@@ -145,12 +189,24 @@ impl Session {
     async fn signin(&mut self, d: protocol::SigninData) -> Handled {
         let signed = auth::signin_string(&self.socket_id(), &d.user_data);
         if !auth::verify_token(&self.app.key, &self.app.secret, &signed, &d.auth) {
-            self.out.push(&protocol::error(Some(codes::UNAUTHORIZED), "invalid sign-in signature"));
-            return Err(End::close(codes::UNAUTHORIZED, "invalid sign-in signature", "signin_failed"));
+            self.out.push(&protocol::error(
+                Some(codes::UNAUTHORIZED),
+                "invalid sign-in signature",
+            ));
+            return Err(End::close(
+                codes::UNAUTHORIZED,
+                "invalid sign-in signature",
+                "signin_failed",
+            ));
         }
         let id = match serde_json::from_str::<protocol::UserData>(&d.user_data) {
             Ok(u) => u.id.into_string(),
-            Err(e) => return self.error(None, &format!("user_data must be a JSON object with an \"id\": {e}")),
+            Err(e) => {
+                return self.error(
+                    None,
+                    &format!("user_data must be a JSON object with an \"id\": {e}"),
+                )
+            }
         };
         if let Err(msg) = names::check_user_id(&id) {
             return self.error(None, &msg);
@@ -159,15 +215,28 @@ impl Session {
         if let Some(old) = self.user.take() {
             let _ = router.sign_out(&self.app.id, &old, self.id).await;
         }
-        if router.sign_in(&self.app.id, &id, self.subscriber()).await.is_err() {
-            return Err(End::close(codes::RECONNECT, "server shutting down", "shutdown"));
+        if router
+            .sign_in(&self.app.id, &id, self.subscriber())
+            .await
+            .is_err()
+        {
+            return Err(End::close(
+                codes::RECONNECT,
+                "server shutting down",
+                "shutdown",
+            ));
         }
         self.user = Some(Arc::from(id));
         self.out.push(&protocol::signin_success(&d.user_data));
         Ok(())
     }
 
-    async fn client_event(&mut self, event: &str, channel: &str, data: Option<&RawValue>) -> Handled {
+    async fn client_event(
+        &mut self,
+        event: &str,
+        channel: &str,
+        data: Option<&RawValue>,
+    ) -> Handled {
         if !self.app.enable_client_events {
             return self.error(None, "client events are disabled for this app");
         }
@@ -175,10 +244,16 @@ impl Session {
             return self.error(None, &msg);
         }
         let Some(ch) = self.subscribed(channel) else {
-            return self.error(None, "client events need a channel this socket is subscribed to");
+            return self.error(
+                None,
+                "client events need a channel this socket is subscribed to",
+            );
         };
         if !ch.kind.allows_client_events() {
-            return self.error(None, "client events are only allowed on private and presence channels");
+            return self.error(
+                None,
+                "client events are only allowed on private and presence channels",
+            );
         }
         let (name, user) = (ch.name.clone(), ch.user.clone());
         let limits = &self.shared.config.limits;
@@ -188,16 +263,35 @@ impl Session {
         }
         let now = Instant::now();
         let rate = limits.client_events_per_second;
-        let bucket = self.limiter.get_or_insert_with(|| super::ratelimit::TokenBucket::new(rate, rate, now));
+        let bucket = self
+            .limiter
+            .get_or_insert_with(|| super::ratelimit::TokenBucket::new(rate, rate, now));
         if !bucket.try_take(now) {
-            metrics::counter!("herdgate_client_events_dropped_total", "reason" => "rate_limit").increment(1);
-            return self.error(Some(codes::CLIENT_EVENT_RATE_LIMIT), "client event rate limit exceeded");
+            metrics::counter!("herdgate_client_events_dropped_total", "reason" => "rate_limit")
+                .increment(1);
+            return self.error(
+                Some(codes::CLIENT_EVENT_RATE_LIMIT),
+                "client event rate limit exceeded",
+            );
         }
         let frame = protocol::client_event(event, &name, data, user.as_deref());
-        let room = RoomKey { app: self.app.id.clone(), channel: name };
+        let room = RoomKey {
+            app: self.app.id.clone(),
+            channel: name,
+        };
         metrics::counter!("herdgate_client_events_total").increment(1);
-        if self.shared.router.client_event(room, frame, self.id).await.is_err() {
-            return Err(End::close(codes::RECONNECT, "server shutting down", "shutdown"));
+        if self
+            .shared
+            .router
+            .client_event(room, frame, self.id)
+            .await
+            .is_err()
+        {
+            return Err(End::close(
+                codes::RECONNECT,
+                "server shutting down",
+                "shutdown",
+            ));
         }
         Ok(())
     }

@@ -32,12 +32,20 @@ pub enum End {
     /// The client closed, or the TCP connection went away.
     PeerGone,
     /// We close with this code.
-    Close { code: u16, reason: &'static str, label: &'static str },
+    Close {
+        code: u16,
+        reason: &'static str,
+        label: &'static str,
+    },
 }
 
 impl End {
     pub(crate) fn close(code: u16, reason: &'static str, label: &'static str) -> End {
-        End::Close { code, reason, label }
+        End::Close {
+            code,
+            reason,
+            label,
+        }
     }
 }
 
@@ -62,7 +70,10 @@ pub struct Session {
 impl Session {
     pub fn new(shared: Arc<Shared>, app: Arc<App>) -> Session {
         let l = &shared.config.limits;
-        let out = Arc::new(Outbound::new(l.outbound_queue_messages, l.outbound_queue_bytes));
+        let out = Arc::new(Outbound::new(
+            l.outbound_queue_messages,
+            l.outbound_queue_bytes,
+        ));
         Session {
             id: ConnId(rand::random()),
             out,
@@ -79,7 +90,10 @@ impl Session {
     }
 
     fn subscriber(&self) -> Subscriber {
-        Subscriber { id: self.id, out: self.out.clone() }
+        Subscriber {
+            id: self.id,
+            out: self.out.clone(),
+        }
     }
 }
 
@@ -89,11 +103,25 @@ where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
     let activity = session.shared.config.server.activity_timeout.get();
-    session.out.push(&crate::protocol::connection_established(&session.socket_id(), activity.as_secs()));
+    session.out.push(&crate::protocol::connection_established(
+        &session.socket_id(),
+        activity.as_secs(),
+    ));
     let end = session.serve(&mut ws).await;
     session.release().await;
-    if let End::Close { code, reason, label } = end {
+    if let End::Close {
+        code,
+        reason,
+        label,
+    } = end
+    {
         metrics::counter!("herdgate_connections_closed_total", "reason" => label).increment(1);
+        // What the session queued last (a pusher:error explaining the close)
+        // goes out before the close frame; a slow consumer's queue is empty.
+        let (frames, _) = session.out.drain();
+        if !frames.is_empty() {
+            let _ = timeout(Duration::from_secs(1), write_all(&mut ws, frames)).await;
+        }
         close(&mut ws, code, reason).await;
     } else {
         metrics::counter!("herdgate_connections_closed_total", "reason" => "client").increment(1);
@@ -180,7 +208,10 @@ impl Session {
     async fn release(&mut self) {
         let router = &self.shared.router;
         for ch in std::mem::take(&mut self.channels) {
-            let room = crate::worker::RoomKey { app: self.app.id.clone(), channel: ch.name };
+            let room = crate::worker::RoomKey {
+                app: self.app.id.clone(),
+                channel: ch.name,
+            };
             let _ = router.unsubscribe(room, self.id).await;
         }
         if let Some(user) = self.user.take() {
@@ -189,7 +220,10 @@ impl Session {
     }
 }
 
-async fn write_all<S>(ws: &mut S, frames: std::collections::VecDeque<crate::protocol::Frame>) -> Result<(), WsError>
+async fn write_all<S>(
+    ws: &mut S,
+    frames: std::collections::VecDeque<crate::protocol::Frame>,
+) -> Result<(), WsError>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
@@ -202,9 +236,15 @@ where
 fn map_ws_error(e: WsError) -> End {
     use codes::ws;
     match e {
-        WsError::Capacity(_) => End::close(ws::MESSAGE_TOO_BIG, "message too big", "message_too_big"),
+        WsError::Capacity(_) => {
+            End::close(ws::MESSAGE_TOO_BIG, "message too big", "message_too_big")
+        }
         WsError::Utf8(_) => End::close(ws::INVALID_PAYLOAD, "invalid UTF-8", "invalid_utf8"),
-        WsError::Protocol(_) => End::close(ws::PROTOCOL_ERROR, "websocket protocol error", "protocol_error"),
+        WsError::Protocol(_) => End::close(
+            ws::PROTOCOL_ERROR,
+            "websocket protocol error",
+            "protocol_error",
+        ),
         _ => End::PeerGone,
     }
 }
@@ -215,8 +255,14 @@ pub(crate) async fn close<S>(ws: &mut S, code: u16, reason: &'static str)
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-    if timeout(Duration::from_secs(2), ws.send(Message::Close(Some(frame)))).await.is_err() {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    if timeout(Duration::from_secs(2), ws.send(Message::Close(Some(frame))))
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = timeout(Duration::from_secs(2), async {

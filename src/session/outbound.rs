@@ -149,7 +149,10 @@ mod tests {
         q.push(&f("1"));
         q.push(&f("2"));
         let (frames, close) = q.drain();
-        assert_eq!(frames.iter().map(|f| f.as_str()).collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(
+            frames.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
+            ["1", "2"]
+        );
         assert!(close.is_none());
         assert_eq!(q.queued_bytes(), 0);
         for _ in 0..3 {

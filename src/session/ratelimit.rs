@@ -12,7 +12,12 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate: u32, burst: u32, now: Instant) -> TokenBucket {
-        TokenBucket { rate: rate as f32, burst: burst as f32, tokens: burst as f32, last: now }
+        TokenBucket {
+            rate: rate as f32,
+            burst: burst as f32,
+            tokens: burst as f32,
+            last: now,
+        }
     }
 
     pub fn try_take(&mut self, now: Instant) -> bool {
@@ -44,6 +49,10 @@ mod tests {
         assert!(!b.try_take(Instant::now()));
         tokio::time::advance(Duration::from_secs(60)).await;
         let now = Instant::now();
-        assert_eq!((0..20).filter(|_| b.try_take(now)).count(), 10, "never more than the burst");
+        assert_eq!(
+            (0..20).filter(|_| b.try_take(now)).count(),
+            10,
+            "never more than the burst"
+        );
     }
 }

@@ -38,7 +38,8 @@ impl ConnId {
     /// Parse `"<hi>.<lo>"` where both halves fit in 32 bits.
     pub fn parse(socket_id: &str) -> Option<ConnId> {
         let (hi, lo) = socket_id.split_once('.')?;
-        let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
         if !digits(hi) || !digits(lo) {
             return None;
         }
@@ -69,17 +70,46 @@ pub struct RoomInfo {
 }
 
 pub enum Command {
-    Subscribe { room: RoomKey, sub: Subscriber, member: Option<Member> },
-    Unsubscribe { room: RoomKey, id: ConnId },
-    Publish { room: RoomKey, frame: Frame, exclude: Option<ConnId> },
-    Query { room: RoomKey, reply: oneshot::Sender<RoomInfo> },
-    Users { room: RoomKey, reply: oneshot::Sender<Vec<String>> },
-    List { app: Arc<str>, prefix: String, reply: oneshot::Sender<Vec<(String, RoomInfo)>> },
+    Subscribe {
+        room: RoomKey,
+        sub: Subscriber,
+        member: Option<Member>,
+    },
+    Unsubscribe {
+        room: RoomKey,
+        id: ConnId,
+    },
+    Publish {
+        room: RoomKey,
+        frame: Frame,
+        exclude: Option<ConnId>,
+    },
+    Query {
+        room: RoomKey,
+        reply: oneshot::Sender<RoomInfo>,
+    },
+    Users {
+        room: RoomKey,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    List {
+        app: Arc<str>,
+        prefix: String,
+        reply: oneshot::Sender<Vec<(String, RoomInfo)>>,
+    },
     /// A socket signed in as a user; `room` is that user's `#server-to-user-` channel.
-    SignIn { room: RoomKey, sub: Subscriber },
-    SignOut { room: RoomKey, id: ConnId },
+    SignIn {
+        room: RoomKey,
+        sub: Subscriber,
+    },
+    SignOut {
+        room: RoomKey,
+        id: ConnId,
+    },
     /// Close every socket signed in as the user (HTTP API terminate_connections).
-    Terminate { room: RoomKey },
+    Terminate {
+        room: RoomKey,
+    },
 }
 
 pub struct WorkerConfig {
@@ -91,7 +121,12 @@ pub type Mailbox = mpsc::Sender<Command>;
 /// Start one worker; it runs until every sender is dropped.
 pub fn spawn(index: usize, mailbox: usize, config: WorkerConfig) -> Mailbox {
     let (tx, rx) = mpsc::channel(mailbox);
-    let worker = Worker { index, config, rooms: HashMap::new(), users: HashMap::new() };
+    let worker = Worker {
+        index,
+        config,
+        rooms: HashMap::new(),
+        users: HashMap::new(),
+    };
     tokio::spawn(worker.run(rx));
     tx
 }
@@ -117,7 +152,11 @@ impl Worker {
         match cmd {
             Command::Subscribe { room, sub, member } => self.subscribe(room, sub, member),
             Command::Unsubscribe { room, id } => self.unsubscribe(room, id),
-            Command::Publish { room, frame, exclude } => {
+            Command::Publish {
+                room,
+                frame,
+                exclude,
+            } => {
                 if let Some(r) = self.rooms.get(&room) {
                     record(r.fan_out(&frame, exclude));
                 }
@@ -126,7 +165,10 @@ impl Worker {
                 let _ = reply.send(self.rooms.get(&room).map(info).unwrap_or_default());
             }
             Command::Users { room, reply } => {
-                let users = self.rooms.get(&room).map(|r| r.user_ids().map(String::from).collect());
+                let users = self
+                    .rooms
+                    .get(&room)
+                    .map(|r| r.user_ids().map(String::from).collect());
                 let _ = reply.send(users.unwrap_or_default());
             }
             Command::List { app, prefix, reply } => {
@@ -188,8 +230,11 @@ impl Worker {
                     Some(user) => {
                         room.push_to(id, &room.presence_frame(&key.channel));
                         if new_member {
-                            let added =
-                                protocol::member_added(&key.channel, &user, room.member_info(&user));
+                            let added = protocol::member_added(
+                                &key.channel,
+                                &user,
+                                room.member_info(&user),
+                            );
                             record(room.fan_out_except_user(&added, &user));
                         }
                     }
@@ -202,7 +247,9 @@ impl Worker {
     }
 
     fn unsubscribe(&mut self, key: RoomKey, id: ConnId) {
-        let Some(room) = self.rooms.get_mut(&key) else { return };
+        let Some(room) = self.rooms.get_mut(&key) else {
+            return;
+        };
         let before = room.subscription_count();
         let gone_user = room.leave(id);
         if room.subscription_count() < before {
@@ -219,7 +266,10 @@ impl Worker {
 }
 
 fn info(r: &Room) -> RoomInfo {
-    RoomInfo { subscription_count: r.subscription_count(), user_count: r.user_count() }
+    RoomInfo {
+        subscription_count: r.subscription_count(),
+        user_count: r.user_count(),
+    }
 }
 
 fn record(d: Delivery) {
@@ -241,7 +291,17 @@ mod tests {
             let id = ConnId(raw);
             assert_eq!(ConnId::parse(&id.socket_id()), Some(id));
         }
-        for bad in ["", "1", "1.", ".1", "a.b", "1.2.3", "99999999999.1", "4294967296.0", "-1.2"] {
+        for bad in [
+            "",
+            "1",
+            "1.",
+            ".1",
+            "a.b",
+            "1.2.3",
+            "99999999999.1",
+            "4294967296.0",
+            "-1.2",
+        ] {
             assert_eq!(ConnId::parse(bad), None, "{bad:?}");
         }
     }

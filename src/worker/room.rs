@@ -47,7 +47,9 @@ impl Delivery {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Joined {
     /// Subscribed; `new_member` when this was the user's first socket.
-    Ok { new_member: bool },
+    Ok {
+        new_member: bool,
+    },
     AlreadySubscribed,
     PresenceFull,
 }
@@ -81,14 +83,18 @@ impl Room {
                 }
                 let state = self.members.entry(m.user_id.clone()).or_insert_with(|| {
                     new_member = true;
-                    MemberState { info: m.user_info, sockets: 0 }
+                    MemberState {
+                        info: m.user_info,
+                        sockets: 0,
+                    }
                 });
                 state.sockets += 1;
                 Some(m.user_id)
             }
             None => None,
         };
-        self.subscribers.insert(sub.id, Entry { out: sub.out, user });
+        self.subscribers
+            .insert(sub.id, Entry { out: sub.out, user });
         Joined::Ok { new_member }
     }
 
@@ -108,7 +114,9 @@ impl Room {
     pub fn presence_frame(&self, channel: &str) -> Frame {
         protocol::presence_subscription_succeeded(
             channel,
-            self.members.iter().map(|(id, m)| (&**id, m.info.as_deref())),
+            self.members
+                .iter()
+                .map(|(id, m)| (&**id, m.info.as_deref())),
         )
     }
 
@@ -149,11 +157,20 @@ mod tests {
 
     fn sub(id: u64) -> (Subscriber, Arc<Outbound>) {
         let out = Arc::new(Outbound::new(100, 100_000));
-        (Subscriber { id: ConnId(id), out: out.clone() }, out)
+        (
+            Subscriber {
+                id: ConnId(id),
+                out: out.clone(),
+            },
+            out,
+        )
     }
 
     fn member(user: &str) -> Option<Member> {
-        Some(Member { user_id: Arc::from(user), user_info: None })
+        Some(Member {
+            user_id: Arc::from(user),
+            user_info: None,
+        })
     }
 
     #[test]
@@ -162,9 +179,18 @@ mod tests {
         let (a1, _) = sub(1);
         let (a2, _) = sub(2);
         let (b, _) = sub(3);
-        assert_eq!(room.join(a1, member("alice"), 10), Joined::Ok { new_member: true });
-        assert_eq!(room.join(a2, member("alice"), 10), Joined::Ok { new_member: false });
-        assert_eq!(room.join(b, member("bob"), 10), Joined::Ok { new_member: true });
+        assert_eq!(
+            room.join(a1, member("alice"), 10),
+            Joined::Ok { new_member: true }
+        );
+        assert_eq!(
+            room.join(a2, member("alice"), 10),
+            Joined::Ok { new_member: false }
+        );
+        assert_eq!(
+            room.join(b, member("bob"), 10),
+            Joined::Ok { new_member: true }
+        );
         assert_eq!(room.user_count(), 2);
         assert_eq!(room.subscription_count(), 3);
         assert_eq!(room.leave(ConnId(1)), None, "alice still has a socket");
@@ -176,10 +202,19 @@ mod tests {
     #[test]
     fn presence_cap_counts_users_not_sockets() {
         let mut room = Room::default();
-        assert!(matches!(room.join(sub(1).0, member("a"), 1), Joined::Ok { .. }));
-        assert!(matches!(room.join(sub(2).0, member("a"), 1), Joined::Ok { .. }));
+        assert!(matches!(
+            room.join(sub(1).0, member("a"), 1),
+            Joined::Ok { .. }
+        ));
+        assert!(matches!(
+            room.join(sub(2).0, member("a"), 1),
+            Joined::Ok { .. }
+        ));
         assert_eq!(room.join(sub(3).0, member("b"), 1), Joined::PresenceFull);
-        assert_eq!(room.join(sub(1).0, member("a"), 1), Joined::AlreadySubscribed);
+        assert_eq!(
+            room.join(sub(1).0, member("a"), 1),
+            Joined::AlreadySubscribed
+        );
     }
 
     #[test]

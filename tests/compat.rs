@@ -1,0 +1,109 @@
+//! Runs the pusher-js / pusher (Node SDK) compatibility suite in tests/compat
+//! against a real herdgate process. npm packages are installed from the
+//! committed lockfile when missing, so `cargo test` works on a fresh machine.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn npm_install(dir: &Path) {
+    let lock = dir.join("package-lock.json");
+    let installed = dir.join("node_modules/.package-lock.json");
+    let fresh = match (std::fs::metadata(&lock), std::fs::metadata(&installed)) {
+        (Ok(l), Ok(i)) => i.modified().unwrap() >= l.modified().unwrap(),
+        _ => false,
+    };
+    if fresh {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("npm is needed for the client compatibility tests (install Node.js 20+)");
+    assert!(status.success(), "npm ci failed in {}", dir.display());
+}
+
+#[test]
+fn pusher_js_and_node_sdk_compatibility() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat");
+    npm_install(&dir);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("herdgate.toml");
+    std::fs::write(
+        &config,
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = ""
+[log]
+level = "info"
+[[apps]]
+id = "424242"
+key = "compat-key"
+secret = "compat-secret"
+"#,
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herdgate"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = Server(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("herdgate exited before listening")
+            .unwrap();
+        if let Some(addr) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+        {
+            break addr.to_string();
+        }
+    };
+    // Keep draining herdgate's log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let (host, port) = addr.rsplit_once(':').unwrap();
+
+    let out = Command::new("node")
+        .args(["--test", "--test-concurrency=1", "--test-timeout=60000"])
+        .args(
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".test.mjs")),
+        )
+        .current_dir(&dir)
+        .env("HERDGATE_HOST", host)
+        .env("HERDGATE_PORT", port)
+        .env("HERDGATE_APP_ID", "424242")
+        .env("HERDGATE_APP_KEY", "compat-key")
+        .env("HERDGATE_APP_SECRET", "compat-secret")
+        .output()
+        .expect("node is needed for the client compatibility tests");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pusher-js compatibility suite failed");
+    assert!(
+        stdout.contains("# fail 0"),
+        "suite did not report zero failures"
+    );
+    drop(server);
+}
