@@ -10,6 +10,7 @@ pub struct App {
     pub key: String,
     pub secret: String,
     pub enable_client_events: bool,
+    pub enabled: bool,
 }
 
 #[derive(Debug, Default)]
@@ -27,6 +28,7 @@ impl Apps {
                 key: c.key.clone(),
                 secret: c.secret.clone(),
                 enable_client_events: c.enable_client_events,
+                enabled: c.enabled,
             });
             apps.by_key.insert(c.key.clone(), app.clone());
             apps.by_id.insert(c.id.clone(), app);

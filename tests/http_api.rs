@@ -193,6 +193,18 @@ async fn refusals_have_the_documented_status() {
     };
     assert_eq!(signed_for_other_body.status, 401);
 
+    // Forbidden: a disabled app, correctly signed.
+    let disabled = Api {
+        app_id: "100003".into(),
+        key: "disabled-key".into(),
+        secret: "disabled-secret".into(),
+        ..s.api()
+    };
+    assert_eq!(
+        disabled.request("POST", "/events", &[], &ok).await.status,
+        403
+    );
+
     // Not found.
     let unknown = Api {
         app_id: "999".into(),

@@ -385,6 +385,10 @@ async fn refused_with(s: &TestServer, path_and_query: &str) -> Option<u16> {
 async fn connection_errors_use_pusher_codes() {
     let s = start("").await;
     assert_eq!(refused_with(&s, "/app/nope?protocol=7").await, Some(4001));
+    assert_eq!(
+        refused_with(&s, "/app/disabled-key?protocol=7").await,
+        Some(4003)
+    );
     assert_eq!(refused_with(&s, "/elsewhere?protocol=7").await, Some(4005));
     assert_eq!(
         refused_with(&s, &format!("/app/{KEY}/extra?protocol=7")).await,

@@ -139,6 +139,9 @@ pub struct AppConfig {
     /// Whether sockets may send `client-*` events.
     #[serde(default = "yes")]
     pub enable_client_events: bool,
+    /// A disabled app refuses websockets (4003) and API calls (403).
+    #[serde(default = "yes")]
+    pub enabled: bool,
 }
 
 fn yes() -> bool {

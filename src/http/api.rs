@@ -62,6 +62,9 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     sign::verify(parts.method.as_str(), path, &params, &body, &app, now)?;
+    if !app.enabled {
+        return Err(ApiError::Forbidden("application is disabled".into()));
+    }
 
     let api = Api {
         shared,

@@ -125,6 +125,7 @@ mod tests {
             key: "278d425bdf160c739803".into(),
             secret: "7ad3773142a6692b25b8".into(),
             enable_client_events: true,
+            enabled: true,
         }
     }
 

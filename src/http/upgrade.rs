@@ -62,8 +62,12 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Refu
             _ => {}
         }
     }
-    if shared.apps.by_key(key).is_none() {
-        return Err(Refusal(codes::UNKNOWN_APP, "application does not exist"));
+    match shared.apps.by_key(key) {
+        None => return Err(Refusal(codes::UNKNOWN_APP, "application does not exist")),
+        Some(app) if !app.enabled => {
+            return Err(Refusal(codes::APP_DISABLED, "application is disabled"))
+        }
+        Some(_) => {}
     }
     match protocol {
         None => return Err(Refusal(codes::NO_PROTOCOL, "no protocol version supplied")),

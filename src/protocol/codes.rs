@@ -5,6 +5,8 @@
 
 /// `pusher:error` code for an app key that no configured app has.
 pub const UNKNOWN_APP: u16 = 4001;
+/// The app is disabled in the config.
+pub const APP_DISABLED: u16 = 4003;
 /// Path is not `/app/{key}`.
 pub const PATH_NOT_FOUND: u16 = 4005;
 /// `version` query parameter is not a version string.

@@ -40,6 +40,12 @@ id = "100002"
 key = "no-client-events-key"
 secret = "other-secret"
 enable_client_events = false
+
+[[apps]]
+id = "100003"
+key = "disabled-key"
+secret = "disabled-secret"
+enabled = false
 "#
     );
     let config = Config::from_toml_str(&text).expect("test config is valid");
