@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod listener;
+pub mod notify;
 pub mod protocol;
 pub mod ring;
 pub mod router;
@@ -20,6 +21,7 @@ pub mod session;
 pub mod state;
 pub mod sys;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;
 
 use config::Config;
@@ -35,19 +37,36 @@ pub struct Running {
 }
 
 /// Start serving on already-bound listeners. Must be called inside a tokio runtime.
-pub fn start(listener: TcpListener, admin: Option<TcpListener>, config: Config) -> Running {
+pub fn start(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    config: Config,
+) -> Result<Running, tls::TlsError> {
     telemetry::init_metrics();
-    let shared = Shared::new(config);
+    let shared = Shared::new(config)?;
     shared
         .tasks
         .spawn(listener::accept_loop(listener, shared.clone()));
     if let Some(admin) = admin {
         tokio::spawn(http::admin::serve(admin, shared.clone()));
     }
-    Running { shared }
+    Ok(Running { shared })
 }
 
 impl Running {
+    /// Re-read what can change while serving (SIGHUP). For now: the TLS
+    /// certificate; a failed reload keeps the old one and is logged.
+    pub fn reload(&self) {
+        if let Some(tls) = &self.shared.tls {
+            match tls.store.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate reload failed; still serving the previous one")
+                }
+            }
+        }
+    }
+
     /// Stop accepting, ask every session to close (4200, reconnect), let the
     /// HTTP API finish in-flight requests, and wait up to `deadline` for all
     /// tasks to end.
@@ -73,8 +92,9 @@ pub async fn run(
     admin: Option<TcpListener>,
     config: Config,
     signal: impl Future<Output = ()>,
-) {
-    let running = start(listener, admin, config);
+) -> Result<(), tls::TlsError> {
+    let running = start(listener, admin, config)?;
     signal.await;
     running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
 }

@@ -8,7 +8,7 @@
 use crate::state::Shared;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -34,8 +34,36 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         metrics::counter!("herdgate_tcp_accepted_total").increment(1);
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
-            crate::http::serve_connection(stream, peer, shared2).await;
+            serve(stream, peer, shared2).await;
             drop(permit);
         });
+    }
+}
+
+/// One connection's task: TLS handshake (if configured) under its own
+/// deadline, then HTTP. Nothing here runs in the accept loop.
+async fn serve(stream: TcpStream, peer: std::net::SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = &shared.tls else {
+        return crate::http::serve_connection(stream, peer, shared).await;
+    };
+    let deadline = shared
+        .config
+        .tls
+        .as_ref()
+        .map_or(Duration::from_secs(10), |t| t.handshake_timeout.get());
+    let handshake = Box::pin(tls.acceptor.accept(stream));
+    match tokio::time::timeout(deadline, handshake).await {
+        Ok(Ok(stream)) => crate::http::serve_connection(stream, peer, shared).await,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            metrics::counter!("herdgate_tls_handshake_failures_total", "reason" => "error")
+                .increment(1);
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            metrics::counter!("herdgate_tls_handshake_failures_total", "reason" => "timeout")
+                .increment(1);
+        }
     }
 }

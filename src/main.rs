@@ -90,7 +90,17 @@ fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
                 "embedded default config: demo app (its secret is public; use --config for real deployments)"
             );
         }
-        herdgate::run(listener, admin, config, shutdown_signal()).await;
+        let running = herdgate::start(listener, admin, config)?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = hup.recv() => running.reload(),
+                _ = &mut stop => break,
+            }
+        }
+        running.shutdown(std::time::Duration::from_secs(10)).await;
         tracing::info!("herdgate stopped");
         Ok(())
     })

@@ -22,10 +22,29 @@ pub struct Shared {
     /// Upgraded websockets leave hyper's connection tracking, so sessions are tracked here.
     pub tasks: TaskTracker,
     pub ws_config: WebSocketConfig,
+    pub tls: Option<Tls>,
+}
+
+/// TLS termination: the swappable certificate and the acceptor over it.
+pub struct Tls {
+    pub store: Arc<crate::tls::CertStore>,
+    pub acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Arc<Shared> {
+    pub fn new(config: Config) -> Result<Arc<Shared>, crate::tls::TlsError> {
+        let tls = match &config.tls {
+            Some(t) => {
+                let store = Arc::new(crate::tls::CertStore::load(
+                    t.cert.as_ref(),
+                    t.key.as_ref(),
+                )?);
+                let acceptor =
+                    tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store.clone())?);
+                Some(Tls { store, acceptor })
+            }
+            None => None,
+        };
         let l = &config.limits;
         let router = Router::local(
             config.worker_count(),
@@ -41,7 +60,7 @@ impl Shared {
             .max_write_buffer_size(l.outbound_queue_bytes + l.max_message_bytes)
             .max_message_size(Some(l.max_message_bytes))
             .max_frame_size(Some(l.max_message_bytes));
-        Arc::new(Shared {
+        Ok(Arc::new(Shared {
             apps: Apps::new(&config.apps),
             sessions: Arc::new(SessionSlots::new(l.max_connections)),
             router,
@@ -50,7 +69,8 @@ impl Shared {
             stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ws_config,
-        })
+            tls,
+        }))
     }
 }
 

@@ -10,7 +10,7 @@ pub fn init_logging(cfg: &LogConfig) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&cfg.level));
+        .unwrap_or_else(|| EnvFilter::new(default_filter(&cfg.level)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -21,6 +21,17 @@ pub fn init_logging(cfg: &LogConfig) {
     } else {
         builder.try_init()
     };
+}
+
+/// rustls logs what clients get wrong (bad SNI, failed handshakes) at warn
+/// level; at the edge those are client-caused, so they stay quiet unless the
+/// operator asks for rustls by name.
+fn default_filter(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls=error")
+    }
 }
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();

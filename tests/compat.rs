@@ -33,31 +33,11 @@ fn npm_install(dir: &Path) {
     assert!(status.success(), "npm ci failed in {}", dir.display());
 }
 
-#[test]
-fn pusher_js_and_node_sdk_compatibility() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat");
-    npm_install(&dir);
-
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("herdgate.toml");
-    std::fs::write(
-        &config,
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = ""
-[log]
-level = "info"
-[[apps]]
-id = "424242"
-key = "compat-key"
-secret = "compat-secret"
-"#,
-    )
-    .unwrap();
+/// Start a herdgate process on `config` and return it with its listen address.
+fn spawn(config: &Path) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herdgate"))
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -79,7 +59,72 @@ secret = "compat-secret"
     };
     // Keep draining herdgate's log so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    (server, addr)
+}
+
+const APP: &str = r#"
+[[apps]]
+id = "424242"
+key = "compat-key"
+secret = "compat-secret"
+"#;
+
+/// A throwaway CA and a localhost certificate it signed: (ca.pem, cert, key).
+fn test_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct subject names: a leaf whose issuer equals its subject looks self-signed.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "herdgate compat test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf = leaf.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn pusher_js_and_node_sdk_compatibility() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat");
+    npm_install(&dir);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain.toml");
+    std::fs::write(
+        &plain,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{APP}"),
+    )
+    .unwrap();
+    let (ca, cert, key) = test_pki(tmp.path());
+    let tls = tmp.path().join("tls.toml");
+    std::fs::write(
+        &tls,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[tls]\ncert = {:?}\nkey = {:?}\n{APP}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (plain_server, addr) = spawn(&plain);
+    let (tls_server, tls_addr) = spawn(&tls);
     let (host, port) = addr.rsplit_once(':').unwrap();
+    let tls_port = tls_addr.rsplit_once(':').unwrap().1;
 
     let out = Command::new("node")
         .args(["--test", "--test-concurrency=1", "--test-timeout=60000"])
@@ -92,6 +137,9 @@ secret = "compat-secret"
         .current_dir(&dir)
         .env("HERDGATE_HOST", host)
         .env("HERDGATE_PORT", port)
+        .env("HERDGATE_TLS_HOST", "127.0.0.1")
+        .env("HERDGATE_TLS_PORT", tls_port)
+        .env("NODE_EXTRA_CA_CERTS", &ca)
         .env("HERDGATE_APP_ID", "424242")
         .env("HERDGATE_APP_KEY", "compat-key")
         .env("HERDGATE_APP_SECRET", "compat-secret")
@@ -105,5 +153,5 @@ secret = "compat-secret"
         stdout.contains("# fail 0"),
         "suite did not report zero failures"
     );
-    drop(server);
+    drop((plain_server, tls_server));
 }

@@ -26,7 +26,25 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
+    pub tls: Option<TlsConfig>,
     pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1; ECDSA, Ed25519 or RSA).
+    pub key: String,
+    /// Deadline for a client to complete the TLS handshake.
+    #[serde(default = "tls_handshake_timeout")]
+    pub handshake_timeout: HumanDuration,
+}
+
+fn tls_handshake_timeout() -> HumanDuration {
+    HumanDuration::secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -178,6 +178,20 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         );
     }
 
+    if let Some(tls) = &c.tls {
+        if tls.handshake_timeout.get().is_zero() {
+            err("tls.handshake_timeout", "must be greater than zero".into());
+        }
+        if let Err(e) = crate::tls::load_certified_key(tls.cert.as_ref(), tls.key.as_ref()) {
+            let key = match e {
+                crate::tls::TlsError::Key { .. }
+                | crate::tls::TlsError::KeyType { .. }
+                | crate::tls::TlsError::Mismatch { .. } => "tls.key",
+                _ => "tls.cert",
+            };
+            err(key, e.to_string());
+        }
+    }
     if c.apps.is_empty() {
         err("apps", "at least one [[apps]] entry is required".into());
     }

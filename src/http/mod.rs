@@ -22,13 +22,15 @@ use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 pub type Body = Full<Bytes>;
 
-/// Serve one accepted TCP connection until it closes, upgrades or the server stops.
-pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
+/// Serve one accepted connection (plain TCP or TLS) until it closes,
+/// upgrades or the server stops.
+pub async fn serve_connection<I>(stream: I, peer: SocketAddr, shared: Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = &shared.config;
     let svc = tower::ServiceBuilder::new()
         .map_response(count_status)

@@ -10,7 +10,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
+
+/// Any byte stream a test client runs on: plain TCP or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 pub const APP_ID: &str = "100001";
 pub const KEY: &str = "test-key";
@@ -52,7 +56,7 @@ enabled = false
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
-    let running = herdgate::start(listener, Some(admin), config);
+    let running = herdgate::start(listener, Some(admin), config).expect("server starts");
     TestServer {
         addr,
         admin: admin_addr,
@@ -80,6 +84,7 @@ impl TestServer {
 
     pub fn api(&self) -> Api {
         Api {
+            tls: None,
             addr: self.addr,
             app_id: APP_ID.into(),
             key: KEY.into(),
@@ -89,7 +94,7 @@ impl TestServer {
 }
 
 pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub ws: WebSocketStream<Box<dyn Io>>,
     pub socket_id: String,
     pub activity_timeout: u64,
 }
@@ -110,7 +115,15 @@ pub enum Received {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        let uri: http::Uri = url.parse().unwrap();
+        let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        Client::connect_on(url, Box::new(tcp)).await
+    }
+
+    /// Speak the protocol over an already-connected stream (e.g. TLS).
+    pub async fn connect_on(url: &str, io: Box<dyn Io>) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, io))
             .await
             .expect("connect in time")
             .expect("websocket upgrade");
@@ -265,6 +278,8 @@ pub fn data_of(e: &Event) -> &Value {
 
 /// A signed Pusher HTTP API client over plain HTTP/1.1.
 pub struct Api {
+    /// Set: speak HTTPS with this client config (server name "localhost").
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub addr: SocketAddr,
     pub app_id: String,
     pub key: String,
@@ -331,7 +346,11 @@ impl Api {
 
     /// Send a request exactly as given (no signing).
     pub async fn raw(&self, method: &str, path_and_query: &str, body: &str) -> ApiResponse {
-        let stream = TcpStream::connect(self.addr).await.unwrap();
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let stream: Box<dyn Io> = match &self.tls {
+            Some(cfg) => Box::new(tls_connect(cfg.clone(), tcp).await.expect("TLS handshake")),
+            None => Box::new(tcp),
+        };
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
@@ -384,6 +403,7 @@ impl Api {
 /// GET a path on the admin listener; returns (status, body).
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let api = Api {
+        tls: None,
         addr,
         app_id: String::new(),
         key: String::new(),
@@ -395,4 +415,32 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
         other => other.to_string(),
     };
     (r.status, body)
+}
+
+/// A rustls client trusting only `ca` (DER), offering ALPN http/1.1.
+pub fn tls_client_config(
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(cfg)
+}
+
+pub async fn tls_connect(
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connect = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp);
+    tokio::time::timeout(WAIT, connect)
+        .await
+        .expect("TLS in time")
 }

@@ -190,6 +190,7 @@ function releaseClosedSockets() {
  * options.user          { id, info } used for presence channel_data and user sign-in
  * options.presenceFor   optional (channelName) => { user_id, user_info } override
  * options.authSecret    sign channel authorizations with this secret instead (to provoke refusals)
+ * options.clientOptions extra pusher-js options (e.g. forceTLS/wssPort for the TLS test)
  */
 export async function connect(label, options = {}) {
   const user = options.user || { id: uniq('user-'), info: { name: label } };
@@ -204,6 +205,7 @@ export async function connect(label, options = {}) {
     forceTLS: false,
     enabledTransports: ['ws'],
     disableStats: true,
+    ...(options.clientOptions || {}),
     channelAuthorization: {
       customHandler: (params, callback) => {
         try {
