@@ -6,7 +6,7 @@
 pub mod admin;
 mod api;
 mod error;
-mod sign;
+pub mod sign;
 mod upgrade;
 
 pub use error::ApiError;
