@@ -15,6 +15,7 @@ pub mod http;
 pub mod listener;
 pub mod notify;
 pub mod protocol;
+pub mod reload;
 pub mod ring;
 pub mod router;
 pub mod session;
@@ -28,7 +29,6 @@ use config::Config;
 use state::Shared;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// A started server.
@@ -54,39 +54,61 @@ pub fn start(
 }
 
 impl Running {
-    /// Re-read what can change while serving (SIGHUP). For now: the TLS
-    /// certificate; a failed reload keeps the old one and is logged.
-    pub fn reload(&self) {
-        if let Some(tls) = &self.shared.tls {
-            match tls.store.reload() {
-                Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS certificate reload failed; still serving the previous one")
-                }
+    /// Re-read the config file (SIGHUP): validated as a whole, applied live
+    /// where it can be, the rest reported as needing a restart. An invalid
+    /// file changes nothing.
+    pub fn reload_from(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Vec<&'static str>, config::LoadError> {
+        match Config::from_file(path) {
+            Ok(new) => Ok(reload::apply(&self.shared, new)),
+            Err(e) => {
+                metrics::counter!("herdgate_config_reloads_total", "result" => "invalid")
+                    .increment(1);
+                tracing::error!("config reload rejected, the running config stays: {e}");
+                Err(e)
             }
         }
     }
 
-    /// Stop accepting, ask every session to close (4200, reconnect), let the
-    /// HTTP API finish in-flight requests, and wait up to `deadline` for all
-    /// tasks to end.
-    pub async fn shutdown(self, deadline: Duration) {
-        self.shared.shutdown.cancel();
+    /// Apply an already-validated config (see [`Running::reload_from`]).
+    pub fn reload(&self, new: Config) -> Vec<&'static str> {
+        reload::apply(&self.shared, new)
+    }
+
+    /// Graceful drain: `/readyz` turns 503 at once; the listener keeps
+    /// accepting for `deregister_delay`, then closes; open sockets close
+    /// (4200) each at a random moment within `drain_period`; HTTP requests in
+    /// flight finish. Returns when every task has ended, or after the drain
+    /// period plus `grace`.
+    pub async fn shutdown(self) {
+        let s = self.shared.live().config.shutdown.clone();
+        tracing::info!(
+            deregister_delay = ?s.deregister_delay.get(),
+            drain_period = ?s.drain_period.get(),
+            sessions = self.shared.sessions.open(),
+            "draining"
+        );
+        self.shared.draining.cancel();
+        tokio::time::sleep(s.deregister_delay.get()).await;
+        self.shared.closing.cancel();
         self.shared.tasks.close();
+        let deadline = s.drain_period.get() + s.grace.get();
         if tokio::time::timeout(deadline, self.shared.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 remaining = self.shared.tasks.len(),
-                "shutdown deadline passed with tasks still running"
+                "drain deadline passed with tasks still running"
             );
         }
         self.shared.stopped.cancel();
     }
 }
 
-/// Serve until `signal` resolves, then shut down gracefully.
+/// Serve until `signal` resolves, then drain and stop.
 pub async fn run(
     listener: TcpListener,
     admin: Option<TcpListener>,
@@ -95,6 +117,6 @@ pub async fn run(
 ) -> Result<(), tls::TlsError> {
     let running = start(listener, admin, config)?;
     signal.await;
-    running.shutdown(Duration::from_secs(10)).await;
+    running.shutdown().await;
     Ok(())
 }

@@ -12,11 +12,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let permits = Arc::new(Semaphore::new(shared.config.limits.max_handshakes));
+    let permits = Arc::new(Semaphore::new(shared.live().config.limits.max_handshakes));
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.closing.cancelled() => return,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -29,7 +29,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     continue;
                 }
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.closing.cancelled() => return,
         };
         metrics::counter!("herdgate_tcp_accepted_total").increment(1);
         let shared2 = shared.clone();
@@ -48,6 +48,7 @@ async fn serve(stream: TcpStream, peer: std::net::SocketAddr, shared: Arc<Shared
         return crate::http::serve_connection(stream, peer, shared).await;
     };
     let deadline = shared
+        .live()
         .config
         .tls
         .as_ref()
@@ -66,4 +67,18 @@ async fn serve(stream: TcpStream, peer: std::net::SocketAddr, shared: Arc<Shared
                 .increment(1);
         }
     }
+}
+
+/// Bind a listening socket with an explicit accept backlog: the OS default
+/// (128 through mio) overflows under a connection storm and turns into 1 s
+/// SYN retransmits for the clients. The kernel caps it at `net.core.somaxconn`.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

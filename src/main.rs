@@ -1,8 +1,10 @@
-//! The `herdgate` binary: parse the command line, load the config, run.
+//! The `herdgate` binary: parse the command line, load the config, bind
+//! (or take systemd's sockets), run until told to stop, drain.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use herdgate::config::{Config, LoadError};
+use herdgate::config::Config;
+use herdgate::notify::{self, Notifier};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,6 +24,10 @@ enum Command {
     CheckConfig { file: PathBuf },
 }
 
+/// File descriptors kept free beyond the connection limits: listeners,
+/// the admin side, logs, the notify socket.
+const FD_RESERVE: u64 = 256;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = cli.command {
@@ -36,18 +42,20 @@ fn main() -> ExitCode {
             }
         };
     }
-    let (config, embedded) = match &cli.config {
+    let config = match &cli.config {
         Some(path) => match Config::from_file(path) {
-            Ok(c) => (c, false),
-            Err(e @ (LoadError::Invalid(_) | LoadError::Read { .. })) => {
+            Ok(c) => c,
+            Err(e) => {
                 eprintln!("{}: {e}", path.display());
                 return ExitCode::FAILURE;
             }
         },
-        None => (Config::embedded_default(), true),
+        None => Config::embedded_default(),
     };
     herdgate::telemetry::init_logging(&config.log);
-    match serve(config, embedded) {
+    // Before any thread exists: taking systemd's sockets edits the environment.
+    let inherited = notify::listen_fds_named();
+    match serve(config, cli.config, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -57,31 +65,59 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
-    match herdgate::sys::raise_nofile_limit() {
-        Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+/// Raise the open-files limit and check the configured connections fit in it.
+fn check_fd_budget(config: &mut Config, embedded: bool) -> anyhow::Result<()> {
+    let (soft, hard) =
+        herdgate::sys::raise_nofile_limit().context("cannot read or raise the open-files limit")?;
+    let l = &mut config.limits;
+    let needed = (l.max_connections + l.max_handshakes) as u64 + FD_RESERVE;
+    tracing::info!(soft, hard, needed, "open-files limit");
+    if needed <= soft {
+        return Ok(());
     }
+    if embedded {
+        // Nobody chose these numbers: fit them to the machine instead of refusing.
+        let fit = soft
+            .saturating_sub(l.max_handshakes as u64 + FD_RESERVE)
+            .max(1) as usize;
+        tracing::warn!(
+            soft,
+            from = l.max_connections,
+            to = fit,
+            "lowering limits.max_connections to fit the open-files limit"
+        );
+        l.max_connections = fit;
+        return Ok(());
+    }
+    anyhow::bail!(
+        "limits.max_connections ({}) + limits.max_handshakes ({}) + a reserve of {FD_RESERVE} need {needed} file descriptors, \
+         but the open-files limit is {soft} (hard limit {hard}); raise LimitNOFILE or lower the limits",
+        l.max_connections,
+        l.max_handshakes,
+    )
+}
+
+fn serve(
+    mut config: Config,
+    path: Option<PathBuf>,
+    inherited: Vec<(String, std::net::TcpListener)>,
+) -> anyhow::Result<()> {
+    let embedded = path.is_none();
+    check_fd_budget(&mut config, embedded)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listen = config.listen_addr();
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on server.listen = {listen}"))?;
-        let admin = match config.admin_addr() {
-            Some(a) => Some(
-                tokio::net::TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("cannot listen on server.admin_listen = {a}"))?,
-            ),
-            None => None,
-        };
-        let local = listener.local_addr()?;
-        tracing::info!(listen = %local, workers = config.worker_count(), "herdgate listening (websockets on /app/{{key}}, HTTP API on /apps/{{id}})");
+        let notifier = Notifier::from_env();
+        let (listener, admin) = listeners(&config, inherited).await?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            tls = config.tls.is_some(),
+            workers = config.worker_count(),
+            "herdgate listening (websockets on /app/{{key}}, HTTP API on /apps/{{id}})"
+        );
         if let Some(a) = &admin {
-            tracing::info!(admin = %a.local_addr()?, "admin listening (/livez /readyz /metrics)");
+            tracing::info!(admin = %a.local_addr()?, "admin listening (/livez /readyz /status /metrics)");
         }
         if embedded {
             let app = &config.apps[0];
@@ -91,22 +127,90 @@ fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
             );
         }
         let running = herdgate::start(listener, admin, config)?;
+        notifier.ready();
+        let _watchdog = notifier.spawn_watchdog();
+        let status = tokio::spawn(report_status(notifier.clone(), running.shared.clone()));
+
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let stop = shutdown_signal();
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = hup.recv() => running.reload(),
+                _ = hup.recv() => {
+                    notifier.reloading();
+                    match &path {
+                        Some(p) => { let _ = running.reload_from(p); }
+                        None => {
+                            // The embedded default cannot change; certificates still can.
+                            let current = running.shared.live().config.clone();
+                            running.reload(current);
+                        }
+                    }
+                    notifier.ready();
+                }
                 _ = &mut stop => break,
             }
         }
-        running.shutdown(std::time::Duration::from_secs(10)).await;
+        notifier.stopping();
+        status.abort();
+        running.shutdown().await;
         tracing::info!("herdgate stopped");
         Ok(())
     })
 }
 
-/// The first SIGTERM or SIGINT starts a graceful shutdown; a second exits at once.
+/// The public and admin listeners: systemd's (socket activation, named
+/// "public" / "admin", or in that order) if it passed any, else bound here.
+async fn listeners(
+    config: &Config,
+    inherited: Vec<(String, std::net::TcpListener)>,
+) -> anyhow::Result<(tokio::net::TcpListener, Option<tokio::net::TcpListener>)> {
+    let mut public = None;
+    let mut admin = None;
+    for (i, (name, l)) in inherited.into_iter().enumerate() {
+        match (name.as_str(), i) {
+            ("admin", _) | ("", 1) | ("unknown", 1) => {
+                admin = Some(tokio::net::TcpListener::from_std(l)?)
+            }
+            _ if public.is_none() => public = Some(tokio::net::TcpListener::from_std(l)?),
+            _ => tracing::warn!(name, "ignoring an extra inherited socket"),
+        }
+    }
+    let public = match public {
+        Some(l) => {
+            tracing::info!("using the listening socket passed by systemd");
+            l
+        }
+        None => {
+            let addr = config.listen_addr();
+            herdgate::listener::bind(addr, config.server.backlog)
+                .with_context(|| format!("cannot listen on server.listen = {addr}"))?
+        }
+    };
+    let admin = match (admin, config.admin_addr()) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(
+            herdgate::listener::bind(addr, 128)
+                .with_context(|| format!("cannot listen on server.admin_listen = {addr}"))?,
+        ),
+        (None, None) => None,
+    };
+    Ok((public, admin))
+}
+
+/// `STATUS=` for `systemctl status`, every few seconds.
+async fn report_status(notifier: Notifier, shared: std::sync::Arc<herdgate::state::Shared>) {
+    if !notifier.is_enabled() {
+        return;
+    }
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        notifier.status(&format!("{} connections open", shared.sessions.open()));
+    }
+}
+
+/// The first SIGTERM or SIGINT starts a graceful drain; a second exits at once.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");

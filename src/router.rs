@@ -28,18 +28,8 @@ pub struct Router {
 
 impl Router {
     /// Start `n` in-process workers.
-    pub fn local(n: usize, mailbox: usize, max_presence_members: usize) -> Router {
-        let workers = (0..n)
-            .map(|i| {
-                worker::spawn(
-                    i,
-                    mailbox,
-                    worker::WorkerConfig {
-                        max_presence_members,
-                    },
-                )
-            })
-            .collect();
+    pub fn local(n: usize, mailbox: usize) -> Router {
+        let workers = (0..n).map(|i| worker::spawn(i, mailbox)).collect();
         Router {
             ring: Ring::new(n, DEFAULT_VNODES),
             workers,
@@ -77,9 +67,15 @@ impl Router {
         room: RoomKey,
         sub: Subscriber,
         member: Option<Member>,
+        max_members: usize,
     ) -> Result<(), RouteError> {
-        self.send(&room.clone(), Command::Subscribe { room, sub, member })
-            .await
+        let cmd = Command::Subscribe {
+            room: room.clone(),
+            sub,
+            member,
+            max_members,
+        };
+        self.send(&room, cmd).await
     }
 
     pub async fn unsubscribe(&self, room: RoomKey, id: ConnId) -> Result<(), RouteError> {

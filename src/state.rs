@@ -1,9 +1,10 @@
-//! What every connection task shares: config, apps, the router, admission
-//! counters and the shutdown signal.
+//! What every connection task shares: the live config and apps (swapped
+//! whole on reload), the router, admission counters and the lifecycle tokens.
 
 use crate::apps::Apps;
 use crate::config::Config;
 use crate::router::Router;
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -11,18 +12,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub struct Shared {
-    pub config: Config,
-    pub apps: Apps,
+    live: ArcSwap<Live>,
     pub router: Router,
     pub sessions: Arc<SessionSlots>,
-    /// Cancelled when the server stops taking and serving connections.
-    pub shutdown: CancellationToken,
+    /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
+    /// keeps serving through the load balancer's deregistration delay.
+    pub draining: CancellationToken,
+    /// Cancelled when the listener closes: HTTP connections finish their
+    /// in-flight request, sessions close in a jittered spread over the drain period.
+    pub closing: CancellationToken,
     /// Cancelled when shutdown has finished; the admin listener stops last.
     pub stopped: CancellationToken,
     /// Upgraded websockets leave hyper's connection tracking, so sessions are tracked here.
     pub tasks: TaskTracker,
-    pub ws_config: WebSocketConfig,
     pub tls: Option<Tls>,
+}
+
+/// The part of the configuration that a reload (SIGHUP) swaps while serving.
+pub struct Live {
+    pub config: Config,
+    pub apps: Apps,
 }
 
 /// TLS termination: the swappable certificate and the acceptor over it.
@@ -46,12 +55,42 @@ impl Shared {
             None => None,
         };
         let l = &config.limits;
-        let router = Router::local(
-            config.worker_count(),
-            l.worker_mailbox,
-            l.max_presence_members,
-        );
-        let ws_config = WebSocketConfig::default()
+        let router = Router::local(config.worker_count(), l.worker_mailbox);
+        Ok(Arc::new(Shared {
+            sessions: Arc::new(SessionSlots::new(l.max_connections)),
+            router,
+            live: ArcSwap::from_pointee(Live {
+                apps: Apps::new(&config.apps),
+                config,
+            }),
+            draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            stopped: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            tls,
+        }))
+    }
+
+    /// The configuration in force now. Cheap: an atomic load and a refcount.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Put a new (validated) configuration in force for everything that reads it from now on.
+    pub fn swap_live(&self, config: Config) {
+        self.sessions.set_max(config.limits.max_connections);
+        self.live.store(Arc::new(Live {
+            apps: Apps::new(&config.apps),
+            config,
+        }));
+    }
+}
+
+impl Live {
+    /// Websocket settings for a new socket.
+    pub fn ws_config(&self) -> WebSocketConfig {
+        let l = &self.config.limits;
+        WebSocketConfig::default()
             // Read buffer: sized for typical Pusher frames, not tungstenite's
             // 128 KiB default, because it is allocated for every socket up front.
             .read_buffer_size(2048)
@@ -59,18 +98,7 @@ impl Shared {
             .write_buffer_size(0)
             .max_write_buffer_size(l.outbound_queue_bytes + l.max_message_bytes)
             .max_message_size(Some(l.max_message_bytes))
-            .max_frame_size(Some(l.max_message_bytes));
-        Ok(Arc::new(Shared {
-            apps: Apps::new(&config.apps),
-            sessions: Arc::new(SessionSlots::new(l.max_connections)),
-            router,
-            config,
-            shutdown: CancellationToken::new(),
-            stopped: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            ws_config,
-            tls,
-        }))
+            .max_frame_size(Some(l.max_message_bytes))
     }
 }
 
@@ -78,25 +106,35 @@ impl Shared {
 /// one atomic step; the slot gives itself back exactly once, when dropped.
 pub struct SessionSlots {
     open: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
 }
 
 impl SessionSlots {
     pub fn new(max: usize) -> SessionSlots {
         SessionSlots {
             open: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
     }
 
     pub fn try_take(self: &Arc<Self>) -> Option<SessionSlot> {
+        let max = self.max.load(Ordering::Acquire);
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()?;
         metrics::gauge!("herdgate_connections_open").increment(1.0);
         Some(SessionSlot(self.clone()))
+    }
+
+    /// A lower cap never closes open sessions; it only refuses new ones.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
     }
 
     pub fn open(&self) -> usize {

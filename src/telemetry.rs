@@ -5,22 +5,50 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
-/// Install the log subscriber; a second call (tests) is a no-op.
+type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+static LOG_FILTER: OnceLock<FilterHandle> = OnceLock::new();
+
+/// Install the log subscriber; a second call (tests) is a no-op. The level
+/// can be changed later with [`set_log_level`] (config reload); `RUST_LOG`,
+/// when set, wins over the config.
 pub fn init_logging(cfg: &LogConfig) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(default_filter(&cfg.level)));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi);
-    let _ = if cfg.format == "json" {
-        builder.json().try_init()
+    let installed = if cfg.format == "json" {
+        registry
+            .with(tracing_subscriber::fmt::layer().json().with_target(false))
+            .try_init()
     } else {
-        builder.try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_ansi(ansi),
+            )
+            .try_init()
     };
+    if installed.is_ok() {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Change the log filter of a running process (ignored while `RUST_LOG` is set).
+pub fn set_log_level(level: &str) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return;
+    }
+    if let Some(handle) = LOG_FILTER.get() {
+        if let Err(e) = handle.reload(EnvFilter::new(default_filter(level))) {
+            tracing::warn!(error = %e, "could not change the log level");
+        }
+    }
 }
 
 /// rustls logs what clients get wrong (bad SNI, failed handshakes) at warn

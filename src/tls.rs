@@ -85,8 +85,7 @@ fn now_unix() -> i64 {
 /// The certificate in force, swappable while serving.
 #[derive(Debug)]
 pub struct CertStore {
-    cert_path: PathBuf,
-    key_path: PathBuf,
+    paths: RwLock<(PathBuf, PathBuf)>,
     current: RwLock<Arc<CertifiedKey>>,
 }
 
@@ -94,19 +93,26 @@ impl CertStore {
     pub fn load(cert: &Path, key: &Path) -> Result<CertStore, TlsError> {
         let ck = load_certified_key(cert, key)?;
         Ok(CertStore {
-            cert_path: cert.to_path_buf(),
-            key_path: key.to_path_buf(),
+            paths: RwLock::new((cert.to_path_buf(), key.to_path_buf())),
             current: RwLock::new(Arc::new(ck)),
         })
     }
 
     /// Re-read the files; on error keep serving the old certificate.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let result = load_certified_key(&self.cert_path, &self.key_path);
+        let (cert, key) = self.paths.read().unwrap_or_else(|p| p.into_inner()).clone();
+        self.reload_from(&cert, &key)
+    }
+
+    /// Load from (possibly new) paths; on success they become the paths in force.
+    pub fn reload_from(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
+        let result = load_certified_key(cert, key);
         let outcome = if result.is_ok() { "ok" } else { "failed" };
         metrics::counter!("herdgate_tls_reloads_total", "result" => outcome).increment(1);
         let ck = result?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+        *self.paths.write().unwrap_or_else(|p| p.into_inner()) =
+            (cert.to_path_buf(), key.to_path_buf());
         Ok(())
     }
 

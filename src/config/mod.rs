@@ -26,6 +26,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
     /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
     pub tls: Option<TlsConfig>,
     pub apps: Vec<AppConfig>,
@@ -54,6 +55,8 @@ pub struct ServerConfig {
     pub listen: String,
     /// Health and metrics. Empty string disables the admin listener.
     pub admin_listen: String,
+    /// Accept backlog of the public listener (capped by net.core.somaxconn).
+    pub backlog: u32,
     /// Realtime workers (room owners). 0 = one per core.
     pub workers: usize,
     /// Sent to clients in `pusher:connection_established`; the server pings a
@@ -70,6 +73,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "0.0.0.0:6001".into(),
             admin_listen: "127.0.0.1:9601".into(),
+            backlog: 4096,
             workers: 0,
             activity_timeout: HumanDuration::secs(120),
             pong_timeout: HumanDuration::secs(30),
@@ -113,7 +117,7 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_connections: 100_000,
+            max_connections: 10_000,
             max_handshakes: 4096,
             max_channels_per_connection: 100,
             max_payload_bytes: 10_240,
@@ -126,6 +130,30 @@ impl Default for LimitsConfig {
             max_request_body_bytes: 256 * 1024,
             max_request_header_bytes: 16 * 1024,
             write_timeout: HumanDuration::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM `/readyz` answers 503 at once, but the listener keeps
+    /// accepting for this long so the load balancer can deregister the node.
+    pub deregister_delay: HumanDuration,
+    /// Then the listener closes and open sockets are closed (4200, reconnect)
+    /// each at a random moment within this period.
+    pub drain_period: HumanDuration,
+    /// Extra time after the drain period for the last sessions and HTTP
+    /// requests to finish before the process exits anyway.
+    pub grace: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            deregister_delay: HumanDuration::secs(5),
+            drain_period: HumanDuration::secs(30),
+            grace: HumanDuration::secs(5),
         }
     }
 }

@@ -86,6 +86,9 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             ),
         );
     }
+    if !(1..=65535).contains(&c.server.backlog) {
+        err("server.backlog", "must be between 1 and 65535".into());
+    }
     if c.server.workers > 1024 {
         err(
             "server.workers",

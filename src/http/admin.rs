@@ -47,7 +47,7 @@ fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     match req.uri().path() {
         // Alive as long as this process answers: load never fails liveness.
         "/livez" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.shutdown.is_cancelled() => {
+        "/readyz" if shared.draining.is_cancelled() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         "/readyz" => text(StatusCode::OK, "ready\n"),

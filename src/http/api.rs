@@ -42,13 +42,14 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         .split('/')
         .map(sign::percent_decode)
         .collect();
-    let app = shared
+    let live = shared.live();
+    let app = live
         .apps
         .by_id(&segments[0])
         .ok_or_else(|| ApiError::NotFound(format!("unknown app id {:?}", segments[0])))?
         .clone();
 
-    let limit = shared.config.limits.max_request_body_bytes;
+    let limit = live.config.limits.max_request_body_bytes;
     let body = Limited::new(body, limit).collect().await.map_err(|e| {
         if e.is::<http_body_util::LengthLimitError>() {
             ApiError::TooLarge(format!("request body is larger than {limit} bytes"))
@@ -68,6 +69,7 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
 
     let api = Api {
         shared,
+        live: &live,
         app: &app,
         params: &params,
     };
@@ -116,6 +118,7 @@ fn route_error(e: RouteError) -> ApiError {
 
 struct Api<'a> {
     shared: &'a Arc<Shared>,
+    live: &'a crate::state::Live,
     app: &'a Arc<App>,
     params: &'a [(String, String)],
 }
@@ -194,7 +197,7 @@ impl Api<'_> {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        let max = self.shared.config.limits.max_payload_bytes;
+        let max = self.live.config.limits.max_payload_bytes;
         if data.len() > max {
             return Err(ApiError::TooLarge(format!(
                 "event data is larger than {max} bytes"

@@ -31,7 +31,8 @@ pub async fn serve_connection<I>(stream: I, peer: SocketAddr, shared: Arc<Shared
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let cfg = &shared.config;
+    let live = shared.live();
+    let cfg = &live.config;
     let svc = tower::ServiceBuilder::new()
         .map_response(count_status)
         .service_fn({
@@ -44,13 +45,14 @@ where
         .header_read_timeout(cfg.server.handshake_timeout.get())
         .max_buf_size(cfg.limits.max_request_header_bytes)
         .keep_alive(true);
+    drop(live);
     let conn = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shared.shutdown.cancelled() => {
+        _ = shared.closing.cancelled() => {
             // Finish the request in flight, take no new ones.
             conn.as_mut().graceful_shutdown();
             conn.await

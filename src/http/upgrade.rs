@@ -62,7 +62,7 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Refu
             _ => {}
         }
     }
-    match shared.apps.by_key(key) {
+    match shared.live().apps.by_key(key) {
         None => return Err(Refusal(codes::UNKNOWN_APP, "application does not exist")),
         Some(app) if !app.enabled => {
             return Err(Refusal(codes::APP_DISABLED, "application is disabled"))
@@ -120,7 +120,7 @@ pub fn handle(
     else {
         return ApiError::BadRequest("missing Sec-WebSocket-Key".into()).into_response();
     };
-    if shared.shutdown.is_cancelled() {
+    if shared.closing.is_cancelled() {
         return refuse("server is shutting down", "draining");
     }
     let Some(slot) = shared.sessions.try_take() else {
@@ -132,13 +132,14 @@ pub fn handle(
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
     let shared2 = shared.clone();
+    let ws_config = shared.live().ws_config();
     shared.tasks.spawn(Box::pin(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
-                    Some(shared2.ws_config),
+                    Some(ws_config),
                 )
                 .await;
                 start(ws, check, peer, shared2, slot).await;
@@ -187,11 +188,11 @@ async fn start<S>(
             return;
         }
     };
-    let app = shared
-        .apps
-        .by_key(&key)
-        .expect("checked before the upgrade")
-        .clone();
+    let live = shared.live();
+    let Some(app) = live.apps.by_key(&key).cloned() else {
+        return; // removed by a reload between the check and the upgrade
+    };
+    drop(live);
     let session = Session::new(shared, app);
     let span = tracing::info_span!("session", socket_id = %session.socket_id(), %peer);
     let end = session::run(ws, session).instrument(span.clone()).await;

@@ -86,7 +86,9 @@ impl Session {
             tracing::debug!(channel, "already subscribed");
             return Ok(());
         }
-        if self.channels.len() >= self.shared.config.limits.max_channels_per_connection {
+        let live = self.shared.live();
+        let limits = &live.config.limits;
+        if self.channels.len() >= limits.max_channels_per_connection {
             return self.sub_error(
                 channel,
                 "LimitReached",
@@ -94,6 +96,9 @@ impl Session {
                 403,
             );
         }
+        let max_members = limits.max_presence_members;
+        let app = live.apps.by_key(&self.app.key).unwrap_or(&self.app).clone();
+        drop(live);
         let mut member = None;
         match kind {
             ChannelKind::Public => {}
@@ -120,9 +125,10 @@ impl Session {
                     None
                 };
                 let signed = auth::channel_string(&self.socket_id(), channel, data);
-                let auth_ok = d.auth.as_deref().is_some_and(|a| {
-                    auth::verify_token(&self.app.key, &self.app.secret, &signed, a)
-                });
+                let auth_ok = d
+                    .auth
+                    .as_deref()
+                    .is_some_and(|a| auth::verify_token(&app.key, &app.secret, &signed, a));
                 if !auth_ok {
                     return self.sub_error(channel, "AuthError", "invalid signature", 401);
                 }
@@ -159,7 +165,7 @@ impl Session {
         if self
             .shared
             .router
-            .subscribe(room, self.subscriber(), member)
+            .subscribe(room, self.subscriber(), member, max_members)
             .await
             .is_err()
         {
@@ -188,7 +194,8 @@ impl Session {
 
     async fn signin(&mut self, d: protocol::SigninData) -> Handled {
         let signed = auth::signin_string(&self.socket_id(), &d.user_data);
-        if !auth::verify_token(&self.app.key, &self.app.secret, &signed, &d.auth) {
+        let app = self.current_app();
+        if !auth::verify_token(&app.key, &app.secret, &signed, &d.auth) {
             self.out.push(&protocol::error(
                 Some(codes::UNAUTHORIZED),
                 "invalid sign-in signature",
@@ -237,7 +244,9 @@ impl Session {
         channel: &str,
         data: Option<&RawValue>,
     ) -> Handled {
-        if !self.app.enable_client_events {
+        let live = self.shared.live();
+        let app = live.apps.by_key(&self.app.key).unwrap_or(&self.app);
+        if !app.enable_client_events {
             return self.error(None, "client events are disabled for this app");
         }
         if let Err(msg) = names::check_event_name(event) {
@@ -256,7 +265,7 @@ impl Session {
             );
         }
         let (name, user) = (ch.name.clone(), ch.user.clone());
-        let limits = &self.shared.config.limits;
+        let limits = &live.config.limits;
         let data = data.unwrap_or_else(|| <&RawValue>::from(&*EMPTY_OBJECT));
         if data.get().len() > limits.max_payload_bytes {
             return self.error(None, "event data is larger than the payload limit");

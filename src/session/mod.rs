@@ -69,7 +69,8 @@ pub struct Session {
 
 impl Session {
     pub fn new(shared: Arc<Shared>, app: Arc<App>) -> Session {
-        let l = &shared.config.limits;
+        let live = shared.live();
+        let l = &live.config.limits;
         let out = Arc::new(Outbound::new(
             l.outbound_queue_messages,
             l.outbound_queue_bytes,
@@ -89,6 +90,17 @@ impl Session {
         self.id.socket_id()
     }
 
+    /// The app as the live config has it now (a reload may have rotated its
+    /// secret); the one this socket connected with if the app was removed.
+    fn current_app(&self) -> Arc<App> {
+        self.shared
+            .live()
+            .apps
+            .by_key(&self.app.key)
+            .cloned()
+            .unwrap_or_else(|| self.app.clone())
+    }
+
     fn subscriber(&self) -> Subscriber {
         Subscriber {
             id: self.id,
@@ -102,7 +114,7 @@ pub async fn run<S>(mut ws: S, mut session: Session) -> End
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let activity = session.shared.config.server.activity_timeout.get();
+    let activity = session.shared.live().config.server.activity_timeout.get();
     session.out.push(&crate::protocol::connection_established(
         &session.socket_id(),
         activity.as_secs(),
@@ -134,11 +146,20 @@ impl Session {
     where
         S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     {
-        let cfg = &self.shared.config;
-        let activity = cfg.server.activity_timeout.get();
-        let pong_wait = cfg.server.pong_timeout.get();
-        let write_timeout = cfg.limits.write_timeout.get();
-        let shutdown = self.shared.shutdown.clone();
+        let (activity, pong_wait, write_timeout, drain_period) = {
+            let live = self.shared.live();
+            let c = &live.config;
+            (
+                c.server.activity_timeout.get(),
+                c.server.pong_timeout.get(),
+                c.limits.write_timeout.get(),
+                c.shutdown.drain_period.get(),
+            )
+        };
+        let closing = self.shared.closing.clone();
+        // When the server drains, each socket picks its own moment within the
+        // drain period to close, so reconnects reach other nodes spread out.
+        let mut close_at: Option<Instant> = None;
 
         let mut last_seen = Instant::now();
         let mut pinged_at: Option<Instant> = None;
@@ -148,8 +169,12 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    return End::close(codes::RECONNECT, "server shutting down", "shutdown");
+                _ = closing.cancelled(), if close_at.is_none() => {
+                    let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
+                    close_at = Some(at);
+                    if timer.deadline() > at {
+                        timer.as_mut().reset(at);
+                    }
                 }
                 _ = self.out.ready() => {
                     let (frames, order) = self.out.drain();
@@ -185,20 +210,24 @@ impl Session {
                 }
                 _ = &mut timer => {
                     let now = Instant::now();
-                    match pinged_at {
+                    if close_at.is_some_and(|at| now >= at) {
+                        return End::close(codes::RECONNECT, "server shutting down", "shutdown");
+                    }
+                    let next = match pinged_at {
                         Some(at) if last_seen <= at => {
                             return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
                         }
                         _ if now >= last_seen + activity => {
                             self.out.push(&crate::protocol::ping());
                             pinged_at = Some(now);
-                            timer.as_mut().reset(now + pong_wait);
+                            now + pong_wait
                         }
                         _ => {
                             pinged_at = None;
-                            timer.as_mut().reset(last_seen + activity);
+                            last_seen + activity
                         }
-                    }
+                    };
+                    timer.as_mut().reset(close_at.map_or(next, |at| at.min(next)));
                 }
             }
         }

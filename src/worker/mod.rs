@@ -70,10 +70,14 @@ pub struct RoomInfo {
 }
 
 pub enum Command {
+    /// `max_members` caps distinct users in a presence room: the limit in
+    /// force where the socket subscribed, so a reload applies without
+    /// touching the workers.
     Subscribe {
         room: RoomKey,
         sub: Subscriber,
         member: Option<Member>,
+        max_members: usize,
     },
     Unsubscribe {
         room: RoomKey,
@@ -112,18 +116,13 @@ pub enum Command {
     },
 }
 
-pub struct WorkerConfig {
-    pub max_presence_members: usize,
-}
-
 pub type Mailbox = mpsc::Sender<Command>;
 
 /// Start one worker; it runs until every sender is dropped.
-pub fn spawn(index: usize, mailbox: usize, config: WorkerConfig) -> Mailbox {
+pub fn spawn(index: usize, mailbox: usize) -> Mailbox {
     let (tx, rx) = mpsc::channel(mailbox);
     let worker = Worker {
         index,
-        config,
         rooms: HashMap::new(),
         users: HashMap::new(),
     };
@@ -133,7 +132,6 @@ pub fn spawn(index: usize, mailbox: usize, config: WorkerConfig) -> Mailbox {
 
 struct Worker {
     index: usize,
-    config: WorkerConfig,
     rooms: HashMap<RoomKey, Room>,
     /// Signed-in sockets per user, keyed like the user's channel.
     users: HashMap<RoomKey, HashMap<ConnId, Arc<Outbound>>>,
@@ -150,7 +148,12 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Subscribe { room, sub, member } => self.subscribe(room, sub, member),
+            Command::Subscribe {
+                room,
+                sub,
+                member,
+                max_members,
+            } => self.subscribe(room, sub, member, max_members),
             Command::Unsubscribe { room, id } => self.unsubscribe(room, id),
             Command::Publish {
                 room,
@@ -202,13 +205,19 @@ impl Worker {
         }
     }
 
-    fn subscribe(&mut self, key: RoomKey, sub: Subscriber, member: Option<Member>) {
+    fn subscribe(
+        &mut self,
+        key: RoomKey,
+        sub: Subscriber,
+        member: Option<Member>,
+        max_members: usize,
+    ) {
         let id = sub.id;
         let out = sub.out.clone();
         let user = member.as_ref().map(|m| m.user_id.clone());
         let is_new_room = !self.rooms.contains_key(&key);
         let room = self.rooms.entry(key.clone()).or_default();
-        match room.join(sub, member, self.config.max_presence_members) {
+        match room.join(sub, member, max_members) {
             Joined::AlreadySubscribed => {}
             Joined::PresenceFull => {
                 out.push(&protocol::subscription_error(

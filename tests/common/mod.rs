@@ -30,8 +30,15 @@ pub struct TestServer {
 
 /// Start herdgate with the test app and `extra` TOML appended to `[limits]`-style sections.
 pub async fn start(extra: &str) -> TestServer {
+    // Tests drain instantly unless they configure [shutdown] themselves.
+    let drain = if extra.contains("[shutdown]") {
+        ""
+    } else {
+        "[shutdown]\nderegister_delay = \"0s\"\ndrain_period = \"0s\"\n"
+    };
     let text = format!(
         r#"
+{drain}
 {extra}
 
 [[apps]]
@@ -78,7 +85,7 @@ impl TestServer {
 
     pub async fn shutdown(&mut self) {
         if let Some(r) = self.running.take() {
-            r.shutdown(WAIT).await;
+            r.shutdown().await;
         }
     }
 

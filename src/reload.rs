@@ -1,0 +1,59 @@
+//! Live reconfiguration (SIGHUP).
+//!
+//! The new file has already passed validation as a whole. Everything that
+//! sessions and the HTTP API read per use (apps and their secrets, limits,
+//! timeouts for new sockets, drain settings) takes effect by swapping the live
+//! config; the log level through the subscriber's reload handle; the TLS
+//! certificate through its store. What is bound at start (listen addresses,
+//! worker count and mailboxes, the handshake permits, TLS on/off, log format)
+//! is reported as needing a restart and keeps its running value, so the live
+//! config always describes what is really in force.
+
+use crate::config::Config;
+use crate::state::Shared;
+
+/// Apply `new`; returns the dotted keys that changed but need a restart.
+pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
+    let old = shared.live();
+    let o = &old.config;
+    let mut restart = Vec::new();
+    macro_rules! fixed {
+        ($($field:ident).+, $key:literal) => {
+            if new.$($field).+ != o.$($field).+ {
+                restart.push($key);
+                new.$($field).+ = o.$($field).+.clone();
+            }
+        };
+    }
+    fixed!(server.listen, "server.listen");
+    fixed!(server.admin_listen, "server.admin_listen");
+    fixed!(server.backlog, "server.backlog");
+    fixed!(server.workers, "server.workers");
+    fixed!(limits.worker_mailbox, "limits.worker_mailbox");
+    fixed!(limits.max_handshakes, "limits.max_handshakes");
+    fixed!(log.format, "log.format");
+    match (&o.tls, &new.tls, &shared.tls) {
+        (Some(_), Some(t), Some(tls)) => {
+            if let Err(e) = tls.store.reload_from(t.cert.as_ref(), t.key.as_ref()) {
+                tracing::error!(error = %e, "TLS certificate reload failed; still serving the previous one");
+            }
+        }
+        (None, None, _) => {}
+        _ => {
+            restart.push("tls");
+            new.tls = o.tls.clone();
+        }
+    }
+    if new.log.level != o.log.level {
+        crate::telemetry::set_log_level(&new.log.level);
+    }
+    drop(old);
+    shared.swap_live(new);
+    metrics::counter!("herdgate_config_reloads_total", "result" => "ok").increment(1);
+    if restart.is_empty() {
+        tracing::info!("config reloaded");
+    } else {
+        tracing::warn!(needs_restart = ?restart, "config reloaded; some changes need a restart and were not applied");
+    }
+    restart
+}
