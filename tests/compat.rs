@@ -2,18 +2,12 @@
 //! against a real herdgate process. npm packages are installed from the
 //! committed lockfile when missing, so `cargo test` works on a fresh machine.
 
-use std::io::{BufRead, BufReader};
+#[allow(dead_code)]
+mod common;
+
+use common::process::Herdgate;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::Command;
 
 fn npm_install(dir: &Path) {
     let lock = dir.join("package-lock.json");
@@ -31,35 +25,6 @@ fn npm_install(dir: &Path) {
         .status()
         .expect("npm is needed for the client compatibility tests (install Node.js 20+)");
     assert!(status.success(), "npm ci failed in {}", dir.display());
-}
-
-/// Start a herdgate process on `config` and return it with its listen address.
-fn spawn(config: &Path) -> (Server, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herdgate"))
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let server = Server(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("herdgate exited before listening")
-            .unwrap();
-        if let Some(addr) = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-        {
-            break addr.to_string();
-        }
-    };
-    // Keep draining herdgate's log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (server, addr)
 }
 
 const APP: &str = r#"
@@ -104,27 +69,17 @@ fn pusher_js_and_node_sdk_compatibility() {
     npm_install(&dir);
 
     let tmp = tempfile::tempdir().unwrap();
-    let plain = tmp.path().join("plain.toml");
-    std::fs::write(
-        &plain,
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{APP}"),
-    )
-    .unwrap();
     let (ca, cert, key) = test_pki(tmp.path());
-    let tls = tmp.path().join("tls.toml");
-    std::fs::write(
-        &tls,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[tls]\ncert = {:?}\nkey = {:?}\n{APP}",
-            cert.display().to_string(),
-            key.display().to_string()
-        ),
-    )
-    .unwrap();
-    let (plain_server, addr) = spawn(&plain);
-    let (tls_server, tls_addr) = spawn(&tls);
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    let tls_port = tls_addr.rsplit_once(':').unwrap().1;
+    let plain = Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{APP}"
+    ));
+    let tls = Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[tls]\ncert = {:?}\nkey = {:?}\n{APP}",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    let (host, port) = plain.addr.rsplit_once(':').unwrap();
+    let tls_port = tls.port();
 
     let out = Command::new("node")
         .args(["--test", "--test-concurrency=1", "--test-timeout=60000"])
@@ -153,5 +108,4 @@ fn pusher_js_and_node_sdk_compatibility() {
         stdout.contains("# fail 0"),
         "suite did not report zero failures"
     );
-    drop((plain_server, tls_server));
 }

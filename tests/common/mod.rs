@@ -2,6 +2,8 @@
 //! that speaks the Pusher protocol, and a signed HTTP API client.
 #![allow(dead_code)]
 
+pub mod process;
+
 use futures_util::{SinkExt, StreamExt};
 use herdgate::config::Config;
 use serde_json::{json, Value};
