@@ -8,12 +8,14 @@
 //! [`start`] is the entry point tests use: bind listeners on `127.0.0.1:0`,
 //! start, talk to it, shut it down.
 
+pub mod admission;
 pub mod apps;
 pub mod auth;
 pub mod config;
 pub mod http;
 pub mod listener;
 pub mod notify;
+pub mod overload;
 pub mod protocol;
 pub mod reload;
 pub mod ring;
@@ -47,6 +49,7 @@ pub fn start(
     shared
         .tasks
         .spawn(listener::accept_loop(listener, shared.clone()));
+    overload::spawn_monitor(shared.clone());
     if let Some(admin) = admin {
         tokio::spawn(http::admin::serve(admin, shared.clone()));
     }

@@ -5,8 +5,9 @@
 //! router's business, not theirs.
 
 use crate::protocol::names::USER_CHANNEL_PREFIX;
+use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
-use crate::worker::{self, Command, ConnId, Mailbox, Member, RoomInfo, RoomKey, Subscriber};
+use crate::worker::{self, Command, ConnId, Mailbox, Member, RoomInfo, RoomKey, Shed, Subscriber};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -34,6 +35,15 @@ impl Router {
             ring: Ring::new(n, DEFAULT_VNODES),
             workers,
         }
+    }
+
+    /// Commands waiting in the fullest worker mailbox.
+    pub fn max_mailbox_depth(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|w| w.max_capacity() - w.capacity())
+            .max()
+            .unwrap_or(0)
     }
 
     fn owner(&self, room: &RoomKey) -> &Mailbox {
@@ -68,18 +78,25 @@ impl Router {
         sub: Subscriber,
         member: Option<Member>,
         max_members: usize,
+        shed: Shed,
     ) -> Result<(), RouteError> {
         let cmd = Command::Subscribe {
             room: room.clone(),
             sub,
             member,
             max_members,
+            shed,
         };
         self.send(&room, cmd).await
     }
 
-    pub async fn unsubscribe(&self, room: RoomKey, id: ConnId) -> Result<(), RouteError> {
-        self.send(&room.clone(), Command::Unsubscribe { room, id })
+    pub async fn unsubscribe(
+        &self,
+        room: RoomKey,
+        id: ConnId,
+        shed: Shed,
+    ) -> Result<(), RouteError> {
+        self.send(&room.clone(), Command::Unsubscribe { room, id, shed })
             .await
     }
 
@@ -87,37 +104,34 @@ impl Router {
     pub async fn client_event(
         &self,
         room: RoomKey,
-        frame: crate::protocol::Frame,
+        frame: Frame,
         sender: ConnId,
     ) -> Result<(), RouteError> {
-        self.send(
-            &room.clone(),
-            Command::Publish {
-                room,
-                frame,
-                exclude: Some(sender),
-            },
-        )
-        .await
+        let cmd = Command::Publish {
+            room: room.clone(),
+            frame,
+            exclude: Some(sender),
+            coalesce: None,
+        };
+        self.send(&room, cmd).await
     }
 
+    /// An HTTP API publish; `coalesce` when the load state sheds this channel's events.
     pub async fn publish(
         &self,
         room: RoomKey,
-        frame: crate::protocol::Frame,
+        frame: Frame,
         exclude: Option<ConnId>,
+        coalesce: Option<Duration>,
         wait: Duration,
     ) -> Result<(), RouteError> {
-        self.send_within(
-            &room.clone(),
-            Command::Publish {
-                room,
-                frame,
-                exclude,
-            },
-            wait,
-        )
-        .await
+        let cmd = Command::Publish {
+            room: room.clone(),
+            frame,
+            exclude,
+            coalesce,
+        };
+        self.send_within(&room, cmd, wait).await
     }
 
     pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {

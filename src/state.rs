@@ -5,7 +5,6 @@ use crate::apps::Apps;
 use crate::config::Config;
 use crate::router::Router;
 use arc_swap::ArcSwap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +13,8 @@ use tokio_util::task::TaskTracker;
 pub struct Shared {
     live: ArcSwap<Live>,
     pub router: Router,
-    pub sessions: Arc<SessionSlots>,
+    pub sessions: Arc<crate::admission::Admission>,
+    pub overload: crate::overload::Overload,
     /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
     /// keeps serving through the load balancer's deregistration delay.
     pub draining: CancellationToken,
@@ -57,7 +57,8 @@ impl Shared {
         let l = &config.limits;
         let router = Router::local(config.worker_count(), l.worker_mailbox);
         Ok(Arc::new(Shared {
-            sessions: Arc::new(SessionSlots::new(l.max_connections)),
+            sessions: crate::admission::Admission::new(l.max_connections),
+            overload: crate::overload::Overload::default(),
             router,
             live: ArcSwap::from_pointee(Live {
                 apps: Apps::new(&config.apps),
@@ -99,72 +100,5 @@ impl Live {
             .max_write_buffer_size(l.outbound_queue_bytes + l.max_message_bytes)
             .max_message_size(Some(l.max_message_bytes))
             .max_frame_size(Some(l.max_message_bytes))
-    }
-}
-
-/// Open websocket sessions, with a cap. Taking a slot checks and counts in
-/// one atomic step; the slot gives itself back exactly once, when dropped.
-pub struct SessionSlots {
-    open: AtomicUsize,
-    max: AtomicUsize,
-}
-
-impl SessionSlots {
-    pub fn new(max: usize) -> SessionSlots {
-        SessionSlots {
-            open: AtomicUsize::new(0),
-            max: AtomicUsize::new(max),
-        }
-    }
-
-    pub fn try_take(self: &Arc<Self>) -> Option<SessionSlot> {
-        let max = self.max.load(Ordering::Acquire);
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
-        metrics::gauge!("herdgate_connections_open").increment(1.0);
-        Some(SessionSlot(self.clone()))
-    }
-
-    /// A lower cap never closes open sessions; it only refuses new ones.
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, Ordering::Release);
-    }
-
-    pub fn max(&self) -> usize {
-        self.max.load(Ordering::Acquire)
-    }
-
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-}
-
-pub struct SessionSlot(Arc<SessionSlots>);
-
-impl Drop for SessionSlot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!("herdgate_connections_open").decrement(1.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_cap_and_release_once() {
-        let slots = Arc::new(SessionSlots::new(2));
-        let a = slots.try_take().unwrap();
-        let b = slots.try_take().unwrap();
-        assert!(slots.try_take().is_none());
-        drop(a);
-        assert_eq!(slots.open(), 1);
-        let c = slots.try_take().unwrap();
-        drop((b, c));
-        assert_eq!(slots.open(), 0);
     }
 }

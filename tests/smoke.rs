@@ -22,7 +22,7 @@ async fn five_thousand_sockets_over_a_hundred_channels_all_receive_a_broadcast()
         soft as usize > CONNECTIONS * 2 + 100,
         "open-files limit {soft} too low for this test"
     );
-    let s = start("[limits]\nmax_handshakes = 512").await;
+    let s = start("[limits]\nmax_handshakes = 512\nmax_connections_per_ip = 0").await;
     let url = s.ws_url(KEY);
     let rss_before = herdgate::sys::rss_bytes().unwrap_or(0);
 

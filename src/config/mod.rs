@@ -7,9 +7,11 @@
 //! key, so an operator fixes a file in one round instead of one error per try.
 
 mod duration;
+mod overload;
 mod validate;
 
 pub use duration::HumanDuration;
+pub use overload::{ActionsConfig, From as ActionFrom, OverloadConfig};
 pub use validate::ConfigError;
 
 use serde::Deserialize;
@@ -27,6 +29,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub overload: OverloadConfig,
     /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
     pub tls: Option<TlsConfig>,
     pub apps: Vec<AppConfig>,
@@ -108,6 +111,12 @@ pub struct LimitsConfig {
     pub worker_mailbox: usize,
     /// Largest HTTP API request body (413 beyond it).
     pub max_request_body_bytes: usize,
+    /// New websocket sessions per second, node-wide (token bucket); 503 beyond it.
+    pub new_connections_per_second: u32,
+    /// Burst of the new-connection token bucket.
+    pub new_connections_burst: u32,
+    /// Open sessions per client IP; 503 beyond it. 0 = no per-IP limit.
+    pub max_connections_per_ip: usize,
     /// Largest HTTP request head (431 beyond it).
     pub max_request_header_bytes: usize,
     /// A socket whose peer does not take a queued write within this time is closed.
@@ -129,6 +138,9 @@ impl Default for LimitsConfig {
             worker_mailbox: 65_536,
             max_request_body_bytes: 256 * 1024,
             max_request_header_bytes: 16 * 1024,
+            new_connections_per_second: 5_000,
+            new_connections_burst: 10_000,
+            max_connections_per_ip: 5_000,
             write_timeout: HumanDuration::secs(10),
         }
     }
@@ -188,6 +200,10 @@ pub struct AppConfig {
     /// A disabled app refuses websockets (4003) and API calls (403).
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Websocket upgrades must carry one of these `Origin`s (403 otherwise),
+    /// e.g. "https://events.example.com" or "https://*.example.com". Empty: any.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 fn yes() -> bool {

@@ -165,6 +165,57 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         );
     }
 
+    if l.new_connections_per_second == 0 || l.new_connections_burst == 0 {
+        err(
+            "limits.new_connections_per_second",
+            "rate and limits.new_connections_burst must be greater than zero".into(),
+        );
+    }
+    let o = &c.overload;
+    if o.sample_interval.get() < std::time::Duration::from_millis(10) {
+        err("overload.sample_interval", "must be at least 10ms".into());
+    }
+    if !(0.0..=0.9).contains(&o.hysteresis) {
+        err("overload.hysteresis", "must be between 0 and 0.9".into());
+    }
+    for (key, t) in [
+        ("overload.connections", o.connections),
+        ("overload.accept_rate", o.accept_rate),
+        ("overload.memory", o.memory),
+        ("overload.scheduling_lag_ms", o.scheduling_lag_ms),
+        ("overload.outbound_bytes", o.outbound_bytes),
+        ("overload.mailbox_depth", o.mailbox_depth),
+    ] {
+        if !(t[0] > 0.0 && t[0] <= t[1] && t[1] <= t[2]) {
+            err(key, format!("thresholds [pressured, degraded, critical] must be positive and ascending, got {t:?}"));
+        }
+    }
+    let a = &o.actions;
+    for p in &a.essential_prefixes {
+        for (key, list) in [
+            ("overload.actions.coalesce_prefixes", &a.coalesce_prefixes),
+            (
+                "overload.actions.nonessential_prefixes",
+                &a.nonessential_prefixes,
+            ),
+        ] {
+            if list
+                .iter()
+                .any(|q| q.starts_with(p.as_str()) || p.starts_with(q.as_str()))
+            {
+                err(
+                    key,
+                    format!("overlaps essential prefix {p:?}: essential channels are never shed"),
+                );
+            }
+        }
+    }
+    if a.coalesce_interval.get().is_zero() {
+        err(
+            "overload.actions.coalesce_interval",
+            "must be greater than zero".into(),
+        );
+    }
     if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
         err(
             "log.level",

@@ -47,10 +47,12 @@ fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     match req.uri().path() {
         // Alive as long as this process answers: load never fails liveness.
         "/livez" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.draining.is_cancelled() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-        }
+        "/readyz" if !ready(shared) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining or overloaded\n",
+        ),
         "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/status" => crate::http::json(StatusCode::OK, &status(shared)),
         "/metrics" => Response::builder()
             .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(crate::telemetry::render_metrics())))
@@ -60,4 +62,36 @@ fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
             "not found: try /livez, /readyz or /metrics\n",
         ),
     }
+}
+
+/// Ready for new connections: not draining, and the load state does not refuse them.
+fn ready(shared: &Shared) -> bool {
+    let refuse = shared.live().config.overload.actions.refuse_connections;
+    !shared.draining.is_cancelled() && !refuse.applies(shared.overload.state())
+}
+
+fn status(shared: &Shared) -> serde_json::Value {
+    let live = shared.live();
+    let c = &live.config;
+    let state = shared.overload.state();
+    let snap = shared.overload.snapshot();
+    serde_json::json!({
+        "state": state.as_str(),
+        "ready": ready(shared),
+        "draining": shared.draining.is_cancelled(),
+        "reasons": snap.reasons,
+        "signals": snap.signals,
+        "limited": c.overload.actions.limited(state),
+        "connections": shared.sessions.open(),
+        "limits": {
+            "max_connections": shared.sessions.max(),
+            "max_connections_per_ip": c.limits.max_connections_per_ip,
+            "new_connections_per_second": c.limits.new_connections_per_second,
+            "new_connections_burst": c.limits.new_connections_burst,
+            "max_handshakes": c.limits.max_handshakes,
+            "outbound_queue_messages": c.limits.outbound_queue_messages,
+            "outbound_queue_bytes": c.limits.outbound_queue_bytes,
+            "client_events_per_second": c.limits.client_events_per_second,
+        },
+    })
 }

@@ -217,10 +217,12 @@ impl Api<'_> {
     async fn publish(&self, e: Event) -> Result<Option<Map<String, Value>>, ApiError> {
         let (channels, data, exclude) = self.validate(&e)?;
         let router = &self.shared.router;
+        let state = self.shared.overload.state();
+        let coalesce = |c: &str| self.live.config.overload.actions.coalesce_for(c, state);
         for c in &channels {
             let frame = protocol::event(&e.name, Some(c), &data);
             router
-                .publish(self.room(c), frame, exclude, MAILBOX_WAIT)
+                .publish(self.room(c), frame, exclude, coalesce(c), MAILBOX_WAIT)
                 .await
                 .map_err(route_error)?;
             metrics::counter!("herdgate_messages_published_total").increment(1);

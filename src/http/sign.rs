@@ -126,6 +126,7 @@ mod tests {
             secret: "7ad3773142a6692b25b8".into(),
             enable_client_events: true,
             enabled: true,
+            allowed_origins: Vec::new(),
         }
     }
 

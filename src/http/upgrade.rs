@@ -13,9 +13,10 @@
 
 use super::error::jittered_retry_after;
 use super::{ApiError, Body};
+use crate::admission::{Limits, Refusal, SessionSlot};
 use crate::protocol::{self, codes};
 use crate::session::{self, Session};
-use crate::state::{SessionSlot, Shared};
+use crate::state::Shared;
 use http::{header, HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -41,15 +42,15 @@ fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
 }
 
 /// A Pusher-level refusal sent after the upgrade.
-struct Refusal(u16, &'static str);
+struct PusherRefusal(u16, &'static str);
 
-fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Refusal> {
+fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, PusherRefusal> {
     let Some(key) = uri
         .path()
         .strip_prefix("/app/")
         .filter(|k| !k.is_empty() && !k.contains('/'))
     else {
-        return Err(Refusal(
+        return Err(PusherRefusal(
             codes::PATH_NOT_FOUND,
             "path not found: expected /app/{key}",
         ));
@@ -63,16 +64,29 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Refu
         }
     }
     match shared.live().apps.by_key(key) {
-        None => return Err(Refusal(codes::UNKNOWN_APP, "application does not exist")),
+        None => {
+            return Err(PusherRefusal(
+                codes::UNKNOWN_APP,
+                "application does not exist",
+            ))
+        }
         Some(app) if !app.enabled => {
-            return Err(Refusal(codes::APP_DISABLED, "application is disabled"))
+            return Err(PusherRefusal(
+                codes::APP_DISABLED,
+                "application is disabled",
+            ))
         }
         Some(_) => {}
     }
     match protocol {
-        None => return Err(Refusal(codes::NO_PROTOCOL, "no protocol version supplied")),
+        None => {
+            return Err(PusherRefusal(
+                codes::NO_PROTOCOL,
+                "no protocol version supplied",
+            ))
+        }
         Some(p) if !matches!(p, "5" | "6" | "7") => {
-            return Err(Refusal(
+            return Err(PusherRefusal(
                 codes::UNSUPPORTED_PROTOCOL,
                 "unsupported protocol version",
             ))
@@ -85,7 +99,7 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Refu
             && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !ok {
-            return Err(Refusal(
+            return Err(PusherRefusal(
                 codes::INVALID_VERSION,
                 "invalid version string format",
             ));
@@ -120,19 +134,55 @@ pub fn handle(
     else {
         return ApiError::BadRequest("missing Sec-WebSocket-Key".into()).into_response();
     };
-    if shared.closing.is_cancelled() {
-        return refuse("server is shutting down", "draining");
-    }
-    let Some(slot) = shared.sessions.try_take() else {
-        return refuse("server is at its connection limit", "max_connections");
-    };
-    metrics::counter!("herdgate_connections_accepted_total").increment(1);
-
     let check = check_pusher_request(req.uri(), shared);
+    let live = shared.live();
+    if let Ok(key) = &check {
+        let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        if let Some(app) = live.apps.by_key(key) {
+            if !app.origin_allowed(origin) {
+                metrics::counter!("herdgate_connections_refused_total", "reason" => "origin")
+                    .increment(1);
+                tracing::debug!(%peer, ?origin, "origin not allowed");
+                return ApiError::Forbidden("origin not allowed for this app".into())
+                    .into_response();
+            }
+        }
+    }
+    let state = shared.overload.state();
+    let admitted = if shared.closing.is_cancelled() {
+        Err(Refusal::Draining)
+    } else if live
+        .config
+        .overload
+        .actions
+        .refuse_connections
+        .applies(state)
+    {
+        Err(Refusal::Overloaded)
+    } else {
+        let l = &live.config.limits;
+        let limits = Limits {
+            max_per_ip: l.max_connections_per_ip,
+            rate: l.new_connections_per_second,
+            burst: l.new_connections_burst,
+        };
+        shared.sessions.try_admit(peer.ip(), limits)
+    };
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(r) => return refuse(r),
+    };
+    shared
+        .overload
+        .admitted
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!("herdgate_connections_accepted_total").increment(1);
+    let ws_config = live.ws_config();
+    drop(live);
+
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
     let shared2 = shared.clone();
-    let ws_config = shared.live().ws_config();
     shared.tasks.spawn(Box::pin(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -157,14 +207,15 @@ pub fn handle(
         .expect("valid response")
 }
 
-fn refuse(message: &str, reason: &'static str) -> Response<Body> {
-    metrics::counter!("herdgate_connections_refused_total", "reason" => reason).increment(1);
-    ApiError::Unavailable(message.into(), jittered_retry_after(RETRY_AFTER_MAX)).into_response()
+/// 503 with a jittered Retry-After, before any upgrade work.
+fn refuse(r: Refusal) -> Response<Body> {
+    metrics::counter!("herdgate_connections_refused_total", "reason" => r.label()).increment(1);
+    ApiError::Unavailable(r.message().into(), jittered_retry_after(RETRY_AFTER_MAX)).into_response()
 }
 
 async fn start<S>(
     mut ws: WebSocketStream<S>,
-    check: Result<String, Refusal>,
+    check: Result<String, PusherRefusal>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: SessionSlot,
@@ -174,7 +225,7 @@ async fn start<S>(
     let _slot = slot;
     let key = match check {
         Ok(key) => key,
-        Err(Refusal(code, message)) => {
+        Err(PusherRefusal(code, message)) => {
             tracing::debug!(%peer, code, message, "websocket refused");
             metrics::counter!("herdgate_connections_closed_total", "reason" => "pusher_error")
                 .increment(1);

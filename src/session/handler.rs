@@ -96,6 +96,20 @@ impl Session {
                 403,
             );
         }
+        if live
+            .config
+            .overload
+            .actions
+            .refuses_subscription(channel, self.shared.overload.state())
+        {
+            crate::overload::shed("subscription_refused");
+            return self.sub_error(
+                channel,
+                "OverCapacity",
+                "this feature is paused while the server is under load; retry later",
+                503,
+            );
+        }
         let max_members = limits.max_presence_members;
         let app = live.apps.by_key(&self.app.key).unwrap_or(&self.app).clone();
         drop(live);
@@ -165,7 +179,7 @@ impl Session {
         if self
             .shared
             .router
-            .subscribe(room, self.subscriber(), member, max_members)
+            .subscribe(room, self.subscriber(), member, max_members, self.shed())
             .await
             .is_err()
         {
@@ -188,7 +202,11 @@ impl Session {
             app: self.app.id.clone(),
             channel: ch.name,
         };
-        let _ = self.shared.router.unsubscribe(room, self.id).await;
+        let _ = self
+            .shared
+            .router
+            .unsubscribe(room, self.id, self.shed())
+            .await;
         Ok(())
     }
 
@@ -270,12 +288,28 @@ impl Session {
         if data.get().len() > limits.max_payload_bytes {
             return self.error(None, "event data is larger than the payload limit");
         }
+        // Load shedding first: degraded nodes drop client events, pressured
+        // ones halve their rate (each event costs two tokens).
+        let state = self.shared.overload.state();
+        let actions = &live.config.overload.actions;
+        if actions.drop_client_events.applies(state) {
+            crate::overload::shed("client_event_dropped");
+            return self.error(
+                Some(codes::CLIENT_EVENT_RATE_LIMIT),
+                "client events are paused while the server is under load",
+            );
+        }
+        let cost = if actions.limit_client_events.applies(state) {
+            2
+        } else {
+            1
+        };
         let now = Instant::now();
         let rate = limits.client_events_per_second;
         let bucket = self
             .limiter
             .get_or_insert_with(|| super::ratelimit::TokenBucket::new(rate, rate, now));
-        if !bucket.try_take(now) {
+        if !(0..cost).all(|_| bucket.try_take(now)) {
             metrics::counter!("herdgate_client_events_dropped_total", "reason" => "rate_limit")
                 .increment(1);
             return self.error(

@@ -101,6 +101,21 @@ impl Session {
             .unwrap_or_else(|| self.app.clone())
     }
 
+    /// What the current load state asks the rooms to shed for this socket's commands.
+    fn shed(&self) -> crate::worker::Shed {
+        let state = self.shared.overload.state();
+        let max = self
+            .shared
+            .live()
+            .config
+            .overload
+            .actions
+            .member_events_max(state);
+        crate::worker::Shed {
+            member_events_max: max,
+        }
+    }
+
     fn subscriber(&self) -> Subscriber {
         Subscriber {
             id: self.id,
@@ -160,6 +175,12 @@ impl Session {
         // When the server drains, each socket picks its own moment within the
         // drain period to close, so reconnects reach other nodes spread out.
         let mut close_at: Option<Instant> = None;
+        // Load state changes reach the client as `herdgate:status`; a socket
+        // that connects while the node is not normal is told at once.
+        let mut status = self.shared.overload.subscribe();
+        if status.borrow_and_update().state != crate::overload::LoadState::Normal {
+            self.out.push(&status.borrow().frame);
+        }
 
         let mut last_seen = Instant::now();
         let mut pinged_at: Option<Instant> = None;
@@ -189,6 +210,10 @@ impl Session {
                         let label = if code == codes::OVER_CAPACITY { "slow_consumer" } else { "terminated" };
                         return End::close(code, reason, label);
                     }
+                }
+                Ok(()) = status.changed() => {
+                    let frame = status.borrow_and_update().frame.clone();
+                    self.out.push(&frame);
                 }
                 msg = ws.next() => {
                     last_seen = Instant::now();
@@ -241,7 +266,7 @@ impl Session {
                 app: self.app.id.clone(),
                 channel: ch.name,
             };
-            let _ = router.unsubscribe(room, self.id).await;
+            let _ = router.unsubscribe(room, self.id, self.shed()).await;
         }
         if let Some(user) = self.user.take() {
             let _ = router.sign_out(&self.app.id, &user, self.id).await;

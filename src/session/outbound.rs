@@ -9,7 +9,11 @@
 //! The writer takes the whole queue at once (`drain`), which leaves an empty
 //! `VecDeque` without an allocation behind: memory taken by a burst is given
 //! back as soon as the burst is written.
+//!
+//! Queued bytes are also counted process-wide (`OUTBOUND_BYTES`, sharded per
+//! thread so fan-out on many cores does not contend) for the load monitor.
 
+use crate::overload::OUTBOUND_BYTES;
 use crate::protocol::{codes, Frame};
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -73,6 +77,7 @@ impl Outbound {
                 reason: "slow consumer: outbound queue full",
             });
             s.queue = VecDeque::new();
+            OUTBOUND_BYTES.add(-(s.bytes as i64));
             s.bytes = 0;
             drop(s);
             self.notify.notify_one();
@@ -81,6 +86,7 @@ impl Outbound {
         let was_empty = s.queue.is_empty();
         s.queue.push_back(frame.clone());
         s.bytes += len;
+        OUTBOUND_BYTES.add(len as i64);
         drop(s);
         if was_empty {
             self.notify.notify_one();
@@ -101,6 +107,7 @@ impl Outbound {
     /// Take everything queued, and the close order if there is one.
     pub fn drain(&self) -> (VecDeque<Frame>, Option<CloseOrder>) {
         let mut s = self.lock();
+        OUTBOUND_BYTES.add(-(s.bytes as i64));
         s.bytes = 0;
         (std::mem::take(&mut s.queue), s.close)
     }

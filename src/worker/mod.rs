@@ -17,7 +17,9 @@ use room::{Joined, Room};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// A socket, as the rooms know it: its id and its outbound queue.
 #[derive(Clone)]
@@ -69,6 +71,14 @@ pub struct RoomInfo {
     pub user_count: usize,
 }
 
+/// Load shedding asked of a room by the edge that sends the command: the
+/// edge knows its load state, the worker only carries it out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shed {
+    /// Presence rooms with more members than this get no member_added/removed.
+    pub member_events_max: Option<usize>,
+}
+
 pub enum Command {
     /// `max_members` caps distinct users in a presence room: the limit in
     /// force where the socket subscribed, so a reload applies without
@@ -78,15 +88,19 @@ pub enum Command {
         sub: Subscriber,
         member: Option<Member>,
         max_members: usize,
+        shed: Shed,
     },
     Unsubscribe {
         room: RoomKey,
         id: ConnId,
+        shed: Shed,
     },
+    /// With `coalesce`, only the latest frame per room is sent, once per interval.
     Publish {
         room: RoomKey,
         frame: Frame,
         exclude: Option<ConnId>,
+        coalesce: Option<Duration>,
     },
     Query {
         room: RoomKey,
@@ -125,6 +139,7 @@ pub fn spawn(index: usize, mailbox: usize) -> Mailbox {
         index,
         rooms: HashMap::new(),
         users: HashMap::new(),
+        coalesced: HashMap::new(),
     };
     tokio::spawn(worker.run(rx));
     tx
@@ -135,13 +150,23 @@ struct Worker {
     rooms: HashMap<RoomKey, Room>,
     /// Signed-in sockets per user, keyed like the user's channel.
     users: HashMap<RoomKey, HashMap<ConnId, Arc<Outbound>>>,
+    /// Coalesced publishes waiting for their interval: the latest frame per room.
+    /// Bounded by the number of rooms (one entry each).
+    coalesced: HashMap<RoomKey, (Instant, Frame, Option<ConnId>)>,
 }
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         tracing::debug!(worker = self.index, "worker started");
-        while let Some(cmd) = rx.recv().await {
-            self.handle(cmd);
+        loop {
+            let next_flush = self.coalesced.values().map(|(at, _, _)| *at).min();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                _ = sleep_until_opt(next_flush) => self.flush_coalesced(Instant::now()),
+            }
         }
         tracing::debug!(worker = self.index, "worker stopped");
     }
@@ -153,15 +178,36 @@ impl Worker {
                 sub,
                 member,
                 max_members,
-            } => self.subscribe(room, sub, member, max_members),
-            Command::Unsubscribe { room, id } => self.unsubscribe(room, id),
+                shed,
+            } => self.subscribe(room, sub, member, max_members, shed),
+            Command::Unsubscribe { room, id, shed } => self.unsubscribe(room, id, shed),
             Command::Publish {
                 room,
                 frame,
                 exclude,
+                coalesce: None,
             } => {
                 if let Some(r) = self.rooms.get(&room) {
                     record(r.fan_out(&frame, exclude));
+                }
+            }
+            Command::Publish {
+                room,
+                frame,
+                exclude,
+                coalesce: Some(every),
+            } => {
+                if !self.rooms.contains_key(&room) {
+                    return;
+                }
+                crate::overload::shed("coalesced");
+                let due = Instant::now() + every;
+                match self.coalesced.get_mut(&room) {
+                    // Keep the flush time of the first waiting frame; replace the frame.
+                    Some(entry) => (entry.1, entry.2) = (frame, exclude),
+                    None => {
+                        self.coalesced.insert(room, (due, frame, exclude));
+                    }
                 }
             }
             Command::Query { room, reply } => {
@@ -205,12 +251,29 @@ impl Worker {
         }
     }
 
+    fn flush_coalesced(&mut self, now: Instant) {
+        let due: Vec<RoomKey> = self
+            .coalesced
+            .iter()
+            .filter(|(_, (at, _, _))| *at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if let (Some((_, frame, exclude)), Some(room)) =
+                (self.coalesced.remove(&key), self.rooms.get(&key))
+            {
+                record(room.fan_out(&frame, exclude));
+            }
+        }
+    }
+
     fn subscribe(
         &mut self,
         key: RoomKey,
         sub: Subscriber,
         member: Option<Member>,
         max_members: usize,
+        shed: Shed,
     ) {
         let id = sub.id;
         let out = sub.out.clone();
@@ -238,7 +301,7 @@ impl Worker {
                 match user {
                     Some(user) => {
                         room.push_to(id, &room.presence_frame(&key.channel));
-                        if new_member {
+                        if new_member && member_events_allowed(room, shed) {
                             let added = protocol::member_added(
                                 &key.channel,
                                 &user,
@@ -255,7 +318,7 @@ impl Worker {
         }
     }
 
-    fn unsubscribe(&mut self, key: RoomKey, id: ConnId) {
+    fn unsubscribe(&mut self, key: RoomKey, id: ConnId, shed: Shed) {
         let Some(room) = self.rooms.get_mut(&key) else {
             return;
         };
@@ -265,12 +328,32 @@ impl Worker {
             metrics::gauge!("herdgate_subscriptions").decrement(1.0);
         }
         if let Some(user) = gone_user {
-            record(room.fan_out(&protocol::member_removed(&key.channel, &user), None));
+            if member_events_allowed(room, shed) {
+                record(room.fan_out(&protocol::member_removed(&key.channel, &user), None));
+            }
         }
         if room.is_empty() {
             self.rooms.remove(&key);
+            self.coalesced.remove(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
         }
+    }
+}
+
+fn member_events_allowed(room: &Room, shed: Shed) -> bool {
+    match shed.member_events_max {
+        Some(max) if room.user_count() > max => {
+            crate::overload::shed("presence_member_event");
+            false
+        }
+        _ => true,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -38,9 +38,16 @@ pub async fn start(extra: &str) -> TestServer {
     } else {
         "[shutdown]\nderegister_delay = \"0s\"\ndrain_period = \"0s\"\n"
     };
+    // Load shedding reacts to a busy test machine; tests of it turn it on.
+    let overload = if extra.contains("[overload") {
+        ""
+    } else {
+        "[overload]\nenabled = false\n"
+    };
     let text = format!(
         r#"
 {drain}
+{overload}
 {extra}
 
 [[apps]]

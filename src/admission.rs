@@ -1,0 +1,245 @@
+//! Admission: whether a new websocket may open, decided before any upgrade work.
+//!
+//! Checks, cheapest first: the node is draining or its load state refuses new
+//! connections; the node-wide new-connection rate (token bucket with burst);
+//! the per-IP cap; the node-wide cap. Each check that counts (per-IP, node
+//! cap) takes its place atomically, and the returned [`SessionSlot`] gives
+//! every place back exactly once, when the session ends.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Why a websocket was refused; the label is the metric's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Draining,
+    Overloaded,
+    Rate,
+    PerIp,
+    MaxConnections,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Draining => "draining",
+            Refusal::Overloaded => "overloaded",
+            Refusal::Rate => "rate",
+            Refusal::PerIp => "per_ip",
+            Refusal::MaxConnections => "max_connections",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Draining => "server is shutting down",
+            Refusal::Overloaded => "server is overloaded and pacing new connections",
+            Refusal::Rate => "too many new connections right now",
+            Refusal::PerIp => "too many connections from this address",
+            Refusal::MaxConnections => "server is at its connection limit",
+        }
+    }
+}
+
+pub struct Admission {
+    open: AtomicUsize,
+    max: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    bucket: Mutex<Bucket>,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// The limits in force for one decision (from the live config).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_per_ip: usize,
+    pub rate: u32,
+    pub burst: u32,
+}
+
+impl Admission {
+    pub fn new(max: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            per_ip: Mutex::new(HashMap::new()),
+            bucket: Mutex::new(Bucket {
+                tokens: f64::MAX,
+                last: Instant::now(),
+            }),
+        })
+    }
+
+    /// A lower cap never closes open sessions; it only refuses new ones.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Take a place for a session from `ip`, or say why not.
+    pub fn try_admit(self: &Arc<Self>, ip: IpAddr, l: Limits) -> Result<SessionSlot, Refusal> {
+        self.take_token(l)?;
+        let ip_taken = if l.max_per_ip > 0 {
+            let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            if *n as usize >= l.max_per_ip {
+                return Err(Refusal::PerIp);
+            }
+            *n += 1;
+            Some(ip)
+        } else {
+            None
+        };
+        // From here on the slot owns the per-IP place: dropping it on refusal gives it back.
+        let mut slot = SessionSlot {
+            admission: self.clone(),
+            ip: ip_taken,
+            counted: false,
+        };
+        let max = self.max();
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| Refusal::MaxConnections)?;
+        metrics::gauge!("herdgate_connections_open").increment(1.0);
+        slot.counted = true;
+        Ok(slot)
+    }
+
+    fn take_token(&self, l: Limits) -> Result<(), Refusal> {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(b.last).as_secs_f64() * l.rate as f64;
+        b.tokens = (b.tokens + refill).min(l.burst as f64);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Refusal::Rate)
+        }
+    }
+}
+
+/// One admitted session's places; given back on drop, exactly once.
+pub struct SessionSlot {
+    admission: Arc<Admission>,
+    ip: Option<IpAddr>,
+    counted: bool,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        if self.counted {
+            self.admission.open.fetch_sub(1, Ordering::AcqRel);
+            metrics::gauge!("herdgate_connections_open").decrement(1.0);
+        }
+        if let Some(ip) = self.ip.take() {
+            let mut map = self
+                .admission
+                .per_ip
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ANY: Limits = Limits {
+        max_per_ip: 0,
+        rate: 1_000_000,
+        burst: 1_000_000,
+    };
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    #[test]
+    fn node_cap_and_release_once() {
+        let a = Admission::new(2);
+        let s1 = a.try_admit(ip(1), ANY).unwrap();
+        let s2 = a.try_admit(ip(1), ANY).unwrap();
+        assert_eq!(a.try_admit(ip(1), ANY).err(), Some(Refusal::MaxConnections));
+        drop(s1);
+        assert_eq!(a.open(), 1);
+        let s3 = a.try_admit(ip(2), ANY).unwrap();
+        drop((s2, s3));
+        assert_eq!(a.open(), 0);
+    }
+
+    #[test]
+    fn per_ip_cap_and_its_place_is_returned_on_refusal() {
+        let a = Admission::new(1);
+        let l = Limits {
+            max_per_ip: 1,
+            ..ANY
+        };
+        let s = a.try_admit(ip(1), l).unwrap();
+        assert_eq!(a.try_admit(ip(1), l).err(), Some(Refusal::PerIp));
+        // ip(2) passes per-IP but hits the node cap: its per-IP place must not leak.
+        assert_eq!(a.try_admit(ip(2), l).err(), Some(Refusal::MaxConnections));
+        drop(s);
+        assert!(a.per_ip.lock().unwrap().is_empty());
+        assert!(a.try_admit(ip(2), l).is_ok());
+    }
+
+    #[test]
+    fn rate_limit_allows_the_burst() {
+        let a = Admission::new(1000);
+        let l = Limits {
+            max_per_ip: 0,
+            rate: 1,
+            burst: 5,
+        };
+        let admitted: Vec<_> = (0..10).filter_map(|i| a.try_admit(ip(i), l).ok()).collect();
+        assert_eq!(admitted.len(), 5);
+        assert_eq!(a.try_admit(ip(99), l).err(), Some(Refusal::Rate));
+    }
+
+    #[test]
+    fn concurrent_admission_never_exceeds_the_cap() {
+        let a = Admission::new(50);
+        let peak = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (a, peak) = (a.clone(), peak.clone());
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        if let Ok(s) = a.try_admit(ip((t * 31 + i) as u8), ANY) {
+                            peak.fetch_max(a.open(), Ordering::Relaxed);
+                            drop(s);
+                        }
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert!(peak.load(Ordering::Relaxed) <= 50);
+        assert_eq!(a.open(), 0);
+    }
+}

@@ -1,0 +1,120 @@
+//! The sampling task: measures the signals, steps the state machine, tells
+//! sessions about changes and keeps the last sample for `/status`.
+
+use super::{reasons, Machine, Signal, Snapshot, Tuning, OUTBOUND_BYTES};
+use crate::state::Shared;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+pub fn spawn_monitor(shared: Arc<Shared>) {
+    tokio::spawn(run(shared));
+}
+
+async fn run(shared: Arc<Shared>) {
+    let memory_limit_auto = memory_limit();
+    let mut machine = Machine::default();
+    let mut interval_len = shared.live().config.overload.sample_interval.get();
+    let mut tick = tokio::time::interval(interval_len);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_admitted = shared.overload.admitted.load(Ordering::Relaxed);
+    let mut last_at = Instant::now();
+    loop {
+        let scheduled = tokio::select! {
+            t = tick.tick() => t,
+            _ = shared.stopped.cancelled() => return,
+        };
+        let now = Instant::now();
+        let lag_ms = now.saturating_duration_since(scheduled).as_secs_f64() * 1000.0;
+        let live = shared.live();
+        let o = &live.config.overload;
+
+        let admitted = shared.overload.admitted.load(Ordering::Relaxed);
+        let secs = now.duration_since(last_at).as_secs_f64().max(1e-3);
+        let accept_rate = (admitted - last_admitted) as f64 / secs;
+        (last_admitted, last_at) = (admitted, now);
+        let limit = if o.memory_limit_bytes > 0 {
+            o.memory_limit_bytes
+        } else {
+            memory_limit_auto
+        };
+        let rss = crate::sys::rss_bytes().unwrap_or(0);
+        let outbound = OUTBOUND_BYTES.sum().max(0) as f64;
+        let mailbox = shared.router.max_mailbox_depth() as f64;
+        let max_conn = shared.sessions.max().max(1) as f64;
+        let signals = vec![
+            Signal {
+                name: "connections",
+                value: shared.sessions.open() as f64 / max_conn,
+                thresholds: o.connections,
+            },
+            Signal {
+                name: "accept_rate",
+                value: accept_rate,
+                thresholds: o.accept_rate,
+            },
+            Signal {
+                name: "memory",
+                value: rss as f64 / limit.max(1) as f64,
+                thresholds: o.memory,
+            },
+            Signal {
+                name: "scheduling_lag_ms",
+                value: lag_ms,
+                thresholds: o.scheduling_lag_ms,
+            },
+            Signal {
+                name: "outbound_bytes",
+                value: outbound,
+                thresholds: o.outbound_bytes,
+            },
+            Signal {
+                name: "mailbox_depth",
+                value: mailbox,
+                thresholds: o.mailbox_depth,
+            },
+        ];
+        metrics::gauge!("herdgate_outbound_queue_bytes").set(outbound);
+        metrics::gauge!("herdgate_worker_mailbox_depth").set(mailbox);
+        metrics::gauge!("herdgate_scheduling_lag_seconds").set(lag_ms / 1000.0);
+        metrics::gauge!("herdgate_rss_bytes").set(rss as f64);
+
+        let tuning = Tuning {
+            hysteresis: o.hysteresis,
+            cooldown: o.cooldown.get(),
+        };
+        let signals = if o.enabled { signals } else { Vec::new() };
+        if let Some(state) = machine.step(&signals, now.into_std(), tuning) {
+            let limited = o.actions.limited(state);
+            tracing::warn!(state = state.as_str(), reasons = ?reasons(&signals), limited = ?limited, "load state changed");
+            shared.overload.set(state, &limited);
+        }
+        shared.overload.record(Snapshot {
+            reasons: reasons(&signals),
+            signals,
+        });
+
+        let wanted = o.sample_interval.get();
+        if wanted != interval_len {
+            interval_len = wanted;
+            tick = tokio::time::interval(wanted);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        }
+    }
+}
+
+/// The cgroup's memory limit (v2 `memory.max`, or v1), else physical RAM.
+fn memory_limit() -> u64 {
+    let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+    // SAFETY: sysconf has no preconditions.
+    let physical = unsafe {
+        libc::sysconf(libc::_SC_PHYS_PAGES).max(0) as u64
+            * libc::sysconf(libc::_SC_PAGESIZE).max(0) as u64
+    };
+    match cgroup {
+        Some(c) if c > 0 && c < physical => c,
+        _ => physical.max(1),
+    }
+}
