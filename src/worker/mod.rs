@@ -323,13 +323,17 @@ impl Worker {
             return;
         };
         let before = room.subscription_count();
+        // The room's size as the member leaves (counting them) decides, as on joining.
+        let announce = room.user_count() <= shed.member_events_max.unwrap_or(usize::MAX);
         let gone_user = room.leave(id);
         if room.subscription_count() < before {
             metrics::gauge!("herdgate_subscriptions").decrement(1.0);
         }
         if let Some(user) = gone_user {
-            if member_events_allowed(room, shed) {
+            if announce {
                 record(room.fan_out(&protocol::member_removed(&key.channel, &user), None));
+            } else {
+                crate::overload::shed("presence_member_event");
             }
         }
         if room.is_empty() {
