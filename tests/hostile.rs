@@ -744,6 +744,8 @@ async fn malformed_messages_get_errors_and_the_socket_stays() {
         c.send_raw(Message::Text(text.clone().into())).await;
         let answers = answers_until_sync(&mut c, i).await;
         let ok = match answers.as_slice() {
+            // The message echoes at most a short prefix of client text (see
+            // `truncate` in session/handler.rs): no reply amplifies the input.
             [e] if e.event == "pusher:error" => {
                 let msg = e.data["message"].as_str().unwrap_or("");
                 e.data["code"].is_null() && !msg.is_empty() && msg.len() <= 512
