@@ -50,7 +50,13 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         .clone();
 
     let limit = live.config.limits.max_request_body_bytes;
-    let body = Limited::new(body, limit).collect().await.map_err(|e| {
+    // A body that stalls holds a connection permit: it gets the same
+    // deadline as a request head.
+    let deadline = live.config.server.handshake_timeout.get();
+    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ApiError::Timeout(format!("request body not received within {deadline:?}")))?;
+    let body = collected.map_err(|e| {
         if e.is::<http_body_util::LengthLimitError>() {
             ApiError::TooLarge(format!("request body is larger than {limit} bytes"))
         } else {

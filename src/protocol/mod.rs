@@ -88,8 +88,24 @@ pub enum ParseError {
     BadData(&'static str, String),
 }
 
+/// Parse a client frame. Only a JSON object is a frame (serde would also
+/// read a struct from an array), and errors never echo the client's input
+/// back at length.
 pub fn parse_frame(text: &str) -> Result<ClientFrame<'_>, ParseError> {
-    serde_json::from_str(text).map_err(|e| ParseError::Malformed(e.to_string()))
+    if !text.trim_start().starts_with('{') {
+        return Err(ParseError::Malformed("not a JSON object".into()));
+    }
+    serde_json::from_str(text).map_err(|e| ParseError::Malformed(short(&e)))
+}
+
+/// A serde error without the (client-chosen, possibly huge) value it quotes.
+fn short(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    let mut end = s.len().min(160);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// Decode `data` into `T`, accepting both an object and a JSON-encoded string
@@ -100,12 +116,18 @@ pub fn parse_data<T: for<'de> Deserialize<'de>>(
 ) -> Result<T, ParseError> {
     let raw = data.ok_or_else(|| ParseError::BadData(what, "missing".into()))?;
     let text = raw.get();
-    let result = if text.starts_with('"') {
-        serde_json::from_str::<String>(text).and_then(|inner| serde_json::from_str(&inner))
+    let inner;
+    let object = if text.starts_with('"') {
+        inner = serde_json::from_str::<String>(text)
+            .map_err(|e| ParseError::BadData(what, short(&e)))?;
+        inner.as_str()
     } else {
-        serde_json::from_str(text)
+        text
     };
-    result.map_err(|e| ParseError::BadData(what, e.to_string()))
+    if !object.trim_start().starts_with('{') {
+        return Err(ParseError::BadData(what, "not a JSON object".into()));
+    }
+    serde_json::from_str(object).map_err(|e| ParseError::BadData(what, short(&e)))
 }
 
 #[cfg(test)]
@@ -142,6 +164,16 @@ mod tests {
         assert!(parse_data::<SubscribeData>("pusher:subscribe", f.data).is_err());
         let f = parse_frame(r#"{"event":"pusher:subscribe"}"#).unwrap();
         assert!(parse_data::<SubscribeData>("pusher:subscribe", f.data).is_err());
+        let f = parse_frame(r#"{"event":"pusher:subscribe","data":["a"]}"#).unwrap();
+        assert!(
+            parse_data::<SubscribeData>("pusher:subscribe", f.data).is_err(),
+            "arrays are not objects"
+        );
+        let long = format!(r#"{{"event":"{}"#, "x".repeat(30_000));
+        assert!(
+            parse_frame(&long).unwrap_err().to_string().len() < 300,
+            "errors do not echo input"
+        );
     }
 
     #[test]
