@@ -108,6 +108,11 @@ fn serve(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // First, before anything says we are up (the listening log line,
+        // READY=1): until a handler exists, SIGHUP and SIGTERM kill the process.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let stop = shutdown_signal(signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
         let notifier = Notifier::from_env();
         let (listener, admin) = listeners(&config, inherited).await?;
         tracing::info!(
@@ -131,8 +136,6 @@ fn serve(
         let _watchdog = notifier.spawn_watchdog();
         let status = tokio::spawn(report_status(notifier.clone(), running.shared.clone()));
 
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        let stop = shutdown_signal();
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -211,10 +214,11 @@ async fn report_status(notifier: Notifier, shared: std::sync::Arc<herdgate::stat
 }
 
 /// The first SIGTERM or SIGINT starts a graceful drain; a second exits at once.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+/// The handlers are installed by the caller, at start-up.
+async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -94,7 +94,7 @@ impl Live {
         WebSocketConfig::default()
             // Read buffer: sized for typical Pusher frames, not tungstenite's
             // 128 KiB default, because it is allocated for every socket up front.
-            .read_buffer_size(2048)
+            .read_buffer_size(512)
             // Write straight through; our own outbound queue does the batching.
             .write_buffer_size(0)
             .max_write_buffer_size(l.outbound_queue_bytes + l.max_message_bytes)

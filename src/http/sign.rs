@@ -79,7 +79,8 @@ pub fn verify(
     let Ok(ts) = ts.parse::<i64>() else {
         return unauthorized("auth_timestamp is not a number");
     };
-    if (now - ts).abs() > MAX_CLOCK_SKEW_SECS {
+    // abs_diff: `now - ts` overflows for a timestamp near i64::MIN/MAX.
+    if now.abs_diff(ts) > MAX_CLOCK_SKEW_SECS as u64 {
         return Err(ApiError::Unauthorized(format!(
             "auth_timestamp is more than {MAX_CLOCK_SKEW_SECS} s from server time {now}"
         )));

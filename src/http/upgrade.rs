@@ -182,21 +182,18 @@ pub fn handle(
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
-    let shared2 = shared.clone();
-    shared.tasks.spawn(Box::pin(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                start(ws, check, peer, shared2, slot).await;
-            }
-            Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
-        }
-    }));
+    // The task's future is allocated once and lives as long as the socket,
+    // sized by its largest state: the handshake steps are boxed so that
+    // only the session loop's state stays.
+    let handshake = Box::new(Handshake {
+        on_upgrade,
+        ws_config,
+        check,
+        peer,
+        shared: shared.clone(),
+        slot,
+    });
+    shared.tasks.spawn(session_task(handshake));
 
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -213,39 +210,67 @@ fn refuse(r: Refusal) -> Response<Body> {
     ApiError::Unavailable(r.message().into(), jittered_retry_after(RETRY_AFTER_MAX)).into_response()
 }
 
-async fn start<S>(
-    mut ws: WebSocketStream<S>,
+/// What the session task needs to finish the upgrade. One heap value, so the
+/// task's future carries a pointer rather than every field for its lifetime.
+struct Handshake {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    ws_config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
     check: Result<String, PusherRefusal>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: SessionSlot,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+}
+
+async fn session_task(h: Box<Handshake>) {
+    let Handshake {
+        on_upgrade,
+        ws_config,
+        check,
+        peer,
+        shared,
+        slot,
+    } = *h;
     let _slot = slot;
+    let upgraded = match Box::pin(on_upgrade).await {
+        Ok(u) => u,
+        Err(e) => return tracing::debug!(%peer, error = %e, "upgrade failed"),
+    };
+    let io = TokioIo::new(upgraded);
+    let ws = Box::pin(WebSocketStream::from_raw_socket(
+        io,
+        Role::Server,
+        Some(ws_config),
+    ))
+    .await;
     let key = match check {
         Ok(key) => key,
         Err(PusherRefusal(code, message)) => {
-            tracing::debug!(%peer, code, message, "websocket refused");
-            metrics::counter!("herdgate_connections_closed_total", "reason" => "pusher_error")
-                .increment(1);
-            use futures_util::SinkExt;
-            let _ = ws
-                .send(tokio_tungstenite::tungstenite::Message::Text(
-                    protocol::error(Some(code), message),
-                ))
-                .await;
-            session::close(&mut ws, code, message).await;
-            return;
+            return Box::pin(refuse_after_upgrade(ws, code, message, peer)).await;
         }
     };
-    let live = shared.live();
-    let Some(app) = live.apps.by_key(&key).cloned() else {
+    let Some(app) = shared.live().apps.by_key(&key).cloned() else {
         return; // removed by a reload between the check and the upgrade
     };
-    drop(live);
-    let session = Session::new(shared, app);
-    let span = tracing::info_span!("session", socket_id = %session.socket_id(), %peer);
-    let end = session::run(ws, session).instrument(span.clone()).await;
-    span.in_scope(|| tracing::debug!(?end, "session ended"));
+    // The two long-lived values go to the heap once and are lent to the loop.
+    let mut ws = Box::new(ws);
+    let mut session = Box::new(Session::new(shared, app));
+    let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);
+    session::run(&mut *ws, &mut session).instrument(span).await;
+}
+
+/// The Pusher way to refuse: `pusher:error` with the code, then a close with it.
+async fn refuse_after_upgrade<S>(
+    mut ws: WebSocketStream<S>,
+    code: u16,
+    message: &'static str,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt;
+    tracing::debug!(%peer, code, message, "websocket refused");
+    metrics::counter!("herdgate_connections_closed_total", "reason" => "pusher_error").increment(1);
+    let frame = tokio_tungstenite::tungstenite::Message::Text(protocol::error(Some(code), message));
+    let _ = ws.send(frame).await;
+    session::close(&mut ws, code, message).await;
 }

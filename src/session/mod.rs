@@ -125,7 +125,12 @@ impl Session {
 }
 
 /// Run a session to its end on `ws`, then release everything it held.
-pub async fn run<S>(mut ws: S, mut session: Session) -> End
+///
+/// Both arguments live as long as the socket, so callers keep them on the
+/// heap (`Box`) and lend them: an async fn stores its arguments in its own
+/// future next to everything it awaits, which would double their size for
+/// every idle connection.
+pub async fn run<S>(ws: &mut S, session: &mut Session) -> End
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
@@ -134,7 +139,18 @@ where
         &session.socket_id(),
         activity.as_secs(),
     ));
-    let end = session.serve(&mut ws).await;
+    let end = session.serve(ws).await;
+    // One-shot teardown is boxed: a future is as large as its largest state.
+    Box::pin(finish(ws, session, end)).await;
+    tracing::debug!(?end, "session ended");
+    end
+}
+
+/// Leave every room, then tell the client why (if we are the ones closing).
+async fn finish<S>(ws: &mut S, session: &mut Session, end: End)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
     session.release().await;
     if let End::Close {
         code,
@@ -147,13 +163,12 @@ where
         // goes out before the close frame; a slow consumer's queue is empty.
         let (frames, _) = session.out.drain();
         if !frames.is_empty() {
-            let _ = timeout(Duration::from_secs(1), write_all(&mut ws, frames)).await;
+            let _ = timeout(Duration::from_secs(1), write_all(ws, frames)).await;
         }
-        close(&mut ws, code, reason).await;
+        close(ws, code, reason).await;
     } else {
         metrics::counter!("herdgate_connections_closed_total", "reason" => "client").increment(1);
     }
-    end
 }
 
 impl Session {
@@ -161,14 +176,13 @@ impl Session {
     where
         S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     {
-        let (activity, pong_wait, write_timeout, drain_period) = {
+        let (activity, pong_wait, write_timeout) = {
             let live = self.shared.live();
             let c = &live.config;
             (
                 c.server.activity_timeout.get(),
                 c.server.pong_timeout.get(),
                 c.limits.write_timeout.get(),
-                c.shutdown.drain_period.get(),
             )
         };
         let closing = self.shared.closing.clone();
@@ -191,6 +205,8 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = closing.cancelled(), if close_at.is_none() => {
+                    // The drain period in force now (a reload may have changed it).
+                    let drain_period = self.shared.live().config.shutdown.drain_period.get();
                     let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
                     close_at = Some(at);
                     if timer.deadline() > at {
@@ -220,7 +236,10 @@ impl Session {
                     match msg {
                         None => return End::PeerGone,
                         Some(Ok(Message::Text(text))) => {
-                            if let Err(end) = self.handle_text(text.as_str()).await {
+                            // Boxed: client messages are rare next to the
+                            // socket's idle lifetime, and the handler's
+                            // future is the largest state of this loop.
+                            if let Err(end) = Box::pin(self.handle_text(text.as_str())).await {
                                 return end;
                             }
                         }
