@@ -95,8 +95,9 @@ impl Live {
             // Read buffer: sized for typical Pusher frames, not tungstenite's
             // 128 KiB default, because it is allocated for every socket up front.
             .read_buffer_size(512)
-            // Write straight through; our own outbound queue does the batching.
-            .write_buffer_size(0)
+            // Frames drained from the outbound queue together go out in one
+            // write (up to this size); a lone frame is written at once on flush.
+            .write_buffer_size(8192)
             .max_write_buffer_size(l.outbound_queue_bytes + l.max_message_bytes)
             .max_message_size(Some(l.max_message_bytes))
             .max_frame_size(Some(l.max_message_bytes))

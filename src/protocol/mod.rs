@@ -72,10 +72,15 @@ pub enum UserId {
 }
 
 impl UserId {
+    /// The id as a string. A number that is not an integer (including
+    /// integers too large for 64 bits, which JSON parsing turns into lossy
+    /// floats that could make distinct ids collide) gives an empty string,
+    /// which `names::check_user_id` refuses.
     pub fn into_string(self) -> String {
         match self {
             UserId::Str(s) => s,
-            UserId::Num(n) => n.to_string(),
+            UserId::Num(n) if n.is_i64() || n.is_u64() => n.to_string(),
+            UserId::Num(_) => String::new(),
         }
     }
 }
@@ -180,6 +185,12 @@ mod tests {
     fn user_ids_may_be_numbers() {
         let c: ChannelData = serde_json::from_str(r#"{"user_id":10,"user_info":{"a":1}}"#).unwrap();
         assert_eq!(c.user_id.into_string(), "10");
+        let c: ChannelData =
+            serde_json::from_str(r#"{"user_id":123456789012345678901234567890}"#).unwrap();
+        assert!(
+            names::check_user_id(&c.user_id.into_string()).is_err(),
+            "no lossy float ids"
+        );
         assert_eq!(c.user_info.unwrap().get(), r#"{"a":1}"#);
     }
 }

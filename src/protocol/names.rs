@@ -84,6 +84,9 @@ pub fn check_event_name(name: &str) -> Result<(), String> {
             "event name must be 1 to {MAX_EVENT_NAME} characters"
         ));
     }
+    if name.chars().any(char::is_control) {
+        return Err("event name may not contain control characters".into());
+    }
     Ok(())
 }
 
@@ -115,5 +118,6 @@ mod tests {
         assert!(check_channel("#other").is_err());
         assert!(check_event_name(&"e".repeat(201)).is_err());
         assert!(check_event_name(&"e".repeat(200)).is_ok());
+        assert!(check_event_name("client-\u{0}x").is_err());
     }
 }

@@ -185,16 +185,26 @@ impl Session {
                 c.limits.write_timeout.get(),
             )
         };
-        let closing = self.shared.closing.clone();
+        // Node-wide signals are awaited by futures created once and kept
+        // across iterations: re-creating them would register and unregister
+        // every socket in one shared waiter list on every message.
+        let closing = self.shared.closing.clone().cancelled_owned();
+        tokio::pin!(closing);
         // When the server drains, each socket picks its own moment within the
         // drain period to close, so reconnects reach other nodes spread out.
         let mut close_at: Option<Instant> = None;
         // Load state changes reach the client as `herdgate:status`; a socket
         // that connects while the node is not normal is told at once.
-        let mut status = self.shared.overload.subscribe();
-        if status.borrow_and_update().state != crate::overload::LoadState::Normal {
-            self.out.push(&status.borrow().frame);
+        let mut rx = self.shared.overload.subscribe();
+        if rx.borrow_and_update().state != crate::overload::LoadState::Normal {
+            self.out.push(&rx.borrow().frame);
         }
+        let status = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            let frame = rx.borrow_and_update().frame.clone();
+            Some((frame, rx))
+        });
+        tokio::pin!(status);
 
         let mut last_seen = Instant::now();
         let mut pinged_at: Option<Instant> = None;
@@ -204,7 +214,7 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                _ = closing.cancelled(), if close_at.is_none() => {
+                _ = &mut closing, if close_at.is_none() => {
                     // The drain period in force now (a reload may have changed it).
                     let drain_period = self.shared.live().config.shutdown.drain_period.get();
                     let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
@@ -227,8 +237,7 @@ impl Session {
                         return End::close(code, reason, label);
                     }
                 }
-                Ok(()) = status.changed() => {
-                    let frame = status.borrow_and_update().frame.clone();
+                Some(frame) = status.next() => {
                     self.out.push(&frame);
                 }
                 msg = ws.next() => {
