@@ -185,12 +185,12 @@ mod tests {
     fn user_ids_may_be_numbers() {
         let c: ChannelData = serde_json::from_str(r#"{"user_id":10,"user_info":{"a":1}}"#).unwrap();
         assert_eq!(c.user_id.into_string(), "10");
+        assert_eq!(c.user_info.unwrap().get(), r#"{"a":1}"#);
         let c: ChannelData =
             serde_json::from_str(r#"{"user_id":123456789012345678901234567890}"#).unwrap();
         assert!(
             names::check_user_id(&c.user_id.into_string()).is_err(),
             "no lossy float ids"
         );
-        assert_eq!(c.user_info.unwrap().get(), r#"{"a":1}"#);
     }
 }
