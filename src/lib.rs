@@ -17,6 +17,7 @@ pub mod listener;
 pub mod notify;
 pub mod overload;
 pub mod protocol;
+pub mod realaddr;
 pub mod reload;
 pub mod ring;
 pub mod router;

@@ -42,8 +42,26 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// One connection's task: TLS handshake (if configured) under its own
 /// deadline, then HTTP. Nothing here runs in the accept loop.
-async fn serve(stream: TcpStream, peer: std::net::SocketAddr, shared: Arc<Shared>) {
+async fn serve(mut stream: TcpStream, mut peer: std::net::SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    let (proxy_protocol, header_deadline) = {
+        let live = shared.live();
+        (
+            live.config.server.proxy_protocol,
+            live.config.server.handshake_timeout.get(),
+        )
+    };
+    if proxy_protocol {
+        match crate::realaddr::read_header(&mut stream, header_deadline).await {
+            Ok(Some(client)) => peer = client,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "PROXY protocol header refused");
+                metrics::counter!("herdgate_proxy_protocol_errors_total").increment(1);
+                return;
+            }
+        }
+    }
     let Some(tls) = &shared.tls else {
         return crate::http::serve_connection(stream, peer, shared).await;
     };

@@ -32,6 +32,24 @@ pub struct Shared {
 pub struct Live {
     pub config: Config,
     pub apps: Apps,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<crate::realaddr::Cidr>,
+}
+
+impl Live {
+    fn new(config: Config) -> Live {
+        let trusted_proxies = config
+            .server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        Live {
+            apps: Apps::new(&config.apps),
+            trusted_proxies,
+            config,
+        }
+    }
 }
 
 /// TLS termination: the swappable certificate and the acceptor over it.
@@ -60,10 +78,7 @@ impl Shared {
             sessions: crate::admission::Admission::new(l.max_connections),
             overload: crate::overload::Overload::default(),
             router,
-            live: ArcSwap::from_pointee(Live {
-                apps: Apps::new(&config.apps),
-                config,
-            }),
+            live: ArcSwap::from_pointee(Live::new(config)),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
             stopped: CancellationToken::new(),
@@ -80,10 +95,7 @@ impl Shared {
     /// Put a new (validated) configuration in force for everything that reads it from now on.
     pub fn swap_live(&self, config: Config) {
         self.sessions.set_max(config.limits.max_connections);
-        self.live.store(Arc::new(Live {
-            apps: Apps::new(&config.apps),
-            config,
-        }));
+        self.live.store(Arc::new(Live::new(config)));
     }
 }
 

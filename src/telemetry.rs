@@ -121,4 +121,47 @@ fn describe() {
         "herdgate_http_requests_total",
         "HTTP responses on the public listener, by status"
     );
+    describe_counter!(
+        "herdgate_accept_errors_total",
+        "accept() failures on the public listener (e.g. out of file descriptors)"
+    );
+    describe_counter!(
+        "herdgate_config_reloads_total",
+        "Config reloads (SIGHUP), by result: ok or invalid"
+    );
+    describe_gauge!(
+        "herdgate_load_state",
+        "Load state: 0 normal, 1 pressured, 2 degraded, 3 critical"
+    );
+    describe_gauge!(
+        "herdgate_outbound_queue_bytes",
+        "Bytes waiting in all sockets' outbound queues"
+    );
+    describe_counter!(
+        "herdgate_proxy_protocol_errors_total",
+        "Connections dropped for a missing or malformed PROXY protocol header"
+    );
+    describe_gauge!("herdgate_rss_bytes", "Resident memory of the process");
+    describe_gauge!(
+        "herdgate_scheduling_lag_seconds",
+        "How late the runtime ran the load monitor's periodic tick"
+    );
+    describe_counter!(
+        "herdgate_shed_total",
+        "Load-shedding actions taken, by action"
+    );
+    describe_counter!(
+        "herdgate_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out, by reason"
+    );
+    describe_counter!(
+        "herdgate_tls_reloads_total",
+        "TLS certificate reloads, by result"
+    );
+    describe_gauge!(
+        "herdgate_worker_mailbox_depth",
+        "Commands waiting in the fullest worker mailbox"
+    );
+    // Present from the start, not only after the first change.
+    metrics::gauge!("herdgate_load_state").set(0.0);
 }

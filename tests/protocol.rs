@@ -484,3 +484,21 @@ async fn connection_cap_refuses_upgrades_with_503_and_retry_after() {
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test]
+async fn a_socket_that_never_subscribes_is_pruned_4202() {
+    let s = start("[limits]\nsubscribe_deadline = \"300ms\"").await;
+    let mut idle = s.connect().await;
+    let mut busy = s.connect().await;
+    busy.subscribe("x").await;
+    assert_eq!(idle.expect_close().await, Some(4202));
+    // The subscribed socket outlives the deadline and keeps being served.
+    let mut third = s.connect().await;
+    assert_eq!(
+        third.expect_close().await,
+        Some(4202),
+        "deadline passed for this one too"
+    );
+    busy.send(json!({"event":"pusher:ping"})).await;
+    busy.expect("pusher:pong").await;
+}

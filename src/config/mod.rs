@@ -69,6 +69,11 @@ pub struct ServerConfig {
     pub pong_timeout: HumanDuration,
     /// Deadline for a new TCP connection to send complete HTTP request headers.
     pub handshake_timeout: HumanDuration,
+    /// Every connection to `listen` starts with a PROXY protocol v1 or v2
+    /// header from the load balancer; connections without one are dropped.
+    pub proxy_protocol: bool,
+    /// Peers (CIDR blocks) whose `X-Forwarded-For` names the real client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +86,8 @@ impl Default for ServerConfig {
             activity_timeout: HumanDuration::secs(120),
             pong_timeout: HumanDuration::secs(30),
             handshake_timeout: HumanDuration::secs(10),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -121,6 +128,9 @@ pub struct LimitsConfig {
     pub max_request_header_bytes: usize,
     /// A socket whose peer does not take a queued write within this time is closed.
     pub write_timeout: HumanDuration,
+    /// A new socket that has neither subscribed nor signed in by then is
+    /// closed with 4202. "0s" disables the check.
+    pub subscribe_deadline: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -142,6 +152,7 @@ impl Default for LimitsConfig {
             new_connections_burst: 10_000,
             max_connections_per_ip: 5_000,
             write_timeout: HumanDuration::secs(10),
+            subscribe_deadline: HumanDuration::secs(60),
         }
     }
 }

@@ -86,6 +86,11 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             ),
         );
     }
+    for (i, p) in c.server.trusted_proxies.iter().enumerate() {
+        if let Err(e) = p.parse::<crate::realaddr::Cidr>() {
+            err(&format!("server.trusted_proxies[{i}]"), e);
+        }
+    }
     if !(1..=65535).contains(&c.server.backlog) {
         err("server.backlog", "must be between 1 and 65535".into());
     }

@@ -136,6 +136,12 @@ pub fn handle(
     };
     let check = check_pusher_request(req.uri(), shared);
     let live = shared.live();
+    // The real client, if a trusted proxy says who it is.
+    let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let peer = SocketAddr::new(
+        crate::realaddr::client_ip(peer.ip(), xff, &live.trusted_proxies),
+        peer.port(),
+    );
     if let Ok(key) = &check {
         let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
         if let Some(app) = live.apps.by_key(key) {

@@ -113,10 +113,28 @@ async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// The cgroup's memory limit (v2 `memory.max`, or v1), else physical RAM.
+/// The memory limit of this process's own cgroup (the path in
+/// /proc/self/cgroup: a systemd unit's `MemoryMax=`, v2 or v1), else the
+/// cgroup root's, else physical RAM.
 fn memory_limit() -> u64 {
     let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
-    let cgroup = read("/sys/fs/cgroup/memory.max")
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let path_of = |prefix: &str| {
+        own.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|p| p.trim_end_matches('/').to_string())
+    };
+    let v2 = path_of("0::").and_then(|p| read(&format!("/sys/fs/cgroup{p}/memory.max")));
+    let v1 = own
+        .lines()
+        .find_map(|l| {
+            l.split_once(":memory:")
+                .map(|(_, p)| p.trim_end_matches('/').to_string())
+        })
+        .and_then(|p| read(&format!("/sys/fs/cgroup/memory{p}/memory.limit_in_bytes")));
+    let cgroup = v2
+        .or(v1)
+        .or_else(|| read("/sys/fs/cgroup/memory.max"))
         .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
     // SAFETY: sysconf has no preconditions.
     let physical = unsafe {

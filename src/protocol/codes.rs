@@ -21,6 +21,8 @@ pub const UNAUTHORIZED: u16 = 4009;
 pub const OVER_CAPACITY: u16 = 4100;
 /// Generic reconnect-now: server shutting down.
 pub const RECONNECT: u16 = 4200;
+/// Closed for inactivity: the socket never subscribed to anything.
+pub const INACTIVE: u16 = 4202;
 /// The socket did not answer our ping in time.
 pub const PONG_TIMEOUT: u16 = 4201;
 /// A client event over the per-socket rate limit (sent as `pusher:error`; the socket stays open).

@@ -176,13 +176,14 @@ impl Session {
     where
         S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     {
-        let (activity, pong_wait, write_timeout) = {
+        let (activity, pong_wait, write_timeout, subscribe_deadline) = {
             let live = self.shared.live();
             let c = &live.config;
             (
                 c.server.activity_timeout.get(),
                 c.server.pong_timeout.get(),
                 c.limits.write_timeout.get(),
+                c.limits.subscribe_deadline.get(),
             )
         };
         // Node-wide signals are awaited by futures created once and kept
@@ -208,7 +209,12 @@ impl Session {
 
         let mut last_seen = Instant::now();
         let mut pinged_at: Option<Instant> = None;
-        let timer = sleep_until(last_seen + activity);
+        // A new socket must subscribe (or sign in) by then, or it is pruned.
+        let mut subscribe_by =
+            (!subscribe_deadline.is_zero()).then(|| last_seen + subscribe_deadline);
+        let timer = sleep_until(
+            subscribe_by.map_or(last_seen + activity, |by| by.min(last_seen + activity)),
+        );
         tokio::pin!(timer);
 
         loop {
@@ -266,6 +272,12 @@ impl Session {
                     if close_at.is_some_and(|at| now >= at) {
                         return End::close(codes::RECONNECT, "server shutting down", "shutdown");
                     }
+                    if subscribe_by.is_some_and(|by| now >= by) {
+                        if self.channels.is_empty() && self.user.is_none() {
+                            return End::close(codes::INACTIVE, "no subscription within the deadline", "idle_unsubscribed");
+                        }
+                        subscribe_by = None;
+                    }
                     let next = match pinged_at {
                         Some(at) if last_seen <= at => {
                             return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
@@ -280,7 +292,8 @@ impl Session {
                             last_seen + activity
                         }
                     };
-                    timer.as_mut().reset(close_at.map_or(next, |at| at.min(next)));
+                    let next = [close_at, subscribe_by].into_iter().flatten().fold(next, Instant::min);
+                    timer.as_mut().reset(next);
                 }
             }
         }
