@@ -294,6 +294,10 @@ pub fn tls_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<ClientConfig>
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
+    // Every simulated client is a different browser: full handshakes, no
+    // session resumption (which would make the server's work look cheaper).
+    let mut config = config;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
