@@ -144,3 +144,26 @@ fn check_config_command_exit_codes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn refuses_to_start_when_connections_exceed_the_open_files_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("big.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections = 100000000\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herdgate"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (soft, _) = herdgate::sys::raise_nofile_limit().unwrap();
+    assert!(
+        err.contains("100000000") && err.contains(&soft.to_string()),
+        "names both numbers: {err}"
+    );
+}

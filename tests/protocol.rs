@@ -502,3 +502,35 @@ async fn a_socket_that_never_subscribes_is_pruned_4202() {
     busy.send(json!({"event":"pusher:ping"})).await;
     busy.expect("pusher:pong").await;
 }
+
+#[tokio::test]
+async fn allowed_origins_are_enforced_per_app() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let s = start("").await;
+    let attempt = |origin: Option<&'static str>| {
+        let mut req = s.ws_url("origin-key").into_client_request().unwrap();
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    assert!(attempt(Some("https://events.example.com")).await.is_ok());
+    assert!(attempt(Some("https://hall.example.org")).await.is_ok());
+    for bad in [
+        Some("https://evil.example.net"),
+        Some("http://events.example.com"),
+        None,
+    ] {
+        match attempt(bad).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 403, "{bad:?}")
+            }
+            other => panic!("{bad:?}: expected 403, got {:?}", other.map(|_| ())),
+        }
+    }
+    // Apps without a list accept any origin.
+    let mut req = s.ws_url(KEY).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://anywhere.test".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+}

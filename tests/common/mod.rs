@@ -66,6 +66,12 @@ id = "100003"
 key = "disabled-key"
 secret = "disabled-secret"
 enabled = false
+
+[[apps]]
+id = "100004"
+key = "origin-key"
+secret = "origin-secret"
+allowed_origins = ["https://events.example.com", "https://*.example.org"]
 "#
     );
     let config = Config::from_toml_str(&text).expect("test config is valid");
