@@ -67,7 +67,18 @@ static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 /// Install the process-wide metrics recorder once and describe every metric.
 pub fn init_metrics() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    "herdgate_delivery_delay_seconds".into(),
+                ),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ],
+            )
+            .expect("non-empty buckets")
+            .build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
         describe();
@@ -120,6 +131,11 @@ fn describe() {
     describe_counter!(
         "herdgate_http_requests_total",
         "HTTP responses on the public listener, by status"
+    );
+    metrics::describe_histogram!(
+        "herdgate_delivery_delay_seconds",
+        metrics::Unit::Seconds,
+        "Time from a frame entering a socket's outbound queue to being written to the socket (oldest frame of each write)"
     );
     describe_counter!(
         "herdgate_accept_errors_total",

@@ -276,6 +276,7 @@ async fn admin_health_and_metrics() {
         "herdgate_messages_published_total",
         "herdgate_messages_delivered_total",
         "herdgate_http_requests_total",
+        "herdgate_delivery_delay_seconds_bucket",
     ] {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
     }

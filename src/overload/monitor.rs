@@ -88,6 +88,9 @@ async fn run(shared: Arc<Shared>) {
         metrics::gauge!("herdgate_worker_mailbox_depth").set(mailbox);
         metrics::gauge!("herdgate_scheduling_lag_seconds").set(lag_ms / 1000.0);
         metrics::gauge!("herdgate_rss_bytes").set(rss as f64);
+        // Fold histogram samples into their buckets even if nobody scrapes,
+        // so they never pile up between scrapes.
+        crate::telemetry::init_metrics().run_upkeep();
 
         let tuning = Tuning {
             hysteresis: o.hysteresis,

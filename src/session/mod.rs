@@ -230,10 +230,15 @@ impl Session {
                     }
                 }
                 _ = self.out.ready() => {
-                    let (frames, order) = self.out.drain();
+                    let (frames, order, oldest) = self.out.drain_timed();
                     if !frames.is_empty() {
                         match timeout(write_timeout, write_all(ws, frames)).await {
-                            Ok(Ok(())) => {}
+                            Ok(Ok(())) => {
+                                // Queued → handed to the kernel, for the oldest frame of the batch.
+                                if let Some(t) = oldest {
+                                    metrics::histogram!("herdgate_delivery_delay_seconds").record(t.elapsed().as_secs_f64());
+                                }
+                            }
                             Ok(Err(_)) => return End::PeerGone,
                             Err(_) => return End::close(codes::OVER_CAPACITY, "write timeout", "write_timeout"),
                         }

@@ -40,6 +40,8 @@ struct State {
     queue: VecDeque<Frame>,
     bytes: usize,
     close: Option<CloseOrder>,
+    /// When the oldest queued frame arrived (for the delivery-delay histogram).
+    oldest: Option<std::time::Instant>,
 }
 
 pub struct Outbound {
@@ -84,6 +86,9 @@ impl Outbound {
             return Push::Overflow;
         }
         let was_empty = s.queue.is_empty();
+        if was_empty {
+            s.oldest = Some(std::time::Instant::now());
+        }
         s.queue.push_back(frame.clone());
         s.bytes += len;
         OUTBOUND_BYTES.add(len as i64);
@@ -106,10 +111,22 @@ impl Outbound {
 
     /// Take everything queued, and the close order if there is one.
     pub fn drain(&self) -> (VecDeque<Frame>, Option<CloseOrder>) {
+        let (frames, close, _) = self.drain_timed();
+        (frames, close)
+    }
+
+    /// Like `drain`, with the time the oldest of the frames was queued.
+    pub fn drain_timed(
+        &self,
+    ) -> (
+        VecDeque<Frame>,
+        Option<CloseOrder>,
+        Option<std::time::Instant>,
+    ) {
         let mut s = self.lock();
         OUTBOUND_BYTES.add(-(s.bytes as i64));
         s.bytes = 0;
-        (std::mem::take(&mut s.queue), s.close)
+        (std::mem::take(&mut s.queue), s.close, s.oldest.take())
     }
 
     /// Resolves when something was pushed or a close was ordered since the last drain.
