@@ -34,42 +34,15 @@ key = "compat-key"
 secret = "compat-secret"
 "#;
 
-/// A throwaway CA and a localhost certificate it signed: (ca.pem, cert, key).
-fn test_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Distinct subject names: a leaf whose issuer equals its subject looks self-signed.
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "herdgate compat test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let leaf = leaf.signed_by(&key, &issuer).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, leaf.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
 
 #[test]
 fn pusher_js_and_node_sdk_compatibility() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat");
     npm_install(&dir);
 
-    let tmp = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = test_pki(tmp.path());
+    let pki = common::pki::Pki::new();
+    let (cert, key, _) = pki.leaf("localhost", false);
+    let ca = pki.ca_pem_path();
     let plain = Herdgate::start(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{APP}"
     ));

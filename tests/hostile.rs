@@ -10,8 +10,7 @@ mod common;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls::pki_types::CertificateDer;
+use common::pki::{tls_section, Pki};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -198,38 +197,12 @@ async fn answers_until_sync(c: &mut Client, i: usize) -> Vec<Event> {
     }
 }
 
-/// A test CA and one leaf for localhost, written to a temp dir.
-struct Pki {
-    ca: CertificateDer<'static>,
-    tls_section: String,
-    _dir: tempfile::TempDir,
-}
-
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "hostile test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let leaf = params.signed_by(&key, &issuer).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("leaf.crt"), dir.path().join("leaf.key"));
-    std::fs::write(&cert_path, leaf.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    Pki {
-        ca: ca.der().clone(),
-        tls_section: format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\nhandshake_timeout = \"300ms\"\n",
-            cert_path.display().to_string(),
-            key_path.display().to_string()
-        ),
-        _dir: dir,
-    }
+/// A test CA and one leaf for localhost, with a 300 ms TLS handshake deadline.
+fn pki() -> (Pki, String) {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("localhost", false);
+    let section = tls_section(&cert, &key, "handshake_timeout = \"300ms\"\n");
+    (pki, section)
 }
 
 async fn healthy_tls(s: &TestServer, cfg: Arc<rustls::ClientConfig>) -> Client {
@@ -323,9 +296,9 @@ async fn slowloris_and_silent_connections_are_closed_after_the_handshake_timeout
 
 #[tokio::test]
 async fn stalled_and_partial_tls_handshakes_are_closed_after_the_tls_timeout() {
-    let pki = pki();
-    let s = start(&format!("{SHORT_HANDSHAKE}{}", pki.tls_section)).await;
-    let cfg = tls_client_config(&pki.ca, &[&rustls::version::TLS13]);
+    let (pki, tls) = pki();
+    let s = start(&format!("{SHORT_HANDSHAKE}{tls}")).await;
+    let cfg = tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]);
     let mut h = healthy_tls(&s, cfg.clone()).await;
 
     let hello = client_hello(cfg.clone());
@@ -393,9 +366,9 @@ async fn stalled_and_partial_tls_handshakes_are_closed_after_the_tls_timeout() {
 
 #[tokio::test]
 async fn garbage_instead_of_tls_is_dropped() {
-    let pki = pki();
-    let s = start(&pki.tls_section).await;
-    let cfg = tls_client_config(&pki.ca, &[&rustls::version::TLS13]);
+    let (pki, tls) = pki();
+    let s = start(&tls).await;
+    let cfg = tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]);
     let mut h = healthy_tls(&s, cfg.clone()).await;
 
     let garbage: Vec<(&str, Vec<u8>)> = vec![

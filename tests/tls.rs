@@ -4,71 +4,12 @@
 mod common;
 
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use common::pki::{tls_section, Pki};
 use rustls::pki_types::CertificateDer;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-/// A test CA that signs leaf certificates for localhost / 127.0.0.1.
-struct Pki {
-    ca_der: CertificateDer<'static>,
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "herdgate test CA");
-        let ca = params.self_signed(&key).unwrap();
-        Pki {
-            ca_der: ca.der().clone(),
-            ca_pem: ca.pem(),
-            issuer: Issuer::new(params, key),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    /// Write a leaf cert + PKCS#8 key named `name`; returns (cert path, key path, cert DER).
-    fn leaf(&self, name: &str, expired: bool) -> (PathBuf, PathBuf, CertificateDer<'static>) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 2);
-        }
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (
-            self.dir.path().join(format!("{name}.crt")),
-            self.dir.path().join(format!("{name}.key")),
-        );
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k, cert.der().clone())
-    }
-
-    fn ca_pem_path(&self) -> PathBuf {
-        let p = self.dir.path().join("ca.pem");
-        std::fs::write(&p, &self.ca_pem).unwrap();
-        p
-    }
-}
-
-fn tls_section(cert: &Path, key: &Path) -> String {
-    format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\n",
-        cert.display().to_string(),
-        key.display().to_string()
-    )
-}
 
 /// Connect over TLS and speak the protocol; returns the client and the server's leaf certificate.
 async fn connect_tls(
@@ -91,7 +32,7 @@ async fn connect_tls(
 async fn wss_and_https_over_tls13_and_tls12() {
     let pki = Pki::new();
     let (cert, key, leaf_der) = pki.leaf("leaf-1", false);
-    let s = start(&tls_section(&cert, &key)).await;
+    let s = start(&tls_section(&cert, &key, "")).await;
     for versions in [
         &[&rustls::version::TLS13][..],
         &[&rustls::version::TLS12][..],
@@ -117,7 +58,7 @@ async fn wss_and_https_over_tls13_and_tls12() {
 async fn plain_bytes_on_a_tls_listener_are_refused_and_others_keep_working() {
     let pki = Pki::new();
     let (cert, key, _) = pki.leaf("leaf", false);
-    let s = start(&tls_section(&cert, &key)).await;
+    let s = start(&tls_section(&cert, &key, "")).await;
     let (mut healthy, _, _) = connect_tls(
         &s,
         tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]),
@@ -152,7 +93,7 @@ async fn plain_bytes_on_a_tls_listener_are_refused_and_others_keep_working() {
 async fn rotated_certificate_is_used_for_new_handshakes_only() {
     let pki = Pki::new();
     let (cert, key, first) = pki.leaf("first", false);
-    let s = start(&tls_section(&cert, &key)).await;
+    let s = start(&tls_section(&cert, &key, "")).await;
     let cfg = tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]);
     let (mut old, seen, _) = connect_tls(&s, cfg.clone()).await;
     assert_eq!(seen, first);
@@ -253,7 +194,7 @@ fn bad_tls_files_are_config_errors_naming_the_file() {
     for (c, k, field, needle) in cases {
         let text = format!(
             "{}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n",
-            tls_section(&c, &k)
+            tls_section(&c, &k, "")
         );
         let err = herdgate::config::Config::from_toml_str(&text)
             .unwrap_err()

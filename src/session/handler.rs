@@ -183,11 +183,7 @@ impl Session {
             .await
             .is_err()
         {
-            return Err(End::close(
-                codes::RECONNECT,
-                "server shutting down",
-                "shutdown",
-            ));
+            return Err(End::shutdown());
         }
         self.channels.push(Channel { name, kind, user });
         Ok(())
@@ -245,11 +241,7 @@ impl Session {
             .await
             .is_err()
         {
-            return Err(End::close(
-                codes::RECONNECT,
-                "server shutting down",
-                "shutdown",
-            ));
+            return Err(End::shutdown());
         }
         self.user = Some(Arc::from(id));
         self.out.push(&protocol::signin_success(&d.user_data));
@@ -330,11 +322,7 @@ impl Session {
             .await
             .is_err()
         {
-            return Err(End::close(
-                codes::RECONNECT,
-                "server shutting down",
-                "shutdown",
-            ));
+            return Err(End::shutdown());
         }
         Ok(())
     }

@@ -47,6 +47,11 @@ impl End {
             label,
         }
     }
+
+    /// The server is going away (drain, or its workers stopped): reconnect.
+    pub(crate) fn shutdown() -> End {
+        End::close(codes::RECONNECT, "server shutting down", "shutdown")
+    }
 }
 
 pub(crate) struct Channel {
@@ -275,7 +280,7 @@ impl Session {
                 _ = &mut timer => {
                     let now = Instant::now();
                     if close_at.is_some_and(|at| now >= at) {
-                        return End::close(codes::RECONNECT, "server shutting down", "shutdown");
+                        return End::shutdown();
                     }
                     if subscribe_by.is_some_and(|by| now >= by) {
                         if self.channels.is_empty() && self.user.is_none() {

@@ -2,6 +2,7 @@
 //! that speaks the Pusher protocol, and a signed HTTP API client.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod process;
 
 use futures_util::{SinkExt, StreamExt};
