@@ -209,7 +209,11 @@ async fn report_status(notifier: Notifier, shared: std::sync::Arc<herdgate::stat
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tick.tick().await;
-        notifier.status(&format!("{} connections open", shared.sessions.open()));
+        let state = shared.overload.state().as_str();
+        notifier.status(&format!(
+            "{} connections open, load {state}",
+            shared.sessions.open()
+        ));
     }
 }
 

@@ -2,7 +2,6 @@
 //! against a real herdgate process. npm packages are installed from the
 //! committed lockfile when missing, so `cargo test` works on a fresh machine.
 
-#[allow(dead_code)]
 mod common;
 
 use common::process::Herdgate;
@@ -33,7 +32,6 @@ id = "424242"
 key = "compat-key"
 secret = "compat-secret"
 "#;
-
 
 #[test]
 fn pusher_js_and_node_sdk_compatibility() {

@@ -8,9 +8,9 @@
 
 mod common;
 
+use common::pki::{tls_section, Pki};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use common::pki::{tls_section, Pki};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

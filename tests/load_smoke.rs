@@ -1,7 +1,6 @@
 //! Every herdgate-load scenario, small, against a real herdgate process: the
 //! load tool cannot rot, and the numbers it reports add up.
 
-#[allow(dead_code)]
 mod common;
 
 use common::process::Herdgate;

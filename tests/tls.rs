@@ -3,13 +3,12 @@
 
 mod common;
 
-use common::*;
 use common::pki::{tls_section, Pki};
+use common::*;
 use rustls::pki_types::CertificateDer;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::net::TcpStream;
-
 
 /// Connect over TLS and speak the protocol; returns the client and the server's leaf certificate.
 async fn connect_tls(

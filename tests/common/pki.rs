@@ -58,8 +58,11 @@ impl Pki {
     }
 }
 
-
 /// A `[tls]` config section for `cert` and `key`, plus `extra` lines.
 pub fn tls_section(cert: &Path, key: &Path, extra: &str) -> String {
-    format!("[tls]\ncert = {:?}\nkey = {:?}\n{extra}", cert.display().to_string(), key.display().to_string())
+    format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n{extra}",
+        cert.display().to_string(),
+        key.display().to_string()
+    )
 }
