@@ -780,3 +780,68 @@ async fn reloaded_drain_period_applies_to_open_sockets() {
     let status = hg.wait_exit(SOON).await.expect("exits");
     assert!(status.success(), "{status}");
 }
+
+/// Socket activation: herdgate serves on the listening socket it is handed
+/// (fd 3, LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES as systemd sets them) instead
+/// of binding `listen` itself, so a restart never closes the listening socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_uses_the_inherited_listener() {
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = inherited.local_addr().unwrap().port();
+    let fd = inherited.as_raw_fd();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("herdgate.toml");
+    // `listen` names another port: the inherited socket must win.
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"s3cret\"\n"
+    );
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    // `exec` keeps the shell's pid, so $$ is herdgate's pid, as LISTEN_PID must be.
+    cmd.args([
+        "-c",
+        "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=public exec \"$0\" --config \"$1\"",
+    ])
+    .arg(env!("CARGO_BIN_EXE_herdgate"))
+    .arg(&cfg)
+    .env("RUST_LOG", "info")
+    .stdout(std::process::Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; fd 3 is where systemd puts the first socket.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut saw_inherited = false;
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("herdgate exited before listening")
+            .unwrap();
+        saw_inherited |= line.contains("listening socket passed by systemd");
+        if let Some(a) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+        {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    assert!(saw_inherited, "herdgate said it took the inherited socket");
+    assert_eq!(addr, format!("127.0.0.1:{port}"));
+    drop(inherited); // only herdgate holds it now
+    let mut c = Client::connect(&ws_url(addr.parse().unwrap())).await;
+    c.send(serde_json::json!({"event":"pusher:ping"})).await;
+    c.expect("pusher:pong").await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
