@@ -289,9 +289,11 @@ impl Session {
                         subscribe_by = None;
                     }
                     let next = match pinged_at {
-                        Some(at) if last_seen <= at => {
+                        Some(at) if last_seen <= at && now >= at + pong_wait => {
                             return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
                         }
+                        // Woken early (drain or subscribe deadline): keep waiting for the pong.
+                        Some(at) if last_seen <= at => at + pong_wait,
                         _ if now >= last_seen + activity => {
                             self.out.push(&crate::protocol::ping());
                             pinged_at = Some(now);
@@ -378,4 +380,135 @@ where
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session loop on an in-memory websocket pair, with paused time:
+    //! timers are exercised without waiting for them.
+    use super::*;
+    use crate::config::Config;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    async fn pair(
+        extra: &str,
+    ) -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<End>,
+    ) {
+        let text = format!("{extra}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n");
+        let shared = Shared::new(Config::from_toml_str(&text).unwrap()).unwrap();
+        let app = shared.live().apps.by_key("k").unwrap().clone();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+            let mut session = Session::new(shared, app);
+            run(&mut ws, &mut session).await
+        });
+        (
+            WebSocketStream::from_raw_socket(b, Role::Client, None).await,
+            server,
+        )
+    }
+
+    async fn next_event(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> Option<String> {
+        loop {
+            match ws.next().await? {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                    return Some(v["event"].as_str().unwrap().to_string());
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_socket_gets_a_ping_then_4201_after_the_pong_wait() {
+        let (mut client, server) = pair("[server]\nactivity_timeout = \"10s\"\npong_timeout = \"5s\"\n[limits]\nsubscribe_deadline = \"0s\"").await;
+        let start = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:ping")
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(next_event(&mut client).await, None, "the close frame");
+        assert_eq!(start.elapsed(), Duration::from_secs(15));
+        let end = server.await.unwrap();
+        assert!(
+            matches!(
+                end,
+                End::Close {
+                    code: codes::PONG_TIMEOUT,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_wakeup_does_not_cut_the_pong_wait_short() {
+        // Ping at 2 s; the subscribe deadline wakes the loop at 5 s while the
+        // pong is still awaited; the close must wait for 2 s + 10 s.
+        let (mut client, server) =
+            pair("[server]\nactivity_timeout = \"2s\"\npong_timeout = \"10s\"\n[limits]\nsubscribe_deadline = \"5s\"").await;
+        let start = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        let sub = r#"{"event":"pusher:subscribe","data":{"channel":"lobby"}}"#;
+        client.send(Message::Text(sub.into())).await.unwrap();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher_internal:subscription_succeeded")
+        );
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:ping")
+        );
+        assert_eq!(next_event(&mut client).await, None, "the close frame");
+        assert_eq!(start.elapsed(), Duration::from_secs(12));
+        let end = server.await.unwrap();
+        assert!(
+            matches!(
+                end,
+                End::Close {
+                    code: codes::PONG_TIMEOUT,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_never_subscribes_is_closed_4202_at_the_deadline() {
+        let (mut client, server) = pair("[limits]\nsubscribe_deadline = \"30s\"").await;
+        let start = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        assert_eq!(next_event(&mut client).await, None, "the close frame");
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        let end = server.await.unwrap();
+        assert!(
+            matches!(
+                end,
+                End::Close {
+                    code: codes::INACTIVE,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+    }
 }
