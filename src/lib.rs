@@ -97,6 +97,7 @@ impl Running {
         self.shared.draining.cancel();
         tokio::time::sleep(s.deregister_delay.get()).await;
         self.shared.closing.cancel();
+        self.shared.overload.begin_closing();
         self.shared.tasks.close();
         let deadline = s.drain_period.get() + s.grace.get();
         if tokio::time::timeout(deadline, self.shared.tasks.wait())

@@ -24,6 +24,9 @@ pub struct Status {
     pub state: LoadState,
     /// The `herdgate:status` frame for this state.
     pub frame: Frame,
+    /// The node is draining: each socket picks its moment to close. Carried
+    /// here so sessions watch one node-wide signal, not two.
+    pub closing: bool,
 }
 
 pub struct Overload {
@@ -47,6 +50,7 @@ impl Default for Overload {
         let (status, _) = watch::channel(Status {
             state: LoadState::Normal,
             frame: status_frame(LoadState::Normal, &[]),
+            closing: false,
         });
         Overload {
             state: AtomicU8::new(0),
@@ -75,10 +79,15 @@ impl Overload {
     pub fn set(&self, state: LoadState, limited: &[&str]) {
         self.state.store(state as u8, Ordering::Relaxed);
         metrics::gauge!("herdgate_load_state").set(state as u8 as f64);
-        self.status.send_replace(Status {
-            state,
-            frame: status_frame(state, limited),
+        self.status.send_modify(|s| {
+            s.state = state;
+            s.frame = status_frame(state, limited);
         });
+    }
+
+    /// Tell every session the node is draining.
+    pub fn begin_closing(&self) {
+        self.status.send_modify(|s| s.closing = true);
     }
 
     pub fn snapshot(&self) -> Snapshot {

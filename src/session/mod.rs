@@ -191,24 +191,23 @@ impl Session {
                 c.limits.subscribe_deadline.get(),
             )
         };
-        // Node-wide signals are awaited by futures created once and kept
-        // across iterations: re-creating them would register and unregister
-        // every socket in one shared waiter list on every message.
-        let closing = self.shared.closing.clone().cancelled_owned();
-        tokio::pin!(closing);
         // When the server drains, each socket picks its own moment within the
         // drain period to close, so reconnects reach other nodes spread out.
         let mut close_at: Option<Instant> = None;
-        // Load state changes reach the client as `herdgate:status`; a socket
-        // that connects while the node is not normal is told at once.
+        // Node-wide signals (load state changes, drain) arrive through one
+        // watch channel, awaited by a future created once and kept across
+        // iterations: re-creating it would register and unregister every
+        // socket in one shared waiter list on every message. A socket that
+        // connects while the node is not normal is told at once.
         let mut rx = self.shared.overload.subscribe();
-        if rx.borrow_and_update().state != crate::overload::LoadState::Normal {
+        let mut state = rx.borrow_and_update().state;
+        if state != crate::overload::LoadState::Normal {
             self.out.push(&rx.borrow().frame);
         }
         let status = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.changed().await.ok()?;
-            let frame = rx.borrow_and_update().frame.clone();
-            Some((frame, rx))
+            let s = rx.borrow_and_update().clone();
+            Some((s, rx))
         });
         tokio::pin!(status);
 
@@ -225,15 +224,6 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                _ = &mut closing, if close_at.is_none() => {
-                    // The drain period in force now (a reload may have changed it).
-                    let drain_period = self.shared.live().config.shutdown.drain_period.get();
-                    let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
-                    close_at = Some(at);
-                    if timer.deadline() > at {
-                        timer.as_mut().reset(at);
-                    }
-                }
                 _ = self.out.ready() => {
                     let (frames, order, oldest) = self.out.drain_timed();
                     if !frames.is_empty() {
@@ -241,7 +231,7 @@ impl Session {
                             Ok(Ok(())) => {
                                 // Queued → handed to the kernel, for the oldest frame of the batch.
                                 if let Some(t) = oldest {
-                                    metrics::histogram!("herdgate_delivery_delay_seconds").record(t.elapsed().as_secs_f64());
+                                    delivery_delay().record(t.elapsed().as_secs_f64());
                                 }
                             }
                             Ok(Err(_)) => return End::PeerGone,
@@ -253,8 +243,20 @@ impl Session {
                         return End::close(code, reason, label);
                     }
                 }
-                Some(frame) = status.next() => {
-                    self.out.push(&frame);
+                Some(s) = status.next() => {
+                    if s.state != state {
+                        state = s.state;
+                        self.out.push(&s.frame);
+                    }
+                    if s.closing && close_at.is_none() {
+                        // The drain period in force now (a reload may have changed it).
+                        let drain_period = self.shared.live().config.shutdown.drain_period.get();
+                        let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
+                        close_at = Some(at);
+                        if timer.deadline() > at {
+                            timer.as_mut().reset(at);
+                        }
+                    }
                 }
                 msg = ws.next() => {
                     last_seen = Instant::now();
@@ -338,6 +340,12 @@ where
         ws.feed(Message::Text(f)).await?;
     }
     ws.flush().await
+}
+
+/// The delivery-delay histogram, looked up once rather than per write.
+fn delivery_delay() -> &'static metrics::Histogram {
+    static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+    H.get_or_init(|| metrics::histogram!("herdgate_delivery_delay_seconds"))
 }
 
 fn map_ws_error(e: WsError) -> End {
