@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod apps;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod listener;
@@ -46,10 +47,18 @@ pub fn start(
     config: Config,
 ) -> Result<Running, tls::TlsError> {
     telemetry::init_metrics();
+    let worker_role = config.cluster.role == "worker";
     let shared = Shared::new(config)?;
-    shared
-        .tasks
-        .spawn(listener::accept_loop(listener, shared.clone()));
+    if worker_role {
+        // A worker serves edges on its link listener, not clients.
+        shared
+            .tasks
+            .spawn(cluster::worker_node::serve(listener, shared.clone()));
+    } else {
+        shared
+            .tasks
+            .spawn(listener::accept_loop(listener, shared.clone()));
+    }
     overload::spawn_monitor(shared.clone());
     if let Some(admin) = admin {
         tokio::spawn(http::admin::serve(admin, shared.clone()));

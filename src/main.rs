@@ -118,6 +118,7 @@ fn serve(
         tracing::info!(
             listen = %listener.local_addr()?,
             tls = config.tls.is_some(),
+            role = %config.cluster.role,
             workers = config.worker_count(),
             "herdgate listening (websockets on /app/{{key}}, HTTP API on /apps/{{id}})"
         );
@@ -183,6 +184,11 @@ async fn listeners(
         Some(l) => {
             tracing::info!("using the listening socket passed by systemd");
             l
+        }
+        None if config.cluster.role == "worker" => {
+            let addr: std::net::SocketAddr = config.cluster.link_listen.parse().expect("validated");
+            herdgate::listener::bind(addr, config.server.backlog)
+                .with_context(|| format!("cannot listen on cluster.link_listen = {addr}"))?
         }
         None => {
             let addr = config.listen_addr();

@@ -32,6 +32,10 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     fixed!(limits.worker_mailbox, "limits.worker_mailbox");
     fixed!(limits.max_handshakes, "limits.max_handshakes");
     fixed!(log.format, "log.format");
+    fixed!(cluster.role, "cluster.role");
+    fixed!(cluster.link_listen, "cluster.link_listen");
+    fixed!(cluster.workers, "cluster.workers");
+    fixed!(cluster.node_id, "cluster.node_id");
     match (&o.tls, &new.tls, &shared.tls) {
         (Some(_), Some(t), Some(tls)) => {
             if let Err(e) = tls.store.reload_from(t.cert.as_ref(), t.key.as_ref()) {

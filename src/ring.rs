@@ -33,6 +33,12 @@ impl Ring {
         *self.inner.get(room_hash(app, channel))
     }
 
+    /// Every worker in this room's ring order: the owner first, then the
+    /// ones its rooms fall to if the workers before them are down.
+    pub fn candidates<'a>(&'a self, app: &str, channel: &str) -> impl Iterator<Item = usize> + 'a {
+        self.inner.replicas(room_hash(app, channel)).copied()
+    }
+
     pub fn len(&self) -> usize {
         self.inner.len()
     }
@@ -96,6 +102,35 @@ mod tests {
             moved > expected / 2 && moved < expected * 3 / 2,
             "moved {moved}, expected about {expected}"
         );
+    }
+
+    #[test]
+    fn removing_one_of_n_moves_only_its_rooms_to_their_next_candidates() {
+        let ring = Ring::new(5, DEFAULT_VNODES);
+        let (mut moved, rooms) = (0, 20_000);
+        for i in 0..rooms {
+            let ch = format!("room-{i}");
+            let mut c = ring.candidates("app", &ch);
+            let owner = c.next().unwrap();
+            assert_eq!(
+                owner,
+                ring.owner("app", &ch),
+                "the first candidate is the owner"
+            );
+            // Worker 2 leaves: only its rooms move, to their second candidate.
+            let after = if owner == 2 { c.next().unwrap() } else { owner };
+            if after != owner {
+                moved += 1;
+                assert_ne!(after, 2);
+            }
+        }
+        let expected = rooms / 5;
+        assert!(
+            moved > expected / 2 && moved < expected * 3 / 2,
+            "moved {moved}, expected about {expected}"
+        );
+        let all: Vec<usize> = ring.candidates("app", "x").collect();
+        assert_eq!(all.len(), 5, "every worker appears once: {all:?}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The router: which worker owns a room, and how to reach it.
 //!
 //! Sessions and the HTTP API talk to rooms only through this type; whether
-//! the owner runs in this process or (later) behind a network link is the
-//! router's business, not theirs.
+//! the owner runs in this process (standalone) or behind a network link (an
+//! edge of a cluster, see `cluster::edge`) is the router's business, not theirs.
 
 use crate::protocol::names::USER_CHANNEL_PREFIX;
 use crate::protocol::Frame;
@@ -25,6 +25,8 @@ pub enum RouteError {
 pub struct Router {
     ring: Ring,
     workers: Vec<Mailbox>,
+    /// Set on an edge: rooms live on remote workers.
+    edge: Option<Arc<crate::cluster::edge::Edge>>,
 }
 
 impl Router {
@@ -34,11 +36,31 @@ impl Router {
         Router {
             ring: Ring::new(n, DEFAULT_VNODES),
             workers,
+            edge: None,
+        }
+    }
+
+    /// An edge's router: every room is owned by a remote worker.
+    pub fn edge(edge: Arc<crate::cluster::edge::Edge>) -> Router {
+        Router {
+            ring: Ring::new(1, 1),
+            workers: Vec::new(),
+            edge: Some(edge),
+        }
+    }
+
+    /// Drop every socket of a departed edge, in every worker.
+    pub async fn purge_edge(&self, edge: u64) {
+        for w in &self.workers {
+            let _ = w.send(Command::PurgeEdge { edge }).await;
         }
     }
 
     /// Commands waiting in the fullest worker mailbox.
     pub fn max_mailbox_depth(&self) -> usize {
+        if let Some(e) = &self.edge {
+            return e.max_queue_depth();
+        }
         self.workers
             .iter()
             .map(|w| w.max_capacity() - w.capacity())
@@ -80,6 +102,12 @@ impl Router {
         max_members: usize,
         shed: Shed,
     ) -> Result<(), RouteError> {
+        if let Some(e) = &self.edge {
+            let worker::Target::Local(out) = sub.to else {
+                return Err(RouteError::Gone);
+            };
+            return e.subscribe(room, sub.id, out, member, max_members, shed);
+        }
         let cmd = Command::Subscribe {
             room: room.clone(),
             sub,
@@ -96,6 +124,9 @@ impl Router {
         id: ConnId,
         shed: Shed,
     ) -> Result<(), RouteError> {
+        if let Some(e) = &self.edge {
+            return e.unsubscribe(room, id, shed);
+        }
         self.send(&room.clone(), Command::Unsubscribe { room, id, shed })
             .await
     }
@@ -107,6 +138,17 @@ impl Router {
         frame: Frame,
         sender: ConnId,
     ) -> Result<(), RouteError> {
+        if let Some(e) = &self.edge {
+            // A client event lost to a moving room is dropped, not a reason
+            // to close the sender's socket.
+            if e.publish(room, frame, Some(sender), None, None)
+                .await
+                .is_err()
+            {
+                metrics::counter!("herdgate_client_events_dropped_total", "reason" => "owner_unreachable").increment(1);
+            }
+            return Ok(());
+        }
         let cmd = Command::Publish {
             room: room.clone(),
             frame,
@@ -125,6 +167,9 @@ impl Router {
         coalesce: Option<Duration>,
         wait: Duration,
     ) -> Result<(), RouteError> {
+        if let Some(e) = &self.edge {
+            return e.publish(room, frame, exclude, coalesce, Some(wait)).await;
+        }
         let cmd = Command::Publish {
             room: room.clone(),
             frame,
@@ -135,6 +180,9 @@ impl Router {
     }
 
     pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
+        if let Some(e) = &self.edge {
+            return e.query(room, wait).await;
+        }
         let (tx, rx) = oneshot::channel();
         self.send_within(&room.clone(), Command::Query { room, reply: tx }, wait)
             .await?;
@@ -142,6 +190,9 @@ impl Router {
     }
 
     pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
+        if let Some(e) = &self.edge {
+            return e.users(room, wait).await;
+        }
         let (tx, rx) = oneshot::channel();
         self.send_within(&room.clone(), Command::Users { room, reply: tx }, wait)
             .await?;
@@ -155,6 +206,9 @@ impl Router {
         prefix: &str,
         wait: Duration,
     ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
+        if let Some(e) = &self.edge {
+            return e.list(app, prefix, wait).await;
+        }
         let mut replies = Vec::with_capacity(self.workers.len());
         for w in &self.workers {
             let (tx, rx) = oneshot::channel();
@@ -183,12 +237,21 @@ impl Router {
         sub: Subscriber,
     ) -> Result<(), RouteError> {
         let room = user_room(app, user);
+        if let Some(e) = &self.edge {
+            let worker::Target::Local(out) = sub.to else {
+                return Err(RouteError::Gone);
+            };
+            return e.sign_in(room, user, sub.id, out);
+        }
         self.send(&room.clone(), Command::SignIn { room, sub })
             .await
     }
 
     pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
         let room = user_room(app, user);
+        if let Some(e) = &self.edge {
+            return e.sign_out(room, user, id);
+        }
         self.send(&room.clone(), Command::SignOut { room, id })
             .await
     }
@@ -200,6 +263,9 @@ impl Router {
         wait: Duration,
     ) -> Result<(), RouteError> {
         let room = user_room(app, user);
+        if let Some(e) = &self.edge {
+            return e.terminate(room, user);
+        }
         self.send_within(&room.clone(), Command::Terminate { room }, wait)
             .await
     }

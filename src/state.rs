@@ -73,7 +73,23 @@ impl Shared {
             None => None,
         };
         let l = &config.limits;
-        let router = Router::local(config.worker_count(), l.worker_mailbox);
+        let cl = &config.cluster;
+        let router = if cl.role == "edge" {
+            let id = if cl.node_id == 0 {
+                rand::random::<u64>() | 1
+            } else {
+                cl.node_id
+            };
+            let edge = crate::cluster::edge::Edge::start(
+                id,
+                &cl.workers,
+                cl.heartbeat_interval.get(),
+                cl.settle.get(),
+            );
+            Router::edge(edge)
+        } else {
+            Router::local(config.worker_count(), l.worker_mailbox)
+        };
         Ok(Arc::new(Shared {
             sessions: crate::admission::Admission::new(l.max_connections),
             overload: crate::overload::Overload::default(),

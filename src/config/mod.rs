@@ -30,6 +30,7 @@ pub struct Config {
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub overload: OverloadConfig,
+    pub cluster: ClusterConfig,
     /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
     pub tls: Option<TlsConfig>,
     pub apps: Vec<AppConfig>,
@@ -153,6 +154,41 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 5_000,
             write_timeout: HumanDuration::secs(10),
             subscribe_deadline: HumanDuration::secs(60),
+        }
+    }
+}
+
+/// `[cluster]`: one node holding everything, or edges and workers on many hosts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// "standalone" (edge + in-process workers), "edge" or "worker".
+    pub role: String,
+    /// Worker: where edges connect.
+    pub link_listen: String,
+    /// Edge: the workers, the same list on every edge (every edge builds the same ring).
+    pub workers: Vec<String>,
+    /// This edge's identity towards workers; 0 = random at start.
+    pub node_id: u64,
+    /// Heartbeats on every link; three missed ones and the peer is gone.
+    pub heartbeat_interval: HumanDuration,
+    /// Worker: how long a lost edge's sockets are kept before they are dropped.
+    pub edge_lease: HumanDuration,
+    /// Edge: after a worker leaves or returns, publishes to the rooms that
+    /// moved are answered 503 this long, while every edge registers there.
+    pub settle: HumanDuration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            role: "standalone".into(),
+            link_listen: String::new(),
+            workers: Vec::new(),
+            node_id: 0,
+            heartbeat_interval: HumanDuration::millis(500),
+            edge_lease: HumanDuration::secs(3),
+            settle: HumanDuration::secs(1),
         }
     }
 }

@@ -221,6 +221,47 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             "must be greater than zero".into(),
         );
     }
+    let cl = &c.cluster;
+    match cl.role.as_str() {
+        "standalone" => {}
+        "worker" => {
+            if cl.link_listen.parse::<SocketAddr>().is_err() {
+                err(
+                    "cluster.link_listen",
+                    format!(
+                        "{:?}: a worker needs an address like \"0.0.0.0:7001\"",
+                        cl.link_listen
+                    ),
+                );
+            }
+        }
+        "edge" => {
+            if cl.workers.is_empty() {
+                err(
+                    "cluster.workers",
+                    "an edge needs at least one worker".into(),
+                );
+            }
+            for (i, w) in cl.workers.iter().enumerate() {
+                if w.parse::<SocketAddr>().is_err() {
+                    err(
+                        &format!("cluster.workers[{i}]"),
+                        format!("{w:?} is not an address like \"10.0.0.5:7001\""),
+                    );
+                }
+            }
+        }
+        other => err(
+            "cluster.role",
+            format!("{other:?}: expected \"standalone\", \"edge\" or \"worker\""),
+        ),
+    }
+    if cl.heartbeat_interval.get().is_zero() {
+        err(
+            "cluster.heartbeat_interval",
+            "must be greater than zero".into(),
+        );
+    }
     if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
         err(
             "log.level",

@@ -118,14 +118,12 @@ impl Session {
             .member_events_max(state);
         crate::worker::Shed {
             member_events_max: max,
+            silent: false,
         }
     }
 
     fn subscriber(&self) -> Subscriber {
-        Subscriber {
-            id: self.id,
-            out: self.out.clone(),
-        }
+        Subscriber::local(self.id, self.out.clone())
     }
 }
 

@@ -8,8 +8,10 @@
 //! bytes.
 
 mod room;
+mod target;
 
 pub use room::Delivery;
+pub use target::{RemoteEdge, Target};
 
 use crate::protocol::{self, Frame};
 use crate::session::outbound::{CloseOrder, Outbound};
@@ -25,7 +27,17 @@ use tokio::time::Instant;
 #[derive(Clone)]
 pub struct Subscriber {
     pub id: ConnId,
-    pub out: Arc<Outbound>,
+    pub to: Target,
+}
+
+impl Subscriber {
+    /// A socket of this process.
+    pub fn local(id: ConnId, out: Arc<Outbound>) -> Subscriber {
+        Subscriber {
+            id,
+            to: Target::Local(out),
+        }
+    }
 }
 
 /// The numeric form of a socket id `"<hi>.<lo>"`.
@@ -77,6 +89,9 @@ pub struct RoomInfo {
 pub struct Shed {
     /// Presence rooms with more members than this get no member_added/removed.
     pub member_events_max: Option<usize>,
+    /// Re-homing after a worker change: register or unregister without any
+    /// event (the socket is already subscribed; members are already known).
+    pub silent: bool,
 }
 
 pub enum Command {
@@ -128,6 +143,11 @@ pub enum Command {
     Terminate {
         room: RoomKey,
     },
+    /// An edge's link is gone for good: drop its sockets (presence members
+    /// held only by it are removed, with member_removed to the rest).
+    PurgeEdge {
+        edge: u64,
+    },
 }
 
 pub type Mailbox = mpsc::Sender<Command>;
@@ -149,7 +169,7 @@ struct Worker {
     index: usize,
     rooms: HashMap<RoomKey, Room>,
     /// Signed-in sockets per user, keyed like the user's channel.
-    users: HashMap<RoomKey, HashMap<ConnId, Arc<Outbound>>>,
+    users: HashMap<RoomKey, HashMap<ConnId, Target>>,
     /// Coalesced publishes waiting for their interval: the latest frame per room.
     /// Bounded by the number of rooms (one entry each).
     coalesced: HashMap<RoomKey, (Instant, Frame, Option<ConnId>)>,
@@ -188,7 +208,7 @@ impl Worker {
                 coalesce: None,
             } => {
                 if let Some(r) = self.rooms.get(&room) {
-                    record(r.fan_out(&frame, exclude));
+                    record(r.fan_out(&room, &frame, exclude, None));
                 }
             }
             Command::Publish {
@@ -230,7 +250,7 @@ impl Worker {
                 let _ = reply.send(list);
             }
             Command::SignIn { room, sub } => {
-                self.users.entry(room).or_default().insert(sub.id, sub.out);
+                self.users.entry(room).or_default().insert(sub.id, sub.to);
             }
             Command::SignOut { room, id } => {
                 if let Some(socks) = self.users.get_mut(&room) {
@@ -241,13 +261,15 @@ impl Worker {
                 }
             }
             Command::Terminate { room } => {
-                for out in self.users.get(&room).into_iter().flat_map(|s| s.values()) {
-                    out.close(CloseOrder {
-                        code: protocol::codes::UNAUTHORIZED,
-                        reason: "connection terminated by the app",
-                    });
+                let order = CloseOrder {
+                    code: protocol::codes::UNAUTHORIZED,
+                    reason: "connection terminated by the app",
+                };
+                for (id, to) in self.users.get(&room).into_iter().flat_map(|s| s.iter()) {
+                    to.close(&room, *id, order);
                 }
             }
+            Command::PurgeEdge { edge } => self.purge_edge(edge),
         }
     }
 
@@ -262,7 +284,7 @@ impl Worker {
             if let (Some((_, frame, exclude)), Some(room)) =
                 (self.coalesced.remove(&key), self.rooms.get(&key))
             {
-                record(room.fan_out(&frame, exclude));
+                record(room.fan_out(&key, &frame, exclude, None));
             }
         }
     }
@@ -276,19 +298,23 @@ impl Worker {
         shed: Shed,
     ) {
         let id = sub.id;
-        let out = sub.out.clone();
+        let to = sub.to.clone();
         let user = member.as_ref().map(|m| m.user_id.clone());
         let is_new_room = !self.rooms.contains_key(&key);
         let room = self.rooms.entry(key.clone()).or_default();
         match room.join(sub, member, max_members) {
             Joined::AlreadySubscribed => {}
             Joined::PresenceFull => {
-                out.push(&protocol::subscription_error(
-                    &key.channel,
-                    "LimitReached",
-                    "presence channel has reached its member limit",
-                    403,
-                ));
+                to.push_one(
+                    &key,
+                    id,
+                    &protocol::subscription_error(
+                        &key.channel,
+                        "LimitReached",
+                        "presence channel has reached its member limit",
+                        403,
+                    ),
+                );
                 if is_new_room {
                     self.rooms.remove(&key);
                 }
@@ -300,18 +326,22 @@ impl Worker {
                 metrics::gauge!("herdgate_subscriptions").increment(1.0);
                 match user {
                     Some(user) => {
-                        room.push_to(id, &room.presence_frame(&key.channel));
-                        if new_member && member_events_allowed(room, shed) {
+                        if !shed.silent {
+                            room.push_to(&key, id, &room.presence_frame(&key.channel));
+                        }
+                        if new_member && !shed.silent && member_events_allowed(room, shed) {
                             let added = protocol::member_added(
                                 &key.channel,
                                 &user,
                                 room.member_info(&user),
                             );
-                            record(room.fan_out_except_user(&added, &user));
+                            record(room.fan_out(&key, &added, None, Some(&user)));
                         }
                     }
                     None => {
-                        room.push_to(id, &protocol::subscription_succeeded(&key.channel));
+                        if !shed.silent {
+                            room.push_to(&key, id, &protocol::subscription_succeeded(&key.channel));
+                        }
                     }
                 }
             }
@@ -324,14 +354,20 @@ impl Worker {
         };
         let before = room.subscription_count();
         // The room's size as the member leaves (counting them) decides, as on joining.
-        let announce = room.user_count() <= shed.member_events_max.unwrap_or(usize::MAX);
+        let announce =
+            !shed.silent && room.user_count() <= shed.member_events_max.unwrap_or(usize::MAX);
         let gone_user = room.leave(id);
         if room.subscription_count() < before {
             metrics::gauge!("herdgate_subscriptions").decrement(1.0);
         }
         if let Some(user) = gone_user {
             if announce {
-                record(room.fan_out(&protocol::member_removed(&key.channel, &user), None));
+                record(room.fan_out(
+                    &key,
+                    &protocol::member_removed(&key.channel, &user),
+                    None,
+                    None,
+                ));
             } else {
                 crate::overload::shed("presence_member_event");
             }
@@ -341,6 +377,37 @@ impl Worker {
             self.coalesced.remove(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
         }
+    }
+}
+
+impl Worker {
+    fn purge_edge(&mut self, edge: u64) {
+        let mut emptied = Vec::new();
+        for (key, room) in self.rooms.iter_mut() {
+            let before = room.subscription_count();
+            for user in room.purge_edge(edge) {
+                record(room.fan_out(
+                    key,
+                    &protocol::member_removed(&key.channel, &user),
+                    None,
+                    None,
+                ));
+            }
+            metrics::gauge!("herdgate_subscriptions")
+                .decrement((before - room.subscription_count()) as f64);
+            if room.is_empty() {
+                emptied.push(key.clone());
+            }
+        }
+        for key in emptied {
+            self.rooms.remove(&key);
+            self.coalesced.remove(&key);
+            metrics::gauge!("herdgate_channels").decrement(1.0);
+        }
+        self.users.retain(|_, socks| {
+            socks.retain(|_, to| to.edge_id() != Some(edge));
+            !socks.is_empty()
+        });
     }
 }
 

@@ -4,15 +4,15 @@
 //! member, announced when the first socket joins and removed when the last
 //! one leaves.
 
-use super::{ConnId, Member, Subscriber};
+use super::{ConnId, Member, RoomKey, Subscriber, Target};
 use crate::protocol::{self, Frame};
-use crate::session::outbound::{Outbound, Push};
+use crate::session::outbound::Push;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub(super) struct Entry {
-    out: Arc<Outbound>,
+    to: Target,
     user: Option<Arc<str>>,
 }
 
@@ -72,7 +72,10 @@ impl Room {
     }
 
     pub fn join(&mut self, sub: Subscriber, member: Option<Member>, max_members: usize) -> Joined {
-        if self.subscribers.contains_key(&sub.id) {
+        if let Some(e) = self.subscribers.get_mut(&sub.id) {
+            // An edge that reconnected registers its sockets again: they are
+            // now reached through the new link.
+            e.to = sub.to;
             return Joined::AlreadySubscribed;
         }
         let mut new_member = false;
@@ -93,8 +96,7 @@ impl Room {
             }
             None => None,
         };
-        self.subscribers
-            .insert(sub.id, Entry { out: sub.out, user });
+        self.subscribers.insert(sub.id, Entry { to: sub.to, user });
         Joined::Ok { new_member }
     }
 
@@ -124,43 +126,71 @@ impl Room {
         self.members.get(user).and_then(|m| m.info.as_deref())
     }
 
-    pub fn push_to(&self, id: ConnId, frame: &Frame) -> Option<Push> {
-        self.subscribers.get(&id).map(|e| e.out.push(frame))
+    pub fn push_to(&self, key: &RoomKey, id: ConnId, frame: &Frame) -> Option<Push> {
+        self.subscribers
+            .get(&id)
+            .map(|e| e.to.push_one(key, id, frame))
     }
 
-    /// Hand the same frame to every subscriber but `exclude`. Never waits.
-    pub fn fan_out(&self, frame: &Frame, exclude: Option<ConnId>) -> Delivery {
+    /// Hand the same frame to every subscriber but `exclude` (and, with
+    /// `except_user`, every socket of that user). Local sockets get it in
+    /// their queues; each edge gets one copy and fans out itself. Never waits.
+    pub fn fan_out(
+        &self,
+        key: &RoomKey,
+        frame: &Frame,
+        exclude: Option<ConnId>,
+        except_user: Option<&str>,
+    ) -> Delivery {
         let mut d = Delivery::default();
+        let mut edges: Vec<&Arc<dyn super::RemoteEdge>> = Vec::new();
         for (id, e) in &self.subscribers {
-            if Some(*id) != exclude {
-                d.count(e.out.push(frame));
+            match &e.to {
+                Target::Local(out) => {
+                    if Some(*id) != exclude
+                        && (except_user.is_none() || e.user.as_deref() != except_user)
+                    {
+                        d.count(out.push(frame));
+                    }
+                }
+                Target::Edge(edge) => {
+                    if !edges.iter().any(|x| x.id() == edge.id()) {
+                        edges.push(edge);
+                    }
+                }
             }
+        }
+        for edge in edges {
+            edge.deliver(key, frame, exclude, except_user);
+            d.queued += 1;
         }
         d
     }
 
-    /// Like `fan_out`, but skips every socket of `user`.
-    pub fn fan_out_except_user(&self, frame: &Frame, user: &str) -> Delivery {
-        let mut d = Delivery::default();
-        for e in self.subscribers.values() {
-            if e.user.as_deref() != Some(user) {
-                d.count(e.out.push(frame));
-            }
-        }
-        d
+    /// Remove every socket of edge `edge` (its link is gone for good);
+    /// returns the users who had no other socket left.
+    pub fn purge_edge(&mut self, edge: u64) -> Vec<Arc<str>> {
+        let gone: Vec<ConnId> = self
+            .subscribers
+            .iter()
+            .filter(|(_, e)| e.to.edge_id() == Some(edge))
+            .map(|(id, _)| *id)
+            .collect();
+        gone.into_iter().filter_map(|id| self.leave(id)).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::outbound::Outbound;
 
     fn sub(id: u64) -> (Subscriber, Arc<Outbound>) {
         let out = Arc::new(Outbound::new(100, 100_000));
         (
             Subscriber {
                 id: ConnId(id),
-                out: out.clone(),
+                to: Target::Local(out.clone()),
             },
             out,
         )
@@ -224,7 +254,11 @@ mod tests {
         let (s2, o2) = sub(2);
         room.join(s1, None, 0);
         room.join(s2, None, 0);
-        let d = room.fan_out(&Frame::from_static("x"), Some(ConnId(1)));
+        let key = RoomKey {
+            app: Arc::from("1"),
+            channel: Arc::from("r"),
+        };
+        let d = room.fan_out(&key, &Frame::from_static("x"), Some(ConnId(1)), None);
         assert_eq!(d.queued, 1);
         assert!(o1.drain().0.is_empty());
         assert_eq!(o2.drain().0.len(), 1);

@@ -1,0 +1,307 @@
+//! The worker role: rooms only. Edges connect on `cluster.link_listen`; each
+//! edge is a subscriber of the rooms its sockets are in, so a publish goes to
+//! every subscribed edge once and the edge fans out to its own sockets.
+//!
+//! The worker is authoritative for its rooms: which edges (and which of
+//! their sockets) are subscribed, presence members merged across edges,
+//! occupancy. An edge whose link is lost keeps its place for the lease
+//! (`cluster.edge_lease`); if it does not come back in time its sockets are
+//! dropped and users held only by it get `member_removed`, so a crashed edge
+//! leaves no ghost users.
+
+use super::link::{read_msg, write_msg, Msg, VERSION};
+use crate::protocol::Frame;
+use crate::router::Router;
+use crate::session::outbound::CloseOrder;
+use crate::state::Shared;
+use crate::worker::{ConnId, Member, RemoteEdge, RoomKey, Shed, Subscriber, Target};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Frames waiting to be written to one edge. Beyond it the edge is too
+/// slow: its link is closed, and it reconnects and registers again.
+const LINK_QUEUE: usize = 65_536;
+const API_WAIT: Duration = Duration::from_secs(1);
+
+/// One connected edge, as the rooms see it.
+struct EdgeLink {
+    id: u64,
+    tx: mpsc::Sender<Msg>,
+}
+
+impl EdgeLink {
+    fn send(&self, msg: Msg) {
+        if self.tx.try_send(msg).is_err() {
+            metrics::counter!("herdgate_link_overflows_total").increment(1);
+        }
+    }
+}
+
+impl RemoteEdge for EdgeLink {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn deliver(
+        &self,
+        room: &RoomKey,
+        frame: &Frame,
+        exclude: Option<ConnId>,
+        except_user: Option<&str>,
+    ) {
+        self.send(Msg::Deliver {
+            app: room.app.to_string(),
+            channel: room.channel.to_string(),
+            frame: frame.as_str().to_string(),
+            exclude: exclude.map(|c| c.0),
+            except_user: except_user.map(String::from),
+        });
+    }
+    fn deliver_to(&self, room: &RoomKey, conn: ConnId, frame: &Frame) {
+        self.send(Msg::DeliverTo {
+            app: room.app.to_string(),
+            channel: room.channel.to_string(),
+            conn: conn.0,
+            frame: frame.as_str().to_string(),
+        });
+    }
+    fn close(&self, room: &RoomKey, conn: ConnId, order: CloseOrder) {
+        self.send(Msg::Close {
+            app: room.app.to_string(),
+            channel: room.channel.to_string(),
+            conn: conn.0,
+            code: order.code,
+        });
+    }
+}
+
+/// Which connection of each edge is the current one (leases compare it).
+#[derive(Default)]
+struct Generations(Mutex<HashMap<u64, u64>>);
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let gens = Arc::new(Generations::default());
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "link accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.closing.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(edge_connection(stream, peer, shared.clone(), gens.clone()));
+    }
+}
+
+async fn edge_connection(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    gens: Arc<Generations>,
+) {
+    let (cfg_hb, lease) = {
+        let live = shared.live();
+        (
+            live.config.cluster.heartbeat_interval.get(),
+            live.config.cluster.edge_lease.get(),
+        )
+    };
+    let (mut r, mut w) = stream.into_split();
+    let edge = match tokio::time::timeout(cfg_hb * 4, read_msg(&mut r)).await {
+        Ok(Ok(Msg::Hello {
+            version: VERSION,
+            edge,
+        })) => edge,
+        other => {
+            tracing::debug!(%peer, ?other, "link refused: no valid hello");
+            return;
+        }
+    };
+    let generation = {
+        let mut g = gens.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.entry(edge).or_insert(0);
+        *n += 1;
+        *n
+    };
+    tracing::info!(%peer, edge, "edge connected");
+    metrics::gauge!("herdgate_link_edges").increment(1.0);
+    let (tx, mut rx) = mpsc::channel::<Msg>(LINK_QUEUE);
+    let link: Arc<EdgeLink> = Arc::new(EdgeLink {
+        id: edge,
+        tx: tx.clone(),
+    });
+    let writer = tokio::spawn(async move {
+        if write_msg(&mut w, &Msg::HelloAck { version: VERSION })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut beat = tokio::time::interval(cfg_hb);
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => match m { Some(m) => m, None => return },
+                _ = beat.tick() => Msg::Heartbeat,
+            };
+            if write_msg(&mut w, &msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Three missed heartbeats and the edge is gone.
+    while let Ok(Ok(msg)) = tokio::time::timeout(cfg_hb * 3, read_msg(&mut r)).await {
+        handle(msg, &link, &tx, &shared.router).await;
+    }
+    writer.abort();
+    metrics::gauge!("herdgate_link_edges").decrement(1.0);
+    tracing::warn!(edge, "edge link lost; its sockets stay for the lease");
+    tokio::spawn(async move {
+        tokio::time::sleep(lease).await;
+        let current = gens
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&edge)
+            .copied();
+        if current == Some(generation) {
+            tracing::warn!(edge, "edge lease expired: dropping its sockets");
+            shared.router.purge_edge(edge).await;
+        }
+    });
+}
+
+async fn handle(msg: Msg, link: &Arc<EdgeLink>, tx: &mpsc::Sender<Msg>, router: &Router) {
+    let key = |app: String, channel: String| RoomKey {
+        app: Arc::from(app),
+        channel: Arc::from(channel),
+    };
+    let target = || Target::Edge(link.clone() as Arc<dyn RemoteEdge>);
+    let reply = |m: Msg| {
+        let _ = tx.try_send(m);
+    };
+    match msg {
+        Msg::Heartbeat => {}
+        Msg::Subscribe {
+            app,
+            channel,
+            conn,
+            member,
+            max_members,
+            events_max,
+            silent,
+        } => {
+            let member = member.map(|(user, info)| Member {
+                user_id: Arc::from(user),
+                user_info: info.and_then(|i| serde_json::value::RawValue::from_string(i).ok()),
+            });
+            let sub = Subscriber {
+                id: ConnId(conn),
+                to: target(),
+            };
+            let shed = Shed {
+                member_events_max: events_max.map(|m| m as usize),
+                silent,
+            };
+            let _ = router
+                .subscribe(key(app, channel), sub, member, max_members as usize, shed)
+                .await;
+        }
+        Msg::Unsubscribe {
+            app,
+            channel,
+            conn,
+            events_max,
+            silent,
+        } => {
+            let shed = Shed {
+                member_events_max: events_max.map(|m| m as usize),
+                silent,
+            };
+            let _ = router
+                .unsubscribe(key(app, channel), ConnId(conn), shed)
+                .await;
+        }
+        Msg::Publish {
+            id,
+            app,
+            channel,
+            frame,
+            exclude,
+            coalesce_ms,
+        } => {
+            let coalesce = coalesce_ms.map(Duration::from_millis);
+            let room = key(app, channel);
+            let sent = router
+                .publish(
+                    room.clone(),
+                    Frame::from(frame),
+                    exclude.map(ConnId),
+                    coalesce,
+                    API_WAIT,
+                )
+                .await;
+            if id != 0 && sent.is_ok() {
+                // The room's worker handles its commands in order: once this
+                // query is answered the publish has been fanned out to the edges.
+                if router.query(room, API_WAIT).await.is_ok() {
+                    reply(Msg::Ack { id });
+                }
+            }
+        }
+        Msg::SignIn { app, user, conn } => {
+            let _ = router
+                .sign_in(
+                    &Arc::from(app),
+                    &user,
+                    Subscriber {
+                        id: ConnId(conn),
+                        to: target(),
+                    },
+                )
+                .await;
+        }
+        Msg::SignOut { app, user, conn } => {
+            let _ = router.sign_out(&Arc::from(app), &user, ConnId(conn)).await;
+        }
+        Msg::Terminate { app, user } => {
+            let _ = router.terminate(&Arc::from(app), &user, API_WAIT).await;
+        }
+        Msg::Query { id, app, channel } => {
+            let r = router
+                .query(key(app, channel), API_WAIT)
+                .await
+                .unwrap_or_default();
+            reply(Msg::QueryReply {
+                id,
+                subscriptions: r.subscription_count as u64,
+                users: r.user_count as u64,
+            });
+        }
+        Msg::Users { id, app, channel } => {
+            let users = router
+                .users(key(app, channel), API_WAIT)
+                .await
+                .unwrap_or_default();
+            reply(Msg::UsersReply { id, users });
+        }
+        Msg::List { id, app, prefix } => {
+            let rooms = router
+                .list(&Arc::from(app), &prefix, API_WAIT)
+                .await
+                .unwrap_or_default();
+            let rooms = rooms
+                .into_iter()
+                .map(|(n, r)| (n, r.subscription_count as u64, r.user_count as u64))
+                .collect();
+            reply(Msg::ListReply { id, rooms });
+        }
+        other => tracing::debug!(?other, "unexpected frame from an edge"),
+    }
+}
