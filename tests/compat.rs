@@ -49,6 +49,27 @@ fn pusher_js_and_node_sdk_compatibility() {
         cert.display().to_string(),
         key.display().to_string()
     ));
+    // A cluster for cluster.test.mjs: 3 workers, 2 edges.
+    let workers: Vec<Herdgate> = (0..3)
+        .map(|_| {
+            Herdgate::start(&format!(
+                "[server]\nadmin_listen = \"\"\n[cluster]\nrole = \"worker\"\nlink_listen = \"127.0.0.1:0\"\n{APP}"
+            ))
+        })
+        .collect();
+    let list: Vec<String> = workers.iter().map(|w| format!("{:?}", w.addr)).collect();
+    let edges: Vec<Herdgate> = (0..2)
+        .map(|_| {
+            let e = Herdgate::start(&format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nworkers = [{}]\n{APP}",
+                list.join(", ")
+            ));
+            for _ in 0..workers.len() {
+                while !e.log.recv_timeout(std::time::Duration::from_secs(10)).expect("edge links up").contains("worker link up") {}
+            }
+            e
+        })
+        .collect();
     let (host, port) = plain.addr.rsplit_once(':').unwrap();
     let tls_port = tls.port();
 
@@ -66,6 +87,8 @@ fn pusher_js_and_node_sdk_compatibility() {
         .env("HERDGATE_TLS_HOST", "127.0.0.1")
         .env("HERDGATE_TLS_PORT", tls_port)
         .env("NODE_EXTRA_CA_CERTS", &ca)
+        .env("HERDGATE_EDGE1_PORT", edges[0].port())
+        .env("HERDGATE_EDGE2_PORT", edges[1].port())
         .env("HERDGATE_APP_ID", "424242")
         .env("HERDGATE_APP_KEY", "compat-key")
         .env("HERDGATE_APP_SECRET", "compat-secret")
