@@ -5,7 +5,8 @@
 //! timeouts for new sockets, drain settings) takes effect by swapping the live
 //! config; the log level through the subscriber's reload handle; the TLS
 //! certificate through its store. What is bound at start (listen addresses,
-//! worker count and mailboxes, the handshake permits, TLS on/off, log format)
+//! worker count and mailboxes, the handshake permits, TLS on/off, log format,
+//! the cluster role; an edge's worker list does change live)
 //! is reported as needing a restart and keeps its running value, so the live
 //! config always describes what is really in force.
 
@@ -34,7 +35,19 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     fixed!(log.format, "log.format");
     fixed!(cluster.role, "cluster.role");
     fixed!(cluster.link_listen, "cluster.link_listen");
-    fixed!(cluster.workers, "cluster.workers");
+    if new.cluster.workers != o.cluster.workers {
+        match shared.router.cluster_edge() {
+            // An edge takes a new worker list live: only rooms whose owner changed move.
+            Some(edge) if new.cluster.role == o.cluster.role => {
+                tracing::info!(workers = ?new.cluster.workers, "worker list changed");
+                edge.set_workers(&new.cluster.workers);
+            }
+            _ => {
+                restart.push("cluster.workers");
+                new.cluster.workers = o.cluster.workers.clone();
+            }
+        }
+    }
     fixed!(cluster.node_id, "cluster.node_id");
     match (&o.tls, &new.tls, &shared.tls) {
         (Some(_), Some(t), Some(tls)) => {

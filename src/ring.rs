@@ -48,6 +48,45 @@ impl Ring {
     }
 }
 
+/// A ring over named nodes (a cluster's worker addresses): every process that
+/// builds it from the same names, in any order, places every room the same
+/// way, and adding or removing one name moves only that name's share.
+pub struct NamedRing {
+    inner: HashRing<u64>,
+    names: std::collections::HashMap<u64, String>,
+}
+
+impl NamedRing {
+    pub fn new(names: &[String], vnodes: usize) -> NamedRing {
+        let ids: std::collections::HashMap<u64, String> = names
+            .iter()
+            .map(|n| (room_hash(n, ""), n.clone()))
+            .collect();
+        let inner = RingBuilder::default()
+            .vnodes(vnodes)
+            .nodes_iter(ids.keys().copied())
+            .build();
+        NamedRing { inner, names: ids }
+    }
+
+    /// Every node in this room's ring order (none for an empty ring).
+    pub fn candidates<'a>(
+        &'a self,
+        app: &str,
+        channel: &str,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        let order: Vec<&'a str> = if self.inner.is_empty() {
+            Vec::new()
+        } else {
+            self.inner
+                .replicas(room_hash(app, channel))
+                .map(|id| self.names[id].as_str())
+                .collect()
+        };
+        order.into_iter()
+    }
+}
+
 /// FNV-1a, 64-bit: stable across builds, platforms and processes.
 pub fn room_hash(app: &str, channel: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -131,6 +170,30 @@ mod tests {
         );
         let all: Vec<usize> = ring.candidates("app", "x").collect();
         assert_eq!(all.len(), 5, "every worker appears once: {all:?}");
+    }
+
+    #[test]
+    fn named_rings_agree_whatever_the_order_and_move_little() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = NamedRing::new(&names(&["w1:1", "w2:1", "w3:1"]), DEFAULT_VNODES);
+        let b = NamedRing::new(&names(&["w3:1", "w1:1", "w2:1"]), DEFAULT_VNODES);
+        let grown = NamedRing::new(&names(&["w1:1", "w2:1", "w3:1", "w4:1"]), DEFAULT_VNODES);
+        let mut moved = 0;
+        for i in 0..8000 {
+            let ch = format!("room-{i}");
+            let owner = a.candidates("1", &ch).next().unwrap();
+            assert_eq!(owner, b.candidates("1", &ch).next().unwrap());
+            let after = grown.candidates("1", &ch).next().unwrap();
+            if after != owner {
+                assert_eq!(after, "w4:1", "rooms only move to the new worker");
+                moved += 1;
+            }
+        }
+        assert!(
+            moved > 1000 && moved < 3000,
+            "about a quarter moved: {moved}"
+        );
+        assert_eq!(NamedRing::new(&[], 8).candidates("1", "x").count(), 0);
     }
 
     #[test]

@@ -49,6 +49,11 @@ impl Router {
         }
     }
 
+    /// The cluster edge behind this router, if this node is an edge.
+    pub fn cluster_edge(&self) -> Option<&Arc<crate::cluster::edge::Edge>> {
+        self.edge.as_ref()
+    }
+
     /// Drop every socket of a departed edge, in every worker.
     pub async fn purge_edge(&self, edge: u64) {
         for w in &self.workers {

@@ -27,7 +27,7 @@ fn worker(link: &str) -> Herdgate {
 fn edge(workers: &[String]) -> Herdgate {
     let list: Vec<String> = workers.iter().map(|w| format!("{w:?}")).collect();
     let hg = Herdgate::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections_per_ip = 0\n[cluster]\nrole = \"edge\"\nworkers = [{}]\nheartbeat_interval = \"100ms\"\nsettle = \"500ms\"\n{APPS}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections_per_ip = 0\n[cluster]\nrole = \"edge\"\nworkers = [{}]\nheartbeat_interval = \"100ms\"\nsettle = \"1s\"\n{APPS}",
         list.join(", ")
     ));
     for _ in 0..workers.len() {
@@ -244,10 +244,18 @@ async fn a_worker_dies_and_returns_under_a_publish_stream() {
         step(&mut acked, &mut refused, r, seq);
         seq += 1;
     }
-    // Kill -9 worker 1; keep publishing while its rooms move.
-    let dead_link = c.links[1].clone();
-    let _ = c.workers[1].child.kill();
-    let _ = c.workers[1].child.wait();
+    // Kill -9 the worker that owns room-0 (the same ring as every edge's);
+    // keep publishing while its rooms move.
+    let ring = herdgate::ring::NamedRing::new(&c.links, herdgate::ring::DEFAULT_VNODES);
+    let owner = ring
+        .candidates(APP_ID, &rooms[0])
+        .next()
+        .unwrap()
+        .to_string();
+    let victim = c.links.iter().position(|l| *l == owner).unwrap();
+    let dead_link = c.links[victim].clone();
+    let _ = c.workers[victim].child.kill();
+    let _ = c.workers[victim].child.wait();
     let killed = std::time::Instant::now();
     // Per room: when it was last refused after the kill; the re-homing time
     // is the latest first-success-after-refusal over the moved rooms.
@@ -294,7 +302,7 @@ async fn a_worker_dies_and_returns_under_a_publish_stream() {
         );
     }
     // The worker returns on its old address; its rooms move back.
-    c.workers[1] = worker(&dead_link);
+    c.workers[victim] = worker(&dead_link);
     for e in &c.edges {
         wait_log(e, "worker link up");
     }
@@ -305,7 +313,7 @@ async fn a_worker_dies_and_returns_under_a_publish_stream() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The returned worker owns rooms again (only its own: the ring).
-    let admin: SocketAddr = c.workers[1].admin.as_ref().unwrap().parse().unwrap();
+    let admin: SocketAddr = c.workers[victim].admin.as_ref().unwrap().parse().unwrap();
     let (_, metrics) = admin_get(admin, "/metrics").await;
     let channels: f64 = metrics
         .lines()
@@ -379,4 +387,97 @@ async fn a_dead_edge_leaves_no_ghost_users() {
         .request("GET", "/channels/presence-hall/users", &[], "")
         .await;
     assert_eq!(r.body, json!({"users":[{"id":"alice"}]}));
+}
+
+/// A new worker list by SIGHUP: only the rooms the new worker now owns move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_worker_list_moves_only_the_rooms_that_changed_owner() {
+    let workers: Vec<Herdgate> = (0..3).map(|_| worker("127.0.0.1:0")).collect();
+    let links: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let e = edge(&links[..2]);
+    const ROOMS: usize = 30;
+    let rooms: Vec<String> = (0..ROOMS).map(|i| format!("room-{i}")).collect();
+    let mut cl = Client::connect(&url(&e)).await;
+    for r in &rooms {
+        cl.subscribe(r).await;
+    }
+    let channels = |w: &Herdgate| {
+        let admin: SocketAddr = w.admin.as_ref().unwrap().parse().unwrap();
+        async move {
+            let (_, m) = admin_get(admin, "/metrics").await;
+            m.lines()
+                .find(|l| l.starts_with("herdgate_channels "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0) as usize
+        }
+    };
+    let before = [channels(&workers[0]).await, channels(&workers[1]).await];
+    assert_eq!(before[0] + before[1], ROOMS);
+
+    // Add the third worker to the list and reload.
+    let text = std::fs::read_to_string(&e.config_path).unwrap();
+    let list: Vec<String> = links.iter().map(|l| format!("{l:?}")).collect();
+    let old: Vec<String> = links[..2].iter().map(|l| format!("{l:?}")).collect();
+    std::fs::write(
+        &e.config_path,
+        text.replace(&old.join(", "), &list.join(", ")),
+    )
+    .unwrap();
+    e.signal(libc::SIGHUP);
+    wait_log(&e, "worker list changed");
+    wait_log(&e, "worker link up");
+
+    // The rooms the ring now gives the new worker moved there, and only they.
+    let ring = herdgate::ring::NamedRing::new(&links, herdgate::ring::DEFAULT_VNODES);
+    let expected = rooms
+        .iter()
+        .filter(|r| ring.candidates(APP_ID, r).next() == Some(links[2].as_str()))
+        .count();
+    let deadline = std::time::Instant::now() + WAIT;
+    let after = loop {
+        let after = [
+            channels(&workers[0]).await,
+            channels(&workers[1]).await,
+            channels(&workers[2]).await,
+        ];
+        if after[2] == expected && after.iter().sum::<usize>() == ROOMS {
+            break after;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rooms did not settle: {after:?}, expected {expected} on the new worker"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // metrics have no event to await
+    };
+    assert!(
+        expected > 0,
+        "the new worker owns some of the {ROOMS} rooms"
+    );
+    assert!(
+        after[0] <= before[0] && after[1] <= before[1],
+        "nothing moved between the old workers: {before:?} → {after:?}"
+    );
+    println!(
+        "worker list reload: {before:?} → {after:?} ({expected} rooms moved to the new worker)"
+    );
+
+    // Every room still delivers (after the settle period).
+    for r in &rooms {
+        let body = json!({"name":"ping","channel":r,"data":r}).to_string();
+        let deadline = std::time::Instant::now() + WAIT;
+        while api(&e).request("POST", "/events", &[], &body).await.status != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{r} never accepted publishes again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        loop {
+            let ev = cl.next_event().await;
+            if ev.event == "ping" {
+                assert_eq!(ev.raw["data"], r.as_str());
+                break;
+            }
+        }
+    }
 }

@@ -8,7 +8,7 @@
 
 use super::link::{read_msg, write_msg, Msg, VERSION};
 use crate::protocol::Frame;
-use crate::ring::{Ring, DEFAULT_VNODES};
+use crate::ring::{NamedRing, DEFAULT_VNODES};
 use crate::router::RouteError;
 use crate::session::outbound::{CloseOrder, Outbound};
 use crate::worker::{ConnId, Member, RoomInfo, RoomKey, Shed};
@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 const LINK_QUEUE: usize = 65_536;
+/// Longest wait between reconnect attempts (before jitter of ×0.5–1.5).
+pub const RECONNECT_CAP: Duration = Duration::from_millis(400);
 
 struct LocalSub {
     out: Arc<Outbound>,
@@ -35,6 +37,8 @@ struct LocalRoom {
 
 struct WorkerLink {
     addr: String,
+    /// Removed from the worker list (reload): its task ends, it is never up again.
+    retired: AtomicBool,
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     up: AtomicBool,
     /// Whether it was ever up: its first arrival moves no rooms that exist.
@@ -42,10 +46,17 @@ struct WorkerLink {
     changed: Mutex<Instant>,
 }
 
+/// The worker set: a ring over addresses, and which link serves each.
+struct Members {
+    ring: NamedRing,
+    index: HashMap<String, usize>,
+}
+
 pub struct Edge {
     id: u64,
-    links: Vec<WorkerLink>,
-    ring: Ring,
+    /// Every link this edge ever had; a worker's index never changes.
+    links: std::sync::RwLock<Vec<Arc<WorkerLink>>>,
+    members: std::sync::RwLock<Members>,
     rooms: Mutex<HashMap<RoomKey, LocalRoom>>,
     users: Mutex<HashMap<RoomKey, HashMap<ConnId, Arc<Outbound>>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Msg>>>,
@@ -60,21 +71,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Edge {
     pub fn start(id: u64, workers: &[String], heartbeat: Duration, settle: Duration) -> Arc<Edge> {
-        let now = Instant::now() - settle;
-        let links = workers
-            .iter()
-            .map(|a| WorkerLink {
-                addr: a.clone(),
-                tx: Mutex::new(None),
-                up: AtomicBool::new(false),
-                seen: AtomicBool::new(false),
-                changed: Mutex::new(now),
-            })
-            .collect();
         let edge = Arc::new(Edge {
             id,
-            links,
-            ring: Ring::new(workers.len(), DEFAULT_VNODES),
+            links: std::sync::RwLock::new(Vec::new()),
+            members: std::sync::RwLock::new(Members {
+                ring: NamedRing::new(&[], 1),
+                index: HashMap::new(),
+            }),
             rooms: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -82,28 +85,87 @@ impl Edge {
             heartbeat,
             settle,
         });
-        for i in 0..workers.len() {
-            tokio::spawn(edge.clone().link_task(i));
-        }
+        edge.set_workers(workers);
         edge
+    }
+
+    fn link(&self, i: usize) -> Arc<WorkerLink> {
+        self.links.read().unwrap_or_else(|p| p.into_inner())[i].clone()
+    }
+
+    /// Put a (new) worker list in force: links to new workers start, removed
+    /// workers' links end, and only the rooms whose owner changed move.
+    pub fn set_workers(self: &Arc<Self>, workers: &[String]) {
+        let mut started = Vec::new();
+        {
+            let mut links = self.links.write().unwrap_or_else(|p| p.into_inner());
+            let mut index = HashMap::new();
+            for addr in workers {
+                let i = match links
+                    .iter()
+                    .position(|l| &l.addr == addr && !l.retired.load(Ordering::Acquire))
+                {
+                    Some(i) => i,
+                    None => {
+                        links.push(Arc::new(WorkerLink {
+                            addr: addr.clone(),
+                            retired: AtomicBool::new(false),
+                            tx: Mutex::new(None),
+                            up: AtomicBool::new(false),
+                            seen: AtomicBool::new(false),
+                            changed: Mutex::new(Instant::now() - self.settle),
+                        }));
+                        started.push(links.len() - 1);
+                        links.len() - 1
+                    }
+                };
+                index.insert(addr.clone(), i);
+            }
+            for (i, l) in links.iter().enumerate() {
+                if !index.values().any(|j| *j == i) && !l.retired.swap(true, Ordering::AcqRel) {
+                    l.up.store(false, Ordering::Release);
+                    *lock(&l.changed) = Instant::now();
+                    *lock(&l.tx) = None;
+                    tracing::info!(worker = %l.addr, "worker removed from the list");
+                }
+            }
+            *self.members.write().unwrap_or_else(|p| p.into_inner()) = Members {
+                ring: NamedRing::new(workers, DEFAULT_VNODES),
+                index,
+            };
+        }
+        for i in started {
+            tokio::spawn(self.clone().link_task(i));
+        }
+        self.rehome();
+    }
+
+    /// Links in ring order for a room: (index, link).
+    fn candidates(&self, room: &RoomKey) -> Vec<usize> {
+        let m = self.members.read().unwrap_or_else(|p| p.into_inner());
+        m.ring
+            .candidates(&room.app, &room.channel)
+            .filter_map(|a| m.index.get(a).copied())
+            .collect()
     }
 
     /// The first up worker in the room's ring order.
     fn owner(&self, room: &RoomKey) -> Option<usize> {
-        self.ring
-            .candidates(&room.app, &room.channel)
-            .find(|i| self.links[*i].up.load(Ordering::Acquire))
+        self.candidates(room)
+            .into_iter()
+            .find(|i| self.link(*i).up.load(Ordering::Acquire))
     }
 
     /// While a room's ownership is settling (a worker before or at its owner
     /// changed state recently), publishes are refused rather than risk
     /// reaching only the edges that registered there already.
     fn settling(&self, room: &RoomKey) -> bool {
-        for i in self.ring.candidates(&room.app, &room.channel) {
-            if lock(&self.links[i].changed).elapsed() < self.settle {
+        for i in self.candidates(room) {
+            let link = self.link(i);
+            if lock(&link.changed).elapsed() < self.settle {
                 return true;
             }
-            if self.links[i].up.load(Ordering::Acquire) {
+            if link.up.load(Ordering::Acquire) {
                 return false;
             }
         }
@@ -111,7 +173,7 @@ impl Edge {
     }
 
     fn send_to(&self, worker: usize, msg: Msg) -> Result<(), RouteError> {
-        let tx = lock(&self.links[worker].tx)
+        let tx = lock(&self.link(worker).tx)
             .clone()
             .ok_or(RouteError::Busy)?;
         tx.try_send(msg).map_err(|_| RouteError::Busy)
@@ -276,7 +338,8 @@ impl Edge {
         wait: Duration,
     ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
         let mut all = Vec::new();
-        for (i, l) in self.links.iter().enumerate() {
+        let links = self.links.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for (i, l) in links.iter().enumerate() {
             if !l.up.load(Ordering::Acquire) {
                 continue;
             }
@@ -362,6 +425,8 @@ impl Edge {
     /// Frames waiting on the fullest link.
     pub fn max_queue_depth(&self) -> usize {
         self.links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter_map(|l| {
                 lock(&l.tx)
@@ -376,21 +441,23 @@ impl Edge {
     /// rooms; reconnect with jittered backoff.
     async fn link_task(self: Arc<Self>, i: usize) {
         let mut backoff = Duration::from_millis(100);
-        loop {
+        while !self.link(i).retired.load(Ordering::Acquire) {
             match self.clone().serve_link(i).await {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
-                    tracing::debug!(worker = %self.links[i].addr, error = %e, "link attempt failed")
+                    tracing::debug!(worker = %self.link(i).addr, error = %e, "link attempt failed")
                 }
             }
             let jitter = backoff.mul_f64(0.5 + rand::random::<f64>());
             tokio::time::sleep(jitter).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            // Capped low: a returning worker must be seen by every edge well
+            // within the settle period (cluster.settle, docs/CLUSTER.md).
+            backoff = (backoff * 2).min(RECONNECT_CAP);
         }
     }
 
     async fn serve_link(self: Arc<Self>, i: usize) -> Result<(), super::link::LinkError> {
-        let addr = self.links[i].addr.clone();
+        let addr = self.link(i).addr.clone();
         let stream =
             tokio::time::timeout(self.heartbeat * 4, tokio::net::TcpStream::connect(&addr))
                 .await
@@ -423,25 +490,33 @@ impl Edge {
                 }
             }
         });
-        *lock(&self.links[i].tx) = Some(tx);
+        let link = self.link(i);
+        if link.retired.load(Ordering::Acquire) {
+            writer.abort();
+            return Ok(());
+        }
+        *lock(&link.tx) = Some(tx);
         self.set_up(i, true);
         tracing::info!(worker = %addr, "worker link up");
         while let Ok(Ok(msg)) = tokio::time::timeout(self.heartbeat * 3, read_msg(&mut r)).await {
+            if link.retired.load(Ordering::Acquire) {
+                break; // removed from the list: its rooms moved already
+            }
             self.on_message(msg);
         }
         writer.abort();
-        *lock(&self.links[i].tx) = None;
+        *lock(&self.link(i).tx) = None;
         self.set_up(i, false);
         tracing::warn!(worker = %addr, "worker link lost; its rooms move to their next owners");
         Ok(())
     }
 
     fn set_up(&self, i: usize, up: bool) {
-        self.links[i].up.store(up, Ordering::Release);
-        if !up || self.links[i].seen.swap(true, Ordering::AcqRel) {
-            *lock(&self.links[i].changed) = Instant::now();
+        self.link(i).up.store(up, Ordering::Release);
+        if !up || self.link(i).seen.swap(true, Ordering::AcqRel) {
+            *lock(&self.link(i).changed) = Instant::now();
         }
-        metrics::gauge!("herdgate_link_up", "worker" => i.to_string()).set(if up {
+        metrics::gauge!("herdgate_link_up", "worker" => self.link(i).addr.clone()).set(if up {
             1.0
         } else {
             0.0
@@ -462,7 +537,7 @@ impl Edge {
                 }
                 let old = std::mem::replace(&mut room.owner, owner);
                 for (conn, s) in &room.subs {
-                    if let Some(o) = old.filter(|o| self.links[*o].up.load(Ordering::Acquire)) {
+                    if let Some(o) = old.filter(|o| self.link(*o).up.load(Ordering::Acquire)) {
                         let unsub = Msg::Unsubscribe {
                             app: key.app.to_string(),
                             channel: key.channel.to_string(),

@@ -188,7 +188,7 @@ impl Default for ClusterConfig {
             node_id: 0,
             heartbeat_interval: HumanDuration::millis(500),
             edge_lease: HumanDuration::secs(3),
-            settle: HumanDuration::secs(1),
+            settle: HumanDuration::secs(3),
         }
     }
 }

@@ -262,6 +262,16 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             "must be greater than zero".into(),
         );
     }
+    // Every edge must notice a worker change within the settle period: a
+    // silent failure takes three heartbeats, a return one reconnect attempt.
+    let noticed =
+        cl.heartbeat_interval.get() * 3 + crate::cluster::edge::RECONNECT_CAP.mul_f64(1.5);
+    if cl.role == "edge" && cl.settle.get() < noticed {
+        err(
+            "cluster.settle",
+            format!("must be at least 3 × cluster.heartbeat_interval + 600ms ({noticed:?}), so every edge re-registers before publishes resume"),
+        );
+    }
     if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
         err(
             "log.level",
