@@ -85,6 +85,10 @@ impl Shared {
                 &cl.workers,
                 cl.heartbeat_interval.get(),
                 cl.settle.get(),
+                cl.tls
+                    .as_ref()
+                    .map(crate::cluster::tls::LinkTls::load)
+                    .transpose()?,
             );
             Router::edge(edge)
         } else {

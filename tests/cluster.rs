@@ -481,3 +481,45 @@ async fn a_reloaded_worker_list_moves_only_the_rooms_that_changed_owner() {
         }
     }
 }
+
+/// The link as mutually authenticated TLS: nodes with certificates from the
+/// cluster CA talk; a node without one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_on_the_link() {
+    let pki = common::pki::Pki::new();
+    let (wc, wk, _) = pki.leaf("worker", false);
+    let (ec, ek, _) = pki.leaf("edge", false);
+    let ca = pki.ca_pem_path();
+    let section = |c: &std::path::Path, k: &std::path::Path| {
+        format!(
+            "[cluster.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+            c.display().to_string(),
+            k.display().to_string(),
+            ca.display().to_string()
+        )
+    };
+    let w = Herdgate::start(&format!(
+        "[server]\nadmin_listen = \"\"\n[cluster]\nrole = \"worker\"\nlink_listen = \"127.0.0.1:0\"\nheartbeat_interval = \"100ms\"\n{}{APPS}",
+        section(&wc, &wk)
+    ));
+    let e = Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nworkers = [{:?}]\nheartbeat_interval = \"100ms\"\nsettle = \"1s\"\n{}{APPS}",
+        w.addr,
+        section(&ec, &ek)
+    ));
+    wait_log(&e, "worker link up");
+    let mut a = Client::connect(&url(&e)).await;
+    a.subscribe("secure-room").await;
+    api(&e).publish("secure-room", "e", "over mTLS", None).await;
+    assert_eq!(a.expect("e").await.raw["data"], "over mTLS");
+
+    // An edge with no certificate gets no link.
+    let _plain = edge_without_wait(&w.addr);
+    wait_log(&w, "link TLS handshake refused");
+}
+
+fn edge_without_wait(worker: &str) -> Herdgate {
+    Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nworkers = [{worker:?}]\nheartbeat_interval = \"100ms\"\nsettle = \"1s\"\n{APPS}"
+    ))
+}

@@ -63,6 +63,7 @@ pub struct Edge {
     next_id: AtomicU64,
     heartbeat: Duration,
     settle: Duration,
+    tls: Option<Arc<super::tls::LinkTls>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -70,7 +71,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Edge {
-    pub fn start(id: u64, workers: &[String], heartbeat: Duration, settle: Duration) -> Arc<Edge> {
+    pub fn start(
+        id: u64,
+        workers: &[String],
+        heartbeat: Duration,
+        settle: Duration,
+        tls: Option<super::tls::LinkTls>,
+    ) -> Arc<Edge> {
         let edge = Arc::new(Edge {
             id,
             links: std::sync::RwLock::new(Vec::new()),
@@ -84,6 +91,7 @@ impl Edge {
             next_id: AtomicU64::new(1),
             heartbeat,
             settle,
+            tls: tls.map(Arc::new),
         });
         edge.set_workers(workers);
         edge
@@ -463,7 +471,13 @@ impl Edge {
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         let _ = stream.set_nodelay(true);
-        let (mut r, mut w) = stream.into_split();
+        let io: Box<dyn super::tls::LinkIo> = match &self.tls {
+            Some(tls) => tokio::time::timeout(self.heartbeat * 4, tls.connect(&addr, stream))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??,
+            None => Box::new(stream),
+        };
+        let (mut r, mut w) = tokio::io::split(io);
         write_msg(
             &mut w,
             &Msg::Hello {

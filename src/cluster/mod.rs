@@ -7,4 +7,5 @@
 
 pub mod edge;
 pub mod link;
+pub mod tls;
 pub mod worker_node;

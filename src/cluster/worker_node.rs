@@ -10,6 +10,7 @@
 //! leaves no ghost users.
 
 use super::link::{read_msg, write_msg, Msg, VERSION};
+use super::tls::LinkIo;
 use crate::protocol::Frame;
 use crate::router::Router;
 use crate::session::outbound::CloseOrder;
@@ -18,7 +19,7 @@ use crate::worker::{ConnId, Member, RemoteEdge, RoomKey, Shed, Subscriber, Targe
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// Frames waiting to be written to one edge. Beyond it the edge is too
@@ -83,6 +84,22 @@ struct Generations(Mutex<HashMap<u64, u64>>);
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let gens = Arc::new(Generations::default());
+    let tls = match shared
+        .live()
+        .config
+        .cluster
+        .tls
+        .as_ref()
+        .map(super::tls::LinkTls::load)
+    {
+        Some(Ok(t)) => Some(Arc::new(t)),
+        Some(Err(e)) => {
+            // Validated at start; a file changed since. Refuse every link rather than run in clear.
+            tracing::error!(error = %e, "link TLS unusable; refusing edges");
+            return;
+        }
+        None => None,
+    };
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -96,12 +113,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             _ = shared.closing.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(edge_connection(stream, peer, shared.clone(), gens.clone()));
+        let (shared, gens, tls) = (shared.clone(), gens.clone(), tls.clone());
+        tokio::spawn(async move {
+            let hb = shared.live().config.cluster.heartbeat_interval.get();
+            let io: Box<dyn LinkIo> = match tls {
+                Some(tls) => match tokio::time::timeout(hb * 4, tls.accept(stream)).await {
+                    Ok(Ok(io)) => io,
+                    Ok(Err(e)) => {
+                        return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
+                    }
+                    Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
+                },
+                None => Box::new(stream),
+            };
+            edge_connection(io, peer, shared, gens).await
+        });
     }
 }
 
 async fn edge_connection(
-    stream: TcpStream,
+    stream: Box<dyn LinkIo>,
     peer: std::net::SocketAddr,
     shared: Arc<Shared>,
     gens: Arc<Generations>,
@@ -113,7 +144,7 @@ async fn edge_connection(
             live.config.cluster.edge_lease.get(),
         )
     };
-    let (mut r, mut w) = stream.into_split();
+    let (mut r, mut w) = tokio::io::split(stream);
     let edge = match tokio::time::timeout(cfg_hb * 4, read_msg(&mut r)).await {
         Ok(Ok(Msg::Hello {
             version: VERSION,

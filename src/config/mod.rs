@@ -177,6 +177,19 @@ pub struct ClusterConfig {
     /// Edge: after a worker leaves or returns, publishes to the rooms that
     /// moved are answered 503 this long, while every edge registers there.
     pub settle: HumanDuration,
+    /// Present: the link is mutually authenticated TLS.
+    pub tls: Option<LinkTlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkTlsConfig {
+    /// This node's certificate chain (PEM), signed by `ca`.
+    pub cert: String,
+    /// Its private key (PEM).
+    pub key: String,
+    /// The cluster CA (PEM): peers must present a certificate it signed.
+    pub ca: String,
 }
 
 impl Default for ClusterConfig {
@@ -189,6 +202,7 @@ impl Default for ClusterConfig {
             heartbeat_interval: HumanDuration::millis(500),
             edge_lease: HumanDuration::secs(3),
             settle: HumanDuration::secs(3),
+            tls: None,
         }
     }
 }

@@ -262,6 +262,11 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             "must be greater than zero".into(),
         );
     }
+    if let Some(t) = &cl.tls {
+        if let Err(e) = crate::cluster::tls::LinkTls::load(t) {
+            err("cluster.tls", e.to_string());
+        }
+    }
     // Every edge must notice a worker change within the settle period: a
     // silent failure takes three heartbeats, a return one reconnect attempt.
     let noticed =
