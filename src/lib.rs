@@ -3,7 +3,8 @@
 //! The modules follow the data: [`listener`] accepts (and admits) TCP
 //! connections → [`http`] serves the HTTP API and upgrades websockets →
 //! [`session`] speaks the protocol on one socket → [`router`] finds the
-//! room's owner on the [`ring`] → [`worker`] holds rooms and fans out.
+//! room's owner on the [`ring`] → [`worker`] holds rooms and fans out — in
+//! this process, or across the [`cluster`] link on another host.
 //!
 //! [`start`] is the entry point tests use: bind listeners on `127.0.0.1:0`,
 //! start, talk to it, shut it down.
