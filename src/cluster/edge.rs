@@ -490,20 +490,8 @@ impl Edge {
             Ok(Ok(Msg::HelloAck { version: VERSION })) => {}
             _ => return Err(std::io::Error::from(std::io::ErrorKind::InvalidData).into()),
         }
-        let (tx, mut rx) = mpsc::channel::<Msg>(LINK_QUEUE);
-        let hb = self.heartbeat;
-        let writer = tokio::spawn(async move {
-            let mut beat = tokio::time::interval(hb);
-            loop {
-                let msg = tokio::select! {
-                    m = rx.recv() => match m { Some(m) => m, None => return },
-                    _ = beat.tick() => Msg::Heartbeat,
-                };
-                if write_msg(&mut w, &msg).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Msg>(LINK_QUEUE);
+        let writer = tokio::spawn(super::link::write_loop(w, rx, self.heartbeat));
         let link = self.link(i);
         if link.retired.load(Ordering::Acquire) {
             writer.abort();

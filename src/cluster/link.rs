@@ -147,6 +147,25 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, LinkError>
     Ok(postcard::from_bytes(&body)?)
 }
 
+/// Write what the queue hands over, and a heartbeat whenever `heartbeat`
+/// passes; ends when the queue closes or a write fails.
+pub async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: tokio::sync::mpsc::Receiver<Msg>,
+    heartbeat: std::time::Duration,
+) {
+    let mut beat = tokio::time::interval(heartbeat);
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return },
+            _ = beat.tick() => Msg::Heartbeat,
+        };
+        if write_msg(&mut w, &msg).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

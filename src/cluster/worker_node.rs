@@ -163,7 +163,7 @@ async fn edge_connection(
     };
     tracing::info!(%peer, edge, "edge connected");
     metrics::gauge!("herdgate_link_edges").increment(1.0);
-    let (tx, mut rx) = mpsc::channel::<Msg>(LINK_QUEUE);
+    let (tx, rx) = mpsc::channel::<Msg>(LINK_QUEUE);
     let link: Arc<EdgeLink> = Arc::new(EdgeLink {
         id: edge,
         tx: tx.clone(),
@@ -171,19 +171,9 @@ async fn edge_connection(
     let writer = tokio::spawn(async move {
         if write_msg(&mut w, &Msg::HelloAck { version: VERSION })
             .await
-            .is_err()
+            .is_ok()
         {
-            return;
-        }
-        let mut beat = tokio::time::interval(cfg_hb);
-        loop {
-            let msg = tokio::select! {
-                m = rx.recv() => match m { Some(m) => m, None => return },
-                _ = beat.tick() => Msg::Heartbeat,
-            };
-            if write_msg(&mut w, &msg).await.is_err() {
-                return;
-            }
+            super::link::write_loop(w, rx, cfg_hb).await;
         }
     });
     // Three missed heartbeats and the edge is gone.
