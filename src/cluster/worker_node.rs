@@ -185,13 +185,17 @@ async fn edge_connection(
     tracing::warn!(edge, "edge link lost; its sockets stay for the lease");
     tokio::spawn(async move {
         tokio::time::sleep(lease).await;
-        let current = gens
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&edge)
-            .copied();
-        if current == Some(generation) {
+        // Expired only if the edge has not connected again meanwhile; the
+        // entry goes with it, so the map holds only edges seen within a lease.
+        let expired = {
+            let mut g = gens.0.lock().unwrap_or_else(|p| p.into_inner());
+            let expired = g.get(&edge) == Some(&generation);
+            if expired {
+                g.remove(&edge);
+            }
+            expired
+        };
+        if expired {
             tracing::warn!(edge, "edge lease expired: dropping its sockets");
             shared.router.purge_edge(edge).await;
         }
