@@ -418,6 +418,14 @@ mod tests {
         )
     }
 
+    async fn assert_closed_with(server: tokio::task::JoinHandle<End>, code: u16) {
+        let end = server.await.unwrap();
+        assert!(
+            matches!(end, End::Close { code: c, .. } if c == code),
+            "{end:?}, expected {code}"
+        );
+    }
+
     async fn next_event(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> Option<String> {
         loop {
             match ws.next().await? {
@@ -446,17 +454,7 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(10));
         assert_eq!(next_event(&mut client).await, None, "the close frame");
         assert_eq!(start.elapsed(), Duration::from_secs(15));
-        let end = server.await.unwrap();
-        assert!(
-            matches!(
-                end,
-                End::Close {
-                    code: codes::PONG_TIMEOUT,
-                    ..
-                }
-            ),
-            "{end:?}"
-        );
+        assert_closed_with(server, codes::PONG_TIMEOUT).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -482,17 +480,7 @@ mod tests {
         );
         assert_eq!(next_event(&mut client).await, None, "the close frame");
         assert_eq!(start.elapsed(), Duration::from_secs(12));
-        let end = server.await.unwrap();
-        assert!(
-            matches!(
-                end,
-                End::Close {
-                    code: codes::PONG_TIMEOUT,
-                    ..
-                }
-            ),
-            "{end:?}"
-        );
+        assert_closed_with(server, codes::PONG_TIMEOUT).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -505,16 +493,6 @@ mod tests {
         );
         assert_eq!(next_event(&mut client).await, None, "the close frame");
         assert_eq!(start.elapsed(), Duration::from_secs(30));
-        let end = server.await.unwrap();
-        assert!(
-            matches!(
-                end,
-                End::Close {
-                    code: codes::INACTIVE,
-                    ..
-                }
-            ),
-            "{end:?}"
-        );
+        assert_closed_with(server, codes::INACTIVE).await;
     }
 }
