@@ -123,17 +123,7 @@ async fn channel_queries() {
         .await;
     assert_eq!(r.status, 400);
 
-    let r = api
-        .request("GET", "/channels/presence-room/users", &[], "")
-        .await;
-    let mut ids: Vec<_> = r.body["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["id"].as_str().unwrap().to_string())
-        .collect();
-    ids.sort();
-    assert_eq!(ids, ["u1", "u2"]);
+    assert_eq!(api.user_ids("presence-room").await, ["u1", "u2"]);
     let r = api
         .request("GET", "/channels/public-room/users", &[], "")
         .await;

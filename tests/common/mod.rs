@@ -404,6 +404,22 @@ impl Api {
         }
     }
 
+    /// The sorted ids of `GET /channels/{channel}/users`.
+    pub async fn user_ids(&self, channel: &str) -> Vec<String> {
+        let r = self
+            .request("GET", &format!("/channels/{channel}/users"), &[], "")
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let mut ids: Vec<String> = r.body["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub async fn publish(
         &self,
         channel: &str,
