@@ -54,10 +54,11 @@ impl Router {
         self.edge.as_ref()
     }
 
-    /// Drop every socket of a departed edge, in every worker.
-    pub async fn purge_edge(&self, edge: u64) {
+    /// Drop every socket of an edge, in every worker (`silent`: see
+    /// [`Command::PurgeEdge`]).
+    pub async fn purge_edge(&self, edge: u64, silent: bool) {
         for w in &self.workers {
-            let _ = w.send(Command::PurgeEdge { edge }).await;
+            let _ = w.send(Command::PurgeEdge { edge, silent }).await;
         }
     }
 

@@ -147,17 +147,8 @@ async fn two_edges_three_workers_share_rooms() {
             r.body,
             json!({"occupied":true,"user_count":2,"subscription_count":2})
         );
-        let r = api(via)
-            .request("GET", "/channels/presence-lobby/users", &[], "")
-            .await;
-        let mut ids: Vec<String> = r.body["users"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u| u["id"].as_str().unwrap().into())
-            .collect();
-        ids.sort();
-        assert_eq!(ids, ["ua", "ub"]);
+
+        assert_eq!(api(via).user_ids("presence-lobby").await, ["ua", "ub"]);
         let r = api(via).request("GET", "/channels", &[], "").await;
         assert_eq!(
             r.body,

@@ -161,6 +161,13 @@ async fn edge_connection(
         *n += 1;
         *n
     };
+    if generation > 1 {
+        // The edge comes back within its lease. While it was away it moved
+        // its rooms elsewhere, so what it registered here before may be
+        // stale: drop it quietly; the edge registers again every room whose
+        // owner this worker is, and those commands queue behind this one.
+        shared.router.purge_edge(edge, true).await;
+    }
     tracing::info!(%peer, edge, "edge connected");
     metrics::gauge!("herdgate_link_edges").increment(1.0);
     let (tx, rx) = mpsc::channel::<Msg>(LINK_QUEUE);
@@ -197,7 +204,7 @@ async fn edge_connection(
         };
         if expired {
             tracing::warn!(edge, "edge lease expired: dropping its sockets");
-            shared.router.purge_edge(edge).await;
+            shared.router.purge_edge(edge, false).await;
         }
     });
 }

@@ -143,10 +143,13 @@ pub enum Command {
     Terminate {
         room: RoomKey,
     },
-    /// An edge's link is gone for good: drop its sockets (presence members
-    /// held only by it are removed, with member_removed to the rest).
+    /// Drop every socket of an edge. Its link gone for good (`silent:
+    /// false`): members held only by it are removed with member_removed to
+    /// the rest. The edge reconnected (`silent: true`): it is about to
+    /// register again what it still has here, so nothing is announced.
     PurgeEdge {
         edge: u64,
+        silent: bool,
     },
 }
 
@@ -269,7 +272,7 @@ impl Worker {
                     to.close(&room, *id, order);
                 }
             }
-            Command::PurgeEdge { edge } => self.purge_edge(edge),
+            Command::PurgeEdge { edge, silent } => self.purge_edge(edge, silent),
         }
     }
 
@@ -381,11 +384,12 @@ impl Worker {
 }
 
 impl Worker {
-    fn purge_edge(&mut self, edge: u64) {
+    fn purge_edge(&mut self, edge: u64, silent: bool) {
         let mut emptied = Vec::new();
         for (key, room) in self.rooms.iter_mut() {
             let before = room.subscription_count();
-            for user in room.purge_edge(edge) {
+            let gone = room.purge_edge(edge);
+            for user in gone.into_iter().filter(|_| !silent) {
                 record(room.fan_out(
                     key,
                     &protocol::member_removed(&key.channel, &user),
