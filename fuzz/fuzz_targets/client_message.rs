@@ -9,7 +9,7 @@ use herdgate::auth;
 use herdgate::protocol::{
     self, names, ChannelData, SigninData, SubscribeData, UnsubscribeData, UserData,
 };
-use herdgate::worker::ConnId;
+use herdgate::types::ConnId;
 use libfuzzer_sys::fuzz_target;
 
 const KEY: &str = "278d425bdf160c739803";

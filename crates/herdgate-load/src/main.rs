@@ -1,0 +1,99 @@
+//! herdgate-load: a load generator for Pusher Channels protocol 7 servers.
+//!
+//! It plays many pusher-js clients (WebSocket sockets that subscribe and receive) and a server
+//! SDK (signed HTTP API publishes) against any Pusher-compatible server, and reports what the
+//! server did: connections established or refused (by HTTP status / close code), handshake and
+//! delivery latency percentiles, missing/duplicate deliveries, and — given `--server-pid` — the
+//! server's memory per socket and CPU per delivery.
+//!
+//! Module map: `cli` (options, run plan), `controller` (phases, child processes, merging),
+//! `worker` (the sockets of one process), `socket` (one client socket), `publisher` (HTTP API),
+//! `shm` (cross-process counters and publish ledger), `net` (TCP/TLS, source addresses),
+//! `hist` (mergeable histograms), `procstat` (/proc sampling),
+//! `report` (JSON and Markdown).
+
+mod cli;
+mod controller;
+mod hist;
+mod net;
+mod procstat;
+mod publisher;
+mod report;
+mod shm;
+
+mod socket;
+mod worker;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::sync::Arc;
+
+/// Raises the soft open-files limit to the hard limit (every socket is a descriptor).
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
+}
+
+fn main() -> Result<()> {
+    let nofile = raise_nofile_limit();
+    let cli = cli::Cli::parse();
+    let (scenario, common) = cli.scenario.split();
+    let plan = Arc::new(cli::Plan::new(scenario, &common)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+
+    if let (Some(index), Some(count), Some(path)) =
+        (common.child_index, common.child_count, common.shm.as_ref())
+    {
+        // Child process: run one worker, print its result as one JSON line.
+        let parent = std::os::unix::process::parent_id();
+        let result = runtime.block_on(async {
+            let shm = Arc::new(shm::Shm::open(path, plan.channels)?);
+            // Ctrl-C reaches the whole process group; the parent decides when children stop.
+            tokio::spawn(async {
+                loop {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            });
+            anyhow::Ok(worker::run(plan.clone(), shm, index, count, Some(parent)).await)
+        })?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+
+    let per_process = plan.connections.div_ceil(plan.processes) as u64;
+    if per_process + 100 > nofile {
+        eprintln!(
+            "herdgate-load: warning: {per_process} sockets per process but the open-files limit is {nofile}; \
+             use more --processes"
+        );
+    }
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let report = runtime.block_on(controller::run(plan.clone(), args))?;
+    let md = report.to_markdown();
+    println!("{md}");
+    if let Some(p) = &plan.json_out {
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &plan.md_out {
+        std::fs::write(p, &md).with_context(|| format!("writing {}", p.display()))?;
+    }
+    // Do not wait for lingering socket tasks: the report is out.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}

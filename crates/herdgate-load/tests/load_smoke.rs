@@ -1,0 +1,139 @@
+//! Every herdgate-load scenario, small, against a real herdgate process: the
+//! load tool cannot rot, and the numbers it reports add up.
+
+use herdgate_testkit::process::Herdgate;
+use serde_json::Value;
+use std::process::Command;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = ""
+[shutdown]
+deregister_delay = "0s"
+drain_period = "0s"
+[[apps]]
+id = "100001"
+key = "herdgate-demo-key"
+secret = "herdgate-demo-secret"
+"#;
+
+fn run(server: &Herdgate, args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("result.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_herdgate-load"))
+        .args(args)
+        .args(["--url", &format!("ws://{}", server.addr)])
+        .args(["--server-pid", &server.pid().to_string()])
+        .arg("--quiet")
+        .arg("--json-out")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "herdgate-load {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(md.contains('|'), "a Markdown summary is printed: {md}");
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+fn n(v: &Value, path: &str) -> f64 {
+    path.split('.')
+        .fold(v, |v, k| &v[k])
+        .as_f64()
+        .unwrap_or_else(|| panic!("{path} missing in {v:#}"))
+}
+
+#[test]
+fn every_scenario_runs_and_adds_up() {
+    let server = Herdgate::start(CONFIG);
+
+    let r = run(
+        &server,
+        &[
+            "idle",
+            "-n",
+            "300",
+            "--rate",
+            "1000",
+            "--channels",
+            "10",
+            "--duration",
+            "0.5",
+        ],
+    );
+    assert_eq!(n(&r, "connections.established"), 300.0);
+    assert!(
+        n(&r, "server.rss_per_conn_kib") > 0.0,
+        "RSS per connection is reported"
+    );
+
+    let r = run(
+        &server,
+        &[
+            "fanout",
+            "-n",
+            "200",
+            "--rate",
+            "2000",
+            "--publish-rate",
+            "20",
+            "--duration",
+            "1",
+        ],
+    );
+    assert_eq!(n(&r, "connections.established"), 200.0);
+    assert!(n(&r, "delivery.expected") >= 200.0);
+    assert_eq!(n(&r, "delivery.delivered"), n(&r, "delivery.expected"));
+    assert_eq!(n(&r, "delivery.missing"), 0.0);
+    assert_eq!(n(&r, "delivery.duplicates"), 0.0);
+    assert!(n(&r, "delivery.latency_ms.max") >= n(&r, "delivery.latency_ms.p50"));
+
+    let r = run(
+        &server,
+        &[
+            "rooms",
+            "-n",
+            "200",
+            "--channels",
+            "20",
+            "--per-conn",
+            "2",
+            "--channel-kind",
+            "presence",
+            "--publish-rate",
+            "40",
+            "--duration",
+            "1",
+        ],
+    );
+    assert_eq!(n(&r, "connections.subscribed"), 200.0);
+    assert_eq!(n(&r, "delivery.missing"), 0.0);
+    assert_eq!(n(&r, "delivery.delivered"), n(&r, "delivery.expected"));
+
+    let r = run(&server, &["storm", "-n", "500", "--duration", "0.5"]);
+    assert_eq!(n(&r, "connections.established"), 500.0);
+
+    let r = run(
+        &server,
+        &[
+            "churn",
+            "-n",
+            "100",
+            "--rate",
+            "50",
+            "--publish-rate",
+            "10",
+            "--duration",
+            "1",
+        ],
+    );
+    assert!(
+        n(&r, "connections.recycled") > 0.0,
+        "churn closes and reopens sockets"
+    );
+    assert_eq!(n(&r, "connections.refused"), 0.0);
+}

@@ -1,0 +1,201 @@
+//! herdgate as a real child process, for tests that need signals, stdout
+//! or a second program (pusher-js, herdgate-load) talking to it.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Herdgate {
+    pub child: Child,
+    pub addr: String,
+    pub admin: Option<String>,
+    /// Log lines after the listening line, as they arrive.
+    pub log: mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Drop for Herdgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Herdgate {
+    /// Write `config` to a temp file and start `herdgate --config` on it.
+    /// `config` should listen on port 0; the real address is read from the log.
+    pub fn start(config: &str) -> Herdgate {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Herdgate {
+        Self::start_custom(config, |cmd| {
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+        })
+    }
+
+    /// Like [`Herdgate::start`], with `customize` applied to the command last
+    /// (environment, removed variables, ...).
+    pub fn start_custom(config: &str, customize: impl FnOnce(&mut Command)) -> Herdgate {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("herdgate.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(bin("herdgate"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        cmd.env("RUST_LOG", "info");
+        customize(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut addr, mut admin) = (None, None);
+        let field = |line: &str, name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name).map(str::to_string))
+        };
+        while addr.is_none() || (admin.is_none() && !config.contains("admin_listen = \"\"")) {
+            let line = lines
+                .next()
+                .expect("herdgate exited before listening")
+                .unwrap();
+            addr = addr.or_else(|| field(&line, "listen="));
+            admin = admin.or_else(|| field(&line, "admin="));
+        }
+        // Keep draining the log so herdgate never blocks on a full pipe.
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Herdgate {
+            child,
+            addr: addr.unwrap(),
+            admin,
+            log,
+            _dir: dir,
+            config_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub fn port(&self) -> &str {
+        self.addr.rsplit_once(':').unwrap().1
+    }
+
+    /// The public listener's address.
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.addr.parse().expect("listen address")
+    }
+
+    /// The admin listener's address (panics if it is disabled).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .as_deref()
+            .expect("admin listener enabled")
+            .parse()
+            .expect("admin address")
+    }
+
+    /// Read log lines until one contains `needle`, and return it. Lines read
+    /// on the way are consumed. Panics, listing the lines seen, if none
+    /// matches `within` or the process closes its stdout first. Blocking: in
+    /// an async test call it through `tokio::task::block_in_place`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(e) => panic!(
+                    "no log line containing {needle:?} within {within:?} ({e}); lines seen:\n{}",
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Wait (without polling: a pidfd becomes readable when the process
+    /// exits) up to `within` for the process to exit; its status, or `None`
+    /// if it is still running at the deadline. Linux ≥ 5.3.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        // SAFETY: pidfd_open(2) on our own unreaped child; it returns a new fd we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.child.id() as libc::pid_t, 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let ms = within.as_millis().min(i32::MAX as u128) as i32;
+        let exited = tokio::task::spawn_blocking(move || {
+            let mut p = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            loop {
+                // SAFETY: one valid pollfd, owned by this closure for the call.
+                let rc = unsafe { libc::poll(&mut p, 1, ms) };
+                if rc >= 0
+                    || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    return rc > 0;
+                }
+            }
+        })
+        .await
+        .expect("poll task");
+        exited.then(|| self.child.wait().expect("wait"))
+    }
+}
+
+/// The path of a file in the repository (relative to its root).
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+/// A binary of this workspace, from the target directory the running test
+/// was built into (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+/// `cargo test --workspace` builds every package's binaries before any test
+/// runs; `HERDGATE_BIN_DIR` overrides the directory.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("HERDGATE_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let deps = exe.parent().expect("test binary in a directory");
+            deps.parent().unwrap_or(deps).to_path_buf()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo test --workspace` builds every binary)",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,380 @@
+//! TOML configuration.
+//!
+//! Loading is two passes, as in rathole and Vector: serde with
+//! `deny_unknown_fields` turns the text into typed structs (a typo in a key is
+//! an error with its line and column, not a silently ignored option), then
+//! [`validate`] checks the values and reports *every* problem with its dotted
+//! key, so an operator fixes a file in one round instead of one error per try.
+
+mod duration;
+mod net;
+#[macro_use]
+mod words;
+mod overload;
+mod validate;
+
+pub use duration::HumanDuration;
+pub use net::Cidr;
+pub use overload::{ActionsConfig, From as ActionFrom, LoadState, OverloadConfig};
+pub use validate::ConfigError;
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The shipped, commented configuration. It is also the embedded default that
+/// `herdgate` runs with when no `--config` is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../../config/herdgate.toml");
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+    pub overload: OverloadConfig,
+    pub cluster: ClusterConfig,
+    /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
+    pub tls: Option<TlsConfig>,
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1; ECDSA, Ed25519 or RSA).
+    pub key: String,
+    /// Deadline for a client to complete the TLS handshake.
+    #[serde(default = "tls_handshake_timeout")]
+    pub handshake_timeout: HumanDuration,
+}
+
+fn tls_handshake_timeout() -> HumanDuration {
+    HumanDuration::secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Client websockets and the HTTP API.
+    pub listen: String,
+    /// Health and metrics. Empty string disables the admin listener.
+    pub admin_listen: String,
+    /// Accept backlog of the public listener (capped by net.core.somaxconn).
+    pub backlog: u32,
+    /// Realtime workers (room owners). 0 = one per core.
+    pub workers: usize,
+    /// Sent to clients in `pusher:connection_established`; the server pings a
+    /// socket that was silent this long.
+    pub activity_timeout: HumanDuration,
+    /// How long a pinged socket has to answer before it is closed with 4201.
+    pub pong_timeout: HumanDuration,
+    /// Deadline for a new TCP connection to send complete HTTP request headers.
+    pub handshake_timeout: HumanDuration,
+    /// Every connection to `listen` starts with a PROXY protocol v1 or v2
+    /// header from the load balancer; connections without one are dropped.
+    pub proxy_protocol: bool,
+    /// Peers (CIDR blocks) whose `X-Forwarded-For` names the real client.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:6001".into(),
+            admin_listen: "127.0.0.1:9601".into(),
+            backlog: 4096,
+            workers: 0,
+            activity_timeout: HumanDuration::secs(120),
+            pong_timeout: HumanDuration::secs(30),
+            handshake_timeout: HumanDuration::secs(10),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open websocket sessions on this node; upgrades beyond it get 503.
+    pub max_connections: usize,
+    /// TCP connections not (yet) upgraded: handshakes in progress and HTTP API
+    /// keep-alives. The accept loop waits for one to end beyond it.
+    pub max_handshakes: usize,
+    /// Channels one socket may be subscribed to at once.
+    pub max_channels_per_connection: usize,
+    /// Largest event `data` accepted from the HTTP API or a client event.
+    pub max_payload_bytes: usize,
+    /// Largest websocket message a client may send (close 1009 beyond it).
+    pub max_message_bytes: usize,
+    /// Client events per second per socket (burst of the same size).
+    pub client_events_per_second: u32,
+    /// Distinct users in one presence channel.
+    pub max_presence_members: usize,
+    /// Frames waiting to be written to one socket before it counts as a slow consumer.
+    pub outbound_queue_messages: usize,
+    /// Bytes waiting to be written to one socket before it counts as a slow consumer.
+    pub outbound_queue_bytes: usize,
+    /// Commands waiting in one worker's mailbox.
+    pub worker_mailbox: usize,
+    /// Largest HTTP API request body (413 beyond it).
+    pub max_request_body_bytes: usize,
+    /// New websocket sessions per second, node-wide (token bucket); 503 beyond it.
+    pub new_connections_per_second: u32,
+    /// Burst of the new-connection token bucket.
+    pub new_connections_burst: u32,
+    /// Open sessions per client IP; 503 beyond it. 0 = no per-IP limit.
+    pub max_connections_per_ip: usize,
+    /// Largest HTTP request head (431 beyond it).
+    pub max_request_header_bytes: usize,
+    /// A socket whose peer does not take a queued write within this time is closed.
+    pub write_timeout: HumanDuration,
+    /// A new socket that has neither subscribed nor signed in by then is
+    /// closed with 4202. "0s" disables the check.
+    pub subscribe_deadline: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 10_000,
+            max_handshakes: 4096,
+            max_channels_per_connection: 100,
+            max_payload_bytes: 10_240,
+            max_message_bytes: 32_768,
+            client_events_per_second: 10,
+            max_presence_members: 100,
+            outbound_queue_messages: 256,
+            outbound_queue_bytes: 256 * 1024,
+            worker_mailbox: 65_536,
+            max_request_body_bytes: 256 * 1024,
+            max_request_header_bytes: 16 * 1024,
+            new_connections_per_second: 5_000,
+            new_connections_burst: 10_000,
+            max_connections_per_ip: 5_000,
+            write_timeout: HumanDuration::secs(10),
+            subscribe_deadline: HumanDuration::secs(60),
+        }
+    }
+}
+
+words::words! {
+    /// `cluster.role`: what this node does.
+    pub enum Role {
+        /// Sockets, the HTTP API and in-process workers: one node holds everything.
+        Standalone = "standalone",
+        /// Sockets and the HTTP API; rooms live on remote workers.
+        Edge = "edge",
+        /// Rooms only, for edges that connect on `cluster.link_listen`.
+        Worker = "worker",
+    }
+}
+
+words::words! {
+    /// `log.format`.
+    pub enum LogFormat {
+        Human = "human",
+        Json = "json",
+    }
+}
+
+/// Longest wait between an edge's reconnect attempts to a worker (before
+/// jitter of ×0.5–1.5); validation of `cluster.settle` relies on it.
+pub const LINK_RECONNECT_CAP: std::time::Duration = std::time::Duration::from_millis(400);
+
+/// `[cluster]`: one node holding everything, or edges and workers on many hosts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub role: Role,
+    /// Worker: where edges connect.
+    pub link_listen: String,
+    /// Edge: the workers, the same list on every edge (every edge builds the same ring).
+    pub workers: Vec<String>,
+    /// This edge's identity towards workers; 0 = random at start.
+    pub node_id: u64,
+    /// Heartbeats on every link; three missed ones and the peer is gone.
+    pub heartbeat_interval: HumanDuration,
+    /// Worker: how long a lost edge's sockets are kept before they are dropped.
+    pub edge_lease: HumanDuration,
+    /// Edge: after a worker leaves or returns, publishes to the rooms that
+    /// moved are answered 503 this long, while every edge registers there.
+    pub settle: HumanDuration,
+    /// Present: the link is mutually authenticated TLS.
+    pub tls: Option<LinkTlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkTlsConfig {
+    /// This node's certificate chain (PEM), signed by `ca`.
+    pub cert: String,
+    /// Its private key (PEM).
+    pub key: String,
+    /// The cluster CA (PEM): peers must present a certificate it signed.
+    pub ca: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            role: Role::Standalone,
+            link_listen: String::new(),
+            workers: Vec::new(),
+            node_id: 0,
+            heartbeat_interval: HumanDuration::millis(500),
+            edge_lease: HumanDuration::secs(3),
+            settle: HumanDuration::secs(3),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM `/readyz` answers 503 at once, but the listener keeps
+    /// accepting for this long so the load balancer can deregister the node.
+    pub deregister_delay: HumanDuration,
+    /// Then the listener closes and open sockets are closed (4200, reconnect)
+    /// each at a random moment within this period.
+    pub drain_period: HumanDuration,
+    /// Extra time after the drain period for the last sessions and HTTP
+    /// requests to finish before the process exits anyway.
+    pub grace: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            deregister_delay: HumanDuration::secs(5),
+            drain_period: HumanDuration::secs(30),
+            grace: HumanDuration::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `herdgate=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    /// Whether sockets may send `client-*` events.
+    #[serde(default = "yes")]
+    pub enable_client_events: bool,
+    /// A disabled app refuses websockets (4003) and API calls (403).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Websocket upgrades must carry one of these `Origin`s (403 otherwise),
+    /// e.g. "https://events.example.com" or "https://*.example.com". Empty: any.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Everything that can go wrong loading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", validate::render(.0))]
+    Invalid(Vec<ConfigError>),
+}
+
+impl Config {
+    /// Parse and validate the values; every problem is reported at once.
+    /// Files the config names (certificates) are not read here: see
+    /// [`Config::from_toml_str_with`].
+    pub fn from_toml_str(text: &str) -> Result<Config, LoadError> {
+        Config::from_toml_str_with(text, |_| Vec::new())
+    }
+
+    /// Parse, validate, then run `check` (the caller's checks of what the
+    /// values point at, such as certificate files) and report every problem
+    /// of both passes at once.
+    pub fn from_toml_str_with(
+        text: &str,
+        check: impl FnOnce(&Config) -> Vec<ConfigError>,
+    ) -> Result<Config, LoadError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| LoadError::Invalid(vec![ConfigError::from_toml(text, "", &e)]))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            LoadError::Invalid(vec![ConfigError::from_toml(text, &path, e.inner())])
+        })?;
+        let mut errors = validate::validate(&config);
+        if errors.is_empty() {
+            errors = check(&config);
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(LoadError::Invalid(errors))
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, LoadError> {
+        Config::from_file_with(path, |_| Vec::new())
+    }
+
+    /// [`Config::from_file`] with the caller's checks (see [`Config::from_toml_str_with`]).
+    pub fn from_file_with(
+        path: &Path,
+        check: impl FnOnce(&Config) -> Vec<ConfigError>,
+    ) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml_str_with(&text, check)
+    }
+
+    pub fn embedded_default() -> Config {
+        Config::from_toml_str(EMBEDDED_DEFAULT).expect("embedded default config is valid")
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.parse().expect("validated")
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        (!self.server.admin_listen.is_empty())
+            .then(|| self.server.admin_listen.parse().expect("validated"))
+    }
+
+    pub fn worker_count(&self) -> usize {
+        match self.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}

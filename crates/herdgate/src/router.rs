@@ -1,0 +1,171 @@
+//! The router: which worker owns a room, and how to reach it.
+//!
+//! Sessions and the HTTP API talk to rooms only through this type. Whether
+//! the owner runs in this process (standalone: the [`worker::Pool`]) or on a
+//! remote worker behind a network link (an edge of a cluster, see
+//! [`cluster::edge`]) is the router's business, not theirs; each variant
+//! implements the same operations.
+
+use crate::cluster::edge::Edge;
+use crate::protocol::Frame;
+use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
+use crate::worker::{self, Subscriber, Target};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub enum Router {
+    /// Rooms on this process's workers.
+    Local(Arc<worker::Pool>),
+    /// Rooms on remote workers: this node is a cluster edge.
+    Edge(Arc<Edge>),
+}
+
+impl Router {
+    /// The cluster edge behind this router, if this node is an edge.
+    pub fn cluster_edge(&self) -> Option<&Arc<Edge>> {
+        match self {
+            Router::Edge(e) => Some(e),
+            Router::Local(_) => None,
+        }
+    }
+
+    /// Commands (or link frames) waiting in the fullest queue to a room owner.
+    pub fn max_mailbox_depth(&self) -> usize {
+        match self {
+            Router::Local(p) => p.max_mailbox_depth(),
+            Router::Edge(e) => e.max_queue_depth(),
+        }
+    }
+
+    pub async fn subscribe(
+        &self,
+        room: RoomKey,
+        sub: Subscriber,
+        member: Option<Member>,
+        max_members: usize,
+        shed: Shed,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.subscribe(room, sub, member, max_members, shed).await,
+            Router::Edge(e) => {
+                let Target::Local(out) = sub.to else {
+                    return Err(RouteError::Gone);
+                };
+                e.subscribe(room, sub.id, out, member, max_members, shed)
+            }
+        }
+    }
+
+    pub async fn unsubscribe(
+        &self,
+        room: RoomKey,
+        id: ConnId,
+        shed: Shed,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.unsubscribe(room, id, shed).await,
+            Router::Edge(e) => e.unsubscribe(room, id, shed),
+        }
+    }
+
+    /// A client event: the sender's own task waits for mailbox space.
+    pub async fn client_event(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        sender: ConnId,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.client_event(room, frame, sender).await,
+            Router::Edge(e) => {
+                // A client event lost to a moving room is dropped, not a
+                // reason to close the sender's socket.
+                if e.publish(room, frame, Some(sender), None, None)
+                    .await
+                    .is_err()
+                {
+                    metrics::counter!("herdgate_client_events_dropped_total", "reason" => "owner_unreachable").increment(1);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// An HTTP API publish; `coalesce` when the load state sheds this channel's events.
+    pub async fn publish(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        exclude: Option<ConnId>,
+        coalesce: Option<Duration>,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.publish(room, frame, exclude, coalesce, wait).await,
+            Router::Edge(e) => e.publish(room, frame, exclude, coalesce, Some(wait)).await,
+        }
+    }
+
+    pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
+        match self {
+            Router::Local(p) => p.query(room, wait).await,
+            Router::Edge(e) => e.query(room, wait).await,
+        }
+    }
+
+    pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
+        match self {
+            Router::Local(p) => p.users(room, wait).await,
+            Router::Edge(e) => e.users(room, wait).await,
+        }
+    }
+
+    /// Occupied channels of an app whose names start with `prefix`.
+    pub async fn list(
+        &self,
+        app: &Arc<str>,
+        prefix: &str,
+        wait: Duration,
+    ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
+        match self {
+            Router::Local(p) => p.list(app, prefix, wait).await,
+            Router::Edge(e) => e.list(app, prefix, wait).await,
+        }
+    }
+
+    pub async fn sign_in(
+        &self,
+        app: &Arc<str>,
+        user: &str,
+        sub: Subscriber,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.sign_in(app, user, sub).await,
+            Router::Edge(e) => {
+                let Target::Local(out) = sub.to else {
+                    return Err(RouteError::Gone);
+                };
+                e.sign_in(RoomKey::user(app, user), user, sub.id, out)
+            }
+        }
+    }
+
+    pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.sign_out(app, user, id).await,
+            Router::Edge(e) => e.sign_out(RoomKey::user(app, user), user, id),
+        }
+    }
+
+    pub async fn terminate(
+        &self,
+        app: &Arc<str>,
+        user: &str,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.terminate(app, user, wait).await,
+            Router::Edge(e) => e.terminate(RoomKey::user(app, user), user),
+        }
+    }
+}

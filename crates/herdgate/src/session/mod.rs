@@ -1,0 +1,498 @@
+//! One client socket: the Pusher protocol loop, its timers and its writer.
+//!
+//! The loop is generic over any `Stream + Sink` of websocket messages, so it
+//! runs the same on a real upgraded TCP/TLS stream and on an in-memory pair
+//! in unit tests. It owns the only writer of its socket: rooms hand it frames
+//! through its bounded [`crate::outbound::Outbound`] queue and it writes them,
+//! within `write_timeout`, whenever it is woken.
+//!
+//! The future is kept small on purpose: it lives as long as the socket, and
+//! its size is paid for every idle connection.
+
+mod handler;
+pub mod ratelimit;
+
+use crate::apps::App;
+use crate::outbound::{CloseOrder, Outbound};
+use crate::protocol::codes;
+use crate::state::Shared;
+use crate::types::ConnId;
+use crate::worker::Subscriber;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// How a session ended, for the close frame, the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client closed, or the TCP connection went away.
+    PeerGone,
+    /// We close with this code.
+    Close {
+        code: u16,
+        reason: &'static str,
+        label: &'static str,
+    },
+}
+
+impl End {
+    pub(crate) fn close(code: u16, reason: &'static str, label: &'static str) -> End {
+        End::Close {
+            code,
+            reason,
+            label,
+        }
+    }
+
+    /// The server is going away (drain, or its workers stopped): reconnect.
+    pub(crate) fn shutdown() -> End {
+        End::close(codes::RECONNECT, "server shutting down", "shutdown")
+    }
+}
+
+pub(crate) struct Channel {
+    name: Arc<str>,
+    kind: crate::protocol::names::ChannelKind,
+    /// The presence user id this socket joined as.
+    user: Option<Arc<str>>,
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    app: Arc<App>,
+    id: ConnId,
+    out: Arc<Outbound>,
+    channels: Vec<Channel>,
+    /// Signed-in user id.
+    user: Option<Arc<str>>,
+    limiter: Option<ratelimit::TokenBucket>,
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, app: Arc<App>) -> Session {
+        let live = shared.live();
+        let l = &live.config.limits;
+        let out = Arc::new(Outbound::new(
+            l.outbound_queue_messages,
+            l.outbound_queue_bytes,
+        ));
+        Session {
+            id: ConnId(rand::random()),
+            out,
+            app,
+            shared,
+            channels: Vec::new(),
+            user: None,
+            limiter: None,
+        }
+    }
+
+    pub fn socket_id(&self) -> String {
+        self.id.socket_id()
+    }
+
+    /// The app as the live config has it now (a reload may have rotated its
+    /// secret); the one this socket connected with if the app was removed.
+    fn current_app(&self) -> Arc<App> {
+        self.shared
+            .live()
+            .apps
+            .by_key(&self.app.key)
+            .cloned()
+            .unwrap_or_else(|| self.app.clone())
+    }
+
+    /// What the current load state asks the rooms to shed for this socket's commands.
+    fn shed(&self) -> crate::types::Shed {
+        let state = self.shared.overload.state();
+        let max = self
+            .shared
+            .live()
+            .config
+            .overload
+            .actions
+            .member_events_max(state);
+        crate::types::Shed {
+            member_events_max: max,
+            silent: false,
+        }
+    }
+
+    fn subscriber(&self) -> Subscriber {
+        Subscriber::local(self.id, self.out.clone())
+    }
+}
+
+/// Run a session to its end on `ws`, then release everything it held.
+///
+/// Both arguments live as long as the socket, so callers keep them on the
+/// heap (`Box`) and lend them: an async fn stores its arguments in its own
+/// future next to everything it awaits, which would double their size for
+/// every idle connection.
+pub async fn run<S>(ws: &mut S, session: &mut Session) -> End
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let activity = session.shared.live().config.server.activity_timeout.get();
+    session.out.push(&crate::protocol::connection_established(
+        &session.socket_id(),
+        activity.as_secs(),
+    ));
+    let end = session.serve(ws).await;
+    // One-shot teardown is boxed: a future is as large as its largest state.
+    Box::pin(finish(ws, session, end)).await;
+    tracing::debug!(?end, "session ended");
+    end
+}
+
+/// Leave every room, then tell the client why (if we are the ones closing).
+async fn finish<S>(ws: &mut S, session: &mut Session, end: End)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    session.release().await;
+    if let End::Close {
+        code,
+        reason,
+        label,
+    } = end
+    {
+        metrics::counter!("herdgate_connections_closed_total", "reason" => label).increment(1);
+        // What the session queued last (a pusher:error explaining the close)
+        // goes out before the close frame; a slow consumer's queue is empty.
+        let (frames, _) = session.out.drain();
+        if !frames.is_empty() {
+            let _ = timeout(Duration::from_secs(1), write_all(ws, frames)).await;
+        }
+        close(ws, code, reason).await;
+    } else {
+        metrics::counter!("herdgate_connections_closed_total", "reason" => "client").increment(1);
+    }
+}
+
+impl Session {
+    async fn serve<S>(&mut self, ws: &mut S) -> End
+    where
+        S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    {
+        let (activity, pong_wait, write_timeout, subscribe_deadline) = {
+            let live = self.shared.live();
+            let c = &live.config;
+            (
+                c.server.activity_timeout.get(),
+                c.server.pong_timeout.get(),
+                c.limits.write_timeout.get(),
+                c.limits.subscribe_deadline.get(),
+            )
+        };
+        // When the server drains, each socket picks its own moment within the
+        // drain period to close, so reconnects reach other nodes spread out.
+        let mut close_at: Option<Instant> = None;
+        // Node-wide signals (load state changes, drain) arrive through one
+        // watch channel, awaited by a future created once and kept across
+        // iterations: re-creating it would register and unregister every
+        // socket in one shared waiter list on every message. A socket that
+        // connects while the node is not normal is told at once.
+        let mut rx = self.shared.overload.subscribe();
+        let mut state = rx.borrow_and_update().state;
+        if state != crate::overload::LoadState::Normal {
+            self.out.push(&rx.borrow().frame);
+        }
+        let status = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            let s = rx.borrow_and_update().clone();
+            Some((s, rx))
+        });
+        tokio::pin!(status);
+
+        let mut last_seen = Instant::now();
+        let mut pinged_at: Option<Instant> = None;
+        // A new socket must subscribe (or sign in) by then, or it is pruned.
+        let mut subscribe_by =
+            (!subscribe_deadline.is_zero()).then(|| last_seen + subscribe_deadline);
+        let timer = sleep_until(
+            subscribe_by.map_or(last_seen + activity, |by| by.min(last_seen + activity)),
+        );
+        tokio::pin!(timer);
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.out.ready() => {
+                    let (frames, order, oldest) = self.out.drain_timed();
+                    if !frames.is_empty() {
+                        match timeout(write_timeout, write_all(ws, frames)).await {
+                            Ok(Ok(())) => {
+                                // Queued → handed to the kernel, for the oldest frame of the batch.
+                                if let Some(t) = oldest {
+                                    delivery_delay().record(t.elapsed().as_secs_f64());
+                                }
+                            }
+                            Ok(Err(_)) => return End::PeerGone,
+                            Err(_) => return End::close(codes::OVER_CAPACITY, "write timeout", "write_timeout"),
+                        }
+                    }
+                    if let Some(CloseOrder { code, reason }) = order {
+                        let label = if code == codes::OVER_CAPACITY { "slow_consumer" } else { "terminated" };
+                        return End::close(code, reason, label);
+                    }
+                }
+                Some(s) = status.next() => {
+                    if s.state != state {
+                        state = s.state;
+                        self.out.push(&s.frame);
+                    }
+                    if s.closing && close_at.is_none() {
+                        // The drain period in force now (a reload may have changed it).
+                        let drain_period = self.shared.live().config.shutdown.drain_period.get();
+                        let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
+                        close_at = Some(at);
+                        if timer.deadline() > at {
+                            timer.as_mut().reset(at);
+                        }
+                    }
+                }
+                msg = ws.next() => {
+                    last_seen = Instant::now();
+                    match msg {
+                        None => return End::PeerGone,
+                        Some(Ok(Message::Text(text))) => {
+                            // Boxed: client messages are rare next to the
+                            // socket's idle lifetime, and the handler's
+                            // future is the largest state of this loop.
+                            if let Err(end) = Box::pin(self.handle_text(text.as_str())).await {
+                                return end;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            return End::close(codes::ws::UNSUPPORTED_DATA, "binary frames are not supported", "binary_frame");
+                        }
+                        Some(Ok(Message::Close(_))) => return End::PeerGone,
+                        // Pings are answered by tungstenite; pongs only count as activity.
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return map_ws_error(e),
+                    }
+                }
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if close_at.is_some_and(|at| now >= at) {
+                        return End::shutdown();
+                    }
+                    if subscribe_by.is_some_and(|by| now >= by) {
+                        if self.channels.is_empty() && self.user.is_none() {
+                            return End::close(codes::INACTIVE, "no subscription within the deadline", "idle_unsubscribed");
+                        }
+                        subscribe_by = None;
+                    }
+                    let next = match pinged_at {
+                        Some(at) if last_seen <= at && now >= at + pong_wait => {
+                            return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
+                        }
+                        // Woken early (drain or subscribe deadline): keep waiting for the pong.
+                        Some(at) if last_seen <= at => at + pong_wait,
+                        _ if now >= last_seen + activity => {
+                            self.out.push(&crate::protocol::ping());
+                            pinged_at = Some(now);
+                            now + pong_wait
+                        }
+                        _ => {
+                            pinged_at = None;
+                            last_seen + activity
+                        }
+                    };
+                    let next = [close_at, subscribe_by].into_iter().flatten().fold(next, Instant::min);
+                    timer.as_mut().reset(next);
+                }
+            }
+        }
+    }
+
+    /// Leave every room and the user registry; called once, when the socket ends.
+    async fn release(&mut self) {
+        let router = &self.shared.router;
+        for ch in std::mem::take(&mut self.channels) {
+            let room = crate::types::RoomKey {
+                app: self.app.id.clone(),
+                channel: ch.name,
+            };
+            let _ = router.unsubscribe(room, self.id, self.shed()).await;
+        }
+        if let Some(user) = self.user.take() {
+            let _ = router.sign_out(&self.app.id, &user, self.id).await;
+        }
+    }
+}
+
+async fn write_all<S>(
+    ws: &mut S,
+    frames: std::collections::VecDeque<crate::protocol::Frame>,
+) -> Result<(), WsError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    for f in frames {
+        ws.feed(Message::Text(f)).await?;
+    }
+    ws.flush().await
+}
+
+/// The delivery-delay histogram, looked up once rather than per write.
+fn delivery_delay() -> &'static metrics::Histogram {
+    static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+    H.get_or_init(|| metrics::histogram!("herdgate_delivery_delay_seconds"))
+}
+
+fn map_ws_error(e: WsError) -> End {
+    use codes::ws;
+    match e {
+        WsError::Capacity(_) => {
+            End::close(ws::MESSAGE_TOO_BIG, "message too big", "message_too_big")
+        }
+        WsError::Utf8(_) => End::close(ws::INVALID_PAYLOAD, "invalid UTF-8", "invalid_utf8"),
+        WsError::Protocol(_) => End::close(
+            ws::PROTOCOL_ERROR,
+            "websocket protocol error",
+            "protocol_error",
+        ),
+        _ => End::PeerGone,
+    }
+}
+
+/// Send a close frame and give the peer a moment to answer it, so the code
+/// reaches the client instead of being lost to a reset.
+pub(crate) async fn close<S>(ws: &mut S, code: u16, reason: &'static str)
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    if timeout(Duration::from_secs(2), ws.send(Message::Close(Some(frame))))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session loop on an in-memory websocket pair, with paused time:
+    //! timers are exercised without waiting for them.
+    use super::*;
+    use crate::config::Config;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    async fn pair(
+        extra: &str,
+    ) -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<End>,
+    ) {
+        let text = format!("{extra}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n");
+        let shared = Shared::new(Config::from_toml_str(&text).unwrap()).unwrap();
+        let app = shared.live().apps.by_key("k").unwrap().clone();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+            let mut session = Session::new(shared, app);
+            run(&mut ws, &mut session).await
+        });
+        (
+            WebSocketStream::from_raw_socket(b, Role::Client, None).await,
+            server,
+        )
+    }
+
+    async fn assert_closed_with(server: tokio::task::JoinHandle<End>, code: u16) {
+        let end = server.await.unwrap();
+        assert!(
+            matches!(end, End::Close { code: c, .. } if c == code),
+            "{end:?}, expected {code}"
+        );
+    }
+
+    async fn next_event(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> Option<String> {
+        loop {
+            match ws.next().await? {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                    return Some(v["event"].as_str().unwrap().to_string());
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_socket_gets_a_ping_then_4201_after_the_pong_wait() {
+        let (mut client, server) = pair("[server]\nactivity_timeout = \"10s\"\npong_timeout = \"5s\"\n[limits]\nsubscribe_deadline = \"0s\"").await;
+        let start = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:ping")
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(next_event(&mut client).await, None, "the close frame");
+        assert_eq!(start.elapsed(), Duration::from_secs(15));
+        assert_closed_with(server, codes::PONG_TIMEOUT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_wakeup_does_not_cut_the_pong_wait_short() {
+        // Ping at 2 s; the subscribe deadline wakes the loop at 5 s while the
+        // pong is still awaited; the close must wait for 2 s + 10 s.
+        let (mut client, server) =
+            pair("[server]\nactivity_timeout = \"2s\"\npong_timeout = \"10s\"\n[limits]\nsubscribe_deadline = \"5s\"").await;
+        let start = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        let sub = r#"{"event":"pusher:subscribe","data":{"channel":"lobby"}}"#;
+        client.send(Message::Text(sub.into())).await.unwrap();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher_internal:subscription_succeeded")
+        );
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:ping")
+        );
+        assert_eq!(next_event(&mut client).await, None, "the close frame");
+        assert_eq!(start.elapsed(), Duration::from_secs(12));
+        assert_closed_with(server, codes::PONG_TIMEOUT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_never_subscribes_is_closed_4202_at_the_deadline() {
+        let (mut client, server) = pair("[limits]\nsubscribe_deadline = \"30s\"").await;
+        let start = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        assert_eq!(next_event(&mut client).await, None, "the close frame");
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_closed_with(server, codes::INACTIVE).await;
+    }
+}

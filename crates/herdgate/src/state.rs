@@ -1,0 +1,161 @@
+//! What every connection task shares: the live config and apps (swapped
+//! whole on reload), the router, admission counters and the lifecycle tokens.
+
+use crate::apps::Apps;
+use crate::config::Config;
+use crate::router::Router;
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub struct Shared {
+    live: ArcSwap<Live>,
+    pub router: Router,
+    pub sessions: Arc<crate::admission::Admission>,
+    pub overload: crate::overload::Overload,
+    /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
+    /// keeps serving through the load balancer's deregistration delay.
+    pub draining: CancellationToken,
+    /// Cancelled when the listener closes: HTTP connections finish their
+    /// in-flight request, sessions close in a jittered spread over the drain period.
+    pub closing: CancellationToken,
+    /// Cancelled when shutdown has finished; the admin listener stops last.
+    pub stopped: CancellationToken,
+    /// Upgraded websockets leave hyper's connection tracking, so sessions are tracked here.
+    pub tasks: TaskTracker,
+    pub tls: Option<Tls>,
+}
+
+/// The part of the configuration that a reload (SIGHUP) swaps while serving.
+pub struct Live {
+    pub config: Config,
+    pub apps: Apps,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<crate::config::Cidr>,
+}
+
+impl Live {
+    fn new(config: Config) -> Live {
+        let trusted_proxies = config
+            .server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        Live {
+            apps: Apps::new(&config.apps),
+            trusted_proxies,
+            config,
+        }
+    }
+}
+
+/// TLS termination: the swappable certificate and the acceptor over it.
+pub struct Tls {
+    pub store: Arc<crate::tls::CertStore>,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Arc<Shared>, crate::tls::TlsError> {
+        let tls = match &config.tls {
+            Some(t) => {
+                let store = Arc::new(crate::tls::CertStore::load(
+                    t.cert.as_ref(),
+                    t.key.as_ref(),
+                )?);
+                let acceptor =
+                    tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store.clone())?);
+                Some(Tls { store, acceptor })
+            }
+            None => None,
+        };
+        let l = &config.limits;
+        let cl = &config.cluster;
+        let router = if cl.role == crate::config::Role::Edge {
+            let id = if cl.node_id == 0 {
+                rand::random::<u64>() | 1
+            } else {
+                cl.node_id
+            };
+            let edge = crate::cluster::edge::Edge::start(
+                id,
+                &cl.workers,
+                cl.heartbeat_interval.get(),
+                cl.settle.get(),
+                cl.tls
+                    .as_ref()
+                    .map(crate::cluster::tls::LinkTls::load)
+                    .transpose()?,
+            );
+            Router::Edge(edge)
+        } else {
+            Router::Local(Arc::new(crate::worker::Pool::start(
+                config.worker_count(),
+                l.worker_mailbox,
+            )))
+        };
+        Ok(Arc::new(Shared {
+            sessions: crate::admission::Admission::new(l.max_connections),
+            overload: crate::overload::Overload::default(),
+            router,
+            live: ArcSwap::from_pointee(Live::new(config)),
+            draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            stopped: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            tls,
+        }))
+    }
+
+    /// The configuration in force now. Cheap: an atomic load and a refcount.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Put a new (validated) configuration in force for everything that reads it from now on.
+    pub fn swap_live(&self, config: Config) {
+        self.sessions.set_max(config.limits.max_connections);
+        self.live.store(Arc::new(Live::new(config)));
+    }
+}
+
+impl crate::overload::Sampled for Shared {
+    fn overload(&self) -> &crate::overload::Overload {
+        &self.overload
+    }
+    fn overload_config(&self) -> crate::config::OverloadConfig {
+        self.live().config.overload.clone()
+    }
+    fn open_sessions(&self) -> usize {
+        self.sessions.open()
+    }
+    fn max_sessions(&self) -> usize {
+        self.sessions.max()
+    }
+    fn mailbox_depth(&self) -> usize {
+        self.router.max_mailbox_depth()
+    }
+    fn stopped(&self) -> &CancellationToken {
+        &self.stopped
+    }
+}
+
+impl Live {
+    /// Websocket settings for a new socket.
+    pub fn ws_config(&self) -> WebSocketConfig {
+        let l = &self.config.limits;
+        WebSocketConfig::default()
+            // Read buffer: sized for typical Pusher frames, not tungstenite's
+            // 128 KiB default, because it is allocated for every socket up front.
+            .read_buffer_size(512)
+            // Frames drained from the outbound queue together go out in one
+            // write (up to this size); a lone frame is written at once on flush.
+            .write_buffer_size(8192)
+            .max_write_buffer_size(l.outbound_queue_bytes + l.max_message_bytes)
+            .max_message_size(Some(l.max_message_bytes))
+            .max_frame_size(Some(l.max_message_bytes))
+    }
+}

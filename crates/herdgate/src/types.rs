@@ -1,0 +1,109 @@
+//! The vocabulary every layer shares: who a socket is, which room a frame
+//! is for, who is present in it, and why a room could not be reached.
+//!
+//! A leaf module: it depends on nothing else in the crate, so that the
+//! session, the router, the workers and the cluster link can all speak of
+//! rooms and sockets without importing one another.
+
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// The numeric form of a socket id `"<hi>.<lo>"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
+impl ConnId {
+    pub fn socket_id(self) -> String {
+        format!("{}.{}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+
+    /// Parse `"<hi>.<lo>"` where both halves fit in 32 bits.
+    pub fn parse(socket_id: &str) -> Option<ConnId> {
+        let (hi, lo) = socket_id.split_once('.')?;
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(hi) || !digits(lo) {
+            return None;
+        }
+        let (hi, lo): (u32, u32) = (hi.parse().ok()?, lo.parse().ok()?);
+        Some(ConnId(((hi as u64) << 32) | lo as u64))
+    }
+}
+
+/// A presence member as announced by its `channel_data`.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub user_id: Arc<str>,
+    pub user_info: Option<Box<RawValue>>,
+}
+
+/// A room is a channel within an app.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoomKey {
+    pub app: Arc<str>,
+    pub channel: Arc<str>,
+}
+
+impl RoomKey {
+    /// The `#server-to-user-{user}` room of a signed-in user.
+    pub fn user(app: &Arc<str>, user: &str) -> RoomKey {
+        RoomKey {
+            app: app.clone(),
+            channel: Arc::from(format!("#server-to-user-{user}")),
+        }
+    }
+}
+
+/// The answer to a channel query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomInfo {
+    pub subscription_count: usize,
+    pub user_count: usize,
+}
+
+/// Load shedding asked of a room by the edge that sends the command: the
+/// edge knows its load state, the worker only carries it out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shed {
+    /// Presence rooms with more members than this get no member_added/removed.
+    pub member_events_max: Option<usize>,
+    /// Re-homing after a worker change: register or unregister without any
+    /// event (the socket is already subscribed; members are already known).
+    pub silent: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    /// The owner's mailbox stayed full past the deadline: back off and retry.
+    #[error("realtime worker is overloaded")]
+    Busy,
+    /// The owner went away (shutting down).
+    #[error("realtime worker is gone")]
+    Gone,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_ids_round_trip() {
+        for raw in [0u64, 1, u64::MAX, 0x1234_5678_9abc_def0] {
+            let id = ConnId(raw);
+            assert_eq!(ConnId::parse(&id.socket_id()), Some(id));
+        }
+        for bad in [
+            "",
+            "1",
+            "1.",
+            ".1",
+            "a.b",
+            "1.2.3",
+            "99999999999.1",
+            "4294967296.0",
+            "-1.2",
+        ] {
+            assert_eq!(ConnId::parse(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The in-process workers: one actor per core, each owning the rooms the
+//! ring gives it. A standalone node's router and a cluster worker node both
+//! drive rooms through this.
+
+use super::{spawn, Command, Mailbox, Subscriber};
+use crate::protocol::Frame;
+use crate::ring::{Ring, DEFAULT_VNODES};
+use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::oneshot;
+
+pub struct Pool {
+    ring: Ring,
+    workers: Vec<Mailbox>,
+}
+
+impl Pool {
+    /// Start `n` workers with mailboxes of `mailbox` commands each.
+    pub fn start(n: usize, mailbox: usize) -> Pool {
+        Pool {
+            ring: Ring::new(n, DEFAULT_VNODES),
+            workers: (0..n).map(|i| spawn(i, mailbox)).collect(),
+        }
+    }
+
+    /// Commands waiting in the fullest mailbox.
+    pub fn max_mailbox_depth(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|w| w.max_capacity() - w.capacity())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn owner(&self, room: &RoomKey) -> &Mailbox {
+        &self.workers[self.ring.owner(&room.app, &room.channel)]
+    }
+
+    /// Send, waiting for mailbox space: for sessions, whose own task may wait.
+    async fn send(&self, room: &RoomKey, cmd: Command) -> Result<(), RouteError> {
+        self.owner(room)
+            .send(cmd)
+            .await
+            .map_err(|_| RouteError::Gone)
+    }
+
+    /// Send with a deadline: for the HTTP API, which answers 503 rather than hang.
+    async fn send_within(
+        &self,
+        room: &RoomKey,
+        cmd: Command,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
+        match self.owner(room).send_timeout(cmd, wait).await {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Timeout(_)) => Err(RouteError::Busy),
+            Err(SendTimeoutError::Closed(_)) => Err(RouteError::Gone),
+        }
+    }
+
+    pub async fn subscribe(
+        &self,
+        room: RoomKey,
+        sub: Subscriber,
+        member: Option<Member>,
+        max_members: usize,
+        shed: Shed,
+    ) -> Result<(), RouteError> {
+        let cmd = Command::Subscribe {
+            room: room.clone(),
+            sub,
+            member,
+            max_members,
+            shed,
+        };
+        self.send(&room, cmd).await
+    }
+
+    pub async fn unsubscribe(
+        &self,
+        room: RoomKey,
+        id: ConnId,
+        shed: Shed,
+    ) -> Result<(), RouteError> {
+        self.send(&room.clone(), Command::Unsubscribe { room, id, shed })
+            .await
+    }
+
+    /// A client event: the sender's own task waits for mailbox space.
+    pub async fn client_event(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        sender: ConnId,
+    ) -> Result<(), RouteError> {
+        let cmd = Command::Publish {
+            room: room.clone(),
+            frame,
+            exclude: Some(sender),
+            coalesce: None,
+        };
+        self.send(&room, cmd).await
+    }
+
+    /// An HTTP API publish; `coalesce` when the load state sheds this channel's events.
+    pub async fn publish(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        exclude: Option<ConnId>,
+        coalesce: Option<Duration>,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
+        let cmd = Command::Publish {
+            room: room.clone(),
+            frame,
+            exclude,
+            coalesce,
+        };
+        self.send_within(&room, cmd, wait).await
+    }
+
+    pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        self.send_within(&room.clone(), Command::Query { room, reply: tx }, wait)
+            .await?;
+        rx.await.map_err(|_| RouteError::Gone)
+    }
+
+    pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        self.send_within(&room.clone(), Command::Users { room, reply: tx }, wait)
+            .await?;
+        rx.await.map_err(|_| RouteError::Gone)
+    }
+
+    /// Occupied channels of an app whose names start with `prefix`, from every worker.
+    pub async fn list(
+        &self,
+        app: &Arc<str>,
+        prefix: &str,
+        wait: Duration,
+    ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
+        let mut replies = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let (tx, rx) = oneshot::channel();
+            let cmd = Command::List {
+                app: app.clone(),
+                prefix: prefix.to_string(),
+                reply: tx,
+            };
+            w.send_timeout(cmd, wait)
+                .await
+                .map_err(|_| RouteError::Busy)?;
+            replies.push(rx);
+        }
+        let mut all = Vec::new();
+        for rx in replies {
+            all.extend(rx.await.map_err(|_| RouteError::Gone)?);
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+
+    pub async fn sign_in(
+        &self,
+        app: &Arc<str>,
+        user: &str,
+        sub: Subscriber,
+    ) -> Result<(), RouteError> {
+        let room = RoomKey::user(app, user);
+        self.send(&room.clone(), Command::SignIn { room, sub })
+            .await
+    }
+
+    pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
+        let room = RoomKey::user(app, user);
+        self.send(&room.clone(), Command::SignOut { room, id })
+            .await
+    }
+
+    pub async fn terminate(
+        &self,
+        app: &Arc<str>,
+        user: &str,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
+        let room = RoomKey::user(app, user);
+        self.send_within(&room.clone(), Command::Terminate { room }, wait)
+            .await
+    }
+
+    /// Drop every socket of an edge, in every worker (`silent`: see
+    /// [`Command::PurgeEdge`]).
+    pub async fn purge_edge(&self, edge: u64, silent: bool) {
+        for w in &self.workers {
+            let _ = w.send(Command::PurgeEdge { edge, silent }).await;
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! One room: its subscribers and, for presence channels, its members.
+//!
+//! Presence is per user, not per socket: a user with three tabs open is one
+//! member, announced when the first socket joins and removed when the last
+//! one leaves.
+
+use super::{Subscriber, Target};
+use crate::outbound::Push;
+use crate::protocol::{self, Frame};
+use crate::types::{ConnId, Member, RoomKey};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub(super) struct Entry {
+    to: Target,
+    user: Option<Arc<str>>,
+}
+
+struct MemberState {
+    info: Option<Box<RawValue>>,
+    sockets: u32,
+}
+
+#[derive(Default)]
+pub(super) struct Room {
+    subscribers: HashMap<ConnId, Entry>,
+    members: HashMap<Arc<str>, MemberState>,
+}
+
+/// What a fan-out did, for metrics.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Delivery {
+    pub queued: u64,
+    pub overflowed: u64,
+}
+
+impl Delivery {
+    fn count(&mut self, p: Push) {
+        match p {
+            Push::Queued => self.queued += 1,
+            Push::Overflow => self.overflowed += 1,
+            Push::Closed => {}
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Joined {
+    /// Subscribed; `new_member` when this was the user's first socket.
+    Ok {
+        new_member: bool,
+    },
+    AlreadySubscribed,
+    PresenceFull,
+}
+
+impl Room {
+    pub fn is_empty(&self) -> bool {
+        self.subscribers.is_empty()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn user_ids(&self) -> impl Iterator<Item = &str> {
+        self.members.keys().map(|k| &**k)
+    }
+
+    pub fn join(&mut self, sub: Subscriber, member: Option<Member>, max_members: usize) -> Joined {
+        if let Some(e) = self.subscribers.get_mut(&sub.id) {
+            // An edge that reconnected registers its sockets again: they are
+            // now reached through the new link.
+            e.to = sub.to;
+            return Joined::AlreadySubscribed;
+        }
+        let mut new_member = false;
+        let user = match member {
+            Some(m) => {
+                if !self.members.contains_key(&m.user_id) && self.members.len() >= max_members {
+                    return Joined::PresenceFull;
+                }
+                let state = self.members.entry(m.user_id.clone()).or_insert_with(|| {
+                    new_member = true;
+                    MemberState {
+                        info: m.user_info,
+                        sockets: 0,
+                    }
+                });
+                state.sockets += 1;
+                Some(m.user_id)
+            }
+            None => None,
+        };
+        self.subscribers.insert(sub.id, Entry { to: sub.to, user });
+        Joined::Ok { new_member }
+    }
+
+    /// Remove a socket; returns the user id if it was that user's last socket.
+    pub fn leave(&mut self, id: ConnId) -> Option<Arc<str>> {
+        let user = self.subscribers.remove(&id)?.user?;
+        let state = self.members.get_mut(&user)?;
+        state.sockets -= 1;
+        if state.sockets == 0 {
+            self.members.remove(&user);
+            Some(user)
+        } else {
+            None
+        }
+    }
+
+    pub fn presence_frame(&self, channel: &str) -> Frame {
+        protocol::presence_subscription_succeeded(
+            channel,
+            self.members
+                .iter()
+                .map(|(id, m)| (&**id, m.info.as_deref())),
+        )
+    }
+
+    pub fn member_info(&self, user: &str) -> Option<&RawValue> {
+        self.members.get(user).and_then(|m| m.info.as_deref())
+    }
+
+    pub fn push_to(&self, key: &RoomKey, id: ConnId, frame: &Frame) -> Option<Push> {
+        self.subscribers
+            .get(&id)
+            .map(|e| e.to.push_one(key, id, frame))
+    }
+
+    /// Hand the same frame to every subscriber but `exclude` (and, with
+    /// `except_user`, every socket of that user). Local sockets get it in
+    /// their queues; each edge gets one copy and fans out itself. Never waits.
+    pub fn fan_out(
+        &self,
+        key: &RoomKey,
+        frame: &Frame,
+        exclude: Option<ConnId>,
+        except_user: Option<&str>,
+    ) -> Delivery {
+        let mut d = Delivery::default();
+        let mut edges: Vec<&Arc<dyn super::RemoteEdge>> = Vec::new();
+        for (id, e) in &self.subscribers {
+            match &e.to {
+                Target::Local(out) => {
+                    if Some(*id) != exclude
+                        && (except_user.is_none() || e.user.as_deref() != except_user)
+                    {
+                        d.count(out.push(frame));
+                    }
+                }
+                Target::Edge(edge) => {
+                    if !edges.iter().any(|x| x.id() == edge.id()) {
+                        edges.push(edge);
+                    }
+                }
+            }
+        }
+        for edge in edges {
+            edge.deliver(key, frame, exclude, except_user);
+            d.queued += 1;
+        }
+        d
+    }
+
+    /// Remove every socket of edge `edge` (its link is gone for good);
+    /// returns the users who had no other socket left.
+    pub fn purge_edge(&mut self, edge: u64) -> Vec<Arc<str>> {
+        let gone: Vec<ConnId> = self
+            .subscribers
+            .iter()
+            .filter(|(_, e)| e.to.edge_id() == Some(edge))
+            .map(|(id, _)| *id)
+            .collect();
+        gone.into_iter().filter_map(|id| self.leave(id)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::Outbound;
+
+    fn sub(id: u64) -> (Subscriber, Arc<Outbound>) {
+        let out = Arc::new(Outbound::new(100, 100_000));
+        (
+            Subscriber {
+                id: ConnId(id),
+                to: Target::Local(out.clone()),
+            },
+            out,
+        )
+    }
+
+    fn member(user: &str) -> Option<Member> {
+        Some(Member {
+            user_id: Arc::from(user),
+            user_info: None,
+        })
+    }
+
+    #[test]
+    fn presence_is_per_user() {
+        let mut room = Room::default();
+        let (a1, _) = sub(1);
+        let (a2, _) = sub(2);
+        let (b, _) = sub(3);
+        assert_eq!(
+            room.join(a1, member("alice"), 10),
+            Joined::Ok { new_member: true }
+        );
+        assert_eq!(
+            room.join(a2, member("alice"), 10),
+            Joined::Ok { new_member: false }
+        );
+        assert_eq!(
+            room.join(b, member("bob"), 10),
+            Joined::Ok { new_member: true }
+        );
+        assert_eq!(room.user_count(), 2);
+        assert_eq!(room.subscription_count(), 3);
+        assert_eq!(room.leave(ConnId(1)), None, "alice still has a socket");
+        assert_eq!(room.leave(ConnId(2)).as_deref(), Some("alice"));
+        assert_eq!(room.leave(ConnId(2)), None, "leaving twice is a no-op");
+        assert_eq!(room.user_count(), 1);
+    }
+
+    #[test]
+    fn presence_cap_counts_users_not_sockets() {
+        let mut room = Room::default();
+        assert!(matches!(
+            room.join(sub(1).0, member("a"), 1),
+            Joined::Ok { .. }
+        ));
+        assert!(matches!(
+            room.join(sub(2).0, member("a"), 1),
+            Joined::Ok { .. }
+        ));
+        assert_eq!(room.join(sub(3).0, member("b"), 1), Joined::PresenceFull);
+        assert_eq!(
+            room.join(sub(1).0, member("a"), 1),
+            Joined::AlreadySubscribed
+        );
+    }
+
+    #[test]
+    fn fan_out_excludes_and_counts() {
+        let mut room = Room::default();
+        let (s1, o1) = sub(1);
+        let (s2, o2) = sub(2);
+        room.join(s1, None, 0);
+        room.join(s2, None, 0);
+        let key = RoomKey {
+            app: Arc::from("1"),
+            channel: Arc::from("r"),
+        };
+        let d = room.fan_out(&key, &Frame::from_static("x"), Some(ConnId(1)), None);
+        assert_eq!(d.queued, 1);
+        assert!(o1.drain().0.is_empty());
+        assert_eq!(o2.drain().0.len(), 1);
+    }
+}

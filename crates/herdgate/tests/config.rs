@@ -1,0 +1,169 @@
+//! Config files: the shipped ones validate; bad ones list every error with its key.
+
+use herdgate::config::{Config, LoadError, EMBEDDED_DEFAULT};
+use std::process::Command;
+
+#[test]
+fn every_file_under_config_parses_and_validates() {
+    let dir = herdgate_testkit::process::repo_path("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no config files found in {}", dir.display());
+}
+
+#[test]
+fn embedded_default_has_a_numeric_demo_app() {
+    let c = Config::from_toml_str(EMBEDDED_DEFAULT).unwrap();
+    assert_eq!(c.apps.len(), 1);
+    assert!(
+        c.apps[0].id.parse::<u64>().is_ok(),
+        "official SDKs (Python) need numeric app ids"
+    );
+    assert_eq!(c.server.listen, "0.0.0.0:6001");
+    assert_eq!(c.server.admin_listen, "127.0.0.1:9601");
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match Config::from_toml_str(text) {
+        Err(LoadError::Invalid(errs)) => errs.iter().map(|e| e.to_string()).collect(),
+        other => panic!("expected errors, got {other:?}"),
+    }
+}
+
+#[test]
+fn validation_reports_every_error_with_its_dotted_key() {
+    let errs = errors(
+        r#"
+[server]
+listen = "nowhere"
+activity_timeout = "0s"
+[limits]
+max_connections = 0
+max_payload_bytes = 10
+max_message_bytes = 5
+[log]
+format = "xml"
+[[apps]]
+id = "1"
+key = "k"
+secret = ""
+[[apps]]
+id = "1"
+key = "k"
+secret = "s p a c e"
+"#,
+    );
+    for key in [
+        "server.listen:",
+        "server.activity_timeout:",
+        "limits.max_connections:",
+        "limits.max_message_bytes:",
+        "log.format:",
+        "apps[0].secret:",
+        "apps[1].id:",
+        "apps[1].key:",
+        "apps[1].secret:",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(key)),
+            "no error for {key} in {errs:#?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_keys_and_bad_types_name_the_key_and_line() {
+    let errs = errors("[server]\nlisten = \"0.0.0.0:1\"\nlisten_typo = 1\n");
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].contains("listen_typo") && errs[0].contains("line 3"),
+        "{errs:?}"
+    );
+
+    let errs = errors("[limits]\nmax_connections = \"many\"\n");
+    assert!(
+        errs[0].starts_with("limits.max_connections") && errs[0].contains("line 2"),
+        "{errs:?}"
+    );
+
+    let errs = errors("[server]\npong_timeout = \"soon\"\n");
+    assert!(
+        errs[0].starts_with("server.pong_timeout") && errs[0].contains("500ms"),
+        "{errs:?}"
+    );
+
+    let errs = errors("[server\n");
+    assert!(errs[0].contains("line 1"), "{errs:?}");
+}
+
+#[test]
+fn check_config_command_exit_codes() {
+    let bin = env!("CARGO_BIN_EXE_herdgate");
+    let good = herdgate_testkit::process::repo_path("config/herdgate.toml");
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[limits]\nmax_connections = 0\nworker_mailbox = 0\n").unwrap();
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("limits.max_connections") && stderr.contains("limits.worker_mailbox"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("apps"),
+        "missing apps reported too: {stderr}"
+    );
+
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn refuses_to_start_when_connections_exceed_the_open_files_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("big.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections = 100000000\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herdgate"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (soft, _) = herdgate::sys::raise_nofile_limit().unwrap();
+    assert!(
+        err.contains("100000000") && err.contains(&soft.to_string()),
+        "names both numbers: {err}"
+    );
+}

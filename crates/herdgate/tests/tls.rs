@@ -1,0 +1,206 @@
+//! TLS termination with a real rustls client: handshake, protocol versions,
+//! ALPN, key formats, hot reload of a rotated certificate, failed reloads.
+
+use herdgate_testkit::pki::{tls_section, Pki};
+use herdgate_testkit::*;
+use rustls::pki_types::CertificateDer;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+/// Connect over TLS and speak the protocol; returns the client and the server's leaf certificate.
+async fn connect_tls(
+    s: &TestServer,
+    cfg: Arc<rustls::ClientConfig>,
+) -> (Client, CertificateDer<'static>, Option<Vec<u8>>) {
+    let tcp = TcpStream::connect(s.addr).await.unwrap();
+    let tls = tls_connect(cfg, tcp).await.expect("TLS handshake");
+    let (_, conn) = tls.get_ref();
+    let leaf = conn.peer_certificates().unwrap()[0].clone();
+    let alpn = conn.alpn_protocol().map(|a| a.to_vec());
+    let url = format!(
+        "wss://localhost:{}/app/{KEY}?protocol=7&client=test&version=1.0",
+        s.addr.port()
+    );
+    (Client::connect_on(&url, Box::new(tls)).await, leaf, alpn)
+}
+
+#[tokio::test]
+async fn wss_and_https_over_tls13_and_tls12() {
+    let pki = Pki::new();
+    let (cert, key, leaf_der) = pki.leaf("leaf-1", false);
+    let s = start(&tls_section(&cert, &key, "")).await;
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let cfg = tls_client_config(&pki.ca_der, versions);
+        let (mut c, leaf, alpn) = connect_tls(&s, cfg.clone()).await;
+        assert_eq!(leaf, leaf_der);
+        assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+        assert_eq!(
+            c.subscribe("secure").await.event,
+            "pusher_internal:subscription_succeeded"
+        );
+        let api = Api {
+            tls: Some(cfg),
+            ..s.api()
+        };
+        api.publish("secure", "e", "over https", None).await;
+        assert_eq!(c.expect("e").await.raw["data"], "over https");
+    }
+}
+
+#[tokio::test]
+async fn plain_bytes_on_a_tls_listener_are_refused_and_others_keep_working() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("leaf", false);
+    let s = start(&tls_section(&cert, &key, "")).await;
+    let (mut healthy, _, _) = connect_tls(
+        &s,
+        tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]),
+    )
+    .await;
+    healthy.subscribe("h").await;
+    // Garbage instead of a ClientHello: the connection is dropped.
+    let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert!(
+        n == 0 || buf[0] == 0x15,
+        "expected a close or a TLS alert, got {:?}",
+        &buf[..n]
+    );
+    let api = Api {
+        tls: Some(tls_client_config(&pki.ca_der, &[&rustls::version::TLS13])),
+        ..s.api()
+    };
+    api.publish("h", "still", "here", None).await;
+    healthy.expect("still").await;
+}
+
+#[tokio::test]
+async fn rotated_certificate_is_used_for_new_handshakes_only() {
+    let pki = Pki::new();
+    let (cert, key, first) = pki.leaf("first", false);
+    let s = start(&tls_section(&cert, &key, "")).await;
+    let cfg = tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]);
+    let (mut old, seen, _) = connect_tls(&s, cfg.clone()).await;
+    assert_eq!(seen, first);
+    old.subscribe("r").await;
+
+    // Rotate the files in place and reload.
+    let (c2, k2, second) = pki.leaf("second", false);
+    std::fs::copy(&c2, &cert).unwrap();
+    std::fs::copy(&k2, &key).unwrap();
+    let store = &s
+        .running
+        .as_ref()
+        .unwrap()
+        .shared
+        .tls
+        .as_ref()
+        .unwrap()
+        .store;
+    store.reload().expect("reload succeeds");
+
+    // A fresh client config: no session ticket to resume, so a full handshake.
+    let fresh = || tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]);
+    let (_new, seen, _) = connect_tls(&s, fresh()).await;
+    assert_eq!(seen, second, "a new connection sees the new certificate");
+    // The old connection stayed up and still receives.
+    Api {
+        tls: Some(cfg.clone()),
+        ..s.api()
+    }
+    .publish("r", "after", "reload", None)
+    .await;
+    old.expect("after").await;
+
+    // A failed reload keeps the second certificate: missing key, mismatched key, expired cert.
+    let (_, k3, _) = pki.leaf("third", false);
+    std::fs::copy(&k3, &key).unwrap(); // key no longer matches the cert
+    assert!(matches!(
+        store.reload(),
+        Err(herdgate::tls::TlsError::Mismatch { .. })
+    ));
+    let (c4, k4, _) = pki.leaf("expired", true);
+    std::fs::copy(&c4, &cert).unwrap();
+    std::fs::copy(&k4, &key).unwrap();
+    assert!(matches!(
+        store.reload(),
+        Err(herdgate::tls::TlsError::Expired { .. })
+    ));
+    std::fs::copy(&c2, &cert).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    assert!(matches!(
+        store.reload(),
+        Err(herdgate::tls::TlsError::Key { .. })
+    ));
+    let (_c, seen, _) = connect_tls(&s, fresh()).await;
+    assert_eq!(seen, second, "failed reloads keep the old certificate");
+}
+
+#[test]
+fn key_formats_rsa_pkcs1_pkcs8_and_ec_sec1_load() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (cert, key) in [
+        ("rsa.crt", "rsa-pkcs1.key"),
+        ("rsa.crt", "rsa-pkcs8.key"),
+        ("ec.crt", "ec-sec1.key"),
+    ] {
+        herdgate::tls::load_certified_key(&fx.join(cert), &fx.join(key))
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+    let e = herdgate::tls::load_certified_key(&fx.join("rsa.crt"), &fx.join("ec-sec1.key"))
+        .unwrap_err();
+    assert!(e.to_string().contains("does not match"), "{e}");
+}
+
+#[test]
+fn bad_tls_files_are_config_errors_naming_the_file() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("ok", false);
+    let (expired, expired_key, _) = pki.leaf("old", true);
+    let garbage = pki.dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a pem file").unwrap();
+    let cases = [
+        (
+            pki.dir.path().join("missing.crt"),
+            key.clone(),
+            "tls.cert",
+            "missing.crt",
+        ),
+        (garbage.clone(), key.clone(), "tls.cert", "no certificate"),
+        (cert.clone(), garbage.clone(), "tls.key", "garbage.pem"),
+        (
+            cert.clone(),
+            expired_key.clone(),
+            "tls.key",
+            "does not match",
+        ),
+        (expired.clone(), expired_key.clone(), "tls.cert", "expired"),
+    ];
+    for (c, k, field, needle) in cases {
+        let text = format!(
+            "{}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n",
+            tls_section(&c, &k, "")
+        );
+        let err = herdgate::parse_config(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(field) && err.contains(needle),
+            "{field}/{needle}: {err}"
+        );
+    }
+    // The CA file helper is used by the pusher-js wss test; keep it exercised here.
+    assert!(std::fs::read_to_string(pki.ca_pem_path())
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+}
