@@ -8,12 +8,13 @@
 //! and still reports.
 
 use crate::cli::Plan;
+use crate::ctx::WorkerResult;
 use crate::hist::{quantile_of_counts, Hist};
 use crate::procstat::{self, Sample};
 use crate::publisher::{self, LedgerTotals, PublishStats};
 use crate::report::{self, Pct, Report};
 use crate::shm::{Shm, PHASE_DRAINING, PHASE_MEASURING, PHASE_STOP};
-use crate::worker::{self, WorkerResult};
+use crate::worker;
 use anyhow::{Context, Result};
 use std::ffi::OsString;
 use std::io::Write;

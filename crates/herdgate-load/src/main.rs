@@ -14,6 +14,7 @@
 
 mod cli;
 mod controller;
+mod ctx;
 mod hist;
 mod net;
 mod procstat;

@@ -9,9 +9,9 @@
 //! code; after, as a drop. Everything is bounded by the per-socket connect deadline.
 
 use crate::cli::{ChannelKind, Plan};
+use crate::ctx::{Fail, Outcome, WorkerCtx};
 use crate::hist::bucket_of;
 use crate::net::{self, Conn};
-use crate::worker::{Fail, WorkerCtx};
 use futures_util::{SinkExt, StreamExt};
 use pusher_sign as sign;
 use serde::Deserialize;
@@ -26,15 +26,6 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{client_async_with_config, WebSocketStream};
 
 type Ws = WebSocketStream<Conn>;
-
-/// How a socket's life ended, for the slot that owns it.
-#[derive(Debug, PartialEq)]
-pub enum Outcome {
-    Shutdown,
-    Recycled,
-    Failed,
-    Dropped,
-}
 
 pub fn now_micros() -> u64 {
     SystemTime::now()
