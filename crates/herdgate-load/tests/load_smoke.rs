@@ -9,6 +9,9 @@ const CONFIG: &str = r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = ""
+[limits]
+# Every simulated client comes from one address.
+max_handshakes_per_ip = 0
 [shutdown]
 deregister_delay = "0s"
 drain_period = "0s"

@@ -150,10 +150,16 @@ impl Client {
 
     /// Speak the protocol over an already-connected stream (e.g. TLS).
     pub async fn connect_on(url: &str, io: Box<dyn Io>) -> Client {
+        Client::try_connect_on(url, io)
+            .await
+            .expect("websocket upgrade")
+    }
+
+    /// [`Client::connect_on`], with a refused upgrade as an error.
+    pub async fn try_connect_on(url: &str, io: Box<dyn Io>) -> Result<Client, tungstenite::Error> {
         let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, io))
             .await
-            .expect("connect in time")
-            .expect("websocket upgrade");
+            .expect("connect in time")?;
         let mut c = Client {
             ws,
             socket_id: String::new(),
@@ -163,7 +169,7 @@ impl Client {
         assert_eq!(e.event, "pusher:connection_established");
         c.socket_id = e.data["socket_id"].as_str().unwrap().to_string();
         c.activity_timeout = e.data["activity_timeout"].as_u64().unwrap();
-        c
+        Ok(c)
     }
 
     pub async fn send(&mut self, v: Value) {

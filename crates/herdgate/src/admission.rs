@@ -47,8 +47,58 @@ impl Refusal {
 pub struct Admission {
     open: AtomicUsize,
     max: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    per_ip: Arc<PerIp>,
     bucket: Mutex<Bucket>,
+}
+
+/// Places held per client IP, taken and given back atomically; an IP's
+/// entry goes when its count reaches zero, so the map holds only IPs with a
+/// place (bounded by the connections it counts).
+#[derive(Default)]
+pub struct PerIp {
+    map: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One place of an IP in a [`PerIp`]; given back on drop.
+pub struct IpPlace {
+    of: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    /// Take a place for `ip` unless it already holds `max`.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpPlace> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n as usize >= max {
+            if *n == 0 {
+                map.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(IpPlace {
+            of: self.clone(),
+            ip,
+        })
+    }
+
+    /// IPs holding at least one place.
+    pub fn ips(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for IpPlace {
+    fn drop(&mut self) {
+        let mut map = self.of.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 struct Bucket {
@@ -69,7 +119,7 @@ impl Admission {
         Arc::new(Admission {
             open: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
-            per_ip: Mutex::new(HashMap::new()),
+            per_ip: Arc::default(),
             bucket: Mutex::new(Bucket {
                 tokens: f64::MAX,
                 last: Instant::now(),
@@ -93,21 +143,19 @@ impl Admission {
     /// Take a place for a session from `ip`, or say why not.
     pub fn try_admit(self: &Arc<Self>, ip: IpAddr, l: Limits) -> Result<SessionSlot, Refusal> {
         self.take_token(l)?;
-        let ip_taken = if l.max_per_ip > 0 {
-            let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            let n = map.entry(ip).or_insert(0);
-            if *n as usize >= l.max_per_ip {
-                return Err(Refusal::PerIp);
-            }
-            *n += 1;
-            Some(ip)
+        let ip_place = if l.max_per_ip > 0 {
+            Some(
+                self.per_ip
+                    .try_take(ip, l.max_per_ip)
+                    .ok_or(Refusal::PerIp)?,
+            )
         } else {
             None
         };
         // From here on the slot owns the per-IP place: dropping it on refusal gives it back.
         let mut slot = SessionSlot {
             admission: self.clone(),
-            ip: ip_taken,
+            _ip: ip_place,
             counted: false,
         };
         let max = self.max();
@@ -139,7 +187,7 @@ impl Admission {
 /// One admitted session's places; given back on drop, exactly once.
 pub struct SessionSlot {
     admission: Arc<Admission>,
-    ip: Option<IpAddr>,
+    _ip: Option<IpPlace>,
     counted: bool,
 }
 
@@ -148,19 +196,6 @@ impl Drop for SessionSlot {
         if self.counted {
             self.admission.open.fetch_sub(1, Ordering::AcqRel);
             metrics::gauge!("herdgate_connections_open").decrement(1.0);
-        }
-        if let Some(ip) = self.ip.take() {
-            let mut map = self
-                .admission
-                .per_ip
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = map.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&ip);
-                }
-            }
         }
     }
 }
@@ -204,7 +239,7 @@ mod tests {
         // ip(2) passes per-IP but hits the node cap: its per-IP place must not leak.
         assert_eq!(a.try_admit(ip(2), l).err(), Some(Refusal::MaxConnections));
         drop(s);
-        assert!(a.per_ip.lock().unwrap().is_empty());
+        assert_eq!(a.per_ip.ips(), 0);
         assert!(a.try_admit(ip(2), l).is_ok());
     }
 
@@ -223,23 +258,51 @@ mod tests {
 
     #[test]
     fn concurrent_admission_never_exceeds_the_cap() {
+        // Counted from outside: each thread says on a counter of its own
+        // (not the one that enforces the cap) when it holds a slot. In each
+        // round 8 threads try for 10 slots each (80 for a cap of 50) and hold
+        // what they got until all are done, so they meet at the cap.
+        const THREADS: usize = 8;
         let a = Admission::new(50);
+        let live = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
-        let threads: Vec<_> = (0..8)
+        let round = Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (a, peak) = (a.clone(), peak.clone());
+                let (a, live, peak, round) = (a.clone(), live.clone(), peak.clone(), round.clone());
                 std::thread::spawn(move || {
-                    for i in 0..2000 {
-                        if let Ok(s) = a.try_admit(ip((t * 31 + i) as u8), ANY) {
-                            peak.fetch_max(a.open(), Ordering::Relaxed);
+                    let mut full_rounds = 0;
+                    for r in 0..50 {
+                        let mut held = Vec::new();
+                        for i in 0..10 {
+                            if let Ok(s) = a.try_admit(ip((t * 31 + r * 7 + i) as u8), ANY) {
+                                let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                                peak.fetch_max(now, Ordering::SeqCst);
+                                held.push(s);
+                            }
+                        }
+                        round.wait();
+                        if live.load(Ordering::SeqCst) == 50 {
+                            full_rounds += 1;
+                        }
+                        round.wait();
+                        for s in held {
+                            live.fetch_sub(1, Ordering::SeqCst);
                             drop(s);
                         }
+                        round.wait();
                     }
+                    full_rounds
                 })
             })
             .collect();
-        threads.into_iter().for_each(|t| t.join().unwrap());
-        assert!(peak.load(Ordering::Relaxed) <= 50);
+        let full: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(peak <= 50, "{peak} sessions held at once, cap 50");
+        assert!(
+            full.iter().all(|f| *f == 50),
+            "every round filled the cap exactly: {full:?}"
+        );
         assert_eq!(a.open(), 0);
     }
 }

@@ -5,11 +5,15 @@
 //! slot taken at upgrade time. The loop never does per-connection work, so a
 //! slow or hostile client can delay only its own task, never the next accept.
 
+use crate::admission::IpPlace;
 use crate::state::Shared;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(Semaphore::new(shared.live().config.limits.max_handshakes));
@@ -32,48 +36,94 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             _ = shared.closing.cancelled() => return,
         };
         metrics::counter!("herdgate_tcp_accepted_total").increment(1);
+        let accepted = Instant::now();
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
-            serve(stream, peer, shared2).await;
+            serve(stream, peer, shared2, accepted).await;
             drop(permit);
         });
     }
 }
 
-/// One connection's task: TLS handshake (if configured) under its own
-/// deadline, then HTTP. Nothing here runs in the accept loop.
-async fn serve(mut stream: TcpStream, mut peer: std::net::SocketAddr, shared: Arc<Shared>) {
+/// One connection's task, from accept to upgrade under one deadline
+/// (`server.handshake_timeout`): the PROXY header if configured, the
+/// per-IP cap on connections not yet upgraded, TLS, then HTTP. Nothing here
+/// runs in the accept loop.
+async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accepted: Instant) {
     let _ = stream.set_nodelay(true);
-    let (proxy_protocol, header_deadline) = {
+    let (proxy_protocol, deadline, lowat) = {
         let live = shared.live();
+        let c = &live.config;
         (
-            live.config.server.proxy_protocol,
-            live.config.server.handshake_timeout.get(),
+            c.server.proxy_protocol,
+            accepted + c.server.handshake_timeout.get(),
+            c.limits.tcp_notsent_lowat,
         )
     };
-    if proxy_protocol {
-        match crate::realaddr::read_header(&mut stream, header_deadline).await {
-            Ok(Some(client)) => peer = client,
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "PROXY protocol header refused");
-                metrics::counter!("herdgate_proxy_protocol_errors_total").increment(1);
-                return;
-            }
+    if lowat > 0 {
+        crate::sys::set_notsent_lowat(&stream, lowat);
+    }
+    if !proxy_protocol {
+        let Some(_place) = handshake_place(&shared, peer) else {
+            return;
+        };
+        return tls_then_http(stream, peer, shared, deadline).await;
+    }
+    let header = tokio::time::timeout_at(deadline, crate::realaddr::read_header(&mut stream));
+    let (client, rest) = match header.await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "PROXY protocol header refused");
+            metrics::counter!("herdgate_proxy_protocol_errors_total").increment(1);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "PROXY protocol header not received in time");
+            metrics::counter!("herdgate_proxy_protocol_errors_total").increment(1);
+            return;
+        }
+    };
+    let peer = client.unwrap_or(peer);
+    let Some(_place) = handshake_place(&shared, peer) else {
+        return;
+    };
+    let stream = crate::realaddr::Rewind::new(rest, stream);
+    tls_then_http(stream, peer, shared, deadline).await
+}
+
+/// A place among the connections `peer`'s IP has not yet upgraded, or
+/// `None` (the connection is dropped) when it holds `limits.max_handshakes_per_ip`.
+/// Trusted proxies are exempt: their clients are told apart by `X-Forwarded-For`.
+fn handshake_place(shared: &Shared, peer: SocketAddr) -> Option<Option<IpPlace>> {
+    let live = shared.live();
+    let max = live.config.limits.max_handshakes_per_ip;
+    if max == 0 || live.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+        return Some(None);
+    }
+    match shared.handshakes.try_take(peer.ip(), max) {
+        Some(place) => Some(Some(place)),
+        None => {
+            tracing::debug!(%peer, "too many connections not yet upgraded from this address");
+            metrics::counter!("herdgate_connections_refused_total", "reason" => "handshakes_per_ip")
+                .increment(1);
+            None
         }
     }
+}
+
+async fn tls_then_http<I>(io: I, peer: SocketAddr, shared: Arc<Shared>, deadline: Instant)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Some(tls) = &shared.tls else {
-        return crate::http::serve_connection(stream, peer, shared).await;
+        return crate::http::serve_connection(io, peer, shared, deadline).await;
     };
-    let deadline = shared
-        .live()
-        .config
-        .tls
-        .as_ref()
-        .map_or(Duration::from_secs(10), |t| t.handshake_timeout.get());
-    let handshake = Box::pin(tls.acceptor.accept(stream));
-    match tokio::time::timeout(deadline, handshake).await {
-        Ok(Ok(stream)) => crate::http::serve_connection(stream, peer, shared).await,
+    let tls_deadline = shared.live().config.tls.as_ref().map_or(deadline, |t| {
+        deadline.min(Instant::now() + t.handshake_timeout.get())
+    });
+    let handshake = Box::pin(tls.acceptor.accept(io));
+    match tokio::time::timeout_at(tls_deadline, handshake).await {
+        Ok(Ok(stream)) => crate::http::serve_connection(stream, peer, shared, deadline).await,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             metrics::counter!("herdgate_tls_handshake_failures_total", "reason" => "error")

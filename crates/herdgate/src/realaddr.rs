@@ -4,9 +4,9 @@
 
 use crate::config::Cidr;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProxyError {
@@ -14,80 +14,159 @@ pub enum ProxyError {
     Missing,
     #[error("malformed PROXY protocol header: {0}")]
     Malformed(&'static str),
-    #[error("PROXY protocol header not received in time")]
-    Timeout,
     #[error("connection closed before the PROXY protocol header")]
     Closed,
 }
 
 const V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 const V1_MAX: usize = 107;
+/// Largest v2 address block accepted (addresses plus TLVs such as a cloud
+/// load balancer's endpoint id); a longer header is malformed.
+pub const V2_MAX_BODY: usize = 512;
+const BUF: usize = 16 + V2_MAX_BODY;
 
-/// Read and consume a PROXY protocol header; returns the client address it
-/// names (`None` for LOCAL / UNKNOWN: use the TCP peer).
-pub async fn read_header(
-    stream: &mut TcpStream,
-    deadline: Duration,
-) -> Result<Option<SocketAddr>, ProxyError> {
-    tokio::time::timeout(deadline, read_header_inner(stream))
-        .await
-        .map_err(|_| ProxyError::Timeout)?
+/// What the bytes received so far say about a PROXY protocol header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Header {
+    /// Not complete yet: read more.
+    Partial,
+    /// A complete header of `len` bytes naming `client` (`None` for LOCAL /
+    /// UNKNOWN: use the TCP peer).
+    Complete {
+        client: Option<SocketAddr>,
+        len: usize,
+    },
 }
 
-async fn read_header_inner(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyError> {
-    // Peek until the first bytes tell v1 from v2 (or neither).
-    let mut buf = [0u8; V1_MAX];
-    let n = loop {
+/// Look at the first bytes of a connection (pure: the fuzz target's entry point).
+pub fn parse_header(bytes: &[u8]) -> Result<Header, ProxyError> {
+    let prefix_ok = |sig: &[u8]| sig.starts_with(&bytes[..bytes.len().min(sig.len())]);
+    if !(prefix_ok(V2_SIG) || prefix_ok(b"PROXY ")) {
+        return Err(ProxyError::Missing);
+    }
+    if bytes.starts_with(V2_SIG) {
+        if bytes.len() < 16 {
+            return Ok(Header::Partial);
+        }
+        let body = u16::from_be_bytes([bytes[14], bytes[15]]) as usize;
+        if body > V2_MAX_BODY {
+            return Err(ProxyError::Malformed("v2 header longer than 528 bytes"));
+        }
+        if bytes.len() < 16 + body {
+            return Ok(Header::Partial);
+        }
+        let head: &[u8; 16] = bytes[..16].try_into().expect("16 bytes");
+        let client = parse_v2(head, &bytes[16..16 + body])?;
+        return Ok(Header::Complete {
+            client,
+            len: 16 + body,
+        });
+    }
+    if bytes.len() < 6 {
+        return Ok(Header::Partial);
+    }
+    match bytes[..bytes.len().min(V1_MAX)]
+        .windows(2)
+        .position(|w| w == b"\r\n")
+    {
+        Some(i) => Ok(Header::Complete {
+            client: parse_v1(&bytes[..i + 2])?,
+            len: i + 2,
+        }),
+        None if bytes.len() >= V1_MAX => {
+            Err(ProxyError::Malformed("v1 line longer than 107 bytes"))
+        }
+        None => Ok(Header::Partial),
+    }
+}
+
+/// Read and consume a PROXY protocol header. Returns the client address it
+/// names (`None`: use the TCP peer) and the bytes read past the header (the
+/// start of the TLS or HTTP stream), which the caller must replay
+/// ([`Rewind`]). Reads into a buffer and parses what arrived, so a client
+/// that stalls mid-header costs a parked task, not a spinning one; the
+/// caller bounds the wait.
+pub async fn read_header<R: AsyncRead + Unpin>(
+    stream: &mut R,
+) -> Result<(Option<SocketAddr>, Vec<u8>), ProxyError> {
+    let mut buf = vec![0u8; BUF];
+    let mut filled = 0;
+    loop {
         let n = stream
-            .peek(&mut buf)
+            .read(&mut buf[filled..])
             .await
             .map_err(|_| ProxyError::Closed)?;
         if n == 0 {
             return Err(ProxyError::Closed);
         }
-        let enough = n >= V2_SIG.len() || buf[..n].windows(2).any(|w| w == b"\r\n");
-        if !(V2_SIG.starts_with(&buf[..n.min(12)]) || b"PROXY ".starts_with(&buf[..n.min(6)])) {
-            return Err(ProxyError::Missing);
+        filled += n;
+        if let Header::Complete { client, len } = parse_header(&buf[..filled])? {
+            buf.truncate(filled);
+            buf.drain(..len);
+            return Ok((client, buf));
         }
-        if enough {
-            break n;
+        if filled == buf.len() {
+            return Err(ProxyError::Malformed("header does not end"));
         }
-        stream.readable().await.map_err(|_| ProxyError::Closed)?;
-    };
-    if buf[..n].starts_with(V2_SIG) {
-        let mut head = [0u8; 16];
-        stream
-            .read_exact(&mut head)
-            .await
-            .map_err(|_| ProxyError::Closed)?;
-        let len = u16::from_be_bytes([head[14], head[15]]) as usize;
-        let mut body = vec![0u8; len];
-        stream
-            .read_exact(&mut body)
-            .await
-            .map_err(|_| ProxyError::Closed)?;
-        return parse_v2(&head, &body);
     }
-    // v1: a text line of at most 107 bytes ending in CRLF.
-    let end = loop {
-        let n = stream
-            .peek(&mut buf)
-            .await
-            .map_err(|_| ProxyError::Closed)?;
-        if let Some(i) = buf[..n].windows(2).position(|w| w == b"\r\n") {
-            break i + 2;
+}
+
+/// A stream that first replays bytes already read from it (what followed a
+/// PROXY header), then reads on.
+pub struct Rewind<T> {
+    pre: bytes::Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(pre: Vec<u8>, inner: T) -> Rewind<T> {
+        Rewind {
+            pre: bytes::Bytes::from(pre),
+            inner,
         }
-        if n >= V1_MAX {
-            return Err(ProxyError::Malformed("v1 line longer than 107 bytes"));
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            bytes::Buf::advance(&mut self.pre, n);
+            return Poll::Ready(Ok(()));
         }
-        stream.readable().await.map_err(|_| ProxyError::Closed)?;
-    };
-    let mut line = vec![0u8; end];
-    stream
-        .read_exact(&mut line)
-        .await
-        .map_err(|_| ProxyError::Closed)?;
-    parse_v1(&line)
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 pub fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
@@ -187,6 +266,61 @@ mod tests {
         ] {
             assert!(parse_v1(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn headers_split_anywhere_parse_the_same() {
+        let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\nGET /";
+        let line = v1.len() - 5;
+        for cut in 0..v1.len() {
+            let r = parse_header(&v1[..cut]).unwrap();
+            if cut < line {
+                assert_eq!(r, Header::Partial, "cut at {cut}");
+            } else {
+                assert_eq!(
+                    r,
+                    Header::Complete {
+                        client: Some("203.0.113.7:51000".parse().unwrap()),
+                        len: line
+                    }
+                );
+            }
+        }
+        assert_eq!(parse_header(b"GET / HTTP/1.1"), Err(ProxyError::Missing));
+        assert_eq!(
+            parse_header(b"\x16\x03\x01"),
+            Err(ProxyError::Missing),
+            "TLS without PROXY"
+        );
+        assert!(parse_header(&[b"PROXY ".as_slice(), &[b'x'; 200]].concat()).is_err());
+        let mut big = V2_SIG.to_vec();
+        big.extend([0x21, 0x11, 0xff, 0xff]);
+        assert!(matches!(parse_header(&big), Err(ProxyError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn read_header_returns_what_follows_and_waits_without_spinning() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let reader = tokio::spawn(async move {
+            let r = read_header(&mut server).await;
+            (r, server)
+        });
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"PRO").await.unwrap();
+        // A stalled partial header parks the reader: it is still waiting.
+        tokio::task::yield_now().await;
+        assert!(!reader.is_finished());
+        client
+            .write_all(b"XY TCP4 1.2.3.4 5.6.7.8 1000 443\r\nhello")
+            .await
+            .unwrap();
+        let (r, server) = reader.await.unwrap();
+        let (addr, rest) = r.unwrap();
+        assert_eq!(addr, Some("1.2.3.4:1000".parse().unwrap()));
+        let mut replay = Rewind::new(rest, server);
+        let mut got = [0u8; 5];
+        replay.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     fixed!(server.workers, "server.workers");
     fixed!(limits.worker_mailbox, "limits.worker_mailbox");
     fixed!(limits.max_handshakes, "limits.max_handshakes");
+    fixed!(limits.max_admin_connections, "limits.max_admin_connections");
     fixed!(log.format, "log.format");
     fixed!(cluster.role, "cluster.role");
     fixed!(cluster.link_listen, "cluster.link_listen");

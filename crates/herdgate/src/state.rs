@@ -14,6 +14,8 @@ pub struct Shared {
     live: ArcSwap<Live>,
     pub router: Router,
     pub sessions: Arc<crate::admission::Admission>,
+    /// Connections not yet upgraded, per client IP (`limits.max_handshakes_per_ip`).
+    pub handshakes: Arc<crate::admission::PerIp>,
     pub overload: crate::overload::Overload,
     /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
     /// keeps serving through the load balancer's deregistration delay.
@@ -99,6 +101,7 @@ impl Shared {
         };
         Ok(Arc::new(Shared {
             sessions: crate::admission::Admission::new(l.max_connections),
+            handshakes: Arc::default(),
             overload: crate::overload::Overload::default(),
             router,
             live: ArcSwap::from_pointee(Live::new(config)),
@@ -151,10 +154,10 @@ impl Live {
             // Read buffer: sized for typical Pusher frames, not tungstenite's
             // 128 KiB default, because it is allocated for every socket up front.
             .read_buffer_size(512)
-            // Frames drained from the outbound queue together go out in one
-            // write (up to this size); a lone frame is written at once on flush.
-            .write_buffer_size(8192)
-            .max_write_buffer_size(l.outbound_queue_bytes + l.max_message_bytes)
+            // herdgate writes its own frames (session::websocket); all
+            // tungstenite writes are pong and close replies it would send by
+            // itself, which go nowhere: eager, no buffer.
+            .write_buffer_size(0)
             .max_message_size(Some(l.max_message_bytes))
             .max_frame_size(Some(l.max_message_bytes))
     }

@@ -42,3 +42,23 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// `TCP_NOTSENT_LOWAT`: the kernel holds at most this many unsent bytes for
+/// the socket, so a slow reader's backlog stays in the caller's (counted)
+/// queue. Best effort: an error leaves the kernel default.
+pub fn set_notsent_lowat(socket: &impl std::os::fd::AsRawFd, bytes: u32) {
+    let v = bytes as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from the pointer we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
+}

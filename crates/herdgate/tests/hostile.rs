@@ -872,3 +872,165 @@ async fn a_client_event_flood_is_rate_limited_and_the_flooder_stays() {
 
     still_healthy(&s.api(), &mut h).await;
 }
+
+// ------------------------------------------------- before the upgrade
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command: utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz
+}
+
+#[test]
+fn stalled_partial_proxy_headers_cost_no_cpu_and_time_out() {
+    use herdgate_testkit::process::Herdgate;
+    let hg = Herdgate::start(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nproxy_protocol = true\nhandshake_timeout = \"3s\"\n\
+         [[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n",
+    );
+    // 20 clients send two bytes of a PROXY header and stall.
+    let mut held: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            use std::io::Write;
+            let mut t = std::net::TcpStream::connect(&hg.addr).unwrap();
+            t.write_all(b"PR").unwrap();
+            t
+        })
+        .collect();
+    let before = cpu_seconds(hg.pid());
+    let t0 = Instant::now();
+    // Their deadline is 3 s: wait for each close (EOF) on a blocking read.
+    for t in &mut held {
+        use std::io::Read;
+        t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 16];
+        assert!(
+            matches!(t.read(&mut b), Ok(0) | Err(_)),
+            "closed, nothing sent"
+        );
+    }
+    let waited = t0.elapsed();
+    let used = cpu_seconds(hg.pid()) - before;
+    println!("20 stalled partial PROXY headers: {used:.2} s CPU over {waited:.1?}");
+    // A busy-spinning reader would burn a core per client for the whole wait.
+    assert!(
+        used < 0.25 * waited.as_secs_f64(),
+        "{used:.2} s of CPU in {waited:?} for 20 idle connections"
+    );
+    assert!(
+        waited < Duration::from_secs(6),
+        "closed at the deadline, not after {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_handshake_slot() {
+    let s = start("[limits]\nmax_handshakes_per_ip = 4\n").await;
+    let api = s.api();
+    let mut h = healthy(&s).await;
+    // Four silent connections from 127.0.0.1 hold that address's places.
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(s.addr).await.unwrap());
+    }
+    // Wait until the server has taken them all (each task takes its place first).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, m) = admin_get(s.admin, "/metrics").await;
+        let accepted = m
+            .lines()
+            .find(|l| l.starts_with("herdgate_tcp_accepted_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if accepted >= 5.0 {
+            break; // the healthy socket's connection and the four silent ones
+        }
+        assert!(Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    // A fifth from the same address is closed at once, without an answer.
+    let mut fifth = TcpStream::connect(s.addr).await.unwrap();
+    let (got, _) = await_close(&mut fifth, Instant::now(), CLOSE_DEADLINE).await;
+    assert!(got.is_empty(), "no bytes for a refused connection");
+    // Another address is not affected.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let other = sock.connect(s.addr).await.unwrap();
+    let c = Client::connect_on(&s.ws_url(KEY), Box::new(other)).await;
+    drop(c);
+    // When the silent ones go, the address gets its places back.
+    drop(silent);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let tcp = TcpStream::connect(s.addr).await.unwrap();
+        let url = s.ws_url(KEY);
+        let connect = Client::try_connect_on(&url, Box::new(tcp));
+        if timeout(Duration::from_secs(2), connect)
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the address never got its places back"
+        );
+    }
+    let (_, m) = admin_get(s.admin, "/metrics").await;
+    assert!(m.contains("reason=\"handshakes_per_ip\""), "{m}");
+    still_healthy(&api, &mut h).await;
+}
+
+#[tokio::test]
+async fn one_deadline_covers_proxy_header_and_request_head() {
+    // 1 s in all: a PROXY header after 800 ms leaves 200 ms for the head
+    // (separate deadlines would give the head a fresh second: 1.8 s).
+    let s = start("[server]\nhandshake_timeout = \"1s\"\nproxy_protocol = true\n").await;
+    let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await; // the slow client's pace
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\nGET /app/")
+        .await
+        .unwrap();
+    let (got, took) = await_close(&mut tcp, t0, CLOSE_DEADLINE).await;
+    assert!(
+        took < Duration::from_millis(1500),
+        "closed {took:?} after accept; the head must not get a fresh second"
+    );
+    assert!(
+        got.is_empty() || String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_serves_a_bounded_number_of_connections() {
+    let s = start("[limits]\nmax_admin_connections = 2\n").await;
+    let idle: Vec<TcpStream> = vec![
+        TcpStream::connect(s.admin).await.unwrap(),
+        TcpStream::connect(s.admin).await.unwrap(),
+    ];
+    // Both places are taken: a third connection is not served meanwhile.
+    let mut third = TcpStream::connect(s.admin).await.unwrap();
+    third
+        .write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        timeout(Duration::from_millis(500), third.read(&mut buf))
+            .await
+            .is_err(),
+        "served beyond max_admin_connections"
+    );
+    // One idle connection goes: the third is served.
+    drop(idle);
+    let n = timeout(WAIT, third.read(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}

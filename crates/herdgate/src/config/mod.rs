@@ -72,7 +72,8 @@ pub struct ServerConfig {
     pub activity_timeout: HumanDuration,
     /// How long a pinged socket has to answer before it is closed with 4201.
     pub pong_timeout: HumanDuration,
-    /// Deadline for a new TCP connection to send complete HTTP request headers.
+    /// One deadline from accept to upgrade: PROXY header, TLS handshake and
+    /// the complete HTTP request head, in all.
     pub handshake_timeout: HumanDuration,
     /// Every connection to `listen` starts with a PROXY protocol v1 or v2
     /// header from the load balancer; connections without one are dropped.
@@ -105,6 +106,10 @@ pub struct LimitsConfig {
     /// TCP connections not (yet) upgraded: handshakes in progress and HTTP API
     /// keep-alives. The accept loop waits for one to end beyond it.
     pub max_handshakes: usize,
+    /// Of those, per client IP; beyond it a new connection is closed at once. 0 = off.
+    pub max_handshakes_per_ip: usize,
+    /// Admin listener connections at once; beyond it its accept loop waits.
+    pub max_admin_connections: usize,
     /// Channels one socket may be subscribed to at once.
     pub max_channels_per_connection: usize,
     /// Largest event `data` accepted from the HTTP API or a client event.
@@ -133,6 +138,8 @@ pub struct LimitsConfig {
     pub max_request_header_bytes: usize,
     /// A socket whose peer does not take a queued write within this time is closed.
     pub write_timeout: HumanDuration,
+    /// `TCP_NOTSENT_LOWAT` on client sockets (bytes); 0 = kernel default.
+    pub tcp_notsent_lowat: u32,
     /// A new socket that has neither subscribed nor signed in by then is
     /// closed with 4202. "0s" disables the check.
     pub subscribe_deadline: HumanDuration,
@@ -143,6 +150,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_connections: 10_000,
             max_handshakes: 4096,
+            max_handshakes_per_ip: 128,
+            max_admin_connections: 64,
             max_channels_per_connection: 100,
             max_payload_bytes: 10_240,
             max_message_bytes: 32_768,
@@ -157,6 +166,7 @@ impl Default for LimitsConfig {
             new_connections_burst: 10_000,
             max_connections_per_ip: 5_000,
             write_timeout: HumanDuration::secs(10),
+            tcp_notsent_lowat: 16 * 1024,
             subscribe_deadline: HumanDuration::secs(60),
         }
     }

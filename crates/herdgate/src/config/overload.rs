@@ -13,6 +13,10 @@ pub struct OverloadConfig {
     pub sample_interval: HumanDuration,
     /// A state is left (one step) only after all signals stayed below their exit level this long.
     pub cooldown: HumanDuration,
+    /// Admission (`actions.refuse_connections`) is rated on its own: it
+    /// reopens this long after the signals that closed it fell below their
+    /// exit levels, in one step, while shed features keep `cooldown`.
+    pub admission_cooldown: HumanDuration,
     /// Exit level = threshold × (1 − hysteresis).
     pub hysteresis: f64,
     /// Thresholds [pressured, degraded, critical] for each signal.
@@ -39,6 +43,7 @@ impl Default for OverloadConfig {
             enabled: true,
             sample_interval: HumanDuration::millis(500),
             cooldown: HumanDuration::secs(10),
+            admission_cooldown: HumanDuration::secs(2),
             hysteresis: 0.1,
             connections: [0.70, 0.85, 0.95],
             accept_rate: [5_000.0, 15_000.0, 30_000.0],
@@ -181,8 +186,9 @@ impl ActionsConfig {
             .then_some(self.presence_events_max_members)
     }
 
-    /// The features limited in `state`, as told to clients in `herdgate:status`.
-    pub fn limited(&self, state: LoadState) -> Vec<&'static str> {
+    /// The features limited in `state` (new connections: in `admission`),
+    /// as told to clients in `herdgate:status`.
+    pub fn limited(&self, state: LoadState, admission: LoadState) -> Vec<&'static str> {
         let mut v = Vec::new();
         if self.drop_client_events.applies(state) {
             v.push("client_events");
@@ -198,7 +204,7 @@ impl ActionsConfig {
         if self.refuse_subscriptions.applies(state) && !self.nonessential_prefixes.is_empty() {
             v.push("nonessential_subscriptions");
         }
-        if self.refuse_connections.applies(state) {
+        if self.refuse_connections.applies(admission) {
             v.push("new_connections");
         }
         v

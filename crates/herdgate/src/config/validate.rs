@@ -121,6 +121,7 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
     for (key, v) in [
         ("limits.max_connections", l.max_connections),
         ("limits.max_handshakes", l.max_handshakes),
+        ("limits.max_admin_connections", l.max_admin_connections),
         (
             "limits.max_channels_per_connection",
             l.max_channels_per_connection,

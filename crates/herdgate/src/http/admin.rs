@@ -16,8 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// Permit → accept → spawn, as on the public listener: at most
+/// `limits.max_admin_connections` at once, each with a short header deadline.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        shared.live().config.limits.max_admin_connections,
+    ));
     loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shared.stopped.cancelled() => return,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -38,7 +47,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let mut b = http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5));
-            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+            let conn = b.serve_connection(TokioIo::new(stream), svc);
+            // A scrape or probe takes milliseconds; an idle keep-alive gets
+            // at most this long before its place goes to the next one.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            drop(permit);
         });
     }
 }
@@ -67,7 +80,7 @@ fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
 /// Ready for new connections: not draining, and the load state does not refuse them.
 fn ready(shared: &Shared) -> bool {
     let refuse = shared.live().config.overload.actions.refuse_connections;
-    !shared.draining.is_cancelled() && !refuse.applies(shared.overload.state())
+    !shared.draining.is_cancelled() && !refuse.applies(shared.overload.admission_state())
 }
 
 fn status(shared: &Shared) -> serde_json::Value {
@@ -81,7 +94,8 @@ fn status(shared: &Shared) -> serde_json::Value {
         "draining": shared.draining.is_cancelled(),
         "reasons": snap.reasons,
         "signals": snap.signals,
-        "limited": c.overload.actions.limited(state),
+        "admission": shared.overload.admission_state().as_str(),
+        "limited": c.overload.actions.limited(state, shared.overload.admission_state()),
         "connections": shared.sessions.open(),
         "limits": {
             "max_connections": shared.sessions.max(),

@@ -26,9 +26,15 @@ use std::sync::Arc;
 pub type Body = Full<Bytes>;
 
 /// Serve one accepted connection (plain TCP or TLS) until it closes,
-/// upgrades or the server stops.
-pub async fn serve_connection<I>(stream: I, peer: SocketAddr, shared: Arc<Shared>)
-where
+/// upgrades or the server stops. Its first request head must arrive by
+/// `deadline` (the connection's accept-to-upgrade deadline); later heads on
+/// a keep-alive connection get the same length of time.
+pub async fn serve_connection<I>(
+    stream: I,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    deadline: tokio::time::Instant,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let live = shared.live();
@@ -42,7 +48,11 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.server.handshake_timeout.get())
+        .header_read_timeout(
+            deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(std::time::Duration::from_millis(1)),
+        )
         .max_buf_size(cfg.limits.max_request_header_bytes)
         .keep_alive(true);
     drop(live);

@@ -22,8 +22,6 @@ use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
 /// Seconds a refused client is told to wait, at most.
@@ -154,7 +152,7 @@ pub fn handle(
             }
         }
     }
-    let state = shared.overload.state();
+    let state = shared.overload.admission_state();
     let admitted = if shared.closing.is_cancelled() {
         Err(Refusal::Draining)
     } else if live
@@ -242,41 +240,43 @@ async fn session_task(h: Box<Handshake>) {
         Err(e) => return tracing::debug!(%peer, error = %e, "upgrade failed"),
     };
     let io = TokioIo::new(upgraded);
-    let ws = Box::pin(WebSocketStream::from_raw_socket(
-        io,
-        Role::Server,
-        Some(ws_config),
-    ))
-    .await;
+    // The long-lived values go to the heap once and are lent to the loop.
+    let mut ws = Box::new(Box::pin(session::websocket::server(io, ws_config)).await);
+    let (reader, writer) = &mut *ws;
     let key = match check {
         Ok(key) => key,
         Err(PusherRefusal(code, message)) => {
-            return Box::pin(refuse_after_upgrade(ws, code, message, peer)).await;
+            return Box::pin(refuse_after_upgrade(reader, writer, code, message, peer)).await;
         }
     };
     let Some(app) = shared.live().apps.by_key(&key).cloned() else {
         return; // removed by a reload between the check and the upgrade
     };
-    // The two long-lived values go to the heap once and are lent to the loop.
-    let mut ws = Box::new(ws);
     let mut session = Box::new(Session::new(shared, app));
     let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);
-    session::run(&mut *ws, &mut session).instrument(span).await;
+    session::run(reader, writer, &mut session)
+        .instrument(span)
+        .await;
 }
 
 /// The Pusher way to refuse: `pusher:error` with the code, then a close with it.
-async fn refuse_after_upgrade<S>(
-    mut ws: WebSocketStream<S>,
+async fn refuse_after_upgrade<R, T>(
+    reader: &mut R,
+    writer: &mut T,
     code: u16,
     message: &'static str,
     peer: SocketAddr,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    R: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+    T: session::transport::Transport,
 {
-    use futures_util::SinkExt;
     tracing::debug!(%peer, code, message, "websocket refused");
     metrics::counter!("herdgate_connections_closed_total", "reason" => "pusher_error").increment(1);
-    let frame = tokio_tungstenite::tungstenite::Message::Text(protocol::error(Some(code), message));
-    let _ = ws.send(frame).await;
-    session::close(&mut ws, code, message).await;
+    writer.enqueue([protocol::error(Some(code), message)].into());
+    session::close(reader, writer, code, message).await;
 }

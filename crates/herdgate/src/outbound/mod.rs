@@ -8,7 +8,9 @@
 //!
 //! The writer takes the whole queue at once (`drain`), which leaves an empty
 //! `VecDeque` without an allocation behind: memory taken by a burst is given
-//! back as soon as the burst is written.
+//! back as soon as the burst is written. Taken frames stay counted — against
+//! the socket's bounds and process-wide — until the writer says they are
+//! written (`written`), so a stalled socket holds at most its bounds in all.
 //!
 //! Queued bytes are also counted process-wide (`OUTBOUND_BYTES`, sharded per
 //! thread so fan-out on many cores does not contend) for the load monitor.
@@ -42,6 +44,8 @@ pub struct CloseOrder {
 struct State {
     queue: VecDeque<Frame>,
     bytes: usize,
+    /// Taken by the writer, not yet written: frames and bytes.
+    in_flight: (usize, usize),
     close: Option<CloseOrder>,
     /// When the oldest queued frame arrived (for the delivery-delay histogram).
     oldest: Option<std::time::Instant>,
@@ -76,7 +80,9 @@ impl Outbound {
             return Push::Closed;
         }
         let len = frame.len();
-        if s.queue.len() >= self.max_frames || s.bytes + len > self.max_bytes {
+        if s.queue.len() + s.in_flight.0 >= self.max_frames
+            || s.bytes + s.in_flight.1 + len > self.max_bytes
+        {
             s.close = Some(CloseOrder {
                 code: codes::OVER_CAPACITY,
                 reason: "slow consumer: outbound queue full",
@@ -127,9 +133,18 @@ impl Outbound {
         Option<std::time::Instant>,
     ) {
         let mut s = self.lock();
-        OUTBOUND_BYTES.add(-(s.bytes as i64));
+        let (frames, bytes) = (s.queue.len(), s.bytes);
+        s.in_flight.0 += frames;
+        s.in_flight.1 += bytes;
         s.bytes = 0;
         (std::mem::take(&mut s.queue), s.close, s.oldest.take())
+    }
+
+    /// Everything taken so far has been written: it no longer counts.
+    pub fn written(&self) {
+        let mut s = self.lock();
+        OUTBOUND_BYTES.add(-(s.in_flight.1 as i64));
+        s.in_flight = (0, 0);
     }
 
     /// Resolves when something was pushed or a close was ordered since the last drain.
@@ -137,8 +152,17 @@ impl Outbound {
         self.notify.notified().await
     }
 
+    /// Bytes queued or being written.
     pub fn queued_bytes(&self) -> usize {
-        self.lock().bytes
+        let s = self.lock();
+        s.bytes + s.in_flight.1
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        let s = self.lock();
+        OUTBOUND_BYTES.add(-((s.bytes + s.in_flight.1) as i64));
     }
 }
 
@@ -181,6 +205,17 @@ mod tests {
             ["1", "2"]
         );
         assert!(close.is_none());
+        assert_eq!(q.queued_bytes(), 2, "taken, not yet written: still counted");
+        assert_eq!(q.push(&f("x")), Push::Queued);
+        assert_eq!(
+            q.push(&f("y")),
+            Push::Overflow,
+            "two in flight + one queued = 3"
+        );
+        let q = Outbound::new(3, 100);
+        q.push(&f("1"));
+        q.drain();
+        q.written();
         assert_eq!(q.queued_bytes(), 0);
         for _ in 0..3 {
             assert_eq!(q.push(&f("x")), Push::Queued);

@@ -38,8 +38,17 @@ impl Signal {
 pub struct Tuning {
     /// Exit level = threshold × (1 − hysteresis).
     pub hysteresis: f64,
-    /// How long signals must stay below exit levels before stepping down one state.
+    /// How long signals must stay below exit levels before stepping down.
     pub cooldown: Duration,
+    /// After a cooldown: one state down (features come back one by one), or
+    /// straight to the state the signals are calm for (admission).
+    pub step_down: StepDown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepDown {
+    OneState,
+    ToCalm,
 }
 
 #[derive(Debug)]
@@ -87,7 +96,10 @@ impl Machine {
                 None
             }
             Some(since) if now.duration_since(since) >= t.cooldown => {
-                self.state = LoadState::from_u8(self.state as u8 - 1);
+                self.state = match t.step_down {
+                    StepDown::OneState => LoadState::from_u8(self.state as u8 - 1),
+                    StepDown::ToCalm => down,
+                };
                 // The next step down needs a full cooldown of its own.
                 self.calm_since = (down < self.state).then_some(now);
                 Some(self.state)
@@ -117,6 +129,7 @@ mod tests {
     const T: Tuning = Tuning {
         hysteresis: 0.1,
         cooldown: Duration::from_secs(10),
+        step_down: StepDown::OneState,
     };
 
     fn sig(v: f64) -> Vec<Signal> {
@@ -173,6 +186,34 @@ mod tests {
         assert_eq!(
             m.step(&sig(0.1), t1 + Duration::from_secs(30), T),
             Some(LoadState::Normal)
+        );
+    }
+
+    #[test]
+    fn to_calm_leaves_in_one_step_after_one_cooldown() {
+        let t = Tuning {
+            cooldown: Duration::from_secs(2),
+            step_down: StepDown::ToCalm,
+            ..T
+        };
+        let mut m = Machine::default();
+        let t0 = Instant::now();
+        m.step(&sig(0.99), t0, t);
+        assert_eq!(m.state(), LoadState::Critical);
+        assert_eq!(m.step(&sig(0.1), t0 + Duration::from_secs(1), t), None);
+        assert_eq!(m.step(&sig(0.1), t0 + Duration::from_secs(2), t), None);
+        assert_eq!(
+            m.step(&sig(0.1), t0 + Duration::from_secs(3), t),
+            Some(LoadState::Normal),
+            "critical to normal in one step"
+        );
+        // Calm only down to pressured's exit level: stops there.
+        let mut m = Machine::default();
+        m.step(&sig(0.99), t0, t);
+        m.step(&sig(0.72), t0 + Duration::from_secs(1), t);
+        assert_eq!(
+            m.step(&sig(0.72), t0 + Duration::from_secs(3), t),
+            Some(LoadState::Pressured)
         );
     }
 

@@ -8,7 +8,7 @@
 mod machine;
 mod monitor;
 
-pub use machine::{reasons, LoadState, Machine, Signal, Tuning};
+pub use machine::{reasons, LoadState, Machine, Signal, StepDown, Tuning};
 pub use monitor::{spawn_monitor, Sampled};
 
 use crate::protocol::{self, Frame};
@@ -29,6 +29,9 @@ pub struct Status {
 
 pub struct Overload {
     state: AtomicU8,
+    /// The state admission is rated by (signals but `connections`, quick to
+    /// recover): `actions.refuse_connections` applies to it.
+    admission: AtomicU8,
     status: watch::Sender<Status>,
     /// New sessions admitted since start (the monitor derives the rate).
     pub admitted: AtomicU64,
@@ -52,6 +55,7 @@ impl Default for Overload {
         });
         Overload {
             state: AtomicU8::new(0),
+            admission: AtomicU8::new(0),
             status,
             admitted: AtomicU64::new(0),
             last: Mutex::default(),
@@ -67,6 +71,16 @@ pub fn status_frame(state: LoadState, limited: &[&str]) -> Frame {
 impl Overload {
     pub fn state(&self) -> LoadState {
         LoadState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// The state new connections are admitted by.
+    pub fn admission_state(&self) -> LoadState {
+        LoadState::from_u8(self.admission.load(Ordering::Relaxed))
+    }
+
+    pub fn set_admission(&self, state: LoadState) {
+        self.admission.store(state as u8, Ordering::Relaxed);
+        metrics::gauge!("herdgate_admission_state").set(state as u8 as f64);
     }
 
     /// Sessions watch this to forward state changes to their client.

@@ -1,7 +1,7 @@
 //! The sampling task: measures the signals, steps the state machine, tells
 //! sessions about changes and keeps the last sample for `/status`.
 
-use super::{reasons, Machine, Overload, Signal, Snapshot, Tuning};
+use super::{reasons, Machine, Overload, Signal, Snapshot, StepDown, Tuning};
 use crate::config::OverloadConfig;
 use crate::outbound::OUTBOUND_BYTES;
 use std::sync::atomic::Ordering;
@@ -30,12 +30,18 @@ pub fn spawn_monitor<N: Sampled>(node: Arc<N>) {
 async fn run<N: Sampled>(node: Arc<N>) {
     let memory_limit_auto = memory_limit();
     let mut machine = Machine::default();
+    // Admission is rated apart: the `connections` signal is left out (the
+    // cap itself refuses at the limit and frees places the moment sockets
+    // leave), and it reopens after a short cooldown in one step, so clients
+    // retrying after a herd meet an open door.
+    let mut admission = Machine::default();
     let mut interval_len = node.overload_config().sample_interval.get();
     let mut tick = tokio::time::interval(interval_len);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_admitted = node.overload().admitted.load(Ordering::Relaxed);
     let mut last_at = Instant::now();
     let mut in_burst = false;
+    let mut trim = Trim::default();
     loop {
         let scheduled = tokio::select! {
             t = tick.tick() => t,
@@ -66,6 +72,9 @@ async fn run<N: Sampled>(node: Arc<N>) {
         };
         let rss = crate::sys::rss_bytes().unwrap_or(0);
         let outbound = OUTBOUND_BYTES.sum().max(0) as f64;
+        if trim.after_burst(outbound as u64, node.open_sessions()) {
+            crate::sys::release_free_memory();
+        }
         let mailbox = node.mailbox_depth() as f64;
         let max_conn = node.max_sessions().max(1) as f64;
         let signals = vec![
@@ -111,11 +120,32 @@ async fn run<N: Sampled>(node: Arc<N>) {
         let tuning = Tuning {
             hysteresis: o.hysteresis,
             cooldown: o.cooldown.get(),
+            step_down: StepDown::OneState,
+        };
+        let admission_tuning = Tuning {
+            cooldown: o.admission_cooldown.get(),
+            step_down: StepDown::ToCalm,
+            ..tuning
         };
         let signals = if o.enabled { signals } else { Vec::new() };
-        if let Some(state) = machine.step(&signals, now.into_std(), tuning) {
-            let limited = o.actions.limited(state);
-            tracing::warn!(state = state.as_str(), reasons = ?reasons(&signals), limited = ?limited, "load state changed");
+        let admission_signals: Vec<Signal> = signals
+            .iter()
+            .filter(|s| s.name != "connections")
+            .cloned()
+            .collect();
+        let at = now.into_std();
+        let admission_changed = admission.step(&admission_signals, at, admission_tuning);
+        if let Some(a) = admission_changed {
+            tracing::warn!(admission = a.as_str(), reasons = ?reasons(&admission_signals), "admission state changed");
+            node.overload().set_admission(a);
+        }
+        let changed = machine.step(&signals, at, tuning);
+        if changed.is_some() || admission_changed.is_some() {
+            let state = machine.state();
+            let limited = o.actions.limited(state, admission.state());
+            if changed.is_some() {
+                tracing::warn!(state = state.as_str(), reasons = ?reasons(&signals), limited = ?limited, "load state changed");
+            }
             node.overload().set(state, &limited);
         }
         node.overload().record(Snapshot {
@@ -129,6 +159,33 @@ async fn run<N: Sampled>(node: Arc<N>) {
             tick = tokio::time::interval(wanted);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
+    }
+}
+
+/// When to give freed heap back to the OS: after a burst of queued bytes
+/// drained (or its sockets closed), or after many sessions ended. Queues and
+/// sessions free their memory when they empty or end, but the allocator
+/// keeps it resident (interleaved with live allocations) until trimmed.
+#[derive(Default)]
+struct Trim {
+    outbound_peak: u64,
+    sessions_peak: usize,
+}
+
+impl Trim {
+    const BURST_BYTES: u64 = 16 << 20;
+    const SESSIONS: usize = 1000;
+
+    fn after_burst(&mut self, outbound: u64, sessions: usize) -> bool {
+        self.outbound_peak = self.outbound_peak.max(outbound);
+        self.sessions_peak = self.sessions_peak.max(sessions);
+        let drained = self.outbound_peak >= Self::BURST_BYTES && outbound < self.outbound_peak / 4;
+        let left = self.sessions_peak - sessions >= Self::SESSIONS.max(self.sessions_peak / 4);
+        if drained || left {
+            (self.outbound_peak, self.sessions_peak) = (outbound, sessions);
+            return true;
+        }
+        false
     }
 }
 
@@ -163,5 +220,23 @@ fn memory_limit() -> u64 {
     match cgroup {
         Some(c) if c > 0 && c < physical => c,
         _ => physical.max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Trim;
+
+    #[test]
+    fn trims_once_after_a_drained_burst_or_a_mass_close() {
+        let mut t = Trim::default();
+        assert!(!t.after_burst(1 << 20, 100), "small queues: no trim");
+        assert!(!t.after_burst(64 << 20, 5000), "burst in progress");
+        assert!(!t.after_burst(20 << 20, 5000), "still more than a quarter");
+        assert!(t.after_burst(1 << 20, 5000), "drained");
+        assert!(!t.after_burst(1 << 20, 5000), "once");
+        assert!(!t.after_burst(0, 4500), "500 left: not yet");
+        assert!(t.after_burst(0, 3500), "1500 left");
+        assert!(!t.after_burst(0, 3400));
     }
 }

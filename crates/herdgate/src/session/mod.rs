@@ -11,6 +11,8 @@
 
 mod handler;
 pub mod ratelimit;
+pub mod transport;
+pub mod websocket;
 
 use crate::apps::App;
 use crate::outbound::{CloseOrder, Outbound};
@@ -18,13 +20,12 @@ use crate::protocol::codes;
 use crate::state::Shared;
 use crate::types::ConnId;
 use crate::worker::Subscriber;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use transport::Transport;
 
 /// How a session ended, for the close frame, the log and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,32 +128,35 @@ impl Session {
     }
 }
 
-/// Run a session to its end on `ws`, then release everything it held.
+/// Run a session to its end, then release everything it held. `reader`
+/// yields what the client sends; `writer` is the only writer of the socket.
 ///
-/// Both arguments live as long as the socket, so callers keep them on the
-/// heap (`Box`) and lend them: an async fn stores its arguments in its own
-/// future next to everything it awaits, which would double their size for
-/// every idle connection.
-pub async fn run<S>(ws: &mut S, session: &mut Session) -> End
+/// All three arguments live as long as the socket, so callers keep them on
+/// the heap (`Box`) and lend them: an async fn stores its arguments in its
+/// own future next to everything it awaits, which would double their size
+/// for every idle connection.
+pub async fn run<R, T>(reader: &mut R, writer: &mut T, session: &mut Session) -> End
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+    T: Transport,
 {
     let activity = session.shared.live().config.server.activity_timeout.get();
     session.out.push(&crate::protocol::connection_established(
         &session.socket_id(),
         activity.as_secs(),
     ));
-    let end = session.serve(ws).await;
+    let end = session.serve(reader, writer).await;
     // One-shot teardown is boxed: a future is as large as its largest state.
-    Box::pin(finish(ws, session, end)).await;
+    Box::pin(finish(reader, writer, session, end)).await;
     tracing::debug!(?end, "session ended");
     end
 }
 
 /// Leave every room, then tell the client why (if we are the ones closing).
-async fn finish<S>(ws: &mut S, session: &mut Session, end: End)
+async fn finish<R, T>(reader: &mut R, writer: &mut T, session: &mut Session, end: End)
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+    T: Transport,
 {
     session.release().await;
     if let End::Close {
@@ -165,19 +169,56 @@ where
         // What the session queued last (a pusher:error explaining the close)
         // goes out before the close frame; a slow consumer's queue is empty.
         let (frames, _) = session.out.drain();
-        if !frames.is_empty() {
-            let _ = timeout(Duration::from_secs(1), write_all(ws, frames)).await;
-        }
-        close(ws, code, reason).await;
+        writer.enqueue(frames);
+        close(reader, writer, code, reason).await;
     } else {
         metrics::counter!("herdgate_connections_closed_total", "reason" => "client").increment(1);
     }
 }
 
+/// What a poll of the writer found.
+enum Progress {
+    /// Everything taken from the queue is written.
+    Done,
+    /// The peer stopped taking bytes: the write deadline starts now.
+    Stalled(Instant),
+    Failed,
+}
+
+/// Poll the writer; a stall is reported once (when it starts), so the loop
+/// arms the write deadline only then, never for writes that just complete.
+fn poll_progress<T: Transport>(
+    writer: &mut T,
+    cx: &mut std::task::Context<'_>,
+    stalled: &mut Option<Instant>,
+) -> std::task::Poll<Progress> {
+    use std::task::Poll;
+    match writer.poll_send(cx) {
+        Poll::Ready(Ok(())) => Poll::Ready(Progress::Done),
+        Poll::Ready(Err(_)) => Poll::Ready(Progress::Failed),
+        Poll::Pending if stalled.is_none() => {
+            let now = Instant::now();
+            *stalled = Some(now);
+            Poll::Ready(Progress::Stalled(now))
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+fn end_for(order: CloseOrder) -> End {
+    let label = if order.code == codes::OVER_CAPACITY {
+        "slow_consumer"
+    } else {
+        "terminated"
+    };
+    End::close(order.code, order.reason, label)
+}
+
 impl Session {
-    async fn serve<S>(&mut self, ws: &mut S) -> End
+    async fn serve<R, T>(&mut self, reader: &mut R, writer: &mut T) -> End
     where
-        S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+        R: Stream<Item = Result<Message, WsError>> + Unpin,
+        T: Transport,
     {
         let (activity, pong_wait, write_timeout, subscribe_deadline) = {
             let live = self.shared.live();
@@ -214,31 +255,58 @@ impl Session {
         // A new socket must subscribe (or sign in) by then, or it is pruned.
         let mut subscribe_by =
             (!subscribe_deadline.is_zero()).then(|| last_seen + subscribe_deadline);
+        // Set while a write is stalled: the write deadline runs from there.
+        let mut stalled: Option<Instant> = None;
+        // When the oldest frame being written was queued (delivery delay).
+        let mut oldest: Option<std::time::Instant> = None;
+        // A close order taken from the queue: it follows what is being written.
+        let mut closing: Option<CloseOrder> = None;
+        // One timer for every deadline of the socket (activity, pong,
+        // subscribe, drain, write stall), reset only when one changes.
         let timer = sleep_until(
             subscribe_by.map_or(last_seen + activity, |by| by.min(last_seen + activity)),
         );
         tokio::pin!(timer);
 
         loop {
+            // Not biased: reads, pongs and timers get their turn under a
+            // sustained fan-out. The queue is taken only when the writer is
+            // idle, so a stalled socket holds at most one queue's worth
+            // outside the queue's own bounds.
+            let busy = writer.is_busy();
             tokio::select! {
-                biased;
-                _ = self.out.ready() => {
-                    let (frames, order, oldest) = self.out.drain_timed();
+                _ = self.out.ready(), if !busy && closing.is_none() => {
+                    let (frames, order, t) = self.out.drain_timed();
                     if !frames.is_empty() {
-                        match timeout(write_timeout, write_all(ws, frames)).await {
-                            Ok(Ok(())) => {
-                                // Queued → handed to the kernel, for the oldest frame of the batch.
-                                if let Some(t) = oldest {
-                                    delivery_delay().record(t.elapsed().as_secs_f64());
-                                }
-                            }
-                            Ok(Err(_)) => return End::PeerGone,
-                            Err(_) => return End::close(codes::OVER_CAPACITY, "write timeout", "write_timeout"),
+                        writer.enqueue(frames);
+                        oldest = t;
+                    }
+                    closing = order;
+                    if !writer.is_busy() {
+                        if let Some(order) = closing {
+                            return end_for(order);
                         }
                     }
-                    if let Some(CloseOrder { code, reason }) = order {
-                        let label = if code == codes::OVER_CAPACITY { "slow_consumer" } else { "terminated" };
-                        return End::close(code, reason, label);
+                }
+                progress = std::future::poll_fn(|cx| poll_progress(writer, cx, &mut stalled)), if busy => {
+                    match progress {
+                        Progress::Done => {
+                            stalled = None;
+                            self.out.written();
+                            // Queued → handed to the kernel, for the oldest frame of the batch.
+                            if let Some(t) = oldest.take() {
+                                delivery_delay().record(t.elapsed().as_secs_f64());
+                            }
+                            if let Some(order) = closing {
+                                return end_for(order);
+                            }
+                        }
+                        Progress::Stalled(at) => {
+                            if timer.deadline() > at + write_timeout {
+                                timer.as_mut().reset(at + write_timeout);
+                            }
+                        }
+                        Progress::Failed => return End::PeerGone,
                     }
                 }
                 Some(s) = status.next() => {
@@ -256,7 +324,7 @@ impl Session {
                         }
                     }
                 }
-                msg = ws.next() => {
+                msg = reader.next() => {
                     last_seen = Instant::now();
                     match msg {
                         None => return End::PeerGone,
@@ -271,14 +339,23 @@ impl Session {
                         Some(Ok(Message::Binary(_))) => {
                             return End::close(codes::ws::UNSUPPORTED_DATA, "binary frames are not supported", "binary_frame");
                         }
-                        Some(Ok(Message::Close(_))) => return End::PeerGone,
-                        // Pings are answered by tungstenite; pongs only count as activity.
+                        Some(Ok(Message::Close(frame))) => {
+                            // Answer the close handshake with the client's code.
+                            let code = frame.map_or(1000, |f| u16::from(f.code));
+                            let _ = timeout(Duration::from_secs(1), writer.close(code, "")).await;
+                            return End::PeerGone;
+                        }
+                        Some(Ok(Message::Ping(payload))) => writer.pong(payload),
+                        // Pongs (and raw frames) only count as activity.
                         Some(Ok(_)) => {}
                         Some(Err(e)) => return map_ws_error(e),
                     }
                 }
                 _ = &mut timer => {
                     let now = Instant::now();
+                    if stalled.is_some_and(|at| now >= at + write_timeout) {
+                        return End::close(codes::OVER_CAPACITY, "write timeout", "write_timeout");
+                    }
                     if close_at.is_some_and(|at| now >= at) {
                         return End::shutdown();
                     }
@@ -292,7 +369,7 @@ impl Session {
                         Some(at) if last_seen <= at && now >= at + pong_wait => {
                             return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
                         }
-                        // Woken early (drain or subscribe deadline): keep waiting for the pong.
+                        // Woken early (drain, subscribe or write deadline): keep waiting for the pong.
                         Some(at) if last_seen <= at => at + pong_wait,
                         _ if now >= last_seen + activity => {
                             self.out.push(&crate::protocol::ping());
@@ -304,7 +381,10 @@ impl Session {
                             last_seen + activity
                         }
                     };
-                    let next = [close_at, subscribe_by].into_iter().flatten().fold(next, Instant::min);
+                    let next = [close_at, subscribe_by, stalled.map(|at| at + write_timeout)]
+                        .into_iter()
+                        .flatten()
+                        .fold(next, Instant::min);
                     timer.as_mut().reset(next);
                 }
             }
@@ -325,19 +405,6 @@ impl Session {
             let _ = router.sign_out(&self.app.id, &user, self.id).await;
         }
     }
-}
-
-async fn write_all<S>(
-    ws: &mut S,
-    frames: std::collections::VecDeque<crate::protocol::Frame>,
-) -> Result<(), WsError>
-where
-    S: Sink<Message, Error = WsError> + Unpin,
-{
-    for f in frames {
-        ws.feed(Message::Text(f)).await?;
-    }
-    ws.flush().await
 }
 
 /// The delivery-delay histogram, looked up once rather than per write.
@@ -362,24 +429,21 @@ fn map_ws_error(e: WsError) -> End {
     }
 }
 
-/// Send a close frame and give the peer a moment to answer it, so the code
-/// reaches the client instead of being lost to a reset.
-pub(crate) async fn close<S>(ws: &mut S, code: u16, reason: &'static str)
+/// Send what is queued and a close frame, and give the peer a moment to
+/// answer it, so the code reaches the client instead of being lost to a reset.
+pub(crate) async fn close<R, T>(reader: &mut R, writer: &mut T, code: u16, reason: &'static str)
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+    T: Transport,
 {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    };
-    if timeout(Duration::from_secs(2), ws.send(Message::Close(Some(frame))))
-        .await
-        .is_err()
-    {
+    if !matches!(
+        timeout(Duration::from_secs(2), writer.close(code, reason)).await,
+        Ok(Ok(()))
+    ) {
         return;
     }
     let _ = timeout(Duration::from_secs(2), async {
-        while let Some(Ok(m)) = ws.next().await {
+        while let Some(Ok(m)) = reader.next().await {
             if m.is_close() {
                 break;
             }
@@ -394,7 +458,8 @@ mod tests {
     //! timers are exercised without waiting for them.
     use super::*;
     use crate::config::Config;
-    use tokio_tungstenite::tungstenite::protocol::Role;
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
     use tokio_tungstenite::WebSocketStream;
 
     async fn pair(
@@ -408,9 +473,9 @@ mod tests {
         let app = shared.live().apps.by_key("k").unwrap().clone();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {
-            let mut ws = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+            let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default()).await;
             let mut session = Session::new(shared, app);
-            run(&mut ws, &mut session).await
+            run(&mut reader, &mut writer, &mut session).await
         });
         (
             WebSocketStream::from_raw_socket(b, Role::Client, None).await,
