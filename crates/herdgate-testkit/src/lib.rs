@@ -1,13 +1,16 @@
 //! herdgate's test harness, shared by every integration test: an
 //! in-process herdgate on 127.0.0.1:0, herdgate as a real process, a
 //! websocket client that speaks the Pusher protocol, a signed HTTP API
-//! client and a test PKI.
+//! client, a test PKI, a real etcd cluster ([`etcd`]) and a TCP relay that
+//! cuts links on demand ([`relay`]).
 //!
 //! Every signature is made with `pusher-sign`, which shares no code with the
 //! server, so a test fails when the server stops being Pusher-compatible.
 
+pub mod etcd;
 pub mod pki;
 pub mod process;
+pub mod relay;
 
 use futures_util::{SinkExt, StreamExt};
 use herdgate::config::Config;

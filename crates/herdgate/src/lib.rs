@@ -89,12 +89,36 @@ pub fn start(
     let shared = Shared::new(config)?;
     if let (true, router::Router::Local(pool)) = (worker_role, &shared.router) {
         // A worker serves edges on its link listener, not clients.
-        let c = shared.live().config.cluster.clone();
+        let config = shared.live().config.clone();
+        let c = &config.cluster;
+        let id: cluster::view::NodeId = Arc::from(if c.node_id.is_empty() {
+            c.advertised()
+        } else {
+            c.node_id.as_str()
+        });
+        let membership =
+            cluster::membership_for_worker(&config, id.clone(), shared.stopped.clone());
+        if let Some(control) = membership.control.clone() {
+            let scale = cluster::worker_node::scale::Scale {
+                control,
+                incarnation: membership.incarnation.clone(),
+                target: c.weight,
+                steps: c.scale.ramp_steps,
+                interval: c.scale.ramp_interval.get(),
+            };
+            tokio::spawn(scale.clone().join());
+            let _ = shared.worker.set(scale);
+        }
         let node = cluster::worker_node::WorkerNode {
+            id,
             pool: pool.clone(),
             heartbeat: c.heartbeat_interval.get(),
             edge_lease: c.edge_lease.get(),
-            tls: c.tls,
+            handover_timeout: c.handover_timeout.get(),
+            tls: c.tls.clone(),
+            secret: c.secret.clone(),
+            membership,
+            link_queue_bytes: cluster::LINK_QUEUE_BYTES,
             closing: shared.closing.clone(),
         };
         shared
@@ -150,6 +174,12 @@ impl Running {
             "draining"
         );
         self.shared.draining.cancel();
+        if let Some(scale) = self.shared.worker.get() {
+            // An etcd worker hands its rooms over before it goes.
+            let deadline = self.shared.live().config.cluster.scale.drain_timeout.get();
+            tracing::info!("draining: handing rooms over");
+            scale.clone().leave(deadline).await;
+        }
         tokio::time::sleep(s.deregister_delay.get()).await;
         self.shared.closing.cancel();
         self.shared.overload.begin_closing();

@@ -6,7 +6,7 @@
 //! config; the log level through the subscriber's reload handle; the TLS
 //! certificate through its store. What is bound at start (listen addresses,
 //! worker count and mailboxes, the handshake permits, TLS on/off, log format,
-//! the cluster role; an edge's worker list does change live)
+//! the cluster role, membership and worker list)
 //! is reported as needing a restart and keeps its running value, so the live
 //! config always describes what is really in force.
 
@@ -36,20 +36,14 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     fixed!(log.format, "log.format");
     fixed!(cluster.role, "cluster.role");
     fixed!(cluster.link_listen, "cluster.link_listen");
-    if new.cluster.workers != o.cluster.workers {
-        match shared.router.cluster_edge() {
-            // An edge takes a new worker list live: only rooms whose owner changed move.
-            Some(edge) if new.cluster.role == o.cluster.role => {
-                tracing::info!(workers = ?new.cluster.workers, "worker list changed");
-                edge.set_workers(&new.cluster.workers);
-            }
-            _ => {
-                restart.push("cluster.workers");
-                new.cluster.workers = o.cluster.workers.clone();
-            }
-        }
-    }
+    // A static worker list changes only with every edge restarted at once
+    // (edges that disagreed during a rolling change would route rooms to two
+    // owners); with etcd, workers join and leave without any config change.
+    fixed!(cluster.workers, "cluster.workers");
+    fixed!(cluster.membership, "cluster.membership");
     fixed!(cluster.node_id, "cluster.node_id");
+    fixed!(cluster.advertise, "cluster.advertise");
+    fixed!(cluster.secret, "cluster.secret");
     match (&o.tls, &new.tls, &shared.tls) {
         (Some(_), Some(t), Some(tls)) => {
             if let Err(e) = tls.store.reload_from(t.cert.as_ref(), t.key.as_ref()) {

@@ -37,6 +37,8 @@ impl Router {
         }
     }
 
+    /// Whether the socket is subscribed: `Ok(false)` when the room refused
+    /// it (its `pusher:subscription_error` is queued to it already).
     pub async fn subscribe(
         &self,
         room: RoomKey,
@@ -44,7 +46,7 @@ impl Router {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
-    ) -> Result<(), RouteError> {
+    ) -> Result<bool, RouteError> {
         match self {
             Router::Local(p) => p.subscribe(room, sub, member, max_members, shed).await,
             Router::Edge(e) => {
@@ -52,6 +54,7 @@ impl Router {
                     return Err(RouteError::Gone);
                 };
                 e.subscribe(room, sub.id, out, member, max_members, shed)
+                    .await
             }
         }
     }
@@ -64,7 +67,7 @@ impl Router {
     ) -> Result<(), RouteError> {
         match self {
             Router::Local(p) => p.unsubscribe(room, id, shed).await,
-            Router::Edge(e) => e.unsubscribe(room, id, shed),
+            Router::Edge(e) => e.unsubscribe(room, id, shed).await,
         }
     }
 
@@ -145,7 +148,7 @@ impl Router {
                 let Target::Local(out) = sub.to else {
                     return Err(RouteError::Gone);
                 };
-                e.sign_in(RoomKey::user(app, user), user, sub.id, out)
+                e.sign_in(RoomKey::user(app, user), user, sub.id, out).await
             }
         }
     }
@@ -153,7 +156,7 @@ impl Router {
     pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
         match self {
             Router::Local(p) => p.sign_out(app, user, id).await,
-            Router::Edge(e) => e.sign_out(RoomKey::user(app, user), user, id),
+            Router::Edge(e) => e.sign_out(RoomKey::user(app, user), user, id).await,
         }
     }
 
@@ -165,7 +168,7 @@ impl Router {
     ) -> Result<(), RouteError> {
         match self {
             Router::Local(p) => p.terminate(app, user, wait).await,
-            Router::Edge(e) => e.terminate(RoomKey::user(app, user), user),
+            Router::Edge(e) => e.terminate(RoomKey::user(app, user), user, wait).await,
         }
     }
 }

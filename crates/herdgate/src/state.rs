@@ -28,6 +28,8 @@ pub struct Shared {
     /// Upgraded websockets leave hyper's connection tracking, so sessions are tracked here.
     pub tasks: TaskTracker,
     pub tls: Option<Tls>,
+    /// A cluster worker's ring handle (etcd), for the drain on shutdown.
+    pub worker: std::sync::OnceLock<crate::cluster::worker_node::scale::Scale>,
 }
 
 /// The part of the configuration that a reload (SIGHUP) swaps while serving.
@@ -76,22 +78,29 @@ impl Shared {
         };
         let l = &config.limits;
         let cl = &config.cluster;
+        let stopped = CancellationToken::new();
         let router = if cl.role == crate::config::Role::Edge {
-            let id = if cl.node_id == 0 {
-                rand::random::<u64>() | 1
+            let id: crate::cluster::view::NodeId = if cl.node_id.is_empty() {
+                Arc::from(format!("edge-{:016x}", rand::random::<u64>()))
             } else {
-                cl.node_id
+                Arc::from(cl.node_id.as_str())
             };
-            let edge = crate::cluster::edge::Edge::start(
+            let membership =
+                crate::cluster::membership_for_edge(&config, id.clone(), stopped.clone());
+            let edge = crate::cluster::edge::Edge::start(crate::cluster::edge::EdgeConfig {
                 id,
-                &cl.workers,
-                cl.heartbeat_interval.get(),
-                cl.settle.get(),
-                cl.tls
+                membership,
+                heartbeat: cl.heartbeat_interval.get(),
+                handover_timeout: cl.handover_timeout.get(),
+                tls: cl
+                    .tls
                     .as_ref()
                     .map(crate::cluster::tls::LinkTls::load)
                     .transpose()?,
-            );
+                secret: cl.secret.clone(),
+                link_queue_bytes: crate::cluster::LINK_QUEUE_BYTES,
+                rooms_actors: config.worker_count(),
+            });
             Router::Edge(edge)
         } else {
             Router::Local(Arc::new(crate::worker::Pool::start(
@@ -107,7 +116,8 @@ impl Shared {
             live: ArcSwap::from_pointee(Live::new(config)),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
-            stopped: CancellationToken::new(),
+            stopped,
+            worker: std::sync::OnceLock::new(),
             tasks: TaskTracker::new(),
             tls,
         }))

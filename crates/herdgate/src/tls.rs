@@ -142,8 +142,9 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>,
     Ok(Arc::new(cfg))
 }
 
-/// Just enough DER to find a certificate's `notAfter`.
-mod der {
+/// A minimal DER reader for the one field herdgate needs: a certificate's
+/// `notAfter` (checked at load and reload). Public for the fuzz target.
+pub mod der {
     /// One TLV: (tag, content, rest).
     fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         let (&tag, rest) = input.split_first()?;
@@ -187,7 +188,14 @@ mod der {
     }
 
     fn parse_time(tag: u8, s: &str) -> Option<i64> {
-        let digits = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+        // Digits only: `parse` would also take a sign ("-1"), and a date
+        // out of range is no date (fuzzing found both).
+        let digits = |r: std::ops::Range<usize>| {
+            let d = s.get(r)?;
+            d.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| d.parse::<i64>().ok())?
+        };
         let (year, off) = match tag {
             0x17 => {
                 let yy = digits(0..2)?;
@@ -203,6 +211,16 @@ mod der {
             digits(off + 6..off + 8)?,
             digits(off + 8..off + 10)?,
         );
+        // RFC 5280 dates are 1950 onwards (UTCTime's range, then GeneralizedTime).
+        if !((1950..=9999).contains(&year)
+            && (1..=12).contains(&mo)
+            && (1..=31).contains(&d)
+            && (0..=23).contains(&h)
+            && (0..=59).contains(&mi)
+            && (0..=60).contains(&sec))
+        {
+            return None;
+        }
         Some(days_from_civil(year, mo, d) * 86_400 + h * 3600 + mi * 60 + sec)
     }
 
@@ -227,6 +245,13 @@ mod der {
             assert_eq!(parse_time(0x18, "20380119031408Z"), Some(2_147_483_648));
             assert_eq!(parse_time(0x17, "491231235959Z"), Some(2_524_607_999));
             assert_eq!(parse_time(0x05, "x"), None);
+            // Found by fuzzing: signs and out-of-range fields are no date.
+            assert_eq!(parse_time(0x18, "-9991231235959Z"), None);
+            assert_eq!(parse_time(0x17, "+10101000000Z"), None);
+            assert_eq!(parse_time(0x17, "701301000000Z"), None);
+            assert_eq!(parse_time(0x17, "700100000000Z"), None);
+            assert_eq!(parse_time(0x18, "01261231235959Z"), None);
+            assert_eq!(parse_time(0x17, "700101250000Z"), None);
             assert_eq!(not_after(&[0x30, 0x01]), None);
             assert_eq!(not_after(&[]), None);
         }

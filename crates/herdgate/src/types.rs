@@ -68,8 +68,12 @@ pub struct Shed {
     /// Presence rooms with more members than this get no member_added/removed.
     pub member_events_max: Option<usize>,
     /// Re-homing after a worker change: register or unregister without any
-    /// event (the socket is already subscribed; members are already known).
+    /// event to the socket (it is already subscribed).
     pub silent: bool,
+    /// With `silent`: still announce a member the room does not have (an
+    /// edge's sockets restored after its lease expired). Without it, a silent
+    /// registration announces nothing (a moved room: members are known).
+    pub announce: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -80,6 +84,10 @@ pub enum RouteError {
     /// The owner went away (shutting down).
     #[error("realtime worker is gone")]
     Gone,
+    /// The room's owner cannot be reached from this node now (cluster: its
+    /// link is down, or the room is being handed over): retry shortly.
+    #[error("the room is unavailable here for a moment")]
+    Unavailable,
 }
 
 #[cfg(test)]

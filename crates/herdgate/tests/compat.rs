@@ -51,7 +51,7 @@ fn pusher_js_and_node_sdk_compatibility() {
     let workers: Vec<Herdgate> = (0..3)
         .map(|_| {
             Herdgate::start(&format!(
-                "[server]\nadmin_listen = \"\"\n[cluster]\nrole = \"worker\"\nlink_listen = \"127.0.0.1:0\"\n{APP}"
+                "[server]\nadmin_listen = \"\"\n[cluster]\nrole = \"worker\"\nlink_listen = \"127.0.0.1:0\"\nsecret = \"compat-cluster-secret-0123\"\n{APP}"
             ))
         })
         .collect();
@@ -59,7 +59,7 @@ fn pusher_js_and_node_sdk_compatibility() {
     let edges: Vec<Herdgate> = (0..2)
         .map(|_| {
             let e = Herdgate::start(&format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nworkers = [{}]\n{APP}",
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nworkers = [{}]\nsecret = \"compat-cluster-secret-0123\"\n{APP}",
                 list.join(", ")
             ));
             for _ in 0..workers.len() {

@@ -272,3 +272,11 @@ secret = "s"
     assert!(Config::from_toml_str("[log]\nlevel = \"\\u0000\"\n").is_err());
     assert!(Config::from_toml_str("\"\\u0000\" = 1\n").is_err());
 }
+
+#[test]
+fn certificate_dates_with_signs_or_out_of_range_fields_are_no_date() {
+    // A certificate whose notAfter the fuzzer rewrote to a signed, year-126
+    // GeneralizedTime: no date (before the fix: year 126, so "expired").
+    let der = include_bytes!("../../../fuzz/regressions/cert_date/signed_year.der");
+    assert_eq!(herdgate::tls::der::not_after(der), None);
+}

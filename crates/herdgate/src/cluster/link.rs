@@ -1,54 +1,98 @@
-//! The edge ↔ worker link: length-delimited frames (a 4-byte big-endian
-//! length, then a postcard-encoded [`Msg`]) over one TCP connection per
-//! edge–worker pair, every room multiplexed on it. docs/LINK.md lists the
-//! frame types.
+//! The edge ↔ worker link, version 2: length-delimited frames (a 4-byte
+//! big-endian length, then one postcard-encoded [`Msg`]) over one TCP or TLS
+//! connection per edge–worker pair, every room multiplexed on it.
+//! docs/LINK.md lists the frames.
+//!
+//! Writes go through a [`LinkTx`]: a queue bounded in **bytes**, drained by
+//! one writer task that batches whatever is queued into one write. Frames
+//! that must not be lost (registrations, barrier frames) wait for space;
+//! best-effort frames are refused when the queue is full, and the caller
+//! names the policy (a worker closes a link it cannot keep up with).
 
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub const VERSION: u16 = 1;
-/// Largest frame accepted from a peer: an event (payloads are ≤ the
-/// message limit) plus room names, with room to spare.
+pub const VERSION: u16 = 2;
+/// Largest frame accepted from a peer: an event (payloads are ≤ the message
+/// limit) plus room names, or one page of a list reply, with room to spare.
 pub const MAX_FRAME: usize = 1 << 20;
+/// List and user replies are cut into pages of at most this many bytes of
+/// names, well under [`MAX_FRAME`].
+pub const PAGE_BYTES: usize = 256 * 1024;
+
+/// A presence member on the wire: user id and raw `user_info` JSON.
+pub type WireMember = (String, Option<String>);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
-    /// edge → worker, first frame: who is connecting.
+    /// worker → edge, first frame: a nonce the edge's proof must cover.
+    Challenge {
+        nonce: [u8; 16],
+    },
+    /// edge → worker: who is connecting, with its proof of the cluster
+    /// secret (none when the link is mutual TLS) and a nonce of its own.
     Hello {
         version: u16,
-        edge: u64,
+        edge: String,
+        rev: u64,
+        heartbeat_ms: u32,
+        nonce: [u8; 16],
+        proof: Option<[u8; 32]>,
     },
-    /// worker → edge, answer to Hello.
+    /// worker → edge: accepted; the worker's own proof, and the heartbeat
+    /// both ends use (the larger of the two asked).
     HelloAck {
         version: u16,
+        worker: String,
+        incarnation: i64,
+        rev: u64,
+        heartbeat_ms: u32,
+        proof: Option<[u8; 32]>,
+    },
+    /// worker → edge: not accepted, and why (then the link closes).
+    Refuse {
+        reason: String,
     },
     Heartbeat,
-    // edge → worker
-    Subscribe {
+
+    // ---- edge → worker
+    /// A socket joins a room. `id` ≠ 0 asks for [`Reply::Registered`].
+    Register {
+        id: u64,
         app: String,
         channel: String,
         conn: u64,
-        member: Option<(String, Option<String>)>,
+        member: Option<WireMember>,
         max_members: u32,
         events_max: Option<u32>,
-        silent: bool,
+        mode: RegMode,
     },
-    Unsubscribe {
+    Unregister {
         app: String,
         channel: String,
         conn: u64,
         events_max: Option<u32>,
         silent: bool,
     },
-    /// An event for a room. `id` ≠ 0 asks for an `Ack` once the worker has
-    /// handed it to every subscribed edge's link (HTTP API publishes).
+    /// An event for a room. `id` ≠ 0 (HTTP API publishes) asks for
+    /// [`Reply::Published`] once every subscribed edge confirmed receipt,
+    /// within `wait_ms`.
     Publish {
         id: u64,
         app: String,
         channel: String,
-        frame: String,
+        frame: Bytes,
         exclude: Option<u64>,
         coalesce_ms: Option<u64>,
+        wait_ms: u32,
     },
     SignIn {
         app: String,
@@ -61,6 +105,7 @@ pub enum Msg {
         conn: u64,
     },
     Terminate {
+        id: u64,
         app: String,
         user: String,
     },
@@ -73,27 +118,43 @@ pub enum Msg {
         id: u64,
         app: String,
         channel: String,
+        after: Option<String>,
     },
     List {
         id: u64,
         app: String,
         prefix: String,
+        after: Option<String>,
     },
-    // worker → edge
-    /// Fan out to the edge's sockets in the room, but `exclude` and `except_user`'s.
+    /// "I applied the view at `rev`; my registrations for every room that
+    /// moved are ahead of this frame, and every previous owner still in the
+    /// view has sealed."
+    ViewAck {
+        rev: u64,
+    },
+    /// Receipt of acknowledged deliveries: `false` means not delivered
+    /// (fenced, or the room is gone here).
+    DeliverAck {
+        ids: Vec<(u64, bool)>,
+    },
+
+    // ---- worker → edge
+    /// Fan out to the edge's sockets in the room, but `exclude` and
+    /// `except_user`'s. `ack_id` ≠ 0 asks for a [`Msg::DeliverAck`].
     Deliver {
         app: String,
         channel: String,
-        frame: String,
+        frame: Bytes,
         exclude: Option<u64>,
         except_user: Option<String>,
+        ack_id: u64,
     },
     /// To one socket (subscription answers).
     DeliverTo {
         app: String,
         channel: String,
         conn: u64,
-        frame: String,
+        frame: Bytes,
     },
     /// Close one socket signed in as a user (`channel` is the user's channel).
     Close {
@@ -102,68 +163,360 @@ pub enum Msg {
         conn: u64,
         code: u16,
     },
-    Ack {
+    Reply {
         id: u64,
+        reply: Reply,
     },
-    QueryReply {
-        id: u64,
+    /// "As of my view at `rev` I hold no room I do not own, and every frame
+    /// I sent for such rooms precedes this one." Cumulative.
+    Sealed {
+        rev: u64,
+    },
+    /// "Every room I gained as of `rev` takes publishes now." Cumulative.
+    Open {
+        rev: u64,
+    },
+    /// "My lease may have expired: I serve nothing until I am sure of it."
+    Fenced,
+}
+
+/// What a registration means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RegMode {
+    /// A socket subscribes: it is answered, its member announced.
+    Join,
+    /// Its room moved here: nothing is announced (its members are known).
+    Move,
+    /// Its edge's link came back: members the room does not have are
+    /// announced (unless the room is still being handed over); the socket
+    /// is told nothing (it is subscribed already).
+    Restore,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// A registration's outcome: `false` means refused (its
+    /// `subscription_error` went to the socket first).
+    Registered {
+        ok: bool,
+    },
+    /// An acknowledged publish reached every subscribed edge.
+    Published,
+    /// Not done, and nothing of it counted: retry after `retry_after_ms`.
+    Refused {
+        reason: Refusal,
+        retry_after_ms: u32,
+    },
+    Info {
         subscriptions: u64,
         users: u64,
     },
-    UsersReply {
-        id: u64,
+    /// One page of user ids; `next` continues after the last one.
+    Users {
         users: Vec<String>,
+        next: Option<String>,
     },
-    ListReply {
-        id: u64,
+    /// One page of `(channel, subscriptions, users)`.
+    Rooms {
         rooms: Vec<(String, u64, u64)>,
+        next: Option<String>,
     },
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The room is not this worker's in its view.
+    NotOwner,
+    /// The room is moving here: the handover barrier has not passed.
+    Sealed,
+    /// This worker's lease may have expired.
+    Fenced,
+    /// The room's owner is too busy, or an edge did not confirm in time.
+    Busy,
+    /// An edge refused the delivery (not delivered there).
+    Nack,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NotOwner => "not_owner",
+            Refusal::Sealed => "sealed",
+            Refusal::Fenced => "fenced",
+            Refusal::Busy => "busy",
+            Refusal::Nack => "nack",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("link i/o: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
     #[error("undecodable frame: {0}")]
     Decode(#[from] postcard::Error),
+    #[error("link closed")]
+    Closed,
+    #[error("handshake refused: {0}")]
+    Refused(String),
+    #[error("handshake timed out")]
+    Timeout,
 }
 
-pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), LinkError> {
-    let body = postcard::to_stdvec(msg)?;
-    w.write_u32(body.len() as u32).await?;
-    w.write_all(&body).await?;
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+pub fn encode(msg: &Msg) -> Bytes {
+    Bytes::from(postcard::to_stdvec(msg).expect("every Msg encodes"))
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Msg, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+/// The reading half of a link: one decoded [`Msg`] at a time, frames over
+/// [`MAX_FRAME`] are an error.
+pub struct LinkRx<R> {
+    inner: FramedRead<R, LengthDelimitedCodec>,
+}
+
+impl<R: AsyncRead + Unpin> LinkRx<R> {
+    pub fn new(r: R) -> Self {
+        LinkRx {
+            inner: FramedRead::new(r, codec()),
+        }
+    }
+
+    pub async fn recv(&mut self) -> Result<Msg, LinkError> {
+        match self.inner.next().await {
+            Some(Ok(frame)) => Ok(decode(&frame)?),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(LinkError::Closed),
+        }
+    }
+}
+
+/// Write one message directly (handshake frames, before the writer runs).
+pub async fn send_direct<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), LinkError> {
+    let mut framed = FramedWrite::new(w, codec());
+    framed.send(encode(msg)).await?;
     Ok(())
 }
 
-pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, LinkError> {
-    let len = r.read_u32().await? as usize;
-    if len > MAX_FRAME {
-        return Err(LinkError::TooLarge(len));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok(postcard::from_bytes(&body)?)
+/// The sending side of a link: a queue bounded in bytes, shared by
+/// everything that sends on the link, drained by [`write_loop`].
+#[derive(Clone)]
+pub struct LinkTx {
+    inner: Arc<TxInner>,
 }
 
-/// Write what the queue hands over, and a heartbeat whenever `heartbeat`
-/// passes; ends when the queue closes or a write fails.
+struct TxInner {
+    queue: Mutex<TxQueue>,
+    /// Woken when frames are queued (writer) and when space frees (waiters).
+    queued: Notify,
+    space: Notify,
+    max_bytes: usize,
+    depth: AtomicUsize,
+}
+
+#[derive(Default)]
+struct TxQueue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    closed: bool,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The queue holds `max_bytes` already.
+    Full,
+    /// The link is gone.
+    Closed,
+}
+
+impl LinkTx {
+    pub fn new(max_bytes: usize) -> LinkTx {
+        LinkTx {
+            inner: Arc::new(TxInner {
+                queue: Mutex::new(TxQueue::default()),
+                queued: Notify::new(),
+                space: Notify::new(),
+                max_bytes,
+                depth: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TxQueue> {
+        self.inner.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue an encoded frame unless the queue is full (best effort).
+    pub fn try_send_encoded(&self, frame: Bytes) -> Result<(), SendError> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(SendError::Closed);
+        }
+        // One frame larger than the whole bound still goes when the queue is empty.
+        if q.bytes + frame.len() > self.inner.max_bytes && !q.frames.is_empty() {
+            return Err(SendError::Full);
+        }
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        self.inner.depth.store(q.frames.len(), Ordering::Relaxed);
+        drop(q);
+        self.inner.queued.notify_one();
+        Ok(())
+    }
+
+    pub fn try_send(&self, msg: &Msg) -> Result<(), SendError> {
+        self.try_send_encoded(encode(msg))
+    }
+
+    /// Queue a frame, waiting for space: for frames that must not be lost.
+    pub async fn send_encoded(&self, frame: Bytes) -> Result<(), SendError> {
+        loop {
+            let space = self.inner.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            match self.try_send_encoded(frame.clone()) {
+                Err(SendError::Full) => space.await,
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn send(&self, msg: &Msg) -> Result<(), SendError> {
+        self.send_encoded(encode(msg)).await
+    }
+
+    /// Frames waiting to be written.
+    pub fn depth(&self) -> usize {
+        self.inner.depth.load(Ordering::Relaxed)
+    }
+
+    /// Drop what is queued and refuse everything from now on.
+    pub fn close(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        q.frames.clear();
+        q.bytes = 0;
+        self.inner.depth.store(0, Ordering::Relaxed);
+        drop(q);
+        self.inner.queued.notify_one();
+        self.inner.space.notify_waiters();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Take everything queued (at most `max` bytes' worth, whole frames).
+    fn take(&self, max: usize) -> Option<Vec<Bytes>> {
+        let mut q = self.lock();
+        if q.closed {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut n = 0;
+        while let Some(f) = q.frames.front() {
+            if !out.is_empty() && n + f.len() > max {
+                break;
+            }
+            n += f.len();
+            out.push(q.frames.pop_front().expect("front exists"));
+        }
+        q.bytes -= n;
+        self.inner.depth.store(q.frames.len(), Ordering::Relaxed);
+        drop(q);
+        if n > 0 {
+            self.inner.space.notify_waiters();
+        }
+        Some(out)
+    }
+}
+
+/// Bytes gathered into one write.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Write what `tx` queues, batched, and a heartbeat whenever `heartbeat`
+/// passes without anything else to send; ends when `tx` closes or a write
+/// fails (then `tx` is closed too). `before_write` runs before each batch
+/// and may veto it (a fenced worker writes nothing).
 pub async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: tokio::sync::mpsc::Receiver<Msg>,
-    heartbeat: std::time::Duration,
+    w: W,
+    tx: LinkTx,
+    heartbeat: Duration,
+    before_write: impl Fn() -> bool,
 ) {
-    let mut beat = tokio::time::interval(heartbeat);
+    let mut framed = FramedWrite::new(w, codec());
+    let beat = encode(&Msg::Heartbeat);
     loop {
-        let msg = tokio::select! {
-            m = rx.recv() => match m { Some(m) => m, None => return },
-            _ = beat.tick() => Msg::Heartbeat,
+        let queued = tx.inner.queued.notified();
+        tokio::pin!(queued);
+        queued.as_mut().enable();
+        let Some(batch) = tx.take(WRITE_BATCH) else {
+            return;
         };
-        if write_msg(&mut w, &msg).await.is_err() {
+        let batch = if batch.is_empty() {
+            match tokio::time::timeout(heartbeat, queued).await {
+                Ok(()) => continue,
+                Err(_) => vec![beat.clone()],
+            }
+        } else {
+            batch
+        };
+        if !before_write() {
+            tx.close();
+            return;
+        }
+        let mut ok = true;
+        for f in batch {
+            if framed.feed(f).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if !ok || SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
+            tx.close();
             return;
         }
     }
+}
+
+/// Proofs of the cluster secret: HMAC-SHA256 over a role tag, the peer's
+/// nonce and the prover's id, so a proof is good for one handshake only.
+pub fn proof(secret: &str, role: &str, nonce: &[u8; 16], id: &str) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(role.as_bytes());
+    mac.update(nonce);
+    mac.update(id.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// Constant-time check of a proof.
+pub fn proof_ok(secret: &str, role: &str, nonce: &[u8; 16], id: &str, given: &[u8; 32]) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(proof(secret, role, nonce, id).ct_eq(given))
+}
+
+/// Frames to `BytesMut` for tests and the fuzz target.
+pub fn frame_bytes(msgs: &[Msg]) -> BytesMut {
+    use tokio_util::codec::Encoder;
+    let mut out = BytesMut::new();
+    let mut c = codec();
+    for m in msgs {
+        c.encode(encode(m), &mut out).expect("encodes");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -175,48 +528,102 @@ mod tests {
         let msgs = [
             Msg::Hello {
                 version: VERSION,
-                edge: 7,
+                edge: "e1".into(),
+                rev: 4,
+                heartbeat_ms: 500,
+                nonce: [7; 16],
+                proof: Some([1; 32]),
             },
-            Msg::Subscribe {
+            Msg::Register {
+                id: 3,
                 app: "1".into(),
                 channel: "presence-x".into(),
                 conn: 42,
                 member: Some(("u".into(), Some("{\"n\":1}".into()))),
                 max_members: 100,
                 events_max: None,
-                silent: false,
+                mode: RegMode::Join,
             },
             Msg::Deliver {
                 app: "1".into(),
                 channel: "c".into(),
-                frame: "{}".into(),
+                frame: Bytes::from_static(b"{}"),
                 exclude: Some(3),
                 except_user: None,
+                ack_id: 9,
             },
-            Msg::Publish {
-                id: 5,
-                app: "1".into(),
-                channel: "c".into(),
-                frame: "{}".into(),
-                exclude: None,
-                coalesce_ms: Some(100),
-            },
-            Msg::ListReply {
+            Msg::Reply {
                 id: 9,
-                rooms: vec![("a".into(), 1, 0)],
+                reply: Reply::Rooms {
+                    rooms: vec![("a".into(), 1, 0)],
+                    next: Some("a".into()),
+                },
             },
         ];
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let tx = LinkTx::new(1 << 20);
         for m in &msgs {
-            write_msg(&mut a, m).await.unwrap();
+            tx.try_send(m).unwrap();
         }
+        let writer = tokio::spawn(write_loop(a, tx.clone(), Duration::from_secs(60), || true));
+        let mut rx = LinkRx::new(b);
         for m in &msgs {
-            assert_eq!(&read_msg(&mut b).await.unwrap(), m);
+            assert_eq!(&rx.recv().await.unwrap(), m);
         }
+        tx.close();
+        writer.await.unwrap();
+
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        use tokio::io::AsyncWriteExt;
         a.write_u32((MAX_FRAME + 1) as u32).await.unwrap();
-        assert!(matches!(
-            read_msg(&mut b).await,
-            Err(LinkError::TooLarge(_))
+        assert!(matches!(LinkRx::new(b).recv().await, Err(LinkError::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_waiters_get_space() {
+        let tx = LinkTx::new(100);
+        tx.try_send_encoded(Bytes::from(vec![0u8; 60])).unwrap();
+        assert_eq!(
+            tx.try_send_encoded(Bytes::from(vec![0u8; 60])),
+            Err(SendError::Full)
+        );
+        let waiter = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send_encoded(Bytes::from(vec![1u8; 60])).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "waits for space");
+        assert_eq!(tx.take(1000).unwrap().len(), 1);
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        tx.close();
+        assert_eq!(tx.try_send(&Msg::Heartbeat), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn proofs_bind_the_nonce_and_the_id() {
+        let p = proof("s3cret-s3cret-s3cret", "edge", &[1; 16], "e1");
+        assert!(proof_ok("s3cret-s3cret-s3cret", "edge", &[1; 16], "e1", &p));
+        assert!(!proof_ok(
+            "s3cret-s3cret-s3cret",
+            "edge",
+            &[2; 16],
+            "e1",
+            &p
         ));
+        assert!(!proof_ok(
+            "s3cret-s3cret-s3cret",
+            "worker",
+            &[1; 16],
+            "e1",
+            &p
+        ));
+        assert!(!proof_ok(
+            "s3cret-s3cret-s3cret",
+            "edge",
+            &[1; 16],
+            "e2",
+            &p
+        ));
+        assert!(!proof_ok("other-secret-other", "edge", &[1; 16], "e1", &p));
     }
 }

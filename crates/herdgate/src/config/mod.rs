@@ -192,8 +192,21 @@ words::words! {
     }
 }
 
+words::words! {
+    /// `cluster.membership`: where the worker set comes from.
+    pub enum Membership {
+        /// `cluster.workers`, the same list on every node; no failover: a
+        /// dead worker's rooms answer 503 until it returns, so two owners
+        /// are impossible.
+        Static = "static",
+        /// Workers and edges register in etcd under leases; every node
+        /// applies the same revision-ordered view.
+        Etcd = "etcd",
+    }
+}
+
 /// Longest wait between an edge's reconnect attempts to a worker (before
-/// jitter of ×0.5–1.5); validation of `cluster.settle` relies on it.
+/// jitter of ×0.5–1.5).
 pub const LINK_RECONNECT_CAP: std::time::Duration = std::time::Duration::from_millis(400);
 
 /// `[cluster]`: one node holding everything, or edges and workers on many hosts.
@@ -201,21 +214,80 @@ pub const LINK_RECONNECT_CAP: std::time::Duration = std::time::Duration::from_mi
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     pub role: Role,
+    pub membership: Membership,
+    /// This node's identity, unique in the cluster (required for etcd; a
+    /// worker restarted with the same id gets its old ring position back).
+    /// Empty: edges pick a random one; static workers are named by address.
+    #[serde(deserialize_with = "node_id")]
+    pub node_id: String,
     /// Worker: where edges connect.
     pub link_listen: String,
-    /// Edge: the workers, the same list on every edge (every edge builds the same ring).
+    /// Worker: the address edges dial (default `link_listen`).
+    pub advertise: String,
+    /// Static membership: the workers, the same list on every node.
     pub workers: Vec<String>,
-    /// This edge's identity towards workers; 0 = random at start.
-    pub node_id: u64,
-    /// Heartbeats on every link; three missed ones and the peer is gone.
+    /// Worker: its share of the ring (virtual nodes), for unequal hosts.
+    pub weight: u32,
+    /// Liveness of each link (negotiated: both ends use the larger); three
+    /// missed ones and the peer is gone. Never moves rooms.
     pub heartbeat_interval: HumanDuration,
     /// Worker: how long a lost edge's sockets are kept before they are dropped.
     pub edge_lease: HumanDuration,
-    /// Edge: after a worker leaves or returns, publishes to the rooms that
-    /// moved are answered 503 this long, while every edge registers there.
-    pub settle: HumanDuration,
+    /// Longest wait for the handover barrier (every edge registered a moved
+    /// room) before the new owner opens it without the edges that did not answer.
+    pub handover_timeout: HumanDuration,
+    /// Shared secret authenticating the link when `[cluster.tls]` is absent.
+    pub secret: String,
+    /// Removed (use `handover_timeout`): kept only to say so.
+    pub settle: Option<toml::Value>,
     /// Present: the link is mutually authenticated TLS.
     pub tls: Option<LinkTlsConfig>,
+    pub etcd: EtcdConfig,
+    pub scale: ScaleConfig,
+}
+
+/// `[cluster.etcd]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, e.g. `["http://10.0.0.2:2379"]`.
+    pub endpoints: Vec<String>,
+    /// Every key of this cluster lives under it.
+    pub prefix: String,
+    /// Lease of each node's key: whole seconds, at least 2s.
+    pub lease_ttl: HumanDuration,
+    /// How often a node renews its lease (at most lease_ttl / 4).
+    pub keepalive_interval: HumanDuration,
+    /// A worker stops serving this long before its lease could have expired.
+    pub fence_margin: HumanDuration,
+    /// Deadline of each etcd request.
+    pub request_timeout: HumanDuration,
+}
+
+/// `[cluster.scale]`: how a worker joins and leaves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleConfig {
+    /// A joining (or leaving) worker changes its weight in this many steps.
+    pub ramp_steps: u32,
+    /// Time between steps.
+    pub ramp_interval: HumanDuration,
+    /// SIGTERM on a worker: hand its rooms over within this, then leave anyway.
+    pub drain_timeout: HumanDuration,
+}
+
+fn node_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(u64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::S(s) => s,
+        Id::N(0) => String::new(),
+        Id::N(n) => n.to_string(),
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,13 +305,54 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             role: Role::Standalone,
+            membership: Membership::Static,
+            node_id: String::new(),
             link_listen: String::new(),
+            advertise: String::new(),
             workers: Vec::new(),
-            node_id: 0,
+            weight: 64,
             heartbeat_interval: HumanDuration::millis(500),
             edge_lease: HumanDuration::secs(3),
-            settle: HumanDuration::secs(3),
+            handover_timeout: HumanDuration::secs(2),
+            secret: String::new(),
+            settle: None,
             tls: None,
+            etcd: EtcdConfig::default(),
+            scale: ScaleConfig::default(),
+        }
+    }
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: Vec::new(),
+            prefix: "/herdgate".into(),
+            lease_ttl: HumanDuration::secs(3),
+            keepalive_interval: HumanDuration::millis(500),
+            fence_margin: HumanDuration::millis(500),
+            request_timeout: HumanDuration::secs(2),
+        }
+    }
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        ScaleConfig {
+            ramp_steps: 4,
+            ramp_interval: HumanDuration::secs(5),
+            drain_timeout: HumanDuration::secs(60),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The address edges dial for this worker.
+    pub fn advertised(&self) -> &str {
+        if self.advertise.is_empty() {
+            &self.link_listen
+        } else {
+            &self.advertise
         }
     }
 }

@@ -222,53 +222,7 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             "must be greater than zero".into(),
         );
     }
-    let cl = &c.cluster;
-    match &cl.role {
-        Role::Standalone => {}
-        Role::Worker => {
-            if cl.link_listen.parse::<SocketAddr>().is_err() {
-                err(
-                    "cluster.link_listen",
-                    format!(
-                        "{:?}: a worker needs an address like \"0.0.0.0:7001\"",
-                        cl.link_listen
-                    ),
-                );
-            }
-        }
-        Role::Edge => {
-            if cl.workers.is_empty() {
-                err(
-                    "cluster.workers",
-                    "an edge needs at least one worker".into(),
-                );
-            }
-            for (i, w) in cl.workers.iter().enumerate() {
-                if w.parse::<SocketAddr>().is_err() {
-                    err(
-                        &format!("cluster.workers[{i}]"),
-                        format!("{w:?} is not an address like \"10.0.0.5:7001\""),
-                    );
-                }
-            }
-        }
-        Role::Invalid(_) => err("cluster.role", cl.role.problem().unwrap_or_default()),
-    }
-    if cl.heartbeat_interval.get().is_zero() {
-        err(
-            "cluster.heartbeat_interval",
-            "must be greater than zero".into(),
-        );
-    }
-    // Every edge must notice a worker change within the settle period: a
-    // silent failure takes three heartbeats, a return one reconnect attempt.
-    let noticed = cl.heartbeat_interval.get() * 3 + super::LINK_RECONNECT_CAP.mul_f64(1.5);
-    if cl.role == Role::Edge && cl.settle.get() < noticed {
-        err(
-            "cluster.settle",
-            format!("must be at least 3 × cluster.heartbeat_interval + 600ms ({noticed:?}), so every edge re-registers before publishes resume"),
-        );
-    }
+    validate_cluster(&c.cluster, &mut err);
     if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
         err(
             "log.level",
@@ -314,4 +268,169 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         }
     }
     errs
+}
+
+fn validate_cluster(cl: &super::ClusterConfig, err: &mut impl FnMut(&str, String)) {
+    use super::Membership;
+    use std::time::Duration;
+    if cl.settle.is_some() {
+        err(
+            "cluster.settle",
+            "was removed: rooms now move through a handover barrier; set cluster.handover_timeout instead".into(),
+        );
+    }
+    if let Some(p) = cl.membership.problem() {
+        err("cluster.membership", p);
+    }
+    if let Role::Invalid(_) = cl.role {
+        err("cluster.role", cl.role.problem().unwrap_or_default());
+    }
+    let clustered = matches!(cl.role, Role::Edge | Role::Worker);
+    let addr_ok = |a: &str| a.parse::<SocketAddr>().is_ok();
+    if cl.role == Role::Worker && !addr_ok(&cl.link_listen) {
+        err(
+            "cluster.link_listen",
+            format!(
+                "{:?}: a worker needs an address like \"0.0.0.0:7001\"",
+                cl.link_listen
+            ),
+        );
+    }
+    if cl.role == Role::Worker
+        && !cl.advertise.is_empty()
+        && cl.advertise.rsplit_once(':').is_none()
+    {
+        err(
+            "cluster.advertise",
+            format!("{:?} is not a host:port edges can dial", cl.advertise),
+        );
+    }
+    if cl.role == Role::Worker
+        && cl.membership == Membership::Etcd
+        && cl.advertise.is_empty()
+        && cl
+            .link_listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_unspecified())
+    {
+        err(
+            "cluster.advertise",
+            "link_listen is a wildcard address: set the address edges dial".into(),
+        );
+    }
+    match cl.membership {
+        Membership::Static => {
+            if cl.role == Role::Edge && cl.workers.is_empty() {
+                err(
+                    "cluster.workers",
+                    "an edge with static membership needs at least one worker".into(),
+                );
+            }
+            for (i, w) in cl.workers.iter().enumerate() {
+                if !addr_ok(w) {
+                    err(
+                        &format!("cluster.workers[{i}]"),
+                        format!("{w:?} is not an address like \"10.0.0.5:7001\""),
+                    );
+                }
+            }
+        }
+        Membership::Etcd => {
+            if !cfg!(feature = "etcd") {
+                err(
+                    "cluster.membership",
+                    "this herdgate was built without etcd support: build it with `--features etcd`"
+                        .into(),
+                );
+            }
+            if clustered && cl.node_id.is_empty() {
+                err(
+                    "cluster.node_id",
+                    "required with membership = \"etcd\": a name unique in the cluster, e.g. \"w1\"".into(),
+                );
+            }
+            if !cl.workers.is_empty() {
+                err(
+                    "cluster.workers",
+                    "only for membership = \"static\": with etcd, workers register themselves"
+                        .into(),
+                );
+            }
+            let e = &cl.etcd;
+            if clustered && e.endpoints.is_empty() {
+                err(
+                    "cluster.etcd.endpoints",
+                    "at least one etcd client URL is required".into(),
+                );
+            }
+            for (i, ep) in e.endpoints.iter().enumerate() {
+                if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                    err(
+                        &format!("cluster.etcd.endpoints[{i}]"),
+                        format!("{ep:?} is not a URL like \"http://10.0.0.2:2379\""),
+                    );
+                }
+            }
+            if !e.prefix.starts_with('/') || e.prefix.ends_with('/') {
+                err(
+                    "cluster.etcd.prefix",
+                    format!("{:?}: must start with '/' and not end with one", e.prefix),
+                );
+            }
+            let ttl = e.lease_ttl.get();
+            if ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
+                err(
+                    "cluster.etcd.lease_ttl",
+                    "must be whole seconds, at least 2s (etcd's minimum with its default election timeout)".into(),
+                );
+            }
+            let ka = e.keepalive_interval.get();
+            if ka.is_zero() || ka > ttl / 4 {
+                err(
+                    "cluster.etcd.keepalive_interval",
+                    format!(
+                        "must be greater than zero and at most lease_ttl / 4 ({:?})",
+                        ttl / 4
+                    ),
+                );
+            }
+            if e.fence_margin.get() >= ttl.saturating_sub(ka * 2) {
+                err(
+                    "cluster.etcd.fence_margin",
+                    "must be less than lease_ttl - 2 x keepalive_interval".into(),
+                );
+            }
+            if e.request_timeout.get().is_zero() {
+                err(
+                    "cluster.etcd.request_timeout",
+                    "must be greater than zero".into(),
+                );
+            }
+        }
+        Membership::Invalid(_) => {}
+    }
+    if cl.heartbeat_interval.get().is_zero() {
+        err(
+            "cluster.heartbeat_interval",
+            "must be greater than zero".into(),
+        );
+    }
+    if cl.handover_timeout.get() < cl.heartbeat_interval.get() * 3 {
+        err(
+            "cluster.handover_timeout",
+            "must be at least 3 x cluster.heartbeat_interval".into(),
+        );
+    }
+    if cl.weight == 0 || cl.weight > 1024 {
+        err("cluster.weight", "must be between 1 and 1024".into());
+    }
+    if clustered && cl.tls.is_none() && cl.secret.len() < 16 {
+        err(
+            "cluster.secret",
+            "the link must be authenticated: set [cluster.tls] or a secret of at least 16 characters".into(),
+        );
+    }
+    if cl.scale.ramp_steps == 0 {
+        err("cluster.scale.ramp_steps", "must be at least 1".into());
+    }
 }

@@ -7,7 +7,7 @@
 use super::{Channel, End, Session};
 use crate::auth;
 use crate::protocol::{self, codes, names, names::ChannelKind};
-use crate::types::{Member, RoomKey};
+use crate::types::{Member, RoomKey, RouteError};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -176,17 +176,27 @@ impl Session {
             app: self.app.id.clone(),
             channel: name.clone(),
         };
-        if self
+        match self
             .shared
             .router
             .subscribe(room, self.subscriber(), member, max_members, self.shed())
             .await
-            .is_err()
         {
-            return Err(End::shutdown());
+            Ok(true) => {
+                self.channels.push(Channel { name, kind, user });
+                Ok(())
+            }
+            // Refused by the room (its subscription_error is queued): the
+            // socket is not subscribed, so it is not recorded here either.
+            Ok(false) => Ok(()),
+            Err(RouteError::Unavailable) => self.sub_error(
+                channel,
+                "Unavailable",
+                "the room is moving or unavailable; retry in a moment",
+                503,
+            ),
+            Err(_) => Err(End::shutdown()),
         }
-        self.channels.push(Channel { name, kind, user });
-        Ok(())
     }
 
     async fn unsubscribe(&mut self, channel: &str) -> Handled {
@@ -236,12 +246,15 @@ impl Session {
         if let Some(old) = self.user.take() {
             let _ = router.sign_out(&self.app.id, &old, self.id).await;
         }
-        if router
-            .sign_in(&self.app.id, &id, self.subscriber())
-            .await
-            .is_err()
-        {
-            return Err(End::shutdown());
+        match router.sign_in(&self.app.id, &id, self.subscriber()).await {
+            Ok(()) => {}
+            Err(RouteError::Unavailable) => {
+                return self.error(
+                    None,
+                    "sign-in is unavailable for a moment (the user's room is moving); retry",
+                )
+            }
+            Err(_) => return Err(End::shutdown()),
         }
         self.user = Some(Arc::from(id));
         self.out.push(&protocol::signin_success(&d.user_data));

@@ -120,6 +120,7 @@ impl Session {
         crate::types::Shed {
             member_events_max: max,
             silent: false,
+            announce: false,
         }
     }
 

@@ -52,18 +52,24 @@ pub enum Command {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
+        /// Told whether the socket is subscribed (refused: its
+        /// `subscription_error` was queued to it first).
+        reply: Option<oneshot::Sender<bool>>,
     },
     Unsubscribe {
         room: RoomKey,
         id: ConnId,
         shed: Shed,
     },
-    /// With `coalesce`, only the latest frame per room is sent, once per interval.
+    /// With `coalesce`, only the latest frame per room is sent, once per
+    /// interval. With `ack`, the edges it went to are told (they confirm
+    /// receipt of `ack.0`); a coalesced publish is not acknowledged.
     Publish {
         room: RoomKey,
         frame: Frame,
         exclude: Option<ConnId>,
         coalesce: Option<Duration>,
+        ack: Option<(u64, oneshot::Sender<Delivery>)>,
     },
     Query {
         room: RoomKey,
@@ -98,6 +104,13 @@ pub enum Command {
     PurgeEdge {
         edge: u64,
         silent: bool,
+    },
+    /// Drop, silently, every room (and sign-in registry) `keep` says no to:
+    /// rooms this worker no longer owns (a cluster view changed). Replies
+    /// with the number dropped, after every earlier command.
+    Retain {
+        keep: Arc<dyn Fn(&RoomKey) -> bool + Send + Sync>,
+        done: oneshot::Sender<usize>,
     },
 }
 
@@ -150,16 +163,32 @@ impl Worker {
                 member,
                 max_members,
                 shed,
-            } => self.subscribe(room, sub, member, max_members, shed),
+                reply,
+            } => {
+                let ok = self.subscribe(room, sub, member, max_members, shed);
+                if let Some(r) = reply {
+                    let _ = r.send(ok);
+                }
+            }
             Command::Unsubscribe { room, id, shed } => self.unsubscribe(room, id, shed),
             Command::Publish {
                 room,
                 frame,
                 exclude,
                 coalesce: None,
+                ack,
             } => {
-                if let Some(r) = self.rooms.get(&room) {
-                    record(r.fan_out(&room, &frame, exclude, None));
+                let (ack_id, reply) = match ack {
+                    Some((id, reply)) => (id, Some(reply)),
+                    None => (0, None),
+                };
+                let d = match self.rooms.get(&room) {
+                    Some(r) => r.fan_out(&room, &frame, exclude, None, ack_id),
+                    None => Delivery::default(),
+                };
+                record(&d);
+                if let Some(reply) = reply {
+                    let _ = reply.send(d);
                 }
             }
             Command::Publish {
@@ -167,7 +196,13 @@ impl Worker {
                 frame,
                 exclude,
                 coalesce: Some(every),
+                ack,
             } => {
+                if let Some((_, reply)) = ack {
+                    // Coalesced events are sent later, latest wins: there is
+                    // no per-event receipt to wait for.
+                    let _ = reply.send(Delivery::default());
+                }
                 if !self.rooms.contains_key(&room) {
                     return;
                 }
@@ -221,6 +256,22 @@ impl Worker {
                 }
             }
             Command::PurgeEdge { edge, silent } => self.purge_edge(edge, silent),
+            Command::Retain { keep, done } => {
+                let before = self.rooms.len() + self.users.len();
+                let mut dropped_subs = 0usize;
+                self.rooms.retain(|k, r| {
+                    let kept = keep(k);
+                    if !kept {
+                        dropped_subs += r.subscription_count();
+                    }
+                    kept
+                });
+                self.users.retain(|k, _| keep(k));
+                self.coalesced.retain(|k, _| keep(k));
+                let dropped = before - self.rooms.len() - self.users.len();
+                metrics::gauge!("herdgate_subscriptions").decrement(dropped_subs as f64);
+                let _ = done.send(dropped);
+            }
         }
     }
 
@@ -235,11 +286,12 @@ impl Worker {
             if let (Some((_, frame, exclude)), Some(room)) =
                 (self.coalesced.remove(&key), self.rooms.get(&key))
             {
-                record(room.fan_out(&key, &frame, exclude, None));
+                record(&room.fan_out(&key, &frame, exclude, None, 0));
             }
         }
     }
 
+    /// Whether the socket is subscribed afterwards.
     fn subscribe(
         &mut self,
         key: RoomKey,
@@ -247,14 +299,14 @@ impl Worker {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
-    ) {
+    ) -> bool {
         let id = sub.id;
         let to = sub.to.clone();
         let user = member.as_ref().map(|m| m.user_id.clone());
         let is_new_room = !self.rooms.contains_key(&key);
         let room = self.rooms.entry(key.clone()).or_default();
         match room.join(sub, member, max_members) {
-            Joined::AlreadySubscribed => {}
+            Joined::AlreadySubscribed => true,
             Joined::PresenceFull => {
                 to.push_one(
                     &key,
@@ -269,6 +321,7 @@ impl Worker {
                 if is_new_room {
                     self.rooms.remove(&key);
                 }
+                false
             }
             Joined::Ok { new_member } => {
                 if is_new_room {
@@ -280,13 +333,16 @@ impl Worker {
                         if !shed.silent {
                             room.push_to(&key, id, &room.presence_frame(&key.channel));
                         }
-                        if new_member && !shed.silent && member_events_allowed(room, shed) {
+                        if new_member
+                            && (!shed.silent || shed.announce)
+                            && member_events_allowed(room, shed)
+                        {
                             let added = protocol::member_added(
                                 &key.channel,
                                 &user,
                                 room.member_info(&user),
                             );
-                            record(room.fan_out(&key, &added, None, Some(&user)));
+                            record(&room.fan_out(&key, &added, None, Some(&user), 0));
                         }
                     }
                     None => {
@@ -295,6 +351,7 @@ impl Worker {
                         }
                     }
                 }
+                true
             }
         }
     }
@@ -313,11 +370,12 @@ impl Worker {
         }
         if let Some(user) = gone_user {
             if announce {
-                record(room.fan_out(
+                record(&room.fan_out(
                     &key,
                     &protocol::member_removed(&key.channel, &user),
                     None,
                     None,
+                    0,
                 ));
             } else {
                 crate::overload::shed("presence_member_event");
@@ -338,11 +396,12 @@ impl Worker {
             let before = room.subscription_count();
             let gone = room.purge_edge(edge);
             for user in gone.into_iter().filter(|_| !silent) {
-                record(room.fan_out(
+                record(&room.fan_out(
                     key,
                     &protocol::member_removed(&key.channel, &user),
                     None,
                     None,
+                    0,
                 ));
             }
             metrics::gauge!("herdgate_subscriptions")
@@ -387,7 +446,7 @@ fn info(r: &Room) -> RoomInfo {
     }
 }
 
-fn record(d: Delivery) {
+fn record(d: &Delivery) {
     if d.queued > 0 {
         metrics::counter!("herdgate_messages_delivered_total").increment(d.queued);
     }

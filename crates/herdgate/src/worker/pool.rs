@@ -2,7 +2,7 @@
 //! ring gives it. A standalone node's router and a cluster worker node both
 //! drive rooms through this.
 
-use super::{spawn, Command, Mailbox, Subscriber};
+use super::{spawn, Command, Delivery, Mailbox, Subscriber};
 use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
 use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
@@ -60,6 +60,8 @@ impl Pool {
         }
     }
 
+    /// Whether the socket is subscribed (refused: its `subscription_error`
+    /// is queued to it). A silent registration is not answered: `Ok(true)`.
     pub async fn subscribe(
         &self,
         room: RoomKey,
@@ -67,15 +69,43 @@ impl Pool {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
-    ) -> Result<(), RouteError> {
+    ) -> Result<bool, RouteError> {
+        match self
+            .subscribe_start(room, sub, member, max_members, shed)
+            .await?
+        {
+            Some(rx) => rx.await.map_err(|_| RouteError::Gone),
+            None => Ok(true),
+        }
+    }
+
+    /// Queue a subscription in order, and return where its answer will
+    /// come (none for a silent one): a link handler queues registrations in
+    /// link order and awaits answers elsewhere.
+    pub async fn subscribe_start(
+        &self,
+        room: RoomKey,
+        sub: Subscriber,
+        member: Option<Member>,
+        max_members: usize,
+        shed: Shed,
+    ) -> Result<Option<oneshot::Receiver<bool>>, RouteError> {
+        let (tx, rx) = if shed.silent {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
         let cmd = Command::Subscribe {
             room: room.clone(),
             sub,
             member,
             max_members,
             shed,
+            reply: tx,
         };
-        self.send(&room, cmd).await
+        self.send(&room, cmd).await?;
+        Ok(rx)
     }
 
     pub async fn unsubscribe(
@@ -100,6 +130,7 @@ impl Pool {
             frame,
             exclude: Some(sender),
             coalesce: None,
+            ack: None,
         };
         self.send(&room, cmd).await
     }
@@ -118,8 +149,52 @@ impl Pool {
             frame,
             exclude,
             coalesce,
+            ack: None,
         };
         self.send_within(&room, cmd, wait).await
+    }
+
+    /// Queue a publish whose remote deliveries will be confirmed; the
+    /// receiver gets what the fan-out did (the edges it went to, with
+    /// `ack_id`) once it is done.
+    pub async fn publish_tracked(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        exclude: Option<ConnId>,
+        coalesce: Option<Duration>,
+        ack_id: u64,
+        wait: Duration,
+    ) -> Result<oneshot::Receiver<Delivery>, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Publish {
+            room: room.clone(),
+            frame,
+            exclude,
+            coalesce,
+            ack: Some((ack_id, tx)),
+        };
+        self.send_within(&room, cmd, wait).await?;
+        Ok(rx)
+    }
+
+    /// Drop, in every worker, the rooms `keep` refuses; returns how many,
+    /// once every earlier command was handled.
+    pub async fn retain(&self, keep: Arc<dyn Fn(&RoomKey) -> bool + Send + Sync>) -> usize {
+        let mut dropped = 0;
+        for w in &self.workers {
+            let (done, rx) = oneshot::channel();
+            if w.send(Command::Retain {
+                keep: keep.clone(),
+                done,
+            })
+            .await
+            .is_ok()
+            {
+                dropped += rx.await.unwrap_or(0);
+            }
+        }
+        dropped
     }
 
     pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {

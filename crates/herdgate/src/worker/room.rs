@@ -4,14 +4,15 @@
 //! member, announced when the first socket joins and removed when the last
 //! one leaves.
 
-use super::{Subscriber, Target};
-use crate::outbound::Push;
+use super::{RemoteEdge, Subscriber, Target};
+use crate::outbound::{Outbound, Push};
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, RoomKey};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// A subscriber: where it is, and the presence user it joined as.
 pub(super) struct Entry {
     to: Target,
     user: Option<Arc<str>>,
@@ -22,17 +23,32 @@ struct MemberState {
     sockets: u32,
 }
 
+/// An edge with sockets in the room, and how many.
+struct EdgeRef {
+    edge: Arc<dyn RemoteEdge>,
+    sockets: u32,
+}
+
 #[derive(Default)]
 pub(super) struct Room {
     subscribers: HashMap<ConnId, Entry>,
+    /// This process's sockets, the ones a fan-out pushes to one by one.
+    local: Vec<(ConnId, Arc<Outbound>, Option<Arc<str>>)>,
+    /// Edges with sockets here: a fan-out sends each one copy, so its cost
+    /// is one per edge, not one per remote subscriber.
+    edges: Vec<EdgeRef>,
     members: HashMap<Arc<str>, MemberState>,
 }
 
-/// What a fan-out did, for metrics.
-#[derive(Default, Debug, Clone, Copy)]
+/// What a fan-out did, for metrics and acknowledgements.
+#[derive(Default, Debug, Clone)]
 pub struct Delivery {
     pub queued: u64,
     pub overflowed: u64,
+    /// Edges the frame went to (they confirm receipt of acknowledged ones).
+    pub edges: Vec<u64>,
+    /// Edges that could not take it (their link's policy applies).
+    pub edges_failed: u32,
 }
 
 impl Delivery {
@@ -72,11 +88,50 @@ impl Room {
         self.members.keys().map(|k| &**k)
     }
 
+    fn add_target(&mut self, id: ConnId, to: &Target, user: &Option<Arc<str>>) {
+        match to {
+            Target::Local(out) => self.local.push((id, out.clone(), user.clone())),
+            Target::Edge(e) => match self.edges.iter_mut().find(|r| r.edge.id() == e.id()) {
+                Some(r) => {
+                    r.sockets += 1;
+                    r.edge = e.clone(); // the edge's current link
+                }
+                None => self.edges.push(EdgeRef {
+                    edge: e.clone(),
+                    sockets: 1,
+                }),
+            },
+        }
+    }
+
+    fn remove_target(&mut self, id: ConnId, to: &Target) {
+        match to {
+            Target::Local(_) => {
+                if let Some(i) = self.local.iter().position(|(c, _, _)| *c == id) {
+                    self.local.swap_remove(i);
+                }
+            }
+            Target::Edge(e) => {
+                if let Some(i) = self.edges.iter().position(|r| r.edge.id() == e.id()) {
+                    self.edges[i].sockets -= 1;
+                    if self.edges[i].sockets == 0 {
+                        self.edges.swap_remove(i);
+                    }
+                }
+            }
+        }
+    }
+
     pub fn join(&mut self, sub: Subscriber, member: Option<Member>, max_members: usize) -> Joined {
         if let Some(e) = self.subscribers.get_mut(&sub.id) {
             // An edge that reconnected registers its sockets again: they are
             // now reached through the new link.
-            e.to = sub.to;
+            if let (Target::Edge(new), Target::Edge(_)) = (&sub.to, &e.to) {
+                e.to = sub.to.clone();
+                if let Some(r) = self.edges.iter_mut().find(|r| r.edge.id() == new.id()) {
+                    r.edge = new.clone();
+                }
+            }
             return Joined::AlreadySubscribed;
         }
         let mut new_member = false;
@@ -97,13 +152,16 @@ impl Room {
             }
             None => None,
         };
+        self.add_target(sub.id, &sub.to, &user);
         self.subscribers.insert(sub.id, Entry { to: sub.to, user });
         Joined::Ok { new_member }
     }
 
     /// Remove a socket; returns the user id if it was that user's last socket.
     pub fn leave(&mut self, id: ConnId) -> Option<Arc<str>> {
-        let user = self.subscribers.remove(&id)?.user?;
+        let entry = self.subscribers.remove(&id)?;
+        self.remove_target(id, &entry.to);
+        let user = entry.user?;
         let state = self.members.get_mut(&user)?;
         state.sockets -= 1;
         if state.sockets == 0 {
@@ -135,35 +193,34 @@ impl Room {
 
     /// Hand the same frame to every subscriber but `exclude` (and, with
     /// `except_user`, every socket of that user). Local sockets get it in
-    /// their queues; each edge gets one copy and fans out itself. Never waits.
+    /// their queues; each edge gets one copy, encoded once, and fans out
+    /// itself (`ack_id` ≠ 0: it confirms receipt). Never waits.
     pub fn fan_out(
         &self,
         key: &RoomKey,
         frame: &Frame,
         exclude: Option<ConnId>,
         except_user: Option<&str>,
+        ack_id: u64,
     ) -> Delivery {
         let mut d = Delivery::default();
-        let mut edges: Vec<&Arc<dyn super::RemoteEdge>> = Vec::new();
-        for (id, e) in &self.subscribers {
-            match &e.to {
-                Target::Local(out) => {
-                    if Some(*id) != exclude
-                        && (except_user.is_none() || e.user.as_deref() != except_user)
-                    {
-                        d.count(out.push(frame));
-                    }
-                }
-                Target::Edge(edge) => {
-                    if !edges.iter().any(|x| x.id() == edge.id()) {
-                        edges.push(edge);
-                    }
-                }
+        for (id, out, user) in &self.local {
+            if Some(*id) != exclude && (except_user.is_none() || user.as_deref() != except_user) {
+                d.count(out.push(frame));
             }
         }
-        for edge in edges {
-            edge.deliver(key, frame, exclude, except_user);
-            d.queued += 1;
+        if let Some(first) = self.edges.first() {
+            let encoded = first
+                .edge
+                .encode_deliver(key, frame, exclude, except_user, ack_id);
+            for r in &self.edges {
+                if r.edge.send_deliver(&encoded) {
+                    d.queued += 1;
+                    d.edges.push(r.edge.id());
+                } else {
+                    d.edges_failed += 1;
+                }
+            }
         }
         d
     }
@@ -259,7 +316,7 @@ mod tests {
             app: Arc::from("1"),
             channel: Arc::from("r"),
         };
-        let d = room.fan_out(&key, &Frame::from_static("x"), Some(ConnId(1)), None);
+        let d = room.fan_out(&key, &Frame::from_static("x"), Some(ConnId(1)), None, 0);
         assert_eq!(d.queued, 1);
         assert!(o1.drain().0.is_empty());
         assert_eq!(o2.drain().0.len(), 1);

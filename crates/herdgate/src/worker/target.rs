@@ -4,20 +4,28 @@
 use crate::outbound::{CloseOrder, Outbound, Push};
 use crate::protocol::Frame;
 use crate::types::{ConnId, RoomKey};
+use bytes::Bytes;
 use std::sync::Arc;
 
-/// An edge node as a worker sees it. One call sends one copy to the edge,
+/// An edge node as a worker sees it: one link, one copy of each frame
 /// whatever the number of its sockets in the room.
 pub trait RemoteEdge: Send + Sync {
+    /// Stable for the edge node across reconnects.
     fn id(&self) -> u64;
-    /// Fan `frame` out to the edge's sockets in `room`, but `exclude` and the sockets of `except_user`.
-    fn deliver(
+    /// Encode the delivery of `frame` to the edge's sockets in `room` (but
+    /// `exclude` and the sockets of `except_user`). The bytes do not depend
+    /// on the edge: encoded once, they go to every edge of the room.
+    fn encode_deliver(
         &self,
         room: &RoomKey,
         frame: &Frame,
         exclude: Option<ConnId>,
         except_user: Option<&str>,
-    );
+        ack_id: u64,
+    ) -> Bytes;
+    /// Send an encoded delivery; `false` if the edge cannot take it now (its
+    /// link is gone or over its bound: the link's policy applies).
+    fn send_deliver(&self, encoded: &Bytes) -> bool;
     /// Send `frame` to one socket of the edge (subscription answers).
     fn deliver_to(&self, room: &RoomKey, conn: ConnId, frame: &Frame);
     /// Close one socket signed in as a user (`room` is the user's channel).

@@ -1,0 +1,465 @@
+//! One link per worker of the view: connect, authenticate, register what
+//! the worker owns here, serve, reconnect with jittered backoff.
+//!
+//! When a link comes up, every socket of every room the worker owns in the
+//! applied view is registered again (`Restore`: the worker announces members
+//! it does not know, and tells the sockets nothing), then `ViewAck`; only
+//! then does the edge route to it. When it goes down, those rooms become
+//! unavailable here and their sockets are told so.
+
+use super::rooms::{Again, Pred, Receipts, RoomCmd, RoomState};
+use super::Edge;
+use crate::cluster::link::{
+    proof, proof_ok, send_direct, write_loop, LinkError, LinkRx, LinkTx, Msg, RegMode, Reply,
+    VERSION,
+};
+use crate::cluster::tls::LinkIo;
+use crate::cluster::view::NodeId;
+use crate::config::LINK_RECONNECT_CAP;
+use crate::protocol::Frame;
+use crate::types::{ConnId, Member, RoomKey};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Receipts are sent when this many wait, or after this long.
+const RECEIPT_BATCH: usize = 256;
+const RECEIPT_DELAY: Duration = Duration::from_millis(1);
+
+pub(super) struct WorkerLink {
+    pub node: NodeId,
+    pub addr: String,
+    tx: Mutex<Option<LinkTx>>,
+    /// The newest `Sealed` from the worker (cumulative).
+    pub sealed_rev: AtomicU64,
+    /// The newest `Open` from the worker (cumulative).
+    pub open_rev: AtomicU64,
+    incarnation: AtomicI64,
+    /// Woken on `Sealed`, `Open`, up and down.
+    pub changed: Notify,
+    /// Cancelled when the worker left the view: the link ends for good.
+    pub retired: CancellationToken,
+    receipts: Mutex<Vec<(u64, bool)>>,
+    receipts_waiting: Notify,
+}
+
+impl WorkerLink {
+    pub fn new(node: NodeId, addr: String) -> WorkerLink {
+        WorkerLink {
+            node,
+            addr,
+            tx: Mutex::new(None),
+            sealed_rev: AtomicU64::new(0),
+            open_rev: AtomicU64::new(0),
+            incarnation: AtomicI64::new(0),
+            changed: Notify::new(),
+            retired: CancellationToken::new(),
+            receipts: Mutex::new(Vec::new()),
+            receipts_waiting: Notify::new(),
+        }
+    }
+
+    /// The link's queue, while it is up.
+    pub fn tx(&self) -> Option<LinkTx> {
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|t| !t.is_closed())
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.tx().is_some()
+    }
+
+    fn set_tx(&self, tx: Option<LinkTx>) {
+        *self.tx.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+        self.changed.notify_waiters();
+    }
+}
+
+impl Receipts for WorkerLink {
+    fn receipt(&self, ack_id: u64, ok: bool) {
+        let mut r = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        r.push((ack_id, ok));
+        drop(r);
+        self.receipts_waiting.notify_one();
+    }
+}
+
+pub(super) fn register_msg(
+    id: u64,
+    room: &RoomKey,
+    conn: ConnId,
+    member: Option<&Member>,
+    max_members: usize,
+    events_max: Option<usize>,
+    mode: RegMode,
+) -> Msg {
+    Msg::Register {
+        id,
+        app: room.app.to_string(),
+        channel: room.channel.to_string(),
+        conn: conn.0,
+        member: member.map(|m| {
+            (
+                m.user_id.to_string(),
+                m.user_info.as_ref().map(|i| i.get().to_string()),
+            )
+        }),
+        max_members: max_members as u32,
+        events_max: events_max.map(|m| m as u32),
+        mode,
+    }
+}
+
+pub(super) fn unregister_msg(
+    room: &RoomKey,
+    conn: ConnId,
+    events_max: Option<usize>,
+    silent: bool,
+) -> Msg {
+    Msg::Unregister {
+        app: room.app.to_string(),
+        channel: room.channel.to_string(),
+        conn: conn.0,
+        events_max: events_max.map(|m| m as u32),
+        silent,
+    }
+}
+
+/// The frames that register `again` with a worker.
+pub(super) fn again_msg(again: &Again, mode: RegMode) -> Msg {
+    match again {
+        Again::Sub { room, conn, sub } => register_msg(
+            0,
+            room,
+            *conn,
+            sub.member.as_ref(),
+            sub.max_members,
+            None,
+            mode,
+        ),
+        Again::SignIn { room, conn } => Msg::SignIn {
+            app: room.app.to_string(),
+            user: room
+                .channel
+                .strip_prefix(crate::protocol::names::USER_CHANNEL_PREFIX)
+                .unwrap_or(&room.channel)
+                .to_string(),
+            conn: conn.0,
+        },
+    }
+}
+
+/// Rooms `node` owns in the edge's applied view.
+fn owned_by(edge: &Edge, node: &NodeId) -> Pred {
+    let (view, node) = (edge.view(), node.clone());
+    Arc::new(move |k| view.owner(k) == Some(&node))
+}
+
+/// Keep one worker's link up until the worker leaves the view.
+pub(super) async fn run(edge: Arc<Edge>, link: Arc<WorkerLink>) {
+    let mut backoff = Duration::from_millis(100);
+    while !link.retired.is_cancelled() {
+        match serve(&edge, &link).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::debug!(worker = %link.node, error = %e, "link attempt failed"),
+        }
+        let jitter = backoff.mul_f64(0.5 + rand::random::<f64>());
+        tokio::select! {
+            _ = tokio::time::sleep(jitter) => {}
+            _ = link.retired.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(LINK_RECONNECT_CAP);
+    }
+}
+
+async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError> {
+    let hb = edge.heartbeat;
+    let stream = tokio::time::timeout(hb * 4, tokio::net::TcpStream::connect(&link.addr))
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    let _ = stream.set_nodelay(true);
+    let io: Box<dyn LinkIo> = match &edge.tls {
+        Some(tls) => tokio::time::timeout(hb * 4, tls.connect(&link.addr, stream))
+            .await
+            .map_err(|_| LinkError::Timeout)??,
+        None => Box::new(stream),
+    };
+    let (r, mut w) = tokio::io::split(io);
+    let mut rx = LinkRx::new(r);
+    let challenge = tokio::time::timeout(hb * 4, rx.recv())
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    let Msg::Challenge { nonce } = challenge else {
+        return Err(LinkError::Refused(format!(
+            "expected a challenge, got {challenge:?}"
+        )));
+    };
+    let ours: [u8; 16] = rand::random();
+    let hello = Msg::Hello {
+        version: VERSION,
+        edge: edge.id.to_string(),
+        rev: edge.view().rev,
+        heartbeat_ms: hb.as_millis() as u32,
+        nonce: ours,
+        proof: (!edge.secret.is_empty()).then(|| proof(&edge.secret, "edge", &nonce, &edge.id)),
+    };
+    send_direct(&mut w, &hello).await?;
+    let answer = tokio::time::timeout(hb * 4, rx.recv())
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    let (worker, incarnation, heartbeat) = match answer {
+        Msg::HelloAck {
+            version: VERSION,
+            worker,
+            incarnation,
+            heartbeat_ms,
+            proof: p,
+            ..
+        } => {
+            if !edge.secret.is_empty()
+                && !p.is_some_and(|p| proof_ok(&edge.secret, "worker", &ours, &worker, &p))
+            {
+                metrics::counter!("herdgate_link_auth_failures_total").increment(1);
+                return Err(LinkError::Refused(
+                    "the worker did not prove the cluster secret".into(),
+                ));
+            }
+            (
+                worker,
+                incarnation,
+                Duration::from_millis(heartbeat_ms.max(10) as u64),
+            )
+        }
+        Msg::Refuse { reason } => return Err(LinkError::Refused(reason)),
+        other => return Err(LinkError::Refused(format!("unexpected {other:?}"))),
+    };
+    if !edge.membership.is_static() && worker != *link.node {
+        return Err(LinkError::Refused(format!(
+            "{} answers as {worker:?}, not {:?}",
+            link.addr, link.node
+        )));
+    }
+    if link.retired.is_cancelled() {
+        return Ok(());
+    }
+    let previous = link.incarnation.swap(incarnation, Ordering::AcqRel);
+    if previous != 0 && previous != incarnation {
+        tracing::info!(worker = %link.node, incarnation, "worker restarted (new incarnation)");
+        link.sealed_rev.store(0, Ordering::Release);
+        link.open_rev.store(0, Ordering::Release);
+    }
+    let tx = LinkTx::new(edge.link_queue_bytes);
+    let writer = tokio::spawn(write_loop(w, tx.clone(), heartbeat, || true));
+    let flusher = tokio::spawn(flush_receipts(link.clone(), tx.clone()));
+    // Register everything this worker owns here, then say which view that was.
+    let view = edge.view();
+    let again = edge.rooms.collect(owned_by(edge, &link.node)).await;
+    let registered = again.len();
+    for a in &again {
+        if tx.send(&again_msg(a, RegMode::Restore)).await.is_err() {
+            writer.abort();
+            flusher.abort();
+            return Err(LinkError::Closed);
+        }
+    }
+    let _ = tx.send(&Msg::ViewAck { rev: view.rev }).await;
+    link.set_tx(Some(tx.clone()));
+    edge.rooms
+        .broadcast(|| RoomCmd::SetState {
+            pred: owned_by(edge, &link.node),
+            state: RoomState::Ready,
+        })
+        .await;
+    tracing::info!(worker = %link.node, registered, "worker link up");
+    metrics::gauge!("herdgate_link_up", "worker" => link.node.to_string()).set(1.0);
+    let ended = loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(heartbeat * 3, rx.recv()) => m,
+            _ = link.retired.cancelled() => break Ok(()),
+        };
+        match msg {
+            Ok(Ok(msg)) => {
+                if let Err(e) = on_message(edge, link, msg).await {
+                    break Err(e);
+                }
+            }
+            Ok(Err(e)) => break Err(e),
+            Err(_) => break Err(LinkError::Timeout),
+        }
+        if tx.is_closed() {
+            break Err(LinkError::Closed);
+        }
+    };
+    link.set_tx(None);
+    tx.close();
+    writer.abort();
+    flusher.abort();
+    metrics::gauge!("herdgate_link_up", "worker" => link.node.to_string()).set(0.0);
+    if !link.retired.is_cancelled() {
+        tracing::warn!(worker = %link.node, "worker link lost; its rooms are unavailable here until it returns");
+        edge.rooms
+            .broadcast(|| RoomCmd::SetState {
+                pred: owned_by(edge, &link.node),
+                state: RoomState::Unavailable,
+            })
+            .await;
+    }
+    ended
+}
+
+/// Send receipts in batches: at most every millisecond, or per 256.
+async fn flush_receipts(link: Arc<WorkerLink>, tx: LinkTx) {
+    loop {
+        link.receipts_waiting.notified().await;
+        let full = link
+            .receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            >= RECEIPT_BATCH;
+        if !full {
+            tokio::time::sleep(RECEIPT_DELAY).await;
+        }
+        let ids = std::mem::take(&mut *link.receipts.lock().unwrap_or_else(|p| p.into_inner()));
+        if !ids.is_empty() && tx.send(&Msg::DeliverAck { ids }).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn key(app: String, channel: String) -> RoomKey {
+    RoomKey {
+        app: Arc::from(app),
+        channel: Arc::from(channel),
+    }
+}
+
+async fn on_message(edge: &Arc<Edge>, link: &Arc<WorkerLink>, msg: Msg) -> Result<(), LinkError> {
+    match msg {
+        Msg::Heartbeat => {}
+        Msg::Deliver {
+            app,
+            channel,
+            frame,
+            exclude,
+            except_user,
+            ack_id,
+        } => {
+            let room = key(app, channel);
+            let frame = Frame::try_from(frame).ok();
+            let Some(frame) = frame.filter(|_| edge.accepts(link, &room)) else {
+                metrics::counter!("herdgate_deliver_fenced_total", "reason" => "not_owner")
+                    .increment(1);
+                if ack_id != 0 {
+                    link.receipt(ack_id, false);
+                }
+                return Ok(());
+            };
+            let receipt = (ack_id != 0).then(|| (link.clone() as Arc<dyn Receipts>, ack_id));
+            edge.rooms
+                .send(
+                    &room.clone(),
+                    RoomCmd::Deliver {
+                        room,
+                        frame,
+                        exclude: exclude.map(ConnId),
+                        except_user,
+                        receipt,
+                    },
+                )
+                .await;
+        }
+        Msg::DeliverTo {
+            app,
+            channel,
+            conn,
+            frame,
+        } => {
+            let room = key(app, channel);
+            if let (true, Ok(frame)) = (edge.accepts(link, &room), Frame::try_from(frame)) {
+                edge.rooms
+                    .send(
+                        &room.clone(),
+                        RoomCmd::DeliverTo {
+                            room,
+                            conn: ConnId(conn),
+                            frame,
+                        },
+                    )
+                    .await;
+            }
+        }
+        Msg::Close {
+            app,
+            channel,
+            conn,
+            code,
+        } => {
+            let room = key(app, channel);
+            if edge.accepts(link, &room) {
+                edge.rooms
+                    .send(
+                        &room.clone(),
+                        RoomCmd::CloseUser {
+                            room,
+                            conn: ConnId(conn),
+                            code,
+                        },
+                    )
+                    .await;
+            }
+        }
+        Msg::Reply { id, reply } => match edge.pending.take(id) {
+            Some(super::pending::Waiter::Reply(tx)) => {
+                let _ = tx.send(reply);
+            }
+            Some(super::pending::Waiter::Register { room, conn }) => {
+                let ok = matches!(reply, Reply::Registered { ok: true });
+                let error = match reply {
+                    Reply::Registered { .. } => None,
+                    _ => Some(crate::protocol::subscription_error(
+                        &room.channel,
+                        "Unavailable",
+                        "the room is moving or unavailable; retry in a moment",
+                        503,
+                    )),
+                };
+                edge.rooms
+                    .send(
+                        &room.clone(),
+                        RoomCmd::Confirm {
+                            room,
+                            conn,
+                            ok,
+                            error,
+                        },
+                    )
+                    .await;
+            }
+            None => {} // answered after its waiter gave up
+        },
+        Msg::Sealed { rev } => {
+            link.sealed_rev.fetch_max(rev, Ordering::AcqRel);
+            link.changed.notify_waiters();
+            edge.prune_history();
+        }
+        Msg::Open { rev } => {
+            link.open_rev.fetch_max(rev, Ordering::AcqRel);
+            link.changed.notify_waiters();
+            edge.rooms
+                .broadcast(|| RoomCmd::SetState {
+                    pred: owned_by(edge, &link.node),
+                    state: RoomState::Ready,
+                })
+                .await;
+        }
+        Msg::Fenced => return Err(LinkError::Refused("the worker is fenced".into())),
+        other => tracing::debug!(?other, "unexpected frame from a worker"),
+    }
+    Ok(())
+}

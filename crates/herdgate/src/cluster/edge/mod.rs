@@ -1,0 +1,559 @@
+//! The edge role: client sockets and the HTTP API, no rooms of its own.
+//!
+//! The edge routes room X to `owner(X, view)` — its applied membership view
+//! ([`View`]) — and to nothing else: it never skips a worker because its
+//! own link to it is down. If that link is down, X is **unavailable at
+//! this edge**: API publishes get 503, client events are dropped (counted),
+//! new subscriptions get `pusher:subscription_error` (503), and X's sockets
+//! are told `herdgate:status {"room":"unavailable"}` (then `ready`). Rooms
+//! move only when the view changes ([`handover`]).
+//!
+//! The parts: [`links`] keeps one link per worker of the view; [`rooms`]
+//! holds the edge's sockets per room on per-core actors and fans out what
+//! the owners send; [`pending`] matches answers to requests; [`handover`]
+//! applies each new view (re-register moved rooms, wait for the old owners'
+//! `Sealed`, acknowledge the view).
+//!
+//! **Fencing.** A `Deliver` for room X from worker W is accepted only if W
+//! owns X in the applied view, or owned it in a view W has not sealed yet
+//! (W's frames before its `Sealed` may still be for rooms it lost). Anything
+//! else is dropped and counted (`herdgate_deliver_fenced_total`): no edge
+//! ever delivers a room from two owners.
+
+mod handover;
+mod links;
+mod pending;
+mod rooms;
+
+use super::link::{LinkTx, Msg, Refusal, Reply, SendError};
+use super::membership::Membership;
+use super::view::{NodeId, View};
+use crate::outbound::Outbound;
+use crate::protocol::Frame;
+use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use links::WorkerLink;
+use pending::Pending;
+use rooms::{LocalRooms, LocalSub, RoomCmd};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// How long a subscription waits for its owner's answer.
+const REGISTER_WAIT: Duration = Duration::from_secs(2);
+/// Views kept for fencing: a worker's frames are judged by the views it may
+/// not have sealed yet.
+const HISTORY: usize = 16;
+
+/// What an edge needs to start.
+pub struct EdgeConfig {
+    pub id: NodeId,
+    pub membership: Membership,
+    pub heartbeat: Duration,
+    pub handover_timeout: Duration,
+    pub tls: Option<super::tls::LinkTls>,
+    pub secret: String,
+    pub link_queue_bytes: usize,
+    pub rooms_actors: usize,
+}
+
+pub struct Edge {
+    id: NodeId,
+    membership: Membership,
+    /// The view this edge routes by (applied in order by [`handover`]).
+    view: ArcSwap<View>,
+    /// The last views applied, newest last, for fencing.
+    history: Mutex<VecDeque<Arc<View>>>,
+    links: RwLock<HashMap<NodeId, Arc<WorkerLink>>>,
+    rooms: LocalRooms,
+    pending: Pending,
+    heartbeat: Duration,
+    handover_timeout: Duration,
+    tls: Option<Arc<super::tls::LinkTls>>,
+    secret: String,
+    link_queue_bytes: usize,
+}
+
+impl Edge {
+    pub fn start(cfg: EdgeConfig) -> Arc<Edge> {
+        let edge = Arc::new(Edge {
+            id: cfg.id,
+            view: ArcSwap::from_pointee(View::empty()),
+            history: Mutex::new(VecDeque::new()),
+            membership: cfg.membership,
+            links: RwLock::new(HashMap::new()),
+            rooms: LocalRooms::start(cfg.rooms_actors),
+            pending: Pending::default(),
+            heartbeat: cfg.heartbeat,
+            handover_timeout: cfg.handover_timeout,
+            tls: cfg.tls.map(Arc::new),
+            secret: cfg.secret,
+            link_queue_bytes: cfg.link_queue_bytes,
+        });
+        tokio::spawn(handover::run(edge.clone()));
+        edge
+    }
+
+    /// The view this edge routes by.
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
+    /// Whether this edge can follow the cluster (false: its view is stale).
+    pub fn is_current(&self) -> bool {
+        !self.membership.stale.load(Ordering::Acquire)
+    }
+
+    fn link(&self, node: &str) -> Option<Arc<WorkerLink>> {
+        self.links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// The room's owner and its link, if it can be reached now.
+    fn route(&self, room: &RoomKey) -> Result<(Arc<WorkerLink>, LinkTx), RouteError> {
+        if !self.is_current() {
+            return Err(RouteError::Unavailable);
+        }
+        let view = self.view.load();
+        let owner = view.owner(room).ok_or(RouteError::Unavailable)?;
+        let link = self.link(owner).ok_or(RouteError::Unavailable)?;
+        let tx = link.tx().ok_or(RouteError::Unavailable)?;
+        Ok((link, tx))
+    }
+
+    /// Fencing: whether `worker` may deliver `room` here now.
+    fn accepts(&self, worker: &WorkerLink, room: &RoomKey) -> bool {
+        let view = self.view.load();
+        if view.owner(room) == Some(&worker.node) {
+            return true;
+        }
+        if view.worker(&worker.node).is_none() {
+            return false; // not in the view: nothing it sends counts
+        }
+        let sealed = worker.sealed_rev.load(Ordering::Acquire);
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|v| v.rev > sealed && v.owner(room) == Some(&worker.node))
+    }
+
+    /// Send a request and wait for its answer.
+    async fn request(
+        &self,
+        tx: &LinkTx,
+        make: impl FnOnce(u64) -> Msg,
+        wait: Duration,
+    ) -> Result<Reply, RouteError> {
+        let (id, rx) = self.pending.request();
+        let sent = tokio::time::timeout(wait, tx.send(&make(id))).await;
+        let result = match sent {
+            Ok(Ok(())) => match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(reply)) => Ok(reply),
+                _ => Err(RouteError::Busy),
+            },
+            _ => Err(RouteError::Unavailable),
+        };
+        self.pending.cancel(id);
+        result
+    }
+
+    /// Subscribe a socket: registered with the room's owner, recorded here
+    /// once the owner confirmed it. `Ok(false)`: refused (its
+    /// `subscription_error` reached the socket).
+    pub async fn subscribe(
+        &self,
+        room: RoomKey,
+        conn: ConnId,
+        out: Arc<Outbound>,
+        member: Option<Member>,
+        max_members: usize,
+        shed: Shed,
+    ) -> Result<bool, RouteError> {
+        let (_, tx) = self.route(&room)?;
+        let id = self.pending.register(room.clone(), conn);
+        let msg = links::register_msg(
+            id,
+            &room,
+            conn,
+            member.as_ref(),
+            max_members,
+            shed.member_events_max,
+            super::link::RegMode::Join,
+        );
+        let sub = LocalSub {
+            out,
+            member,
+            max_members,
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.rooms
+            .send(
+                &room,
+                RoomCmd::Join {
+                    room: room.clone(),
+                    conn,
+                    sub,
+                    done,
+                },
+            )
+            .await;
+        let result = async {
+            tokio::time::timeout(REGISTER_WAIT, tx.send(&msg))
+                .await
+                .map_err(|_| RouteError::Unavailable)?
+                .map_err(|_| RouteError::Unavailable)?;
+            match tokio::time::timeout(REGISTER_WAIT, answer).await {
+                Ok(Ok(ok)) => Ok(ok),
+                _ => Err(RouteError::Unavailable),
+            }
+        }
+        .await;
+        if result.is_err() {
+            self.pending.cancel(id);
+            self.rooms
+                .send(
+                    &room,
+                    RoomCmd::Leave {
+                        room: room.clone(),
+                        conn,
+                    },
+                )
+                .await;
+            // The owner may have registered it after all: undo there too.
+            if let Ok((_, tx)) = self.route(&room) {
+                let _ = tx.try_send(&links::unregister_msg(&room, conn, None, false));
+            }
+        }
+        result
+    }
+
+    pub async fn unsubscribe(
+        &self,
+        room: RoomKey,
+        conn: ConnId,
+        shed: Shed,
+    ) -> Result<(), RouteError> {
+        self.rooms
+            .send(
+                &room,
+                RoomCmd::Leave {
+                    room: room.clone(),
+                    conn,
+                },
+            )
+            .await;
+        // Owner unreachable: it drops this socket when the link's lease
+        // expires, or this edge re-registers what it has when it returns.
+        if let Ok((_, tx)) = self.route(&room) {
+            let msg = links::unregister_msg(&room, conn, shed.member_events_max, false);
+            let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
+        }
+        Ok(())
+    }
+
+    /// Hand an event to the room's owner. An acknowledged publish (`wait`:
+    /// the HTTP API answers 200 for it) succeeds only once the owner says
+    /// every subscribed edge confirmed receipt; a client event just goes.
+    pub async fn publish(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        exclude: Option<ConnId>,
+        coalesce: Option<Duration>,
+        wait: Option<Duration>,
+    ) -> Result<(), RouteError> {
+        let refused = |why: &'static str| {
+            metrics::counter!("herdgate_link_publish_refused_total", "reason" => why).increment(1);
+        };
+        let (_, tx) = self
+            .route(&room)
+            .inspect_err(|_| refused("owner_unreachable"))?;
+        let make = |id, wait_ms| Msg::Publish {
+            id,
+            app: room.app.to_string(),
+            channel: room.channel.to_string(),
+            frame: Bytes::from(frame.clone()),
+            exclude: exclude.map(|c| c.0),
+            coalesce_ms: coalesce.map(|d| d.as_millis() as u64),
+            wait_ms,
+        };
+        let Some(wait) = wait else {
+            return match tx.try_send(&make(0, 0)) {
+                Ok(()) => Ok(()),
+                Err(SendError::Full) | Err(SendError::Closed) => Err(RouteError::Busy),
+            };
+        };
+        let wait_ms = wait.as_millis() as u32;
+        match self.request(&tx, |id| make(id, wait_ms), wait).await? {
+            Reply::Published => Ok(()),
+            Reply::Refused { reason, .. } => {
+                refused(reason.label());
+                Err(match reason {
+                    Refusal::Sealed | Refusal::NotOwner | Refusal::Fenced => {
+                        RouteError::Unavailable
+                    }
+                    Refusal::Busy | Refusal::Nack => RouteError::Busy,
+                })
+            }
+            _ => Err(RouteError::Busy),
+        }
+    }
+
+    pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
+        let (_, tx) = self.route(&room)?;
+        let (app, channel) = (room.app.to_string(), room.channel.to_string());
+        match self
+            .request(&tx, |id| Msg::Query { id, app, channel }, wait)
+            .await?
+        {
+            Reply::Info {
+                subscriptions,
+                users,
+            } => Ok(RoomInfo {
+                subscription_count: subscriptions as usize,
+                user_count: users as usize,
+            }),
+            Reply::Refused { .. } => Err(RouteError::Unavailable),
+            _ => Err(RouteError::Busy),
+        }
+    }
+
+    pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
+        let (_, tx) = self.route(&room)?;
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (app, channel, a) = (
+                room.app.to_string(),
+                room.channel.to_string(),
+                after.clone(),
+            );
+            let make = |id| Msg::Users {
+                id,
+                app,
+                channel,
+                after: a,
+            };
+            match self.request(&tx, make, wait).await? {
+                Reply::Users { users, next } => {
+                    all.extend(users);
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => return Ok(all),
+                    }
+                }
+                Reply::Refused { .. } => return Err(RouteError::Unavailable),
+                _ => return Err(RouteError::Busy),
+            }
+        }
+    }
+
+    /// Occupied channels of an app, from every worker of the view (page by
+    /// page). A worker that owns rooms and cannot be reached makes the
+    /// answer unavailable rather than silently partial.
+    pub async fn list(
+        &self,
+        app: &Arc<str>,
+        prefix: &str,
+        wait: Duration,
+    ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
+        if !self.is_current() {
+            return Err(RouteError::Unavailable);
+        }
+        let view = self.view();
+        let mut all = Vec::new();
+        for (node, w) in &view.workers {
+            if w.vnodes == 0 {
+                continue;
+            }
+            let tx = self
+                .link(node)
+                .and_then(|l| l.tx())
+                .ok_or(RouteError::Unavailable)?;
+            let mut after = None;
+            loop {
+                let (a, p, af) = (app.to_string(), prefix.to_string(), after.clone());
+                let make = |id| Msg::List {
+                    id,
+                    app: a,
+                    prefix: p,
+                    after: af,
+                };
+                match self.request(&tx, make, wait).await? {
+                    Reply::Rooms { rooms, next } => {
+                        all.extend(rooms.into_iter().map(|(n, s, u)| {
+                            (
+                                n,
+                                RoomInfo {
+                                    subscription_count: s as usize,
+                                    user_count: u as usize,
+                                },
+                            )
+                        }));
+                        match next {
+                            Some(n) => after = Some(n),
+                            None => break,
+                        }
+                    }
+                    Reply::Refused { .. } => return Err(RouteError::Unavailable),
+                    _ => return Err(RouteError::Busy),
+                }
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        // During a move a room may be listed by its old owner and its new one.
+        all.dedup_by(|a, b| a.0 == b.0);
+        Ok(all)
+    }
+
+    pub async fn sign_in(
+        &self,
+        room: RoomKey,
+        user: &str,
+        conn: ConnId,
+        out: Arc<Outbound>,
+    ) -> Result<(), RouteError> {
+        let (_, tx) = self.route(&room)?;
+        self.rooms
+            .send(
+                &room,
+                RoomCmd::SignIn {
+                    room: room.clone(),
+                    conn,
+                    out,
+                },
+            )
+            .await;
+        let msg = Msg::SignIn {
+            app: room.app.to_string(),
+            user: user.to_string(),
+            conn: conn.0,
+        };
+        let sent = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            self.rooms
+                .send(
+                    &room,
+                    RoomCmd::SignOut {
+                        room: room.clone(),
+                        conn,
+                    },
+                )
+                .await;
+            return Err(RouteError::Unavailable);
+        }
+        Ok(())
+    }
+
+    pub async fn sign_out(
+        &self,
+        room: RoomKey,
+        user: &str,
+        conn: ConnId,
+    ) -> Result<(), RouteError> {
+        self.rooms
+            .send(
+                &room,
+                RoomCmd::SignOut {
+                    room: room.clone(),
+                    conn,
+                },
+            )
+            .await;
+        if let Ok((_, tx)) = self.route(&room) {
+            let msg = Msg::SignOut {
+                app: room.app.to_string(),
+                user: user.to_string(),
+                conn: conn.0,
+            };
+            let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn terminate(
+        &self,
+        room: RoomKey,
+        user: &str,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
+        let (_, tx) = self.route(&room)?;
+        let (app, user) = (room.app.to_string(), user.to_string());
+        match self
+            .request(&tx, |id| Msg::Terminate { id, app, user }, wait)
+            .await?
+        {
+            Reply::Done => Ok(()),
+            Reply::Refused { .. } => Err(RouteError::Unavailable),
+            _ => Err(RouteError::Busy),
+        }
+    }
+
+    /// Drop views no worker of the current view can still be judged by
+    /// (older than every live worker's last `Sealed`).
+    fn prune_history(&self) {
+        let view = self.view();
+        let links = self.links.read().unwrap_or_else(|p| p.into_inner());
+        let oldest_unsealed = view
+            .workers
+            .keys()
+            .filter_map(|w| links.get(w))
+            .map(|l| l.sealed_rev.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(view.rev);
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        while h.len() > 1 && h.front().is_some_and(|v| v.rev <= oldest_unsealed) {
+            h.pop_front();
+        }
+    }
+
+    /// Frames waiting on the fullest link, or commands in the fullest rooms actor.
+    pub fn max_queue_depth(&self) -> usize {
+        let links = self
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|l| l.tx().map(|t| t.depth()))
+            .max()
+            .unwrap_or(0);
+        links.max(self.rooms.max_depth())
+    }
+
+    /// The membership view and each worker's link, for `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let view = self.view();
+        let links = self.links.read().unwrap_or_else(|p| p.into_inner());
+        let workers: Vec<serde_json::Value> = view
+            .workers
+            .iter()
+            .map(|(id, w)| {
+                let l = links.get(id);
+                serde_json::json!({
+                    "id": &**id,
+                    "addr": w.addr,
+                    "vnodes": w.vnodes,
+                    "state": w.state,
+                    "link": l.map_or("none", |l| if l.is_up() { "up" } else { "down" }),
+                    "sealed_rev": l.map(|l| l.sealed_rev.load(Ordering::Relaxed)),
+                    "open_rev": l.map(|l| l.open_rev.load(Ordering::Relaxed)),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node_id": &*self.id,
+            "rev": view.rev,
+            "current": self.is_current(),
+            "static": self.membership.is_static(),
+            "workers": workers,
+            "edges": view.edges.iter().map(|e| &**e).collect::<Vec<_>>(),
+            "requests_waiting": self.pending.len(),
+        })
+    }
+}

@@ -1,0 +1,481 @@
+//! Membership from etcd: leases, registration, one revision-ordered view.
+//!
+//! Keys, all under `cluster.etcd.prefix` (`<p>`):
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `<p>/meta` | `{"ring":"fnv1a64-chain","link_version":2}` | none: written once, compared by every node |
+//! | `<p>/workers/<id>` | `{"addr":…,"vnodes":…,"state":…}` | the worker's |
+//! | `<p>/edges/<id>` | `{"addr":…}` | the edge's |
+//!
+//! Each node keeps its key alive with a lease renewed every
+//! `keepalive_interval`; a worker's [`Fence`] stays valid until the send time
+//! of the last renewal etcd answered, plus the TTL it answered, minus
+//! `fence_margin` — etcd's own expiry can only be later. A key that already
+//! exists is another process with the same id: the new one waits for it to
+//! go, it never steals it.
+//!
+//! Every node lists `<p>/` once and then watches it from the next revision;
+//! each watch response is applied whole and becomes one [`View`]. A
+//! compacted watch is answered by listing again. No per-message traffic
+//! goes to etcd: keepalives at nodes × 2/s and one watch per node.
+
+use super::{boot_nanos, Control, Fence, Membership};
+use crate::cluster::view::{NodeId, View, WorkerInfo};
+use crate::config::EtcdConfig;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub const RING_FORMAT: &str = "fnv1a64-chain";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd: {0}")]
+    Client(#[from] etcd_client::Error),
+    #[error("etcd: {0}")]
+    Other(String),
+}
+
+/// What this node registers.
+#[derive(Debug, Clone)]
+pub enum Registration {
+    Worker(WorkerInfo),
+    Edge { addr: String },
+}
+
+/// Start registering and watching in the background; the view is empty
+/// (rev 0: no room has an owner) until the first list arrives, and a worker
+/// is fenced until its key is registered. etcd that cannot be reached yet
+/// is retried; a cluster whose ring format differs is refused (logged, the
+/// node stays stale and fenced).
+pub fn start(
+    cfg: &EtcdConfig,
+    node: NodeId,
+    reg: Registration,
+    stop: CancellationToken,
+) -> Membership {
+    let (view_tx, view_rx) = watch::channel(Arc::new(View::empty()));
+    let (inc_tx, inc_rx) = watch::channel(0i64);
+    let fence = Arc::new(match reg {
+        Registration::Worker(_) => Fence::closed(),
+        Registration::Edge { .. } => Fence::always(),
+    });
+    let stale = Arc::new(AtomicBool::new(true));
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let cfg = cfg.clone();
+    let (f, st) = (fence.clone(), stale.clone());
+    tokio::spawn(async move {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(cfg.request_timeout.get())
+            .with_timeout(cfg.request_timeout.get())
+            // etcd refuses client pings more often than every 5 s by default.
+            .with_keep_alive(Duration::from_secs(5), cfg.request_timeout.get())
+            .with_require_leader(true);
+        let client = loop {
+            let r = Client::connect(&cfg.endpoints, Some(options.clone())).await;
+            let r = match r {
+                Ok(c) => check_meta(&c, &cfg.prefix).await.map(|()| c),
+                Err(e) => Err(e.into()),
+            };
+            match r {
+                Ok(c) => break c,
+                Err(EtcdError::Other(e)) => {
+                    tracing::error!("{e}");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd not reachable yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        let prefix = cfg.prefix.clone();
+        let watcher = Watcher {
+            client: client.clone(),
+            prefix: prefix.clone(),
+            view: view_tx,
+            stale: st,
+            stale_after: cfg.lease_ttl.get(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(watcher.run());
+        let registrar = Registrar {
+            client,
+            key: match &reg {
+                Registration::Worker(_) => format!("{prefix}/workers/{node}"),
+                Registration::Edge { .. } => format!("{prefix}/edges/{node}"),
+            },
+            reg,
+            ttl: cfg.lease_ttl.get(),
+            every: cfg.keepalive_interval.get(),
+            margin: cfg.fence_margin.get(),
+            fence: f,
+            incarnation: inc_tx,
+            control: control_rx,
+            stop,
+        };
+        registrar.run().await;
+    });
+    Membership {
+        view: view_rx,
+        fence,
+        stale,
+        incarnation: inc_rx,
+        control: Some(control_tx),
+        _keep: None,
+    }
+}
+
+/// Write `<p>/meta` if absent, and refuse to join a cluster whose ring
+/// format differs (a mixed-version cluster would place rooms differently).
+async fn check_meta(client: &Client, prefix: &str) -> Result<(), EtcdError> {
+    let key = format!("{prefix}/meta");
+    let value =
+        serde_json::json!({"ring": RING_FORMAT, "link_version": crate::cluster::link::VERSION})
+            .to_string();
+    let mut c = client.clone();
+    let txn = Txn::new()
+        .when(vec![Compare::create_revision(
+            key.as_str(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then(vec![TxnOp::put(key.as_str(), value, None)])
+        .or_else(vec![TxnOp::get(key.as_str(), None)]);
+    let r = c.txn(txn).await?;
+    if r.succeeded() {
+        return Ok(());
+    }
+    for op in r.op_responses() {
+        if let etcd_client::TxnOpResponse::Get(g) = op {
+            if let Some(kv) = g.kvs().first() {
+                let meta: serde_json::Value =
+                    serde_json::from_slice(kv.value()).unwrap_or_default();
+                if meta["ring"] != RING_FORMAT {
+                    return Err(EtcdError::Other(format!(
+                        "{key} says ring {}, this herdgate places rooms by {RING_FORMAT}: refusing to join",
+                        meta["ring"]
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Watcher {
+    client: Client,
+    prefix: String,
+    view: watch::Sender<Arc<View>>,
+    stale: Arc<AtomicBool>,
+    stale_after: Duration,
+    stop: CancellationToken,
+}
+
+/// The keys of a view, kept between watch responses.
+#[derive(Default)]
+struct Keys {
+    workers: BTreeMap<NodeId, WorkerInfo>,
+    edges: BTreeSet<NodeId>,
+}
+
+impl Keys {
+    fn apply(&mut self, prefix: &str, key: &[u8], value: Option<(&[u8], i64)>) {
+        let Ok(key) = std::str::from_utf8(key) else {
+            return;
+        };
+        let Some(rest) = key.strip_prefix(prefix) else {
+            return;
+        };
+        if let Some(id) = rest.strip_prefix("/workers/") {
+            match value {
+                Some((v, create_rev)) => match serde_json::from_slice::<WorkerInfo>(v) {
+                    Ok(mut w) => {
+                        w.incarnation = create_rev;
+                        self.workers.insert(NodeId::from(id), w);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "ignoring an unreadable worker entry")
+                    }
+                },
+                None => {
+                    self.workers.remove(id);
+                }
+            }
+        } else if let Some(id) = rest.strip_prefix("/edges/") {
+            match value {
+                Some(_) => self.edges.insert(NodeId::from(id)),
+                None => self.edges.remove(id),
+            };
+        }
+    }
+
+    fn view(&self, rev: i64) -> View {
+        View::new(rev.max(0) as u64, self.workers.clone(), self.edges.clone())
+    }
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        // When the view was last known to be current.
+        let mut current_at = tokio::time::Instant::now();
+        let stop = self.stop.clone();
+        loop {
+            let r = tokio::select! {
+                r = self.list_and_watch(&mut current_at) => r,
+                _ = stop.cancelled() => return,
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "etcd watch failed; listing again");
+                metrics::counter!("herdgate_etcd_watch_failures_total").increment(1);
+            }
+            metrics::gauge!("herdgate_etcd_watch_up").set(0.0);
+            if current_at.elapsed() >= self.stale_after && !self.stale.swap(true, Ordering::AcqRel)
+            {
+                tracing::error!(
+                    "cannot follow the cluster view: serving no rooms until etcd answers"
+                );
+                metrics::gauge!("herdgate_view_stale").set(1.0);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// List `<p>/`, publish that view, then watch from the next revision,
+    /// publishing each response's view; returns on any failure.
+    async fn list_and_watch(
+        &mut self,
+        current_at: &mut tokio::time::Instant,
+    ) -> Result<(), EtcdError> {
+        let mut c = self.client.clone();
+        let list = c
+            .get(
+                format!("{}/", self.prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let mut rev = list.header().map_or(0, |h| h.revision());
+        let mut keys = Keys::default();
+        for kv in list.kvs() {
+            keys.apply(
+                &self.prefix,
+                kv.key(),
+                Some((kv.value(), kv.create_revision())),
+            );
+        }
+        self.publish(keys.view(rev));
+        let mut stream = c
+            .watch(
+                format!("{}/", self.prefix),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(rev + 1)
+                        .with_progress_notify(),
+                ),
+            )
+            .await?;
+        self.stale.store(false, Ordering::Release);
+        *current_at = tokio::time::Instant::now();
+        metrics::gauge!("herdgate_view_stale").set(0.0);
+        metrics::gauge!("herdgate_etcd_watch_up").set(1.0);
+        while let Some(resp) = stream.message().await? {
+            *current_at = tokio::time::Instant::now();
+            if resp.canceled() {
+                return Err(EtcdError::Other(format!(
+                    "watch canceled (compacted at {}): {}",
+                    resp.compact_revision(),
+                    resp.cancel_reason()
+                )));
+            }
+            let header_rev = resp.header().map_or(rev, |h| h.revision());
+            if resp.events().is_empty() && header_rev <= rev {
+                continue; // created / progress: nothing new
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                match ev.event_type() {
+                    EventType::Put => keys.apply(
+                        &self.prefix,
+                        kv.key(),
+                        Some((kv.value(), kv.create_revision())),
+                    ),
+                    EventType::Delete => keys.apply(&self.prefix, kv.key(), None),
+                }
+            }
+            rev = header_rev.max(rev);
+            self.publish(keys.view(rev));
+        }
+        Err(EtcdError::Other("watch stream ended".into()))
+    }
+
+    fn publish(&self, view: View) {
+        let changed = {
+            let cur = self.view.borrow();
+            cur.rev != view.rev || cur.workers != view.workers || cur.edges != view.edges
+        };
+        if changed {
+            metrics::gauge!("herdgate_membership_revision").set(view.rev as f64);
+            tracing::info!(
+                rev = view.rev,
+                workers = ?view.workers.iter().map(|(k, w)| format!("{k}:{}", w.vnodes)).collect::<Vec<_>>(),
+                edges = view.edges.len(),
+                "membership view"
+            );
+            self.view.send_replace(Arc::new(view));
+        }
+    }
+}
+
+struct Registrar {
+    client: Client,
+    key: String,
+    reg: Registration,
+    ttl: Duration,
+    every: Duration,
+    margin: Duration,
+    fence: Arc<Fence>,
+    incarnation: watch::Sender<i64>,
+    control: mpsc::Receiver<Control>,
+    stop: CancellationToken,
+}
+
+enum Ended {
+    /// The lease is gone (expired or revoked by someone): register anew.
+    LeaseLost,
+    /// Asked to leave: done.
+    Left,
+}
+
+impl Registrar {
+    fn value(&self) -> String {
+        match &self.reg {
+            Registration::Worker(w) => serde_json::to_string(w).expect("serializable"),
+            Registration::Edge { addr } => serde_json::json!({ "addr": addr }).to_string(),
+        }
+    }
+
+    async fn run(mut self) {
+        let stop = self.stop.clone();
+        loop {
+            let r = tokio::select! {
+                r = self.register_and_keep() => r,
+                _ = stop.cancelled() => {
+                    self.fence.close();
+                    return;
+                }
+            };
+            match r {
+                Ok(Ended::Left) => return,
+                Ok(Ended::LeaseLost) => {
+                    self.fence.close();
+                    metrics::gauge!("herdgate_fenced").set(1.0);
+                    tracing::warn!(key = %self.key, "lease lost: registering again as a new incarnation");
+                }
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "etcd registration failed; retrying");
+                    metrics::counter!("herdgate_etcd_keepalive_failures_total").increment(1);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Grant a lease, create the key under it (waiting while another
+    /// process holds it), then renew until the lease is lost or we leave.
+    async fn register_and_keep(&mut self) -> Result<Ended, EtcdError> {
+        let mut c = self.client.clone();
+        let lease = c.lease_grant(self.ttl.as_secs() as i64, None).await?;
+        let lease_id = lease.id();
+        let granted_at = boot_nanos();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                self.key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.key.as_str(),
+                self.value(),
+                Some(PutOptions::new().with_lease(lease_id)),
+            )]);
+        let r = c.txn(txn).await?;
+        if !r.succeeded() {
+            // Another process with this id: wait for its key to go (its
+            // lease expires if it crashed), never take it over.
+            tracing::warn!(key = %self.key, "another process holds this node id; waiting for it to leave");
+            let _ = c.lease_revoke(lease_id).await;
+            tokio::time::sleep(self.every).await;
+            return Err(EtcdError::Other(format!(
+                "{} is held by another process",
+                self.key
+            )));
+        }
+        let created = r.header().map_or(0, |h| h.revision());
+        if let Registration::Worker(_) = self.reg {
+            self.fence.extend(
+                granted_at,
+                Duration::from_secs(lease.ttl().max(0) as u64),
+                self.margin,
+            );
+            metrics::gauge!("herdgate_fenced").set(0.0);
+        }
+        self.incarnation.send_replace(created);
+        tracing::info!(key = %self.key, incarnation = created, "registered in etcd");
+        let (mut keeper, mut answers) = c.lease_keep_alive(lease_id).await?;
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let sent = boot_nanos();
+                    keeper.keep_alive().await?;
+                    let answer = tokio::time::timeout(self.every * 2, answers.message()).await;
+                    match answer {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            if let Registration::Worker(_) = self.reg {
+                                self.fence.extend(sent, Duration::from_secs(r.ttl() as u64), self.margin);
+                                metrics::gauge!("herdgate_lease_valid_seconds")
+                                    .set(self.fence.remaining().as_secs_f64());
+                            }
+                        }
+                        Ok(Ok(Some(_))) => return Ok(Ended::LeaseLost), // TTL 0: expired
+                        Ok(Ok(None)) => return Err(EtcdError::Other("keepalive stream ended".into())),
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => {
+                            metrics::counter!("herdgate_etcd_keepalive_failures_total").increment(1);
+                            // No answer in time: keep trying; the fence runs out by itself.
+                        }
+                    }
+                }
+                cmd = self.control.recv() => match cmd {
+                    Some(Control::Set { vnodes, state }) => {
+                        if let Registration::Worker(w) = &mut self.reg {
+                            w.vnodes = vnodes;
+                            w.state = state.to_string();
+                        }
+                        c.put(self.key.as_str(), self.value(), Some(PutOptions::new().with_lease(lease_id))).await?;
+                    }
+                    Some(Control::Leave { done }) => {
+                        let _ = c.lease_revoke(lease_id).await;
+                        self.fence.close();
+                        let _ = done.send(());
+                        return Ok(Ended::Left);
+                    }
+                    None => {}
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The handover barrier, on the worker: seal what moved away, open what
+//! moved in once every edge registered it.
+//!
+//! For each new view (in revision order):
+//!
+//! 1. **Seal.** Every room this worker no longer owns is dropped from its
+//!    workers, after every command queued before (their frames go out
+//!    first); then `Sealed{rev}` goes to every edge. Links are FIFO, so an
+//!    edge has all of this worker's frames for a moved room before it sees
+//!    `Sealed`, and accepts none after it.
+//! 2. **Barrier.** Rooms this worker gained stay *sealed* — registrations
+//!    yes, publishes no (`Refused{Sealed}`) — until every connected edge in
+//!    the view has sent `ViewAck{≥ rev}`, which follows its registrations of
+//!    the moved rooms on the same link; or until `cluster.handover_timeout`,
+//!    when the edges that did not answer are left out (counted).
+//! 3. **Open.** `Open{rev}` to every edge; publishes flow.
+
+use super::Node;
+use crate::cluster::link::Msg;
+use crate::cluster::view::View;
+use std::sync::Arc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub(super) async fn run(node: Arc<Node>, stop: CancellationToken) {
+    let mut views = node.membership.view.clone();
+    let mut incarnation = node.membership.incarnation.clone();
+    let mut applied = 0u64;
+    // Rooms start sealed: no edge has registered anything here yet.
+    *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::empty());
+    loop {
+        let view = views.borrow_and_update().clone();
+        if view.rev > applied {
+            hand_over(&node, &view).await;
+            applied = view.rev;
+        }
+        tokio::select! {
+            r = views.changed() => if r.is_err() { return },
+            r = incarnation.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // A new incarnation (the lease was lost): whatever this
+                // process held belongs to whoever owned it meanwhile.
+                let dropped = node.pool.retain(Arc::new(|_| false)).await;
+                tracing::warn!(dropped, "new incarnation: rooms held before dropped");
+                *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::empty());
+                applied = 0;
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn hand_over(node: &Node, view: &Arc<View>) {
+    let started = Instant::now();
+    let rev = view.rev;
+    let (me, v) = (node.id.clone(), view.clone());
+    let dropped = node
+        .pool
+        .retain(Arc::new(move |k| v.owner(k) == Some(&me)))
+        .await;
+    if dropped > 0 {
+        tracing::info!(rev, dropped, "rooms that moved away sealed and dropped");
+        metrics::counter!("herdgate_room_moves_total", "reason" => "view")
+            .increment(dropped as u64);
+    }
+    for link in node.links() {
+        let _ = link.tx.send(&Msg::Sealed { rev }).await;
+    }
+    let deadline = started + node.handover_timeout;
+    loop {
+        let acked = node.view_acked.notified();
+        tokio::pin!(acked);
+        acked.as_mut().enable();
+        let waiting = node.waiting_for(view);
+        if waiting.is_empty() {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, acked).await.is_err() {
+            metrics::counter!("herdgate_handover_timeouts_total").increment(1);
+            tracing::warn!(
+                rev,
+                ?waiting,
+                "handover barrier timed out; opening without these edges"
+            );
+            break;
+        }
+    }
+    *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = view.clone();
+    for link in node.links() {
+        let _ = link.tx.send(&Msg::Open { rev }).await;
+    }
+    let took = started.elapsed();
+    metrics::histogram!("herdgate_handover_seconds").record(took.as_secs_f64());
+    tracing::info!(rev, took_ms = took.as_millis() as u64, "view open");
+}

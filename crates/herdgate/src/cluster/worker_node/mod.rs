@@ -1,0 +1,760 @@
+//! The worker role: rooms only. Edges connect on `cluster.link_listen`; each
+//! edge is a subscriber of the rooms its sockets are in, so a publish goes to
+//! every subscribed edge once and the edge fans out to its own sockets.
+//!
+//! The worker is authoritative for the rooms it owns in its view: which
+//! edges (and which of their sockets) are subscribed, presence members merged
+//! across edges, occupancy. With etcd membership it serves a room only while
+//!
+//! * its lease is certainly valid ([`Fence`](crate::cluster::membership::Fence)),
+//! * it owns the room in its view, and
+//! * the room is **open**: the handover barrier passed — every edge in the
+//!   view has registered its sockets of the room here ([`handover`]).
+//!
+//! An acknowledged publish is answered only once every edge it went to
+//! confirmed receipt ([`acks`]). An edge whose link is lost keeps its place
+//! for `cluster.edge_lease`; if it does not come back in time its sockets
+//! are dropped and users held only by it get `member_removed`.
+
+mod acks;
+mod handover;
+mod link;
+pub mod scale;
+
+use super::link::{
+    proof, proof_ok, send_direct, LinkError, LinkRx, LinkTx, Msg, Refusal, RegMode, Reply,
+    PAGE_BYTES, VERSION,
+};
+use super::membership::Membership;
+use super::tls::{LinkIo, LinkTls};
+use super::view::{NodeId, View};
+use crate::protocol::Frame;
+use crate::ring::room_hash;
+use crate::types::{ConnId, Member, RoomKey, Shed};
+use crate::worker::{Pool, RemoteEdge, Subscriber, Target};
+use link::EdgeLink;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Requests of one edge answered concurrently (queries, acknowledged
+/// publishes waiting for receipts); beyond it they are refused (busy).
+const INFLIGHT_PER_LINK: usize = 4096;
+/// Links being set up at once; beyond it the link accept loop waits.
+const HANDSHAKES: usize = 64;
+
+/// What the worker role needs: its rooms, its link settings, its view and
+/// when to stop.
+pub struct WorkerNode {
+    pub id: NodeId,
+    pub pool: Arc<Pool>,
+    pub heartbeat: Duration,
+    pub edge_lease: Duration,
+    pub handover_timeout: Duration,
+    pub tls: Option<crate::config::LinkTlsConfig>,
+    /// Shared link secret (empty: the link is mutual TLS).
+    pub secret: String,
+    pub membership: Membership,
+    /// Bytes queued to one edge before the link is closed as too slow.
+    pub link_queue_bytes: usize,
+    /// Cancelled when the node stops accepting edges.
+    pub closing: CancellationToken,
+}
+
+/// One edge node, across its reconnects.
+struct EdgeState {
+    /// Which connection of the edge is the current one (leases compare it).
+    generation: u64,
+    link: Option<Arc<EdgeLink>>,
+    /// The newest view the edge said it applied (`ViewAck`).
+    acked_rev: u64,
+}
+
+pub(crate) struct Node {
+    id: NodeId,
+    pool: Arc<Pool>,
+    heartbeat: Duration,
+    edge_lease: Duration,
+    handover_timeout: Duration,
+    secret: String,
+    link_queue_bytes: usize,
+    membership: Membership,
+    edges: Mutex<HashMap<u64, EdgeState>>,
+    acks: acks::Acks,
+    /// The view as of the last passed handover barrier: a room this worker
+    /// owns now but did not own in it is still sealed.
+    open_view: RwLock<Arc<View>>,
+    /// Woken by every `ViewAck` (the barrier waits on it).
+    view_acked: Notify,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// Whether a publish (or query) for `room` may be served here now.
+    fn serving(&self, room: &RoomKey) -> Result<(), Refusal> {
+        if !self.membership.fence.is_valid() {
+            return Err(Refusal::Fenced);
+        }
+        if self.membership.is_static() {
+            return Ok(()); // static workers serve what edges send them
+        }
+        let view = self.membership.current();
+        if view.owner(room) != Some(&self.id) {
+            return Err(Refusal::NotOwner);
+        }
+        let open = self.open_view.read().unwrap_or_else(|p| p.into_inner());
+        if open.owner(room) != Some(&self.id) {
+            return Err(Refusal::Sealed);
+        }
+        Ok(())
+    }
+
+    /// Whether a registration for `room` belongs here (its owner in the
+    /// view, sealed or not): one for a room that moved away is dropped, so
+    /// a late edge cannot leave a ghost room behind.
+    fn owns(&self, room: &RoomKey) -> bool {
+        self.membership.is_static() || self.membership.current().owner(room) == Some(&self.id)
+    }
+
+    /// Wait (briefly) for this node's view to reach `rev`, when a peer shows
+    /// a newer one: the frame was decided on a view this node is about to get.
+    async fn catch_up(&self, rev: u64) {
+        if self.membership.is_static() || self.membership.current().rev >= rev {
+            return;
+        }
+        let mut view = self.membership.view.clone();
+        let _ = tokio::time::timeout(self.handover_timeout, async {
+            while view.borrow_and_update().rev < rev {
+                if view.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn links(&self) -> Vec<Arc<EdgeLink>> {
+        lock(&self.edges)
+            .values()
+            .filter_map(|e| e.link.clone())
+            .collect()
+    }
+
+    /// Edges in the view that have not acknowledged `rev` and are connected.
+    fn waiting_for(&self, view: &View) -> Vec<NodeId> {
+        let edges = lock(&self.edges);
+        view.edges
+            .iter()
+            .filter(|name| {
+                let id = room_hash(name, "");
+                edges
+                    .get(&id)
+                    .is_some_and(|e| e.link.is_some() && e.acked_rev < view.rev)
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
+    let tls = match cfg.tls.as_ref().map(LinkTls::load) {
+        Some(Ok(t)) => Some(Arc::new(t)),
+        Some(Err(e)) => {
+            // Validated at start; a file changed since. Refuse every link rather than run in clear.
+            tracing::error!(error = %e, "link TLS unusable; refusing edges");
+            return;
+        }
+        None => None,
+    };
+    let initial = cfg.membership.current();
+    let node = Arc::new(Node {
+        id: cfg.id,
+        pool: cfg.pool,
+        heartbeat: cfg.heartbeat,
+        edge_lease: cfg.edge_lease,
+        handover_timeout: cfg.handover_timeout,
+        secret: cfg.secret,
+        link_queue_bytes: cfg.link_queue_bytes,
+        membership: cfg.membership,
+        edges: Mutex::new(HashMap::new()),
+        acks: acks::Acks::default(),
+        open_view: RwLock::new(initial),
+        view_acked: Notify::new(),
+        next_id: AtomicU64::new(1),
+    });
+    if !node.membership.is_static() {
+        tokio::spawn(handover::run(node.clone(), cfg.closing.clone()));
+    }
+    let permits = Arc::new(Semaphore::new(HANDSHAKES));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+            _ = cfg.closing.cancelled() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "link accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = cfg.closing.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let (node, tls) = (node.clone(), tls.clone());
+        tokio::spawn(async move {
+            let io: Box<dyn LinkIo> = match tls {
+                Some(tls) => {
+                    match tokio::time::timeout(node.heartbeat * 4, tls.accept(stream)).await {
+                        Ok(Ok(io)) => io,
+                        Ok(Err(e)) => {
+                            return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
+                        }
+                        Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
+                    }
+                }
+                None => Box::new(stream),
+            };
+            match handshake(&node, io).await {
+                Ok((rx, w, edge, heartbeat)) => {
+                    drop(permit);
+                    edge_connection(node, rx, w, edge, heartbeat).await
+                }
+                Err(e) => tracing::info!(%peer, error = %e, "link refused"),
+            }
+        });
+    }
+}
+
+type Reader = LinkRx<tokio::io::ReadHalf<Box<dyn LinkIo>>>;
+type Writer = tokio::io::WriteHalf<Box<dyn LinkIo>>;
+
+/// Challenge, hello (with the edge's proof of the secret), answer (with
+/// ours). The heartbeat both ends use is the larger of the two asked.
+async fn handshake(
+    node: &Node,
+    io: Box<dyn LinkIo>,
+) -> Result<(Reader, Writer, String, Duration), LinkError> {
+    let (r, mut w) = tokio::io::split(io);
+    let mut rx = LinkRx::new(r);
+    let nonce: [u8; 16] = rand::random();
+    send_direct(&mut w, &Msg::Challenge { nonce }).await?;
+    let hello = tokio::time::timeout(node.heartbeat * 4, rx.recv())
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    let Msg::Hello {
+        version,
+        edge,
+        rev,
+        heartbeat_ms,
+        nonce: edge_nonce,
+        proof: edge_proof,
+    } = hello
+    else {
+        return Err(LinkError::Refused("no hello".into()));
+    };
+    let refuse = |reason: &str| LinkError::Refused(format!("edge {edge:?}: {reason}"));
+    if version != VERSION {
+        let _ = send_direct(
+            &mut w,
+            &Msg::Refuse {
+                reason: format!("link version {version}, this worker speaks {VERSION}"),
+            },
+        )
+        .await;
+        return Err(refuse("wrong link version"));
+    }
+    if !node.secret.is_empty()
+        && !edge_proof.is_some_and(|p| proof_ok(&node.secret, "edge", &nonce, &edge, &p))
+    {
+        metrics::counter!("herdgate_link_auth_failures_total").increment(1);
+        let _ = send_direct(
+            &mut w,
+            &Msg::Refuse {
+                reason: "not authenticated".into(),
+            },
+        )
+        .await;
+        return Err(refuse("bad proof of the cluster secret"));
+    }
+    if !node.membership.fence.is_valid() {
+        let _ = send_direct(
+            &mut w,
+            &Msg::Refuse {
+                reason: "fenced".into(),
+            },
+        )
+        .await;
+        return Err(refuse("this worker is fenced"));
+    }
+    node.catch_up(rev).await;
+    let heartbeat = node
+        .heartbeat
+        .max(Duration::from_millis(heartbeat_ms.max(10) as u64));
+    let ack = Msg::HelloAck {
+        version: VERSION,
+        worker: node.id.to_string(),
+        incarnation: *node.membership.incarnation.borrow(),
+        rev: node.membership.current().rev,
+        heartbeat_ms: heartbeat.as_millis() as u32,
+        proof: (!node.secret.is_empty())
+            .then(|| proof(&node.secret, "worker", &edge_nonce, &node.id)),
+    };
+    send_direct(&mut w, &ack).await?;
+    Ok((rx, w, edge, heartbeat))
+}
+
+async fn edge_connection(
+    node: Arc<Node>,
+    mut rx: Reader,
+    w: Writer,
+    name: String,
+    heartbeat: Duration,
+) {
+    let id = room_hash(&name, "");
+    let tx = LinkTx::new(node.link_queue_bytes);
+    let link = Arc::new(EdgeLink {
+        id,
+        name: name.clone(),
+        tx: tx.clone(),
+    });
+    let generation = {
+        let mut edges = lock(&node.edges);
+        let e = edges.entry(id).or_insert(EdgeState {
+            generation: 0,
+            link: None,
+            acked_rev: 0,
+        });
+        e.generation += 1;
+        e.link = Some(link.clone());
+        e.acked_rev = 0;
+        e.generation
+    };
+    if generation > 1 {
+        // The edge comes back within its lease. What it registered here
+        // before may be stale (it re-registers every room it has here, and
+        // those commands queue behind this one): drop it quietly.
+        node.pool.purge_edge(id, true).await;
+    }
+    tracing::info!(edge = %name, "edge connected");
+    metrics::gauge!("herdgate_link_edges").increment(1.0);
+    let fence_node = node.clone();
+    let writer = tokio::spawn(super::link::write_loop(
+        w,
+        tx.clone(),
+        heartbeat,
+        move || fence_node.membership.fence.is_valid(),
+    ));
+    let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_LINK));
+    // Three missed heartbeats and the edge is gone.
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(heartbeat * 3, rx.recv()) => m,
+            _ = writer_closed(&tx) => break,
+        };
+        match msg {
+            Ok(Ok(msg)) => handle(&node, msg, &link, &inflight).await,
+            Ok(Err(e)) => {
+                tracing::debug!(edge = %name, error = %e, "edge link read failed");
+                break;
+            }
+            Err(_) => {
+                tracing::debug!(edge = %name, "edge missed three heartbeats");
+                break;
+            }
+        }
+    }
+    tx.close();
+    writer.abort();
+    metrics::gauge!("herdgate_link_edges").decrement(1.0);
+    {
+        let mut edges = lock(&node.edges);
+        if let Some(e) = edges.get_mut(&id).filter(|e| e.generation == generation) {
+            e.link = None;
+        }
+    }
+    node.view_acked.notify_waiters(); // the barrier stops waiting for it
+    tracing::warn!(edge = %name, "edge link lost; its sockets stay for the lease");
+    let lease = node.edge_lease;
+    tokio::spawn(async move {
+        tokio::time::sleep(lease).await;
+        // Expired only if the edge has not connected again meanwhile; the
+        // entry goes with it, so the map holds only edges seen within a lease.
+        let expired = {
+            let mut edges = lock(&node.edges);
+            let expired = edges
+                .get(&id)
+                .is_some_and(|e| e.generation == generation && e.link.is_none());
+            if expired {
+                edges.remove(&id);
+            }
+            expired
+        };
+        if expired {
+            tracing::warn!(edge = %name, "edge lease expired: dropping its sockets");
+            node.pool.purge_edge(id, false).await;
+        }
+    });
+}
+
+/// Resolves when the link's queue was closed (overflow, fence, shutdown).
+async fn writer_closed(tx: &LinkTx) {
+    while !tx.is_closed() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn key(app: String, channel: String) -> RoomKey {
+    RoomKey {
+        app: Arc::from(app),
+        channel: Arc::from(channel),
+    }
+}
+
+fn reply(link: &EdgeLink, id: u64, reply: Reply) {
+    let _ = link.tx.try_send(&Msg::Reply { id, reply });
+}
+
+fn refused(link: &EdgeLink, id: u64, reason: Refusal) {
+    metrics::counter!("herdgate_link_publish_refused_total", "reason" => reason.label())
+        .increment(1);
+    reply(
+        link,
+        id,
+        Reply::Refused {
+            reason,
+            retry_after_ms: 1000,
+        },
+    );
+}
+
+/// Handle one frame from an edge. Whatever must stay in link order
+/// (registrations, publishes) is queued to the rooms here, in order;
+/// whatever waits for an answer waits in a task of its own, so one slow
+/// request never holds up the frames behind it.
+async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc<Semaphore>) {
+    let target = || Target::Edge(link.clone() as Arc<dyn RemoteEdge>);
+    match msg {
+        Msg::Heartbeat => {}
+        Msg::Register {
+            id,
+            app,
+            channel,
+            conn,
+            member,
+            max_members,
+            events_max,
+            mode,
+        } => {
+            let room = key(app, channel);
+            if !node.owns(&room) {
+                if id != 0 {
+                    refused(link, id, Refusal::NotOwner);
+                }
+                return;
+            }
+            let member = member.map(|(user, info)| Member {
+                user_id: Arc::from(user),
+                user_info: info.and_then(|i| serde_json::value::RawValue::from_string(i).ok()),
+            });
+            let sub = Subscriber {
+                id: ConnId(conn),
+                to: target(),
+            };
+            let shed = Shed {
+                member_events_max: events_max.map(|m| m as usize),
+                silent: mode != RegMode::Join,
+                // A restored socket's member is news, unless the room is
+                // being rebuilt from every edge's registrations right now.
+                announce: mode == RegMode::Restore && node.serving(&room).is_ok(),
+            };
+            match node
+                .pool
+                .subscribe_start(room, sub, member, max_members as usize, shed)
+                .await
+            {
+                Ok(Some(answer)) => {
+                    let link = link.clone();
+                    tokio::spawn(async move {
+                        let ok = answer.await.unwrap_or(false);
+                        reply(&link, id, Reply::Registered { ok });
+                    });
+                }
+                Ok(None) => {}
+                Err(_) if id != 0 => refused(link, id, Refusal::Busy),
+                Err(_) => {}
+            }
+        }
+        Msg::Unregister {
+            app,
+            channel,
+            conn,
+            events_max,
+            silent,
+        } => {
+            let shed = Shed {
+                member_events_max: events_max.map(|m| m as usize),
+                silent,
+                announce: false,
+            };
+            let _ = node
+                .pool
+                .unsubscribe(key(app, channel), ConnId(conn), shed)
+                .await;
+        }
+        Msg::Publish {
+            id,
+            app,
+            channel,
+            frame,
+            exclude,
+            coalesce_ms,
+            wait_ms,
+        } => {
+            let room = key(app, channel);
+            let Ok(frame) = Frame::try_from(frame) else {
+                return; // not UTF-8: not a frame a socket may get
+            };
+            if let Err(reason) = node.serving(&room) {
+                if id != 0 {
+                    refused(link, id, reason);
+                } else {
+                    metrics::counter!("herdgate_client_events_dropped_total", "reason" => reason.label())
+                        .increment(1);
+                }
+                return;
+            }
+            let coalesce = coalesce_ms.map(Duration::from_millis);
+            let exclude = exclude.map(ConnId);
+            if id == 0 {
+                // A client event: acknowledged to nobody.
+                let _ = node
+                    .pool
+                    .publish(room, frame, exclude, coalesce, Duration::from_secs(1))
+                    .await;
+                return;
+            }
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                return refused(link, id, Refusal::Busy);
+            };
+            // Answer within the edge's own wait, so a late answer never
+            // follows a 503 the client already got.
+            let wait =
+                Duration::from_millis(wait_ms as u64).saturating_sub(Duration::from_millis(50));
+            let ack_id = node.next_id.fetch_add(1, Ordering::Relaxed);
+            let waiting = node.acks.expect(ack_id);
+            match node
+                .pool
+                .publish_tracked(room, frame, exclude, coalesce, ack_id, wait)
+                .await
+            {
+                Ok(delivery) => {
+                    let (node, link) = (node.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let outcome =
+                            acks::confirm(&node.acks, ack_id, waiting, delivery, wait).await;
+                        match outcome {
+                            Ok(()) => reply(&link, id, Reply::Published),
+                            Err(reason) => refused(&link, id, reason),
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    node.acks.forget(ack_id);
+                    refused(link, id, Refusal::Busy);
+                }
+            }
+        }
+        Msg::DeliverAck { ids } => node.acks.receipts(link.id, &ids),
+        Msg::SignIn { app, user, conn } => {
+            let room = RoomKey::user(&Arc::from(app.as_str()), &user);
+            if node.owns(&room) {
+                let sub = Subscriber {
+                    id: ConnId(conn),
+                    to: target(),
+                };
+                let _ = node.pool.sign_in(&room.app, &user, sub).await;
+            }
+        }
+        Msg::SignOut { app, user, conn } => {
+            let _ = node
+                .pool
+                .sign_out(&Arc::from(app), &user, ConnId(conn))
+                .await;
+        }
+        Msg::ViewAck { rev } => {
+            if let Some(e) = lock(&node.edges).get_mut(&link.id) {
+                e.acked_rev = e.acked_rev.max(rev);
+            }
+            node.view_acked.notify_waiters();
+        }
+        request @ (Msg::Terminate { .. }
+        | Msg::Query { .. }
+        | Msg::Users { .. }
+        | Msg::List { .. }) => {
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                let id = match &request {
+                    Msg::Terminate { id, .. }
+                    | Msg::Query { id, .. }
+                    | Msg::Users { id, .. }
+                    | Msg::List { id, .. } => *id,
+                    _ => 0,
+                };
+                return refused(link, id, Refusal::Busy);
+            };
+            let (node, link) = (node.clone(), link.clone());
+            tokio::spawn(async move {
+                answer(&node, request, &link).await;
+                drop(permit);
+            });
+        }
+        other => tracing::debug!(?other, "unexpected frame from an edge"),
+    }
+}
+
+const API_WAIT: Duration = Duration::from_secs(1);
+
+/// Answer a query, a page of a listing, or a terminate.
+async fn answer(node: &Node, request: Msg, link: &EdgeLink) {
+    match request {
+        Msg::Terminate { id, app, user } => {
+            let room = RoomKey::user(&Arc::from(app.as_str()), &user);
+            if let Err(reason) = node.serving(&room) {
+                return refused(link, id, reason);
+            }
+            match node.pool.terminate(&room.app, &user, API_WAIT).await {
+                Ok(()) => reply(link, id, Reply::Done),
+                Err(_) => refused(link, id, Refusal::Busy),
+            }
+        }
+        Msg::Query { id, app, channel } => {
+            let room = key(app, channel);
+            if let Err(reason) = node.serving(&room) {
+                return refused(link, id, reason);
+            }
+            match node.pool.query(room, API_WAIT).await {
+                Ok(r) => reply(
+                    link,
+                    id,
+                    Reply::Info {
+                        subscriptions: r.subscription_count as u64,
+                        users: r.user_count as u64,
+                    },
+                ),
+                Err(_) => refused(link, id, Refusal::Busy),
+            }
+        }
+        Msg::Users {
+            id,
+            app,
+            channel,
+            after,
+        } => {
+            let room = key(app, channel);
+            if let Err(reason) = node.serving(&room) {
+                return refused(link, id, reason);
+            }
+            match node.pool.users(room, API_WAIT).await {
+                Ok(mut users) => {
+                    users.sort();
+                    let (page, next) = page(users, after.as_deref(), |u| u, |u| u.len() + 8);
+                    reply(link, id, Reply::Users { users: page, next });
+                }
+                Err(_) => refused(link, id, Refusal::Busy),
+            }
+        }
+        Msg::List {
+            id,
+            app,
+            prefix,
+            after,
+        } => {
+            if !node.membership.fence.is_valid() {
+                return refused(link, id, Refusal::Fenced);
+            }
+            match node.pool.list(&Arc::from(app), &prefix, API_WAIT).await {
+                Ok(rooms) => {
+                    // Listed by the owner only: a room still here after a
+                    // move (sealed away, not yet dropped) is not counted twice.
+                    let rooms: Vec<(String, u64, u64)> = rooms
+                        .into_iter()
+                        .map(|(n, r)| (n, r.subscription_count as u64, r.user_count as u64))
+                        .collect();
+                    let (page, next) = page(rooms, after.as_deref(), |r| &r.0, |r| r.0.len() + 24);
+                    reply(link, id, Reply::Rooms { rooms: page, next });
+                }
+                Err(_) => refused(link, id, Refusal::Busy),
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One page of a sorted listing: the items named after `after`, at most
+/// [`PAGE_BYTES`] by `size`; and the name the next page starts after.
+fn page<T>(
+    items: Vec<T>,
+    after: Option<&str>,
+    name: impl Fn(&T) -> &str,
+    size: impl Fn(&T) -> usize,
+) -> (Vec<T>, Option<String>) {
+    let mut out: Vec<T> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        if after.is_some_and(|a| name(&item) <= a) {
+            continue;
+        }
+        bytes += size(&item);
+        if bytes > PAGE_BYTES && !out.is_empty() {
+            let next = out.last().map(|l| name(l).to_string());
+            return (out, next);
+        }
+        out.push(item);
+    }
+    (out, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_stay_under_the_limit_and_resume_after_the_last_name() {
+        let rooms: Vec<(String, u64, u64)> = (0..50_000)
+            .map(|i| (format!("room-{i:06}"), 1, 0))
+            .collect();
+        let mut sorted = rooms.clone();
+        sorted.sort();
+        let mut after = None;
+        let mut all = Vec::new();
+        let mut pages = 0;
+        loop {
+            let (p, next) = page(
+                sorted.clone(),
+                after.as_deref(),
+                |r| &r.0,
+                |r| r.0.len() + 24,
+            );
+            assert!(p.iter().map(|r| r.0.len() + 24).sum::<usize>() <= PAGE_BYTES);
+            all.extend(p);
+            pages += 1;
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert!(pages > 1);
+        assert_eq!(all, sorted);
+    }
+}
