@@ -7,6 +7,7 @@
 //! Every signature is made with `pusher-sign`, which shares no code with the
 //! server, so a test fails when the server stops being Pusher-compatible.
 
+pub mod cluster;
 pub mod etcd;
 pub mod pki;
 pub mod process;
@@ -306,6 +307,7 @@ pub fn data_of(e: &Event) -> &Value {
 }
 
 /// A signed Pusher HTTP API client over plain HTTP/1.1.
+#[derive(Clone)]
 pub struct Api {
     /// Set: speak HTTPS with this client config (server name "localhost").
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,

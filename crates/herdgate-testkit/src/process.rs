@@ -43,10 +43,38 @@ impl Herdgate {
     /// Like [`Herdgate::start`], with `customize` applied to the command last
     /// (environment, removed variables, ...).
     pub fn start_custom(config: &str, customize: impl FnOnce(&mut Command)) -> Herdgate {
+        Self::spawn(config, None, customize)
+    }
+
+    /// Like [`Herdgate::start`], but as user `nobody` (uid 65534): a test can
+    /// then cut this one process's traffic with an iptables owner match
+    /// ([`crate::cluster::Cut`]), a real partial partition on loopback.
+    pub fn start_as_nobody(config: &str) -> Herdgate {
+        Self::spawn(config, Some(65534), |_| {})
+    }
+
+    fn spawn(config: &str, uid: Option<u32>, customize: impl FnOnce(&mut Command)) -> Herdgate {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("herdgate.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut cmd = Command::new(bin("herdgate"));
+        let mut cmd = match uid {
+            Some(uid) => {
+                // The process must read its config: world-readable here.
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                    .unwrap();
+                std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644))
+                    .unwrap();
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg("--")
+                    .arg(bin("herdgate"));
+                c
+            }
+            None => Command::new(bin("herdgate")),
+        };
         cmd.arg("--config")
             .arg(&config_path)
             .stdout(Stdio::piped())

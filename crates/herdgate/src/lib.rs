@@ -96,8 +96,16 @@ pub fn start(
         } else {
             c.node_id.as_str()
         });
+        // Edges dial `advertise`, else the address actually bound (port 0 resolved).
+        let advertised = if c.advertise.is_empty() {
+            listener
+                .local_addr()
+                .map_or_else(|_| c.link_listen.clone(), |a| a.to_string())
+        } else {
+            c.advertise.clone()
+        };
         let membership =
-            cluster::membership_for_worker(&config, id.clone(), shared.stopped.clone());
+            cluster::membership_for_worker(&config, id.clone(), advertised, shared.stopped.clone());
         if let Some(control) = membership.control.clone() {
             let scale = cluster::worker_node::scale::Scale {
                 control,
@@ -120,6 +128,7 @@ pub fn start(
             membership,
             link_queue_bytes: cluster::LINK_QUEUE_BYTES,
             closing: shared.closing.clone(),
+            status: shared.worker_status.clone(),
         };
         shared
             .tasks

@@ -30,6 +30,8 @@ pub struct Shared {
     pub tls: Option<Tls>,
     /// A cluster worker's ring handle (etcd), for the drain on shutdown.
     pub worker: std::sync::OnceLock<crate::cluster::worker_node::scale::Scale>,
+    /// A cluster worker's view of the cluster, for `/status`.
+    pub worker_status: Arc<std::sync::OnceLock<crate::cluster::worker_node::StatusFn>>,
 }
 
 /// The part of the configuration that a reload (SIGHUP) swaps while serving.
@@ -118,6 +120,7 @@ impl Shared {
             closing: CancellationToken::new(),
             stopped,
             worker: std::sync::OnceLock::new(),
+            worker_status: Arc::default(),
             tasks: TaskTracker::new(),
             tls,
         }))

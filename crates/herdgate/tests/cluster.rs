@@ -307,9 +307,7 @@ async fn a_static_worker_dies_and_returns_without_failover_or_loss() {
             assert_eq!(seen, ["unavailable", "ready"], "{room}");
         }
         assert!(
-            states
-                .iter()
-                .all(|(c, _)| victim_rooms.iter().any(|r| *r == c)),
+            states.iter().all(|(c, _)| victim_rooms.contains(&c)),
             "only the dead worker's rooms were affected: {states:?}"
         );
     }

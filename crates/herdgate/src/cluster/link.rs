@@ -74,6 +74,8 @@ pub enum Msg {
         max_members: u32,
         events_max: Option<u32>,
         mode: RegMode,
+        /// The sender's view: a worker behind it catches up before judging.
+        rev: u64,
     },
     Unregister {
         app: String,
@@ -93,11 +95,13 @@ pub enum Msg {
         exclude: Option<u64>,
         coalesce_ms: Option<u64>,
         wait_ms: u32,
+        rev: u64,
     },
     SignIn {
         app: String,
         user: String,
         conn: u64,
+        rev: u64,
     },
     SignOut {
         app: String,
@@ -131,6 +135,12 @@ pub enum Msg {
     /// view has sealed."
     ViewAck {
         rev: u64,
+    },
+    /// Answered (`Reply::Done`) once every frame before it is in effect at
+    /// the worker's rooms: a link coming back says its rooms are ready only
+    /// then.
+    Sync {
+        id: u64,
     },
     /// Receipt of acknowledged deliveries: `false` means not delivered
     /// (fenced, or the room is gone here).
@@ -523,9 +533,9 @@ pub fn frame_bytes(msgs: &[Msg]) -> BytesMut {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn round_trips_and_refuses_oversized_frames() {
-        let msgs = [
+    /// One of each kind of frame that matters on the wire.
+    fn samples() -> Vec<Msg> {
+        vec![
             Msg::Hello {
                 version: VERSION,
                 edge: "e1".into(),
@@ -543,6 +553,7 @@ mod tests {
                 max_members: 100,
                 events_max: None,
                 mode: RegMode::Join,
+                rev: 3,
             },
             Msg::Deliver {
                 app: "1".into(),
@@ -559,7 +570,62 @@ mod tests {
                     next: Some("a".into()),
                 },
             },
-        ];
+            Msg::Publish {
+                id: 5,
+                app: "1".into(),
+                channel: "private-c".into(),
+                frame: Bytes::from_static(b"{\"event\":\"e\"}"),
+                exclude: None,
+                coalesce_ms: Some(2000),
+                wait_ms: 2000,
+                rev: 8,
+            },
+            Msg::DeliverAck {
+                ids: vec![(9, true), (10, false)],
+            },
+            Msg::Reply {
+                id: 5,
+                reply: Reply::Refused {
+                    reason: Refusal::Sealed,
+                    retry_after_ms: 250,
+                },
+            },
+            Msg::Sealed { rev: 8 },
+            Msg::Fenced,
+        ]
+    }
+
+    /// The link's wire format is pinned: a change to it (a reordered enum
+    /// variant, a new field) must come with a new [`VERSION`], because
+    /// edges and workers of different builds talk during a rolling
+    /// upgrade. The pinned frames are also the link fuzz target's seeds.
+    /// `HERDGATE_BLESS=1` rewrites them after a deliberate change.
+    #[test]
+    fn the_wire_format_is_pinned_by_the_fuzz_seeds() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/link_frame");
+        let bless = std::env::var_os("HERDGATE_BLESS").is_some();
+        for (i, m) in samples().iter().enumerate() {
+            let path = dir.join(format!("v{VERSION}-{i:02}.bin"));
+            let bytes = frame_bytes(std::slice::from_ref(m));
+            if bless {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let pinned = std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("{}: {e} (HERDGATE_BLESS=1 writes it)", path.display()));
+            assert_eq!(
+                &pinned[..],
+                &bytes[..],
+                "{m:?} changed on the wire: bump link::VERSION"
+            );
+            assert_eq!(&decode(&pinned[4..]).unwrap(), m);
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trips_and_refuses_oversized_frames() {
+        let msgs = samples();
         let (a, b) = tokio::io::duplex(1 << 16);
         let tx = LinkTx::new(1 << 20);
         for m in &msgs {

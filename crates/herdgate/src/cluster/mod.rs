@@ -46,7 +46,12 @@ pub fn membership_for_edge(config: &Config, id: NodeId, stop: CancellationToken)
 
 /// A worker's membership: none (static: it serves what edges send it), or
 /// its etcd registration, joining with weight 0.
-pub fn membership_for_worker(config: &Config, id: NodeId, stop: CancellationToken) -> Membership {
+pub fn membership_for_worker(
+    config: &Config,
+    id: NodeId,
+    advertised: String,
+    stop: CancellationToken,
+) -> Membership {
     let cl = &config.cluster;
     match cl.membership {
         #[cfg(feature = "etcd")]
@@ -54,7 +59,7 @@ pub fn membership_for_worker(config: &Config, id: NodeId, stop: CancellationToke
             &cl.etcd,
             id,
             membership::etcd::Registration::Worker(view::WorkerInfo {
-                addr: cl.advertised().to_string(),
+                addr: advertised,
                 vnodes: 0,
                 state: "joining".into(),
                 incarnation: 0,
@@ -62,7 +67,7 @@ pub fn membership_for_worker(config: &Config, id: NodeId, stop: CancellationToke
             stop,
         ),
         _ => {
-            let _ = (id, stop);
+            let _ = (id, stop, advertised);
             Membership::none()
         }
     }

@@ -77,10 +77,23 @@ fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     }
 }
 
+/// The membership view and links (cluster nodes), else null.
+fn cluster_status(shared: &Shared) -> serde_json::Value {
+    if let Some(edge) = shared.router.cluster_edge() {
+        return edge.status();
+    }
+    shared
+        .worker_status
+        .get()
+        .map_or(serde_json::Value::Null, |f| f())
+}
+
 /// Ready for new connections: not draining, and the load state does not refuse them.
 fn ready(shared: &Shared) -> bool {
     let refuse = shared.live().config.overload.actions.refuse_connections;
-    !shared.draining.is_cancelled() && !refuse.applies(shared.overload.admission_state())
+    // An edge that cannot follow the cluster view serves no room: not ready.
+    let current = shared.router.cluster_edge().is_none_or(|e| e.is_current());
+    current && !shared.draining.is_cancelled() && !refuse.applies(shared.overload.admission_state())
 }
 
 fn status(shared: &Shared) -> serde_json::Value {
@@ -95,6 +108,8 @@ fn status(shared: &Shared) -> serde_json::Value {
         "reasons": snap.reasons,
         "signals": snap.signals,
         "admission": shared.overload.admission_state().as_str(),
+        "role": c.cluster.role.as_str(),
+        "cluster": cluster_status(shared),
         "limited": c.overload.actions.limited(state, shared.overload.admission_state()),
         "connections": shared.sessions.open(),
         "limits": {

@@ -178,6 +178,11 @@ impl Pool {
         Ok(rx)
     }
 
+    /// Resolves once every command queued before it was handled.
+    pub async fn barrier(&self) {
+        self.retain(Arc::new(|_| true)).await;
+    }
+
     /// Drop, in every worker, the rooms `keep` refuses; returns how many,
     /// once every earlier command was handled.
     pub async fn retain(&self, keep: Arc<dyn Fn(&RoomKey) -> bool + Send + Sync>) -> usize {

@@ -47,8 +47,9 @@ pub struct Delivery {
     pub overflowed: u64,
     /// Edges the frame went to (they confirm receipt of acknowledged ones).
     pub edges: Vec<u64>,
-    /// Edges that could not take it (their link's policy applies).
-    pub edges_failed: u32,
+    /// Edges whose link is down (or was just closed as too slow): their
+    /// sockets are told the room is unavailable, they are not waited for.
+    pub edges_down: u32,
 }
 
 impl Delivery {
@@ -218,7 +219,7 @@ impl Room {
                     d.queued += 1;
                     d.edges.push(r.edge.id());
                 } else {
-                    d.edges_failed += 1;
+                    d.edges_down += 1;
                 }
             }
         }

@@ -23,8 +23,8 @@ pub trait RemoteEdge: Send + Sync {
         except_user: Option<&str>,
         ack_id: u64,
     ) -> Bytes;
-    /// Send an encoded delivery; `false` if the edge cannot take it now (its
-    /// link is gone or over its bound: the link's policy applies).
+    /// Send an encoded delivery; `false` if the edge's link is down (or was
+    /// over its bound, and is now closed: the link's policy).
     fn send_deliver(&self, encoded: &Bytes) -> bool;
     /// Send `frame` to one socket of the edge (subscription answers).
     fn deliver_to(&self, room: &RoomKey, conn: ConnId, frame: &Frame);

@@ -71,17 +71,24 @@ async fn apply(edge: &Arc<Edge>, new: Arc<View>) {
     }
     let mut registered = 0usize;
     let mut rooms_moved: HashSet<crate::types::RoomKey> = HashSet::new();
+    let mut unreachable: HashSet<NodeId> = HashSet::new();
     for (owner, list) in by_owner {
         // A new owner this edge cannot reach now gets everything when its
-        // link comes up (links register all they own on connect).
+        // link comes up (links register all they own on connect); until
+        // then its rooms are unavailable here.
         let Some(tx) = edge.link(&owner).and_then(|l| l.tx()) else {
+            unreachable.insert(owner);
             continue;
         };
         for a in &list {
             if let Again::Sub { room, .. } = a {
                 rooms_moved.insert(room.clone());
             }
-            if tx.send(&again_msg(a, RegMode::Move)).await.is_err() {
+            if tx
+                .send(&again_msg(a, RegMode::Move, new.rev))
+                .await
+                .is_err()
+            {
                 break;
             }
             registered += 1;
@@ -90,10 +97,16 @@ async fn apply(edge: &Arc<Edge>, new: Arc<View>) {
     if !rooms_moved.is_empty() {
         metrics::counter!("herdgate_room_moves_total", "reason" => "view")
             .increment(rooms_moved.len() as u64);
+    }
+    for (state, owners_down) in [(RoomState::Moving, false), (RoomState::Unavailable, true)] {
+        let (n, moved, down) = (new.clone(), moved.clone(), unreachable.clone());
+        let pred: Arc<dyn Fn(&crate::types::RoomKey) -> bool + Send + Sync> = Arc::new(move |k| {
+            moved(k) && n.owner(k).is_some_and(|o| down.contains(o)) == owners_down
+        });
         edge.rooms
             .broadcast(|| RoomCmd::SetState {
-                pred: moved.clone(),
-                state: RoomState::Moving,
+                pred: pred.clone(),
+                state,
             })
             .await;
     }

@@ -89,8 +89,10 @@ impl Receipts for WorkerLink {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn register_msg(
     id: u64,
+    rev: u64,
     room: &RoomKey,
     conn: ConnId,
     member: Option<&Member>,
@@ -112,6 +114,7 @@ pub(super) fn register_msg(
         max_members: max_members as u32,
         events_max: events_max.map(|m| m as u32),
         mode,
+        rev,
     }
 }
 
@@ -131,10 +134,11 @@ pub(super) fn unregister_msg(
 }
 
 /// The frames that register `again` with a worker.
-pub(super) fn again_msg(again: &Again, mode: RegMode) -> Msg {
+pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
     match again {
         Again::Sub { room, conn, sub } => register_msg(
             0,
+            rev,
             room,
             *conn,
             sub.member.as_ref(),
@@ -150,6 +154,7 @@ pub(super) fn again_msg(again: &Again, mode: RegMode) -> Msg {
                 .unwrap_or(&room.channel)
                 .to_string(),
             conn: conn.0,
+            rev,
         },
     }
 }
@@ -256,27 +261,11 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
     let tx = LinkTx::new(edge.link_queue_bytes);
     let writer = tokio::spawn(write_loop(w, tx.clone(), heartbeat, || true));
     let flusher = tokio::spawn(flush_receipts(link.clone(), tx.clone()));
-    // Register everything this worker owns here, then say which view that was.
-    let view = edge.view();
-    let again = edge.rooms.collect(owned_by(edge, &link.node)).await;
-    let registered = again.len();
-    for a in &again {
-        if tx.send(&again_msg(a, RegMode::Restore)).await.is_err() {
-            writer.abort();
-            flusher.abort();
-            return Err(LinkError::Closed);
-        }
-    }
-    let _ = tx.send(&Msg::ViewAck { rev: view.rev }).await;
-    link.set_tx(Some(tx.clone()));
-    edge.rooms
-        .broadcast(|| RoomCmd::SetState {
-            pred: owned_by(edge, &link.node),
-            state: RoomState::Ready,
-        })
-        .await;
-    tracing::info!(worker = %link.node, registered, "worker link up");
-    metrics::gauge!("herdgate_link_up", "worker" => link.node.to_string()).set(1.0);
+    // Register everything this worker owns here; the rooms are routed (and
+    // their sockets told `ready`) once the worker says those registrations
+    // are in effect, so nothing it acknowledges from then on misses them.
+    let restore = tokio::spawn(restore(edge.clone(), link.clone(), tx.clone()));
+    tracing::info!(worker = %link.node, "worker link connected");
     let ended = loop {
         let msg = tokio::select! {
             m = tokio::time::timeout(heartbeat * 3, rx.recv()) => m,
@@ -295,6 +284,7 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
             break Err(LinkError::Closed);
         }
     };
+    restore.abort();
     link.set_tx(None);
     tx.close();
     writer.abort();
@@ -310,6 +300,53 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
             .await;
     }
     ended
+}
+
+/// Register again every socket of the rooms `link`'s worker owns here, then
+/// acknowledge the view, then wait for the worker to say it all took effect;
+/// only then route to it and tell the rooms' sockets they are ready.
+async fn restore(edge: Arc<Edge>, link: Arc<WorkerLink>, tx: LinkTx) {
+    let mut registered;
+    loop {
+        let view = edge.view();
+        let again = edge.rooms.collect(owned_by(&edge, &link.node)).await;
+        for a in &again {
+            if tx
+                .send(&again_msg(a, RegMode::Restore, view.rev))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        registered = again.len();
+        let _ = tx.send(&Msg::ViewAck { rev: view.rev }).await;
+        let (id, answer) = edge.pending.request();
+        let synced = tx.send(&Msg::Sync { id }).await.is_ok()
+            && tokio::time::timeout(edge.handover_timeout * 4, answer)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        edge.pending.cancel(id);
+        if !synced {
+            tracing::warn!(worker = %link.node, "link restore not confirmed; closing it");
+            tx.close();
+            return;
+        }
+        // A view applied meanwhile skipped this link (it was not routed
+        // yet): register again for the view in force now.
+        if edge.view().rev == view.rev {
+            break;
+        }
+    }
+    link.set_tx(Some(tx.clone()));
+    edge.rooms
+        .broadcast(|| RoomCmd::SetState {
+            pred: owned_by(&edge, &link.node),
+            state: RoomState::Ready,
+        })
+        .await;
+    tracing::info!(worker = %link.node, registered, "worker link up");
+    metrics::gauge!("herdgate_link_up", "worker" => link.node.to_string()).set(1.0);
 }
 
 /// Send receipts in batches: at most every millisecond, or per 256.

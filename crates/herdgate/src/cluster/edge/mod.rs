@@ -179,6 +179,7 @@ impl Edge {
         let id = self.pending.register(room.clone(), conn);
         let msg = links::register_msg(
             id,
+            self.view.load().rev,
             &room,
             conn,
             member.as_ref(),
@@ -282,6 +283,7 @@ impl Edge {
             exclude: exclude.map(|c| c.0),
             coalesce_ms: coalesce.map(|d| d.as_millis() as u64),
             wait_ms,
+            rev: self.view.load().rev,
         };
         let Some(wait) = wait else {
             return match tx.try_send(&make(0, 0)) {
@@ -434,6 +436,7 @@ impl Edge {
             app: room.app.to_string(),
             user: user.to_string(),
             conn: conn.0,
+            rev: self.view.load().rev,
         };
         let sent = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
         if !matches!(sent, Ok(Ok(()))) {

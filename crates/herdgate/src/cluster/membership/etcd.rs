@@ -124,6 +124,7 @@ pub fn start(
             incarnation: inc_tx,
             control: control_rx,
             stop,
+            dirty: false,
         };
         registrar.run().await;
     });
@@ -349,6 +350,8 @@ struct Registrar {
     incarnation: watch::Sender<i64>,
     control: mpsc::Receiver<Control>,
     stop: CancellationToken,
+    /// The value changed (a ramp step) and is not written yet.
+    dirty: bool,
 }
 
 enum Ended {
@@ -368,9 +371,18 @@ impl Registrar {
 
     async fn run(mut self) {
         let stop = self.stop.clone();
+        let mut lease: Option<i64> = None;
         loop {
+            let step = async {
+                let id = match lease {
+                    Some(id) => id,
+                    None => self.register().await?,
+                };
+                lease = Some(id);
+                self.keep(id).await
+            };
             let r = tokio::select! {
-                r = self.register_and_keep() => r,
+                r = step => r,
                 _ = stop.cancelled() => {
                     self.fence.close();
                     return;
@@ -379,12 +391,20 @@ impl Registrar {
             match r {
                 Ok(Ended::Left) => return,
                 Ok(Ended::LeaseLost) => {
+                    lease = None;
                     self.fence.close();
+                    // A new incarnation joins like a new worker: from weight 0.
+                    if let Registration::Worker(w) = &mut self.reg {
+                        w.vnodes = 0;
+                        w.state = "joining".into();
+                    }
                     metrics::gauge!("herdgate_fenced").set(1.0);
                     tracing::warn!(key = %self.key, "lease lost: registering again as a new incarnation");
                 }
                 Err(e) => {
-                    tracing::warn!(key = %self.key, error = %e, "etcd registration failed; retrying");
+                    // Transient (a leader change, a blip): renew the same lease
+                    // again; if this lasts, the fence runs out by itself.
+                    tracing::warn!(key = %self.key, error = %e, "etcd keepalive failed; retrying");
                     metrics::counter!("herdgate_etcd_keepalive_failures_total").increment(1);
                 }
             }
@@ -392,9 +412,9 @@ impl Registrar {
         }
     }
 
-    /// Grant a lease, create the key under it (waiting while another
-    /// process holds it), then renew until the lease is lost or we leave.
-    async fn register_and_keep(&mut self) -> Result<Ended, EtcdError> {
+    /// Grant a lease and create the key under it; another process holding
+    /// the key is waited out, never taken over.
+    async fn register(&mut self) -> Result<i64, EtcdError> {
         let mut c = self.client.clone();
         let lease = c.lease_grant(self.ttl.as_secs() as i64, None).await?;
         let lease_id = lease.id();
@@ -412,8 +432,6 @@ impl Registrar {
             )]);
         let r = c.txn(txn).await?;
         if !r.succeeded() {
-            // Another process with this id: wait for its key to go (its
-            // lease expires if it crashed), never take it over.
             tracing::warn!(key = %self.key, "another process holds this node id; waiting for it to leave");
             let _ = c.lease_revoke(lease_id).await;
             tokio::time::sleep(self.every).await;
@@ -431,9 +449,34 @@ impl Registrar {
             );
             metrics::gauge!("herdgate_fenced").set(0.0);
         }
+        self.dirty = false;
         self.incarnation.send_replace(created);
         tracing::info!(key = %self.key, incarnation = created, "registered in etcd");
-        let (mut keeper, mut answers) = c.lease_keep_alive(lease_id).await?;
+        Ok(lease_id)
+    }
+
+    /// Renew `lease_id` until it is lost (`LeaseLost`), we leave (`Left`),
+    /// or a transient failure (`Err`: the caller renews the same lease).
+    async fn keep(&mut self, lease_id: i64) -> Result<Ended, EtcdError> {
+        let mut c = self.client.clone();
+        let put = |c: &mut Client, value: String| {
+            let mut c = c.clone();
+            let key = self.key.clone();
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease_id)))
+                    .await
+            }
+        };
+        if self.dirty {
+            put(&mut c, self.value()).await?;
+            self.dirty = false;
+        }
+        let (mut keeper, mut answers) = match c.lease_keep_alive(lease_id).await {
+            Ok(k) => k,
+            // The lease is gone (expired while we could not renew it).
+            Err(etcd_client::Error::LeaseKeepAliveError(_)) => return Ok(Ended::LeaseLost),
+            Err(e) => return Err(e.into()),
+        };
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -448,6 +491,7 @@ impl Registrar {
                                 self.fence.extend(sent, Duration::from_secs(r.ttl() as u64), self.margin);
                                 metrics::gauge!("herdgate_lease_valid_seconds")
                                     .set(self.fence.remaining().as_secs_f64());
+                                metrics::gauge!("herdgate_fenced").set(0.0);
                             }
                         }
                         Ok(Ok(Some(_))) => return Ok(Ended::LeaseLost), // TTL 0: expired
@@ -455,7 +499,7 @@ impl Registrar {
                         Ok(Err(e)) => return Err(e.into()),
                         Err(_) => {
                             metrics::counter!("herdgate_etcd_keepalive_failures_total").increment(1);
-                            // No answer in time: keep trying; the fence runs out by itself.
+                            return Err(EtcdError::Other("keepalive unanswered".into()));
                         }
                     }
                 }
@@ -465,7 +509,9 @@ impl Registrar {
                             w.vnodes = vnodes;
                             w.state = state.to_string();
                         }
-                        c.put(self.key.as_str(), self.value(), Some(PutOptions::new().with_lease(lease_id))).await?;
+                        self.dirty = true;
+                        put(&mut c, self.value()).await?;
+                        self.dirty = false;
                     }
                     Some(Control::Leave { done }) => {
                         let _ = c.lease_revoke(lease_id).await;

@@ -3,10 +3,13 @@
 //!
 //! The waiter is registered before the publish is queued to the room, so a
 //! receipt can never arrive before anyone waits for it. A refusal (an edge
-//! that could not take it, said no, or did not answer within the edge's own
-//! wait) is answered `Refused`: the HTTP API answers 503, and nothing was
-//! counted as sent. What remains: an edge crash after its receipt loses its
-//! own sockets' copies, which it would lose anyway.
+//! said no, or did not answer within the edge's own wait) is answered
+//! `Refused`: the HTTP API answers 503, and nothing was counted as sent.
+//! Edges whose link is down are not waited for: their sockets were told
+//! `herdgate:status {"room":"unavailable"}` when the link went, and miss
+//! what is published until it returns. What remains beyond that: an edge
+//! crash after its receipt loses its own sockets' copies, which it would
+//! lose anyway.
 
 use crate::cluster::link::Refusal;
 use crate::worker::Delivery;
@@ -93,9 +96,9 @@ pub(super) async fn confirm(
             .await
             .map_err(|_| Refusal::Busy)?
             .map_err(|_| Refusal::Busy)?;
-        if d.edges_failed > 0 {
-            return Err(Refusal::Busy);
-        }
+        // Edges whose link is down are not waited for: they tell their
+        // sockets the room is unavailable (and register them again when the
+        // link returns, or the worker drops them after the edge's lease).
         loop {
             let notified = changed.notified();
             tokio::pin!(notified);

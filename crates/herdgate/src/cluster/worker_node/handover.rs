@@ -9,15 +9,18 @@
 //!    edge has all of this worker's frames for a moved room before it sees
 //!    `Sealed`, and accepts none after it.
 //! 2. **Barrier.** Rooms this worker gained stay *sealed* — registrations
-//!    yes, publishes no (`Refused{Sealed}`) — until every connected edge in
-//!    the view has sent `ViewAck{≥ rev}`, which follows its registrations of
-//!    the moved rooms on the same link; or until `cluster.handover_timeout`,
-//!    when the edges that did not answer are left out (counted).
+//!    yes, publishes no (`Refused{Sealed}`) — until every edge in the view
+//!    has sent `ViewAck{≥ rev}` on a live link, which follows its
+//!    registrations of the moved rooms; or until `cluster.handover_timeout`,
+//!    when the edges that did not answer are left out (counted). An edge
+//!    left out has no link here, so it tells its sockets of these rooms they
+//!    are unavailable, and registers them when its link comes up.
 //! 3. **Open.** `Open{rev}` to every edge; publishes flow.
 
 use super::Node;
 use crate::cluster::link::Msg;
 use crate::cluster::view::View;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +31,8 @@ pub(super) async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut applied = 0u64;
     // Rooms start sealed: no edge has registered anything here yet.
     *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::empty());
+    node.accepted
+        .store(*incarnation.borrow_and_update(), Ordering::Release);
     loop {
         let view = views.borrow_and_update().clone();
         if view.rev > applied {
@@ -42,10 +47,13 @@ pub(super) async fn run(node: Arc<Node>, stop: CancellationToken) {
                 }
                 // A new incarnation (the lease was lost): whatever this
                 // process held belongs to whoever owned it meanwhile.
+                let current = *incarnation.borrow_and_update();
                 let dropped = node.pool.retain(Arc::new(|_| false)).await;
                 tracing::warn!(dropped, "new incarnation: rooms held before dropped");
                 *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::empty());
                 applied = 0;
+                // Edges may connect (and register) from now on.
+                node.accepted.store(current, Ordering::Release);
             }
             _ = stop.cancelled() => return,
         }

@@ -47,6 +47,9 @@ const INFLIGHT_PER_LINK: usize = 4096;
 /// Links being set up at once; beyond it the link accept loop waits.
 const HANDSHAKES: usize = 64;
 
+/// How `/status` asks a worker about the cluster.
+pub type StatusFn = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// What the worker role needs: its rooms, its link settings, its view and
 /// when to stop.
 pub struct WorkerNode {
@@ -63,6 +66,8 @@ pub struct WorkerNode {
     pub link_queue_bytes: usize,
     /// Cancelled when the node stops accepting edges.
     pub closing: CancellationToken,
+    /// Where to put the node's status function.
+    pub status: Arc<std::sync::OnceLock<StatusFn>>,
 }
 
 /// One edge node, across its reconnects.
@@ -91,6 +96,10 @@ pub(crate) struct Node {
     /// Woken by every `ViewAck` (the barrier waits on it).
     view_acked: Notify,
     next_id: AtomicU64,
+    /// The incarnation this node has dropped every older room for: links
+    /// are accepted only while it is the current one, so no registration
+    /// for a new incarnation can arrive before the old state is gone.
+    accepted: std::sync::atomic::AtomicI64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,6 +150,29 @@ impl Node {
         .await;
     }
 
+    fn status(&self) -> serde_json::Value {
+        let view = self.membership.current();
+        let open = self.open_view.read().unwrap_or_else(|p| p.into_inner()).rev;
+        let edges = lock(&self.edges);
+        serde_json::json!({
+            "node_id": &*self.id,
+            "static": self.membership.is_static(),
+            "rev": view.rev,
+            "open_rev": open,
+            "fenced": !self.membership.fence.is_valid(),
+            "lease_valid_seconds": self.membership.fence.remaining().min(Duration::from_secs(3600)).as_secs_f64(),
+            "incarnation": *self.membership.incarnation.borrow(),
+            "workers": view.workers.iter().map(|(id, w)| serde_json::json!({
+                "id": &**id, "addr": w.addr, "vnodes": w.vnodes, "state": w.state,
+            })).collect::<Vec<_>>(),
+            "edges": edges.values().map(|e| serde_json::json!({
+                "link": if e.link.is_some() { "up" } else { "down" },
+                "name": e.link.as_ref().map(|l| l.name.clone()),
+                "acked_rev": e.acked_rev,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     fn links(&self) -> Vec<Arc<EdgeLink>> {
         lock(&self.edges)
             .values()
@@ -148,16 +180,18 @@ impl Node {
             .collect()
     }
 
-    /// Edges in the view that have not acknowledged `rev` and are connected.
+    /// Edges of the view that have not acknowledged `rev` on a live link:
+    /// connected or not, an edge in the view is waited for (it may be
+    /// connecting right now), up to the handover timeout.
     fn waiting_for(&self, view: &View) -> Vec<NodeId> {
         let edges = lock(&self.edges);
         view.edges
             .iter()
             .filter(|name| {
                 let id = room_hash(name, "");
-                edges
+                !edges
                     .get(&id)
-                    .is_some_and(|e| e.link.is_some() && e.acked_rev < view.rev)
+                    .is_some_and(|e| e.link.is_some() && e.acked_rev >= view.rev)
             })
             .cloned()
             .collect()
@@ -189,10 +223,16 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
         open_view: RwLock::new(initial),
         view_acked: Notify::new(),
         next_id: AtomicU64::new(1),
+        accepted: std::sync::atomic::AtomicI64::new(0),
     });
     if !node.membership.is_static() {
         tokio::spawn(handover::run(node.clone(), cfg.closing.clone()));
     }
+    let weak = Arc::downgrade(&node);
+    let _ = cfg.status.set(Box::new(move || {
+        weak.upgrade()
+            .map_or(serde_json::Value::Null, |n| n.status())
+    }));
     let permits = Arc::new(Semaphore::new(HANDSHAKES));
     loop {
         let permit = tokio::select! {
@@ -296,6 +336,11 @@ async fn handshake(
         )
         .await;
         return Err(refuse("this worker is fenced"));
+    }
+    if *node.membership.incarnation.borrow() != node.accepted.load(Ordering::Acquire) {
+        let reason = "starting".to_string();
+        let _ = send_direct(&mut w, &Msg::Refuse { reason }).await;
+        return Err(refuse("this worker is still setting up its incarnation"));
     }
     node.catch_up(rev).await;
     let heartbeat = node
@@ -455,8 +500,10 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             max_members,
             events_max,
             mode,
+            rev,
         } => {
             let room = key(app, channel);
+            node.catch_up(rev).await;
             if !node.owns(&room) {
                 if id != 0 {
                     refused(link, id, Refusal::NotOwner);
@@ -520,8 +567,10 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             exclude,
             coalesce_ms,
             wait_ms,
+            rev,
         } => {
             let room = key(app, channel);
+            node.catch_up(rev).await;
             let Ok(frame) = Frame::try_from(frame) else {
                 return; // not UTF-8: not a frame a socket may get
             };
@@ -577,8 +626,21 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             }
         }
         Msg::DeliverAck { ids } => node.acks.receipts(link.id, &ids),
-        Msg::SignIn { app, user, conn } => {
+        Msg::Sync { id } => {
+            let (node, link) = (node.clone(), link.clone());
+            tokio::spawn(async move {
+                node.pool.barrier().await;
+                reply(&link, id, Reply::Done);
+            });
+        }
+        Msg::SignIn {
+            app,
+            user,
+            conn,
+            rev,
+        } => {
             let room = RoomKey::user(&Arc::from(app.as_str()), &user);
+            node.catch_up(rev).await;
             if node.owns(&room) {
                 let sub = Subscriber {
                     id: ConnId(conn),

@@ -1,0 +1,648 @@
+//! The cluster on etcd, as real processes on loopback with a real etcd:
+//! every scenario runs a publish stream through both edges into rooms with
+//! readers on both edges, does something to the cluster, and then the
+//! external checker (`herdgate_testkit::cluster::check`) decides: every
+//! publish answered 200 reached every reader exactly once, in its
+//! publisher's order.
+//!
+//! Scenarios run one at a time (they share the machine's two cores and
+//! judge timings against leases).
+
+use herdgate_testkit::cluster::*;
+use herdgate_testkit::process::Herdgate;
+use herdgate_testkit::*;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn rooms(n: usize) -> Arc<Vec<String>> {
+    Arc::new((0..n).map(|i| format!("room-{i}")).collect())
+}
+
+/// Where a stream publishes and reads: each running edge's API and URL.
+struct Edges {
+    apis: Vec<(usize, Api)>,
+    urls: Vec<String>,
+}
+
+fn edges(c: &Cluster) -> Edges {
+    let running: Vec<usize> = (0..c.edges.len())
+        .filter(|e| c.edges[*e].is_some())
+        .collect();
+    Edges {
+        apis: running.iter().map(|e| (*e, c.api(*e))).collect(),
+        urls: running.iter().map(|e| c.url(*e)).collect(),
+    }
+}
+
+/// Readers on every edge, a publisher per edge; `during` runs while they
+/// do. Returns the verdict (printed with `name`), after asserting nothing
+/// acknowledged was lost, duplicated or reordered.
+async fn under_stream<Fut>(
+    edges: Edges,
+    name: &str,
+    rooms: Arc<Vec<String>>,
+    during: Fut,
+) -> Verdict
+where
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut readers = Vec::new();
+    for url in &edges.urls {
+        readers.push(reader(url.clone(), rooms.clone()).await);
+    }
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pubs: Vec<_> = edges
+        .apis
+        .iter()
+        .map(|(e, api)| {
+            tokio::spawn(publisher(
+                api.clone(),
+                *e,
+                rooms.clone(),
+                stop.clone(),
+                Duration::from_millis(10),
+                ledger.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    during.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.await.unwrap();
+    }
+    let t = Instant::now();
+    end_all(&edges.apis[0].1, &rooms).await;
+    println!("{name}: end_all took {:?}", t.elapsed());
+    let mut inboxes = Vec::new();
+    for r in readers {
+        let inbox = r.finish(Duration::from_secs(5)).await;
+        assert_eq!(inbox.closed, None, "no reader socket was closed");
+        inboxes.push(inbox);
+    }
+    let ledger = ledger.lock().unwrap();
+    let v = check(&ledger, &inboxes);
+    println!("{name}: {v:?}");
+    assert_eq!(v.lost, 0, "{name}: acknowledged publishes lost");
+    assert_eq!(v.duplicates, 0, "{name}: duplicates");
+    assert_eq!(v.reordered, 0, "{name}: reordered");
+    if v.excused > 0 {
+        println!(
+            "{name}: {} acknowledged publishes missed by sockets told their room was unavailable",
+            v.excused
+        );
+    }
+    assert!(v.acked > 0, "{name}: something was acknowledged");
+    v
+}
+
+/// Publish a probe to `room` through `api` until it is accepted; how long that took.
+async fn until_accepted(api: &Api, room: &str, since: Instant) -> Duration {
+    let body = json!({"name":"probe","channel":room,"data":""}).to_string();
+    loop {
+        if api.request("POST", "/events", &[], &body).await.status == 200 {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < WAIT * 2,
+            "{room} never accepted publishes again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn kill(hg: &mut Option<Herdgate>) {
+    if let Some(mut h) = hg.take() {
+        let _ = h.child.kill();
+        let _ = h.child.wait();
+    }
+}
+
+#[test]
+fn steady_state_loses_nothing_and_refuses_nothing() {
+    let _g = serial();
+    let c = Cluster::start(1, 3, 2);
+    let rt = runtime();
+    let v = rt.block_on(under_stream(edges(&c), "steady state", rooms(30), async {
+        tokio::time::sleep(Duration::from_secs(2)).await
+    }));
+    assert_eq!(v.refused, 0, "nothing refused in steady state");
+    // Every node holds the same revision.
+    let revs: Vec<u64> = (0..2)
+        .map(|e| c.edge_status(e)["rev"].as_u64().unwrap())
+        .collect();
+    let wrevs: Vec<u64> = (0..3)
+        .map(|w| status_of(c.worker(w))["cluster"]["rev"].as_u64().unwrap())
+        .collect();
+    assert!(
+        revs.iter().chain(&wrevs).all(|r| *r == revs[0]),
+        "{revs:?} {wrevs:?}"
+    );
+}
+
+#[test]
+fn a_killed_worker_fails_over_through_etcd_without_loss() {
+    let _g = serial();
+    let mut c = Cluster::start(1, 3, 2);
+    let rt = runtime();
+    let rooms = rooms(30);
+    let victim = c.owner(0, &rooms[0]);
+    let e = edges(&c);
+    let api = c.api(0);
+    let mut w = c.workers[victim].take();
+    let rehome = rt.block_on(async {
+        let mut rehome = Duration::ZERO;
+        under_stream(e, "kill -9 a worker", rooms.clone(), async {
+            let killed = Instant::now();
+            kill(&mut w);
+            rehome = until_accepted(&api, &rooms[0], killed).await;
+        })
+        .await;
+        rehome
+    });
+    println!("re-home after kill -9: {rehome:?}");
+    for e in 0..2 {
+        while let Ok(l) = c.edge(e).log.try_recv() {
+            println!("e{e}: {l}");
+        }
+    }
+    assert_ne!(c.owner(0, &rooms[0]), victim, "the room moved");
+}
+
+fn rev_of(hg: &Herdgate) -> u64 {
+    status_of(hg)["cluster"]["rev"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_stopped_worker_is_fenced_and_never_serves_a_room_it_lost() {
+    let _g = serial();
+    let c = Cluster::start(1, 3, 2);
+    let rt = runtime();
+    let rooms = rooms(30);
+    let victim = c.owner(0, &rooms[0]);
+    let pid = c.worker(victim).pid();
+    let api = c.api(0);
+    let e = edges(&c);
+    rt.block_on(under_stream(
+        e,
+        "SIGSTOP a worker for 2 x lease",
+        rooms.clone(),
+        async {
+            // SAFETY: kill(2) on a child of this test.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            let stopped = Instant::now();
+            until_accepted(&api, &rooms[0], stopped).await;
+            tokio::time::sleep(Duration::from_secs(4).saturating_sub(stopped.elapsed())).await;
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        },
+    ));
+    // It knew it was fenced, and came back as a new incarnation with rooms.
+    let w = c.worker(victim);
+    w.wait_log("lease lost", WAIT);
+    c.wait_settled(3);
+    if std::env::var_os("HERDGATE_TEST_LOGS").is_some() {
+        while let Ok(l) = w.log.recv_timeout(Duration::from_millis(500)) {
+            println!("W: {l}");
+        }
+        for e in 0..2 {
+            while let Ok(l) = c.edge(e).log.try_recv() {
+                println!("e{e}: {l}");
+            }
+        }
+    }
+    let fenced = metric(c.edge(0), "herdgate_deliver_fenced_total")
+        + metric(c.edge(1), "herdgate_deliver_fenced_total");
+    println!("SIGSTOP: deliveries fenced at the edges after the resume: {fenced}");
+}
+
+#[test]
+fn a_partial_partition_moves_nothing_and_only_the_cut_edge_refuses() {
+    let _g = serial();
+    // Edge 0 runs as nobody so that its packets to one worker can be dropped.
+    let c = Cluster::start_with(1, 3, 2, Some(0));
+    let rt = runtime();
+    let rooms = rooms(30);
+    let w1 = c.owner(0, &rooms[0]);
+    let w1_rooms: Vec<String> = rooms
+        .iter()
+        .filter(|r| c.owner(0, r) == w1)
+        .cloned()
+        .collect();
+    let revs_before: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
+    let (api_a, api_b) = (c.api(0), c.api(1));
+    let port = link_port(c.worker(w1));
+    let e = edges(&c);
+    let mut a_refused = 0;
+    let mut b_ok = 0;
+    let mut retry_after = true;
+    rt.block_on(under_stream(
+        e,
+        "partial partition A-W1",
+        rooms.clone(),
+        async {
+            let cut = Cut::new(port);
+            // A notices after three missed heartbeats; give it a moment.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            for i in 0..40 {
+                let room = &w1_rooms[i % w1_rooms.len()];
+                let body = json!({"name":"probe","channel":room,"data":""}).to_string();
+                let r = api_a.request("POST", "/events", &[], &body).await;
+                if r.status == 503 {
+                    a_refused += 1;
+                    retry_after &= r.headers.contains_key("retry-after");
+                }
+                if api_b.request("POST", "/events", &[], &body).await.status == 200 {
+                    b_ok += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            drop(cut);
+            // A's link comes back; its rooms are ready again.
+            until_accepted(&api_a, &w1_rooms[0], Instant::now()).await;
+        },
+    ));
+    assert!(
+        a_refused >= 30,
+        "A's publishes to W1's rooms were refused: {a_refused}/40"
+    );
+    assert!(retry_after, "with Retry-After");
+    assert!(
+        b_ok >= 30,
+        "B's publishes to W1's rooms were accepted: {b_ok}/40"
+    );
+    let revs_after: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
+    assert_eq!(
+        revs_before, revs_after,
+        "the view did not change: nothing moved"
+    );
+    assert_eq!(
+        metric(c.worker(w1), "herdgate_room_moves_total"),
+        0.0,
+        "no room moved away from W1"
+    );
+}
+
+#[test]
+fn a_worker_cut_from_etcd_fences_itself_and_its_rooms_move() {
+    let _g = serial();
+    let mut c = Cluster::start(1, 2, 2);
+    let relay = herdgate_testkit::relay::Relay::start(c.etcd.client_addr(0));
+    c.workers.push(Some(
+        c.spawn_worker_via(2, &[format!("http://{}", relay.addr())]),
+    ));
+    c.wait_settled(3);
+    let rt = runtime();
+    let rooms = rooms(30);
+    let Some(victim_room) = rooms.iter().find(|r| c.owner(0, r) == 2).cloned() else {
+        panic!("w3 owns none of the rooms");
+    };
+    let api = c.api(1);
+    let e = edges(&c);
+    let mut fenced_after = Duration::ZERO;
+    let w3 = c.workers[2].take().unwrap();
+    rt.block_on(under_stream(
+        e,
+        "worker cut from etcd",
+        rooms.clone(),
+        async {
+            relay.set(herdgate_testkit::relay::Mode::Blackhole);
+            let cut = Instant::now();
+            tokio::task::block_in_place(|| {
+                eventually("w3 fenced", WAIT, || {
+                    status_of(&w3)["cluster"]["fenced"] == true
+                })
+            });
+            fenced_after = cut.elapsed();
+            until_accepted(&api, &victim_room, cut).await;
+            relay.set(herdgate_testkit::relay::Mode::Pass);
+        },
+    ));
+    println!("cut from etcd: fenced {fenced_after:?} after the cut (lease 2 s, margin 0.5 s)");
+    assert!(
+        fenced_after < Duration::from_millis(2500),
+        "fenced before its lease could expire"
+    );
+    c.workers[2] = Some(w3);
+    c.wait_settled(3);
+}
+
+#[test]
+fn scale_out_moves_rooms_only_into_the_new_worker_in_steps() {
+    let _g = serial();
+    let mut c = Cluster::start(1, 3, 2);
+    let rt = runtime();
+    let rooms = rooms(60);
+    let before: Vec<usize> = rooms.iter().map(|r| c.owner(0, r)).collect();
+    let e = edges(&c);
+    let extra = "[cluster.scale]\nramp_steps = 4\nramp_interval = \"400ms\"\n";
+    let mut w4 = None;
+    rt.block_on(under_stream(e, "scale-out 3 -> 4", rooms.clone(), async {
+        w4 = Some(tokio::task::block_in_place(|| {
+            Herdgate::start(&worker_toml(&worker_name(3), &c.endpoints, "").replace(
+                "[cluster.scale]\nramp_steps = 1\nramp_interval = \"200ms\"\n",
+                extra,
+            ))
+        }));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }));
+    c.workers.push(w4);
+    c.wait_settled(4);
+    let after: Vec<usize> = rooms.iter().map(|r| c.owner(0, r)).collect();
+    let moved: Vec<usize> = (0..rooms.len())
+        .filter(|i| before[*i] != after[*i])
+        .collect();
+    assert!(
+        moved.iter().all(|i| after[*i] == 3),
+        "rooms moved only into the new worker"
+    );
+    println!(
+        "scale-out: {} of {} rooms moved, all to w4",
+        moved.len(),
+        rooms.len()
+    );
+    assert!(!moved.is_empty() && moved.len() < rooms.len() / 2);
+}
+
+#[test]
+fn scale_in_by_sigterm_hands_rooms_over_and_leaves() {
+    let _g = serial();
+    let mut c = Cluster::start(1, 3, 2);
+    let rt = runtime();
+    let rooms = rooms(30);
+    let e = edges(&c);
+    let mut leaving = c.workers[2].take().unwrap();
+    let status = rt.block_on(async {
+        let mut status = None;
+        under_stream(e, "scale-in by SIGTERM", rooms.clone(), async {
+            leaving.signal(libc::SIGTERM);
+            status = leaving.wait_exit(WAIT).await;
+        })
+        .await;
+        status
+    });
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "it exited cleanly: {status:?}"
+    );
+    assert!(
+        c.etcd.get_prefix("/herdgate-test/workers/w3").is_empty(),
+        "its key is gone"
+    );
+    c.wait_settled(2);
+}
+
+#[test]
+fn killing_the_etcd_leader_moves_nothing_and_refuses_nothing() {
+    let _g = serial();
+    let c = Cluster::start(3, 3, 2);
+    let rt = runtime();
+    let revs: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
+    let e = edges(&c);
+    let v = rt.block_on(under_stream(
+        e,
+        "kill -9 the etcd leader",
+        rooms(30),
+        async {
+            tokio::task::block_in_place(|| {
+                let leader = c.etcd.leader();
+                c.etcd.kill9(leader);
+                let _ = c.etcd.leader(); // a new one
+            });
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        },
+    ));
+    assert_eq!(v.refused, 0, "no publish refused");
+    let after: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
+    assert_eq!(
+        revs, after,
+        "no view change: no lease expired, nothing moved"
+    );
+    for w in 0..3 {
+        assert_eq!(status_of(c.worker(w))["cluster"]["fenced"], false);
+    }
+}
+
+#[test]
+fn losing_etcd_quorum_fences_workers_refuses_publishes_and_closes_no_socket() {
+    let _g = serial();
+    let c = Cluster::start(3, 3, 2);
+    let rt = runtime();
+    let rooms = rooms(10);
+    let revs: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
+    let e = edges(&c);
+    let api = c.api(0);
+    rt.block_on(under_stream(
+        e,
+        "etcd quorum lost and regained",
+        rooms.clone(),
+        async {
+            let stopped: Vec<usize> = tokio::task::block_in_place(|| {
+                let leader = c.etcd.leader();
+                let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+                c.etcd.stop(leader);
+                c.etcd.stop(others[0]);
+                vec![leader, others[0]]
+            });
+            // Workers can no longer renew: they fence, and publishes are refused.
+            let t = Instant::now();
+            tokio::task::block_in_place(|| {
+                eventually("every worker fenced", WAIT, || {
+                    (0..3).all(|w| status_of(c.worker(w))["cluster"]["fenced"] == true)
+                })
+            });
+            println!("quorum lost: all workers fenced {:?} after", t.elapsed());
+            let body = json!({"name":"probe","channel":rooms[0],"data":""}).to_string();
+            assert_eq!(api.request("POST", "/events", &[], &body).await.status, 503);
+            tokio::task::block_in_place(|| {
+                for m in stopped {
+                    c.etcd.cont(m);
+                }
+            });
+            until_accepted(&api, &rooms[0], Instant::now()).await;
+        },
+    ));
+    // etcd 3.4 revokes leases that ran out while it had no quorum as soon
+    // as it has one again (observed here, stopping the leader or only the
+    // followers): then every node registers again as a new incarnation and
+    // the rooms come back. Either way: nothing lost, no socket closed.
+    c.wait_settled(3);
+    let after: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
+    println!(
+        "quorum regained: {}",
+        if revs == after {
+            "leases survived, no moves"
+        } else {
+            "leases revoked, nodes rejoined"
+        }
+    );
+}
+
+#[test]
+fn an_edge_stopped_past_its_lease_loses_its_users_elsewhere_and_comes_back() {
+    let _g = serial();
+    let c = Cluster::start(1, 3, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut a = connect(c.edge(0)).await;
+        let mut b = connect(c.edge(1)).await;
+        a.subscribe_presence("presence-hall", "alice").await;
+        b.subscribe_presence("presence-hall", "bob").await;
+        assert_eq!(
+            a.expect("pusher_internal:member_added").await.data["user_id"],
+            "bob"
+        );
+        let pid = c.edge(1).pid();
+        // SAFETY: kill(2) on a child of this test.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let e = a.expect("pusher_internal:member_removed").await;
+        assert_eq!(
+            e.data["user_id"], "bob",
+            "bob left presence when his edge's lease ran out"
+        );
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        // Back: its sockets are registered again and bob is announced again.
+        let e = a.expect("pusher_internal:member_added").await;
+        assert_eq!(e.data["user_id"], "bob");
+        let users = c.api(0).user_ids("presence-hall").await;
+        assert_eq!(users, ["alice", "bob"]);
+        assert_eq!(c.api(1).user_ids("presence-hall").await, ["alice", "bob"]);
+    });
+}
+
+#[test]
+fn a_worker_restarted_with_the_same_id_gets_its_rooms_back() {
+    let _g = serial();
+    let mut c = Cluster::start(1, 3, 2);
+    let rooms = rooms(30);
+    let victim = c.owner(0, &rooms[0]);
+    let mine: Vec<&String> = rooms.iter().filter(|r| c.owner(0, r) == victim).collect();
+    c.kill_worker(victim);
+    // At once, before its old lease expired: the new process waits for the key.
+    let w = c.spawn_worker(victim, "");
+    w.wait_log("registered in etcd", WAIT);
+    c.workers[victim] = Some(w);
+    c.wait_settled(3);
+    assert!(
+        mine.iter().all(|r| c.owner(0, r) == victim),
+        "its rooms came back"
+    );
+    let rt = runtime();
+    rt.block_on(under_stream(
+        edges(&c),
+        "after a same-id restart",
+        rooms,
+        async { tokio::time::sleep(Duration::from_secs(1)).await },
+    ));
+}
+
+#[test]
+fn terminate_reaches_a_user_after_its_room_failed_over() {
+    let _g = serial();
+    let mut c = Cluster::start(1, 3, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut u = connect(c.edge(0)).await;
+        assert_eq!(u.signin("lin").await.event, "pusher:signin_success");
+        tokio::task::block_in_place(|| {
+            let owner = c.owner(0, "#server-to-user-lin");
+            c.kill_worker(owner)
+        });
+        let api = c.api(1);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = api
+                .request("POST", "/users/lin/terminate_connections", &[], "{}")
+                .await;
+            if r.status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "terminate never accepted: {:?}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            u.expect_close().await,
+            Some(4009),
+            "the sign-in moved with the room"
+        );
+    });
+}
+
+#[test]
+fn a_full_presence_room_refuses_on_every_edge_and_records_nothing() {
+    let _g = serial();
+    let etcd = herdgate_testkit::etcd::Etcd::start(1);
+    let eps = etcd.endpoints();
+    let workers: Vec<Herdgate> = (0..2)
+        .map(|i| Herdgate::start(&worker_toml(&worker_name(i), &eps, "")))
+        .collect();
+    let small = "[limits]\nmax_presence_members = 2\n";
+    let edges: Vec<Herdgate> = (0..2)
+        .map(|i| Herdgate::start(&edge_toml(&edge_name(i), &eps, "").replace("[limits]\n", small)))
+        .collect();
+    let c = Cluster {
+        etcd,
+        workers: workers.into_iter().map(Some).collect(),
+        edges: edges.into_iter().map(Some).collect(),
+        endpoints: eps,
+    };
+    c.wait_settled(2);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut a = connect(c.edge(0)).await;
+        let mut b = connect(c.edge(1)).await;
+        let mut late = connect(c.edge(1)).await;
+        a.subscribe_presence("presence-table", "a").await;
+        b.subscribe_presence("presence-table", "b").await;
+        a.expect("pusher_internal:member_added").await;
+        let e = late.subscribe_presence("presence-table", "c").await;
+        assert_eq!(e.event, "pusher:subscription_error", "{:?}", e.raw);
+        assert_eq!(e.data["status"], 403);
+        // Not recorded: its client events are refused, it gets no room traffic.
+        late.send(json!({"event":"client-hi","channel":"presence-table","data":{}}))
+            .await;
+        assert_eq!(late.expect("pusher:error").await.event, "pusher:error");
+        late.subscribe("control").await;
+        c.api(0)
+            .publish("presence-table", "table-news", "x", None)
+            .await;
+        a.expect("table-news").await;
+        let before = late.until_marker(&c.api(0), "control").await;
+        assert!(before.is_empty(), "the refused socket got {before:?}");
+        let r = c
+            .api(0)
+            .request(
+                "GET",
+                "/channels/presence-table",
+                &[("info", "user_count,subscription_count")],
+                "",
+            )
+            .await;
+        assert_eq!(r.body["user_count"], 2);
+        assert_eq!(r.body["subscription_count"], 2);
+    });
+}
