@@ -520,7 +520,7 @@ pub async fn end_all(api: &Api, rooms: &[String]) {
 }
 
 /// The verdict: what was lost, duplicated or reordered.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Verdict {
     pub acked: usize,
     pub refused: usize,
@@ -531,6 +531,33 @@ pub struct Verdict {
     /// Acknowledged but missed by a socket that was told its room was
     /// unavailable at the time (its edge could not reach the owner).
     pub excused: usize,
+    /// Publishes not answered 200, per room.
+    pub refused_by_room: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verdict")
+            .field("acked", &self.acked)
+            .field("refused", &self.refused)
+            .field("lost", &self.lost)
+            .field("duplicates", &self.duplicates)
+            .field("reordered", &self.reordered)
+            .field("readers", &self.readers)
+            .field("excused", &self.excused)
+            .finish()
+    }
+}
+
+impl Verdict {
+    /// Publishes refused in `rooms`, per room of them.
+    pub fn refused_per_room(&self, rooms: &[String]) -> f64 {
+        let n: usize = rooms
+            .iter()
+            .map(|r| self.refused_by_room.get(r).copied().unwrap_or(0))
+            .sum();
+        n as f64 / rooms.len().max(1) as f64
+    }
 }
 
 /// Check every reader's inbox against the ledger: each acknowledged publish
@@ -542,6 +569,9 @@ pub fn check(ledger: &Ledger, inboxes: &[Inbox]) -> Verdict {
         refused: ledger.refused.len(),
         ..Verdict::default()
     };
+    for (room, ..) in &ledger.refused {
+        *v.refused_by_room.entry(room.clone()).or_default() += 1;
+    }
     let mut acked: HashMap<&str, Vec<(usize, u64)>> = HashMap::new();
     for (room, p, s) in &ledger.acked {
         acked.entry(room).or_default().push((*p, *s));
@@ -607,10 +637,23 @@ pub fn link_port(hg: &Herdgate) -> u16 {
 
 /// Poll (blocking, bounded) until `cond` holds: for process state that has
 /// no event to await (a metric, a status field).
-pub fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+pub fn eventually(what: &str, within: Duration, cond: impl FnMut() -> bool) {
+    eventually_or(what, within, cond, String::new)
+}
+
+/// [`eventually`], with `why()` (the state that was waited on) in the
+/// panic message when it does not happen.
+pub fn eventually_or(
+    what: &str,
+    within: Duration,
+    mut cond: impl FnMut() -> bool,
+    why: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + within;
     while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        if Instant::now() >= deadline {
+            panic!("{what}: not within {within:?}\n{}", why());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }

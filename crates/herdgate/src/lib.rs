@@ -106,6 +106,7 @@ pub fn start(
         };
         let membership =
             cluster::membership_for_worker(&config, id.clone(), advertised, shared.stopped.clone());
+        let linked = cluster::worker_node::scale::Linked::default();
         if let Some(control) = membership.control.clone() {
             let scale = cluster::worker_node::scale::Scale {
                 control,
@@ -113,6 +114,8 @@ pub fn start(
                 target: c.weight,
                 steps: c.scale.ramp_steps,
                 interval: c.scale.ramp_interval.get(),
+                linked: linked.clone(),
+                link_wait: c.handover_timeout.get(),
             };
             tokio::spawn(scale.clone().join());
             let _ = shared.worker.set(scale);
@@ -129,6 +132,7 @@ pub fn start(
             link_queue_bytes: cluster::LINK_QUEUE_BYTES,
             closing: shared.closing.clone(),
             status: shared.worker_status.clone(),
+            linked,
         };
         shared
             .tasks

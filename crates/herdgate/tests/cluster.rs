@@ -28,11 +28,23 @@ fn worker(link: &str) -> Herdgate {
 }
 
 fn edge(workers: &[String]) -> Herdgate {
+    edge_as(workers, false, "100ms")
+}
+
+/// An edge with links heartbeating every `heartbeat` (the link uses the
+/// larger of the two ends' asks); with `nobody`, running as uid 65534 so
+/// that a [`Cut`] can isolate it.
+fn edge_as(workers: &[String], nobody: bool, heartbeat: &str) -> Herdgate {
     let list: Vec<String> = workers.iter().map(|w| format!("{w:?}")).collect();
-    let hg = Herdgate::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections_per_ip = 0\n[cluster]\nrole = \"edge\"\nworkers = [{}]\nheartbeat_interval = \"100ms\"\nsecret = \"{SECRET_LINK}\"\n{APPS}",
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections_per_ip = 0\n[cluster]\nrole = \"edge\"\nworkers = [{}]\nheartbeat_interval = \"{heartbeat}\"\nhandover_timeout = \"5s\"\nsecret = \"{SECRET_LINK}\"\n{APPS}",
         list.join(", ")
-    ));
+    );
+    let hg = if nobody {
+        Herdgate::start_as_nobody(&config)
+    } else {
+        Herdgate::start(&config)
+    };
     for _ in 0..workers.len() {
         wait_log(&hg, "worker link up");
     }
@@ -316,6 +328,201 @@ async fn a_static_worker_dies_and_returns_without_failover_or_loss() {
         acked.values().map(Vec::len).sum::<usize>(),
         victim_rooms.len()
     );
+}
+
+/// A partial partition in a static cluster: edge A's packets to one worker
+/// are dropped (iptables, A runs as nobody) while edge B still reaches it.
+/// Nothing fails over, so nothing splits: A's publishes to that worker's
+/// rooms answer 503 and A's sockets there are told the rooms are
+/// unavailable; B's publishes keep flowing; once the cut heals A's rooms
+/// are ready again. Every publish answered 200 reached every socket that
+/// was not told its room was unavailable, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_partial_partition_refuses_on_the_cut_edge_and_splits_nothing() {
+    use herdgate_testkit::cluster::{check, end_all, publisher, reader, Cut, Ledger};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let workers: Vec<Herdgate> = (0..3).map(|_| worker("127.0.0.1:0")).collect();
+    let links: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let edges = [edge_as(&links, true, "100ms"), edge(&links)];
+    let rooms: Arc<Vec<String>> = Arc::new((0..12).map(|i| format!("room-{i}")).collect());
+    let w1 = owner_of(&links, &rooms[0]);
+    let w1_port: u16 = w1.rsplit(':').next().unwrap().parse().unwrap();
+    let w1_rooms: Vec<String> = rooms
+        .iter()
+        .filter(|r| owner_of(&links, r) == w1)
+        .cloned()
+        .collect();
+    let mut readers = Vec::new();
+    for e in &edges {
+        readers.push(reader(url(e), rooms.clone()).await);
+    }
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pubs: Vec<_> = edges
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            tokio::spawn(publisher(
+                api(e),
+                i,
+                rooms.clone(),
+                stop.clone(),
+                Duration::from_millis(10),
+                ledger.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        let _cut = Cut::new(w1_port);
+        wait_log(&edges[0], "worker link lost");
+        // Past the worker's edge lease (1 s): it drops A's registrations.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    wait_log(&edges[0], "worker link up");
+    // A's rooms take publishes again.
+    let probe = json!({"name":"probe","channel":w1_rooms[0],"data":""}).to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    while api(&edges[0])
+        .request("POST", "/events", &[], &probe)
+        .await
+        .status
+        != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's rooms never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.await.unwrap();
+    }
+    end_all(&api(&edges[1]), &rooms).await;
+    let mut inboxes = Vec::new();
+    for r in readers {
+        let inbox = r.finish(Duration::from_secs(5)).await;
+        assert_eq!(inbox.closed, None, "no reader socket was closed");
+        inboxes.push(inbox);
+    }
+    let ledger = ledger.lock().unwrap();
+    let v = check(&ledger, &inboxes);
+    println!("static partial partition: {v:?}");
+    assert_eq!((v.lost, v.duplicates, v.reordered), (0, 0, 0), "{v:?}");
+    let refused_b: Vec<_> = ledger.refused.iter().filter(|r| r.1 == 1).collect();
+    assert!(
+        refused_b.is_empty(),
+        "B, which reaches every worker, was never refused: {refused_b:?}"
+    );
+    let refused_a: Vec<_> = ledger.refused.iter().filter(|r| r.1 == 0).collect();
+    assert!(
+        !refused_a.is_empty(),
+        "A's publishes to the cut worker's rooms were refused"
+    );
+    assert!(
+        refused_a
+            .iter()
+            .all(|r| w1_rooms.contains(&r.0) && r.3 == 503),
+        "A refused only the cut worker's rooms, with 503: {refused_a:?}"
+    );
+    let b_to_w1 = ledger
+        .acked
+        .iter()
+        .filter(|a| a.1 == 1 && w1_rooms.contains(&a.0))
+        .count();
+    assert!(
+        b_to_w1 > 0,
+        "B's publishes to the cut worker's rooms were accepted"
+    );
+    // Only A's sockets in the cut worker's rooms were told anything.
+    assert!(
+        inboxes[1].states.is_empty(),
+        "B's sockets: {:?}",
+        inboxes[1].states
+    );
+    for room in &w1_rooms {
+        assert_eq!(
+            inboxes[0].states.get(room).map(Vec::as_slice),
+            Some(&["unavailable".to_string(), "ready".to_string()][..]),
+            "{room}"
+        );
+    }
+    drop(workers);
+}
+
+/// `GET /channels` over 50,000 occupied channels: each worker answers in
+/// pages under the link's frame limit, the edge merges them, and the links
+/// stay up (a reply over the limit used to tear the link down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_channels_are_listed_in_pages() {
+    // Links heartbeating every second: 50,000 subscriptions from a debug
+    // build on two shared cores must not read as a dead link.
+    let workers: Vec<Herdgate> = (0..3).map(|_| worker("127.0.0.1:0")).collect();
+    let links: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let e = &edge_as(&links, false, "1s");
+    let mut clients = Vec::new();
+    for _ in 0..500 {
+        clients.push(Client::connect(&url(e)).await);
+    }
+    let subscribing: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut cl)| {
+            tokio::spawn(async move {
+                for j in 0..100 {
+                    let ev = cl.subscribe(&format!("many-{i:03}-{j:02}")).await;
+                    assert_eq!(
+                        ev.event, "pusher_internal:subscription_succeeded",
+                        "{:?}",
+                        ev.raw
+                    );
+                }
+                cl
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for s in subscribing {
+        clients.push(s.await.unwrap());
+    }
+    let r = api(e).request("GET", "/channels", &[], "").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let listed = r.body["channels"].as_object().unwrap();
+    assert_eq!(listed.len(), 50_000);
+    assert!(listed.contains_key("many-000-00") && listed.contains_key("many-499-99"));
+    let r = api(e)
+        .request(
+            "GET",
+            "/channels",
+            &[
+                ("filter_by_prefix", "many-123-"),
+                ("info", "subscription_count"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let listed = r.body["channels"].as_object().unwrap();
+    assert_eq!(listed.len(), 100);
+    assert!(
+        listed.values().all(|v| v["subscription_count"] == 1),
+        "{listed:?}"
+    );
+    // The links survived.
+    let mut probe = clients.swap_remove(0);
+    api(e)
+        .publish("many-000-07", "after-list", "{}", None)
+        .await;
+    assert_eq!(
+        probe.expect("after-list").await.channel.as_deref(),
+        Some("many-000-07")
+    );
+    while let Ok(line) = e.log.try_recv() {
+        assert!(!line.contains("worker link lost"), "a link broke: {line}");
+    }
 }
 
 /// Kill -9 an edge: its users leave presence within the lease.

@@ -10,7 +10,19 @@ fn every_file_under_config_parses_and_validates() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let r = Config::from_file(&path);
+            let etcd = std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("membership = \"etcd\"");
+            if etcd && !cfg!(feature = "etcd") {
+                // Without the etcd client compiled in, exactly that is said.
+                let e = r
+                    .expect_err("etcd membership without the feature")
+                    .to_string();
+                assert!(e.contains("--features etcd"), "{}: {e}", path.display());
+            } else {
+                r.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
             seen += 1;
         }
     }
@@ -75,6 +87,49 @@ secret = "s p a c e"
             "no error for {key} in {errs:#?}"
         );
     }
+}
+
+#[test]
+fn cluster_keys_are_checked_by_their_dotted_names() {
+    let errs = errors(
+        r#"
+[cluster]
+role = "worker"
+membership = "etcd"
+link_listen = "127.0.0.1:7001"
+settle = "1s"
+secret = "short"
+[cluster.etcd]
+endpoints = ["10.0.0.2:2379"]
+prefix = "herdgate/"
+lease_ttl = "1500ms"
+keepalive_interval = "1s"
+"#,
+    );
+    for key in [
+        "cluster.node_id:",
+        "cluster.settle:",
+        "cluster.secret:",
+        "cluster.etcd.endpoints",
+        "cluster.etcd.prefix:",
+        "cluster.etcd.lease_ttl:",
+        "cluster.etcd.keepalive_interval:",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(key)),
+            "no error for {key} in {errs:#?}"
+        );
+    }
+    // A lease too short for the cluster to freeze its membership in time
+    // when etcd is lost (3 x 500ms + 500ms + 1.25 x 1s > 3s).
+    let errs = errors(
+        "[cluster]\nrole = \"edge\"\nmembership = \"etcd\"\nnode_id = \"e1\"\nheartbeat_interval = \"1s\"\nhandover_timeout = \"3s\"\nsecret = \"0123456789abcdef\"\n[cluster.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("cluster.etcd.lease_ttl:") && errs[0].contains("freeze"),
+        "{errs:?}"
+    );
 }
 
 #[test]

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest frame accepted from a peer: an event (payloads are ≤ the message
 /// limit) plus room names, or one page of a list reply, with room to spare.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -61,7 +61,14 @@ pub enum Msg {
     Refuse {
         reason: String,
     },
-    Heartbeat,
+    /// Sent every heartbeat interval, busy or not: the sender's membership
+    /// ([`View::digest`](crate::cluster::view::View::digest)) and whether it
+    /// has lost etcd, the witness statements of
+    /// [`freeze`](crate::cluster::membership::freeze).
+    Heartbeat {
+        digest: u64,
+        etcd_lost: bool,
+    },
 
     // ---- edge → worker
     /// A socket joins a room. `id` ≠ 0 asks for [`Reply::Registered`].
@@ -455,33 +462,36 @@ impl LinkTx {
 /// Bytes gathered into one write.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// Write what `tx` queues, batched, and a heartbeat whenever `heartbeat`
-/// passes without anything else to send; ends when `tx` closes or a write
-/// fails (then `tx` is closed too). `before_write` runs before each batch
-/// and may veto it (a fenced worker writes nothing).
+/// Write what `tx` queues, batched, and a heartbeat (`beat()`) every
+/// `heartbeat`, busy or not; ends when `tx` closes or a write fails (then
+/// `tx` is closed too). `before_write` runs before each batch and may veto
+/// it (a fenced worker writes nothing).
 pub async fn write_loop<W: AsyncWrite + Unpin>(
     w: W,
     tx: LinkTx,
     heartbeat: Duration,
+    beat: impl Fn() -> Msg,
     before_write: impl Fn() -> bool,
 ) {
     let mut framed = FramedWrite::new(w, codec());
-    let beat = encode(&Msg::Heartbeat);
+    let mut next_beat = tokio::time::Instant::now();
     loop {
         let queued = tx.inner.queued.notified();
         tokio::pin!(queued);
         queued.as_mut().enable();
-        let Some(batch) = tx.take(WRITE_BATCH) else {
+        let Some(mut batch) = tx.take(WRITE_BATCH) else {
             return;
         };
-        let batch = if batch.is_empty() {
-            match tokio::time::timeout(heartbeat, queued).await {
-                Ok(()) => continue,
-                Err(_) => vec![beat.clone()],
-            }
-        } else {
-            batch
-        };
+        if batch.is_empty()
+            && tokio::time::Instant::now() < next_beat
+            && tokio::time::timeout_at(next_beat, queued).await.is_ok()
+        {
+            continue;
+        }
+        if tokio::time::Instant::now() >= next_beat {
+            batch.push(encode(&beat()));
+            next_beat = tokio::time::Instant::now() + heartbeat;
+        }
         if !before_write() {
             tx.close();
             return;
@@ -592,6 +602,10 @@ mod tests {
             },
             Msg::Sealed { rev: 8 },
             Msg::Fenced,
+            Msg::Heartbeat {
+                digest: 0x0123_4567_89ab_cdef,
+                etcd_lost: true,
+            },
         ]
     }
 
@@ -631,7 +645,17 @@ mod tests {
         for m in &msgs {
             tx.try_send(m).unwrap();
         }
-        let writer = tokio::spawn(write_loop(a, tx.clone(), Duration::from_secs(60), || true));
+        let beat = || Msg::Heartbeat {
+            digest: 1,
+            etcd_lost: false,
+        };
+        let writer = tokio::spawn(write_loop(
+            a,
+            tx.clone(),
+            Duration::from_secs(60),
+            beat,
+            || true,
+        ));
         let mut rx = LinkRx::new(b);
         for m in &msgs {
             assert_eq!(&rx.recv().await.unwrap(), m);
@@ -662,7 +686,11 @@ mod tests {
         assert_eq!(tx.take(1000).unwrap().len(), 1);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         tx.close();
-        assert_eq!(tx.try_send(&Msg::Heartbeat), Err(SendError::Closed));
+        let beat = Msg::Heartbeat {
+            digest: 0,
+            etcd_lost: true,
+        };
+        assert_eq!(tx.try_send(&beat), Err(SendError::Closed));
     }
 
     #[test]

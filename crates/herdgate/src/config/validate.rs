@@ -399,6 +399,20 @@ fn validate_cluster(cl: &super::ClusterConfig, err: &mut impl FnMut(&str, String
                     "cluster.etcd.fence_margin",
                     "must be less than lease_ttl - 2 x keepalive_interval".into(),
                 );
+            } else {
+                // The freeze (docs/CLUSTER.md "etcd lost"): peers say they
+                // lost etcd after 2 keepalives, within a heartbeat, and it
+                // must be decided before a lease renewed one keepalive
+                // before the loss runs out.
+                let needed = ka * 3 + e.fence_margin.get() + cl.heartbeat_interval.get() * 5 / 4;
+                if needed >= ttl {
+                    err(
+                        "cluster.etcd.lease_ttl",
+                        format!(
+                            "must exceed 3 x keepalive_interval + fence_margin + 1.25 x cluster.heartbeat_interval ({needed:?}), so that the cluster can freeze its membership before leases run out when etcd is lost"
+                        ),
+                    );
+                }
             }
             if e.request_timeout.get().is_zero() {
                 err(

@@ -28,7 +28,9 @@ pub(super) async fn run(edge: Arc<Edge>) {
     let mut first = true;
     loop {
         let next = views.borrow_and_update().clone();
-        if first || next.rev > edge.view().rev {
+        let cur = edge.view();
+        // Newer, or (defensively) different at the same revision.
+        if first || next.rev > cur.rev || (next.rev == cur.rev && next.digest != cur.digest) {
             apply(&edge, next).await;
             first = false;
         }
@@ -153,6 +155,7 @@ async fn apply(edge: &Arc<Edge>, new: Arc<View>) {
         took_ms = started.elapsed().as_millis() as u64,
         "view applied"
     );
+    metrics::counter!("herdgate_registrations_moved_total").increment(registered as u64);
     metrics::histogram!("herdgate_rehome_seconds").record(started.elapsed().as_secs_f64());
 }
 

@@ -13,6 +13,7 @@ use crate::cluster::link::{
     proof, proof_ok, send_direct, write_loop, LinkError, LinkRx, LinkTx, Msg, RegMode, Reply,
     VERSION,
 };
+use crate::cluster::membership::{boot_nanos, freeze::PeerSays};
 use crate::cluster::tls::LinkIo;
 use crate::cluster::view::NodeId;
 use crate::config::LINK_RECONNECT_CAP;
@@ -43,6 +44,8 @@ pub(super) struct WorkerLink {
     pub retired: CancellationToken,
     receipts: Mutex<Vec<(u64, bool)>>,
     receipts_waiting: Notify,
+    /// The worker's last heartbeat (its witness statement, see `freeze`).
+    pub says: Mutex<Option<PeerSays>>,
 }
 
 impl WorkerLink {
@@ -58,6 +61,7 @@ impl WorkerLink {
             retired: CancellationToken::new(),
             receipts: Mutex::new(Vec::new()),
             receipts_waiting: Notify::new(),
+            says: Mutex::new(None),
         }
     }
 
@@ -259,7 +263,14 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
         link.open_rev.store(0, Ordering::Release);
     }
     let tx = LinkTx::new(edge.link_queue_bytes);
-    let writer = tokio::spawn(write_loop(w, tx.clone(), heartbeat, || true));
+    let beat_edge = edge.clone();
+    let writer = tokio::spawn(write_loop(
+        w,
+        tx.clone(),
+        heartbeat,
+        move || beat_edge.heartbeat_msg(),
+        || true,
+    ));
     let flusher = tokio::spawn(flush_receipts(link.clone(), tx.clone()));
     // Register everything this worker owns here; the rooms are routed (and
     // their sockets told `ready`) once the worker says those registrations
@@ -378,7 +389,16 @@ fn key(app: String, channel: String) -> RoomKey {
 
 async fn on_message(edge: &Arc<Edge>, link: &Arc<WorkerLink>, msg: Msg) -> Result<(), LinkError> {
     match msg {
-        Msg::Heartbeat => {}
+        Msg::Heartbeat { digest, etcd_lost } => {
+            *link.says.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerSays {
+                digest,
+                etcd_lost,
+                at: boot_nanos(),
+            });
+            if edge.is_frozen() && (!etcd_lost || digest != edge.view().digest) {
+                edge.check_freeze(); // a worker hears from etcd again: at once
+            }
+        }
         Msg::Deliver {
             app,
             channel,

@@ -47,6 +47,16 @@ const REGISTER_WAIT: Duration = Duration::from_secs(2);
 /// not have sealed yet.
 const HISTORY: usize = 16;
 
+/// Re-judge the freeze a few times per heartbeat, until the edge is gone.
+async fn freeze_checks(edge: std::sync::Weak<Edge>) {
+    while let Some(e) = edge.upgrade() {
+        e.check_freeze();
+        let every = (e.heartbeat / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        drop(e);
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// What an edge needs to start.
 pub struct EdgeConfig {
     pub id: NodeId,
@@ -74,6 +84,9 @@ pub struct Edge {
     tls: Option<Arc<super::tls::LinkTls>>,
     secret: String,
     link_queue_bytes: usize,
+    /// Set while the whole cluster lost etcd: the view stays current
+    /// although the watch is down ([`freeze`](super::membership::freeze)).
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Edge {
@@ -91,8 +104,12 @@ impl Edge {
             tls: cfg.tls.map(Arc::new),
             secret: cfg.secret,
             link_queue_bytes: cfg.link_queue_bytes,
+            frozen: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(handover::run(edge.clone()));
+        if !edge.membership.is_static() {
+            tokio::spawn(freeze_checks(Arc::downgrade(&edge)));
+        }
         edge
     }
 
@@ -103,7 +120,49 @@ impl Edge {
 
     /// Whether this edge can follow the cluster (false: its view is stale).
     pub fn is_current(&self) -> bool {
-        !self.membership.stale.load(Ordering::Acquire)
+        !self.membership.stale.load(Ordering::Acquire) || self.is_frozen()
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
+    fn heartbeat_msg(&self) -> Msg {
+        Msg::Heartbeat {
+            digest: self.view().digest,
+            etcd_lost: self.membership.contact.is_lost(),
+        }
+    }
+
+    /// Freeze or thaw by what the linked workers say.
+    fn check_freeze(&self) {
+        let view = self.view();
+        let said: Vec<_> = self
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|l| l.is_up())
+            .filter_map(|l| *l.says.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let may = super::membership::freeze::edge_may_freeze(
+            self.membership.contact.is_lost(),
+            &view,
+            &said,
+            super::membership::boot_nanos(),
+            self.heartbeat * 3,
+        );
+        if self.frozen.swap(may, Ordering::AcqRel) != may {
+            metrics::gauge!("herdgate_frozen").set(if may { 1.0 } else { 0.0 });
+            if may {
+                tracing::warn!(
+                    rev = view.rev,
+                    "etcd is lost to this edge and every worker it reaches: routing by the frozen membership"
+                );
+            } else {
+                tracing::warn!("membership no longer frozen");
+            }
+        }
     }
 
     fn link(&self, node: &str) -> Option<Arc<WorkerLink>> {
@@ -543,6 +602,7 @@ impl Edge {
                     "addr": w.addr,
                     "vnodes": w.vnodes,
                     "state": w.state,
+                    "incarnation": w.incarnation,
                     "link": l.map_or("none", |l| if l.is_up() { "up" } else { "down" }),
                     "sealed_rev": l.map(|l| l.sealed_rev.load(Ordering::Relaxed)),
                     "open_rev": l.map(|l| l.open_rev.load(Ordering::Relaxed)),
@@ -552,7 +612,10 @@ impl Edge {
         serde_json::json!({
             "node_id": &*self.id,
             "rev": view.rev,
+            "digest": format!("{:016x}", view.digest),
             "current": self.is_current(),
+            "frozen": self.is_frozen(),
+            "etcd_lost": self.membership.contact.is_lost(),
             "static": self.membership.is_static(),
             "workers": workers,
             "edges": view.edges.iter().map(|e| &**e).collect::<Vec<_>>(),

@@ -4,7 +4,7 @@
 //!
 //! | key | value | lease |
 //! |---|---|---|
-//! | `<p>/meta` | `{"ring":"fnv1a64-chain","link_version":2}` | none: written once, compared by every node |
+//! | `<p>/meta` | `{"ring":"fnv1a64-chain","link_version":3}` | none: written once, compared by every node |
 //! | `<p>/workers/<id>` | `{"addr":…,"vnodes":…,"state":…}` | the worker's |
 //! | `<p>/edges/<id>` | `{"addr":…}` | the edge's |
 //!
@@ -20,7 +20,7 @@
 //! compacted watch is answered by listing again. No per-message traffic
 //! goes to etcd: keepalives at nodes × 2/s and one watch per node.
 
-use super::{boot_nanos, Control, Fence, Membership};
+use super::{boot_nanos, Contact, Control, Fence, Membership};
 use crate::cluster::view::{NodeId, View, WorkerInfo};
 use crate::config::EtcdConfig;
 use etcd_client::{
@@ -69,9 +69,14 @@ pub fn start(
         Registration::Edge { .. } => Fence::always(),
     });
     let stale = Arc::new(AtomicBool::new(true));
+    // Two keepalives without an answer: lost. A worker's fence runs out at
+    // lease - fence_margin, later (validation keeps room for a heartbeat),
+    // so the witnesses speak before it does.
+    let contact = Arc::new(Contact::new(cfg.keepalive_interval.get() * 2));
     let (control_tx, control_rx) = mpsc::channel(16);
     let cfg = cfg.clone();
-    let (f, st) = (fence.clone(), stale.clone());
+    let (f, st, ct) = (fence.clone(), stale.clone(), contact.clone());
+    let touch = Arc::new(AtomicBool::new(false));
     tokio::spawn(async move {
         let options = ConnectOptions::new()
             .with_connect_timeout(cfg.request_timeout.get())
@@ -108,6 +113,8 @@ pub fn start(
             stale: st,
             stale_after: cfg.lease_ttl.get(),
             stop: stop.clone(),
+            contact: ct.clone(),
+            touch: touch.clone(),
         };
         tokio::spawn(watcher.run());
         let registrar = Registrar {
@@ -125,6 +132,8 @@ pub fn start(
             control: control_rx,
             stop,
             dirty: false,
+            contact: ct,
+            touch,
         };
         registrar.run().await;
     });
@@ -132,6 +141,7 @@ pub fn start(
         view: view_rx,
         fence,
         stale,
+        contact,
         incarnation: inc_rx,
         control: Some(control_tx),
         _keep: None,
@@ -182,6 +192,9 @@ struct Watcher {
     stale: Arc<AtomicBool>,
     stale_after: Duration,
     stop: CancellationToken,
+    contact: Arc<Contact>,
+    /// Asks the registrar to write this node's key again (see `list_and_watch`).
+    touch: Arc<AtomicBool>,
 }
 
 /// The keys of a view, kept between watch responses.
@@ -266,6 +279,7 @@ impl Watcher {
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
+        self.contact.ok();
         let mut rev = list.header().map_or(0, |h| h.revision());
         let mut keys = Keys::default();
         for kv in list.kvs() {
@@ -276,6 +290,11 @@ impl Watcher {
             );
         }
         self.publish(keys.view(rev));
+        // A list is stamped with the store's revision, which writes outside
+        // the prefix also advance; nodes that watched hold the same keys at
+        // the revision of the last event. Writing our own key again makes
+        // an event every node sees, so all meet at one revision again.
+        self.touch.store(true, Ordering::Release);
         let mut stream = c
             .watch(
                 format!("{}/", self.prefix),
@@ -293,6 +312,7 @@ impl Watcher {
         metrics::gauge!("herdgate_etcd_watch_up").set(1.0);
         while let Some(resp) = stream.message().await? {
             *current_at = tokio::time::Instant::now();
+            self.contact.ok();
             if resp.canceled() {
                 return Err(EtcdError::Other(format!(
                     "watch canceled (compacted at {}): {}",
@@ -300,12 +320,18 @@ impl Watcher {
                     resp.cancel_reason()
                 )));
             }
-            let header_rev = resp.header().map_or(rev, |h| h.revision());
-            if resp.events().is_empty() && header_rev <= rev {
+            // A view's revision is that of the newest event it holds. Not
+            // the response header's: etcd stamps a watch response with the
+            // store's revision when it is sent, which may already cover the
+            // next event, so two different views would share one revision
+            // (and a node would skip the second as "not newer").
+            if resp.events().is_empty() {
                 continue; // created / progress: nothing new
             }
+            let mut newest = rev;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
+                newest = newest.max(kv.mod_revision());
                 match ev.event_type() {
                     EventType::Put => keys.apply(
                         &self.prefix,
@@ -315,7 +341,7 @@ impl Watcher {
                     EventType::Delete => keys.apply(&self.prefix, kv.key(), None),
                 }
             }
-            rev = header_rev.max(rev);
+            rev = newest;
             self.publish(keys.view(rev));
         }
         Err(EtcdError::Other("watch stream ended".into()))
@@ -352,6 +378,9 @@ struct Registrar {
     stop: CancellationToken,
     /// The value changed (a ramp step) and is not written yet.
     dirty: bool,
+    contact: Arc<Contact>,
+    /// Set by the watcher after a list: write the key again at the next tick.
+    touch: Arc<AtomicBool>,
 }
 
 enum Ended {
@@ -441,6 +470,7 @@ impl Registrar {
             )));
         }
         let created = r.header().map_or(0, |h| h.revision());
+        self.contact.ok();
         if let Registration::Worker(_) = self.reg {
             self.fence.extend(
                 granted_at,
@@ -450,6 +480,7 @@ impl Registrar {
             metrics::gauge!("herdgate_fenced").set(0.0);
         }
         self.dirty = false;
+        self.touch.store(false, Ordering::Release);
         self.incarnation.send_replace(created);
         tracing::info!(key = %self.key, incarnation = created, "registered in etcd");
         Ok(lease_id)
@@ -482,11 +513,15 @@ impl Registrar {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if self.touch.swap(false, Ordering::AcqRel) {
+                        put(&mut c, self.value()).await?;
+                    }
                     let sent = boot_nanos();
                     keeper.keep_alive().await?;
                     let answer = tokio::time::timeout(self.every * 2, answers.message()).await;
                     match answer {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            self.contact.ok();
                             if let Registration::Worker(_) = self.reg {
                                 self.fence.extend(sent, Duration::from_secs(r.ttl() as u64), self.margin);
                                 metrics::gauge!("herdgate_lease_valid_seconds")
@@ -498,7 +533,6 @@ impl Registrar {
                         Ok(Ok(None)) => return Err(EtcdError::Other("keepalive stream ended".into())),
                         Ok(Err(e)) => return Err(e.into()),
                         Err(_) => {
-                            metrics::counter!("herdgate_etcd_keepalive_failures_total").increment(1);
                             return Err(EtcdError::Other("keepalive unanswered".into()));
                         }
                     }

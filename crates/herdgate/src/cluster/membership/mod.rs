@@ -8,10 +8,13 @@
 //!   cluster's keys in revision order through a watch (see [`etcd`]).
 //!
 //! A [`Fence`] says whether a worker's lease is certainly still valid; a
-//! worker that cannot be sure serves nothing.
+//! worker that cannot be sure serves nothing — unless the whole cluster
+//! lost etcd at once (see [`freeze`]): then nobody can change the view, and
+//! the cluster keeps serving on the view it had, its membership frozen.
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod freeze;
 
 use super::view::{NodeId, View, WorkerInfo};
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,6 +31,8 @@ pub struct Membership {
     /// Set while this node cannot follow the view (its watch is down past
     /// the lease): an edge then serves no room and says it is not ready.
     pub stale: Arc<AtomicBool>,
+    /// When this node last heard from etcd (static: always "now").
+    pub contact: Arc<Contact>,
     /// etcd: the incarnation (create revision) of this node's key, 0 before
     /// it is registered; a new one means the old one's state is gone.
     pub incarnation: watch::Receiver<i64>,
@@ -71,6 +76,7 @@ impl Membership {
             view: rx,
             fence: Arc::new(Fence::always()),
             stale: Arc::default(),
+            contact: Arc::new(Contact::never_lost()),
             incarnation,
             control: None,
             _keep: Some(tx),
@@ -91,18 +97,61 @@ impl Membership {
     }
 }
 
+/// When a node last had an answer from etcd, on the boot clock.
+pub struct Contact {
+    /// Boot-clock nanoseconds of the last answer; `u64::MAX`: static
+    /// membership (there is no etcd to lose).
+    last_ok: AtomicU64,
+    /// How long without an answer counts as having lost etcd.
+    lost_after: Duration,
+}
+
+impl Contact {
+    pub fn new(lost_after: Duration) -> Contact {
+        Contact {
+            last_ok: AtomicU64::new(0),
+            lost_after,
+        }
+    }
+
+    pub fn never_lost() -> Contact {
+        Contact {
+            last_ok: AtomicU64::new(u64::MAX),
+            lost_after: Duration::MAX,
+        }
+    }
+
+    /// etcd answered (a keepalive, a list, a watch response).
+    pub fn ok(&self) {
+        self.last_ok.fetch_max(boot_nanos(), Ordering::AcqRel);
+    }
+
+    /// Whether this node has had no answer from etcd for `lost_after`.
+    pub fn is_lost(&self) -> bool {
+        match self.last_ok.load(Ordering::Acquire) {
+            u64::MAX => false,
+            0 => true, // never answered
+            last => Duration::from_nanos(boot_nanos().saturating_sub(last)) >= self.lost_after,
+        }
+    }
+}
+
 /// Whether a worker's lease is certainly valid now. Measured on
 /// `CLOCK_BOOTTIME`, which keeps counting while the machine is suspended:
 /// a host that wakes from a suspend wakes up fenced, not "valid".
 pub struct Fence {
     /// Boot-clock nanoseconds until which serving is safe; `u64::MAX`: always.
     valid_until: AtomicU64,
+    /// Set while the whole cluster has lost etcd ([`freeze`]): serving on the
+    /// frozen view is safe although the lease cannot be renewed.
+    frozen: AtomicBool,
 }
 
 impl Fence {
     pub fn always() -> Fence {
         Fence {
             valid_until: AtomicU64::new(u64::MAX),
+            frozen: AtomicBool::new(false),
         }
     }
 
@@ -110,11 +159,31 @@ impl Fence {
     pub fn closed() -> Fence {
         Fence {
             valid_until: AtomicU64::new(0),
+            frozen: AtomicBool::new(false),
         }
     }
 
     pub fn is_valid(&self) -> bool {
-        boot_nanos() < self.valid_until.load(Ordering::Acquire)
+        self.frozen.load(Ordering::Acquire)
+            || boot_nanos() < self.valid_until.load(Ordering::Acquire)
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
+    /// Freeze or thaw. A fence freezes only while it is valid: a worker
+    /// whose lease already lapsed never serves again on its old view.
+    /// Returns whether it is frozen now.
+    pub fn set_frozen(&self, frozen: bool) -> bool {
+        if !frozen {
+            self.frozen.store(false, Ordering::Release);
+            return false;
+        }
+        if self.is_valid() {
+            self.frozen.store(true, Ordering::Release);
+        }
+        self.is_frozen()
     }
 
     /// How long it stays valid from now (zero if it is not).
@@ -134,6 +203,7 @@ impl Fence {
     }
 
     pub fn close(&self) {
+        self.frozen.store(false, Ordering::Release);
         self.valid_until.store(0, Ordering::Release);
     }
 }
@@ -173,5 +243,30 @@ mod tests {
         f.close();
         assert!(!f.is_valid());
         assert!(Fence::always().is_valid());
+    }
+
+    #[test]
+    fn only_a_valid_fence_freezes_and_a_frozen_one_outlives_its_lease() {
+        let f = Fence::closed();
+        assert!(!f.set_frozen(true), "a lapsed lease never freezes");
+        f.extend(boot_nanos(), Duration::from_secs(60), Duration::ZERO);
+        assert!(f.set_frozen(true));
+        f.valid_until.store(1, Ordering::Release); // the lease runs out
+        assert!(f.is_valid(), "frozen: valid past the lease");
+        assert!(!f.set_frozen(false));
+        assert!(!f.is_valid(), "thawed: the lease decides again");
+        assert!(!f.set_frozen(true), "and once lapsed it stays fenced");
+    }
+
+    #[test]
+    fn contact_is_lost_after_its_interval_without_an_answer() {
+        let c = Contact::new(Duration::from_secs(60));
+        assert!(c.is_lost(), "never answered");
+        c.ok();
+        assert!(!c.is_lost());
+        c.last_ok
+            .store(boot_nanos() - 61_000_000_000, Ordering::Release);
+        assert!(c.is_lost(), "a minute without an answer");
+        assert!(!Contact::never_lost().is_lost());
     }
 }

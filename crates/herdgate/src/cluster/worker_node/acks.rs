@@ -5,9 +5,14 @@
 //! receipt can never arrive before anyone waits for it. A refusal (an edge
 //! said no, or did not answer within the edge's own wait) is answered
 //! `Refused`: the HTTP API answers 503, and nothing was counted as sent.
-//! Edges whose link is down are not waited for: their sockets were told
-//! `herdgate:status {"room":"unavailable"}` when the link went, and miss
-//! what is published until it returns. What remains beyond that: an edge
+//! Edges whose link is down are not waited for, and an edge whose link goes
+//! down while a publish waits for it is no longer waited for: its sockets
+//! are told `herdgate:status {"room":"unavailable"}` when its side of the
+//! link goes (the link is one ordered stream, so nothing newer than the
+//! missed event reaches them before that), and they miss what is
+//! published until it returns: a gap they are told about, never a silent
+//! one. Publishes through the edges that still reach the owner keep
+//! succeeding while one edge is cut off. What remains beyond that: an edge
 //! crash after its receipt loses its own sockets' copies, which it would
 //! lose anyway.
 
@@ -25,6 +30,8 @@ pub(super) struct Acks {
 
 struct Waiting {
     confirmed: HashSet<u64>,
+    /// Edges whose link went down while this waited.
+    gone: HashSet<u64>,
     refused: bool,
     changed: Arc<Notify>,
 }
@@ -41,6 +48,7 @@ impl Acks {
             ack_id,
             Waiting {
                 confirmed: HashSet::new(),
+                gone: HashSet::new(),
                 refused: false,
                 changed: changed.clone(),
             },
@@ -67,6 +75,14 @@ impl Acks {
         }
     }
 
+    /// Edge `edge`'s link went down: no waiter waits for it any more.
+    pub fn edge_gone(&self, edge: u64) {
+        for w in self.lock().values_mut() {
+            w.gone.insert(edge);
+            w.changed.notify_one();
+        }
+    }
+
     /// Where `ack_id` stands against the edges it went to.
     fn outcome(&self, ack_id: u64, edges: &[u64]) -> Option<Result<(), Refusal>> {
         let waiting = self.lock();
@@ -76,7 +92,7 @@ impl Acks {
         }
         edges
             .iter()
-            .all(|e| w.confirmed.contains(e))
+            .all(|e| w.confirmed.contains(e) || w.gone.contains(e))
             .then_some(Ok(()))
     }
 }
@@ -164,6 +180,17 @@ mod tests {
             confirm(&acks, 4, n, delivered(&[10]), Duration::from_secs(1)).await,
             Err(Refusal::Nack)
         );
+        // An edge whose link goes down meanwhile is not waited for.
+        let n = acks.expect(6);
+        let a = acks.clone();
+        let t = tokio::spawn(async move {
+            confirm(&a, 6, n, delivered(&[10, 20]), Duration::from_secs(1)).await
+        });
+        acks.receipts(10, &[(6, true)]);
+        tokio::task::yield_now().await;
+        assert!(!t.is_finished());
+        acks.edge_gone(20);
+        assert_eq!(t.await.unwrap(), Ok(()));
         // Nobody subscribed anywhere: nothing to wait for.
         let n = acks.expect(5);
         assert_eq!(

@@ -28,39 +28,57 @@ use tokio_util::sync::CancellationToken;
 pub(super) async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut views = node.membership.view.clone();
     let mut incarnation = node.membership.incarnation.clone();
-    let mut applied = 0u64;
-    // Rooms start sealed: no edge has registered anything here yet.
+    let mut applied = (0u64, 0u64); // (rev, digest)
+                                    // Rooms start sealed: no edge has registered anything here yet.
     *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::empty());
     node.accepted
         .store(*incarnation.borrow_and_update(), Ordering::Release);
     loop {
+        // A new incarnation first: edges are refused ("starting") until it
+        // is handled, so a view's barrier would wait for them in vain.
+        if incarnation.has_changed().unwrap_or(false) {
+            new_incarnation(&node, &mut incarnation).await;
+            applied = (0, 0);
+        }
         let view = views.borrow_and_update().clone();
-        if view.rev > applied {
-            hand_over(&node, &view).await;
-            applied = view.rev;
+        // Newer, or (defensively) different at the same revision.
+        if view.rev > applied.0 || (view.rev == applied.0 && view.digest != applied.1) {
+            hand_over(&node, &view, incarnation.clone()).await;
+            applied = (view.rev, view.digest);
         }
         tokio::select! {
-            r = views.changed() => if r.is_err() { return },
+            biased;
             r = incarnation.changed() => {
                 if r.is_err() {
                     return;
                 }
-                // A new incarnation (the lease was lost): whatever this
-                // process held belongs to whoever owned it meanwhile.
-                let current = *incarnation.borrow_and_update();
-                let dropped = node.pool.retain(Arc::new(|_| false)).await;
-                tracing::warn!(dropped, "new incarnation: rooms held before dropped");
-                *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::empty());
-                applied = 0;
-                // Edges may connect (and register) from now on.
-                node.accepted.store(current, Ordering::Release);
+                new_incarnation(&node, &mut incarnation).await;
+                applied = (0, 0);
             }
+            r = views.changed() => if r.is_err() { return },
             _ = stop.cancelled() => return,
         }
     }
 }
 
-async fn hand_over(node: &Node, view: &Arc<View>) {
+/// A new incarnation (the lease was lost, or the first registration):
+/// whatever this process held belongs to whoever owned it meanwhile.
+async fn new_incarnation(node: &Node, incarnation: &mut tokio::sync::watch::Receiver<i64>) {
+    let current = *incarnation.borrow_and_update();
+    let dropped = node.pool.retain(Arc::new(|_| false)).await;
+    if dropped > 0 {
+        tracing::warn!(dropped, "new incarnation: rooms held before dropped");
+    }
+    *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::empty());
+    // Edges may connect (and register) from now on.
+    node.accepted.store(current, Ordering::Release);
+}
+
+async fn hand_over(
+    node: &Node,
+    view: &Arc<View>,
+    mut incarnation: tokio::sync::watch::Receiver<i64>,
+) {
     let started = Instant::now();
     let rev = view.rev;
     let (me, v) = (node.id.clone(), view.clone());
@@ -85,14 +103,18 @@ async fn hand_over(node: &Node, view: &Arc<View>) {
         if waiting.is_empty() {
             break;
         }
-        if tokio::time::timeout_at(deadline, acked).await.is_err() {
-            metrics::counter!("herdgate_handover_timeouts_total").increment(1);
-            tracing::warn!(
-                rev,
-                ?waiting,
-                "handover barrier timed out; opening without these edges"
-            );
-            break;
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, acked) => if r.is_err() {
+                metrics::counter!("herdgate_handover_timeouts_total").increment(1);
+                tracing::warn!(
+                    rev,
+                    ?waiting,
+                    "handover barrier timed out; opening without these edges"
+                );
+                break;
+            },
+            // A new incarnation drops everything: this barrier is moot.
+            _ = incarnation.changed() => return,
         }
     }
     *node.open_view.write().unwrap_or_else(|p| p.into_inner()) = view.clone();

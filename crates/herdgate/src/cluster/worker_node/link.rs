@@ -17,9 +17,15 @@ pub(super) struct EdgeLink {
     pub id: u64,
     pub name: String,
     pub tx: LinkTx,
+    /// The edge's last heartbeat (its witness statement, see `freeze`).
+    pub says: std::sync::Mutex<Option<crate::cluster::membership::freeze::PeerSays>>,
 }
 
 impl EdgeLink {
+    pub fn send_msg(&self, msg: &Msg) -> bool {
+        self.send(encode(msg))
+    }
+
     fn send(&self, frame: Bytes) -> bool {
         match self.tx.try_send_encoded(frame) {
             Ok(()) => true,

@@ -25,7 +25,8 @@ use super::link::{
     proof, proof_ok, send_direct, LinkError, LinkRx, LinkTx, Msg, Refusal, RegMode, Reply,
     PAGE_BYTES, VERSION,
 };
-use super::membership::Membership;
+use super::membership::freeze::{self, PeerSays};
+use super::membership::{boot_nanos, Membership};
 use super::tls::{LinkIo, LinkTls};
 use super::view::{NodeId, View};
 use crate::protocol::Frame;
@@ -68,6 +69,8 @@ pub struct WorkerNode {
     pub closing: CancellationToken,
     /// Where to put the node's status function.
     pub status: Arc<std::sync::OnceLock<StatusFn>>,
+    /// Where to put "every edge of the view is linked" (scale-out waits for it).
+    pub linked: scale::Linked,
 }
 
 /// One edge node, across its reconnects.
@@ -150,6 +153,54 @@ impl Node {
         .await;
     }
 
+    fn heartbeat_msg(&self) -> Msg {
+        Msg::Heartbeat {
+            digest: self.membership.current().digest,
+            etcd_lost: self.membership.contact.is_lost(),
+        }
+    }
+
+    /// Freeze or thaw the fence by what the edges of the view say
+    /// ([`freeze`](super::membership::freeze)).
+    fn check_freeze(&self) {
+        let fence = &self.membership.fence;
+        let view = self.membership.current();
+        let links: HashMap<String, Option<PeerSays>> = self
+            .links()
+            .into_iter()
+            .map(|l| (l.name.clone(), *lock(&l.says)))
+            .collect();
+        let may = freeze::worker_may_freeze(
+            self.membership.contact.is_lost(),
+            &view,
+            |e| links.get(e).copied().flatten(),
+            boot_nanos(),
+            self.heartbeat * 3,
+        );
+        let was = fence.is_frozen();
+        let now = fence.set_frozen(may);
+        metrics::gauge!("herdgate_fenced").set(if fence.is_valid() { 0.0 } else { 1.0 });
+        metrics::gauge!("herdgate_lease_valid_seconds").set(
+            fence
+                .remaining()
+                .min(Duration::from_secs(3600))
+                .as_secs_f64(),
+        );
+        if now != was {
+            metrics::gauge!("herdgate_frozen").set(if now { 1.0 } else { 0.0 });
+            if now {
+                tracing::warn!(
+                    rev = view.rev,
+                    "etcd is lost to every edge of the view and to this worker: serving on the frozen membership"
+                );
+            } else {
+                tracing::warn!(
+                    "membership no longer frozen (etcd answers, or an edge disagrees): the lease decides again"
+                );
+            }
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
         let view = self.membership.current();
         let open = self.open_view.read().unwrap_or_else(|p| p.into_inner()).rev;
@@ -158,18 +209,33 @@ impl Node {
             "node_id": &*self.id,
             "static": self.membership.is_static(),
             "rev": view.rev,
+            "digest": format!("{:016x}", view.digest),
             "open_rev": open,
             "fenced": !self.membership.fence.is_valid(),
+            "frozen": self.membership.fence.is_frozen(),
+            "etcd_lost": self.membership.contact.is_lost(),
             "lease_valid_seconds": self.membership.fence.remaining().min(Duration::from_secs(3600)).as_secs_f64(),
             "incarnation": *self.membership.incarnation.borrow(),
             "workers": view.workers.iter().map(|(id, w)| serde_json::json!({
-                "id": &**id, "addr": w.addr, "vnodes": w.vnodes, "state": w.state,
+                "id": &**id, "addr": w.addr, "vnodes": w.vnodes, "state": w.state, "incarnation": w.incarnation,
             })).collect::<Vec<_>>(),
+            "view_edges": view.edges.iter().map(|e| &**e).collect::<Vec<_>>(),
             "edges": edges.values().map(|e| serde_json::json!({
                 "link": if e.link.is_some() { "up" } else { "down" },
                 "name": e.link.as_ref().map(|l| l.name.clone()),
                 "acked_rev": e.acked_rev,
             })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Every edge of the view has a live link here.
+    fn all_edges_linked(&self) -> bool {
+        let view = self.membership.current();
+        let edges = lock(&self.edges);
+        view.edges.iter().all(|name| {
+            edges
+                .get(&room_hash(name, ""))
+                .is_some_and(|e| e.link.is_some())
         })
     }
 
@@ -227,11 +293,16 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
     });
     if !node.membership.is_static() {
         tokio::spawn(handover::run(node.clone(), cfg.closing.clone()));
+        tokio::spawn(freeze_checks(Arc::downgrade(&node)));
     }
     let weak = Arc::downgrade(&node);
     let _ = cfg.status.set(Box::new(move || {
         weak.upgrade()
             .map_or(serde_json::Value::Null, |n| n.status())
+    }));
+    let weak = Arc::downgrade(&node);
+    let _ = cfg.linked.set(Box::new(move || {
+        weak.upgrade().is_some_and(|n| n.all_edges_linked())
     }));
     let permits = Arc::new(Semaphore::new(HANDSHAKES));
     loop {
@@ -273,6 +344,18 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
                 Err(e) => tracing::info!(%peer, error = %e, "link refused"),
             }
         });
+    }
+}
+
+/// Re-judge the freeze a few times per heartbeat, so that it is decided
+/// before the lease (renewed every `keepalive_interval`) could run out;
+/// until the node is gone (a draining node is judged too).
+async fn freeze_checks(node: std::sync::Weak<Node>) {
+    while let Some(n) = node.upgrade() {
+        n.check_freeze();
+        let every = (n.heartbeat / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        drop(n);
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -372,6 +455,7 @@ async fn edge_connection(
         id,
         name: name.clone(),
         tx: tx.clone(),
+        says: std::sync::Mutex::new(None),
     });
     let generation = {
         let mut edges = lock(&node.edges);
@@ -393,11 +477,12 @@ async fn edge_connection(
     }
     tracing::info!(edge = %name, "edge connected");
     metrics::gauge!("herdgate_link_edges").increment(1.0);
-    let fence_node = node.clone();
+    let (fence_node, beat_node) = (node.clone(), node.clone());
     let writer = tokio::spawn(super::link::write_loop(
         w,
         tx.clone(),
         heartbeat,
+        move || beat_node.heartbeat_msg(),
         move || fence_node.membership.fence.is_valid(),
     ));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_LINK));
@@ -422,13 +507,17 @@ async fn edge_connection(
     tx.close();
     writer.abort();
     metrics::gauge!("herdgate_link_edges").decrement(1.0);
-    {
+    let current = {
         let mut edges = lock(&node.edges);
-        if let Some(e) = edges.get_mut(&id).filter(|e| e.generation == generation) {
-            e.link = None;
-        }
-    }
+        let e = edges.get_mut(&id).filter(|e| e.generation == generation);
+        e.map(|e| e.link = None).is_some()
+    };
     node.view_acked.notify_waiters(); // the barrier stops waiting for it
+    if current {
+        // Acknowledged publishes stop waiting for it too (a newer link of
+        // the same edge, if any, is waited for as usual).
+        node.acks.edge_gone(id);
+    }
     tracing::warn!(edge = %name, "edge link lost; its sockets stay for the lease");
     let lease = node.edge_lease;
     tokio::spawn(async move {
@@ -466,8 +555,10 @@ fn key(app: String, channel: String) -> RoomKey {
     }
 }
 
+/// Answer a request. On a full queue the link closes, as for any frame
+/// (the edge registers again; its request is answered 503 meanwhile).
 fn reply(link: &EdgeLink, id: u64, reply: Reply) {
-    let _ = link.tx.try_send(&Msg::Reply { id, reply });
+    link.send_msg(&Msg::Reply { id, reply });
 }
 
 fn refused(link: &EdgeLink, id: u64, reason: Refusal) {
@@ -490,7 +581,18 @@ fn refused(link: &EdgeLink, id: u64, reason: Refusal) {
 async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc<Semaphore>) {
     let target = || Target::Edge(link.clone() as Arc<dyn RemoteEdge>);
     match msg {
-        Msg::Heartbeat => {}
+        Msg::Heartbeat { digest, etcd_lost } => {
+            *lock(&link.says) = Some(PeerSays {
+                digest,
+                etcd_lost,
+                at: boot_nanos(),
+            });
+            if node.membership.fence.is_frozen()
+                && (!etcd_lost || digest != node.membership.current().digest)
+            {
+                node.check_freeze(); // an edge hears from etcd again: at once
+            }
+        }
         Msg::Register {
             id,
             app,

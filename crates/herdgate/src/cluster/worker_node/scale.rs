@@ -6,6 +6,9 @@ use crate::cluster::membership::Control;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Whether every edge of the worker's view has a live link to it.
+pub type Linked = std::sync::Arc<std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>>;
+
 #[derive(Clone)]
 pub struct Scale {
     pub control: mpsc::Sender<Control>,
@@ -14,6 +17,12 @@ pub struct Scale {
     pub target: u32,
     pub steps: u32,
     pub interval: Duration,
+    /// Set by the worker once it serves links.
+    pub linked: Linked,
+    /// Longest wait for the edges' links before the first step
+    /// (`cluster.handover_timeout`): an edge that cannot connect is left to
+    /// register when it does.
+    pub link_wait: Duration,
 }
 
 impl Scale {
@@ -30,8 +39,13 @@ impl Scale {
                     return;
                 }
             }
-            // Give the edges a moment to connect while this worker owns nothing.
-            tokio::time::sleep(self.interval.min(Duration::from_secs(1))).await;
+            // Owning nothing yet, wait for every edge of the view to link
+            // here, so that the first rooms moved in find their edges.
+            let deadline = tokio::time::Instant::now() + self.link_wait;
+            while !self.linked.get().is_some_and(|f| f()) && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             for step in 1..=self.steps {
                 let state = if step == self.steps {
                     "active"
