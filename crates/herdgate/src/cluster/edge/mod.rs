@@ -87,6 +87,8 @@ pub struct Edge {
     /// Set while the whole cluster lost etcd: the view stays current
     /// although the watch is down ([`freeze`](super::membership::freeze)).
     frozen: std::sync::atomic::AtomicBool,
+    /// When this frozen edge heard from etcd again (0: it has not).
+    regained_at: std::sync::atomic::AtomicU64,
 }
 
 impl Edge {
@@ -105,6 +107,7 @@ impl Edge {
             secret: cfg.secret,
             link_queue_bytes: cfg.link_queue_bytes,
             frozen: std::sync::atomic::AtomicBool::new(false),
+            regained_at: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(handover::run(edge.clone()));
         if !edge.membership.is_static() {
@@ -145,13 +148,34 @@ impl Edge {
             .filter(|l| l.is_up())
             .filter_map(|l| *l.says.lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
-        let may = super::membership::freeze::edge_may_freeze(
-            self.membership.contact.is_lost(),
-            &view,
-            &said,
-            super::membership::boot_nanos(),
-            self.heartbeat * 3,
-        );
+        use super::membership::freeze;
+        let contact = &self.membership.contact;
+        let own_lost = contact.is_lost();
+        let (at, fresh) = (super::membership::boot_nanos(), self.heartbeat * 3);
+        if own_lost {
+            self.regained_at.store(0, Ordering::Relaxed);
+        }
+        let was = self.is_frozen();
+        let stale = self.membership.stale.load(Ordering::Acquire);
+        let may = if freeze::edge_may_freeze(own_lost, &view, &said, at, fresh) {
+            true
+        } else if was && !own_lost && stale {
+            // etcd answers again, the watch is not back yet: stay frozen
+            // (for at most a keepalive round) while the workers still hold
+            // this membership.
+            let since = match self.regained_at.load(Ordering::Relaxed) {
+                0 => {
+                    self.regained_at.store(at, Ordering::Relaxed);
+                    at
+                }
+                t => t,
+            };
+            let peers: Vec<_> = said.iter().copied().map(Some).collect();
+            Duration::from_nanos(at.saturating_sub(since)) < contact.lost_after()
+                && freeze::still_same(&view, &peers, at, fresh)
+        } else {
+            false
+        };
         if self.frozen.swap(may, Ordering::AcqRel) != may {
             metrics::gauge!("herdgate_frozen").set(if may { 1.0 } else { 0.0 });
             if may {

@@ -521,13 +521,15 @@ impl Registrar {
                     let answer = tokio::time::timeout(self.every * 2, answers.message()).await;
                     match answer {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                            self.contact.ok();
+                            // The fence first: a frozen worker that sees etcd
+                            // answer must find its lease renewed already.
                             if let Registration::Worker(_) = self.reg {
                                 self.fence.extend(sent, Duration::from_secs(r.ttl() as u64), self.margin);
                                 metrics::gauge!("herdgate_lease_valid_seconds")
                                     .set(self.fence.remaining().as_secs_f64());
                                 metrics::gauge!("herdgate_fenced").set(0.0);
                             }
+                            self.contact.ok();
                         }
                         Ok(Ok(Some(_))) => return Ok(Ended::LeaseLost), // TTL 0: expired
                         Ok(Ok(None)) => return Err(EtcdError::Other("keepalive stream ended".into())),

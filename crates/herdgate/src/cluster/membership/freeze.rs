@@ -19,6 +19,11 @@
 //! * An **edge** whose watch is down keeps its view current only while it
 //!   has lost etcd itself and every worker it is linked with says the
 //!   same, with the same membership (at least one must be linked).
+//! * When etcd answers again, a frozen node stays frozen for at most one
+//!   keepalive round while its peers still hold the same membership, until
+//!   its lease renewal (worker) or its watch (edge) is back; a changed
+//!   membership anywhere thaws it at once. A worker whose renewal does not
+//!   come is then fenced as usual (its lease is gone: it registers anew).
 //!
 //! So a whole cluster keeps serving while etcd is gone, with no joins,
 //! leaves or failovers (a worker that dies meanwhile leaves its rooms
@@ -42,10 +47,24 @@ pub struct PeerSays {
 impl PeerSays {
     /// Agrees that etcd is gone, holds `digest`, and said so within `fresh`.
     fn agrees(&self, digest: u64, now: u64, fresh: Duration) -> bool {
-        self.etcd_lost
-            && self.digest == digest
-            && Duration::from_nanos(now.saturating_sub(self.at)) <= fresh
+        self.etcd_lost && self.same(digest, now, fresh)
     }
+
+    /// Holds `digest` and said so within `fresh`.
+    fn same(&self, digest: u64, now: u64, fresh: Duration) -> bool {
+        self.digest == digest && Duration::from_nanos(now.saturating_sub(self.at)) <= fresh
+    }
+}
+
+/// Whether a frozen node stays frozen while etcd comes back: every peer
+/// of `peers` still holds the same membership (a changed one means the
+/// view moved on: thaw at once). The caller bounds how long a node that
+/// hears from etcd again waits for its own lease renewal or watch.
+pub fn still_same(view: &View, peers: &[Option<PeerSays>], now: u64, fresh: Duration) -> bool {
+    !peers.is_empty()
+        && peers
+            .iter()
+            .all(|p| p.is_some_and(|p| p.same(view.digest, now, fresh)))
 }
 
 /// Whether a worker may serve on `view` without renewing its lease: it
@@ -164,5 +183,22 @@ mod tests {
             ..lost(&v)
         };
         assert!(!edge_may_freeze(true, &v, &[lost(&v), reaches], NOW, FRESH));
+    }
+
+    #[test]
+    fn a_frozen_node_stays_frozen_only_while_every_peer_holds_the_same_membership() {
+        let v = view();
+        let back = PeerSays {
+            etcd_lost: false,
+            ..lost(&v)
+        };
+        assert!(still_same(&v, &[Some(back), Some(lost(&v))], NOW, FRESH));
+        let moved = PeerSays { digest: 9, ..back };
+        assert!(!still_same(&v, &[Some(back), Some(moved)], NOW, FRESH));
+        assert!(
+            !still_same(&v, &[Some(back), None], NOW, FRESH),
+            "a peer gone"
+        );
+        assert!(!still_same(&v, &[], NOW, FRESH));
     }
 }

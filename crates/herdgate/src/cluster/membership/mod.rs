@@ -126,6 +126,11 @@ impl Contact {
         self.last_ok.fetch_max(boot_nanos(), Ordering::AcqRel);
     }
 
+    /// How long without an answer counts as lost.
+    pub fn lost_after(&self) -> Duration {
+        self.lost_after
+    }
+
     /// Whether this node has had no answer from etcd for `lost_after`.
     pub fn is_lost(&self) -> bool {
         match self.last_ok.load(Ordering::Acquire) {
@@ -170,6 +175,11 @@ impl Fence {
 
     pub fn is_frozen(&self) -> bool {
         self.frozen.load(Ordering::Acquire)
+    }
+
+    /// Valid by the lease alone (not by a freeze).
+    pub fn lease_valid(&self) -> bool {
+        boot_nanos() < self.valid_until.load(Ordering::Acquire)
     }
 
     /// Freeze or thaw. A fence freezes only while it is valid: a worker

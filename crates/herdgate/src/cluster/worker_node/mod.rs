@@ -103,6 +103,8 @@ pub(crate) struct Node {
     /// are accepted only while it is the current one, so no registration
     /// for a new incarnation can arrive before the old state is gone.
     accepted: std::sync::atomic::AtomicI64,
+    /// When this frozen worker heard from etcd again (0: it has not).
+    regained_at: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,14 +172,45 @@ impl Node {
             .into_iter()
             .map(|l| (l.name.clone(), *lock(&l.says)))
             .collect();
-        let may = freeze::worker_may_freeze(
-            self.membership.contact.is_lost(),
+        let contact = &self.membership.contact;
+        let own_lost = contact.is_lost();
+        let (at, fresh) = (boot_nanos(), self.heartbeat * 3);
+        let was = fence.is_frozen();
+        if own_lost {
+            self.regained_at.store(0, Ordering::Relaxed);
+        }
+        let may = if fence.lease_valid() && !own_lost {
+            false // renewed: the lease decides again
+        } else if freeze::worker_may_freeze(
+            own_lost,
             &view,
             |e| links.get(e).copied().flatten(),
-            boot_nanos(),
-            self.heartbeat * 3,
-        );
-        let was = fence.is_frozen();
+            at,
+            fresh,
+        ) {
+            true
+        } else if was && !own_lost {
+            // etcd answers again, the renewal is not in yet: stay frozen
+            // (for at most a keepalive round) while every edge still holds
+            // this membership — thawing now would fence a worker whose
+            // lease etcd is about to confirm.
+            let since = match self.regained_at.load(Ordering::Relaxed) {
+                0 => {
+                    self.regained_at.store(at, Ordering::Relaxed);
+                    at
+                }
+                t => t,
+            };
+            let peers: Vec<Option<PeerSays>> = view
+                .edges
+                .iter()
+                .map(|e| links.get(&**e).copied().flatten())
+                .collect();
+            Duration::from_nanos(at.saturating_sub(since)) < contact.lost_after()
+                && freeze::still_same(&view, &peers, at, fresh)
+        } else {
+            false
+        };
         let now = fence.set_frozen(may);
         metrics::gauge!("herdgate_fenced").set(if fence.is_valid() { 0.0 } else { 1.0 });
         metrics::gauge!("herdgate_lease_valid_seconds").set(
@@ -290,6 +323,7 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
         view_acked: Notify::new(),
         next_id: AtomicU64::new(1),
         accepted: std::sync::atomic::AtomicI64::new(0),
+        regained_at: AtomicU64::new(0),
     });
     if !node.membership.is_static() {
         tokio::spawn(handover::run(node.clone(), cfg.closing.clone()));
@@ -590,7 +624,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             if node.membership.fence.is_frozen()
                 && (!etcd_lost || digest != node.membership.current().digest)
             {
-                node.check_freeze(); // an edge hears from etcd again: at once
+                node.check_freeze(); // an edge hears from etcd again: judge at once
             }
         }
         Msg::Register {
