@@ -60,6 +60,9 @@ pub struct Cluster {
     pub edges: Vec<Option<Herdgate>>,
     /// etcd endpoints each node was started with (a relay, for some).
     pub endpoints: Vec<String>,
+    /// Appended to every worker's config (after its `[[apps]]`: e.g. the
+    /// app's `[[apps.webhooks]]`).
+    pub worker_tail: String,
 }
 
 pub fn worker_name(i: usize) -> String {
@@ -85,6 +88,17 @@ impl Cluster {
         edges: usize,
         nobody: Option<usize>,
     ) -> Cluster {
+        Cluster::start_tailed(members, workers, edges, nobody, "")
+    }
+
+    /// [`Cluster::start_with`], `worker_tail` appended to every worker's config.
+    pub fn start_tailed(
+        members: usize,
+        workers: usize,
+        edges: usize,
+        nobody: Option<usize>,
+        worker_tail: &str,
+    ) -> Cluster {
         let etcd = Etcd::start(members);
         let endpoints = etcd.endpoints();
         let mut c = Cluster {
@@ -92,6 +106,7 @@ impl Cluster {
             workers: Vec::new(),
             edges: Vec::new(),
             endpoints,
+            worker_tail: worker_tail.to_string(),
         };
         for i in 0..workers {
             let w = c.spawn_worker(i, "");
@@ -111,12 +126,20 @@ impl Cluster {
     }
 
     pub fn spawn_worker(&self, i: usize, extra: &str) -> Herdgate {
-        Herdgate::start(&worker_toml(&worker_name(i), &self.endpoints, extra))
+        Herdgate::start(&format!(
+            "{}{}",
+            worker_toml(&worker_name(i), &self.endpoints, extra),
+            self.worker_tail
+        ))
     }
 
     /// A worker that reaches etcd through `endpoints` (a relay, say).
     pub fn spawn_worker_via(&self, i: usize, endpoints: &[String]) -> Herdgate {
-        Herdgate::start(&worker_toml(&worker_name(i), endpoints, ""))
+        Herdgate::start(&format!(
+            "{}{}",
+            worker_toml(&worker_name(i), endpoints, ""),
+            self.worker_tail
+        ))
     }
 
     /// Kill -9 a worker (it stays `None`).

@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod pki;
 pub mod process;
 pub mod relay;
+pub mod webhook;
 
 use futures_util::{SinkExt, StreamExt};
 use herdgate::config::Config;

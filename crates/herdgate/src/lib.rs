@@ -31,6 +31,7 @@ pub mod sys;
 pub mod telemetry;
 pub mod tls;
 pub mod types;
+pub mod webhook;
 pub mod worker;
 
 use config::Config;
@@ -68,6 +69,11 @@ fn check_files(c: &Config) -> Vec<config::ConfigError> {
     if let Some(t) = &c.cluster.tls {
         if let Err(e) = cluster::tls::LinkTls::load(t) {
             errs.push(config::ConfigError::new("cluster.tls", e.to_string()));
+        }
+    }
+    if !c.webhooks.ca.is_empty() {
+        if let Err(e) = webhook::tls_check(&c.webhooks.ca) {
+            errs.push(config::ConfigError::new("webhooks.ca", e));
         }
     }
     errs
@@ -206,6 +212,22 @@ impl Running {
                 remaining = self.shared.tasks.len(),
                 "drain deadline passed with tasks still running"
             );
+        }
+        if let (Some(hooks), router::Router::Local(pool)) =
+            (&self.shared.hooks, &self.shared.router)
+        {
+            // The drained rooms' vacated / member_removed go now rather
+            // than after their debounce, and the queues get one timeout's
+            // worth of time to empty.
+            pool.flush_webhooks().await;
+            let within = self.shared.live().config.webhooks.timeout.get();
+            hooks.flush(within).await;
+            if hooks.depth() > 0 {
+                tracing::warn!(
+                    events = hooks.depth(),
+                    "stopping with webhook events not sent"
+                );
+            }
         }
         self.shared.stopped.cancel();
     }

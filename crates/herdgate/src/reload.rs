@@ -59,6 +59,11 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     if new.log.level != o.log.level {
         crate::telemetry::set_log_level(&new.log.level);
     }
+    if let Some(hooks) = &shared.hooks {
+        if let Err(e) = hooks.reload(&new) {
+            tracing::error!(error = %e, "webhooks not reloaded; the previous ones stay");
+        }
+    }
     drop(old);
     shared.swap_live(new);
     metrics::counter!("herdgate_config_reloads_total", "result" => "ok").increment(1);

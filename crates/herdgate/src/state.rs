@@ -32,6 +32,8 @@ pub struct Shared {
     pub worker: std::sync::OnceLock<crate::cluster::worker_node::scale::Scale>,
     /// A cluster worker's view of the cluster, for `/status`.
     pub worker_status: Arc<std::sync::OnceLock<crate::cluster::worker_node::StatusFn>>,
+    /// Webhooks, where this node owns rooms (standalone, worker); edges emit none.
+    pub hooks: Option<Arc<crate::webhook::Hooks>>,
 }
 
 /// The part of the configuration that a reload (SIGHUP) swaps while serving.
@@ -81,6 +83,8 @@ impl Shared {
         let l = &config.limits;
         let cl = &config.cluster;
         let stopped = CancellationToken::new();
+        let overload = crate::overload::Overload::default();
+        let mut webhooks = None;
         let router = if cl.role == crate::config::Role::Edge {
             let id: crate::cluster::view::NodeId = if cl.node_id.is_empty() {
                 Arc::from(format!("edge-{:016x}", rand::random::<u64>()))
@@ -105,15 +109,25 @@ impl Shared {
             });
             Router::Edge(edge)
         } else {
+            let hooks = crate::webhook::Hooks::start(&config, overload.state_reader())
+                .map_err(crate::tls::TlsError::Config)?;
+            let taps = crate::worker::WebhookTaps {
+                hooks: hooks.clone(),
+                debounce: config.webhooks.debounce.get(),
+                debounce_max: config.webhooks.debounce_max,
+            };
+            webhooks = Some(hooks);
             Router::Local(Arc::new(crate::worker::Pool::start(
                 config.worker_count(),
                 l.worker_mailbox,
+                Some(taps),
             )))
         };
         Ok(Arc::new(Shared {
             sessions: crate::admission::Admission::new(l.max_connections),
             handshakes: Arc::default(),
-            overload: crate::overload::Overload::default(),
+            overload,
+            hooks: webhooks,
             router,
             live: ArcSwap::from_pointee(Live::new(config)),
             draining: CancellationToken::new(),

@@ -16,8 +16,9 @@ pub fn init_logging(cfg: &LogConfig) {
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(default_filter(&cfg.level)));
+        .and_then(|f| crate::config::log_filter(&f).ok())
+        .or_else(|| crate::config::log_filter(&default_filter(&cfg.level)).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -45,7 +46,10 @@ pub fn set_log_level(level: &str) {
         return;
     }
     if let Some(handle) = LOG_FILTER.get() {
-        if let Err(e) = handle.reload(EnvFilter::new(default_filter(level))) {
+        let Ok(filter) = crate::config::log_filter(&default_filter(level)) else {
+            return tracing::warn!(level, "not a log filter; the level stays");
+        };
+        if let Err(e) = handle.reload(filter) {
             tracing::warn!(error = %e, "could not change the log level");
         }
     }

@@ -840,6 +840,7 @@ fn a_full_presence_room_refuses_on_every_edge_and_records_nothing() {
         workers: workers.into_iter().map(Some).collect(),
         edges: edges.into_iter().map(Some).collect(),
         endpoints: eps,
+        worker_tail: String::new(),
     };
     c.wait_settled(2);
     let rt = runtime();
@@ -876,4 +877,84 @@ fn a_full_presence_room_refuses_on_every_edge_and_records_nothing() {
         assert_eq!(r.body["user_count"], 2);
         assert_eq!(r.body["subscription_count"], 2);
     });
+}
+
+/// Webhooks from a cluster: a room with sockets on both edges is occupied
+/// and vacated once (its owner emits, edges never do); when its owner is
+/// killed the new owner takes the room over silently — no second
+/// channel_occupied while the sockets stayed.
+#[test]
+fn webhooks_come_once_per_cluster_from_the_owner_also_across_a_failover() {
+    use herdgate_testkit::webhook::Receiver;
+    let _g = serial();
+    let mut rx = Receiver::start(APP_ID, KEY, SECRET);
+    let tail = format!(
+        "[webhooks]\ndebounce = \"1s\"\n[[apps.webhooks]]\nurl = \"{}\"\nevent_types = [\"channel_occupied\", \"channel_vacated\"]\n",
+        rx.url()
+    );
+    let mut c = Cluster::start_tailed(1, 2, 2, None, &tail);
+    let rt = runtime();
+    let room = "webhook-room";
+    let victim = c.owner(0, room);
+    let api = c.api(0);
+    let occupied = |g: &herdgate_testkit::webhook::Got, ch: &str| {
+        g.name() == "channel_occupied" && g.channel() == ch
+    };
+    let (mut a, mut b) = rt.block_on(async {
+        let mut a = connect(c.edge(0)).await;
+        let mut b = connect(c.edge(1)).await;
+        a.subscribe(room).await;
+        b.subscribe(room).await;
+        let mut m = connect(c.edge(1)).await;
+        m.subscribe("marker-1").await;
+        (a, b)
+    });
+    let got = rx.events_until(WAIT, |g| occupied(g, "marker-1"));
+    let for_room: Vec<_> = got.iter().filter(|g| g.channel() == room).collect();
+    assert_eq!(
+        for_room.len(),
+        1,
+        "one channel_occupied for two edges: {got:?}"
+    );
+
+    c.kill_worker(victim);
+    rt.block_on(async {
+        until_accepted(&api, room, Instant::now()).await;
+        let mut m = connect(c.edge(0)).await;
+        m.subscribe("marker-2").await;
+    });
+    let got = rx.events_until(WAIT, |g| occupied(g, "marker-2"));
+    assert!(
+        got.iter().all(|g| g.channel() != room),
+        "the new owner took the room over silently: {got:?}"
+    );
+
+    rt.block_on(async {
+        a.send(json!({"event":"pusher:unsubscribe","data":{"channel":room}}))
+            .await;
+        b.send(json!({"event":"pusher:unsubscribe","data":{"channel":room}}))
+            .await;
+    });
+    let got = rx.events_until(WAIT, |g| {
+        g.name() == "channel_vacated" && g.channel() == room
+    });
+    assert!(got
+        .iter()
+        .all(|g| g.channel() != room || g.name() == "channel_vacated"));
+    // A second one would have come with the first: a marker's, a debounce
+    // later, comes after anything that was on its way.
+    rt.block_on(async {
+        let mut m = connect(c.edge(0)).await;
+        m.subscribe("marker-3").await;
+        m.send(json!({"event":"pusher:unsubscribe","data":{"channel":"marker-3"}}))
+            .await;
+    });
+    let got = rx.events_until(WAIT, |g| {
+        g.name() == "channel_vacated" && g.channel() == "marker-3"
+    });
+    assert!(
+        got.iter().all(|g| g.channel() != room),
+        "one channel_vacated: {got:?}"
+    );
+    assert!(rx.posts.iter().all(|p| p["valid"] == true));
 }

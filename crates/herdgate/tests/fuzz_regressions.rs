@@ -280,3 +280,40 @@ fn certificate_dates_with_signs_or_out_of_range_fields_are_no_date() {
     let der = include_bytes!("../../../fuzz/regressions/cert_date/signed_year.der");
     assert_eq!(herdgate::tls::der::not_after(der), None);
 }
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+// Found by the config target (an out-of-memory, not a crash): a `log.level`
+// whose field filter held `(a+)+…` was compiled as a regular expression
+// into an automaton exponential in its length — over 2 GiB to check the
+// config. Field values are now plain text.
+#[test]
+fn a_log_filter_never_compiles_a_regular_expression() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fuzz/regressions/config/regex_log_filter.toml"
+    ))
+    .unwrap();
+    let before = peak_rss_kib();
+    let errors = match Config::from_toml_str(&text) {
+        Err(herdgate::config::LoadError::Invalid(e)) => e,
+        other => panic!("expected errors, got {other:?}"),
+    };
+    assert!(errors.iter().any(|e| e.key == "log.format"), "{errors:?}");
+    assert!(
+        !errors.iter().any(|e| e.key == "log.level"),
+        "the filter itself is valid: {errors:?}"
+    );
+    let grown = peak_rss_kib().saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "checking it took {grown} KiB more memory"
+    );
+}

@@ -12,15 +12,29 @@ mod net;
 mod words;
 mod overload;
 mod validate;
+mod webhooks;
 
 pub use duration::HumanDuration;
 pub use net::Cidr;
 pub use overload::{ActionsConfig, From as ActionFrom, LoadState, OverloadConfig};
-pub use validate::ConfigError;
+pub use validate::{webhook_url, ConfigError};
+pub use webhooks::{WebhookConfig, WebhookFilter, WebhooksConfig, EVENT_TYPES};
 
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::Path;
+
+/// A `log.level` (or `RUST_LOG`) filter. Field values are matched as
+/// plain text, never compiled as regular expressions: a filter such as
+/// `x[{f="(a+)+…"}]` would otherwise build an automaton exponential in its
+/// length (found by the config fuzz target: gigabytes at start).
+pub fn log_filter(
+    filter: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(filter)
+}
 
 /// The shipped, commented configuration. It is also the embedded default that
 /// `herdgate` runs with when no `--config` is given.
@@ -35,6 +49,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub overload: OverloadConfig,
     pub cluster: ClusterConfig,
+    pub webhooks: WebhooksConfig,
     /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
     pub tls: Option<TlsConfig>,
     pub apps: Vec<AppConfig>,
@@ -414,6 +429,9 @@ pub struct AppConfig {
     /// e.g. "https://events.example.com" or "https://*.example.com". Empty: any.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// Where the app's webhooks go (docs/WEBHOOKS.md).
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 fn yes() -> bool {

@@ -132,6 +132,9 @@ pub struct ActionsConfig {
     pub refuse_connections: From,
     /// Never coalesced, never refused: live session updates, announcements.
     pub essential_prefixes: Vec<String>,
+    /// Webhook events but channel_occupied / channel_vacated (member_added,
+    /// member_removed, client_event, ...) are shed, counted in `herdgate_shed_total`.
+    pub shed_webhook_events: From,
 }
 
 impl Default for ActionsConfig {
@@ -148,6 +151,7 @@ impl Default for ActionsConfig {
             nonessential_prefixes: Vec::new(),
             refuse_connections: From::Critical,
             essential_prefixes: Vec::new(),
+            shed_webhook_events: From::Degraded,
         }
     }
 }

@@ -223,7 +223,7 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         );
     }
     validate_cluster(&c.cluster, &mut err);
-    if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
+    if super::log_filter(&c.log.level).is_err() {
         err(
             "log.level",
             format!(
@@ -266,8 +266,112 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         if !app.key.is_empty() && !keys.insert(app.key.as_str()) {
             err(&k("key"), format!("duplicate app key {:?}", app.key));
         }
+        for (j, hook) in app.webhooks.iter().enumerate() {
+            validate_webhook(hook, &format!("apps[{i}].webhooks[{j}]"), &mut err);
+        }
     }
+    validate_webhooks(&c.webhooks, &mut err);
     errs
+}
+
+/// Headers herdgate sets itself on every webhook request.
+const OWN_HEADERS: [&str; 5] = [
+    "content-type",
+    "content-length",
+    "host",
+    "x-pusher-key",
+    "x-pusher-signature",
+];
+
+fn validate_webhook(hook: &super::WebhookConfig, at: &str, err: &mut impl FnMut(&str, String)) {
+    if let Err(e) = webhook_url(&hook.url) {
+        err(&format!("{at}.url"), format!("{:?}: {e}", hook.url));
+    }
+    if hook.event_types.is_empty() {
+        err(
+            &format!("{at}.event_types"),
+            format!("must name at least one of {:?}", super::EVENT_TYPES),
+        );
+    }
+    let mut seen = HashSet::new();
+    for (n, t) in hook.event_types.iter().enumerate() {
+        if !super::EVENT_TYPES.contains(&t.as_str()) {
+            err(
+                &format!("{at}.event_types[{n}]"),
+                format!(
+                    "{t:?} is not a webhook event type; one of {:?}",
+                    super::EVENT_TYPES
+                ),
+            );
+        } else if !seen.insert(t) {
+            err(
+                &format!("{at}.event_types[{n}]"),
+                format!("{t:?} is listed twice"),
+            );
+        }
+    }
+    for (name, value) in &hook.headers {
+        let key = format!("{at}.headers.{name}");
+        match http::HeaderName::from_bytes(name.as_bytes()) {
+            Err(_) => err(&key, "is not a valid HTTP header name".into()),
+            Ok(h) if OWN_HEADERS.contains(&h.as_str()) => {
+                err(&key, "is set by herdgate itself".into())
+            }
+            Ok(_) => {}
+        }
+        if http::HeaderValue::from_str(value).is_err() {
+            err(&key, "is not a valid HTTP header value".into());
+        }
+    }
+}
+
+/// A webhook URL: `http` or `https`, a host, an optional port and path.
+pub fn webhook_url(url: &str) -> Result<http::Uri, &'static str> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| "not a URL like \"https://backend.example/pusher/webhooks\"")?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err("must start with http:// or https://"),
+    }
+    match uri.host() {
+        Some(h) if !h.is_empty() => {}
+        _ => return Err("has no host"),
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not carry credentials (use headers)");
+    }
+    Ok(uri)
+}
+
+fn validate_webhooks(w: &super::WebhooksConfig, err: &mut impl FnMut(&str, String)) {
+    if w.timeout.get().is_zero() {
+        err("webhooks.timeout", "must be greater than zero".into());
+    }
+    if w.retry_window.get() < w.timeout.get() {
+        err(
+            "webhooks.retry_window",
+            "must be at least webhooks.timeout".into(),
+        );
+    }
+    if !(1..=1000).contains(&w.batch_max_events) {
+        err(
+            "webhooks.batch_max_events",
+            "must be between 1 and 1000".into(),
+        );
+    }
+    if w.queue_events < w.batch_max_events {
+        err(
+            "webhooks.queue_events",
+            "must be at least webhooks.batch_max_events".into(),
+        );
+    }
+    if w.queue_bytes < 64 * 1024 {
+        err("webhooks.queue_bytes", "must be at least 65536".into());
+    }
+    if w.debounce_max == 0 {
+        err("webhooks.debounce_max", "must be greater than zero".into());
+    }
 }
 
 fn validate_cluster(cl: &super::ClusterConfig, err: &mut impl FnMut(&str, String)) {

@@ -28,7 +28,8 @@ pub struct Status {
 }
 
 pub struct Overload {
-    state: AtomicU8,
+    /// Shared with readers outside the node's state ([`Overload::state_reader`]).
+    state: std::sync::Arc<AtomicU8>,
     /// The state admission is rated by (signals but `connections`, quick to
     /// recover): `actions.refuse_connections` applies to it.
     admission: AtomicU8,
@@ -54,7 +55,7 @@ impl Default for Overload {
             closing: false,
         });
         Overload {
-            state: AtomicU8::new(0),
+            state: std::sync::Arc::new(AtomicU8::new(0)),
             admission: AtomicU8::new(0),
             status,
             admitted: AtomicU64::new(0),
@@ -71,6 +72,12 @@ pub fn status_frame(state: LoadState, limited: &[&str]) -> Frame {
 impl Overload {
     pub fn state(&self) -> LoadState {
         LoadState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// A reader of the state for parts built before the node (webhooks).
+    pub fn state_reader(&self) -> Box<dyn Fn() -> LoadState + Send + Sync> {
+        let state = self.state.clone();
+        Box::new(move || LoadState::from_u8(state.load(Ordering::Relaxed)))
     }
 
     /// The state new connections are admitted by.

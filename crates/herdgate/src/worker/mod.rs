@@ -12,12 +12,14 @@ mod room;
 mod target;
 
 pub use pool::Pool;
+
 pub use room::Delivery;
 pub use target::{RemoteEdge, Target};
 
 use crate::outbound::{CloseOrder, Outbound};
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, RoomInfo, RoomKey, Shed};
+use crate::webhook::{Debounce, Event, Hooks, Kind, Pending};
 use room::{Joined, Room};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,6 +72,8 @@ pub enum Command {
         exclude: Option<ConnId>,
         coalesce: Option<Duration>,
         ack: Option<(u64, oneshot::Sender<Delivery>)>,
+        /// A client event (sent by `exclude`): a `client_event` webhook.
+        client: bool,
     },
     Query {
         room: RoomKey,
@@ -112,18 +116,35 @@ pub enum Command {
         keep: Arc<dyn Fn(&RoomKey) -> bool + Send + Sync>,
         done: oneshot::Sender<usize>,
     },
+    /// Send every webhook event waiting out its debounce now (shutdown).
+    FlushWebhooks {
+        done: oneshot::Sender<()>,
+    },
 }
 
 pub type Mailbox = mpsc::Sender<Command>;
 
+/// Webhooks as the workers see them: where to emit, and the debounce.
+#[derive(Clone)]
+pub struct WebhookTaps {
+    pub hooks: Arc<Hooks>,
+    pub debounce: Duration,
+    pub debounce_max: usize,
+}
+
 /// Start one worker; it runs until every sender is dropped.
-fn spawn(index: usize, mailbox: usize) -> Mailbox {
+fn spawn(index: usize, mailbox: usize, taps: Option<WebhookTaps>) -> Mailbox {
     let (tx, rx) = mpsc::channel(mailbox);
+    let debounce = taps.as_ref().map_or(Debounce::new(Duration::ZERO, 1), |t| {
+        Debounce::new(t.debounce, t.debounce_max)
+    });
     let worker = Worker {
         index,
         rooms: HashMap::new(),
         users: HashMap::new(),
         coalesced: HashMap::new(),
+        hooks: taps.map(|t| t.hooks),
+        debounce,
     };
     tokio::spawn(worker.run(rx));
     tx
@@ -137,6 +158,10 @@ struct Worker {
     /// Coalesced publishes waiting for their interval: the latest frame per room.
     /// Bounded by the number of rooms (one entry each).
     coalesced: HashMap<RoomKey, (Instant, Frame, Option<ConnId>)>,
+    /// Where webhook events go (none: no webhooks in this process).
+    hooks: Option<Arc<Hooks>>,
+    /// vacated / removed webhook events waiting out their window.
+    debounce: Debounce,
 }
 
 impl Worker {
@@ -144,12 +169,14 @@ impl Worker {
         tracing::debug!(worker = self.index, "worker started");
         loop {
             let next_flush = self.coalesced.values().map(|(at, _, _)| *at).min();
+            let waiting = !self.debounce.is_empty();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 },
                 _ = sleep_until_opt(next_flush) => self.flush_coalesced(Instant::now()),
+                p = self.debounce.next(), if waiting => self.send_pending(p),
             }
         }
         tracing::debug!(worker = self.index, "worker stopped");
@@ -177,7 +204,11 @@ impl Worker {
                 exclude,
                 coalesce: None,
                 ack,
+                client,
             } => {
+                if client && self.rooms.contains_key(&room) {
+                    self.client_event_hook(&room, &frame, exclude);
+                }
                 let (ack_id, reply) = match ack {
                     Some((id, reply)) => (id, Some(reply)),
                     None => (0, None),
@@ -197,6 +228,7 @@ impl Worker {
                 exclude,
                 coalesce: Some(every),
                 ack,
+                client: _,
             } => {
                 if let Some((_, reply)) = ack {
                     // Coalesced events are sent later, latest wins: there is
@@ -256,6 +288,12 @@ impl Worker {
                 }
             }
             Command::PurgeEdge { edge, silent } => self.purge_edge(edge, silent),
+            Command::FlushWebhooks { done } => {
+                for p in self.debounce.take(|_| true) {
+                    self.send_pending(p);
+                }
+                let _ = done.send(());
+            }
             Command::Retain { keep, done } => {
                 let before = self.rooms.len() + self.users.len();
                 let mut dropped_subs = 0usize;
@@ -268,6 +306,12 @@ impl Worker {
                 });
                 self.users.retain(|k, _| keep(k));
                 self.coalesced.retain(|k, _| keep(k));
+                // Rooms that moved away take no debounce with them: what
+                // waits for them is sent now, before their new owner can
+                // emit anything for them.
+                for p in self.debounce.take(|k| !keep(k)) {
+                    self.send_pending(p);
+                }
                 let dropped = before - self.rooms.len() - self.users.len();
                 metrics::gauge!("herdgate_subscriptions").decrement(dropped_subs as f64);
                 let _ = done.send(dropped);
@@ -328,6 +372,16 @@ impl Worker {
                     metrics::gauge!("herdgate_channels").increment(1.0);
                 }
                 metrics::gauge!("herdgate_subscriptions").increment(1.0);
+                // A moved room arrives silently: it was occupied (and its
+                // members added) at its previous owner already.
+                let announced = !shed.silent || shed.announce;
+                if is_new_room && announced {
+                    self.occupied(&key);
+                }
+                if let (true, true, Some(user)) = (new_member, announced, &user) {
+                    self.member_added(&key, user);
+                }
+                let room = self.rooms.get_mut(&key).expect("just joined");
                 match user {
                     Some(user) => {
                         if !shed.silent {
@@ -368,11 +422,11 @@ impl Worker {
         if room.subscription_count() < before {
             metrics::gauge!("herdgate_subscriptions").decrement(1.0);
         }
-        if let Some(user) = gone_user {
+        if let Some(user) = &gone_user {
             if announce {
                 record(&room.fan_out(
                     &key,
-                    &protocol::member_removed(&key.channel, &user),
+                    &protocol::member_removed(&key.channel, user),
                     None,
                     None,
                     0,
@@ -381,10 +435,19 @@ impl Worker {
                 crate::overload::shed("presence_member_event");
             }
         }
-        if room.is_empty() {
+        let emptied = room.is_empty();
+        if emptied {
             self.rooms.remove(&key);
             self.coalesced.remove(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
+        }
+        if !shed.silent {
+            if let Some(user) = gone_user {
+                self.member_removed(&key, user);
+            }
+            if emptied {
+                self.vacated(&key);
+            }
         }
     }
 }
@@ -392,6 +455,7 @@ impl Worker {
 impl Worker {
     fn purge_edge(&mut self, edge: u64, silent: bool) {
         let mut emptied = Vec::new();
+        let mut removed = Vec::new();
         for (key, room) in self.rooms.iter_mut() {
             let before = room.subscription_count();
             let gone = room.purge_edge(edge);
@@ -403,6 +467,7 @@ impl Worker {
                     None,
                     0,
                 ));
+                removed.push((key.clone(), user));
             }
             metrics::gauge!("herdgate_subscriptions")
                 .decrement((before - room.subscription_count()) as f64);
@@ -410,15 +475,99 @@ impl Worker {
                 emptied.push(key.clone());
             }
         }
+        for (key, user) in removed {
+            self.member_removed(&key, user);
+        }
         for key in emptied {
             self.rooms.remove(&key);
             self.coalesced.remove(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
+            if !silent {
+                self.vacated(&key);
+            }
         }
         self.users.retain(|_, socks| {
             socks.retain(|_, to| to.edge_id() != Some(edge));
             !socks.is_empty()
         });
+    }
+}
+
+/// Webhook events of the rooms this worker owns.
+impl Worker {
+    fn wants(&self, key: &RoomKey, kind: Kind) -> Option<&Arc<Hooks>> {
+        self.hooks
+            .as_ref()
+            .filter(|h| h.wants(&key.app, kind, &key.channel))
+    }
+
+    fn emit(&self, key: &RoomKey, event: Event) {
+        if let Some(h) = &self.hooks {
+            h.emit(&key.app, &key.channel, event);
+        }
+    }
+
+    fn occupied(&mut self, key: &RoomKey) {
+        if self.debounce.cancel(&Pending::Vacated(key.clone())) {
+            // Back within the window: neither vacated nor occupied.
+            metrics::counter!("herdgate_webhook_debounced_total", "type" => "channel_vacated")
+                .increment(1);
+        } else if self.wants(key, Kind::ChannelOccupied).is_some() {
+            self.emit(key, Event::occupied(&key.channel));
+        }
+    }
+
+    fn vacated(&mut self, key: &RoomKey) {
+        if self.wants(key, Kind::ChannelVacated).is_some()
+            && !self.debounce.hold(Pending::Vacated(key.clone()))
+        {
+            self.emit(key, Event::vacated(&key.channel));
+        }
+    }
+
+    fn member_added(&mut self, key: &RoomKey, user: &Arc<str>) {
+        if self
+            .debounce
+            .cancel(&Pending::Removed(key.clone(), user.clone()))
+        {
+            metrics::counter!("herdgate_webhook_debounced_total", "type" => "member_removed")
+                .increment(1);
+        } else if self.wants(key, Kind::MemberAdded).is_some() {
+            self.emit(key, Event::member(Kind::MemberAdded, &key.channel, user));
+        }
+    }
+
+    fn member_removed(&mut self, key: &RoomKey, user: Arc<str>) {
+        if self.wants(key, Kind::MemberRemoved).is_some()
+            && !self
+                .debounce
+                .hold(Pending::Removed(key.clone(), user.clone()))
+        {
+            self.emit(key, Event::member(Kind::MemberRemoved, &key.channel, &user));
+        }
+    }
+
+    /// A debounced event whose window ended (or that must go now).
+    fn send_pending(&mut self, p: Pending) {
+        match p {
+            Pending::Vacated(key) => {
+                let e = Event::vacated(&key.channel);
+                self.emit(&key, e);
+            }
+            Pending::Removed(key, user) => {
+                let e = Event::member(Kind::MemberRemoved, &key.channel, &user);
+                self.emit(&key, e);
+            }
+        }
+    }
+
+    fn client_event_hook(&self, key: &RoomKey, frame: &Frame, sender: Option<ConnId>) {
+        let (Some(_), Some(sender)) = (self.wants(key, Kind::ClientEvent), sender) else {
+            return;
+        };
+        if let Some(e) = Event::from_client_frame(frame.as_str(), &sender.socket_id()) {
+            self.emit(key, e);
+        }
     }
 }
 

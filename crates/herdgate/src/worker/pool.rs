@@ -2,7 +2,7 @@
 //! ring gives it. A standalone node's router and a cluster worker node both
 //! drive rooms through this.
 
-use super::{spawn, Command, Delivery, Mailbox, Subscriber};
+use super::{spawn, Command, Delivery, Mailbox, Subscriber, WebhookTaps};
 use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
 use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
@@ -17,11 +17,12 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Start `n` workers with mailboxes of `mailbox` commands each.
-    pub fn start(n: usize, mailbox: usize) -> Pool {
+    /// Start `n` workers with mailboxes of `mailbox` commands each (and,
+    /// with `taps`, the room owners' webhook events).
+    pub fn start(n: usize, mailbox: usize, taps: Option<WebhookTaps>) -> Pool {
         Pool {
             ring: Ring::new(n, DEFAULT_VNODES),
-            workers: (0..n).map(|i| spawn(i, mailbox)).collect(),
+            workers: (0..n).map(|i| spawn(i, mailbox, taps.clone())).collect(),
         }
     }
 
@@ -131,8 +132,38 @@ impl Pool {
             exclude: Some(sender),
             coalesce: None,
             ack: None,
+            client: true,
         };
         self.send(&room, cmd).await
+    }
+
+    /// A client event from a link (its handler does not wait past `wait`).
+    pub async fn client_event_within(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        sender: ConnId,
+        wait: Duration,
+    ) -> Result<(), RouteError> {
+        let cmd = Command::Publish {
+            room: room.clone(),
+            frame,
+            exclude: Some(sender),
+            coalesce: None,
+            ack: None,
+            client: true,
+        };
+        self.send_within(&room, cmd, wait).await
+    }
+
+    /// Every webhook event waiting out its debounce, sent now (shutdown).
+    pub async fn flush_webhooks(&self) {
+        for w in &self.workers {
+            let (done, rx) = oneshot::channel();
+            if w.send(Command::FlushWebhooks { done }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
     }
 
     /// An HTTP API publish; `coalesce` when the load state sheds this channel's events.
@@ -150,6 +181,7 @@ impl Pool {
             exclude,
             coalesce,
             ack: None,
+            client: false,
         };
         self.send_within(&room, cmd, wait).await
     }
@@ -173,6 +205,7 @@ impl Pool {
             exclude,
             coalesce,
             ack: Some((ack_id, tx)),
+            client: false,
         };
         self.send_within(&room, cmd, wait).await?;
         Ok(rx)

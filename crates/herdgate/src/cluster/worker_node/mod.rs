@@ -708,7 +708,11 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             let room = key(app, channel);
             node.catch_up(rev).await;
             let Ok(frame) = Frame::try_from(frame) else {
-                return; // not UTF-8: not a frame a socket may get
+                // Not UTF-8: not a frame a socket may get.
+                if id != 0 {
+                    refused(link, id, Refusal::Nack);
+                }
+                return;
             };
             if let Err(reason) = node.serving(&room) {
                 if id != 0 {
@@ -722,11 +726,19 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             let coalesce = coalesce_ms.map(Duration::from_millis);
             let exclude = exclude.map(ConnId);
             if id == 0 {
-                // A client event: acknowledged to nobody.
-                let _ = node
-                    .pool
-                    .publish(room, frame, exclude, coalesce, Duration::from_secs(1))
-                    .await;
+                // A client event (from `exclude`): acknowledged to nobody.
+                let _ = match exclude {
+                    Some(sender) => {
+                        node.pool
+                            .client_event_within(room, frame, sender, Duration::from_secs(1))
+                            .await
+                    }
+                    None => {
+                        node.pool
+                            .publish(room, frame, None, coalesce, Duration::from_secs(1))
+                            .await
+                    }
+                };
                 return;
             }
             let Ok(permit) = inflight.clone().try_acquire_owned() else {
