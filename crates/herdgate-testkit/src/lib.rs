@@ -42,6 +42,11 @@ pub struct TestServer {
 
 /// Start herdgate with the test app and `extra` TOML appended to `[limits]`-style sections.
 pub async fn start(extra: &str) -> TestServer {
+    start_with_app(extra, "").await
+}
+
+/// [`start`], with `app_keys` (TOML lines) added to the test app's table.
+pub async fn start_with_app(extra: &str, app_keys: &str) -> TestServer {
     // Tests drain instantly unless they configure [shutdown] themselves.
     let drain = if extra.contains("[shutdown]") {
         ""
@@ -64,6 +69,7 @@ pub async fn start(extra: &str) -> TestServer {
 id = "{APP_ID}"
 key = "{KEY}"
 secret = "{SECRET}"
+{app_keys}
 
 [[apps]]
 id = "100002"
@@ -140,6 +146,7 @@ pub struct Event {
     pub raw: Value,
 }
 
+#[derive(Debug)]
 pub enum Received {
     Event(Event),
     Closed(Option<u16>),
@@ -250,6 +257,17 @@ impl Client {
         self.send(json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth}}))
             .await;
         self.next_event().await
+    }
+
+    /// Subscribe and assert `pusher_internal:subscription_succeeded`.
+    pub async fn expect_subscribed(&mut self, channel: &str) -> Event {
+        let e = self.subscribe(channel).await;
+        assert_eq!(
+            e.event, "pusher_internal:subscription_succeeded",
+            "subscribing to {channel}: {:?}",
+            e.raw
+        );
+        e
     }
 
     pub async fn subscribe_presence(&mut self, channel: &str, user_id: &str) -> Event {
@@ -364,8 +382,45 @@ impl Api {
             .await
     }
 
+    /// [`Api::request`] with extra HTTP headers (outside the signature, as
+    /// Pusher signs only the query).
+    pub async fn request_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> ApiResponse {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let full_path = format!("/apps/{}{path}", self.app_id);
+        let query = pusher_sign::signed_query(
+            method,
+            &full_path,
+            &self.key,
+            &self.secret,
+            ts,
+            body.as_bytes(),
+            &[],
+        );
+        self.raw_with(method, &format!("{full_path}?{query}"), body, headers)
+            .await
+    }
+
     /// Send a request exactly as given (no signing).
     pub async fn raw(&self, method: &str, path_and_query: &str, body: &str) -> ApiResponse {
+        self.raw_with(method, path_and_query, body, &[]).await
+    }
+
+    async fn raw_with(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> ApiResponse {
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         let stream: Box<dyn Io> = match &self.tls {
             Some(cfg) => Box::new(tls_connect(cfg.clone(), tcp).await.expect("TLS handshake")),
@@ -376,11 +431,15 @@ impl Api {
                 .await
                 .unwrap();
         tokio::spawn(conn);
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(method)
             .uri(path_and_query)
             .header("host", self.addr.to_string())
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
             .body(http_body_util::Full::new(bytes::Bytes::from(
                 body.to_string(),
             )))
@@ -433,6 +492,33 @@ impl Api {
             .await;
         assert_eq!(r.status, 200, "publish failed: {:?}", r.body);
         r
+    }
+}
+
+/// Open a websocket that the server refuses after the upgrade: asserts a
+/// `pusher:error` before the close, returns the close code.
+pub async fn refused_with(addr: SocketAddr, path_and_query: &str) -> Option<u16> {
+    let url = format!("ws://{addr}{path_and_query}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade happens, then the close");
+    let mut saw_error = false;
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_eq!(v["event"], "pusher:error");
+                saw_error = true;
+            }
+            Some(Ok(Message::Close(f))) => {
+                assert!(saw_error, "pusher:error comes before the close");
+                return f.map(|f| u16::from(f.code));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }
 

@@ -12,6 +12,50 @@ pub struct App {
     pub enable_client_events: bool,
     pub enabled: bool,
     pub allowed_origins: Vec<String>,
+    pub features: Features,
+}
+
+/// What an app turned on, and its quotas (the `[[apps]]` keys of the same
+/// names; docs/PROTOCOL.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    pub subscription_count_events: bool,
+    pub require_user_authentication: bool,
+    pub user_authentication_timeout: std::time::Duration,
+    pub max_connections_per_user: usize,
+    pub cache_ttl: std::time::Duration,
+    pub cache_max_bytes: usize,
+    pub max_user_info_bytes: usize,
+    pub max_watchlist: usize,
+    pub max_connections: usize,
+    pub max_backend_events_per_second: u32,
+    pub max_client_events_per_second: u32,
+    pub max_read_requests_per_second: u32,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Features::from(&AppConfig::default())
+    }
+}
+
+impl From<&AppConfig> for Features {
+    fn from(c: &AppConfig) -> Features {
+        Features {
+            subscription_count_events: c.subscription_count_events,
+            require_user_authentication: c.require_user_authentication,
+            user_authentication_timeout: c.user_authentication_timeout.get(),
+            max_connections_per_user: c.max_connections_per_user,
+            cache_ttl: c.cache_ttl.get(),
+            cache_max_bytes: c.cache_max_bytes,
+            max_user_info_bytes: c.max_user_info_bytes,
+            max_watchlist: c.max_watchlist,
+            max_connections: c.max_connections,
+            max_backend_events_per_second: c.max_backend_events_per_second,
+            max_client_events_per_second: c.max_client_events_per_second,
+            max_read_requests_per_second: c.max_read_requests_per_second,
+        }
+    }
 }
 
 impl App {
@@ -50,6 +94,7 @@ impl Apps {
                 enable_client_events: c.enable_client_events,
                 enabled: c.enabled,
                 allowed_origins: c.allowed_origins.clone(),
+                features: Features::from(c),
             });
             apps.by_key.insert(c.key.clone(), app.clone());
             apps.by_id.insert(c.id.clone(), app);
@@ -66,6 +111,87 @@ impl Apps {
     }
 }
 
+/// Per-app quota state on this node, kept across reloads (the limits come
+/// from the app's live [`Features`]; 0 = no limit). Bounded: one entry per
+/// configured app id ever seen.
+#[derive(Default)]
+pub struct Quotas {
+    by_app: std::sync::Mutex<HashMap<Arc<str>, Arc<Quota>>>,
+}
+
+#[derive(Default)]
+pub struct Quota {
+    connections: std::sync::atomic::AtomicUsize,
+    client_events: std::sync::Mutex<Option<(u32, crate::ratelimit::TokenBucket)>>,
+    backend_events: std::sync::Mutex<Option<(u32, crate::ratelimit::TokenBucket)>>,
+    reads: std::sync::Mutex<Option<(u32, crate::ratelimit::TokenBucket)>>,
+}
+
+/// An open socket counted against its app's `max_connections`.
+pub struct ConnectionSlot(Arc<Quota>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Take `n` tokens from a per-app bucket of `rate`/s (burst one second's
+/// worth), rebuilt when the configured rate changes.
+fn take(
+    slot: &std::sync::Mutex<Option<(u32, crate::ratelimit::TokenBucket)>>,
+    rate: u32,
+    n: u32,
+) -> bool {
+    if rate == 0 {
+        return true;
+    }
+    let now = tokio::time::Instant::now();
+    let mut b = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if b.as_ref().is_none_or(|(r, _)| *r != rate) {
+        *b = Some((rate, crate::ratelimit::TokenBucket::new(rate, rate, now)));
+    }
+    b.as_mut().expect("just set").1.try_take_n(now, n)
+}
+
+impl Quotas {
+    pub fn of(&self, app: &Arc<str>) -> Arc<Quota> {
+        self.by_app
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(app.clone())
+            .or_default()
+            .clone()
+    }
+}
+
+impl Quota {
+    /// A slot for one more socket, unless `max` (> 0) are open.
+    pub fn connect(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering;
+        let n = self.connections.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnectionSlot(self.clone());
+        (max == 0 || n < max).then_some(slot)
+    }
+
+    pub fn client_event(&self, rate: u32) -> bool {
+        take(&self.client_events, rate, 1)
+    }
+
+    /// `events` HTTP API events at once (a batch costs one per event).
+    pub fn backend_events(&self, rate: u32, events: u32) -> bool {
+        // A request bigger than a whole second's budget spends all of it
+        // (else it could never pass).
+        take(&self.backend_events, rate, events.min(rate))
+    }
+
+    pub fn read(&self, rate: u32) -> bool {
+        take(&self.reads, rate, 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +205,7 @@ mod tests {
             enable_client_events: true,
             enabled: true,
             allowed_origins: list.iter().map(|s| s.to_string()).collect(),
+            features: Features::default(),
         };
         assert!(app(&[]).origin_allowed(None));
         let a = app(&["https://events.example.com", "https://*.example.org"]);
@@ -89,5 +216,32 @@ mod tests {
         assert!(!a.origin_allowed(Some("https://events.example.com.evil.net")));
         assert!(!a.origin_allowed(Some("https://evilexample.org")));
         assert!(!a.origin_allowed(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quotas_count_sockets_and_rate_events_per_app() {
+        let q = Quotas::default();
+        let a = q.of(&Arc::from("a"));
+        let s1 = a.connect(2).unwrap();
+        let _s2 = a.connect(2).unwrap();
+        assert!(a.connect(2).is_none(), "a third over a cap of two");
+        drop(s1);
+        assert!(a.connect(2).is_some(), "a slot freed");
+        assert!(q.of(&Arc::from("b")).connect(1).is_some(), "per app");
+        assert!(a.connect(0).is_some(), "0: no cap");
+        assert!(a.backend_events(10, 10));
+        assert!(!a.backend_events(10, 1), "a second's worth used");
+        tokio::time::advance(std::time::Duration::from_millis(200)).await;
+        assert!(a.backend_events(10, 2) && !a.backend_events(10, 1));
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        assert!(
+            a.backend_events(10, 11),
+            "a request over a whole second's budget passes on a full one..."
+        );
+        assert!(!a.backend_events(10, 1), "...and spends all of it");
+        tokio::time::advance(std::time::Duration::from_millis(500)).await;
+        assert!(!a.backend_events(10, 11), "half a second: not yet");
+        assert!(a.backend_events(10, 5), "what is refused takes nothing");
+        assert!((0..1000).all(|_| a.read(0)), "0: no limit");
     }
 }

@@ -12,6 +12,7 @@
 
 use crate::config::Config;
 use crate::state::Shared;
+use std::sync::Arc;
 
 /// Apply `new`; returns the dotted keys that changed but need a restart.
 pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
@@ -58,6 +59,10 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     }
     if new.log.level != o.log.level {
         crate::telemetry::set_log_level(&new.log.level);
+    }
+    if let crate::router::Router::Local(pool) = &shared.router {
+        pool.policies
+            .store(Arc::new(crate::worker::policies_of(&new)));
     }
     if let Some(hooks) = &shared.hooks {
         if let Err(e) = hooks.reload(&new) {

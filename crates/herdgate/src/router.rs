@@ -136,20 +136,76 @@ impl Router {
         }
     }
 
+    /// Sign a socket in; `Ok(false)` when the user already has `max` (> 0)
+    /// signed-in sockets (counted by the user's owner, cluster-wide).
     pub async fn sign_in(
         &self,
         app: &Arc<str>,
         user: &str,
         sub: Subscriber,
-    ) -> Result<(), RouteError> {
+        max: usize,
+    ) -> Result<bool, RouteError> {
         match self {
-            Router::Local(p) => p.sign_in(app, user, sub).await,
+            Router::Local(p) => p.sign_in(app, user, sub, max).await,
             Router::Edge(e) => {
                 let Target::Local(out) = sub.to else {
                     return Err(RouteError::Gone);
                 };
-                e.sign_in(RoomKey::user(app, user), user, sub.id, out).await
+                e.sign_in(RoomKey::user(app, user), user, sub.id, out, max)
+                    .await
             }
+        }
+    }
+
+    /// `sub` watches `users` (its sign-in's watchlist): it is told at once
+    /// who is online, then every transition, by each user's owner.
+    pub async fn watch(
+        &self,
+        app: &Arc<str>,
+        users: &[Arc<str>],
+        sub: Subscriber,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.watch_all(app, users, sub, true).await,
+            Router::Edge(e) => {
+                let Target::Local(out) = sub.to else {
+                    return Err(RouteError::Gone);
+                };
+                e.watch(app, users, sub.id, out).await
+            }
+        }
+    }
+
+    pub async fn unwatch(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.unwatch(app, user, id).await,
+            Router::Edge(e) => e.unwatch(RoomKey::user(app, user), user, id).await,
+        }
+    }
+
+    /// A cache channel's cached `data` and seconds left.
+    pub async fn cache_info(
+        &self,
+        room: RoomKey,
+        wait: Duration,
+    ) -> Result<Option<(String, u64)>, RouteError> {
+        match self {
+            Router::Local(p) => p.cache_info(room, wait).await,
+            Router::Edge(e) => e.cache_info(room, wait).await,
+        }
+    }
+
+    /// Publish to every room of `items` or to none (standalone: mailbox
+    /// space reserved in every owner first; cluster: see
+    /// [`Edge::publish_all`]).
+    pub async fn publish_all(
+        &self,
+        items: Vec<worker::Item>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), RouteError> {
+        match self {
+            Router::Local(p) => p.publish_all(items, deadline).await,
+            Router::Edge(e) => e.publish_all(items, deadline).await,
         }
     }
 

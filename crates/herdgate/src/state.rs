@@ -34,6 +34,10 @@ pub struct Shared {
     pub worker_status: Arc<std::sync::OnceLock<crate::cluster::worker_node::StatusFn>>,
     /// Webhooks, where this node owns rooms (standalone, worker); edges emit none.
     pub hooks: Option<Arc<crate::webhook::Hooks>>,
+    /// Per-app quota state on this node (limits from the live app config).
+    pub quotas: crate::apps::Quotas,
+    /// First answers to keyed (idempotent) HTTP API publishes.
+    pub replays: crate::replays::Replays,
 }
 
 /// The part of the configuration that a reload (SIGHUP) swaps while serving.
@@ -117,10 +121,14 @@ impl Shared {
                 debounce_max: config.webhooks.debounce_max,
             };
             webhooks = Some(hooks);
+            let policies = Arc::new(arc_swap::ArcSwap::from_pointee(crate::worker::policies_of(
+                &config,
+            )));
             Router::Local(Arc::new(crate::worker::Pool::start(
                 config.worker_count(),
                 l.worker_mailbox,
                 Some(taps),
+                policies,
             )))
         };
         Ok(Arc::new(Shared {
@@ -128,6 +136,8 @@ impl Shared {
             handshakes: Arc::default(),
             overload,
             hooks: webhooks,
+            quotas: Default::default(),
+            replays: Default::default(),
             router,
             live: ArcSwap::from_pointee(Live::new(config)),
             draining: CancellationToken::new(),

@@ -29,6 +29,7 @@ const APP: &str = r#"
 id = "424242"
 key = "compat-key"
 secret = "compat-secret"
+subscription_count_events = true
 "#;
 
 #[test]

@@ -1,4 +1,4 @@
-//! The edge ↔ worker link, version 2: length-delimited frames (a 4-byte
+//! The edge ↔ worker link, version 4: length-delimited frames (a 4-byte
 //! big-endian length, then one postcard-encoded [`Msg`]) over one TCP or TLS
 //! connection per edge–worker pair, every room multiplexed on it.
 //! docs/LINK.md lists the frames.
@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Largest frame accepted from a peer: an event (payloads are ≤ the message
 /// limit) plus room names, or one page of a list reply, with room to spare.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -103,12 +103,42 @@ pub enum Msg {
         coalesce_ms: Option<u64>,
         wait_ms: u32,
         rev: u64,
+        /// An idempotency key: the room does not send a publish whose key
+        /// it has seen within its window (and answers it as done).
+        idem: Option<u64>,
     },
+    /// `id` ≠ 0 asks for [`Reply::Registered`] (`false`: the user already
+    /// has `max` > 0 signed-in sockets). `silent`: re-homing, no watchlist
+    /// transition.
     SignIn {
+        id: u64,
         app: String,
         user: String,
         conn: u64,
         rev: u64,
+        max: u32,
+        silent: bool,
+    },
+    /// Socket `conn` watches `users` (its sign-in's watchlist; all owned
+    /// by the receiver); with `announce` the worker tells it at once who
+    /// of them is online (`DeliverTo`, in order with later transitions).
+    Watch {
+        app: String,
+        users: Vec<String>,
+        conn: u64,
+        rev: u64,
+        announce: bool,
+    },
+    Unwatch {
+        app: String,
+        user: String,
+        conn: u64,
+    },
+    /// A cache channel's cached event, answered with [`Reply::Cache`].
+    CacheQuery {
+        id: u64,
+        app: String,
+        channel: String,
     },
     SignOut {
         app: String,
@@ -237,6 +267,10 @@ pub enum Reply {
     Rooms {
         rooms: Vec<(String, u64, u64)>,
         next: Option<String>,
+    },
+    /// A cache channel's cached `data` and its seconds left, if any.
+    Cache {
+        cached: Option<(String, u64)>,
     },
     Done,
 }
@@ -589,6 +623,23 @@ mod tests {
                 coalesce_ms: Some(2000),
                 wait_ms: 2000,
                 rev: 8,
+                idem: Some(0xfeed),
+            },
+            Msg::SignIn {
+                id: 11,
+                app: "1".into(),
+                user: "u".into(),
+                conn: 42,
+                rev: 8,
+                max: 3,
+                silent: false,
+            },
+            Msg::Watch {
+                app: "1".into(),
+                users: vec!["w".into(), "v".into()],
+                conn: 42,
+                rev: 8,
+                announce: true,
             },
             Msg::DeliverAck {
                 ids: vec![(9, true), (10, false)],

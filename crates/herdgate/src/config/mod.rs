@@ -17,12 +17,15 @@ mod webhooks;
 pub use duration::HumanDuration;
 pub use net::Cidr;
 pub use overload::{ActionsConfig, From as ActionFrom, LoadState, OverloadConfig};
-pub use validate::{webhook_url, ConfigError};
+pub use validate::{presence_snapshot_bytes, webhook_url, ConfigError};
 pub use webhooks::{WebhookConfig, WebhookFilter, WebhooksConfig, EVENT_TYPES};
 
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::Path;
+
+/// Longest user id (presence `user_id`, sign-in `id`), in bytes.
+pub const MAX_USER_ID: usize = 200;
 
 /// A `log.level` (or `RUST_LOG`) filter. Field values are matched as
 /// plain text, never compiled as regular expressions: a filter such as
@@ -82,9 +85,13 @@ pub struct ServerConfig {
     pub backlog: u32,
     /// Realtime workers (room owners). 0 = one per core.
     pub workers: usize,
-    /// Sent to clients in `pusher:connection_established`; the server pings a
-    /// socket that was silent this long.
+    /// Sent to clients in `pusher:connection_established` (pusher-js pings
+    /// after that much silence from the server).
     pub activity_timeout: HumanDuration,
+    /// The server pings a socket that was silent this long (at most
+    /// `activity_timeout`): a peer that vanished is closed — its members
+    /// removed — within `ping_interval + pong_timeout` (75 s by default).
+    pub ping_interval: HumanDuration,
     /// How long a pinged socket has to answer before it is closed with 4201.
     pub pong_timeout: HumanDuration,
     /// One deadline from accept to upgrade: PROXY header, TLS handshake and
@@ -105,6 +112,7 @@ impl Default for ServerConfig {
             backlog: 4096,
             workers: 0,
             activity_timeout: HumanDuration::secs(120),
+            ping_interval: HumanDuration::secs(45),
             pong_timeout: HumanDuration::secs(30),
             handshake_timeout: HumanDuration::secs(10),
             proxy_protocol: false,
@@ -173,7 +181,7 @@ impl Default for LimitsConfig {
             client_events_per_second: 10,
             max_presence_members: 100,
             outbound_queue_messages: 256,
-            outbound_queue_bytes: 256 * 1024,
+            outbound_queue_bytes: 512 * 1024,
             worker_mailbox: 65_536,
             max_request_body_bytes: 256 * 1024,
             max_request_header_bytes: 16 * 1024,
@@ -413,7 +421,7 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub id: String,
@@ -432,6 +440,87 @@ pub struct AppConfig {
     /// Where the app's webhooks go (docs/WEBHOOKS.md).
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// Non-presence channels' subscribers get `pusher_internal:subscription_count`
+    /// when the count changes (at once up to 100 subscribers, then every 5 s).
+    #[serde(default)]
+    pub subscription_count_events: bool,
+    /// Sockets must sign in (or subscribe to a private or presence channel)
+    /// within `user_authentication_timeout`, or are closed with 4009.
+    #[serde(default)]
+    pub require_user_authentication: bool,
+    #[serde(default = "user_authentication_timeout")]
+    pub user_authentication_timeout: HumanDuration,
+    /// Signed-in sockets per user, cluster-wide (a sign-in beyond it is
+    /// closed with 4004). 0 = no limit.
+    #[serde(default)]
+    pub max_connections_per_user: usize,
+    /// How long a cache channel keeps its last event.
+    #[serde(default = "cache_ttl")]
+    pub cache_ttl: HumanDuration,
+    /// Bytes of cached events per realtime worker; beyond it the oldest
+    /// cached channel is forgotten.
+    #[serde(default = "cache_max_bytes")]
+    pub cache_max_bytes: usize,
+    /// Largest presence `user_info` (JSON text), in bytes.
+    #[serde(default = "max_user_info_bytes")]
+    pub max_user_info_bytes: usize,
+    /// Most user ids a sign-in's `watchlist` may name; 0 turns watchlists off.
+    #[serde(default = "max_watchlist")]
+    pub max_watchlist: usize,
+    /// Quotas (0 = none): open sockets of the app on this node (4004
+    /// beyond it), HTTP API events per second (429), client events per
+    /// second across the app's sockets (pusher:error 4301), HTTP API reads
+    /// per second (429).
+    #[serde(default)]
+    pub max_connections: usize,
+    #[serde(default)]
+    pub max_backend_events_per_second: u32,
+    #[serde(default)]
+    pub max_client_events_per_second: u32,
+    #[serde(default)]
+    pub max_read_requests_per_second: u32,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            id: String::new(),
+            key: String::new(),
+            secret: String::new(),
+            enable_client_events: true,
+            enabled: true,
+            allowed_origins: Vec::new(),
+            webhooks: Vec::new(),
+            subscription_count_events: false,
+            require_user_authentication: false,
+            user_authentication_timeout: user_authentication_timeout(),
+            max_connections_per_user: 0,
+            cache_ttl: cache_ttl(),
+            cache_max_bytes: cache_max_bytes(),
+            max_user_info_bytes: max_user_info_bytes(),
+            max_watchlist: max_watchlist(),
+            max_connections: 0,
+            max_backend_events_per_second: 0,
+            max_client_events_per_second: 0,
+            max_read_requests_per_second: 0,
+        }
+    }
+}
+
+fn user_authentication_timeout() -> HumanDuration {
+    HumanDuration::secs(30)
+}
+fn cache_ttl() -> HumanDuration {
+    HumanDuration::secs(3600)
+}
+fn cache_max_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn max_user_info_bytes() -> usize {
+    1024
+}
+fn max_watchlist() -> usize {
+    100
 }
 
 fn yes() -> bool {

@@ -108,6 +108,7 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         );
     }
     for (key, d) in [
+        ("server.ping_interval", c.server.ping_interval),
         ("server.pong_timeout", c.server.pong_timeout),
         ("server.handshake_timeout", c.server.handshake_timeout),
         ("limits.write_timeout", c.limits.write_timeout),
@@ -266,12 +267,58 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         if !app.key.is_empty() && !keys.insert(app.key.as_str()) {
             err(&k("key"), format!("duplicate app key {:?}", app.key));
         }
+        if app.require_user_authentication && app.user_authentication_timeout.get().is_zero() {
+            err(
+                &k("user_authentication_timeout"),
+                "must be greater than zero".into(),
+            );
+        }
+        if app.cache_ttl.get().is_zero() {
+            err(&k("cache_ttl"), "must be greater than zero".into());
+        }
+        if app.cache_max_bytes < 1024 {
+            err(&k("cache_max_bytes"), "must be at least 1024".into());
+        }
+        if !(1..=65_536).contains(&app.max_user_info_bytes) {
+            err(
+                &k("max_user_info_bytes"),
+                "must be between 1 and 65536".into(),
+            );
+        }
+        if app.max_watchlist > 1000 {
+            err(&k("max_watchlist"), "must be at most 1000".into());
+        }
+        // A presence snapshot at the member cap must fit a socket's queue
+        // with room to spare, or every joiner would be closed as a slow
+        // consumer (4100) and reconnect, forever.
+        let snapshot =
+            presence_snapshot_bytes(c.limits.max_presence_members, app.max_user_info_bytes);
+        if c.limits.outbound_queue_bytes < snapshot + 64 * 1024 {
+            err(
+                &k("max_user_info_bytes"),
+                format!(
+                    "a presence snapshot of limits.max_presence_members ({}) members with {} bytes of user_info each can take {snapshot} bytes: limits.outbound_queue_bytes ({}) must be at least {}",
+                    c.limits.max_presence_members,
+                    app.max_user_info_bytes,
+                    c.limits.outbound_queue_bytes,
+                    snapshot + 64 * 1024
+                ),
+            );
+        }
         for (j, hook) in app.webhooks.iter().enumerate() {
             validate_webhook(hook, &format!("apps[{i}].webhooks[{j}]"), &mut err);
         }
     }
     validate_webhooks(&c.webhooks, &mut err);
     errs
+}
+
+/// The largest `pusher_internal:subscription_succeeded` of a presence
+/// channel: per member its id twice (list and hash key) and its user_info,
+/// each escaped into the data string (at most doubled), plus punctuation.
+pub fn presence_snapshot_bytes(members: usize, user_info: usize) -> usize {
+    let id = super::MAX_USER_ID;
+    members * (2 * user_info + 4 * id + 32) + 256
 }
 
 /// Headers herdgate sets itself on every webhook request.

@@ -1,13 +1,21 @@
 //! The Pusher HTTP API: publish events, query channels and users, terminate
 //! a user's connections. Every request is signed (see `sign`); every answer
-//! is JSON. A publish is encoded once per channel and handed to the room's
-//! owner; if the owner's mailbox stays full the answer is 503, never a
-//! silent drop after a 200.
+//! is JSON.
+//!
+//! A publish — one event to many channels, or a batch — is **atomic**: it
+//! is admitted to every room's owner or to none, within one deadline per
+//! request, so a 503 means nothing was published and a retry duplicates
+//! nothing. It is **idempotent** with a key (`X-Idempotency-Key` header, or
+//! `idempotency_key` in the body, per event in a batch): a retry with the
+//! same key and body gets the first answer again and publishes nothing; the
+//! owners also skip a keyed publish they have already sent. Per-app quotas
+//! answer 429 with `Retry-After`.
 
 use super::error::jittered_retry_after;
 use super::{json, sign, ApiError, Body};
 use crate::apps::App;
 use crate::protocol::{self, names, names::ChannelKind};
+use crate::replays::MAX_IDEMPOTENCY_KEY;
 use crate::state::Shared;
 use crate::types::{ConnId, RoomKey, RouteError};
 use http::{Method, Request, Response, StatusCode};
@@ -19,8 +27,28 @@ use std::time::Duration;
 
 pub const MAX_CHANNELS_PER_EVENT: usize = 100;
 pub const MAX_BATCH: usize = 10;
-/// How long a request may wait for space in a worker's mailbox.
+/// One deadline per request, for everything it waits for.
 const MAILBOX_WAIT: Duration = Duration::from_secs(1);
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::BadRequest(format!(
+            "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} characters"
+        )));
+    }
+    Ok(())
+}
+
+/// FNV-1a of the parts, each ended by 0xff (a stable, cheap key hash).
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain([0xffu8].iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
 
 type ApiResult = Result<Value, ApiError>;
 
@@ -72,11 +100,27 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         return Err(ApiError::Forbidden("application is disabled".into()));
     }
 
+    let quota = shared.quotas.of(&app.id);
+    let f = &app.features;
+    if parts.method == Method::GET && !quota.read(f.max_read_requests_per_second) {
+        metrics::counter!("herdgate_api_quota_refusals_total", "quota" => "reads").increment(1);
+        return Err(ApiError::TooManyRequests(
+            "the app is over its read request quota (max_read_requests_per_second)".into(),
+            1,
+        ));
+    }
+    let key = parts
+        .headers
+        .get("x-idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     let api = Api {
         shared,
         live: &live,
         app: &app,
         params: &params,
+        idempotency_key: key,
+        deadline: tokio::time::Instant::now() + MAILBOX_WAIT,
     };
     let rest: Vec<&str> = segments[1..].iter().map(String::as_str).collect();
     match (&parts.method, rest.as_slice()) {
@@ -105,6 +149,8 @@ struct Event {
     socket_id: Option<String>,
     #[serde(default)]
     info: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +172,10 @@ struct Api<'a> {
     live: &'a crate::state::Live,
     app: &'a Arc<App>,
     params: &'a [(String, String)],
+    /// `X-Idempotency-Key`.
+    idempotency_key: Option<String>,
+    /// One deadline for everything this request waits for.
+    deadline: tokio::time::Instant,
 }
 
 impl Api<'_> {
@@ -143,10 +193,26 @@ impl Api<'_> {
             .map(|(_, v)| v.as_str())
     }
 
+    /// What is left of the request's deadline.
+    fn wait(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+
     async fn events(&self, body: &[u8]) -> ApiResult {
         let event: Event = parse_json(body)?;
-        let info = self.publish(event).await?;
-        Ok(info.map_or_else(|| json!({}), |channels| json!({ "channels": channels })))
+        let key = self
+            .idempotency_key
+            .clone()
+            .or(event.idempotency_key.clone());
+        self.keyed(key, body, || async {
+            let mut infos = self.publish(vec![event]).await?;
+            Ok(infos
+                .pop()
+                .flatten()
+                .map_or_else(|| json!({}), |channels| json!({ "channels": channels })))
+        })
+        .await
     }
 
     async fn batch(&self, body: &[u8]) -> ApiResult {
@@ -156,25 +222,53 @@ impl Api<'_> {
                 "at most {MAX_BATCH} events per batch"
             )));
         }
-        // Validate the whole batch before publishing any of it.
-        for e in &batch.batch {
-            self.validate(e)?;
-        }
-        let mut infos = Vec::new();
-        let mut any_info = false;
-        for e in batch.batch {
-            let info = self.publish(e).await?;
-            any_info |= info.is_some();
-            infos.push(
-                info.and_then(|m| m.into_iter().next().map(|(_, v)| v))
-                    .unwrap_or_else(|| json!({})),
-            );
-        }
-        Ok(if any_info {
-            json!({ "batch": infos })
-        } else {
-            json!({})
+        self.keyed(self.idempotency_key.clone(), body, || async {
+            let infos = self.publish(batch.batch).await?;
+            let any_info = infos.iter().any(Option::is_some);
+            let infos: Vec<Value> = infos
+                .into_iter()
+                .map(|i| {
+                    i.and_then(|m| m.into_iter().next().map(|(_, v)| v))
+                        .unwrap_or_else(|| json!({}))
+                })
+                .collect();
+            Ok(if any_info {
+                json!({ "batch": infos })
+            } else {
+                json!({})
+            })
         })
+        .await
+    }
+
+    /// Run `publish` once per idempotency key: a retry with the same key
+    /// and body gets the first answer (and publishes nothing); the same
+    /// key with another body is a conflict (409). Only answers that
+    /// published are remembered: after a 503, a retry publishes.
+    async fn keyed<F, Fut>(&self, key: Option<String>, body: &[u8], publish: F) -> ApiResult
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ApiResult>,
+    {
+        let Some(key) = key else {
+            return publish().await;
+        };
+        check_key(&key)?;
+        let replays = &self.shared.replays;
+        let hash = fnv(&[body]);
+        let first = replays.get(&self.app.id, &key, hash).map_err(|_| {
+            ApiError::Conflict(
+                "this idempotency key was used for a different request within the last 5 minutes"
+                    .into(),
+            )
+        })?;
+        if let Some(first) = first {
+            metrics::counter!("herdgate_publish_duplicates_total").increment(1);
+            return Ok(first);
+        }
+        let answer = publish().await?;
+        replays.put(&self.app.id, key, hash, answer.clone());
+        Ok(answer)
     }
 
     /// Check an event; returns its channels, data text and excluded socket.
@@ -218,32 +312,90 @@ impl Api<'_> {
         Ok((channels, data, exclude))
     }
 
-    /// Publish to each channel; with `info`, answer the asked attributes per channel.
-    async fn publish(&self, e: Event) -> Result<Option<Map<String, Value>>, ApiError> {
-        let (channels, data, exclude) = self.validate(&e)?;
+    /// Publish every event to each of its channels, all or nothing; with
+    /// `info`, the asked attributes per channel of each event.
+    async fn publish(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Vec<Option<Map<String, Value>>>, ApiError> {
+        // Validate everything before publishing anything.
+        let mut checked = Vec::with_capacity(events.len());
+        for e in &events {
+            let c = self.validate(e)?;
+            if let Some(info) = e.info.as_deref().filter(|s| !s.is_empty()) {
+                // A bad `info` is refused before anything is published.
+                for ch in &c.0 {
+                    self.attributes(ch, info, Default::default(), false)?;
+                }
+            }
+            if let Some(k) = &e.idempotency_key {
+                check_key(k)?;
+            }
+            checked.push(c);
+        }
+        let count: usize = checked.iter().map(|c| c.0.len()).sum();
+        let quota = self.shared.quotas.of(&self.app.id);
+        let rate = self.app.features.max_backend_events_per_second;
+        if !quota.backend_events(rate, count.min(u32::MAX as usize) as u32) {
+            metrics::counter!("herdgate_api_quota_refusals_total", "quota" => "backend_events")
+                .increment(1);
+            return Err(ApiError::TooManyRequests(
+                "the app is over its event quota (max_backend_events_per_second)".into(),
+                1,
+            ));
+        }
         let router = &self.shared.router;
         let state = self.shared.overload.state();
         let coalesce = |c: &str| self.live.config.overload.actions.coalesce_for(c, state);
-        for c in &channels {
-            let frame = protocol::event(&e.name, Some(c), &data);
-            router
-                .publish(self.room(c), frame, exclude, coalesce(c), MAILBOX_WAIT)
-                .await
-                .map_err(route_error)?;
-            metrics::counter!("herdgate_messages_published_total").increment(1);
+        let request_key = self.idempotency_key.as_deref();
+        let mut items = Vec::with_capacity(count);
+        for (i, (e, (channels, data, exclude))) in events.iter().zip(&checked).enumerate() {
+            // The owners' key for this event: its own, or the request's
+            // with the event's place in the batch.
+            let idem = match (&e.idempotency_key, request_key) {
+                (Some(k), _) => Some(fnv(&[self.app.id.as_bytes(), k.as_bytes()])),
+                (None, Some(k)) => Some(fnv(&[
+                    self.app.id.as_bytes(),
+                    k.as_bytes(),
+                    &(i as u64).to_le_bytes(),
+                ])),
+                (None, None) => None,
+            };
+            for c in channels {
+                items.push(crate::worker::Item {
+                    room: self.room(c),
+                    frame: protocol::event(&e.name, Some(c), data),
+                    exclude: *exclude,
+                    coalesce: coalesce(c),
+                    idem,
+                });
+            }
         }
-        let Some(info) = e.info.as_deref().filter(|s| !s.is_empty()) else {
-            return Ok(None);
-        };
-        let mut out = Map::new();
-        for c in &channels {
-            let room_info = router
-                .query(self.room(c), MAILBOX_WAIT)
-                .await
-                .map_err(route_error)?;
-            out.insert(c.clone(), self.attributes(c, info, room_info, false)?);
+        router
+            .publish_all(items, self.deadline)
+            .await
+            .map_err(route_error)?;
+        metrics::counter!("herdgate_messages_published_total").increment(count as u64);
+        let mut out = Vec::with_capacity(events.len());
+        for (e, (channels, ..)) in events.iter().zip(&checked) {
+            let Some(info) = e.info.as_deref().filter(|s| !s.is_empty()) else {
+                out.push(None);
+                continue;
+            };
+            // Published already: a channel whose count cannot be read in
+            // time is left out of the answer, which stays a success.
+            let mut m = Map::new();
+            for c in channels {
+                match router.query(self.room(c), self.wait()).await {
+                    Ok(room_info) => {
+                        m.insert(c.clone(), self.attributes(c, info, room_info, false)?);
+                    }
+                    Err(e) => tracing::debug!(channel = %c, error = ?e, "info after publish"),
+                }
+            }
+            out.push(Some(m));
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// The `info` attributes asked for, checked against the channel kind.
@@ -271,7 +423,7 @@ impl Api<'_> {
                 "subscription_count" => {
                     m.insert("subscription_count".into(), json!(r.subscription_count));
                 }
-                "cache" => {} // cache channels are not supported; nothing to report
+                "cache" => {} // answered by `channel` (one channel's query)
                 other => {
                     return Err(ApiError::BadRequest(format!(
                         "unknown info attribute {other:?}"
@@ -293,7 +445,7 @@ impl Api<'_> {
         let list = self
             .shared
             .router
-            .list(&self.app.id, prefix, MAILBOX_WAIT)
+            .list(&self.app.id, prefix, self.wait())
             .await
             .map_err(route_error)?;
         let mut channels = Map::new();
@@ -309,13 +461,27 @@ impl Api<'_> {
 
     async fn channel(&self, name: &str) -> ApiResult {
         names::check_channel(name).map_err(ApiError::BadRequest)?;
-        let r = self
-            .shared
-            .router
-            .query(self.room(name), MAILBOX_WAIT)
+        let router = &self.shared.router;
+        let r = router
+            .query(self.room(name), self.wait())
             .await
             .map_err(route_error)?;
-        self.attributes(name, self.param("info").unwrap_or(""), r, true)
+        let info = self.param("info").unwrap_or("");
+        let mut v = self.attributes(name, info, r, true)?;
+        if info.split(',').any(|a| a.trim() == "cache") {
+            // `{"data": "...", "ttl": seconds}` of the cached event, or null.
+            let cached = if names::is_cache(name) {
+                router
+                    .cache_info(self.room(name), self.wait())
+                    .await
+                    .map_err(route_error)?
+            } else {
+                None
+            };
+            v["cache"] =
+                cached.map_or(Value::Null, |(data, ttl)| json!({"data": data, "ttl": ttl}));
+        }
+        Ok(v)
     }
 
     async fn users(&self, name: &str) -> ApiResult {
@@ -327,7 +493,7 @@ impl Api<'_> {
         let users = self
             .shared
             .router
-            .users(self.room(name), MAILBOX_WAIT)
+            .users(self.room(name), self.wait())
             .await
             .map_err(route_error)?;
         let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
@@ -338,7 +504,7 @@ impl Api<'_> {
         names::check_user_id(user).map_err(ApiError::BadRequest)?;
         self.shared
             .router
-            .terminate(&self.app.id, user, MAILBOX_WAIT)
+            .terminate(&self.app.id, user, self.wait())
             .await
             .map_err(route_error)?;
         Ok(json!({}))

@@ -17,6 +17,13 @@ pub enum ApiError {
     Timeout(String),
     #[error("{0}")]
     TooLarge(String),
+    /// The request conflicts with an earlier one (an idempotency key
+    /// reused with another body).
+    #[error("{0}")]
+    Conflict(String),
+    /// Over a per-app quota; `Retry-After` carries the seconds.
+    #[error("{0}")]
+    TooManyRequests(String, u64),
     /// Try again later; the `Retry-After` header carries the seconds.
     #[error("{0}")]
     Unavailable(String, u64),
@@ -31,6 +38,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -40,7 +49,7 @@ impl ApiError {
             self.status(),
             &serde_json::json!({ "error": self.to_string() }),
         );
-        if let ApiError::Unavailable(_, secs) = self {
+        if let ApiError::Unavailable(_, secs) | ApiError::TooManyRequests(_, secs) = self {
             resp.headers_mut()
                 .insert(http::header::RETRY_AFTER, secs.into());
         }

@@ -128,6 +128,7 @@ mod tests {
             enable_client_events: true,
             enabled: true,
             allowed_origins: Vec::new(),
+            features: Default::default(),
         }
     }
 

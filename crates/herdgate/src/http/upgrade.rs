@@ -252,6 +252,24 @@ async fn session_task(h: Box<Handshake>) {
     let Some(app) = shared.live().apps.by_key(&key).cloned() else {
         return; // removed by a reload between the check and the upgrade
     };
+    let Some(quota) = shared
+        .quotas
+        .of(&app.id)
+        .connect(app.features.max_connections)
+    else {
+        metrics::counter!("herdgate_connections_refused_total", "reason" => "app_quota")
+            .increment(1);
+        let message = "Application is over connection quota";
+        return Box::pin(refuse_after_upgrade(
+            reader,
+            writer,
+            codes::OVER_QUOTA,
+            message,
+            peer,
+        ))
+        .await;
+    };
+    let _quota = quota;
     let mut session = Box::new(Session::new(shared, app));
     let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);
     session::run(reader, writer, &mut session)

@@ -3,6 +3,9 @@
 //! 4000–4099: the client gives up. 4100–4199: it reconnects after backing off.
 //! 4200–4299: it reconnects at once. 4300–4399: other errors.
 
+/// The app is over its connection quota (`max_connections`), or the user
+/// over `max_connections_per_user`. The client does not reconnect.
+pub const OVER_QUOTA: u16 = 4004;
 /// `pusher:error` code for an app key that no configured app has.
 pub const UNKNOWN_APP: u16 = 4001;
 /// The app is disabled in the config.

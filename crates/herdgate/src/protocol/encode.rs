@@ -158,9 +158,62 @@ pub fn signin_success(user_data: &str) -> Frame {
     )
 }
 
+/// `pusher:cache_miss`: a cache channel with nothing cached (pusher-js
+/// emits it as a channel event).
+pub fn cache_miss(channel: &str) -> Frame {
+    frame("pusher:cache_miss", Some(channel), "{}", None)
+}
+
+/// `pusher_internal:subscription_count` (pusher-js sets
+/// `channel.subscriptionCount` and emits `pusher:subscription_count`).
+pub fn subscription_count(channel: &str, count: usize) -> Frame {
+    internal(
+        "pusher_internal:subscription_count",
+        Some(channel),
+        &serde_json::json!({ "subscription_count": count }),
+    )
+}
+
+/// `pusher_internal:watchlist_events`: who of a signed-in user's watchlist
+/// is online or offline (pusher-js: `pusher.user.watchlist.bind(...)`).
+pub fn watchlist_events(online: &[&str], offline: &[&str]) -> Frame {
+    let mut events = Vec::new();
+    if !online.is_empty() {
+        events.push(serde_json::json!({"name": "online", "user_ids": online}));
+    }
+    if !offline.is_empty() {
+        events.push(serde_json::json!({"name": "offline", "user_ids": offline}));
+    }
+    internal(
+        "pusher_internal:watchlist_events",
+        None,
+        &serde_json::json!({ "events": events }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parity_events_have_pusher_js_shapes() {
+        let v: serde_json::Value =
+            serde_json::from_str(subscription_count("c", 7).as_str()).unwrap();
+        assert_eq!(v["event"], "pusher_internal:subscription_count");
+        assert_eq!(v["data"], r#"{"subscription_count":7}"#);
+        let v: serde_json::Value =
+            serde_json::from_str(watchlist_events(&["a"], &["b", "c"]).as_str()).unwrap();
+        assert!(v.get("channel").is_none(), "a connection-level event");
+        let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            d,
+            serde_json::json!({"events":[{"name":"online","user_ids":["a"]},{"name":"offline","user_ids":["b","c"]}]})
+        );
+        assert_eq!(
+            cache_miss("cache-x").as_str(),
+            r#"{"event":"pusher:cache_miss","channel":"cache-x","data":"{}"}"#
+        );
+    }
 
     #[test]
     fn server_events_carry_string_data() {

@@ -57,10 +57,13 @@ pub struct ChannelData {
     pub user_info: Option<Box<RawValue>>,
 }
 
-/// The parsed `user_data` of a sign-in: only `id` matters to the server.
+/// The parsed `user_data` of a sign-in: its `id`, and the `watchlist` of
+/// user ids whose online status it is told.
 #[derive(Debug, Deserialize)]
 pub struct UserData {
     pub id: UserId,
+    #[serde(default)]
+    pub watchlist: Option<Vec<UserId>>,
 }
 
 /// Pusher accepts numeric user ids and sends them back as strings.

@@ -2,7 +2,7 @@
 
 pub const MAX_CHANNEL_NAME: usize = 164;
 pub const MAX_EVENT_NAME: usize = 200;
-pub const MAX_USER_ID: usize = 200;
+pub const MAX_USER_ID: usize = crate::config::MAX_USER_ID;
 pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +13,19 @@ pub enum ChannelKind {
     Presence,
     /// `#server-to-user-{id}`: only for a socket signed in as that user.
     User,
+}
+
+/// A cache channel (`cache-`, `private-cache-`, `private-encrypted-cache-`,
+/// `presence-cache-`): its owner keeps the last server-triggered event.
+pub fn is_cache(channel: &str) -> bool {
+    [
+        "cache-",
+        "private-cache-",
+        "private-encrypted-cache-",
+        "presence-cache-",
+    ]
+    .iter()
+    .any(|p| channel.starts_with(p))
 }
 
 impl ChannelKind {

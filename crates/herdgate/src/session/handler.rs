@@ -118,7 +118,7 @@ impl Session {
             ChannelKind::Public => {}
             ChannelKind::User => {
                 let wanted = &channel[names::USER_CHANNEL_PREFIX.len()..];
-                if self.user.as_deref() != Some(wanted) {
+                if self.user.as_ref().map(|u| &*u.id) != Some(wanted) {
                     return self.sub_error(channel, "AuthError", "sign in as this user first", 403);
                 }
             }
@@ -152,6 +152,19 @@ impl Session {
                             let user_id = cd.user_id.into_string();
                             if let Err(msg) = names::check_user_id(&user_id) {
                                 return self.sub_error(channel, "InvalidChannelData", &msg, 400);
+                            }
+                            let max_info = app.features.max_user_info_bytes;
+                            if cd
+                                .user_info
+                                .as_ref()
+                                .is_some_and(|i| i.get().len() > max_info)
+                            {
+                                return self.sub_error(
+                                    channel,
+                                    "InvalidChannelData",
+                                    &format!("user_info is larger than {max_info} bytes"),
+                                    400,
+                                );
                             }
                             member = Some(Member {
                                 user_id: Arc::from(user_id),
@@ -230,8 +243,15 @@ impl Session {
                 "signin_failed",
             ));
         }
-        let id = match serde_json::from_str::<protocol::UserData>(&d.user_data) {
-            Ok(u) => u.id.into_string(),
+        let (id, watchlist) = match serde_json::from_str::<protocol::UserData>(&d.user_data) {
+            Ok(u) => (
+                u.id.into_string(),
+                u.watchlist
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|w| w.into_string())
+                    .collect::<Vec<_>>(),
+            ),
             Err(e) => {
                 return self.error(
                     None,
@@ -242,12 +262,49 @@ impl Session {
         if let Err(msg) = names::check_user_id(&id) {
             return self.error(None, &msg);
         }
+        let f = &app.features;
+        if watchlist.len() > f.max_watchlist && f.max_watchlist > 0 {
+            return self.error(
+                None,
+                &format!("the watchlist names more than {} users", f.max_watchlist),
+            );
+        }
+        if let Some(bad) = watchlist.iter().find(|w| names::check_user_id(w).is_err()) {
+            return self.error(
+                None,
+                &format!("watchlist: invalid user id {:?}", truncate(bad)),
+            );
+        }
+        let mut watchlist: Vec<Arc<str>> = if f.max_watchlist == 0 {
+            Vec::new() // watchlists off for this app
+        } else {
+            watchlist.into_iter().map(Arc::from).collect()
+        };
+        watchlist.sort();
+        watchlist.dedup();
         let router = &self.shared.router;
         if let Some(old) = self.user.take() {
-            let _ = router.sign_out(&self.app.id, &old, self.id).await;
+            let _ = router.sign_out(&self.app.id, &old.id, self.id).await;
+            for w in &old.watchlist {
+                let _ = router.unwatch(&self.app.id, w, self.id).await;
+            }
         }
-        match router.sign_in(&self.app.id, &id, self.subscriber()).await {
-            Ok(()) => {}
+        match router
+            .sign_in(
+                &self.app.id,
+                &id,
+                self.subscriber(),
+                f.max_connections_per_user,
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let why = "the user has too many connections";
+                self.out
+                    .push(&protocol::error(Some(codes::OVER_QUOTA), why));
+                return Err(End::close(codes::OVER_QUOTA, why, "user_quota"));
+            }
             Err(RouteError::Unavailable) => {
                 return self.error(
                     None,
@@ -256,8 +313,24 @@ impl Session {
             }
             Err(_) => return Err(End::shutdown()),
         }
-        self.user = Some(Arc::from(id));
         self.out.push(&protocol::signin_success(&d.user_data));
+        // Recorded before watching, so that the release signs out and
+        // unwatches whatever this got to register.
+        let watched = watchlist.clone();
+        self.user = Some(Box::new(super::SignedIn {
+            id: Arc::from(id),
+            watchlist,
+        }));
+        // After signin_success: the owners of the watched users tell this
+        // socket who is online, then every transition.
+        if !watched.is_empty()
+            && router
+                .watch(&self.app.id, &watched, self.subscriber())
+                .await
+                .is_err()
+        {
+            return Err(End::shutdown());
+        }
         Ok(())
     }
 
@@ -313,13 +386,22 @@ impl Session {
         let rate = limits.client_events_per_second;
         let bucket = self
             .limiter
-            .get_or_insert_with(|| super::ratelimit::TokenBucket::new(rate, rate, now));
-        if !(0..cost).all(|_| bucket.try_take(now)) {
+            .get_or_insert_with(|| crate::ratelimit::TokenBucket::new(rate, rate, now));
+        if !bucket.try_take_n(now, cost) {
             metrics::counter!("herdgate_client_events_dropped_total", "reason" => "rate_limit")
                 .increment(1);
             return self.error(
                 Some(codes::CLIENT_EVENT_RATE_LIMIT),
                 "client event rate limit exceeded",
+            );
+        }
+        let app_rate = app.features.max_client_events_per_second;
+        if app_rate > 0 && !self.shared.quotas.of(&app.id).client_event(app_rate) {
+            metrics::counter!("herdgate_client_events_dropped_total", "reason" => "app_quota")
+                .increment(1);
+            return self.error(
+                Some(codes::CLIENT_EVENT_RATE_LIMIT),
+                "the app's client event quota is exceeded",
             );
         }
         let frame = protocol::client_event(event, &name, data, user.as_deref());

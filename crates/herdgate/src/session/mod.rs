@@ -10,7 +10,7 @@
 //! its size is paid for every idle connection.
 
 mod handler;
-pub mod ratelimit;
+
 pub mod transport;
 pub mod websocket;
 
@@ -62,15 +62,20 @@ pub(crate) struct Channel {
     user: Option<Arc<str>>,
 }
 
+pub(crate) struct SignedIn {
+    id: Arc<str>,
+    watchlist: Vec<Arc<str>>,
+}
+
 pub struct Session {
     shared: Arc<Shared>,
     app: Arc<App>,
     id: ConnId,
     out: Arc<Outbound>,
     channels: Vec<Channel>,
-    /// Signed-in user id.
-    user: Option<Arc<str>>,
-    limiter: Option<ratelimit::TokenBucket>,
+    /// Signed in: as whom, and whom it watches (boxed: most sockets never sign in).
+    user: Option<Box<SignedIn>>,
+    limiter: Option<crate::ratelimit::TokenBucket>,
 }
 
 impl Session {
@@ -122,6 +127,19 @@ impl Session {
             silent: false,
             announce: false,
         }
+    }
+
+    /// Signed in, or holding a private or presence subscription (which the
+    /// app's backend authorized): what `require_user_authentication` asks.
+    fn authorized(&self) -> bool {
+        use crate::protocol::names::ChannelKind;
+        self.user.is_some()
+            || self.channels.iter().any(|c| {
+                matches!(
+                    c.kind,
+                    ChannelKind::Private | ChannelKind::PrivateEncrypted | ChannelKind::Presence
+                )
+            })
     }
 
     fn subscriber(&self) -> Subscriber {
@@ -225,12 +243,25 @@ impl Session {
             let live = self.shared.live();
             let c = &live.config;
             (
-                c.server.activity_timeout.get(),
+                // The server pings after this much silence — sooner than the
+                // activity_timeout advertised to the client (which pings on
+                // its own after that), so a dead peer is found within
+                // ping_interval + pong_timeout.
+                c.server
+                    .ping_interval
+                    .get()
+                    .min(c.server.activity_timeout.get()),
                 c.server.pong_timeout.get(),
                 c.limits.write_timeout.get(),
                 c.limits.subscribe_deadline.get(),
             )
         };
+        // An app that requires authorized connections: sign in (or hold a
+        // private or presence subscription) by then, or be closed with 4009.
+        let f = &self.app.features;
+        let mut auth_by = f
+            .require_user_authentication
+            .then(|| Instant::now() + f.user_authentication_timeout);
         // When the server drains, each socket picks its own moment within the
         // drain period to close, so reconnects reach other nodes spread out.
         let mut close_at: Option<Instant> = None;
@@ -264,9 +295,11 @@ impl Session {
         let mut closing: Option<CloseOrder> = None;
         // One timer for every deadline of the socket (activity, pong,
         // subscribe, drain, write stall), reset only when one changes.
-        let timer = sleep_until(
-            subscribe_by.map_or(last_seen + activity, |by| by.min(last_seen + activity)),
-        );
+        let first = [subscribe_by, auth_by]
+            .into_iter()
+            .flatten()
+            .fold(last_seen + activity, Instant::min);
+        let timer = sleep_until(first);
         tokio::pin!(timer);
 
         loop {
@@ -366,6 +399,14 @@ impl Session {
                         }
                         subscribe_by = None;
                     }
+                    if auth_by.is_some_and(|by| now >= by) {
+                        if !self.authorized() {
+                            let why = "Connection not authorized within timeout";
+                            self.out.push(&crate::protocol::error(Some(codes::UNAUTHORIZED), why));
+                            return End::close(codes::UNAUTHORIZED, why, "not_authorized");
+                        }
+                        auth_by = None;
+                    }
                     let next = match pinged_at {
                         Some(at) if last_seen <= at && now >= at + pong_wait => {
                             return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
@@ -382,7 +423,7 @@ impl Session {
                             last_seen + activity
                         }
                     };
-                    let next = [close_at, subscribe_by, stalled.map(|at| at + write_timeout)]
+                    let next = [close_at, subscribe_by, auth_by, stalled.map(|at| at + write_timeout)]
                         .into_iter()
                         .flatten()
                         .fold(next, Instant::min);
@@ -403,7 +444,10 @@ impl Session {
             let _ = router.unsubscribe(room, self.id, self.shed()).await;
         }
         if let Some(user) = self.user.take() {
-            let _ = router.sign_out(&self.app.id, &user, self.id).await;
+            let _ = router.sign_out(&self.app.id, &user.id, self.id).await;
+            for w in &user.watchlist {
+                let _ = router.unwatch(&self.app.id, w, self.id).await;
+            }
         }
     }
 }
@@ -469,7 +513,19 @@ mod tests {
         WebSocketStream<tokio::io::DuplexStream>,
         tokio::task::JoinHandle<End>,
     ) {
-        let text = format!("{extra}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n");
+        pair_with(extra, "").await
+    }
+
+    /// [`pair`], with `app_keys` in the app's table.
+    async fn pair_with(
+        extra: &str,
+        app_keys: &str,
+    ) -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<End>,
+    ) {
+        let text =
+            format!("{extra}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n{app_keys}\n");
         let shared = Shared::new(Config::from_toml_str(&text).unwrap()).unwrap();
         let app = shared.live().apps.by_key("k").unwrap().clone();
         let (a, b) = tokio::io::duplex(64 * 1024);
@@ -521,6 +577,57 @@ mod tests {
         assert_eq!(next_event(&mut client).await, None, "the close frame");
         assert_eq!(start.elapsed(), Duration::from_secs(15));
         assert_closed_with(server, codes::PONG_TIMEOUT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_peer_is_found_within_75_s_while_120_s_is_advertised() {
+        // Defaults: activity_timeout 120 s (what pusher-js is told),
+        // ping_interval 45 s, pong_timeout 30 s.
+        let (mut client, server) = pair("[limits]\nsubscribe_deadline = \"0s\"").await;
+        let start = Instant::now();
+        let first = loop {
+            if let Message::Text(t) = client.next().await.unwrap().unwrap() {
+                break t;
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(first.as_str()).unwrap();
+        let data: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["activity_timeout"], 120);
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:ping")
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(45));
+        assert_eq!(next_event(&mut client).await, None, "the close frame");
+        assert_eq!(start.elapsed(), Duration::from_secs(75));
+        assert_closed_with(server, codes::PONG_TIMEOUT).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_app_requiring_authorization_closes_an_anonymous_socket_4009_at_its_deadline() {
+        let (mut client, server) = pair_with(
+            "[limits]\nsubscribe_deadline = \"0s\"",
+            "require_user_authentication = true\nuser_authentication_timeout = \"30s\"",
+        )
+        .await;
+        let start = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        // A public subscription is not an authorization.
+        let sub = r#"{"event":"pusher:subscribe","data":{"channel":"lobby"}}"#;
+        client.send(Message::Text(sub.into())).await.unwrap();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher_internal:subscription_succeeded")
+        );
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:error")
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_closed_with(server, codes::UNAUTHORIZED).await;
     }
 
     #[tokio::test(start_paused = true)]

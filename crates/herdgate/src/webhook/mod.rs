@@ -113,6 +113,20 @@ impl Event {
         )
     }
 
+    pub fn cache_miss(channel: &str) -> Event {
+        Event::new(
+            Kind::CacheMiss,
+            serde_json::json!({"name": "cache_miss", "channel": channel}),
+        )
+    }
+
+    pub fn subscription_count(channel: &str, count: usize) -> Event {
+        Event::new(
+            Kind::SubscriptionCount,
+            serde_json::json!({"name": "subscription_count", "channel": channel, "subscription_count": count}),
+        )
+    }
+
     /// `data` is the client's data as a string, as Pusher sends it.
     pub fn client(
         channel: &str,

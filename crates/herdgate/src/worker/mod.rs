@@ -7,11 +7,12 @@
 //! why subscribers are identified by [`ConnId`] and frames are already-encoded
 //! bytes.
 
+mod parity;
 mod pool;
 mod room;
 mod target;
 
-pub use pool::Pool;
+pub use pool::{Item, Pool};
 
 pub use room::Delivery;
 pub use target::{RemoteEdge, Target};
@@ -72,8 +73,17 @@ pub enum Command {
         exclude: Option<ConnId>,
         coalesce: Option<Duration>,
         ack: Option<(u64, oneshot::Sender<Delivery>)>,
-        /// A client event (sent by `exclude`): a `client_event` webhook.
+        /// A client event (sent by `exclude`): a `client_event` webhook;
+        /// never cached.
         client: bool,
+        /// An idempotency key: a publish whose key this room has seen
+        /// within the window is not sent again (and counts as done).
+        idem: Option<u64>,
+    },
+    /// The cached event of a cache channel: its `data` and seconds left.
+    CacheInfo {
+        room: RoomKey,
+        reply: oneshot::Sender<Option<(String, u64)>>,
     },
     Query {
         room: RoomKey,
@@ -89,9 +99,28 @@ pub enum Command {
         reply: oneshot::Sender<Vec<(String, RoomInfo)>>,
     },
     /// A socket signed in as a user; `room` is that user's `#server-to-user-` channel.
+    /// `max` (> 0) caps the user's signed-in sockets: beyond it the reply
+    /// is `false` and nothing is recorded. `silent`: re-homing, no
+    /// watchlist transition.
     SignIn {
         room: RoomKey,
         sub: Subscriber,
+        max: usize,
+        silent: bool,
+        reply: Option<oneshot::Sender<bool>>,
+    },
+    /// `sub` watches the users of `rooms` (their `#server-to-user-`
+    /// channels, all owned here): told `online`/`offline` on every
+    /// transition, and — with `announce` — at once, in one frame, who of
+    /// them is online and who offline (in order with any later transition).
+    Watch {
+        rooms: Vec<RoomKey>,
+        sub: Subscriber,
+        announce: bool,
+    },
+    Unwatch {
+        room: RoomKey,
+        id: ConnId,
     },
     SignOut {
         room: RoomKey,
@@ -132,8 +161,20 @@ pub struct WebhookTaps {
     pub debounce_max: usize,
 }
 
+/// Each app's features as the rooms apply them (swapped on reload).
+pub type Policies = Arc<arc_swap::ArcSwap<HashMap<Arc<str>, crate::apps::Features>>>;
+
+/// The [`Policies`] of a config's apps.
+pub fn policies_of(config: &crate::config::Config) -> HashMap<Arc<str>, crate::apps::Features> {
+    config
+        .apps
+        .iter()
+        .map(|a| (Arc::from(a.id.as_str()), crate::apps::Features::from(a)))
+        .collect()
+}
+
 /// Start one worker; it runs until every sender is dropped.
-fn spawn(index: usize, mailbox: usize, taps: Option<WebhookTaps>) -> Mailbox {
+fn spawn(index: usize, mailbox: usize, taps: Option<WebhookTaps>, policies: Policies) -> Mailbox {
     let (tx, rx) = mpsc::channel(mailbox);
     let debounce = taps.as_ref().map_or(Debounce::new(Duration::ZERO, 1), |t| {
         Debounce::new(t.debounce, t.debounce_max)
@@ -145,6 +186,11 @@ fn spawn(index: usize, mailbox: usize, taps: Option<WebhookTaps>) -> Mailbox {
         coalesced: HashMap::new(),
         hooks: taps.map(|t| t.hooks),
         debounce,
+        policies,
+        cache: Default::default(),
+        idem: Default::default(),
+        counts: Default::default(),
+        watchers: HashMap::new(),
     };
     tokio::spawn(worker.run(rx));
     tx
@@ -162,20 +208,37 @@ struct Worker {
     hooks: Option<Arc<Hooks>>,
     /// vacated / removed webhook events waiting out their window.
     debounce: Debounce,
+    policies: Policies,
+    cache: parity::Cache,
+    idem: parity::Idem,
+    counts: parity::Counts,
+    /// Per user (keyed like `users`): the sockets watching them.
+    watchers: HashMap<RoomKey, HashMap<ConnId, Target>>,
 }
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         tracing::debug!(worker = self.index, "worker started");
         loop {
-            let next_flush = self.coalesced.values().map(|(at, _, _)| *at).min();
+            let next_flush = self
+                .coalesced
+                .values()
+                .map(|(at, _, _)| *at)
+                .chain(self.counts.next_due())
+                .min();
             let waiting = !self.debounce.is_empty();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => break,
                 },
-                _ = sleep_until_opt(next_flush) => self.flush_coalesced(Instant::now()),
+                _ = sleep_until_opt(next_flush) => {
+                    let now = Instant::now();
+                    self.flush_coalesced(now);
+                    for room in self.counts.due(now) {
+                        self.send_count(&room, None);
+                    }
+                }
                 p = self.debounce.next(), if waiting => self.send_pending(p),
             }
         }
@@ -205,9 +268,20 @@ impl Worker {
                 coalesce: None,
                 ack,
                 client,
+                idem,
             } => {
+                if idem.is_some_and(|k| !self.idem.first(&room, k)) {
+                    // Published before with this key: done, nothing sent.
+                    metrics::counter!("herdgate_publish_duplicates_total").increment(1);
+                    if let Some((_, reply)) = ack {
+                        let _ = reply.send(Delivery::default());
+                    }
+                    return;
+                }
                 if client && self.rooms.contains_key(&room) {
                     self.client_event_hook(&room, &frame, exclude);
+                } else if !client {
+                    self.remember(&room, &frame);
                 }
                 let (ack_id, reply) = match ack {
                     Some((id, reply)) => (id, Some(reply)),
@@ -228,8 +302,18 @@ impl Worker {
                 exclude,
                 coalesce: Some(every),
                 ack,
-                client: _,
+                client,
+                idem,
             } => {
+                if idem.is_some_and(|k| !self.idem.first(&room, k)) {
+                    if let Some((_, reply)) = ack {
+                        let _ = reply.send(Delivery::default());
+                    }
+                    return;
+                }
+                if !client {
+                    self.remember(&room, &frame);
+                }
                 if let Some((_, reply)) = ack {
                     // Coalesced events are sent later, latest wins: there is
                     // no per-event receipt to wait for.
@@ -247,6 +331,16 @@ impl Worker {
                         self.coalesced.insert(room, (due, frame, exclude));
                     }
                 }
+            }
+            Command::CacheInfo { room, reply } => {
+                let info = self.cache.get(&room).map(|(frame, left)| {
+                    let data = serde_json::from_str::<serde_json::Value>(frame.as_str())
+                        .ok()
+                        .and_then(|v| v["data"].as_str().map(String::from))
+                        .unwrap_or_default();
+                    (data, left.as_secs())
+                });
+                let _ = reply.send(info);
             }
             Command::Query { room, reply } => {
                 let _ = reply.send(self.rooms.get(&room).map(info).unwrap_or_default());
@@ -267,14 +361,65 @@ impl Worker {
                     .collect();
                 let _ = reply.send(list);
             }
-            Command::SignIn { room, sub } => {
-                self.users.entry(room).or_default().insert(sub.id, sub.to);
+            Command::SignIn {
+                room,
+                sub,
+                max,
+                silent,
+                reply,
+            } => {
+                let socks = self.users.entry(room.clone()).or_default();
+                let was_online = !socks.is_empty();
+                let ok = max == 0 || socks.len() < max || socks.contains_key(&sub.id);
+                if ok {
+                    socks.insert(sub.id, sub.to);
+                } else if socks.is_empty() {
+                    self.users.remove(&room);
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(ok);
+                }
+                if ok && !was_online && !silent {
+                    self.watchlist_transition(&room, true);
+                }
             }
             Command::SignOut { room, id } => {
                 if let Some(socks) = self.users.get_mut(&room) {
                     socks.remove(&id);
                     if socks.is_empty() {
                         self.users.remove(&room);
+                        self.watchlist_transition(&room, false);
+                    }
+                }
+            }
+            Command::Watch {
+                rooms,
+                sub,
+                announce,
+            } => {
+                let (mut online, mut offline) = (Vec::new(), Vec::new());
+                for room in &rooms {
+                    let user = user_of(room);
+                    if self.users.get(room).is_some_and(|s| !s.is_empty()) {
+                        online.push(user);
+                    } else {
+                        offline.push(user);
+                    }
+                    self.watchers
+                        .entry(room.clone())
+                        .or_default()
+                        .insert(sub.id, sub.to.clone());
+                }
+                if let (true, Some(first)) = (announce, rooms.first()) {
+                    let frame = protocol::watchlist_events(&online, &offline);
+                    sub.to.push_one(first, sub.id, &frame);
+                }
+            }
+            Command::Unwatch { room, id } => {
+                if let Some(w) = self.watchers.get_mut(&room) {
+                    w.remove(&id);
+                    if w.is_empty() {
+                        self.watchers.remove(&room);
                     }
                 }
             }
@@ -305,7 +450,9 @@ impl Worker {
                     kept
                 });
                 self.users.retain(|k, _| keep(k));
+                self.watchers.retain(|k, _| keep(k));
                 self.coalesced.retain(|k, _| keep(k));
+                self.cache.retain(&*keep);
                 // Rooms that moved away take no debounce with them: what
                 // waits for them is sent now, before their new owner can
                 // emit anything for them.
@@ -405,6 +552,13 @@ impl Worker {
                         }
                     }
                 }
+                if !shed.silent {
+                    // After subscription_succeeded: the cached event, or a miss.
+                    if protocol::names::is_cache(&key.channel) {
+                        self.send_cached(&key, id);
+                    }
+                    self.count_changed(&key, Some(id));
+                }
                 true
             }
         }
@@ -439,7 +593,10 @@ impl Worker {
         if emptied {
             self.rooms.remove(&key);
             self.coalesced.remove(&key);
+            self.counts.forget(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
+        } else if !shed.silent {
+            self.count_changed(&key, None);
         }
         if !shed.silent {
             if let Some(user) = gone_user {
@@ -456,6 +613,7 @@ impl Worker {
     fn purge_edge(&mut self, edge: u64, silent: bool) {
         let mut emptied = Vec::new();
         let mut removed = Vec::new();
+        let mut touched = Vec::new();
         for (key, room) in self.rooms.iter_mut() {
             let before = room.subscription_count();
             let gone = room.purge_edge(edge);
@@ -473,23 +631,132 @@ impl Worker {
                 .decrement((before - room.subscription_count()) as f64);
             if room.is_empty() {
                 emptied.push(key.clone());
+            } else if room.subscription_count() < before {
+                touched.push(key.clone());
             }
         }
         for (key, user) in removed {
             self.member_removed(&key, user);
         }
+        if !silent {
+            for key in touched {
+                self.count_changed(&key, None);
+            }
+        }
         for key in emptied {
             self.rooms.remove(&key);
             self.coalesced.remove(&key);
+            self.counts.forget(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
             if !silent {
                 self.vacated(&key);
             }
         }
-        self.users.retain(|_, socks| {
+        let mut offline = Vec::new();
+        self.users.retain(|k, socks| {
             socks.retain(|_, to| to.edge_id() != Some(edge));
+            if socks.is_empty() {
+                offline.push(k.clone());
+            }
             !socks.is_empty()
         });
+        self.watchers.retain(|_, w| {
+            w.retain(|_, to| to.edge_id() != Some(edge));
+            !w.is_empty()
+        });
+        if !silent {
+            for k in offline {
+                self.watchlist_transition(&k, false);
+            }
+        }
+    }
+}
+
+/// Cache channels, subscription counts and watchlists (see [`parity`]).
+impl Worker {
+    fn policy(&self, app: &str) -> Option<crate::apps::Features> {
+        self.policies.load().get(app).cloned()
+    }
+
+    /// A server-triggered event to a cache channel becomes its cached one.
+    fn remember(&mut self, room: &RoomKey, frame: &Frame) {
+        if !protocol::names::is_cache(&room.channel) {
+            return;
+        }
+        let f = self.policy(&room.app).unwrap_or_default();
+        self.cache
+            .put(room, frame.clone(), f.cache_ttl, f.cache_max_bytes);
+    }
+
+    fn send_cached(&mut self, room: &RoomKey, id: ConnId) {
+        let frame = match self.cache.get(room) {
+            Some((frame, _)) => frame,
+            None => {
+                if self.wants(room, Kind::CacheMiss).is_some() && self.cache.miss_webhook_due(room)
+                {
+                    self.emit(room, Event::cache_miss(&room.channel));
+                }
+                protocol::cache_miss(&room.channel)
+            }
+        };
+        if let Some(r) = self.rooms.get(room) {
+            r.push_to(room, id, &frame);
+        }
+    }
+
+    /// A non-presence room's subscription count changed (`joined`: by this
+    /// socket's subscription).
+    fn count_changed(&mut self, room: &RoomKey, joined: Option<ConnId>) {
+        if protocol::names::ChannelKind::of(&room.channel) == protocol::names::ChannelKind::Presence
+            || !self
+                .policy(&room.app)
+                .is_some_and(|f| f.subscription_count_events)
+        {
+            return;
+        }
+        let Some(n) = self.rooms.get(room).map(Room::subscription_count) else {
+            return;
+        };
+        if self.counts.changed(room, n) {
+            self.send_count(room, joined);
+        }
+    }
+
+    /// Tell the room its count. The socket that just joined gets it
+    /// addressed to it: at a cluster edge its registration is confirmed
+    /// only after this, and a broadcast reaches confirmed sockets only.
+    fn send_count(&mut self, room: &RoomKey, joined: Option<ConnId>) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let n = r.subscription_count();
+        metrics::counter!("herdgate_subscription_count_events_total").increment(1);
+        let frame = protocol::subscription_count(&room.channel, n);
+        if let Some(id) = joined {
+            r.push_to(room, id, &frame);
+        }
+        record(&r.fan_out(room, &frame, joined, None, 0));
+        if self.wants(room, Kind::SubscriptionCount).is_some() {
+            self.emit(room, Event::subscription_count(&room.channel, n));
+        }
+    }
+
+    /// The user of `room` came online (first signed-in socket) or went
+    /// offline (last one left): tell everyone watching them.
+    fn watchlist_transition(&self, room: &RoomKey, online: bool) {
+        let Some(watchers) = self.watchers.get(room) else {
+            return;
+        };
+        let user = user_of(room);
+        let frame = if online {
+            protocol::watchlist_events(&[user], &[])
+        } else {
+            protocol::watchlist_events(&[], &[user])
+        };
+        metrics::counter!("herdgate_watchlist_events_total").increment(watchers.len() as u64);
+        for (id, to) in watchers {
+            to.push_one(room, *id, &frame);
+        }
     }
 }
 
@@ -569,6 +836,13 @@ impl Worker {
             self.emit(key, e);
         }
     }
+}
+
+/// The user id of a user channel's room.
+fn user_of(room: &RoomKey) -> &str {
+    room.channel
+        .strip_prefix(protocol::names::USER_CHANNEL_PREFIX)
+        .unwrap_or(&room.channel)
 }
 
 fn member_events_allowed(room: &Room, shed: Shed) -> bool {

@@ -2,7 +2,7 @@
 //! ring gives it. A standalone node's router and a cluster worker node both
 //! drive rooms through this.
 
-use super::{spawn, Command, Delivery, Mailbox, Subscriber, WebhookTaps};
+use super::{spawn, Command, Delivery, Mailbox, Policies, Subscriber, WebhookTaps};
 use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
 use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
@@ -14,16 +14,79 @@ use tokio::sync::oneshot;
 pub struct Pool {
     ring: Ring,
     workers: Vec<Mailbox>,
+    /// The apps' features as the rooms apply them; swapped on reload.
+    pub policies: Policies,
+}
+
+/// One room's share of an atomic publish ([`Pool::publish_all`]).
+pub struct Item {
+    pub room: RoomKey,
+    pub frame: Frame,
+    pub exclude: Option<ConnId>,
+    pub coalesce: Option<Duration>,
+    pub idem: Option<u64>,
 }
 
 impl Pool {
     /// Start `n` workers with mailboxes of `mailbox` commands each (and,
     /// with `taps`, the room owners' webhook events).
-    pub fn start(n: usize, mailbox: usize, taps: Option<WebhookTaps>) -> Pool {
+    pub fn start(n: usize, mailbox: usize, taps: Option<WebhookTaps>, policies: Policies) -> Pool {
         Pool {
             ring: Ring::new(n, DEFAULT_VNODES),
-            workers: (0..n).map(|i| spawn(i, mailbox, taps.clone())).collect(),
+            workers: (0..n)
+                .map(|i| spawn(i, mailbox, taps.clone(), policies.clone()))
+                .collect(),
+            policies,
         }
+    }
+
+    fn owner_index(&self, room: &RoomKey) -> usize {
+        self.ring.owner(&room.app, &room.channel)
+    }
+
+    /// Publish to every room of `items`, or to none: mailbox space is
+    /// reserved in every owner (in worker order, so two publishers never
+    /// wait on each other) before anything is sent; if any stays full past
+    /// `deadline` nothing was published.
+    pub async fn publish_all(
+        &self,
+        items: Vec<Item>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), RouteError> {
+        let mut by_worker: Vec<Vec<Item>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
+        for it in items {
+            let w = self.owner_index(&it.room);
+            by_worker[w].push(it);
+        }
+        let mut permits = Vec::new();
+        for (w, items) in by_worker.iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, self.workers[w].reserve_many(items.len())).await
+            {
+                Ok(Ok(p)) => permits.push(p),
+                Ok(Err(_)) => return Err(RouteError::Gone),
+                Err(_) => return Err(RouteError::Busy),
+            }
+        }
+        for (permit, items) in permits
+            .into_iter()
+            .zip(by_worker.into_iter().filter(|i| !i.is_empty()))
+        {
+            for (p, it) in permit.zip(items) {
+                p.send(Command::Publish {
+                    room: it.room,
+                    frame: it.frame,
+                    exclude: it.exclude,
+                    coalesce: it.coalesce,
+                    ack: None,
+                    client: false,
+                    idem: it.idem,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Commands waiting in the fullest mailbox.
@@ -133,6 +196,7 @@ impl Pool {
             coalesce: None,
             ack: None,
             client: true,
+            idem: None,
         };
         self.send(&room, cmd).await
     }
@@ -152,6 +216,7 @@ impl Pool {
             coalesce: None,
             ack: None,
             client: true,
+            idem: None,
         };
         self.send_within(&room, cmd, wait).await
     }
@@ -182,6 +247,7 @@ impl Pool {
             coalesce,
             ack: None,
             client: false,
+            idem: None,
         };
         self.send_within(&room, cmd, wait).await
     }
@@ -189,12 +255,14 @@ impl Pool {
     /// Queue a publish whose remote deliveries will be confirmed; the
     /// receiver gets what the fan-out did (the edges it went to, with
     /// `ack_id`) once it is done.
+    #[allow(clippy::too_many_arguments)]
     pub async fn publish_tracked(
         &self,
         room: RoomKey,
         frame: Frame,
         exclude: Option<ConnId>,
         coalesce: Option<Duration>,
+        idem: Option<u64>,
         ack_id: u64,
         wait: Duration,
     ) -> Result<oneshot::Receiver<Delivery>, RouteError> {
@@ -206,6 +274,7 @@ impl Pool {
             coalesce,
             ack: Some((ack_id, tx)),
             client: false,
+            idem,
         };
         self.send_within(&room, cmd, wait).await?;
         Ok(rx)
@@ -277,15 +346,97 @@ impl Pool {
         Ok(all)
     }
 
+    /// Sign a socket in; `Ok(false)` when the user already has `max` (> 0)
+    /// signed-in sockets.
     pub async fn sign_in(
         &self,
         app: &Arc<str>,
         user: &str,
         sub: Subscriber,
-    ) -> Result<(), RouteError> {
+        max: usize,
+    ) -> Result<bool, RouteError> {
+        match self.sign_in_start(app, user, sub, max, false, true).await? {
+            Some(rx) => rx.await.map_err(|_| RouteError::Gone),
+            None => Ok(true),
+        }
+    }
+
+    /// Queue a sign-in in order; where its answer comes (if `answer`).
+    pub async fn sign_in_start(
+        &self,
+        app: &Arc<str>,
+        user: &str,
+        sub: Subscriber,
+        max: usize,
+        silent: bool,
+        answer: bool,
+    ) -> Result<Option<oneshot::Receiver<bool>>, RouteError> {
         let room = RoomKey::user(app, user);
-        self.send(&room.clone(), Command::SignIn { room, sub })
+        let (tx, rx) = if answer {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let cmd = Command::SignIn {
+            room: room.clone(),
+            sub,
+            max,
+            silent,
+            reply: tx,
+        };
+        self.send(&room, cmd).await?;
+        Ok(rx)
+    }
+
+    /// `sub` watches `users`: one Watch per owning worker, each telling
+    /// the socket at once (with `announce`) who of its users is online.
+    pub async fn watch_all(
+        &self,
+        app: &Arc<str>,
+        users: &[Arc<str>],
+        sub: Subscriber,
+        announce: bool,
+    ) -> Result<(), RouteError> {
+        let mut by_worker: Vec<Vec<RoomKey>> =
+            (0..self.workers.len()).map(|_| Vec::new()).collect();
+        for u in users {
+            let room = RoomKey::user(app, u);
+            by_worker[self.owner_index(&room)].push(room);
+        }
+        for (w, rooms) in by_worker.into_iter().enumerate() {
+            if rooms.is_empty() {
+                continue;
+            }
+            let cmd = Command::Watch {
+                rooms,
+                sub: sub.clone(),
+                announce,
+            };
+            self.workers[w]
+                .send(cmd)
+                .await
+                .map_err(|_| RouteError::Gone)?;
+        }
+        Ok(())
+    }
+
+    pub async fn unwatch(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
+        let room = RoomKey::user(app, user);
+        self.send(&room.clone(), Command::Unwatch { room, id })
             .await
+    }
+
+    /// A cache channel's cached `data` and seconds left.
+    pub async fn cache_info(
+        &self,
+        room: RoomKey,
+        wait: Duration,
+    ) -> Result<Option<(String, u64)>, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        self.send_within(&room.clone(), Command::CacheInfo { room, reply: tx }, wait)
+            .await?;
+        rx.await.map_err(|_| RouteError::Gone)
     }
 
     pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {

@@ -164,6 +164,11 @@ export class EventLog {
   }
 }
 
+/** The user_data a test user signs in with (a watchlist only when it has one). */
+function userData(user) {
+  return user.watchlist ? { id: user.id, user_info: user.info, watchlist: user.watchlist } : { id: user.id, user_info: user.info };
+}
+
 /** Every pusher-js client created by connect(); disconnectAll() closes them. */
 const liveClients = new Set();
 /** The underlying (faye-websocket) sockets those clients used, see releaseClosedSockets(). */
@@ -221,7 +226,7 @@ export async function connect(label, options = {}) {
     userAuthentication: {
       customHandler: (params, callback) => {
         try {
-          callback(null, signer.authenticateUser(params.socketId, { id: user.id, user_info: user.info }));
+          callback(null, signer.authenticateUser(params.socketId, userData(user)));
         } catch (err) {
           callback(err, null);
         }
@@ -309,6 +314,45 @@ export function disconnectAll() {
   for (const client of liveClients) client.disconnect();
   liveClients.clear();
   releaseClosedSockets();
+}
+
+/**
+ * Sign `c` in and wait for pusher:signin_success and for the automatic
+ * subscription to #server-to-user-{id} to be confirmed.
+ */
+export async function signIn(c) {
+  c.client.bind('pusher:signin_success', (data) => c.log.push({ event: 'pusher:signin_success', data }));
+  c.client.bind('pusher:error', (data) => c.log.push({ event: 'pusher:error', data }));
+  c.client.user.bind('pusher:signin_error', (data) => c.log.push({ event: 'pusher:signin_error', data }));
+  c.client.signin();
+
+  const outcome = await c.log.waitFor(
+    (e) => ['pusher:signin_success', 'pusher:signin_error', 'pusher:error'].includes(e.event),
+    'pusher:signin_success',
+  );
+  assert.equal(outcome.event, 'pusher:signin_success', `${c.label}: sign-in failed: ${JSON.stringify(outcome.data)}`);
+  assert.equal(typeof outcome.data.user_data, 'string', 'signin_success data.user_data is the signed JSON string');
+  assert.deepEqual(JSON.parse(outcome.data.user_data), userData(c.user));
+
+  // pusher-js resolves this once it has processed signin_success, then subscribes to the user channel.
+  await withTimeout(`${c.label}: pusher-js to finish sign-in`, (resolve) =>
+    c.client.user.signinDonePromise.then(resolve),
+  );
+  assert.deepEqual(c.client.user.user_data, userData(c.user));
+  const userChannel = c.client.user.serverToUserChannel;
+  assert.ok(userChannel, 'pusher-js should have created the server-to-user channel');
+  assert.equal(userChannel.name, `#server-to-user-${c.user.id}`);
+  if (!userChannel.subscribed) {
+    c.log.watch(userChannel, 'pusher:subscription_succeeded', 'pusher:subscription_error');
+    const sub = await c.log.waitFor(
+      (e) =>
+        e.channel === userChannel.name &&
+        ['pusher:subscription_succeeded', 'pusher:subscription_error'].includes(e.event),
+      `pusher_internal:subscription_succeeded on ${userChannel.name}`,
+    );
+    assert.equal(sub.event, 'pusher:subscription_succeeded', `user channel refused: ${JSON.stringify(sub.data)}`);
+  }
+  return userChannel;
 }
 
 /** Read a node-fetch Response returned by the server SDK as JSON, asserting HTTP 200. */

@@ -62,7 +62,9 @@ async fn apply(edge: &Arc<Edge>, new: Arc<View>) {
     let mut by_owner: HashMap<NodeId, Vec<Again>> = HashMap::new();
     for a in again {
         let room = match &a {
-            Again::Sub { room, .. } | Again::SignIn { room, .. } => room,
+            Again::Sub { room, .. } | Again::SignIn { room, .. } | Again::Watch { room, .. } => {
+                room
+            }
         };
         if let Some(p) = old.owner(room).filter(|p| new.worker(p).is_some()) {
             previous.insert(p.clone());

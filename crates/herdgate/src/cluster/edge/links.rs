@@ -151,16 +151,30 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
             mode,
         ),
         Again::SignIn { room, conn } => Msg::SignIn {
+            id: 0,
             app: room.app.to_string(),
-            user: room
-                .channel
-                .strip_prefix(crate::protocol::names::USER_CHANNEL_PREFIX)
-                .unwrap_or(&room.channel)
-                .to_string(),
+            user: user_of(room),
             conn: conn.0,
             rev,
+            max: 0,
+            // Re-homed: the user was online already.
+            silent: mode != RegMode::Restore,
+        },
+        Again::Watch { room, conn } => Msg::Watch {
+            app: room.app.to_string(),
+            users: vec![user_of(room)],
+            conn: conn.0,
+            rev,
+            announce: false,
         },
     }
+}
+
+fn user_of(room: &RoomKey) -> String {
+    room.channel
+        .strip_prefix(crate::protocol::names::USER_CHANNEL_PREFIX)
+        .unwrap_or(&room.channel)
+        .to_string()
 }
 
 /// Rooms `node` owns in the edge's applied view.

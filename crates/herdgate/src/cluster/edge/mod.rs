@@ -352,6 +352,50 @@ impl Edge {
         coalesce: Option<Duration>,
         wait: Option<Duration>,
     ) -> Result<(), RouteError> {
+        self.publish_keyed(room, frame, exclude, coalesce, wait, None)
+            .await
+    }
+
+    /// Publish to every room of `items` (each acknowledged): every owner
+    /// must be reachable before anything is sent, so an unreachable or
+    /// moving room refuses the whole publish. An owner that refuses after
+    /// another accepted (a move at that instant) leaves it partial: the
+    /// answer is 503, and a retry with the same idempotency key reaches only
+    /// the rooms that did not get it.
+    pub async fn publish_all(
+        &self,
+        items: Vec<crate::worker::Item>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), RouteError> {
+        for it in &items {
+            self.route(&it.room)?;
+        }
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let sends = items.into_iter().map(|it| {
+            self.publish_keyed(
+                it.room,
+                it.frame,
+                it.exclude,
+                it.coalesce,
+                Some(wait),
+                it.idem,
+            )
+        });
+        for r in futures_util::future::join_all(sends).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn publish_keyed(
+        &self,
+        room: RoomKey,
+        frame: Frame,
+        exclude: Option<ConnId>,
+        coalesce: Option<Duration>,
+        wait: Option<Duration>,
+        idem: Option<u64>,
+    ) -> Result<(), RouteError> {
         let refused = |why: &'static str| {
             metrics::counter!("herdgate_link_publish_refused_total", "reason" => why).increment(1);
         };
@@ -367,6 +411,7 @@ impl Edge {
             coalesce_ms: coalesce.map(|d| d.as_millis() as u64),
             wait_ms,
             rev: self.view.load().rev,
+            idem,
         };
         let Some(wait) = wait else {
             return match tx.try_send(&make(0, 0)) {
@@ -497,13 +542,16 @@ impl Edge {
         Ok(all)
     }
 
+    /// Sign a socket in at the user's owner; `Ok(false)` when the user
+    /// already has `max` (> 0) signed-in sockets (nothing is recorded).
     pub async fn sign_in(
         &self,
         room: RoomKey,
         user: &str,
         conn: ConnId,
         out: Arc<Outbound>,
-    ) -> Result<(), RouteError> {
+        max: usize,
+    ) -> Result<bool, RouteError> {
         let (_, tx) = self.route(&room)?;
         self.rooms
             .send(
@@ -515,14 +563,23 @@ impl Edge {
                 },
             )
             .await;
-        let msg = Msg::SignIn {
-            app: room.app.to_string(),
-            user: user.to_string(),
+        let (app, u, rev) = (room.app.to_string(), user.to_string(), self.view.load().rev);
+        let make = |id| Msg::SignIn {
+            id,
+            app,
+            user: u,
             conn: conn.0,
-            rev: self.view.load().rev,
+            rev,
+            max: max.min(u32::MAX as usize) as u32,
+            silent: false,
         };
-        let sent = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
-        if !matches!(sent, Ok(Ok(()))) {
+        let answer = self.request(&tx, make, REGISTER_WAIT).await;
+        let ok = match answer {
+            Ok(Reply::Registered { ok }) => Ok(ok),
+            Ok(_) => Err(RouteError::Unavailable),
+            Err(e) => Err(e),
+        };
+        if !matches!(ok, Ok(true)) {
             self.rooms
                 .send(
                     &room,
@@ -532,9 +589,103 @@ impl Edge {
                     },
                 )
                 .await;
-            return Err(RouteError::Unavailable);
+            if ok.is_err() {
+                // The owner may have recorded it after all: undo there too.
+                let _ = tx.try_send(&Msg::SignOut {
+                    app: room.app.to_string(),
+                    user: user.to_string(),
+                    conn: conn.0,
+                });
+            }
+        }
+        ok
+    }
+
+    /// Watch `users` for socket `conn`: recorded here (so the owners'
+    /// notices reach the socket, and the watch moves with each user's
+    /// room), then registered with each owner, one message per owner.
+    pub async fn watch(
+        &self,
+        app: &Arc<str>,
+        users: &[Arc<str>],
+        conn: ConnId,
+        out: Arc<Outbound>,
+    ) -> Result<(), RouteError> {
+        let view = self.view();
+        let mut by_owner: HashMap<NodeId, Vec<String>> = HashMap::new();
+        for u in users {
+            let room = RoomKey::user(app, u);
+            self.rooms
+                .send(
+                    &room,
+                    RoomCmd::Watch {
+                        room: room.clone(),
+                        conn,
+                        out: out.clone(),
+                    },
+                )
+                .await;
+            if let Some(owner) = view.owner(&room) {
+                by_owner
+                    .entry(owner.clone())
+                    .or_default()
+                    .push(u.to_string());
+            }
+        }
+        for (owner, users) in by_owner {
+            // An owner out of reach gets the watch when its link comes back
+            // (links register all they own on connect).
+            if let Some(tx) = self.link(&owner).and_then(|l| l.tx()) {
+                let msg = Msg::Watch {
+                    app: app.to_string(),
+                    users,
+                    conn: conn.0,
+                    rev: view.rev,
+                    announce: true,
+                };
+                let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
+            }
         }
         Ok(())
+    }
+
+    pub async fn unwatch(&self, room: RoomKey, user: &str, conn: ConnId) -> Result<(), RouteError> {
+        self.rooms
+            .send(
+                &room,
+                RoomCmd::Unwatch {
+                    room: room.clone(),
+                    conn,
+                },
+            )
+            .await;
+        if let Ok((_, tx)) = self.route(&room) {
+            let msg = Msg::Unwatch {
+                app: room.app.to_string(),
+                user: user.to_string(),
+                conn: conn.0,
+            };
+            let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
+        }
+        Ok(())
+    }
+
+    /// A cache channel's cached `data` and seconds left, from its owner.
+    pub async fn cache_info(
+        &self,
+        room: RoomKey,
+        wait: Duration,
+    ) -> Result<Option<(String, u64)>, RouteError> {
+        let (_, tx) = self.route(&room)?;
+        let (app, channel) = (room.app.to_string(), room.channel.to_string());
+        match self
+            .request(&tx, |id| Msg::CacheQuery { id, app, channel }, wait)
+            .await?
+        {
+            Reply::Cache { cached } => Ok(cached),
+            Reply::Refused { .. } => Err(RouteError::Unavailable),
+            _ => Err(RouteError::Busy),
+        }
     }
 
     pub async fn sign_out(

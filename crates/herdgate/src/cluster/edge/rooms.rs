@@ -40,6 +40,10 @@ pub(super) enum Again {
         room: RoomKey,
         conn: ConnId,
     },
+    Watch {
+        room: RoomKey,
+        conn: ConnId,
+    },
 }
 
 /// How the room stands at this edge, as its sockets were told.
@@ -109,6 +113,16 @@ pub(super) enum RoomCmd {
         room: RoomKey,
         conn: ConnId,
     },
+    /// A socket watches the user of `room` (their user channel).
+    Watch {
+        room: RoomKey,
+        conn: ConnId,
+        out: Arc<Outbound>,
+    },
+    Unwatch {
+        room: RoomKey,
+        conn: ConnId,
+    },
     CloseUser {
         room: RoomKey,
         conn: ConnId,
@@ -138,6 +152,8 @@ struct LocalRoom {
 struct Shard {
     rooms: HashMap<RoomKey, LocalRoom>,
     users: HashMap<RoomKey, HashMap<ConnId, Arc<Outbound>>>,
+    /// Sockets of this edge watching the user of each user channel.
+    watchers: HashMap<RoomKey, HashMap<ConnId, Arc<Outbound>>>,
 }
 
 pub(super) struct LocalRooms {
@@ -272,12 +288,30 @@ impl Shard {
                 }
             }
             RoomCmd::DeliverTo { room, conn, frame } => {
-                if let Some(r) = self.rooms.get(&room) {
-                    // A registration's answer reaches the socket while it is
-                    // still pending: it is queued before the confirmation.
-                    let sub = r.subs.get(&conn).or(r.pending.get(&conn).map(|(s, _)| s));
-                    if let Some(s) = sub {
-                        s.out.push(&frame);
+                // A registration's answer reaches the socket while it is
+                // still pending: it is queued before the confirmation.
+                let sub = self.rooms.get(&room).and_then(|r| {
+                    r.subs
+                        .get(&conn)
+                        .or(r.pending.get(&conn).map(|(s, _)| s))
+                        .map(|s| &s.out)
+                });
+                // Or a watched user came online or went offline: the
+                // watcher need not be in the user's room on this edge
+                // (which exists when that user is subscribed here).
+                let to = sub.or_else(|| self.watchers.get(&room).and_then(|w| w.get(&conn)));
+                if let Some(out) = to {
+                    out.push(&frame);
+                }
+            }
+            RoomCmd::Watch { room, conn, out } => {
+                self.watchers.entry(room).or_default().insert(conn, out);
+            }
+            RoomCmd::Unwatch { room, conn } => {
+                if let Some(w) = self.watchers.get_mut(&room) {
+                    w.remove(&conn);
+                    if w.is_empty() {
+                        self.watchers.remove(&room);
                     }
                 }
             }
@@ -314,6 +348,14 @@ impl Shard {
                 for (room, u) in &self.users {
                     if pred(room) {
                         out.extend(u.keys().map(|conn| Again::SignIn {
+                            room: room.clone(),
+                            conn: *conn,
+                        }));
+                    }
+                }
+                for (room, w) in &self.watchers {
+                    if pred(room) {
+                        out.extend(w.keys().map(|conn| Again::Watch {
                             room: room.clone(),
                             conn: *conn,
                         }));

@@ -704,6 +704,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             coalesce_ms,
             wait_ms,
             rev,
+            idem,
         } => {
             let room = key(app, channel);
             node.catch_up(rev).await;
@@ -752,7 +753,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             let waiting = node.acks.expect(ack_id);
             match node
                 .pool
-                .publish_tracked(room, frame, exclude, coalesce, ack_id, wait)
+                .publish_tracked(room, frame, exclude, coalesce, idem, ack_id, wait)
                 .await
             {
                 Ok(delivery) => {
@@ -782,20 +783,69 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             });
         }
         Msg::SignIn {
+            id,
             app,
             user,
             conn,
             rev,
+            max,
+            silent,
         } => {
             let room = RoomKey::user(&Arc::from(app.as_str()), &user);
             node.catch_up(rev).await;
-            if node.owns(&room) {
-                let sub = Subscriber {
-                    id: ConnId(conn),
-                    to: target(),
-                };
-                let _ = node.pool.sign_in(&room.app, &user, sub).await;
+            if !node.owns(&room) {
+                if id != 0 {
+                    refused(link, id, Refusal::NotOwner);
+                }
+                return;
             }
+            let sub = Subscriber {
+                id: ConnId(conn),
+                to: target(),
+            };
+            // Queued in link order; answered off the read path.
+            match node
+                .pool
+                .sign_in_start(&room.app, &user, sub, max as usize, silent, id != 0)
+                .await
+            {
+                Ok(Some(answer)) => {
+                    let link = link.clone();
+                    tokio::spawn(async move {
+                        let ok = answer.await.unwrap_or(false);
+                        reply(&link, id, Reply::Registered { ok });
+                    });
+                }
+                Ok(None) => {}
+                Err(_) if id != 0 => refused(link, id, Refusal::Busy),
+                Err(_) => {}
+            }
+        }
+        Msg::Watch {
+            app,
+            users,
+            conn,
+            rev,
+            announce,
+        } => {
+            node.catch_up(rev).await;
+            let app: Arc<str> = Arc::from(app.as_str());
+            let users: Vec<Arc<str>> = users
+                .iter()
+                .filter(|u| node.owns(&RoomKey::user(&app, u)))
+                .map(|u| Arc::from(u.as_str()))
+                .collect();
+            let sub = Subscriber {
+                id: ConnId(conn),
+                to: target(),
+            };
+            let _ = node.pool.watch_all(&app, &users, sub, announce).await;
+        }
+        Msg::Unwatch { app, user, conn } => {
+            let _ = node
+                .pool
+                .unwatch(&Arc::from(app), &user, ConnId(conn))
+                .await;
         }
         Msg::SignOut { app, user, conn } => {
             let _ = node
@@ -811,12 +861,14 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
         }
         request @ (Msg::Terminate { .. }
         | Msg::Query { .. }
+        | Msg::CacheQuery { .. }
         | Msg::Users { .. }
         | Msg::List { .. }) => {
             let Ok(permit) = inflight.clone().try_acquire_owned() else {
                 let id = match &request {
                     Msg::Terminate { id, .. }
                     | Msg::Query { id, .. }
+                    | Msg::CacheQuery { id, .. }
                     | Msg::Users { id, .. }
                     | Msg::List { id, .. } => *id,
                     _ => 0,
@@ -862,6 +914,16 @@ async fn answer(node: &Node, request: Msg, link: &EdgeLink) {
                         users: r.user_count as u64,
                     },
                 ),
+                Err(_) => refused(link, id, Refusal::Busy),
+            }
+        }
+        Msg::CacheQuery { id, app, channel } => {
+            let room = key(app, channel);
+            if let Err(reason) = node.serving(&room) {
+                return refused(link, id, reason);
+            }
+            match node.pool.cache_info(room, API_WAIT).await {
+                Ok(cached) => reply(link, id, Reply::Cache { cached }),
                 Err(_) => refused(link, id, Refusal::Busy),
             }
         }

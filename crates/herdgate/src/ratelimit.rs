@@ -1,4 +1,5 @@
-//! A token bucket: `rate` tokens per second, holding at most `burst`.
+//! A token bucket: `rate` tokens per second, holding at most `burst` (per socket
+//! for client events; per app, behind a mutex, for the app quotas).
 
 use tokio::time::Instant;
 
@@ -21,11 +22,16 @@ impl TokenBucket {
     }
 
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.try_take_n(now, 1)
+    }
+
+    /// Take `n` tokens at once, or none.
+    pub fn try_take_n(&mut self, now: Instant, n: u32) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n as f32 {
+            self.tokens -= n as f32;
             true
         } else {
             false
