@@ -1,9 +1,11 @@
-//! The admin listener: health for load balancers and Prometheus metrics.
-//! It is a separate socket, bound to loopback by default, so that neither
-//! probes nor scrapes compete with clients and neither is exposed publicly.
-//! It keeps answering while the server drains (`/readyz` says 503 then) and
-//! stops last.
+//! The admin listener: health for load balancers, Prometheus metrics, and
+//! the status page for people (`/`, reading `/status/live`; see
+//! [`super::status_page`]). It is a separate socket, bound to loopback by
+//! default, so that neither probes nor scrapes compete with clients and
+//! neither is exposed publicly. It keeps answering while the server drains
+//! (`/readyz` says 503 then) and stops last.
 
+use super::status_page::{self, StatusPage};
 use super::{text, Body};
 use crate::state::Shared;
 use bytes::Bytes;
@@ -22,6 +24,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(
         shared.live().config.limits.max_admin_connections,
     ));
+    // The status page's samples live as long as the listener and are shared
+    // by every viewer, so more viewers never mean more sampling.
+    let page = Arc::new(StatusPage::default());
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -38,11 +43,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             },
             _ = shared.stopped.cancelled() => return,
         };
-        let shared = shared.clone();
+        let (shared, page) = (shared.clone(), page.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &shared)) }
+                let (shared, page) = (shared.clone(), page.clone());
+                async move { Ok::<_, Infallible>(respond(&req, &shared, &page).await) }
             });
             let mut b = http1::Builder::new();
             b.timer(TokioTimer::new())
@@ -56,8 +61,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
+async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Response<Body> {
     match req.uri().path() {
+        "/" => status_page::page(),
+        "/status/live" => {
+            crate::http::json(StatusCode::OK, &page.live(shared, status(shared)).await)
+        }
         // Alive as long as this process answers: load never fails liveness.
         "/livez" => text(StatusCode::OK, "ok\n"),
         "/readyz" if !ready(shared) => text(
@@ -72,7 +81,7 @@ fn respond<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
             .expect("valid response"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /livez, /readyz or /metrics\n",
+            "not found: try / (status page), /status, /status/live, /livez, /readyz or /metrics\n",
         ),
     }
 }

@@ -7,6 +7,7 @@ pub mod admin;
 mod api;
 mod error;
 pub mod sign;
+mod status_page;
 mod upgrade;
 
 pub use error::ApiError;
