@@ -633,3 +633,49 @@ fn edge_without_wait(worker: &str) -> Herdgate {
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nworkers = [{worker:?}]\nheartbeat_interval = \"100ms\"\nsecret = \"{SECRET_LINK}\"\n{APPS}"
     ))
 }
+
+/// A watch made while the watched user's owner is down reaches it when
+/// its link comes back (`Restore`), and the owner then tells the watcher
+/// the current state: the first state is late, never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_made_while_its_owner_is_down_gets_its_state_on_return() {
+    let mut c = cluster();
+    let user_room = |u: &str| format!("#server-to-user-{u}");
+    let victim_link = owner_of(&c.links, &user_room("bob"));
+    let victim = c.links.iter().position(|l| *l == victim_link).unwrap();
+    // A watcher whose own sign-in is owned elsewhere, so that it succeeds.
+    let alice = (0..)
+        .map(|i| format!("alice-{i}"))
+        .find(|a| owner_of(&c.links, &user_room(a)) != victim_link)
+        .unwrap();
+    let _ = c.workers[victim].child.kill();
+    let _ = c.workers[victim].child.wait();
+    for e in &c.edges {
+        wait_log(e, "worker link lost");
+    }
+    let mut w = Client::connect(&url(&c.edges[0])).await;
+    let user_data = json!({"id": alice, "watchlist": ["bob"]}).to_string();
+    let auth = pusher_sign::signin_auth(KEY, SECRET, &w.socket_id, &user_data);
+    w.send(json!({"event":"pusher:signin","data":{"auth":auth,"user_data":user_data}}))
+        .await;
+    w.expect("pusher:signin_success").await;
+
+    c.workers[victim] = worker(&victim_link);
+    for e in &c.edges {
+        wait_log(e, "worker link up");
+    }
+    let first = w.expect("pusher_internal:watchlist_events").await;
+    assert_eq!(
+        first.data["events"],
+        json!([{"name": "offline", "user_ids": ["bob"]}]),
+        "{:?}",
+        first.raw
+    );
+    let mut bob = Client::connect(&url(&c.edges[1])).await;
+    bob.signin("bob").await;
+    let online = w.expect("pusher_internal:watchlist_events").await;
+    assert_eq!(
+        online.data["events"],
+        json!([{"name": "online", "user_ids": ["bob"]}])
+    );
+}

@@ -165,7 +165,12 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
             users: vec![user_of(room)],
             conn: conn.0,
             rev,
-            announce: false,
+            // A link that comes back (`Restore`) may have missed transitions,
+            // or the first state of a watch made while it was down: the
+            // owner tells the current one (a sign-in restored after it is
+            // not silent, so a too-early "offline" is corrected). A re-home
+            // stays quiet: its sign-ins are silent.
+            announce: mode == RegMode::Restore,
         },
     }
 }
