@@ -41,6 +41,9 @@ pub enum ScenarioCmd {
     Storm(Common),
     /// Keep N open while closing and reopening --rate sockets per second.
     Churn(Common),
+    /// No server: the machine's write floor (one write(2) of a frame per
+    /// socket per round on loopback), to compare a server's fan-out with.
+    Floor(crate::floor::FloorArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, ValueEnum)]
@@ -69,6 +72,7 @@ impl ScenarioCmd {
             ScenarioCmd::Rooms(c) => (Scenario::Rooms, c),
             ScenarioCmd::Storm(c) => (Scenario::Storm, c),
             ScenarioCmd::Churn(c) => (Scenario::Churn, c),
+            ScenarioCmd::Floor(_) => unreachable!("floor runs without a plan (main)"),
         }
     }
 }

@@ -9,12 +9,14 @@
 //! Module map: `cli` (options, run plan), `controller` (phases, child processes, merging),
 //! `worker` (the sockets of one process), `socket` (one client socket), `publisher` (HTTP API),
 //! `shm` (cross-process counters and publish ledger), `net` (TCP/TLS, source addresses),
-//! `hist` (mergeable histograms), `procstat` (/proc sampling),
+//! `hist` (mergeable histograms), `procstat` (/proc sampling), `floor` (the machine's write
+//! floor, no server),
 //! `report` (JSON and Markdown).
 
 mod cli;
 mod controller;
 mod ctx;
+mod floor;
 mod hist;
 mod net;
 mod procstat;
@@ -51,6 +53,23 @@ fn raise_nofile_limit() -> u64 {
 fn main() -> Result<()> {
     let nofile = raise_nofile_limit();
     let cli = cli::Cli::parse();
+    if let cli::ScenarioCmd::Floor(args) = &cli.scenario {
+        let r = floor::run(args, nofile)?;
+        let json = serde_json::to_string(&r)?;
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        println!(
+            "| sockets | frame | writes | writer CPU | writes per CPU-second | µs per write |"
+        );
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} B | {} | {:.3} s | {:.0} | {:.2} |",
+            r.sockets, r.frame_bytes, r.writes, r.cpu_s, r.writes_per_cpu_s, r.us_per_write
+        );
+        println!("{json}");
+        return Ok(());
+    }
     let (scenario, common) = cli.scenario.split();
     let plan = Arc::new(cli::Plan::new(scenario, &common)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -140,3 +140,36 @@ fn every_scenario_runs_and_adds_up() {
     );
     assert_eq!(n(&r, "connections.refused"), 0.0);
 }
+
+/// `floor` needs no server: every round writes one frame to every socket,
+/// and its cost is the writer thread's own CPU time.
+#[test]
+fn the_floor_writes_one_frame_per_socket_per_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("floor.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_herdgate-load"))
+        .args(["floor", "-n", "50", "--rounds", "20", "--rate", "0"])
+        .arg("--json-out")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(n(&r, "writes"), 1000.0);
+    assert_eq!(n(&r, "frame_bytes"), 122.0);
+    assert!(
+        n(&r, "writes_per_cpu_s") > 0.0 && n(&r, "cpu_s") > 0.0,
+        "{r}"
+    );
+    // A frame that would need an extended header is refused by name.
+    let bad = Command::new(env!("CARGO_BIN_EXE_herdgate-load"))
+        .args(["floor", "-n", "1", "--payload", "200"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--payload 200"));
+}
