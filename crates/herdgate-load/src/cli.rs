@@ -135,6 +135,10 @@ pub struct Common {
     pub json_out: Option<PathBuf>,
     #[arg(long)]
     pub md_out: Option<PathBuf>,
+    /// Draw charts: PREFIX-latency.svg (delivery latency percentiles over
+    /// time) and PREFIX-cdf.svg (the delivery latency distribution).
+    #[arg(long, value_name = "PREFIX")]
+    pub svg_out: Option<PathBuf>,
     /// Worker processes [default: ceil(N / 18000)].
     #[arg(long)]
     pub processes: Option<usize>,
@@ -193,6 +197,7 @@ pub struct Plan {
     pub quiet: bool,
     pub json_out: Option<PathBuf>,
     pub md_out: Option<PathBuf>,
+    pub svg_out: Option<PathBuf>,
 }
 
 impl Plan {
@@ -308,6 +313,7 @@ impl Plan {
             quiet: c.quiet,
             json_out: c.json_out.clone(),
             md_out: c.md_out.clone(),
+            svg_out: c.svg_out.clone(),
         })
     }
 

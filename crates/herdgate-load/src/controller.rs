@@ -118,12 +118,19 @@ fn spawn_children(plan: &Plan, shm: &Shm, args: &[OsString]) -> Result<Workers> 
     Ok(Workers::Children(children))
 }
 
-/// Prints the live line once a second until `stop`.
-async fn progress(shm: Arc<Shm>, start: Instant, mut stop: watch::Receiver<bool>) {
+/// Samples deliveries and their latency once a second until `stop` (the
+/// report's timeline, for charts), printing the live line unless `quiet`.
+async fn progress(
+    shm: Arc<Shm>,
+    start: Instant,
+    mut stop: watch::Receiver<bool>,
+    quiet: bool,
+) -> Vec<report::TimePoint> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut prev_delivered = 0u64;
     let mut prev_hist: Vec<u64> = vec![0; shm.live_hist().len()];
+    let mut timeline = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -137,8 +144,23 @@ async fn progress(shm: Arc<Shm>, start: Instant, mut stop: watch::Receiver<bool>
             .zip(&prev_hist)
             .map(|(a, b)| a - b)
             .collect();
-        let p99 = quantile_of_counts(&window, 0.99)
-            .map(|us| format!("{:.2} ms", us as f64 / 1000.0))
+        let ms = |q: f64| quantile_of_counts(&window, q).map(|us| us as f64 / 1000.0);
+        // Bounded: one point per second of the run.
+        timeline.push(report::TimePoint {
+            t_secs: start.elapsed().as_secs_f64(),
+            delivered: delivered - prev_delivered,
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            max_ms: ms(1.0),
+        });
+        prev_hist = now_hist;
+        if quiet {
+            prev_delivered = delivered;
+            continue;
+        }
+        let p99 = ms(0.99)
+            .map(|v| format!("{v:.2} ms"))
             .unwrap_or_else(|| "–".into());
         eprint!(
             "\r[{:>5.0}s] attempted {} established {} open {} refused {} failed {} | {} msg/s p99 {}    ",
@@ -153,9 +175,11 @@ async fn progress(shm: Arc<Shm>, start: Instant, mut stop: watch::Receiver<bool>
         );
         let _ = std::io::stderr().flush();
         prev_delivered = delivered;
-        prev_hist = now_hist;
     }
-    eprintln!();
+    if !quiet {
+        eprintln!();
+    }
+    timeline
 }
 
 /// Runs the whole scenario; `args` are this process's arguments (for child processes).
@@ -195,8 +219,7 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
         )))
     };
     let (progress_tx, progress_rx) = watch::channel(false);
-    let progress_task =
-        (!plan.quiet).then(|| tokio::spawn(progress(shm.clone(), start, progress_rx)));
+    let progress_task = tokio::spawn(progress(shm.clone(), start, progress_rx, plan.quiet));
 
     // Connect phase.
     let connect_deadline =
@@ -243,9 +266,7 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
     shm.header().phase.store(PHASE_STOP, Relaxed);
     let results = workers.collect(Duration::from_secs(30)).await;
     let _ = progress_tx.send(true);
-    if let Some(t) = progress_task {
-        let _ = t.await;
-    }
+    let timeline = progress_task.await.unwrap_or_default();
     if results.is_empty() {
         anyhow::bail!("no worker produced a result (see the errors above)");
     }
@@ -253,7 +274,7 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
     for r in &results {
         w.merge(r);
     }
-    Ok(build_report(
+    let mut report = build_report(
         &plan,
         started_unix,
         w,
@@ -262,7 +283,9 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
         [before, connected, steady, after],
         open_at_end,
         measured_secs,
-    ))
+    );
+    report.timeline = timeline;
+    Ok(report)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -356,6 +379,7 @@ fn build_report(
     histograms.insert("delivery_us", w.delivery_us);
     histograms.insert("publish_api_us", p.api_us);
     Report {
+        timeline: Vec::new(),
         tool: "herdgate-load",
         version: env!("CARGO_PKG_VERSION"),
         scenario: plan.scenario,

@@ -13,6 +13,7 @@
 //! floor, no server),
 //! `report` (JSON and Markdown).
 
+mod chart;
 mod cli;
 mod controller;
 mod ctx;
@@ -112,6 +113,12 @@ fn main() -> Result<()> {
     }
     if let Some(p) = &plan.md_out {
         std::fs::write(p, &md).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(prefix) = &plan.svg_out {
+        for (suffix, svg) in chart::charts(&report) {
+            let path = format!("{}-{suffix}.svg", prefix.display());
+            std::fs::write(&path, svg).with_context(|| format!("writing {path}"))?;
+        }
     }
     // Do not wait for lingering socket tasks: the report is out.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -51,6 +51,19 @@ pub struct Report {
     pub publish_api_ms: Pct,
     pub server: Option<Server>,
     pub histograms: BTreeMap<&'static str, Hist>,
+    /// Once a second: deliveries in that second and their latency.
+    pub timeline: Vec<TimePoint>,
+}
+
+/// One second of the run (see [`Report::timeline`]).
+#[derive(Serialize, Debug, Clone)]
+pub struct TimePoint {
+    pub t_secs: f64,
+    pub delivered: u64,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
 }
 
 #[derive(Serialize, Debug)]

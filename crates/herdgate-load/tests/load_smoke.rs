@@ -90,6 +90,14 @@ fn every_scenario_runs_and_adds_up() {
     );
     assert_eq!(n(&r, "connections.established"), 200.0);
     assert!(n(&r, "delivery.expected") >= 200.0);
+    // One timeline point per second of the run, with the deliveries in it.
+    let timeline = r["timeline"].as_array().expect("a timeline");
+    assert!(!timeline.is_empty());
+    let in_timeline: f64 = timeline
+        .iter()
+        .map(|p| p["delivered"].as_f64().unwrap())
+        .sum();
+    assert!(in_timeline <= n(&r, "delivery.delivered"));
     assert_eq!(n(&r, "delivery.delivered"), n(&r, "delivery.expected"));
     assert_eq!(n(&r, "delivery.missing"), 0.0);
     assert_eq!(n(&r, "delivery.duplicates"), 0.0);
@@ -172,4 +180,45 @@ fn the_floor_writes_one_frame_per_socket_per_round() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--payload 200"));
+}
+
+/// `--svg-out` draws the run: latency over time and its distribution.
+#[test]
+fn charts_are_drawn_from_the_run() {
+    let server = Herdgate::start(CONFIG);
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_herdgate-load"))
+        .args([
+            "fanout",
+            "-n",
+            "50",
+            "--rate",
+            "1000",
+            "--publish-rate",
+            "20",
+        ])
+        .args(["--duration", "2", "--quiet"])
+        .args(["--url", &format!("ws://{}", server.addr)])
+        .arg("--svg-out")
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for chart in ["latency", "cdf"] {
+        let path = dir.path().join(format!("run-{chart}.svg"));
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // A drawn line with points, not an empty frame.
+        let points = svg
+            .split("points=\"")
+            .nth(1)
+            .and_then(|p| p.split('"').next())
+            .unwrap_or("");
+        assert!(points.split(' ').count() >= 2, "{chart}: {svg}");
+    }
 }
