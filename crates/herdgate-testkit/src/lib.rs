@@ -522,6 +522,30 @@ pub async fn refused_with(addr: SocketAddr, path_and_query: &str) -> Option<u16>
     }
 }
 
+/// `npm ci` in `dir` when its node_modules is missing or older than the
+/// committed lockfile: what every Node-driven test runs first, so that
+/// `cargo test` works on a fresh machine. No package may download a
+/// browser of its own (the browser tests use Debian's Chromium).
+pub fn npm_ci(dir: &std::path::Path) {
+    let lock = dir.join("package-lock.json");
+    let installed = dir.join("node_modules/.package-lock.json");
+    let fresh = match (std::fs::metadata(&lock), std::fs::metadata(&installed)) {
+        (Ok(l), Ok(i)) => i.modified().unwrap() >= l.modified().unwrap(),
+        _ => false,
+    };
+    if fresh {
+        return;
+    }
+    let status = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+        .env("PUPPETEER_SKIP_DOWNLOAD", "1")
+        .status()
+        .expect("npm is needed for these tests (install Node.js 20+)");
+    assert!(status.success(), "npm ci failed in {}", dir.display());
+}
+
 /// GET a path on the admin listener; returns (status, body).
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let api = Api {

@@ -13,20 +13,7 @@ use std::time::{Duration, Instant};
 /// missing or older than it.
 pub fn npm_ci() -> std::path::PathBuf {
     let dir = repo_path("crates/herdgate/tests/compat");
-    let lock = dir.join("package-lock.json");
-    let installed = dir.join("node_modules/.package-lock.json");
-    let fresh = match (std::fs::metadata(&lock), std::fs::metadata(&installed)) {
-        (Ok(l), Ok(i)) => i.modified().unwrap() >= l.modified().unwrap(),
-        _ => false,
-    };
-    if !fresh {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .expect("npm is needed for these tests (install Node.js 20+)");
-        assert!(status.success(), "npm ci failed in {}", dir.display());
-    }
+    crate::npm_ci(&dir);
     dir
 }
 

@@ -16,7 +16,7 @@
 
 use herdgate_testkit::process::{repo_path, Herdgate};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
@@ -56,28 +56,6 @@ key = "{KEY}"
 secret = "{SECRET}"
 "#
     )
-}
-
-/// `npm ci` when node_modules is missing or older than the lockfile.
-fn npm_ci(dir: &Path) {
-    let lock = dir.join("package-lock.json");
-    let installed = dir.join("node_modules/.package-lock.json");
-    let fresh = match (std::fs::metadata(&lock), std::fs::metadata(&installed)) {
-        (Ok(l), Ok(i)) => i.modified().unwrap() >= l.modified().unwrap(),
-        _ => false,
-    };
-    if fresh {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        // Neither driver may fetch a browser of its own: Debian's is used.
-        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-        .env("PUPPETEER_SKIP_DOWNLOAD", "1")
-        .status()
-        .expect("npm is needed for the browser tests (install Node.js 20+)");
-    assert!(status.success(), "npm ci failed in {}", dir.display());
 }
 
 /// Debian's Chromium: `HERDGATE_CHROMIUM`, else `chromium` on the PATH.
@@ -121,7 +99,7 @@ impl Drop for Lobby {
 impl Lobby {
     fn start(hg: &Herdgate) -> Lobby {
         let dir = repo_path("examples/lobby");
-        npm_ci(&dir);
+        herdgate_testkit::npm_ci(&dir);
         let (host, port) = hg.addr.rsplit_once(':').unwrap();
         let mut child = Command::new("node")
             .arg("server.mjs")
@@ -165,7 +143,7 @@ fn run(file: &str, hg: &Herdgate, lobby: Option<&Lobby>) {
 fn run_with(file: &str, hg: &Herdgate, lobby: Option<&Lobby>, env: &[(&str, String)]) {
     let _one = ONE_BROWSER.lock().unwrap_or_else(|p| p.into_inner());
     let dir = repo_path("crates/herdgate/tests/browser");
-    npm_ci(&dir);
+    herdgate_testkit::npm_ci(&dir);
     let mut cmd = Command::new("node");
     cmd.args([
         "--test",

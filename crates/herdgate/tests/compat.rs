@@ -6,24 +6,6 @@ use herdgate_testkit::process::Herdgate;
 use std::path::Path;
 use std::process::Command;
 
-fn npm_install(dir: &Path) {
-    let lock = dir.join("package-lock.json");
-    let installed = dir.join("node_modules/.package-lock.json");
-    let fresh = match (std::fs::metadata(&lock), std::fs::metadata(&installed)) {
-        (Ok(l), Ok(i)) => i.modified().unwrap() >= l.modified().unwrap(),
-        _ => false,
-    };
-    if fresh {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .status()
-        .expect("npm is needed for the client compatibility tests (install Node.js 20+)");
-    assert!(status.success(), "npm ci failed in {}", dir.display());
-}
-
 const APP: &str = r#"
 [[apps]]
 id = "424242"
@@ -35,7 +17,7 @@ subscription_count_events = true
 #[test]
 fn pusher_js_and_node_sdk_compatibility() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat");
-    npm_install(&dir);
+    herdgate_testkit::npm_ci(&dir);
 
     let pki = herdgate_testkit::pki::Pki::new();
     let (cert, key, _) = pki.leaf("localhost", false);

@@ -189,16 +189,8 @@ impl Pool {
         frame: Frame,
         sender: ConnId,
     ) -> Result<(), RouteError> {
-        let cmd = Command::Publish {
-            room: room.clone(),
-            frame,
-            exclude: Some(sender),
-            coalesce: None,
-            ack: None,
-            client: true,
-            idem: None,
-        };
-        self.send(&room, cmd).await
+        self.send(&room.clone(), client_event(room, frame, sender))
+            .await
     }
 
     /// A client event from a link (its handler does not wait past `wait`).
@@ -209,16 +201,8 @@ impl Pool {
         sender: ConnId,
         wait: Duration,
     ) -> Result<(), RouteError> {
-        let cmd = Command::Publish {
-            room: room.clone(),
-            frame,
-            exclude: Some(sender),
-            coalesce: None,
-            ack: None,
-            client: true,
-            idem: None,
-        };
-        self.send_within(&room, cmd, wait).await
+        self.send_within(&room.clone(), client_event(room, frame, sender), wait)
+            .await
     }
 
     /// Every webhook event waiting out its debounce, sent now (shutdown).
@@ -462,5 +446,18 @@ impl Pool {
         for w in &self.workers {
             let _ = w.send(Command::PurgeEdge { edge, silent }).await;
         }
+    }
+}
+
+/// A client event from `sender`: never echoed to it, never cached.
+fn client_event(room: RoomKey, frame: Frame, sender: ConnId) -> Command {
+    Command::Publish {
+        room,
+        frame,
+        exclude: Some(sender),
+        coalesce: None,
+        ack: None,
+        client: true,
+        idem: None,
     }
 }

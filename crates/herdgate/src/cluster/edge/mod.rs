@@ -334,10 +334,8 @@ impl Edge {
             .await;
         // Owner unreachable: it drops this socket when the link's lease
         // expires, or this edge re-registers what it has when it returns.
-        if let Ok((_, tx)) = self.route(&room) {
-            let msg = links::unregister_msg(&room, conn, shed.member_events_max, false);
-            let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
-        }
+        let msg = links::unregister_msg(&room, conn, shed.member_events_max, false);
+        self.tell_owner(&room, msg).await;
         Ok(())
     }
 
@@ -649,6 +647,15 @@ impl Edge {
         Ok(())
     }
 
+    /// Tell `room`'s owner something it may miss: forgetting is recorded
+    /// here first, and an owner out of reach learns it from the
+    /// registrations its link replays (or drops the edge's state with it).
+    async fn tell_owner(&self, room: &RoomKey, msg: Msg) {
+        if let Ok((_, tx)) = self.route(room) {
+            let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
+        }
+    }
+
     pub async fn unwatch(&self, room: RoomKey, user: &str, conn: ConnId) -> Result<(), RouteError> {
         self.rooms
             .send(
@@ -659,14 +666,15 @@ impl Edge {
                 },
             )
             .await;
-        if let Ok((_, tx)) = self.route(&room) {
-            let msg = Msg::Unwatch {
+        self.tell_owner(
+            &room,
+            Msg::Unwatch {
                 app: room.app.to_string(),
                 user: user.to_string(),
                 conn: conn.0,
-            };
-            let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
-        }
+            },
+        )
+        .await;
         Ok(())
     }
 
@@ -703,14 +711,15 @@ impl Edge {
                 },
             )
             .await;
-        if let Ok((_, tx)) = self.route(&room) {
-            let msg = Msg::SignOut {
+        self.tell_owner(
+            &room,
+            Msg::SignOut {
                 app: room.app.to_string(),
                 user: user.to_string(),
                 conn: conn.0,
-            };
-            let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
-        }
+            },
+        )
+        .await;
         Ok(())
     }
 

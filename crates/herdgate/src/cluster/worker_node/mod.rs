@@ -591,6 +591,27 @@ fn key(app: String, channel: String) -> RoomKey {
 
 /// Answer a request. On a full queue the link closes, as for any frame
 /// (the edge registers again; its request is answered 503 meanwhile).
+/// Answer a registration or sign-in (`id` > 0) once its worker has decided,
+/// off the link's read path; refuse it at once if the worker is gone.
+fn answer_registration(
+    link: &Arc<EdgeLink>,
+    id: u64,
+    started: Result<Option<tokio::sync::oneshot::Receiver<bool>>, crate::types::RouteError>,
+) {
+    match started {
+        Ok(Some(answer)) => {
+            let link = link.clone();
+            tokio::spawn(async move {
+                let ok = answer.await.unwrap_or(false);
+                reply(&link, id, Reply::Registered { ok });
+            });
+        }
+        Ok(None) => {}
+        Err(_) if id != 0 => refused(link, id, Refusal::Busy),
+        Err(_) => {}
+    }
+}
+
 fn reply(link: &EdgeLink, id: u64, reply: Reply) {
     link.send_msg(&Msg::Reply { id, reply });
 }
@@ -661,22 +682,13 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 // being rebuilt from every edge's registrations right now.
                 announce: mode == RegMode::Restore && node.serving(&room).is_ok(),
             };
-            match node
-                .pool
-                .subscribe_start(room, sub, member, max_members as usize, shed)
-                .await
-            {
-                Ok(Some(answer)) => {
-                    let link = link.clone();
-                    tokio::spawn(async move {
-                        let ok = answer.await.unwrap_or(false);
-                        reply(&link, id, Reply::Registered { ok });
-                    });
-                }
-                Ok(None) => {}
-                Err(_) if id != 0 => refused(link, id, Refusal::Busy),
-                Err(_) => {}
-            }
+            answer_registration(
+                link,
+                id,
+                node.pool
+                    .subscribe_start(room, sub, member, max_members as usize, shed)
+                    .await,
+            );
         }
         Msg::Unregister {
             app,
@@ -804,22 +816,13 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 to: target(),
             };
             // Queued in link order; answered off the read path.
-            match node
-                .pool
-                .sign_in_start(&room.app, &user, sub, max as usize, silent, id != 0)
-                .await
-            {
-                Ok(Some(answer)) => {
-                    let link = link.clone();
-                    tokio::spawn(async move {
-                        let ok = answer.await.unwrap_or(false);
-                        reply(&link, id, Reply::Registered { ok });
-                    });
-                }
-                Ok(None) => {}
-                Err(_) if id != 0 => refused(link, id, Refusal::Busy),
-                Err(_) => {}
-            }
+            answer_registration(
+                link,
+                id,
+                node.pool
+                    .sign_in_start(&room.app, &user, sub, max as usize, silent, id != 0)
+                    .await,
+            );
         }
         Msg::Watch {
             app,
