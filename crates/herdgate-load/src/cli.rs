@@ -110,6 +110,10 @@ pub struct Common {
     pub per_conn: usize,
     #[arg(long, value_enum, default_value_t = ChannelKind::Public)]
     pub channel_kind: ChannelKind,
+    /// Subscribe with herdgate's resume extension (`"resume":{}`): every
+    /// event then carries its history serial (docs/PROTOCOL.md).
+    #[arg(long)]
+    pub resume: bool,
     /// Events per second through the HTTP API [default: fanout 10, rooms 100, churn 10, else 0].
     #[arg(long)]
     pub publish_rate: Option<f64>,
@@ -184,6 +188,7 @@ pub struct Plan {
     pub channels: usize,
     pub per_conn: usize,
     pub kind: ChannelKind,
+    pub resume: bool,
     pub publish_rate: f64,
     pub payload: usize,
     pub duration: f64,
@@ -300,6 +305,7 @@ impl Plan {
             channels,
             per_conn,
             kind: c.channel_kind,
+            resume: c.resume,
             publish_rate,
             payload: c.payload,
             duration: c.duration,

@@ -375,6 +375,9 @@ impl Session<'_> {
                 data["channel_data"] = cd.into();
             }
         }
+        if p.resume {
+            data["resume"] = serde_json::json!({});
+        }
         serde_json::json!({ "event": "pusher:subscribe", "data": data }).to_string()
     }
 

@@ -25,6 +25,7 @@ pub struct Features {
     pub max_connections_per_user: usize,
     pub cache_ttl: std::time::Duration,
     pub cache_max_bytes: usize,
+    pub history: History,
     pub max_user_info_bytes: usize,
     pub max_watchlist: usize,
     pub max_connections: usize,
@@ -48,6 +49,22 @@ impl From<&AppConfig> for Features {
             max_connections_per_user: c.max_connections_per_user,
             cache_ttl: c.cache_ttl.get(),
             cache_max_bytes: c.cache_max_bytes,
+            history: History {
+                max_events: c.history_max_events,
+                ttl: c.history_ttl.get(),
+                max_bytes: c.history_max_bytes,
+                rules: c
+                    .history_channels
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.prefix.clone(),
+                            r.max_events,
+                            r.ttl.map_or(c.history_ttl.get(), |t| t.get()),
+                        )
+                    })
+                    .collect(),
+            },
             max_user_info_bytes: c.max_user_info_bytes,
             max_watchlist: c.max_watchlist,
             max_connections: c.max_connections,
@@ -55,6 +72,30 @@ impl From<&AppConfig> for Features {
             max_client_events_per_second: c.max_client_events_per_second,
             max_read_requests_per_second: c.max_read_requests_per_second,
         }
+    }
+}
+
+/// An app's history bounds (`history_*` keys), applied by each room's owner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    pub max_events: usize,
+    pub ttl: std::time::Duration,
+    /// Per realtime worker.
+    pub max_bytes: usize,
+    /// `(prefix, max_events, ttl)`: the longest matching prefix wins.
+    pub rules: Vec<(String, usize, std::time::Duration)>,
+}
+
+impl History {
+    /// How many events `channel` keeps, and for how long; `None`: no history.
+    pub fn for_channel(&self, channel: &str) -> Option<(usize, std::time::Duration)> {
+        let (events, ttl) = self
+            .rules
+            .iter()
+            .filter(|(p, _, _)| channel.starts_with(p.as_str()))
+            .max_by_key(|(p, _, _)| p.len())
+            .map_or((self.max_events, self.ttl), |(_, n, t)| (*n, *t));
+        (events > 0).then_some((events, ttl))
     }
 }
 

@@ -20,6 +20,7 @@ pub mod listener;
 pub mod notify;
 pub mod outbound;
 pub mod overload;
+pub mod pipe;
 pub mod protocol;
 pub mod ratelimit;
 pub mod realaddr;

@@ -8,10 +8,14 @@
 
 use crate::cluster::edge::Edge;
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
 use crate::worker::{self, Subscriber, Target};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A history answer carries at most this many bytes of events (then `more`),
+/// the same page as a cluster link's.
+pub const HISTORY_PAGE_BYTES: usize = crate::cluster::link::PAGE_BYTES;
 
 pub enum Router {
     /// Rooms on this process's workers.
@@ -46,16 +50,38 @@ impl Router {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
+        resume: Option<Resume>,
     ) -> Result<bool, RouteError> {
         match self {
-            Router::Local(p) => p.subscribe(room, sub, member, max_members, shed).await,
+            Router::Local(p) => {
+                p.subscribe(room, sub, member, max_members, shed, resume)
+                    .await
+            }
             Router::Edge(e) => {
                 let Target::Local(out) = sub.to else {
                     return Err(RouteError::Gone);
                 };
-                e.subscribe(room, sub.id, out, member, max_members, shed)
+                e.subscribe(room, sub.id, out, member, max_members, shed, resume)
                     .await
             }
+        }
+    }
+
+    /// A channel's history after `since`, from its owner.
+    pub async fn history(
+        &self,
+        room: RoomKey,
+        since: u64,
+        epoch: Option<String>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<worker::Since, RouteError> {
+        match self {
+            Router::Local(p) => {
+                p.history(room, since, epoch, limit, HISTORY_PAGE_BYTES, wait)
+                    .await
+            }
+            Router::Edge(e) => e.history(room, since, epoch, limit, wait).await,
         }
     }
 

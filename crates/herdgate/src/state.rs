@@ -38,6 +38,8 @@ pub struct Shared {
     pub quotas: crate::apps::Quotas,
     /// First answers to keyed (idempotent) HTTP API publishes.
     pub replays: crate::replays::Replays,
+    /// Open HTTP fallback sessions (`xhr_streaming`, `xhr_polling`).
+    pub pipes: crate::pipe::Pipes,
 }
 
 /// The part of the configuration that a reload (SIGHUP) swaps while serving.
@@ -124,11 +126,13 @@ impl Shared {
             let policies = Arc::new(arc_swap::ArcSwap::from_pointee(crate::worker::policies_of(
                 &config,
             )));
+            let load = overload.state_reader();
             Router::Local(Arc::new(crate::worker::Pool::start(
                 config.worker_count(),
                 l.worker_mailbox,
                 Some(taps),
                 policies,
+                Arc::from(load),
             )))
         };
         Ok(Arc::new(Shared {
@@ -138,6 +142,7 @@ impl Shared {
             hooks: webhooks,
             quotas: Default::default(),
             replays: Default::default(),
+            pipes: Default::default(),
             router,
             live: ArcSwap::from_pointee(Live::new(config)),
             draining: CancellationToken::new(),

@@ -115,3 +115,21 @@ mod tests {
         }
     }
 }
+
+/// A subscription that opted in to resume (docs/PROTOCOL.md "History and
+/// resume"): its channel events carry their serial, and with `since` the
+/// owner first replays what followed that position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub since: Option<Position>,
+    /// At most this many bytes of replayed events: the socket's queue must
+    /// hold them (more is answered `recovered: false`).
+    pub max_bytes: usize,
+}
+
+/// Where a client was in a channel: the last serial it saw, in which epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub serial: u64,
+    pub epoch: String,
+}

@@ -1,4 +1,4 @@
-//! The edge ↔ worker link, version 4: length-delimited frames (a 4-byte
+//! The edge ↔ worker link, version 5: length-delimited frames (a 4-byte
 //! big-endian length, then one postcard-encoded [`Msg`]) over one TCP or TLS
 //! connection per edge–worker pair, every room multiplexed on it.
 //! docs/LINK.md lists the frames.
@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Largest frame accepted from a peer: an event (payloads are ≤ the message
 /// limit) plus room names, or one page of a list reply, with room to spare.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -30,6 +30,10 @@ pub const PAGE_BYTES: usize = 256 * 1024;
 
 /// A presence member on the wire: user id and raw `user_info` JSON.
 pub type WireMember = (String, Option<String>);
+
+/// A registration that opted in to resume: the position to replay from
+/// (serial, epoch), if any, and the most bytes of replay its queue takes.
+pub type WireResume = (Option<(u64, String)>, u32);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
@@ -83,6 +87,7 @@ pub enum Msg {
         mode: RegMode,
         /// The sender's view: a worker behind it catches up before judging.
         rev: u64,
+        resume: Option<WireResume>,
     },
     Unregister {
         app: String,
@@ -195,6 +200,9 @@ pub enum Msg {
         exclude: Option<u64>,
         except_user: Option<String>,
         ack_id: u64,
+        /// The event's history serial: sockets that opted in to resume get
+        /// the frame with it.
+        serial: Option<u64>,
     },
     /// To one socket (subscription answers).
     DeliverTo {
@@ -225,6 +233,17 @@ pub enum Msg {
     },
     /// "My lease may have expired: I serve nothing until I am sure of it."
     Fenced,
+
+    // ---- edge → worker, appended in version 5
+    /// A channel's history after `since`, answered with [`Reply::History`].
+    History {
+        id: u64,
+        app: String,
+        channel: String,
+        since: u64,
+        epoch: Option<String>,
+        limit: u32,
+    },
 }
 
 /// What a registration means.
@@ -273,6 +292,14 @@ pub enum Reply {
         cached: Option<(String, u64)>,
     },
     Done,
+    /// A channel's history: the owner's epoch, `(serial, frame)` after
+    /// the position asked, whether nothing was lost, whether more follow.
+    History {
+        epoch: String,
+        events: Vec<(u64, Bytes)>,
+        complete: bool,
+        more: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -598,6 +625,7 @@ mod tests {
                 events_max: None,
                 mode: RegMode::Join,
                 rev: 3,
+                resume: Some((Some((17, "e9".into())), 65536)),
             },
             Msg::Deliver {
                 app: "1".into(),
@@ -606,6 +634,7 @@ mod tests {
                 exclude: Some(3),
                 except_user: None,
                 ack_id: 9,
+                serial: Some(18),
             },
             Msg::Reply {
                 id: 9,
@@ -656,6 +685,23 @@ mod tests {
             Msg::Heartbeat {
                 digest: 0x0123_4567_89ab_cdef,
                 etcd_lost: true,
+            },
+            Msg::History {
+                id: 12,
+                app: "1".into(),
+                channel: "chat".into(),
+                since: 17,
+                epoch: Some("e9".into()),
+                limit: 100,
+            },
+            Msg::Reply {
+                id: 12,
+                reply: Reply::History {
+                    epoch: "e9".into(),
+                    events: vec![(18, Bytes::from_static(b"{}"))],
+                    complete: true,
+                    more: false,
+                },
             },
         ]
     }

@@ -166,6 +166,11 @@ pub struct LimitsConfig {
     /// A new socket that has neither subscribed nor signed in by then is
     /// closed with 4202. "0s" disables the check.
     pub subscribe_deadline: HumanDuration,
+    /// Open HTTP fallback sessions (`xhr_streaming`, `xhr_polling`) on this
+    /// node (at most half of `max_handshakes`: its requests hold HTTP
+    /// connections, which count as handshakes); a new one beyond it gets
+    /// 503. Each also counts against `max_connections`.
+    pub max_http_sessions: usize,
 }
 
 impl Default for LimitsConfig {
@@ -191,6 +196,7 @@ impl Default for LimitsConfig {
             write_timeout: HumanDuration::secs(10),
             tcp_notsent_lowat: 16 * 1024,
             subscribe_deadline: HumanDuration::secs(60),
+            max_http_sessions: 1024,
         }
     }
 }
@@ -461,6 +467,21 @@ pub struct AppConfig {
     /// cached channel is forgotten.
     #[serde(default = "cache_max_bytes")]
     pub cache_max_bytes: usize,
+    /// Events kept per channel for resume and the history API (docs/PROTOCOL.md
+    /// "History and resume"); 0 turns history off for the app.
+    #[serde(default = "history_max_events")]
+    pub history_max_events: usize,
+    /// How long a channel's events are kept.
+    #[serde(default = "history_ttl")]
+    pub history_ttl: HumanDuration,
+    /// Bytes of kept events of the app per realtime worker; beyond it the
+    /// oldest events of the app are forgotten first.
+    #[serde(default = "history_max_bytes")]
+    pub history_max_bytes: usize,
+    /// Per channel prefix (the longest matching prefix wins): other bounds,
+    /// or `max_events = 0` for none (typing indicators, cursors).
+    #[serde(default)]
+    pub history_channels: Vec<HistoryRule>,
     /// Largest presence `user_info` (JSON text), in bytes.
     #[serde(default = "max_user_info_bytes")]
     pub max_user_info_bytes: usize,
@@ -497,6 +518,10 @@ impl Default for AppConfig {
             max_connections_per_user: 0,
             cache_ttl: cache_ttl(),
             cache_max_bytes: cache_max_bytes(),
+            history_max_events: history_max_events(),
+            history_ttl: history_ttl(),
+            history_max_bytes: history_max_bytes(),
+            history_channels: Vec::new(),
             max_user_info_bytes: max_user_info_bytes(),
             max_watchlist: max_watchlist(),
             max_connections: 0,
@@ -516,6 +541,28 @@ fn cache_ttl() -> HumanDuration {
 fn cache_max_bytes() -> usize {
     8 * 1024 * 1024
 }
+fn history_max_events() -> usize {
+    100
+}
+fn history_ttl() -> HumanDuration {
+    HumanDuration::secs(120)
+}
+fn history_max_bytes() -> usize {
+    8 * 1024 * 1024
+}
+
+/// `[[apps.history_channels]]`: the history of channels starting with `prefix`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    pub prefix: String,
+    /// 0: these channels keep no history (and their events carry no serial).
+    pub max_events: usize,
+    /// Defaults to the app's `history_ttl`.
+    #[serde(default)]
+    pub ttl: Option<HumanDuration>,
+}
+
 fn max_user_info_bytes() -> usize {
     1024
 }

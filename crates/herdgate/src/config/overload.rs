@@ -135,6 +135,9 @@ pub struct ActionsConfig {
     /// Webhook events but channel_occupied / channel_vacated (member_added,
     /// member_removed, client_event, ...) are shed, counted in `herdgate_shed_total`.
     pub shed_webhook_events: From,
+    /// Channel history (resume, the history API) is not kept: what a room
+    /// holds is dropped at its next event, and resumes answer `recovered: false`.
+    pub shed_history: From,
 }
 
 impl Default for ActionsConfig {
@@ -152,6 +155,7 @@ impl Default for ActionsConfig {
             refuse_connections: From::Critical,
             essential_prefixes: Vec::new(),
             shed_webhook_events: From::Degraded,
+            shed_history: From::Degraded,
         }
     }
 }
@@ -207,6 +211,9 @@ impl ActionsConfig {
         }
         if self.refuse_subscriptions.applies(state) && !self.nonessential_prefixes.is_empty() {
             v.push("nonessential_subscriptions");
+        }
+        if self.shed_history.applies(state) {
+            v.push("history");
         }
         if self.refuse_connections.applies(admission) {
             v.push("new_connections");

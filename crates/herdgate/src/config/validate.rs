@@ -285,6 +285,39 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
                 "must be between 1 and 65536".into(),
             );
         }
+        // A replay goes into the socket's queue in one go: it must fit
+        // beside what the socket is already sent.
+        let replay_max = c.limits.outbound_queue_messages.saturating_sub(16);
+        if app.history_max_events > replay_max {
+            err(
+                &k("history_max_events"),
+                format!("must be at most limits.outbound_queue_messages - 16 ({replay_max}): a resume replays up to this many events into the socket's queue"),
+            );
+        }
+        if app.history_ttl.get().is_zero() {
+            err(&k("history_ttl"), "must be greater than zero".into());
+        }
+        if app.history_max_events > 0 && app.history_max_bytes < 1024 {
+            err(&k("history_max_bytes"), "must be at least 1024".into());
+        }
+        for (j, rule) in app.history_channels.iter().enumerate() {
+            let rk = |f: &str| k(&format!("history_channels[{j}].{f}"));
+            if rule.prefix.is_empty() {
+                err(
+                    &rk("prefix"),
+                    "must not be empty (set the app's history_max_events instead)".into(),
+                );
+            }
+            if rule.max_events > replay_max {
+                err(
+                    &rk("max_events"),
+                    format!("must be at most limits.outbound_queue_messages - 16 ({replay_max})"),
+                );
+            }
+            if rule.ttl.is_some_and(|t| t.get().is_zero()) {
+                err(&rk("ttl"), "must be greater than zero".into());
+            }
+        }
         if app.max_watchlist > 1000 {
             err(&k("max_watchlist"), "must be at most 1000".into());
         }

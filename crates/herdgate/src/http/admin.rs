@@ -8,9 +8,7 @@
 use super::status_page::{self, StatusPage};
 use super::{text, Body};
 use crate::state::Shared;
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
@@ -77,7 +75,7 @@ async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Res
         "/status" => crate::http::json(StatusCode::OK, &status(shared)),
         "/metrics" => Response::builder()
             .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(crate::telemetry::render_metrics())))
+            .body(Body::full(crate::telemetry::render_metrics()))
             .expect("valid response"),
         _ => text(
             StatusCode::NOT_FOUND,

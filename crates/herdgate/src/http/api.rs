@@ -129,6 +129,7 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         (&Method::GET, ["channels"]) => api.channels().await,
         (&Method::GET, ["channels", name]) => api.channel(name).await,
         (&Method::GET, ["channels", name, "users"]) => api.users(name).await,
+        (&Method::GET, ["channels", name, "history"]) => api.history(name).await,
         (&Method::POST, ["users", user, "terminate_connections"]) => api.terminate(user).await,
         _ => Err(ApiError::NotFound(format!(
             "no endpoint {} {}",
@@ -162,6 +163,11 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
+
+/// Events per history answer, unless `limit` says otherwise.
+pub const HISTORY_LIMIT_DEFAULT: u64 = 100;
+/// The largest `limit` of a history request (400 above it).
+pub const HISTORY_LIMIT_MAX: u64 = 1000;
 
 fn route_error(e: RouteError) -> ApiError {
     ApiError::Unavailable(format!("{e}; retry later"), jittered_retry_after(5))
@@ -498,6 +504,52 @@ impl Api<'_> {
             .map_err(route_error)?;
         let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
         Ok(json!({ "users": users }))
+    }
+
+    /// `GET …/channels/{name}/history?since=S&limit=N[&epoch=E]`: the events
+    /// after serial `S` its owner keeps (docs/PROTOCOL.md "History and resume").
+    async fn history(&self, name: &str) -> ApiResult {
+        names::check_channel(name).map_err(ApiError::BadRequest)?;
+        let number = |key: &str, default: u64| -> Result<u64, ApiError> {
+            self.param(key).map_or(Ok(default), |v| {
+                v.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("{key} must be a non-negative integer"))
+                })
+            })
+        };
+        let since = number("since", 0)?;
+        let limit = number("limit", HISTORY_LIMIT_DEFAULT)?;
+        if !(1..=HISTORY_LIMIT_MAX).contains(&limit) {
+            return Err(ApiError::BadRequest(format!(
+                "limit must be between 1 and {HISTORY_LIMIT_MAX}"
+            )));
+        }
+        let epoch = self.param("epoch").map(String::from);
+        let page = self
+            .shared
+            .router
+            .history(self.room(name), since, epoch, limit as usize, self.wait())
+            .await
+            .map_err(route_error)?;
+        #[derive(Deserialize)]
+        struct Kept {
+            event: String,
+            data: Value,
+        }
+        let events: Vec<Value> = page
+            .events
+            .iter()
+            .filter_map(|(serial, frame)| {
+                let k: Kept = serde_json::from_str(frame.as_str()).ok()?;
+                Some(json!({"serial": serial, "name": k.event, "data": k.data}))
+            })
+            .collect();
+        Ok(json!({
+            "epoch": page.epoch,
+            "events": events,
+            "complete": page.complete,
+            "more": page.more,
+        }))
     }
 
     async fn terminate(&self, user: &str) -> ApiResult {

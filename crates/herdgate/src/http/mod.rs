@@ -5,17 +5,18 @@
 
 pub mod admin;
 mod api;
+mod body;
 mod error;
 pub mod sign;
 mod status_page;
 mod upgrade;
+mod xhr;
 
 pub use error::ApiError;
 
 use crate::state::Shared;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,7 +25,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub type Body = Full<Bytes>;
+pub use body::Body;
 
 /// Serve one accepted connection (plain TCP or TLS) until it closes,
 /// upgrades or the server stops. Its first request head must arrive by
@@ -90,6 +91,8 @@ async fn route(
         upgrade::handle(req, peer, &shared)
     } else if path.starts_with("/apps/") {
         api::handle(req, &shared).await
+    } else if xhr::is_fallback(path) {
+        xhr::handle(req, peer, &shared).await
     } else if path == "/" {
         text(
             StatusCode::OK,
@@ -105,7 +108,7 @@ pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Body::full(Bytes::from_static(body.as_bytes())))
         .expect("valid response")
 }
 
@@ -113,6 +116,6 @@ pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Bo
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(value.to_string())))
+        .body(Body::full(value.to_string()))
         .expect("valid response")
 }

@@ -25,7 +25,6 @@ use crate::config::{ActionFrom, ActionsConfig, LoadState};
 use crate::state::Shared;
 use bytes::Bytes;
 use http::{header, Response};
-use http_body_util::Full;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -61,7 +60,7 @@ pub fn page() -> Response<Body> {
         .header(header::CACHE_CONTROL, "no-store")
         .header("content-security-policy", CSP)
         .header("x-content-type-options", "nosniff")
-        .body(Full::new(Bytes::from_static(PAGE.as_bytes())))
+        .body(Body::full(Bytes::from_static(PAGE.as_bytes())))
         .expect("valid response")
 }
 
@@ -549,6 +548,13 @@ fn actions_table(a: &ActionsConfig, state: LoadState, admission: LoadState) -> V
             Count::Shed("webhook_event"),
         ),
         Action::new(
+            "shed_history",
+            a.shed_history,
+            state,
+            "channel history not kept; resumes answer recovered: false".into(),
+            Count::Shed("history"),
+        ),
+        Action::new(
             "refuse_connections",
             a.refuse_connections,
             admission,
@@ -618,6 +624,7 @@ fn short_effect(action: &str) -> &'static str {
         "coalesce" => "coalesced feeds (latest event only)",
         "refuse_subscriptions" => "non-essential subscriptions",
         "shed_webhook_events" => "webhook member/client events",
+        "shed_history" => "missed-message history",
         "refuse_connections" => "NEW CONNECTIONS REFUSED",
         _ => "other work",
     }
@@ -847,7 +854,8 @@ herdgate_delivery_delay_seconds_count 100
                 "drop_client_events",
                 "stop_presence_events",
                 "refuse_subscriptions",
-                "shed_webhook_events"
+                "shed_webhook_events",
+                "shed_history"
             ]
         );
         assert!(names(LoadState::Degraded, LoadState::Critical).contains(&"refuse_connections"));

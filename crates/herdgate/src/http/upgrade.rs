@@ -39,10 +39,18 @@ fn header_has(h: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     })
 }
 
-/// A Pusher-level refusal sent after the upgrade.
-struct PusherRefusal(u16, &'static str);
+/// A Pusher-level refusal sent after the upgrade (over the HTTP fallback:
+/// in the session's first response).
+pub(super) struct PusherRefusal(pub u16, pub &'static str);
 
-fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, PusherRefusal> {
+/// A session request that passed the Pusher checks: its app key, and
+/// whether it opted in to resume on every channel (`herdgate_resume=1`).
+pub(super) struct Checked {
+    pub key: String,
+    pub resume: bool,
+}
+
+fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<Checked, PusherRefusal> {
     let Some(key) = uri
         .path()
         .strip_prefix("/app/")
@@ -53,11 +61,22 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Push
             "path not found: expected /app/{key}",
         ));
     };
-    let (mut protocol, mut version) = (None, None);
-    for pair in uri.query().unwrap_or("").split('&') {
+    check_pusher_params(key, uri.query().unwrap_or(""), shared)
+}
+
+/// The Pusher checks of a new session (websocket or HTTP fallback): the
+/// app `key` exists and is enabled, the `query` names a protocol we speak.
+pub(super) fn check_pusher_params(
+    key: &str,
+    query: &str,
+    shared: &Shared,
+) -> Result<Checked, PusherRefusal> {
+    let (mut protocol, mut version, mut resume) = (None, None, false);
+    for pair in query.split('&') {
         match pair.split_once('=') {
             Some(("protocol", v)) => protocol = Some(v),
             Some(("version", v)) => version = Some(v),
+            Some(("herdgate_resume", v)) => resume = v == "1",
             _ => {}
         }
     }
@@ -103,7 +122,10 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<String, Push
             ));
         }
     }
-    Ok(key.to_string())
+    Ok(Checked {
+        key: key.to_string(),
+        resume,
+    })
 }
 
 pub fn handle(
@@ -133,56 +155,11 @@ pub fn handle(
         return ApiError::BadRequest("missing Sec-WebSocket-Key".into()).into_response();
     };
     let check = check_pusher_request(req.uri(), shared);
-    let live = shared.live();
-    // The real client, if a trusted proxy says who it is.
-    let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let peer = SocketAddr::new(
-        crate::realaddr::client_ip(peer.ip(), xff, &live.trusted_proxies),
-        peer.port(),
-    );
-    if let Ok(key) = &check {
-        let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
-        if let Some(app) = live.apps.by_key(key) {
-            if !app.origin_allowed(origin) {
-                metrics::counter!("herdgate_connections_refused_total", "reason" => "origin")
-                    .increment(1);
-                tracing::debug!(%peer, ?origin, "origin not allowed");
-                return ApiError::Forbidden("origin not allowed for this app".into())
-                    .into_response();
-            }
-        }
-    }
-    let state = shared.overload.admission_state();
-    let admitted = if shared.closing.is_cancelled() {
-        Err(Refusal::Draining)
-    } else if live
-        .config
-        .overload
-        .actions
-        .refuse_connections
-        .applies(state)
-    {
-        Err(Refusal::Overloaded)
-    } else {
-        let l = &live.config.limits;
-        let limits = Limits {
-            max_per_ip: l.max_connections_per_ip,
-            rate: l.new_connections_per_second,
-            burst: l.new_connections_burst,
-        };
-        shared.sessions.try_admit(peer.ip(), limits)
+    let (slot, peer) = match admit(h, peer, shared, &check) {
+        Ok(admitted) => admitted,
+        Err(refused) => return *refused,
     };
-    let slot = match admitted {
-        Ok(slot) => slot,
-        Err(r) => return refuse(r),
-    };
-    shared
-        .overload
-        .admitted
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    metrics::counter!("herdgate_connections_accepted_total").increment(1);
-    let ws_config = live.ws_config();
-    drop(live);
+    let ws_config = shared.live().ws_config();
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
@@ -208,6 +185,66 @@ pub fn handle(
         .expect("valid response")
 }
 
+/// Admission of a new session (websocket or HTTP fallback), before any
+/// session work: the real client address, the app's allowed origins, then
+/// drain, overload, rate and caps. A refusal is the response to send.
+pub(super) fn admit(
+    h: &HeaderMap,
+    peer: SocketAddr,
+    shared: &Shared,
+    check: &Result<Checked, PusherRefusal>,
+) -> Result<(SessionSlot, SocketAddr), Box<Response<Body>>> {
+    let live = shared.live();
+    // The real client, if a trusted proxy says who it is.
+    let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let peer = SocketAddr::new(
+        crate::realaddr::client_ip(peer.ip(), xff, &live.trusted_proxies),
+        peer.port(),
+    );
+    if let Ok(key) = check {
+        let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        if let Some(app) = live.apps.by_key(&key.key) {
+            if !app.origin_allowed(origin) {
+                metrics::counter!("herdgate_connections_refused_total", "reason" => "origin")
+                    .increment(1);
+                tracing::debug!(%peer, ?origin, "origin not allowed");
+                let forbidden = ApiError::Forbidden("origin not allowed for this app".into());
+                return Err(Box::new(forbidden.into_response()));
+            }
+        }
+    }
+    let state = shared.overload.admission_state();
+    let admitted = if shared.closing.is_cancelled() {
+        Err(Refusal::Draining)
+    } else if live
+        .config
+        .overload
+        .actions
+        .refuse_connections
+        .applies(state)
+    {
+        Err(Refusal::Overloaded)
+    } else {
+        let l = &live.config.limits;
+        let limits = Limits {
+            max_per_ip: l.max_connections_per_ip,
+            rate: l.new_connections_per_second,
+            burst: l.new_connections_burst,
+        };
+        shared.sessions.try_admit(peer.ip(), limits)
+    };
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(r) => return Err(Box::new(refuse(r))),
+    };
+    shared
+        .overload
+        .admitted
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!("herdgate_connections_accepted_total").increment(1);
+    Ok((slot, peer))
+}
+
 /// 503 with a jittered Retry-After, before any upgrade work.
 fn refuse(r: Refusal) -> Response<Body> {
     metrics::counter!("herdgate_connections_refused_total", "reason" => r.label()).increment(1);
@@ -219,7 +256,7 @@ fn refuse(r: Refusal) -> Response<Body> {
 struct Handshake {
     on_upgrade: hyper::upgrade::OnUpgrade,
     ws_config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
-    check: Result<String, PusherRefusal>,
+    check: Result<Checked, PusherRefusal>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: SessionSlot,
@@ -243,8 +280,8 @@ async fn session_task(h: Box<Handshake>) {
     // The long-lived values go to the heap once and are lent to the loop.
     let mut ws = Box::new(Box::pin(session::websocket::server(io, ws_config)).await);
     let (reader, writer) = &mut *ws;
-    let key = match check {
-        Ok(key) => key,
+    let Checked { key, resume } = match check {
+        Ok(c) => c,
         Err(PusherRefusal(code, message)) => {
             return Box::pin(refuse_after_upgrade(reader, writer, code, message, peer)).await;
         }
@@ -271,6 +308,7 @@ async fn session_task(h: Box<Handshake>) {
     };
     let _quota = quota;
     let mut session = Box::new(Session::new(shared, app));
+    session.resume_all = resume;
     let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);
     session::run(reader, writer, &mut session)
         .instrument(span)

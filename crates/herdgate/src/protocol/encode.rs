@@ -80,6 +80,49 @@ pub fn error(code: Option<u16>, message: &str) -> Frame {
     internal("pusher:error", None, &D { code, message })
 }
 
+/// `frame` (a JSON object) with `"serial":N` added at its end: what a
+/// socket that opted in to resume gets instead of the shared frame.
+pub fn with_serial(frame: &Frame, serial: u64) -> Frame {
+    splice(frame, &format!(",\"serial\":{serial}"))
+}
+
+/// A subscription answer with the position of a socket that opted in to
+/// resume: `"epoch"` and `"serial"` added at its end.
+pub fn with_position(frame: &Frame, epoch: &str, serial: u64) -> Frame {
+    let epoch = serde_json::to_string(epoch).expect("a string");
+    splice(frame, &format!(",\"epoch\":{epoch},\"serial\":{serial}"))
+}
+
+fn splice(frame: &Frame, extra: &str) -> Frame {
+    let text = frame.as_str();
+    let body = text.strip_suffix('}').unwrap_or(text);
+    let mut out = String::with_capacity(text.len() + extra.len());
+    out.push_str(body);
+    out.push_str(extra);
+    out.push('}');
+    Frame::from(out)
+}
+
+/// `herdgate:resumed` on a channel, after the replay of a resume: whether
+/// nothing was missed, and the position from which the socket goes on.
+pub fn resumed(channel: &str, recovered: bool, epoch: &str, serial: u64) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        recovered: bool,
+        epoch: &'a str,
+        serial: u64,
+    }
+    internal(
+        "herdgate:resumed",
+        Some(channel),
+        &D {
+            recovered,
+            epoch,
+            serial,
+        },
+    )
+}
+
 pub fn pong() -> Frame {
     Frame::from_static(r#"{"event":"pusher:pong","data":"{}"}"#)
 }

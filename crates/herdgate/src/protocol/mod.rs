@@ -34,6 +34,19 @@ pub struct SubscribeData {
     pub auth: Option<String>,
     #[serde(default)]
     pub channel_data: Option<String>,
+    /// herdgate's resume extension (docs/PROTOCOL.md "History and resume"):
+    /// `{}` opts in, `{"serial":N,"epoch":"…"}` also asks for what followed.
+    #[serde(default)]
+    pub resume: Option<ResumeData>,
+}
+
+/// The `resume` of a `pusher:subscribe`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ResumeData {
+    #[serde(default)]
+    pub serial: Option<u64>,
+    #[serde(default)]
+    pub epoch: Option<String>,
 }
 
 /// `pusher:unsubscribe` data.

@@ -111,6 +111,24 @@ impl Session {
             );
         }
         let max_members = limits.max_presence_members;
+        // Replayed events go into the socket's queue at once: half of it at most.
+        let resume = (d.resume.is_some() || self.resume_all).then(|| {
+            let r = d.resume.unwrap_or_default();
+            crate::types::Resume {
+                since: match (r.serial, r.epoch) {
+                    (Some(serial), Some(epoch)) if epoch.len() <= 64 => {
+                        Some(crate::types::Position { serial, epoch })
+                    }
+                    // An epoch no owner ever made: not recovered.
+                    (Some(serial), Some(_)) => Some(crate::types::Position {
+                        serial,
+                        epoch: String::new(),
+                    }),
+                    _ => None,
+                },
+                max_bytes: limits.outbound_queue_bytes / 2,
+            }
+        });
         let app = live.apps.by_key(&self.app.key).unwrap_or(&self.app).clone();
         drop(live);
         let mut member = None;
@@ -192,7 +210,14 @@ impl Session {
         match self
             .shared
             .router
-            .subscribe(room, self.subscriber(), member, max_members, self.shed())
+            .subscribe(
+                room,
+                self.subscriber(),
+                member,
+                max_members,
+                self.shed(),
+                resume,
+            )
             .await
         {
             Ok(true) => {

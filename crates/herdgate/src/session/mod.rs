@@ -13,6 +13,7 @@ mod handler;
 
 pub mod transport;
 pub mod websocket;
+pub mod xhr;
 
 use crate::apps::App;
 use crate::outbound::{CloseOrder, Outbound};
@@ -76,6 +77,9 @@ pub struct Session {
     /// Signed in: as whom, and whom it watches (boxed: most sockets never sign in).
     user: Option<Box<SignedIn>>,
     limiter: Option<crate::ratelimit::TokenBucket>,
+    /// Connected with `?herdgate_resume=1`: every subscription opts in to
+    /// resume, whether or not it says so.
+    pub resume_all: bool,
 }
 
 impl Session {
@@ -94,6 +98,7 @@ impl Session {
             channels: Vec::new(),
             user: None,
             limiter: None,
+            resume_all: false,
         }
     }
 

@@ -7,6 +7,7 @@
 //! why subscribers are identified by [`ConnId`] and frames are already-encoded
 //! bytes.
 
+mod history;
 mod parity;
 mod pool;
 mod room;
@@ -14,12 +15,13 @@ mod target;
 
 pub use pool::{Item, Pool};
 
+pub use history::Since;
 pub use room::Delivery;
 pub use target::{RemoteEdge, Target};
 
 use crate::outbound::{CloseOrder, Outbound};
 use crate::protocol::{self, Frame};
-use crate::types::{ConnId, Member, RoomInfo, RoomKey, Shed};
+use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, Shed};
 use crate::webhook::{Debounce, Event, Hooks, Kind, Pending};
 use room::{Joined, Room};
 use std::collections::HashMap;
@@ -55,6 +57,8 @@ pub enum Command {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
+        /// Opted in to resume (docs/PROTOCOL.md "History and resume").
+        resume: Option<Resume>,
         /// Told whether the socket is subscribed (refused: its
         /// `subscription_error` was queued to it first).
         reply: Option<oneshot::Sender<bool>>,
@@ -88,6 +92,16 @@ pub enum Command {
     Query {
         room: RoomKey,
         reply: oneshot::Sender<RoomInfo>,
+    },
+    /// The channel's history after `since` (HTTP API).
+    History {
+        room: RoomKey,
+        since: u64,
+        epoch: Option<String>,
+        limit: usize,
+        /// At most this many bytes of frames (a page; `more` says so).
+        max_bytes: usize,
+        reply: oneshot::Sender<Since>,
     },
     Users {
         room: RoomKey,
@@ -162,19 +176,44 @@ pub struct WebhookTaps {
 }
 
 /// Each app's features as the rooms apply them (swapped on reload).
-pub type Policies = Arc<arc_swap::ArcSwap<HashMap<Arc<str>, crate::apps::Features>>>;
+pub type Policies = Arc<arc_swap::ArcSwap<HashMap<Arc<str>, Policy>>>;
+
+/// What the rooms of one app apply: its features, and from which load
+/// state history is shed (`overload.actions.shed_history`).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub features: crate::apps::Features,
+    pub shed_history: crate::config::ActionFrom,
+}
 
 /// The [`Policies`] of a config's apps.
-pub fn policies_of(config: &crate::config::Config) -> HashMap<Arc<str>, crate::apps::Features> {
+pub fn policies_of(config: &crate::config::Config) -> HashMap<Arc<str>, Policy> {
     config
         .apps
         .iter()
-        .map(|a| (Arc::from(a.id.as_str()), crate::apps::Features::from(a)))
+        .map(|a| {
+            (
+                Arc::from(a.id.as_str()),
+                Policy {
+                    features: crate::apps::Features::from(a),
+                    shed_history: config.overload.actions.shed_history,
+                },
+            )
+        })
         .collect()
 }
 
+/// The node's load state, as the workers read it (to shed history).
+pub type LoadProbe = Arc<dyn Fn() -> crate::config::LoadState + Send + Sync>;
+
 /// Start one worker; it runs until every sender is dropped.
-fn spawn(index: usize, mailbox: usize, taps: Option<WebhookTaps>, policies: Policies) -> Mailbox {
+fn spawn(
+    index: usize,
+    mailbox: usize,
+    taps: Option<WebhookTaps>,
+    policies: Policies,
+    load: LoadProbe,
+) -> Mailbox {
     let (tx, rx) = mpsc::channel(mailbox);
     let debounce = taps.as_ref().map_or(Debounce::new(Duration::ZERO, 1), |t| {
         Debounce::new(t.debounce, t.debounce_max)
@@ -188,6 +227,8 @@ fn spawn(index: usize, mailbox: usize, taps: Option<WebhookTaps>, policies: Poli
         debounce,
         policies,
         cache: Default::default(),
+        history: Default::default(),
+        load,
         idem: Default::default(),
         counts: Default::default(),
         watchers: HashMap::new(),
@@ -210,6 +251,8 @@ struct Worker {
     debounce: Debounce,
     policies: Policies,
     cache: parity::Cache,
+    history: history::Histories,
+    load: LoadProbe,
     idem: parity::Idem,
     counts: parity::Counts,
     /// Per user (keyed like `users`): the sockets watching them.
@@ -225,6 +268,7 @@ impl Worker {
                 .values()
                 .map(|(at, _, _)| *at)
                 .chain(self.counts.next_due())
+                .chain(self.history.next_sweep())
                 .min();
             let waiting = !self.debounce.is_empty();
             tokio::select! {
@@ -237,6 +281,15 @@ impl Worker {
                     self.flush_coalesced(now);
                     for room in self.counts.due(now) {
                         self.send_count(&room, None);
+                    }
+                    if self.history.next_sweep().is_some_and(|at| at <= now) {
+                        let policies = self.policies.load();
+                        self.history.sweep(&|k: &RoomKey| {
+                            policies
+                                .get(&k.app)
+                                .and_then(|p| p.features.history.for_channel(&k.channel))
+                                .map(|(_, ttl)| ttl)
+                        });
                     }
                 }
                 p = self.debounce.next(), if waiting => self.send_pending(p),
@@ -253,9 +306,10 @@ impl Worker {
                 member,
                 max_members,
                 shed,
+                resume,
                 reply,
             } => {
-                let ok = self.subscribe(room, sub, member, max_members, shed);
+                let ok = self.subscribe(room, sub, member, max_members, shed, resume);
                 if let Some(r) = reply {
                     let _ = r.send(ok);
                 }
@@ -278,17 +332,19 @@ impl Worker {
                     }
                     return;
                 }
+                let mut serial = None;
                 if client && self.rooms.contains_key(&room) {
                     self.client_event_hook(&room, &frame, exclude);
                 } else if !client {
                     self.remember(&room, &frame);
+                    serial = self.keep(&room, &frame);
                 }
                 let (ack_id, reply) = match ack {
                     Some((id, reply)) => (id, Some(reply)),
                     None => (0, None),
                 };
                 let d = match self.rooms.get(&room) {
-                    Some(r) => r.fan_out(&room, &frame, exclude, None, ack_id),
+                    Some(r) => r.fan_out(&room, &frame, exclude, None, ack_id, serial),
                     None => Delivery::default(),
                 };
                 record(&d);
@@ -320,6 +376,7 @@ impl Worker {
                     let _ = reply.send(Delivery::default());
                 }
                 if !self.rooms.contains_key(&room) {
+                    self.keep(&room, &frame); // nobody to coalesce for
                     return;
                 }
                 crate::overload::shed("coalesced");
@@ -344,6 +401,23 @@ impl Worker {
             }
             Command::Query { room, reply } => {
                 let _ = reply.send(self.rooms.get(&room).map(info).unwrap_or_default());
+            }
+            Command::History {
+                room,
+                since,
+                epoch,
+                limit,
+                max_bytes,
+                reply,
+            } => {
+                let mut page = self
+                    .history
+                    .since(&room, since, epoch.as_deref(), limit, max_bytes);
+                if self.history_bounds(&room).is_none() {
+                    page.complete = false; // history is off for the channel
+                }
+                page.epoch = self.history.epoch().to_string();
+                let _ = reply.send(page);
             }
             Command::Users { room, reply } => {
                 let users = self
@@ -441,6 +515,8 @@ impl Worker {
             }
             Command::Retain { keep, done } => {
                 let before = self.rooms.len() + self.users.len();
+                let moved: Vec<RoomKey> = self.rooms.keys().filter(|k| !keep(k)).cloned().collect();
+                self.history.retain(&*keep, &moved);
                 let mut dropped_subs = 0usize;
                 self.rooms.retain(|k, r| {
                     let kept = keep(k);
@@ -474,10 +550,12 @@ impl Worker {
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
-            if let (Some((_, frame, exclude)), Some(room)) =
-                (self.coalesced.remove(&key), self.rooms.get(&key))
-            {
-                record(&room.fan_out(&key, &frame, exclude, None, 0));
+            if let Some((_, frame, exclude)) = self.coalesced.remove(&key) {
+                // History keeps what was sent: the latest of the interval.
+                let serial = self.keep(&key, &frame);
+                if let Some(room) = self.rooms.get(&key) {
+                    record(&room.fan_out(&key, &frame, exclude, None, 0, serial));
+                }
             }
         }
     }
@@ -490,14 +568,33 @@ impl Worker {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
+        resume: Option<Resume>,
     ) -> bool {
         let id = sub.id;
         let to = sub.to.clone();
         let user = member.as_ref().map(|m| m.user_id.clone());
         let is_new_room = !self.rooms.contains_key(&key);
+        // The socket's position: every event of the room up to now is
+        // behind it (serials are the worker's, so this is its newest one).
+        let position = self.history.serial();
+        let epoch = self.history.epoch().clone();
+        let answer = |frame: Frame| match &resume {
+            Some(_) => protocol::with_position(&frame, &epoch, position),
+            None => frame,
+        };
+        // Re-homed (its room moved here, or its edge's link came back): what
+        // it missed on the way is not known here, so a socket that opted in
+        // to resume is told so, with its position from now on.
+        let rehomed = (shed.silent && resume.is_some())
+            .then(|| protocol::resumed(&key.channel, false, &epoch, position));
         let room = self.rooms.entry(key.clone()).or_default();
-        match room.join(sub, member, max_members) {
-            Joined::AlreadySubscribed => true,
+        match room.join(sub, member, max_members, resume.is_some()) {
+            Joined::AlreadySubscribed => {
+                if let Some(f) = &rehomed {
+                    room.push_to(&key, id, f);
+                }
+                true
+            }
             Joined::PresenceFull => {
                 to.push_one(
                     &key,
@@ -532,7 +629,7 @@ impl Worker {
                 match user {
                     Some(user) => {
                         if !shed.silent {
-                            room.push_to(&key, id, &room.presence_frame(&key.channel));
+                            room.push_to(&key, id, &answer(room.presence_frame(&key.channel)));
                         }
                         if new_member
                             && (!shed.silent || shed.announce)
@@ -543,19 +640,32 @@ impl Worker {
                                 &user,
                                 room.member_info(&user),
                             );
-                            record(&room.fan_out(&key, &added, None, Some(&user), 0));
+                            record(&room.fan_out(&key, &added, None, Some(&user), 0, None));
                         }
                     }
                     None => {
                         if !shed.silent {
-                            room.push_to(&key, id, &protocol::subscription_succeeded(&key.channel));
+                            let ok = answer(protocol::subscription_succeeded(&key.channel));
+                            room.push_to(&key, id, &ok);
                         }
                     }
                 }
+                if let Some(f) = &rehomed {
+                    to.push_one(&key, id, f);
+                }
                 if !shed.silent {
-                    // After subscription_succeeded: the cached event, or a miss.
-                    if protocol::names::is_cache(&key.channel) {
-                        self.send_cached(&key, id);
+                    let since = resume
+                        .as_ref()
+                        .and_then(|r| r.since.as_ref().map(|p| (p, r.max_bytes)));
+                    match since {
+                        // After subscription_succeeded: what the socket missed, then whether
+                        // that was all of it.
+                        Some((p, max_bytes)) => self.replay(&key, id, p, max_bytes),
+                        // The cached event, or a miss.
+                        None if protocol::names::is_cache(&key.channel) => {
+                            self.send_cached(&key, id)
+                        }
+                        None => {}
                     }
                     self.count_changed(&key, Some(id));
                 }
@@ -584,6 +694,7 @@ impl Worker {
                     None,
                     None,
                     0,
+                    None,
                 ));
             } else {
                 crate::overload::shed("presence_member_event");
@@ -624,6 +735,7 @@ impl Worker {
                     None,
                     None,
                     0,
+                    None,
                 ));
                 removed.push((key.clone(), user));
             }
@@ -675,7 +787,58 @@ impl Worker {
 /// Cache channels, subscription counts and watchlists (see [`parity`]).
 impl Worker {
     fn policy(&self, app: &str) -> Option<crate::apps::Features> {
-        self.policies.load().get(app).cloned()
+        self.policies.load().get(app).map(|p| p.features.clone())
+    }
+
+    /// The bounds of `room`'s history, if its channel keeps one.
+    fn history_bounds(&self, room: &RoomKey) -> Option<history::Bounds> {
+        let policies = self.policies.load();
+        let f = &policies.get(&room.app)?.features.history;
+        f.for_channel(&room.channel)
+            .map(|(max_events, ttl)| history::Bounds {
+                max_events,
+                ttl,
+                app_bytes: f.max_bytes,
+            })
+    }
+
+    /// Keep a server event in its room's history; its serial, if kept.
+    fn keep(&mut self, room: &RoomKey, frame: &Frame) -> Option<u64> {
+        let bounds = self.history_bounds(room);
+        let shed = bounds.is_some()
+            && self
+                .policies
+                .load()
+                .get(&room.app)
+                .is_some_and(|p| p.shed_history.applies((self.load)()));
+        self.history.record(room, frame, bounds, shed)
+    }
+
+    /// Send a resuming socket what followed its position, each event with
+    /// its serial, then `herdgate:resumed`: recovered only if nothing is
+    /// missing. An incomplete history sends nothing (the app reloads).
+    fn replay(&mut self, key: &RoomKey, id: ConnId, p: &crate::types::Position, max_bytes: usize) {
+        let bounds = self.history_bounds(key);
+        let limit = bounds.map_or(0, |b| b.max_events);
+        let page = self
+            .history
+            .since(key, p.serial, Some(&p.epoch), limit, max_bytes);
+        let recovered = bounds.is_some() && page.complete && !page.more;
+        let Some(room) = self.rooms.get(key) else {
+            return;
+        };
+        if recovered {
+            for (serial, frame) in &page.events {
+                room.push_to(key, id, &protocol::with_serial(frame, *serial));
+            }
+            metrics::counter!("herdgate_resumes_total", "recovered" => "true").increment(1);
+            metrics::counter!("herdgate_resume_replayed_total").increment(page.events.len() as u64);
+        } else {
+            metrics::counter!("herdgate_resumes_total", "recovered" => "false").increment(1);
+        }
+        let serial = self.history.serial();
+        let done = protocol::resumed(&key.channel, recovered, self.history.epoch(), serial);
+        room.push_to(key, id, &done);
     }
 
     /// A server-triggered event to a cache channel becomes its cached one.
@@ -735,7 +898,7 @@ impl Worker {
         if let Some(id) = joined {
             r.push_to(room, id, &frame);
         }
-        record(&r.fan_out(room, &frame, joined, None, 0));
+        record(&r.fan_out(room, &frame, joined, None, 0, None));
         if self.wants(room, Kind::SubscriptionCount).is_some() {
             self.emit(room, Event::subscription_count(&room.channel, n));
         }

@@ -2,10 +2,12 @@
 //! ring gives it. A standalone node's router and a cluster worker node both
 //! drive rooms through this.
 
-use super::{spawn, Command, Delivery, Mailbox, Policies, Subscriber, WebhookTaps};
+use super::{
+    spawn, Command, Delivery, LoadProbe, Mailbox, Policies, Since, Subscriber, WebhookTaps,
+};
 use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
-use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::error::SendTimeoutError;
@@ -29,12 +31,19 @@ pub struct Item {
 
 impl Pool {
     /// Start `n` workers with mailboxes of `mailbox` commands each (and,
-    /// with `taps`, the room owners' webhook events).
-    pub fn start(n: usize, mailbox: usize, taps: Option<WebhookTaps>, policies: Policies) -> Pool {
+    /// with `taps`, the room owners' webhook events). `load` is the node's
+    /// load state, by which the rooms shed history.
+    pub fn start(
+        n: usize,
+        mailbox: usize,
+        taps: Option<WebhookTaps>,
+        policies: Policies,
+        load: LoadProbe,
+    ) -> Pool {
         Pool {
             ring: Ring::new(n, DEFAULT_VNODES),
             workers: (0..n)
-                .map(|i| spawn(i, mailbox, taps.clone(), policies.clone()))
+                .map(|i| spawn(i, mailbox, taps.clone(), policies.clone(), load.clone()))
                 .collect(),
             policies,
         }
@@ -133,9 +142,10 @@ impl Pool {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
+        resume: Option<Resume>,
     ) -> Result<bool, RouteError> {
         match self
-            .subscribe_start(room, sub, member, max_members, shed)
+            .subscribe_start(room, sub, member, max_members, shed, resume)
             .await?
         {
             Some(rx) => rx.await.map_err(|_| RouteError::Gone),
@@ -153,6 +163,7 @@ impl Pool {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
+        resume: Option<Resume>,
     ) -> Result<Option<oneshot::Receiver<bool>>, RouteError> {
         let (tx, rx) = if shed.silent {
             (None, None)
@@ -166,6 +177,7 @@ impl Pool {
             member,
             max_members,
             shed,
+            resume,
             reply: tx,
         };
         self.send(&room, cmd).await?;
@@ -286,6 +298,29 @@ impl Pool {
             }
         }
         dropped
+    }
+
+    /// A channel's history after `since` (in `epoch`, if given).
+    pub async fn history(
+        &self,
+        room: RoomKey,
+        since: u64,
+        epoch: Option<String>,
+        limit: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<Since, RouteError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::History {
+            room: room.clone(),
+            since,
+            epoch,
+            limit,
+            max_bytes,
+            reply: tx,
+        };
+        self.send_within(&room, cmd, wait).await?;
+        rx.await.map_err(|_| RouteError::Gone)
     }
 
     pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {

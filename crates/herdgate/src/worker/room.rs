@@ -29,11 +29,20 @@ struct EdgeRef {
     sockets: u32,
 }
 
+/// A socket of this process in the room.
+struct Local {
+    id: ConnId,
+    out: Arc<Outbound>,
+    user: Option<Arc<str>>,
+    /// Opted in to resume: its events carry their serial.
+    resume: bool,
+}
+
 #[derive(Default)]
 pub(super) struct Room {
     subscribers: HashMap<ConnId, Entry>,
     /// This process's sockets, the ones a fan-out pushes to one by one.
-    local: Vec<(ConnId, Arc<Outbound>, Option<Arc<str>>)>,
+    local: Vec<Local>,
     /// Edges with sockets here: a fan-out sends each one copy, so its cost
     /// is one per edge, not one per remote subscriber.
     edges: Vec<EdgeRef>,
@@ -89,9 +98,14 @@ impl Room {
         self.members.keys().map(|k| &**k)
     }
 
-    fn add_target(&mut self, id: ConnId, to: &Target, user: &Option<Arc<str>>) {
+    fn add_target(&mut self, id: ConnId, to: &Target, user: &Option<Arc<str>>, resume: bool) {
         match to {
-            Target::Local(out) => self.local.push((id, out.clone(), user.clone())),
+            Target::Local(out) => self.local.push(Local {
+                id,
+                out: out.clone(),
+                user: user.clone(),
+                resume,
+            }),
             Target::Edge(e) => match self.edges.iter_mut().find(|r| r.edge.id() == e.id()) {
                 Some(r) => {
                     r.sockets += 1;
@@ -108,7 +122,7 @@ impl Room {
     fn remove_target(&mut self, id: ConnId, to: &Target) {
         match to {
             Target::Local(_) => {
-                if let Some(i) = self.local.iter().position(|(c, _, _)| *c == id) {
+                if let Some(i) = self.local.iter().position(|l| l.id == id) {
                     self.local.swap_remove(i);
                 }
             }
@@ -123,7 +137,13 @@ impl Room {
         }
     }
 
-    pub fn join(&mut self, sub: Subscriber, member: Option<Member>, max_members: usize) -> Joined {
+    pub fn join(
+        &mut self,
+        sub: Subscriber,
+        member: Option<Member>,
+        max_members: usize,
+        resume: bool,
+    ) -> Joined {
         if let Some(e) = self.subscribers.get_mut(&sub.id) {
             // An edge that reconnected registers its sockets again: they are
             // now reached through the new link.
@@ -153,7 +173,7 @@ impl Room {
             }
             None => None,
         };
-        self.add_target(sub.id, &sub.to, &user);
+        self.add_target(sub.id, &sub.to, &user, resume);
         self.subscribers.insert(sub.id, Entry { to: sub.to, user });
         Joined::Ok { new_member }
     }
@@ -195,7 +215,10 @@ impl Room {
     /// Hand the same frame to every subscriber but `exclude` (and, with
     /// `except_user`, every socket of that user). Local sockets get it in
     /// their queues; each edge gets one copy, encoded once, and fans out
-    /// itself (`ack_id` ≠ 0: it confirms receipt). Never waits.
+    /// itself (`ack_id` ≠ 0: it confirms receipt). With a `serial`, sockets
+    /// that opted in to resume get the frame with it (encoded once, when
+    /// the first of them is reached); edges get the serial to do the same.
+    /// Never waits.
     pub fn fan_out(
         &self,
         key: &RoomKey,
@@ -203,17 +226,27 @@ impl Room {
         exclude: Option<ConnId>,
         except_user: Option<&str>,
         ack_id: u64,
+        serial: Option<u64>,
     ) -> Delivery {
         let mut d = Delivery::default();
-        for (id, out, user) in &self.local {
-            if Some(*id) != exclude && (except_user.is_none() || user.as_deref() != except_user) {
-                d.count(out.push(frame));
+        let mut numbered: Option<Frame> = None;
+        for l in &self.local {
+            if Some(l.id) != exclude && (except_user.is_none() || l.user.as_deref() != except_user)
+            {
+                let f = match serial {
+                    Some(n) if l.resume => {
+                        numbered.get_or_insert_with(|| protocol::with_serial(frame, n))
+                    }
+                    _ => frame,
+                };
+                d.count(l.out.push(f));
             }
         }
         if let Some(first) = self.edges.first() {
-            let encoded = first
-                .edge
-                .encode_deliver(key, frame, exclude, except_user, ack_id);
+            let encoded =
+                first
+                    .edge
+                    .encode_deliver(key, frame, exclude, except_user, ack_id, serial);
             for r in &self.edges {
                 if r.edge.send_deliver(&encoded) {
                     d.queued += 1;
@@ -269,15 +302,15 @@ mod tests {
         let (a2, _) = sub(2);
         let (b, _) = sub(3);
         assert_eq!(
-            room.join(a1, member("alice"), 10),
+            room.join(a1, member("alice"), 10, false),
             Joined::Ok { new_member: true }
         );
         assert_eq!(
-            room.join(a2, member("alice"), 10),
+            room.join(a2, member("alice"), 10, false),
             Joined::Ok { new_member: false }
         );
         assert_eq!(
-            room.join(b, member("bob"), 10),
+            room.join(b, member("bob"), 10, false),
             Joined::Ok { new_member: true }
         );
         assert_eq!(room.user_count(), 2);
@@ -292,16 +325,19 @@ mod tests {
     fn presence_cap_counts_users_not_sockets() {
         let mut room = Room::default();
         assert!(matches!(
-            room.join(sub(1).0, member("a"), 1),
+            room.join(sub(1).0, member("a"), 1, false),
             Joined::Ok { .. }
         ));
         assert!(matches!(
-            room.join(sub(2).0, member("a"), 1),
+            room.join(sub(2).0, member("a"), 1, false),
             Joined::Ok { .. }
         ));
-        assert_eq!(room.join(sub(3).0, member("b"), 1), Joined::PresenceFull);
         assert_eq!(
-            room.join(sub(1).0, member("a"), 1),
+            room.join(sub(3).0, member("b"), 1, false),
+            Joined::PresenceFull
+        );
+        assert_eq!(
+            room.join(sub(1).0, member("a"), 1, false),
             Joined::AlreadySubscribed
         );
     }
@@ -311,15 +347,26 @@ mod tests {
         let mut room = Room::default();
         let (s1, o1) = sub(1);
         let (s2, o2) = sub(2);
-        room.join(s1, None, 0);
-        room.join(s2, None, 0);
+        room.join(s1, None, 0, false);
+        room.join(s2, None, 0, true);
         let key = RoomKey {
             app: Arc::from("1"),
             channel: Arc::from("r"),
         };
-        let d = room.fan_out(&key, &Frame::from_static("x"), Some(ConnId(1)), None, 0);
+        let d = room.fan_out(
+            &key,
+            &Frame::from_static(r#"{"a":1}"#),
+            Some(ConnId(1)),
+            None,
+            0,
+            Some(7),
+        );
         assert_eq!(d.queued, 1);
         assert!(o1.drain().0.is_empty());
-        assert_eq!(o2.drain().0.len(), 1);
+        assert_eq!(
+            o2.drain().0[0].as_str(),
+            r#"{"a":1,"serial":7}"#,
+            "o2 opted in"
+        );
     }
 }

@@ -14,7 +14,8 @@ pub trait RemoteEdge: Send + Sync {
     fn id(&self) -> u64;
     /// Encode the delivery of `frame` to the edge's sockets in `room` (but
     /// `exclude` and the sockets of `except_user`). The bytes do not depend
-    /// on the edge: encoded once, they go to every edge of the room.
+    /// on the edge: encoded once, they go to every edge of the room. The
+    /// `serial` is for the edge's sockets that opted in to resume.
     fn encode_deliver(
         &self,
         room: &RoomKey,
@@ -22,6 +23,7 @@ pub trait RemoteEdge: Send + Sync {
         exclude: Option<ConnId>,
         except_user: Option<&str>,
         ack_id: u64,
+        serial: Option<u64>,
     ) -> Bytes;
     /// Send an encoded delivery; `false` if the edge's link is down (or was
     /// over its bound, and is now closed: the link's policy).

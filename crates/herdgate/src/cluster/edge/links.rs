@@ -18,7 +18,7 @@ use crate::cluster::tls::LinkIo;
 use crate::cluster::view::NodeId;
 use crate::config::LINK_RECONNECT_CAP;
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, RoomKey};
+use crate::types::{ConnId, Member, Resume, RoomKey};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,6 +103,7 @@ pub(super) fn register_msg(
     max_members: usize,
     events_max: Option<usize>,
     mode: RegMode,
+    resume: Option<&Resume>,
 ) -> Msg {
     Msg::Register {
         id,
@@ -119,6 +120,12 @@ pub(super) fn register_msg(
         events_max: events_max.map(|m| m as u32),
         mode,
         rev,
+        resume: resume.map(|r| {
+            (
+                r.since.as_ref().map(|p| (p.serial, p.epoch.clone())),
+                r.max_bytes.min(u32::MAX as usize) as u32,
+            )
+        }),
     }
 }
 
@@ -149,6 +156,13 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
             sub.max_members,
             None,
             mode,
+            // Re-homed: it goes on getting serials, nothing is replayed.
+            sub.resume
+                .then_some(Resume {
+                    since: None,
+                    max_bytes: 0,
+                })
+                .as_ref(),
         ),
         Again::SignIn { room, conn } => Msg::SignIn {
             id: 0,
@@ -425,6 +439,7 @@ async fn on_message(edge: &Arc<Edge>, link: &Arc<WorkerLink>, msg: Msg) -> Resul
             exclude,
             except_user,
             ack_id,
+            serial,
         } => {
             let room = key(app, channel);
             let frame = Frame::try_from(frame).ok();
@@ -446,6 +461,7 @@ async fn on_message(edge: &Arc<Edge>, link: &Arc<WorkerLink>, msg: Msg) -> Resul
                         exclude: exclude.map(ConnId),
                         except_user,
                         receipt,
+                        serial,
                     },
                 )
                 .await;

@@ -30,7 +30,7 @@ use super::membership::Membership;
 use super::view::{NodeId, View};
 use crate::outbound::Outbound;
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, RoomInfo, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use links::WorkerLink;
@@ -249,6 +249,7 @@ impl Edge {
     /// Subscribe a socket: registered with the room's owner, recorded here
     /// once the owner confirmed it. `Ok(false)`: refused (its
     /// `subscription_error` reached the socket).
+    #[allow(clippy::too_many_arguments)]
     pub async fn subscribe(
         &self,
         room: RoomKey,
@@ -257,6 +258,7 @@ impl Edge {
         member: Option<Member>,
         max_members: usize,
         shed: Shed,
+        resume: Option<Resume>,
     ) -> Result<bool, RouteError> {
         let (_, tx) = self.route(&room)?;
         let id = self.pending.register(room.clone(), conn);
@@ -269,11 +271,13 @@ impl Edge {
             max_members,
             shed.member_events_max,
             super::link::RegMode::Join,
+            resume.as_ref(),
         );
         let sub = LocalSub {
             out,
             member,
             max_members,
+            resume: resume.is_some(),
         };
         let (done, answer) = tokio::sync::oneshot::channel();
         self.rooms
@@ -676,6 +680,46 @@ impl Edge {
         )
         .await;
         Ok(())
+    }
+
+    /// A channel's history after `since`, from its owner.
+    pub async fn history(
+        &self,
+        room: RoomKey,
+        since: u64,
+        epoch: Option<String>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<crate::worker::Since, RouteError> {
+        let (_, tx) = self.route(&room)?;
+        let (app, channel) = (room.app.to_string(), room.channel.to_string());
+        let limit = limit.min(u32::MAX as usize) as u32;
+        let msg = |id| Msg::History {
+            id,
+            app,
+            channel,
+            since,
+            epoch,
+            limit,
+        };
+        match self.request(&tx, msg, wait).await? {
+            Reply::History {
+                epoch,
+                events,
+                complete,
+                more,
+            } => Ok(crate::worker::Since {
+                epoch,
+                events: events
+                    .into_iter()
+                    .filter_map(|(s, f)| Frame::try_from(f).ok().map(|f| (s, f)))
+                    .collect(),
+                complete,
+                more,
+            }),
+            Reply::Refused { .. } => Err(RouteError::Unavailable),
+            _ => Err(RouteError::Busy),
+        }
     }
 
     /// A cache channel's cached `data` and seconds left, from its owner.

@@ -27,6 +27,8 @@ pub(super) struct LocalSub {
     pub out: Arc<Outbound>,
     pub member: Option<Member>,
     pub max_members: usize,
+    /// Opted in to resume: its events carry their serial.
+    pub resume: bool,
 }
 
 /// One registration to send again (a room moved, a link came back).
@@ -98,6 +100,7 @@ pub(super) enum RoomCmd {
         exclude: Option<ConnId>,
         except_user: Option<String>,
         receipt: Option<(Arc<dyn Receipts>, u64)>,
+        serial: Option<u64>,
     },
     DeliverTo {
         room: RoomKey,
@@ -267,15 +270,22 @@ impl Shard {
                 exclude,
                 except_user,
                 receipt,
+                serial,
             } => {
                 let mut n = 0u64;
+                let mut numbered: Option<Frame> = None;
                 if let Some(r) = self.rooms.get(&room) {
                     for (conn, s) in &r.subs {
                         let user = s.member.as_ref().map(|m| &*m.user_id);
                         if Some(*conn) != exclude
                             && (except_user.is_none() || user != except_user.as_deref())
                         {
-                            s.out.push(&frame);
+                            let f = match serial {
+                                Some(n) if s.resume => numbered
+                                    .get_or_insert_with(|| crate::protocol::with_serial(&frame, n)),
+                                _ => &frame,
+                            };
+                            s.out.push(f);
                             n += 1;
                         }
                     }

@@ -52,6 +52,7 @@ impl RemoteEdge for EdgeLink {
         exclude: Option<ConnId>,
         except_user: Option<&str>,
         ack_id: u64,
+        serial: Option<u64>,
     ) -> Bytes {
         encode(&Msg::Deliver {
             app: room.app.to_string(),
@@ -60,6 +61,7 @@ impl RemoteEdge for EdgeLink {
             exclude: exclude.map(|c| c.0),
             except_user: except_user.map(String::from),
             ack_id,
+            serial,
         })
     }
 

@@ -658,6 +658,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             events_max,
             mode,
             rev,
+            resume,
         } => {
             let room = key(app, channel);
             node.catch_up(rev).await;
@@ -686,7 +687,18 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 link,
                 id,
                 node.pool
-                    .subscribe_start(room, sub, member, max_members as usize, shed)
+                    .subscribe_start(
+                        room,
+                        sub,
+                        member,
+                        max_members as usize,
+                        shed,
+                        resume.map(|(since, max_bytes)| crate::types::Resume {
+                            since: since
+                                .map(|(serial, epoch)| crate::types::Position { serial, epoch }),
+                            max_bytes: max_bytes as usize,
+                        }),
+                    )
                     .await,
             );
         }
@@ -865,6 +877,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
         request @ (Msg::Terminate { .. }
         | Msg::Query { .. }
         | Msg::CacheQuery { .. }
+        | Msg::History { .. }
         | Msg::Users { .. }
         | Msg::List { .. }) => {
             let Ok(permit) = inflight.clone().try_acquire_owned() else {
@@ -872,6 +885,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                     Msg::Terminate { id, .. }
                     | Msg::Query { id, .. }
                     | Msg::CacheQuery { id, .. }
+                    | Msg::History { id, .. }
                     | Msg::Users { id, .. }
                     | Msg::List { id, .. } => *id,
                     _ => 0,
@@ -927,6 +941,40 @@ async fn answer(node: &Node, request: Msg, link: &EdgeLink) {
             }
             match node.pool.cache_info(room, API_WAIT).await {
                 Ok(cached) => reply(link, id, Reply::Cache { cached }),
+                Err(_) => refused(link, id, Refusal::Busy),
+            }
+        }
+        Msg::History {
+            id,
+            app,
+            channel,
+            since,
+            epoch,
+            limit,
+        } => {
+            let room = key(app, channel);
+            if let Err(reason) = node.serving(&room) {
+                return refused(link, id, reason);
+            }
+            let page = node
+                .pool
+                .history(room, since, epoch, limit as usize, PAGE_BYTES, API_WAIT)
+                .await;
+            match page {
+                Ok(p) => reply(
+                    link,
+                    id,
+                    Reply::History {
+                        epoch: p.epoch,
+                        events: p
+                            .events
+                            .into_iter()
+                            .map(|(s, f)| (s, bytes::Bytes::from(f)))
+                            .collect(),
+                        complete: p.complete,
+                        more: p.more,
+                    },
+                ),
                 Err(_) => refused(link, id, Refusal::Busy),
             }
         }
