@@ -29,8 +29,10 @@ use tokio::time::Instant;
 pub const TOMBS_MAX: usize = 10_000;
 /// Rings are swept for expired events this often (and at each publish).
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// What a kept event costs beyond its frame (ring slot, FIFO slot), for the byte budget.
-const EVENT_OVERHEAD: usize = 64;
+/// What a kept event costs beyond its frame, for the byte budget: its ring
+/// and eviction slots, the shared frame's header, allocator rounding
+/// (measured: docs/BENCHMARKS.md "History and resume").
+const EVENT_OVERHEAD: usize = 192;
 
 struct Kept {
     serial: u64,
