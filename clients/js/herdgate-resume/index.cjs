@@ -26,6 +26,8 @@ function withResume(pusher) {
   if (pusher.__herdgateResume) return pusher;
   /** channel name -> {epoch, serial} */
   const positions = new Map();
+  /** Channels subscribed again with a position, until their herdgate:resumed. */
+  const resuming = new Set();
   Object.defineProperty(pusher, '__herdgateResume', { value: positions });
 
   const send = pusher.send_event.bind(pusher);
@@ -33,9 +35,12 @@ function withResume(pusher) {
     if (name === 'pusher:subscribe' && data && typeof data.channel === 'string') {
       const p = positions.get(data.channel);
       const resume = p ? { serial: p.serial, epoch: p.epoch } : {};
+      if (p) resuming.add(data.channel);
+      else resuming.delete(data.channel);
       data = Object.assign({}, data, { resume });
     } else if (name === 'pusher:unsubscribe' && data && typeof data.channel === 'string') {
       positions.delete(data.channel);
+      resuming.delete(data.channel);
     }
     return send(name, data, channel);
   };
@@ -60,9 +65,13 @@ function withResume(pusher) {
       if (d && typeof d.epoch === 'string' && typeof d.serial === 'number') {
         positions.set(m.channel, { epoch: d.epoch, serial: d.serial });
       }
+      resuming.delete(m.channel);
     } else if (typeof m.epoch === 'string' && typeof m.serial === 'number') {
-      // A subscription answer: where this socket starts.
-      positions.set(m.channel, { epoch: m.epoch, serial: m.serial });
+      // A subscription answer: where a fresh subscription starts. A resuming
+      // one keeps its old position until its herdgate:resumed, advancing
+      // with each replayed event, so a connection lost mid-replay resumes
+      // from the last event it got.
+      if (!resuming.has(m.channel)) positions.set(m.channel, { epoch: m.epoch, serial: m.serial });
     } else if (typeof m.serial === 'number') {
       const p = positions.get(m.channel);
       if (p && m.serial > p.serial) p.serial = m.serial;

@@ -55,6 +55,8 @@ struct Inner {
     opened: bool,
     /// Receive requests in flight.
     active: u32,
+    /// The close (`c[…]`) went to a receive request.
+    close_taken: bool,
 }
 
 /// What a receive request finds in the pipe.
@@ -140,8 +142,13 @@ impl Pipe {
                 w.wake();
             }
         }
-        match &inner.closed {
-            Some((code, reason)) => Taken::Closed(frames, *code, reason.clone()),
+        match inner.closed.clone() {
+            Some((code, reason)) => {
+                inner.close_taken = true;
+                drop(inner);
+                self.ready.notify_waiters();
+                Taken::Closed(frames, code, reason)
+            }
             None if frames.is_empty() => Taken::Empty,
             None => Taken::Frames(frames),
         }
@@ -158,6 +165,12 @@ impl Pipe {
     pub fn abandoned_since(&self, id: u64) -> bool {
         let inner = lock(&self.inner);
         inner.active == 0 && inner.attached == id && inner.closed.is_none()
+    }
+
+    /// The session closed it and no receive request has carried the close yet.
+    pub fn close_pending(&self) -> bool {
+        let inner = lock(&self.inner);
+        inner.closed.is_some() && !inner.close_taken
     }
 
     /// Whether `id` is still the attached receive request.

@@ -122,9 +122,10 @@ mod tests {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resume {
     pub since: Option<Position>,
-    /// At most this many bytes of replayed events: the socket's queue must
-    /// hold them (more is answered `recovered: false`).
+    /// At most this many bytes, and this many events, of replay: what the
+    /// socket's queue still has room for (more is answered `recovered: false`).
     pub max_bytes: usize,
+    pub max_events: usize,
 }
 
 /// Where a client was in a channel: the last serial it saw, in which epoch.

@@ -42,11 +42,20 @@ fn pusher_js_with_the_plugin_resumes_and_plain_pusher_js_sees_pusher_frames() {
     let off = Herdgate::start(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{APP}history_max_events = 0\n"
     ));
+    let reloadable = Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{APP}history_max_events = 100\n"
+    ));
     node_suite(
         "standalone.test.mjs",
         &[
             ("HERDGATE_PORT", on.port().to_string()),
             ("HERDGATE_PLAIN_PORT", off.port().to_string()),
+            ("HERDGATE_RELOAD_PORT", reloadable.port().to_string()),
+            ("HERDGATE_RELOAD_PID", reloadable.pid().to_string()),
+            (
+                "HERDGATE_RELOAD_CONFIG",
+                reloadable.config_path.display().to_string(),
+            ),
             ("HERDGATE_APP_ID", "515151".into()),
             ("HERDGATE_APP_KEY", "resume-key".into()),
             ("HERDGATE_APP_SECRET", "resume-secret".into()),

@@ -32,8 +32,9 @@ pub const PAGE_BYTES: usize = 256 * 1024;
 pub type WireMember = (String, Option<String>);
 
 /// A registration that opted in to resume: the position to replay from
-/// (serial, epoch), if any, and the most bytes of replay its queue takes.
-pub type WireResume = (Option<(u64, String)>, u32);
+/// (serial, epoch), if any, and the most bytes and events of replay its
+/// queue takes.
+pub type WireResume = (Option<(u64, String)>, u32, u32);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
@@ -625,7 +626,7 @@ mod tests {
                 events_max: None,
                 mode: RegMode::Join,
                 rev: 3,
-                resume: Some((Some((17, "e9".into())), 65536)),
+                resume: Some((Some((17, "e9".into())), 65536, 200)),
             },
             Msg::Deliver {
                 app: "1".into(),

@@ -191,13 +191,31 @@ fn open(
     shared.tasks.spawn(async move {
         let (_slot, _quota) = (slot, quota);
         let mut reader = PipeReader(from_client);
-        let mut writer = PipeWriter(pipe2);
+        let mut writer = PipeWriter(pipe2.clone());
         let mut session = Box::new(Session::new(shared2.clone(), app));
         session.resume_all = resume;
         let span = tracing::debug_span!("http_session", socket_id = %session.socket_id(), %peer);
         session::run(&mut reader, &mut writer, &mut session)
             .instrument(span)
             .await;
+        // The session stays findable until a receive request has carried
+        // its close (`c[code,"reason"]`), for a while: a poll that arrives
+        // after the end gets the close, not a new session.
+        let grace = tokio::time::sleep(DETACHED_MAX);
+        tokio::pin!(grace);
+        loop {
+            let changed = pipe2.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !pipe2.close_pending() {
+                break;
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = &mut grace => break,
+                _ = shared2.stopped.cancelled() => break,
+            }
+        }
         shared2.pipes.remove(&id2);
     });
     Ok(pipe)

@@ -152,6 +152,16 @@ impl Outbound {
         self.notify.notified().await
     }
 
+    /// Room left before the bounds: `(frames, bytes)`.
+    pub fn room(&self) -> (usize, usize) {
+        let s = self.lock();
+        (
+            self.max_frames
+                .saturating_sub(s.queue.len() + s.in_flight.0),
+            self.max_bytes.saturating_sub(s.bytes + s.in_flight.1),
+        )
+    }
+
     /// Bytes queued or being written.
     pub fn queued_bytes(&self) -> usize {
         let s = self.lock();

@@ -111,22 +111,28 @@ impl Session {
             );
         }
         let max_members = limits.max_presence_members;
-        // Replayed events go into the socket's queue at once: half of it at most.
+        // Replayed events go into the socket's queue at once: within half
+        // of the room it has left now (a reconnect resubscribes every
+        // channel in a row, and each replay lands before the next
+        // subscription is sent), so a replay never overflows it.
         let resume = (d.resume.is_some() || self.resume_all).then(|| {
             let r = d.resume.unwrap_or_default();
+            let (frames, bytes) = self.out.room();
             crate::types::Resume {
                 since: match (r.serial, r.epoch) {
                     (Some(serial), Some(epoch)) if epoch.len() <= 64 => {
                         Some(crate::types::Position { serial, epoch })
                     }
-                    // An epoch no owner ever made: not recovered.
-                    (Some(serial), Some(_)) => Some(crate::types::Position {
+                    // A serial without its epoch, or an epoch no owner ever
+                    // made: not recovered.
+                    (Some(serial), _) => Some(crate::types::Position {
                         serial,
                         epoch: String::new(),
                     }),
                     _ => None,
                 },
-                max_bytes: limits.outbound_queue_bytes / 2,
+                max_bytes: bytes / 2,
+                max_events: frames.saturating_sub(16) / 2,
             }
         });
         let app = live.apps.by_key(&self.app.key).unwrap_or(&self.app).clone();

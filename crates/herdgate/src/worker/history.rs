@@ -67,8 +67,14 @@ pub struct Since {
     pub more: bool,
 }
 
-/// One app's kept bytes, and its events `(room, serial)` oldest first.
-type AppKept = (usize, VecDeque<(RoomKey, u64)>);
+/// One app's kept bytes and events, and its events `(room, serial)`
+/// oldest first (with entries of events already gone, compacted away).
+#[derive(Default)]
+struct AppKept {
+    bytes: usize,
+    events: usize,
+    order: VecDeque<(RoomKey, u64)>,
+}
 
 pub struct Histories {
     epoch: Arc<str>,
@@ -76,8 +82,11 @@ pub struct Histories {
     rings: HashMap<RoomKey, Ring>,
     /// Per app: bytes kept, and its events in serial order (for eviction).
     apps: HashMap<Arc<str>, AppKept>,
-    tombs: HashMap<RoomKey, u64>,
-    tomb_order: VecDeque<RoomKey>,
+    /// Floors of dropped rings, each with the number of its entry in
+    /// `tomb_order` (older entries of the same room are stale).
+    tombs: HashMap<RoomKey, (u64, u64)>,
+    tomb_order: VecDeque<(RoomKey, u64)>,
+    tomb_seq: u64,
     lost: u64,
     next_sweep: Instant,
 }
@@ -97,6 +106,7 @@ impl Histories {
             apps: HashMap::new(),
             tombs: HashMap::new(),
             tomb_order: VecDeque::new(),
+            tomb_seq: 0,
             lost: 0,
             next_sweep: Instant::now() + SWEEP_EVERY,
         }
@@ -104,6 +114,13 @@ impl Histories {
 
     pub fn epoch(&self) -> &Arc<str> {
         &self.epoch
+    }
+
+    /// Start a new epoch: every position handed out so far says nothing
+    /// any more (what channels keep history changed, so the events of a
+    /// channel while it kept none are nowhere).
+    pub fn new_epoch(&mut self) {
+        self.epoch = Arc::from(format!("{:016x}", rand::random::<u64>()));
     }
 
     /// The newest serial handed out: the position of a socket subscribing now.
@@ -149,9 +166,10 @@ impl Histories {
                 },
             );
         }
-        let (app_bytes, order) = self.apps.entry(room.app.clone()).or_default();
-        *app_bytes += cost;
-        order.push_back((room.clone(), serial));
+        let app = self.apps.entry(room.app.clone()).or_default();
+        app.bytes += cost;
+        app.events += 1;
+        app.order.push_back((room.clone(), serial));
         let ring = self.rings.get_mut(room).expect("just made");
         ring.events.push_back(Kept {
             serial,
@@ -162,13 +180,14 @@ impl Histories {
         metrics::gauge!("herdgate_history_bytes").increment(cost as f64);
         metrics::gauge!("herdgate_history_events").increment(1.0);
         // This ring's own bounds, then the app's bytes.
-        let mut dropped = 0usize;
+        let (mut freed, mut gone) = (0usize, 0usize);
         while ring.events.len() > b.max_events
             || ring.events.front().is_some_and(|e| e.at + b.ttl <= now)
         {
-            dropped += pop_front(ring);
+            freed += pop_front(ring);
+            gone += 1;
         }
-        self.uncount(&room.app, dropped);
+        self.uncount(&room.app, freed, gone);
         self.evict_app(&room.app, b.app_bytes);
         Some(serial)
     }
@@ -176,13 +195,13 @@ impl Histories {
     /// Forget the oldest events of `app` until it is within `max_bytes`.
     fn evict_app(&mut self, app: &Arc<str>, max_bytes: usize) {
         loop {
-            let Some((bytes, order)) = self.apps.get_mut(app) else {
+            let Some(kept) = self.apps.get_mut(app) else {
                 return;
             };
-            if *bytes <= max_bytes {
+            if kept.bytes <= max_bytes {
                 break;
             }
-            let Some((room, serial)) = order.pop_front() else {
+            let Some((room, serial)) = kept.order.pop_front() else {
                 break;
             };
             let Some(ring) = self.rings.get_mut(&room) else {
@@ -190,7 +209,8 @@ impl Histories {
             };
             if ring.events.front().is_some_and(|e| e.serial == serial) {
                 let freed = pop_front(ring);
-                *bytes -= freed;
+                kept.bytes -= freed;
+                kept.events -= 1;
                 metrics::counter!("herdgate_history_evicted_total").increment(1);
                 if ring.events.is_empty() {
                     self.drop_ring(&room, None);
@@ -200,32 +220,27 @@ impl Histories {
         self.compact(app);
     }
 
-    /// Drop `app`'s FIFO entries for events no longer kept, when they are
-    /// most of it (each kept event has exactly one live entry).
+    /// Drop `app`'s FIFO entries for events no longer kept, once they are
+    /// most of it (each kept event has exactly one live entry), so the FIFO
+    /// stays within twice the kept events: amortized O(1) per event.
     fn compact(&mut self, app: &Arc<str>) {
-        let live: usize = self
-            .rings
-            .iter()
-            .filter(|(k, _)| k.app == *app)
-            .map(|(_, r)| r.events.len())
-            .sum::<usize>();
-        if let Some((_, order)) = self.apps.get_mut(app) {
-            if order.len() > 2 * live + 1024 {
-                let rings = &self.rings;
-                order.retain(|(k, s)| {
-                    rings
-                        .get(k)
-                        .is_some_and(|r| r.events.iter().any(|e| e.serial == *s))
-                });
-            }
+        let Some(kept) = self.apps.get_mut(app) else {
+            return;
+        };
+        if kept.order.len() > 2 * kept.events + 1024 {
+            let rings = &self.rings;
+            kept.order.retain(|(k, s)| {
+                rings
+                    .get(k)
+                    .is_some_and(|r| r.events.binary_search_by_key(s, |e| e.serial).is_ok())
+            });
         }
     }
 
-    fn uncount(&mut self, app: &Arc<str>, bytes: usize) {
-        if bytes > 0 {
-            if let Some((b, _)) = self.apps.get_mut(app) {
-                *b -= bytes;
-            }
+    fn uncount(&mut self, app: &Arc<str>, bytes: usize, events: usize) {
+        if let Some(kept) = self.apps.get_mut(app) {
+            kept.bytes -= bytes;
+            kept.events -= events;
         }
     }
 
@@ -234,11 +249,11 @@ impl Histories {
     fn drop_ring(&mut self, room: &RoomKey, lost_up_to: Option<u64>) {
         let mut floor = lost_up_to.unwrap_or(0);
         if let Some(mut ring) = self.rings.remove(room) {
-            let mut freed = 0;
+            let (mut freed, gone) = (0, ring.events.len());
             while !ring.events.is_empty() {
                 freed += pop_front(&mut ring);
             }
-            self.uncount(&room.app, freed);
+            self.uncount(&room.app, freed, gone);
             floor = floor.max(ring.floor);
         } else if lost_up_to.is_none() {
             return; // nothing kept, nothing lost
@@ -247,35 +262,38 @@ impl Histories {
     }
 
     fn bury(&mut self, room: &RoomKey, floor: u64) {
-        let old = self.tombs.get(room).copied().unwrap_or(0);
-        if self.tombs.insert(room.clone(), floor.max(old)).is_none() {
-            self.tomb_order.push_back(room.clone());
-        }
+        let old = self.tombs.get(room).map_or(0, |t| t.0);
+        self.tomb_seq += 1;
+        self.tombs
+            .insert(room.clone(), (floor.max(old), self.tomb_seq));
+        self.tomb_order.push_back((room.clone(), self.tomb_seq));
         while self.tombs.len() > TOMBS_MAX {
-            let Some(k) = self.tomb_order.pop_front() else {
+            let Some((k, seq)) = self.tomb_order.pop_front() else {
                 break;
             };
-            if let Some(f) = self.tombs.remove(&k) {
+            if self.tombs.get(&k).is_some_and(|t| t.1 == seq) {
+                let (f, _) = self.tombs.remove(&k).expect("present");
                 self.lost = self.lost.max(f);
             }
+        }
+        // Stale entries (re-buried or revived rooms) are dropped once they
+        // are most of the list.
+        if self.tomb_order.len() > 2 * self.tombs.len() + 1024 {
+            let tombs = &self.tombs;
+            self.tomb_order
+                .retain(|(k, seq)| tombs.get(k).is_some_and(|t| t.1 == *seq));
         }
     }
 
     /// The floor of a room with no ring: its tombstone, or every forgotten room's.
     fn floor_of_forgotten(&mut self, room: &RoomKey) -> u64 {
-        match self.tombs.remove(room) {
-            Some(f) => {
-                if let Some(i) = self.tomb_order.iter().position(|k| k == room) {
-                    self.tomb_order.remove(i);
-                }
-                f
-            }
-            None => self.lost,
-        }
+        // Its entry in `tomb_order` goes stale and is skipped or compacted.
+        self.tombs.remove(room).map_or(self.lost, |t| t.0)
     }
 
     /// The events of `room` after `since` (at most `limit`, within
-    /// `max_bytes` of frames), if `epoch` is this worker's.
+    /// `max_bytes` of frames counting `extra` more each), if `epoch` is
+    /// this worker's.
     pub fn since(
         &self,
         room: &RoomKey,
@@ -283,6 +301,7 @@ impl Histories {
         epoch: Option<&str>,
         limit: usize,
         max_bytes: usize,
+        extra: usize,
     ) -> Since {
         let same_epoch = epoch.is_none_or(|e| e == &*self.epoch);
         // A position from another epoch says nothing: everything kept is
@@ -290,7 +309,7 @@ impl Histories {
         let since_here = if same_epoch { since } else { 0 };
         let floor = match self.rings.get(room) {
             Some(r) => r.floor,
-            None => self.tombs.get(room).copied().unwrap_or(self.lost),
+            None => self.tombs.get(room).map_or(self.lost, |t| t.0),
         };
         let mut answer = Since {
             complete: same_epoch && since <= self.serial && since >= floor,
@@ -299,11 +318,12 @@ impl Histories {
         let mut bytes = 0;
         if let Some(r) = self.rings.get(room) {
             for e in r.events.iter().filter(|e| e.serial > since_here) {
-                if answer.events.len() >= limit || bytes + e.frame.len() > max_bytes {
+                let len = e.frame.len() + extra;
+                if answer.events.len() >= limit || bytes + len > max_bytes {
                     answer.more = true;
                     break;
                 }
-                bytes += e.frame.len();
+                bytes += len;
                 answer.events.push((e.serial, e.frame.clone()));
             }
         }
@@ -320,18 +340,20 @@ impl Histories {
         let now = Instant::now();
         self.next_sweep = now + SWEEP_EVERY;
         let mut emptied = Vec::new();
-        let mut freed: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut freed: HashMap<Arc<str>, (usize, usize)> = HashMap::new();
         for (k, ring) in self.rings.iter_mut() {
             let ttl = ttl_of(k).unwrap_or(Duration::ZERO);
             while ring.events.front().is_some_and(|e| e.at + ttl <= now) {
-                *freed.entry(k.app.clone()).or_default() += pop_front(ring);
+                let f = freed.entry(k.app.clone()).or_default();
+                f.0 += pop_front(ring);
+                f.1 += 1;
             }
             if ring.events.is_empty() {
                 emptied.push(k.clone());
             }
         }
-        for (app, bytes) in freed {
-            self.uncount(&app, bytes);
+        for (app, (bytes, events)) in freed {
+            self.uncount(&app, bytes, events);
         }
         for k in emptied {
             self.drop_ring(&k, None);
@@ -348,8 +370,12 @@ impl Histories {
     /// resume here from before the move, should the room come back, is not
     /// recovered.
     /// `rooms`: the rooms (with subscribers) that moved, ring or not: their
-    /// sockets were given positions here.
+    /// sockets were given positions here. A room this worker knows nothing
+    /// of any more may have moved too (its positions were handed out
+    /// before): the floor of every forgotten room rises to now as well.
     pub fn retain(&mut self, keep: &dyn Fn(&RoomKey) -> bool, rooms: &[RoomKey]) {
+        self.serial += 1;
+        let now = self.serial;
         let mut gone: Vec<RoomKey> = self.rings.keys().filter(|k| !keep(k)).cloned().collect();
         gone.extend(
             rooms
@@ -358,9 +384,14 @@ impl Histories {
                 .cloned(),
         );
         for k in gone {
-            self.serial += 1;
-            self.drop_ring(&k, Some(self.serial));
+            self.drop_ring(&k, Some(now));
         }
+        for (k, t) in self.tombs.iter_mut() {
+            if !keep(k) {
+                t.0 = now;
+            }
+        }
+        self.lost = now;
     }
 }
 
@@ -410,13 +441,13 @@ mod tests {
         let serials: Vec<u64> = (0..10)
             .map(|i| h.record(&room, &frame(i), b(100), false).unwrap())
             .collect();
-        let s = h.since(&room, serials[3], Some("E"), 100, usize::MAX);
+        let s = h.since(&room, serials[3], Some("E"), 100, usize::MAX, 0);
         assert!(s.complete && !s.more);
         assert_eq!(
             s.events.iter().map(|e| e.0).collect::<Vec<_>>(),
             serials[4..]
         );
-        let s = h.since(&room, at, Some("E"), 100, usize::MAX);
+        let s = h.since(&room, at, Some("E"), 100, usize::MAX, 0);
         assert!(
             s.complete,
             "a socket that subscribed before the first event"
@@ -432,19 +463,20 @@ mod tests {
         for i in 1..10 {
             h.record(&room, &frame(i), b(5), false);
         }
-        let s = h.since(&room, first, Some("E"), 100, usize::MAX);
+        let s = h.since(&room, first, Some("E"), 100, usize::MAX, 0);
         assert!(!s.complete, "events after the position were evicted");
         assert_eq!(s.events.len(), 5, "what is kept is still offered");
         assert!(
-            !h.since(&room, first + 5, Some("OTHER"), 100, usize::MAX)
+            !h.since(&room, first + 5, Some("OTHER"), 100, usize::MAX, 0)
                 .complete
         );
         assert!(
-            !h.since(&room, 1 << 40, Some("E"), 100, usize::MAX).complete,
+            !h.since(&room, 1 << 40, Some("E"), 100, usize::MAX, 0)
+                .complete,
             "forged"
         );
         assert!(
-            h.since(&room, first + 4, Some("E"), 100, usize::MAX)
+            h.since(&room, first + 4, Some("E"), 100, usize::MAX, 0)
                 .complete
         );
     }
@@ -459,17 +491,18 @@ mod tests {
         h.sweep(&|_| Some(Duration::from_secs(120)));
         assert!(h.rings.is_empty());
         assert!(
-            !h.since(&room, before, Some("E"), 10, usize::MAX).complete,
+            !h.since(&room, before, Some("E"), 10, usize::MAX, 0)
+                .complete,
             "the event expired"
         );
         assert!(
-            h.since(&room, s1, Some("E"), 10, usize::MAX).complete,
+            h.since(&room, s1, Some("E"), 10, usize::MAX, 0).complete,
             "nothing after it"
         );
         let s2 = h.record(&room, &frame(1), b(5), false).unwrap();
-        assert!(h.since(&room, s1, Some("E"), 10, usize::MAX).complete);
+        assert!(h.since(&room, s1, Some("E"), 10, usize::MAX, 0).complete);
         assert_eq!(
-            h.since(&room, s1, Some("E"), 10, usize::MAX).events[0].0,
+            h.since(&room, s1, Some("E"), 10, usize::MAX, 0).events[0].0,
             s2
         );
     }
@@ -489,9 +522,10 @@ mod tests {
         h.record(&c, &frame(0), bounds, false);
         h.record(&c, &frame(0), bounds, false);
         assert!(!h.rings.contains_key(&a), "a's only event was the oldest");
-        assert!(!h.since(&a, a1 - 1, Some("E"), 10, usize::MAX).complete);
-        assert!(h.since(&a, a1, Some("E"), 10, usize::MAX).complete);
-        assert_eq!(h.apps[&Arc::from("1")].0, 3 * one);
+        assert!(!h.since(&a, a1 - 1, Some("E"), 10, usize::MAX, 0).complete);
+        assert!(h.since(&a, a1, Some("E"), 10, usize::MAX, 0).complete);
+        assert_eq!(h.apps[&Arc::from("1")].bytes, 3 * one);
+        assert_eq!(h.apps[&Arc::from("1")].events, 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -501,26 +535,86 @@ mod tests {
         let s1 = h.record(&room, &frame(0), b(5), false).unwrap();
         h.record(&room, &frame(1), b(5), true);
         assert!(
-            !h.since(&room, s1, Some("E"), 10, usize::MAX).complete,
+            !h.since(&room, s1, Some("E"), 10, usize::MAX, 0).complete,
             "shed"
         );
         let s3 = h.record(&room, &frame(2), b(5), false).unwrap();
         h.retain(&|_| false, &[]);
         assert!(
-            !h.since(&room, s3, Some("E"), 10, usize::MAX).complete,
+            !h.since(&room, s3, Some("E"), 10, usize::MAX, 0).complete,
             "moved away"
         );
         let s4 = h.record(&room, &frame(3), b(5), false).unwrap();
         assert!(
-            !h.since(&room, s3, Some("E"), 10, usize::MAX).complete,
+            !h.since(&room, s3, Some("E"), 10, usize::MAX, 0).complete,
             "moved back"
         );
-        assert!(h.since(&room, s4, Some("E"), 10, usize::MAX).complete);
+        assert!(h.since(&room, s4, Some("E"), 10, usize::MAX, 0).complete);
         // A room with subscribers but no event kept moves, and comes back.
         let quiet = key("quiet");
         let at = h.serial();
         h.retain(&|_| false, std::slice::from_ref(&quiet));
-        assert!(!h.since(&quiet, at, Some("E"), 10, usize::MAX).complete);
+        assert!(!h.since(&quiet, at, Some("E"), 10, usize::MAX, 0).complete);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_view_change_leaves_no_old_position_complete_for_a_room_it_may_have_moved() {
+        let mut h = Histories::new(Arc::from("E"));
+        // A room that only has a tombstone (its event expired) ...
+        let tomb = key("tomb");
+        let s = h.record(&tomb, &frame(0), b(5), false).unwrap();
+        tokio::time::advance(Duration::from_secs(121)).await;
+        h.sweep(&|_| Some(Duration::from_secs(120)));
+        assert!(h.since(&tomb, s, Some("E"), 10, usize::MAX, 0).complete);
+        // ... and one this worker knows nothing of, whose socket got a position.
+        let quiet = key("nothing-here");
+        let at = h.serial();
+        assert!(h.since(&quiet, at, Some("E"), 10, usize::MAX, 0).complete);
+        h.retain(&|_| false, &[]);
+        assert!(
+            !h.since(&tomb, s, Some("E"), 10, usize::MAX, 0).complete,
+            "tombstoned"
+        );
+        assert!(
+            !h.since(&quiet, at, Some("E"), 10, usize::MAX, 0).complete,
+            "unknown"
+        );
+        // A position handed out after the change is good again.
+        let now = h.serial();
+        let s2 = h.record(&quiet, &frame(1), b(5), false).unwrap();
+        let page = h.since(&quiet, now, Some("E"), 10, usize::MAX, 0);
+        assert!(page.complete);
+        assert_eq!(page.events[0].0, s2);
+    }
+
+    #[test]
+    fn pages_and_replays_stop_at_their_byte_bound_counting_the_serial() {
+        let mut h = Histories::new(Arc::from("E"));
+        let room = key("c");
+        let at = h.serial();
+        for i in 0..3 {
+            h.record(&room, &frame(i), b(5), false);
+        }
+        let one = frame(0).len();
+        let page = h.since(&room, at, Some("E"), 10, 2 * (one + 30), 30);
+        assert_eq!(page.events.len(), 2);
+        assert!(page.more && page.complete);
+    }
+
+    #[test]
+    fn a_new_epoch_makes_every_old_position_incomplete() {
+        let mut h = Histories::new(Arc::from("E"));
+        let room = key("c");
+        let at = h.serial();
+        h.record(&room, &frame(0), b(5), false);
+        h.new_epoch();
+        assert_ne!(&**h.epoch(), "E");
+        assert!(!h.since(&room, at, Some("E"), 10, usize::MAX, 0).complete);
+        let epoch = h.epoch().to_string();
+        assert!(
+            h.since(&room, h.serial(), Some(&epoch), 10, usize::MAX, 0)
+                .complete
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -531,9 +625,9 @@ mod tests {
             h.record(&k, &frame(0), b(1), true);
         }
         let fresh = key("never");
-        assert!(!h.since(&fresh, 0, Some("E"), 10, usize::MAX).complete);
+        assert!(!h.since(&fresh, 0, Some("E"), 10, usize::MAX, 0).complete);
         assert!(
-            h.since(&fresh, h.serial(), Some("E"), 10, usize::MAX)
+            h.since(&fresh, h.serial(), Some("E"), 10, usize::MAX, 0)
                 .complete
         );
         assert!(h.tombs.len() <= TOMBS_MAX);

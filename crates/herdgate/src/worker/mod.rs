@@ -60,8 +60,9 @@ pub enum Command {
         /// Opted in to resume (docs/PROTOCOL.md "History and resume").
         resume: Option<Resume>,
         /// Told whether the socket is subscribed (refused: its
-        /// `subscription_error` was queued to it first).
-        reply: Option<oneshot::Sender<bool>>,
+        /// `subscription_error` was queued to it first), from the room's
+        /// task, after what the room sent the socket.
+        reply: Option<Answer>,
     },
     Unsubscribe {
         room: RoomKey,
@@ -167,6 +168,9 @@ pub enum Command {
 
 pub type Mailbox = mpsc::Sender<Command>;
 
+/// A subscription's answer, called by the room's worker when it decides.
+pub type Answer = Box<dyn FnOnce(bool) + Send>;
+
 /// Webhooks as the workers see them: where to emit, and the debounce.
 #[derive(Clone)]
 pub struct WebhookTaps {
@@ -228,6 +232,7 @@ fn spawn(
         policies,
         cache: Default::default(),
         history: Default::default(),
+        history_seen: None,
         load,
         idem: Default::default(),
         counts: Default::default(),
@@ -252,6 +257,9 @@ struct Worker {
     policies: Policies,
     cache: parity::Cache,
     history: history::Histories,
+    /// The policies the history last ran under: a change to what history
+    /// any channel keeps starts a new epoch.
+    history_seen: Option<Arc<HashMap<Arc<str>, Policy>>>,
     load: LoadProbe,
     idem: parity::Idem,
     counts: parity::Counts,
@@ -310,8 +318,8 @@ impl Worker {
                 reply,
             } => {
                 let ok = self.subscribe(room, sub, member, max_members, shed, resume);
-                if let Some(r) = reply {
-                    let _ = r.send(ok);
+                if let Some(answer) = reply {
+                    answer(ok);
                 }
             }
             Command::Unsubscribe { room, id, shed } => self.unsubscribe(room, id, shed),
@@ -410,9 +418,16 @@ impl Worker {
                 max_bytes,
                 reply,
             } => {
-                let mut page = self
-                    .history
-                    .since(&room, since, epoch.as_deref(), limit, max_bytes);
+                self.check_history_policy();
+                let mut page =
+                    self.history
+                        .since(&room, since, epoch.as_deref(), limit, max_bytes, 0);
+                if page.events.is_empty() && page.more {
+                    // One event larger than a page still goes out, alone.
+                    page = self
+                        .history
+                        .since(&room, since, epoch.as_deref(), 1, usize::MAX, 0);
+                }
                 if self.history_bounds(&room).is_none() {
                     page.complete = false; // history is off for the channel
                 }
@@ -576,11 +591,14 @@ impl Worker {
         let is_new_room = !self.rooms.contains_key(&key);
         // The socket's position: every event of the room up to now is
         // behind it (serials are the worker's, so this is its newest one).
+        // A channel without history hands out none.
+        self.check_history_policy();
+        let keeps = self.history_bounds(&key).is_some();
         let position = self.history.serial();
         let epoch = self.history.epoch().clone();
         let answer = |frame: Frame| match &resume {
-            Some(_) => protocol::with_position(&frame, &epoch, position),
-            None => frame,
+            Some(_) if keeps => protocol::with_position(&frame, &epoch, position),
+            _ => frame,
         };
         // Re-homed (its room moved here, or its edge's link came back): what
         // it missed on the way is not known here, so a socket that opted in
@@ -654,18 +672,15 @@ impl Worker {
                     to.push_one(&key, id, f);
                 }
                 if !shed.silent {
-                    let since = resume
-                        .as_ref()
-                        .and_then(|r| r.since.as_ref().map(|p| (p, r.max_bytes)));
-                    match since {
-                        // After subscription_succeeded: what the socket missed, then whether
-                        // that was all of it.
-                        Some((p, max_bytes)) => self.replay(&key, id, p, max_bytes),
-                        // The cached event, or a miss.
-                        None if protocol::names::is_cache(&key.channel) => {
-                            self.send_cached(&key, id)
-                        }
-                        None => {}
+                    // After subscription_succeeded: what the socket missed,
+                    // then whether that was all of it.
+                    let recovered = match resume.as_ref().filter(|r| r.since.is_some()) {
+                        Some(r) => self.replay(&key, id, r),
+                        None => false,
+                    };
+                    // The cached event, or a miss (unless the replay brought it).
+                    if protocol::names::is_cache(&key.channel) && !recovered {
+                        self.send_cached(&key, id);
                     }
                     self.count_changed(&key, Some(id));
                 }
@@ -802,8 +817,34 @@ impl Worker {
             })
     }
 
+    /// A reload changed what history some channel keeps: events published
+    /// while a channel kept none are nowhere, so no position handed out
+    /// before may claim a complete recovery (a new epoch).
+    fn check_history_policy(&mut self) {
+        let now = self.policies.load();
+        if self
+            .history_seen
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &now))
+        {
+            return;
+        }
+        let changed = self.history_seen.as_ref().is_some_and(|seen| {
+            seen.len() != now.len()
+                || now.iter().any(|(app, p)| {
+                    seen.get(app).map(|s| &s.features.history) != Some(&p.features.history)
+                })
+        });
+        if changed {
+            tracing::info!(worker = self.index, "history settings changed: new epoch");
+            self.history.new_epoch();
+        }
+        self.history_seen = Some(Arc::clone(&now));
+    }
+
     /// Keep a server event in its room's history; its serial, if kept.
     fn keep(&mut self, room: &RoomKey, frame: &Frame) -> Option<u64> {
+        self.check_history_policy();
         let bounds = self.history_bounds(room);
         let shed = bounds.is_some()
             && self
@@ -816,16 +857,21 @@ impl Worker {
 
     /// Send a resuming socket what followed its position, each event with
     /// its serial, then `herdgate:resumed`: recovered only if nothing is
-    /// missing. An incomplete history sends nothing (the app reloads).
-    fn replay(&mut self, key: &RoomKey, id: ConnId, p: &crate::types::Position, max_bytes: usize) {
+    /// missing and all of it fits the socket's queue. Otherwise nothing is
+    /// replayed (the app reloads). Whether it recovered.
+    fn replay(&mut self, key: &RoomKey, id: ConnId, r: &Resume) -> bool {
+        let Some(p) = r.since.as_ref() else {
+            return false;
+        };
         let bounds = self.history_bounds(key);
-        let limit = bounds.map_or(0, |b| b.max_events);
+        let limit = bounds.map_or(0, |b| b.max_events).min(r.max_events);
+        // Each replayed frame grows by its `"serial":N` (at most 30 bytes).
         let page = self
             .history
-            .since(key, p.serial, Some(&p.epoch), limit, max_bytes);
+            .since(key, p.serial, Some(&p.epoch), limit, r.max_bytes, 30);
         let recovered = bounds.is_some() && page.complete && !page.more;
         let Some(room) = self.rooms.get(key) else {
-            return;
+            return false;
         };
         if recovered {
             for (serial, frame) in &page.events {
@@ -839,6 +885,7 @@ impl Worker {
         let serial = self.history.serial();
         let done = protocol::resumed(&key.channel, recovered, self.history.epoch(), serial);
         room.push_to(key, id, &done);
+        recovered
     }
 
     /// A server-triggered event to a cache channel becomes its cached one.

@@ -144,18 +144,25 @@ impl Pool {
         shed: Shed,
         resume: Option<Resume>,
     ) -> Result<bool, RouteError> {
-        match self
-            .subscribe_start(room, sub, member, max_members, shed, resume)
-            .await?
-        {
-            Some(rx) => rx.await.map_err(|_| RouteError::Gone),
-            None => Ok(true),
+        if shed.silent {
+            self.subscribe_start(room, sub, member, max_members, shed, resume, None)
+                .await?;
+            return Ok(true);
         }
+        let (tx, rx) = oneshot::channel();
+        let answer: super::Answer = Box::new(move |ok| {
+            let _ = tx.send(ok);
+        });
+        self.subscribe_start(room, sub, member, max_members, shed, resume, Some(answer))
+            .await?;
+        rx.await.map_err(|_| RouteError::Gone)
     }
 
-    /// Queue a subscription in order, and return where its answer will
-    /// come (none for a silent one): a link handler queues registrations in
-    /// link order and awaits answers elsewhere.
+    /// Queue a subscription in order; the room calls `answer` once it has
+    /// decided, in order with everything it sends (a link handler answers
+    /// its edge from there, so the answer precedes the room's next events
+    /// on the link).
+    #[allow(clippy::too_many_arguments)]
     pub async fn subscribe_start(
         &self,
         room: RoomKey,
@@ -164,13 +171,9 @@ impl Pool {
         max_members: usize,
         shed: Shed,
         resume: Option<Resume>,
-    ) -> Result<Option<oneshot::Receiver<bool>>, RouteError> {
-        let (tx, rx) = if shed.silent {
-            (None, None)
-        } else {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        };
+        answer: Option<super::Answer>,
+    ) -> Result<(), RouteError> {
+        let tx = answer;
         let cmd = Command::Subscribe {
             room: room.clone(),
             sub,
@@ -180,8 +183,7 @@ impl Pool {
             resume,
             reply: tx,
         };
-        self.send(&room, cmd).await?;
-        Ok(rx)
+        self.send(&room, cmd).await
     }
 
     pub async fn unsubscribe(

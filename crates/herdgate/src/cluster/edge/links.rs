@@ -124,6 +124,7 @@ pub(super) fn register_msg(
             (
                 r.since.as_ref().map(|p| (p.serial, p.epoch.clone())),
                 r.max_bytes.min(u32::MAX as usize) as u32,
+                r.max_events.min(u32::MAX as usize) as u32,
             )
         }),
     }
@@ -161,6 +162,7 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
                 .then_some(Resume {
                     since: None,
                     max_bytes: 0,
+                    max_events: 0,
                 })
                 .as_ref(),
         ),

@@ -683,24 +683,33 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 // being rebuilt from every edge's registrations right now.
                 announce: mode == RegMode::Restore && node.serving(&room).is_ok(),
             };
-            answer_registration(
-                link,
-                id,
-                node.pool
-                    .subscribe_start(
-                        room,
-                        sub,
-                        member,
-                        max_members as usize,
-                        shed,
-                        resume.map(|(since, max_bytes)| crate::types::Resume {
-                            since: since
-                                .map(|(serial, epoch)| crate::types::Position { serial, epoch }),
-                            max_bytes: max_bytes as usize,
-                        }),
-                    )
-                    .await,
-            );
+            let resume = resume.map(|(since, max_bytes, max_events)| crate::types::Resume {
+                since: since.map(|(serial, epoch)| crate::types::Position { serial, epoch }),
+                max_bytes: max_bytes as usize,
+                max_events: max_events as usize,
+            });
+            // Answered by the room's worker as it decides, so the answer is
+            // on the link after what the room sent the socket and before the
+            // room's next events (which the edge gives confirmed sockets only).
+            let answer: Option<crate::worker::Answer> = (id != 0).then(|| {
+                let link = link.clone();
+                Box::new(move |ok| reply(&link, id, Reply::Registered { ok })) as _
+            });
+            let started = node
+                .pool
+                .subscribe_start(
+                    room,
+                    sub,
+                    member,
+                    max_members as usize,
+                    shed,
+                    resume,
+                    answer,
+                )
+                .await;
+            if started.is_err() && id != 0 {
+                refused(link, id, Refusal::Busy);
+            }
         }
         Msg::Unregister {
             app,

@@ -7,6 +7,7 @@ import { test, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import PusherClient from 'pusher-js';
 import withResume from '../../../../../clients/js/herdgate-resume/index.js';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { connect, disconnectAll, makeServer, subscribe, uniq, withTimeout, env } from '../helpers.mjs';
 
 afterEach(() => disconnectAll());
@@ -187,6 +188,68 @@ test('plain pusher-js sees byte-identical frames with history on and off', async
   const off = await frames(Number(process.env.HERDGATE_PLAIN_PORT));
   assert.deepEqual(on, off);
   assert.ok(on.every((f) => !f.includes('"serial"') && !f.includes('"epoch"')), on.join('\n'));
+});
+
+test('a reconnect resuming many channels at once is never closed for its replays', async () => {
+  const c = withResumeClient(await connect('many'));
+  const channels = Array.from({ length: 5 }, () => uniq('chat-'));
+  for (const ch of channels) await subscribe(c, ch, 'msg', 'herdgate:resumed');
+  c.client.disconnect();
+  await reach(c, 'disconnected');
+  // 5 × 100 events: more than the socket's queue (256 frames) holds at once.
+  for (const ch of channels) await publish(ch, 0, 100);
+  const mark = c.log.entries.length;
+  const states = c.states.length;
+  c.client.connect();
+  for (const ch of channels) {
+    const r = await resumedAfter(c, ch, mark);
+    const got = numbers(c, ch, mark);
+    if (r.data.recovered) assert.deepEqual(got, Array.from({ length: 100 }, (_, i) => i), ch);
+    else assert.deepEqual(got, [], `${ch}: not recovered, so nothing replayed`);
+  }
+  const closes = c.states.slice(states).filter((s) => s.previous === 'connected');
+  assert.deepEqual(closes, [], 'the socket stayed connected through the replays');
+  assert.ok(
+    channels.filter((ch) => c.log.filter({ channel: ch, event: 'herdgate:resumed' }).at(-1).data.recovered).length >= 2,
+    'the first replays fit the queue',
+  );
+});
+
+test('history turned off and on again by a reload: an old position is not recovered', async () => {
+  const port = Number(process.env.HERDGATE_RELOAD_PORT);
+  const path = process.env.HERDGATE_RELOAD_CONFIG;
+  const pid = Number(process.env.HERDGATE_RELOAD_PID);
+  const server = makeServer({ port });
+  const original = readFileSync(path, 'utf8');
+  const probe = uniq('probe-');
+  /** Reload with `text` and wait until a probe event is kept (or not). */
+  const reload = async (text, kept) => {
+    writeFileSync(path, text);
+    process.kill(pid, 'SIGHUP');
+    await withTimeout(`history ${kept ? 'on' : 'off'} after the reload`, async (resolve) => {
+      for (;;) {
+        await server.trigger(probe, 'p', {});
+        const h = await (await server.get({ path: `/channels/${probe}/history`, params: { limit: 1 } })).json();
+        if ((h.events.length > 0) === kept && (kept || h.complete === false)) break;
+        await server.get({ path: '/channels' }); // one round trip, then look again
+      }
+      resolve();
+    });
+  };
+  const c = withResumeClient(await connect('reloaded', { clientOptions: { wsPort: port } }));
+  const channel = uniq('chat-');
+  await subscribe(c, channel, 'msg', 'herdgate:resumed');
+  await server.trigger(channel, 'msg', { n: 0 });
+  await c.log.waitFor({ channel, event: 'msg', data: { n: 0 } });
+  c.client.disconnect();
+  await reach(c, 'disconnected');
+  await reload(original.replace('history_max_events = 100', 'history_max_events = 0'), false);
+  for (let n = 1; n < 4; n++) await server.trigger(channel, 'msg', { n });
+  await reload(original, true);
+  const mark = c.log.entries.length;
+  c.client.connect();
+  const r = await resumedAfter(c, channel, mark);
+  assert.equal(r.data.recovered, false, 'events 1-3 were kept nowhere');
 });
 
 function withResumeClient(c) {
