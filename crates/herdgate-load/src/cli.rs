@@ -132,9 +132,11 @@ pub struct Common {
     /// Concurrent HTTP API connections of the publisher (one request in flight on each).
     #[arg(long, default_value_t = 8)]
     pub publishers: usize,
-    /// Server process to sample (RSS from /proc/PID/status, CPU from /proc/PID/stat).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Server process(es) to sample (RSS from /proc/PID/status, CPU from
+    /// /proc/PID/stat), comma-separated: several are summed (the edges and
+    /// workers of a cluster on this host).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     #[arg(long)]
@@ -195,7 +197,7 @@ pub struct Plan {
     pub connect_timeout: f64,
     pub drain: f64,
     pub publishers: usize,
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     pub processes: usize,
     pub source_ips: usize,
     pub tls: Option<Arc<ClientConfig>>,
@@ -312,7 +314,7 @@ impl Plan {
             connect_timeout: c.connect_timeout.max(0.1),
             drain: c.drain.max(0.0),
             publishers: c.publishers.max(1),
-            server_pid: c.server_pid,
+            server_pid: c.server_pid.clone(),
             processes,
             source_ips,
             tls,

@@ -199,8 +199,8 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
     } else {
         Shm::anonymous(plan.channels)?
     });
-    let before = procstat::sample(plan.server_pid);
-    if plan.server_pid.is_some() && before.rss_kib.is_none() {
+    let before = procstat::sample(&plan.server_pid);
+    if !plan.server_pid.is_empty() && before.rss_kib.is_none() {
         eprintln!(
             "herdgate-load: cannot read /proc for --server-pid; server figures will be missing"
         );
@@ -229,7 +229,7 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
         shm.header().workers_connected.load(Relaxed) >= expect || workers.all_exited()
     })
     .await;
-    let connected = procstat::sample(plan.server_pid);
+    let connected = procstat::sample(&plan.server_pid);
 
     // Measured phase.
     shm.header().phase.store(PHASE_MEASURING, Relaxed);
@@ -247,7 +247,7 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
         || workers.all_exited(),
     )
     .await;
-    let steady = procstat::sample(plan.server_pid);
+    let steady = procstat::sample(&plan.server_pid);
     let open_at_end = shm.header().open.load(Relaxed);
     let measured_secs = measure_start.elapsed().as_secs_f64();
     shm.header().phase.store(PHASE_DRAINING, Relaxed);
@@ -257,14 +257,18 @@ pub async fn run(plan: Arc<Plan>, args: Vec<OsString>) -> Result<Report> {
         let drain_end = Instant::now() + Duration::from_secs_f64(plan.drain);
         wait_until(drain_end, || false).await;
     }
-    let after = procstat::sample(plan.server_pid);
+    let after = procstat::sample(&plan.server_pid);
     for s in shm.ledger_settle_all() {
         totals.absorb(s);
     }
 
     // Stop.
     shm.header().phase.store(PHASE_STOP, Relaxed);
-    let results = workers.collect(Duration::from_secs(30)).await;
+    // Workers report after their own drain; with many sockets per core
+    // they take longer to get there.
+    let limit =
+        Duration::from_secs(30).max(Duration::from_secs_f64(plan.connections as f64 / 4000.0));
+    let results = workers.collect(limit).await;
     let _ = progress_tx.send(true);
     let timeline = progress_task.await.unwrap_or_default();
     if results.is_empty() {
@@ -301,8 +305,9 @@ fn build_report(
 ) -> Report {
     let cpu = |a: Sample, b: Sample| Some(b.cpu_secs? - a.cpu_secs?);
     let cpu_measured = cpu(connected, after);
-    let server = plan.server_pid.map(|pid| report::Server {
+    let server = plan.server_pid.first().map(|&pid| report::Server {
         pid,
+        pids: plan.server_pid.clone(),
         rss_before_kib: before.rss_kib,
         rss_connected_kib: connected.rss_kib,
         rss_steady_kib: steady.rss_kib,

@@ -63,18 +63,19 @@ pub struct Sample {
     pub listen_overflows: Option<u64>,
 }
 
-pub fn sample(pid: Option<u32>) -> Sample {
+/// The processes `pids` together (none: no server figures).
+pub fn sample(pids: &[u32]) -> Sample {
     let listen_overflows = listen_overflows();
-    match pid {
-        Some(p) => Sample {
-            rss_kib: rss_kib(p),
-            cpu_secs: cpu_secs(p),
-            listen_overflows,
-        },
-        None => Sample {
+    if pids.is_empty() {
+        return Sample {
             listen_overflows,
             ..Sample::default()
-        },
+        };
+    }
+    Sample {
+        rss_kib: pids.iter().map(|&p| rss_kib(p)).sum(),
+        cpu_secs: pids.iter().map(|&p| cpu_secs(p)).sum(),
+        listen_overflows,
     }
 }
 

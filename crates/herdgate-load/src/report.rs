@@ -143,6 +143,9 @@ pub struct Delivery {
 #[derive(Serialize, Debug, Default)]
 pub struct Server {
     pub pid: u32,
+    /// Every process sampled (summed), when more than one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
     pub rss_before_kib: Option<u64>,
     pub rss_connected_kib: Option<u64>,
     pub rss_steady_kib: Option<u64>,

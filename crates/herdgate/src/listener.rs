@@ -140,13 +140,22 @@ where
 /// Bind a listening socket with an explicit accept backlog: the OS default
 /// (128 through mio) overflows under a connection storm and turns into 1 s
 /// SYN retransmits for the clients. The kernel caps it at `net.core.somaxconn`.
-pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// With `reuse_port`, other processes may bind the same address
+/// (`SO_REUSEPORT`) and the kernel spreads connections over them.
+pub fn bind(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(backlog)
 }

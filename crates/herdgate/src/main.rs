@@ -104,7 +104,10 @@ fn serve(
 ) -> anyhow::Result<()> {
     let embedded = path.is_none();
     check_fd_budget(&mut config, embedded)?;
+    // One runtime thread per realtime worker: a host running several
+    // herdgate processes (edges sharing a port) gives each `workers = 1`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_count())
         .enable_all()
         .build()?;
     runtime.block_on(async move {
@@ -187,19 +190,19 @@ async fn listeners(
         }
         None if config.cluster.role == herdgate::config::Role::Worker => {
             let addr: std::net::SocketAddr = config.cluster.link_listen.parse().expect("validated");
-            herdgate::listener::bind(addr, config.server.backlog)
+            herdgate::listener::bind(addr, config.server.backlog, false)
                 .with_context(|| format!("cannot listen on cluster.link_listen = {addr}"))?
         }
         None => {
             let addr = config.listen_addr();
-            herdgate::listener::bind(addr, config.server.backlog)
+            herdgate::listener::bind(addr, config.server.backlog, config.server.reuse_port)
                 .with_context(|| format!("cannot listen on server.listen = {addr}"))?
         }
     };
     let admin = match (admin, config.admin_addr()) {
         (Some(l), _) => Some(l),
         (None, Some(addr)) => Some(
-            herdgate::listener::bind(addr, 128)
+            herdgate::listener::bind(addr, 128, false)
                 .with_context(|| format!("cannot listen on server.admin_listen = {addr}"))?,
         ),
         (None, None) => None,

@@ -83,7 +83,12 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// Accept backlog of the public listener (capped by net.core.somaxconn).
     pub backlog: u32,
-    /// Realtime workers (room owners). 0 = one per core.
+    /// `SO_REUSEPORT` on the public listener: several herdgate processes
+    /// (the edges of one host, each within its own open-files limit) share
+    /// `listen`, and the kernel spreads new connections over them.
+    pub reuse_port: bool,
+    /// Realtime workers (room owners), and the runtime's threads. 0 = one
+    /// per core.
     pub workers: usize,
     /// Sent to clients in `pusher:connection_established` (pusher-js pings
     /// after that much silence from the server).
@@ -110,6 +115,7 @@ impl Default for ServerConfig {
             listen: "0.0.0.0:6001".into(),
             admin_listen: "127.0.0.1:9601".into(),
             backlog: 4096,
+            reuse_port: false,
             workers: 0,
             activity_timeout: HumanDuration::secs(120),
             ping_interval: HumanDuration::secs(45),
