@@ -62,14 +62,18 @@ impl Workers {
                     }
                     let bytes = reader.await.unwrap_or_default();
                     let text = String::from_utf8_lossy(&bytes);
-                    match text
-                        .lines()
-                        .rev()
-                        .find(|l| !l.trim().is_empty())
-                        .map(serde_json::from_str::<WorkerResult>)
-                    {
-                        Some(Ok(r)) => out.push(r),
-                        _ => eprintln!("herdgate-load: worker process {i} returned no result"),
+                    let last = text.lines().rev().find(|l| !l.trim().is_empty());
+                    match last.map(|l| (l, serde_json::from_str::<WorkerResult>(l))) {
+                        Some((_, Ok(r))) => out.push(r),
+                        Some((l, Err(e))) => eprintln!(
+                            "herdgate-load: worker process {i} returned no result: {e} (in {} bytes: {:.200}…)",
+                            l.len(),
+                            l
+                        ),
+                        None => eprintln!(
+                            "herdgate-load: worker process {i} returned no result (status {:?})",
+                            child.try_wait().ok().flatten()
+                        ),
                     }
                 }
                 out

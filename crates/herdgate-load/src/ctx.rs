@@ -79,7 +79,8 @@ pub struct WorkerResult {
     pub other_events: u64,
     pub pongs_sent: u64,
     pub pings_sent: u64,
-    #[serde(flatten)]
+    /// Nested, not flattened: serde reads a flattened map's keys as strings
+    /// only, so close codes (`u16` keys) would not come back.
     pub maps: Maps,
     /// Sockets of the initial connect phase, and how many of them became ready.
     pub initial_sockets: u64,
@@ -226,5 +227,22 @@ impl WorkerCtx {
             ready_us: self.h_ready.snapshot(),
             delivery_us: self.h_delivery.snapshot(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_result_with_close_codes_survives_the_trip_from_a_child() {
+        let mut r = WorkerResult::default();
+        r.maps.dropped_close.insert(4201, 3);
+        r.maps.refused_http.insert(503, 2);
+        r.maps.errors.insert("ws_protocol".into(), 1);
+        let line = serde_json::to_string(&r).unwrap();
+        let back: WorkerResult = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.maps.dropped_close.get(&4201), Some(&3));
+        assert_eq!(back.maps.refused_http.get(&503), Some(&2));
     }
 }
