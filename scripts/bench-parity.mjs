@@ -11,26 +11,9 @@
 // not by herdgate's code.
 
 import crypto from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { appId, hmac, host, key, metric, port, rssKiB } from './bench-common.mjs';
 
 const [phase, a1, a2] = process.argv.slice(2);
-const env = process.env;
-const pid = Number(env.HERDGATE_PID);
-const host = '127.0.0.1';
-const port = Number(env.HERDGATE_PORT);
-const adminPort = Number(env.HERDGATE_ADMIN_PORT);
-const appId = env.HERDGATE_APP_ID;
-const key = env.HERDGATE_APP_KEY;
-const secret = env.HERDGATE_APP_SECRET;
-
-const hmac = (s) => crypto.createHmac('sha256', secret).update(s).digest('hex');
-const rssKiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))[1]);
-
-async function metric(name) {
-  const text = await (await fetch(`http://${host}:${adminPort}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
-  return line ? Number(line.split(' ')[1]) : 0;
-}
 
 async function api(path, body) {
   const text = JSON.stringify(body);

@@ -245,6 +245,37 @@ pub(super) fn admit(
     Ok((slot, peer))
 }
 
+/// The app of a new session (websocket or HTTP fallback), and its place
+/// within the app's `max_connections` on this node; or the refusal (4004
+/// over the quota; 4001 if a reload removed the app since the check).
+pub(super) fn session_app(
+    shared: &Shared,
+    key: &str,
+) -> Result<(Arc<crate::apps::App>, crate::apps::ConnectionSlot), PusherRefusal> {
+    let app = shared
+        .live()
+        .apps
+        .by_key(key)
+        .cloned()
+        .ok_or(PusherRefusal(
+            codes::UNKNOWN_APP,
+            "application does not exist",
+        ))?;
+    let Some(slot) = shared
+        .quotas
+        .of(&app.id)
+        .connect(app.features.max_connections)
+    else {
+        metrics::counter!("herdgate_connections_refused_total", "reason" => "app_quota")
+            .increment(1);
+        return Err(PusherRefusal(
+            codes::OVER_QUOTA,
+            "Application is over connection quota",
+        ));
+    };
+    Ok((app, slot))
+}
+
 /// 503 with a jittered Retry-After, before any upgrade work.
 fn refuse(r: Refusal) -> Response<Body> {
     metrics::counter!("herdgate_connections_refused_total", "reason" => r.label()).increment(1);
@@ -280,33 +311,13 @@ async fn session_task(h: Box<Handshake>) {
     // The long-lived values go to the heap once and are lent to the loop.
     let mut ws = Box::new(Box::pin(session::websocket::server(io, ws_config)).await);
     let (reader, writer) = &mut *ws;
-    let Checked { key, resume } = match check {
-        Ok(c) => c,
-        Err(PusherRefusal(code, message)) => {
-            return Box::pin(refuse_after_upgrade(reader, writer, code, message, peer)).await;
-        }
-    };
-    let Some(app) = shared.live().apps.by_key(&key).cloned() else {
-        return; // removed by a reload between the check and the upgrade
-    };
-    let Some(quota) = shared
-        .quotas
-        .of(&app.id)
-        .connect(app.features.max_connections)
-    else {
-        metrics::counter!("herdgate_connections_refused_total", "reason" => "app_quota")
-            .increment(1);
-        let message = "Application is over connection quota";
-        return Box::pin(refuse_after_upgrade(
-            reader,
-            writer,
-            codes::OVER_QUOTA,
-            message,
-            peer,
-        ))
-        .await;
-    };
-    let _quota = quota;
+    let (Checked { resume, .. }, (app, _quota)) =
+        match check.and_then(|c| session_app(&shared, &c.key).map(|a| (c, a))) {
+            Ok(ok) => ok,
+            Err(PusherRefusal(code, message)) => {
+                return Box::pin(refuse_after_upgrade(reader, writer, code, message, peer)).await;
+            }
+        };
     let mut session = Box::new(Session::new(shared, app));
     session.resume_all = resume;
     let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);

@@ -148,26 +148,11 @@ fn open(
     check: Result<Checked, PusherRefusal>,
 ) -> Result<Arc<Pipe>, Box<Response<Body>>> {
     let (slot, peer) = upgrade::admit(req.headers(), peer, shared, &check)?;
-    let Checked { key, resume } = match check {
-        Ok(c) => c,
-        Err(PusherRefusal(code, message)) => return Err(Box::new(refused(code, message))),
-    };
-    let Some(app) = shared.live().apps.by_key(&key).cloned() else {
-        let unknown = refused(protocol::codes::UNKNOWN_APP, "application does not exist");
-        return Err(Box::new(unknown));
-    };
-    let Some(quota) = shared
-        .quotas
-        .of(&app.id)
-        .connect(app.features.max_connections)
-    else {
-        metrics::counter!("herdgate_connections_refused_total", "reason" => "app_quota")
-            .increment(1);
-        return Err(Box::new(refused(
-            protocol::codes::OVER_QUOTA,
-            "Application is over connection quota",
-        )));
-    };
+    let (Checked { resume, .. }, (app, quota)) =
+        match check.and_then(|c| upgrade::session_app(shared, &c.key).map(|a| (c, a))) {
+            Ok(ok) => ok,
+            Err(PusherRefusal(code, message)) => return Err(Box::new(refused(code, message))),
+        };
     let (pipe, from_client) = Pipe::new();
     // Each session's requests hold HTTP connections, which count as
     // handshakes: half of those stay for websocket upgrades and the API.

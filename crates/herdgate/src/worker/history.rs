@@ -209,8 +209,8 @@ impl Histories {
             };
             if ring.events.front().is_some_and(|e| e.serial == serial) {
                 let freed = pop_front(ring);
-                kept.bytes -= freed;
-                kept.events -= 1;
+                kept.bytes = kept.bytes.saturating_sub(freed);
+                kept.events = kept.events.saturating_sub(1);
                 metrics::counter!("herdgate_history_evicted_total").increment(1);
                 if ring.events.is_empty() {
                     self.drop_ring(&room, None);
@@ -239,8 +239,8 @@ impl Histories {
 
     fn uncount(&mut self, app: &Arc<str>, bytes: usize, events: usize) {
         if let Some(kept) = self.apps.get_mut(app) {
-            kept.bytes -= bytes;
-            kept.events -= events;
+            kept.bytes = kept.bytes.saturating_sub(bytes);
+            kept.events = kept.events.saturating_sub(events);
         }
     }
 
