@@ -69,7 +69,7 @@ fn fan_out(c: &mut Criterion) {
         rt.spawn(async move {
             loop {
                 q.ready().await;
-                let (frames, _) = q.drain();
+                let frames = q.drain().frames;
                 q.written();
                 black_box(frames);
                 taken.add_permits(1);

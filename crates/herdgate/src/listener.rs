@@ -6,6 +6,7 @@
 //! slow or hostile client can delay only its own task, never the next accept.
 
 use crate::admission::IpPlace;
+use crate::outbound::{DirectSocket, SharedTcp};
 use crate::state::Shared;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,7 +68,8 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, acc
         let Some(_place) = handshake_place(&shared, peer) else {
             return;
         };
-        return tls_then_http(stream, peer, shared, deadline).await;
+        let stream = SharedTcp::new(stream);
+        return tls_then_http(stream.handle(), stream, peer, shared, deadline).await;
     }
     let header = tokio::time::timeout_at(deadline, crate::realaddr::read_header(&mut stream));
     let (client, rest) = match header.await {
@@ -87,8 +89,10 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, acc
     let Some(_place) = handshake_place(&shared, peer) else {
         return;
     };
+    let stream = SharedTcp::new(stream);
+    let direct = stream.handle();
     let stream = crate::realaddr::Rewind::new(rest, stream);
-    tls_then_http(stream, peer, shared, deadline).await
+    tls_then_http(direct, stream, peer, shared, deadline).await
 }
 
 /// A place among the connections `peer`'s IP has not yet upgraded, or
@@ -111,19 +115,30 @@ fn handshake_place(shared: &Shared, peer: SocketAddr) -> Option<Option<IpPlace>>
     }
 }
 
-async fn tls_then_http<I>(io: I, peer: SocketAddr, shared: Arc<Shared>, deadline: Instant)
-where
+/// `direct` is the socket under `io`: a plain connection's websocket lets
+/// rooms write it in place ([`crate::outbound::direct`]); TLS drops it.
+async fn tls_then_http<I>(
+    direct: DirectSocket,
+    io: I,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    deadline: Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(tls) = &shared.tls else {
-        return crate::http::serve_connection(io, peer, shared, deadline).await;
+        return crate::http::serve_connection(io, Some(direct), peer, shared, deadline).await;
     };
+    drop(direct);
     let tls_deadline = shared.live().config.tls.as_ref().map_or(deadline, |t| {
         deadline.min(Instant::now() + t.handshake_timeout.get())
     });
-    let handshake = Box::pin(tls.acceptor.accept(io));
+    let handshake = Box::pin(crate::tls::stream::TlsStream::accept(
+        tls.config.clone(),
+        io,
+    ));
     match tokio::time::timeout_at(tls_deadline, handshake).await {
-        Ok(Ok(stream)) => crate::http::serve_connection(stream, peer, shared, deadline).await,
+        Ok(Ok(stream)) => crate::http::serve_connection(stream, None, peer, shared, deadline).await,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             metrics::counter!("herdgate_tls_handshake_failures_total", "reason" => "error")

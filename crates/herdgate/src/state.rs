@@ -66,10 +66,10 @@ impl Live {
     }
 }
 
-/// TLS termination: the swappable certificate and the acceptor over it.
+/// TLS termination: the swappable certificate and the config over it.
 pub struct Tls {
     pub store: Arc<crate::tls::CertStore>,
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub config: Arc<rustls::ServerConfig>,
 }
 
 impl Shared {
@@ -80,9 +80,8 @@ impl Shared {
                     t.cert.as_ref(),
                     t.key.as_ref(),
                 )?);
-                let acceptor =
-                    tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store.clone())?);
-                Some(Tls { store, acceptor })
+                let config = crate::tls::server_config(store.clone())?;
+                Some(Tls { store, config })
             }
             None => None,
         };
@@ -192,14 +191,9 @@ impl Live {
     /// Websocket settings for a new socket.
     pub fn ws_config(&self) -> WebSocketConfig {
         let l = &self.config.limits;
+        // herdgate reads and writes its own frames (session::websocket,
+        // session::ws_reader): only the two limits are used.
         WebSocketConfig::default()
-            // Read buffer: sized for typical Pusher frames, not tungstenite's
-            // 128 KiB default, because it is allocated for every socket up front.
-            .read_buffer_size(512)
-            // herdgate writes its own frames (session::websocket); all
-            // tungstenite writes are pong and close replies it would send by
-            // itself, which go nowhere: eager, no buffer.
-            .write_buffer_size(0)
             .max_message_size(Some(l.max_message_bytes))
             .max_frame_size(Some(l.max_message_bytes))
     }

@@ -62,3 +62,27 @@ pub fn set_notsent_lowat(socket: &impl std::os::fd::AsRawFd, bytes: u32) {
         tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
     }
 }
+
+/// `shutdown(fd, SHUT_WR)`: the peer reads EOF after what was written.
+pub fn shutdown_write(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: shutdown takes a descriptor and a flag; a stale descriptor is an error, not UB.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the pointer we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}

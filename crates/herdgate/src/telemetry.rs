@@ -124,6 +124,10 @@ fn describe() {
         "Frames queued to sockets by room fan-out"
     );
     describe_counter!(
+        "herdgate_messages_written_in_place_total",
+        "Of the delivered frames, those a room wrote to an idle plain-TCP socket itself"
+    );
+    describe_counter!(
         "herdgate_outbound_overflows_total",
         "Frames refused because a socket's outbound queue was full"
     );

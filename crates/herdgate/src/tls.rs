@@ -144,6 +144,8 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>,
 
 /// A minimal DER reader for the one field herdgate needs: a certificate's
 /// `notAfter` (checked at load and reload). Public for the fuzz target.
+pub mod stream;
+
 pub mod der {
     /// One TLV: (tag, content, rest).
     fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {

@@ -14,6 +14,7 @@ mod xhr;
 
 pub use error::ApiError;
 
+use crate::outbound::DirectSocket;
 use crate::state::Shared;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -30,9 +31,11 @@ pub use body::Body;
 /// Serve one accepted connection (plain TCP or TLS) until it closes,
 /// upgrades or the server stops. Its first request head must arrive by
 /// `deadline` (the connection's accept-to-upgrade deadline); later heads on
-/// a keep-alive connection get the same length of time.
+/// a keep-alive connection get the same length of time. `direct`, for a
+/// plain TCP connection, goes with its websocket upgrade to the session.
 pub async fn serve_connection<I>(
     stream: I,
+    direct: Option<DirectSocket>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     deadline: tokio::time::Instant,
@@ -45,7 +48,14 @@ pub async fn serve_connection<I>(
         .map_response(count_status)
         .service_fn({
             let shared = shared.clone();
-            move |req| route(req, peer, shared.clone())
+            move |mut req: Request<Incoming>| {
+                if let Some(d) = &direct {
+                    if upgrade::is_websocket(&req) {
+                        req.extensions_mut().insert(d.clone());
+                    }
+                }
+                route(req, peer, shared.clone())
+            }
         });
     let mut builder = http1::Builder::new();
     builder

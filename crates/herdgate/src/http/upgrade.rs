@@ -14,6 +14,7 @@
 use super::error::jittered_retry_after;
 use super::{ApiError, Body};
 use crate::admission::{Limits, Refusal, SessionSlot};
+use crate::outbound::DirectSocket;
 use crate::protocol::{self, codes};
 use crate::session::{self, Session};
 use crate::state::Shared;
@@ -22,7 +23,6 @@ use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tracing::Instrument;
 
 /// Seconds a refused client is told to wait, at most.
 const RETRY_AFTER_MAX: u64 = 10;
@@ -162,6 +162,7 @@ pub fn handle(
     let ws_config = shared.live().ws_config();
 
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let direct = req.extensions_mut().remove::<DirectSocket>();
     drop(req);
     // The task's future is allocated once and lives as long as the socket,
     // sized by its largest state: the handshake steps are boxed so that
@@ -173,6 +174,7 @@ pub fn handle(
         peer,
         shared: shared.clone(),
         slot,
+        direct,
     });
     shared.tasks.spawn(session_task(handshake));
 
@@ -291,9 +293,75 @@ struct Handshake {
     peer: SocketAddr,
     shared: Arc<Shared>,
     slot: SessionSlot,
+    /// The plain TCP socket under the upgrade, for direct writes.
+    direct: Option<DirectSocket>,
+}
+
+/// The value of a box, freeing the box now rather than when its binding
+/// goes out of scope (for a task, at the end of the socket's life).
+#[allow(clippy::boxed_local)] // the point: the box is freed on return
+fn unbox<T>(b: Box<T>) -> T {
+    *b
+}
+
+/// What a websocket holds for its whole life besides its loop's own state:
+/// its socket (reader and writer), its session, and its places in the
+/// admission counts. One heap value, lent to the loop.
+struct Live {
+    reader: session::websocket::WsReader<TokioIo<hyper::upgrade::Upgraded>>,
+    writer: session::websocket::WsWriter<tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>>,
+    session: Session,
+    /// The session's log span (here rather than in the task's future).
+    span: tracing::Span,
+    _slot: SessionSlot,
+    _quota: crate::apps::ConnectionSlot,
 }
 
 async fn session_task(h: Box<Handshake>) {
+    // The upgrade and the checks run in their own (boxed, then freed)
+    // future, so the task keeps only what the loop needs.
+    let Some(mut live) = Box::pin(start(h)).await else {
+        return;
+    };
+    let Live {
+        reader,
+        writer,
+        session,
+        span,
+        ..
+    } = &mut *live;
+    InSpan {
+        span,
+        fut: session::run(reader, writer, session),
+    }
+    .await;
+}
+
+pin_project_lite::pin_project! {
+    /// `Instrument`, lending the span instead of holding it: every byte of
+    /// a session task's future is paid for by every idle socket.
+    struct InSpan<'a, F> {
+        span: &'a tracing::Span,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for InSpan<'_, F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.fut.poll(cx)
+    }
+}
+
+/// Finish the upgrade; a refused client is told why here.
+async fn start(h: Box<Handshake>) -> Option<Box<Live>> {
     let Handshake {
         on_upgrade,
         ws_config,
@@ -301,29 +369,38 @@ async fn session_task(h: Box<Handshake>) {
         peer,
         shared,
         slot,
-    } = *h;
-    let _slot = slot;
-    let upgraded = match Box::pin(on_upgrade).await {
+        direct,
+    } = unbox(h);
+    let upgraded = match on_upgrade.await {
         Ok(u) => u,
-        Err(e) => return tracing::debug!(%peer, error = %e, "upgrade failed"),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "upgrade failed");
+            return None;
+        }
     };
-    let io = TokioIo::new(upgraded);
-    // The long-lived values go to the heap once and are lent to the loop.
-    let mut ws = Box::new(Box::pin(session::websocket::server(io, ws_config)).await);
-    let (reader, writer) = &mut *ws;
-    let (Checked { resume, .. }, (app, _quota)) =
-        match check.and_then(|c| session_app(&shared, &c.key).map(|a| (c, a))) {
-            Ok(ok) => ok,
-            Err(PusherRefusal(code, message)) => {
-                return Box::pin(refuse_after_upgrade(reader, writer, code, message, peer)).await;
+    let (mut reader, mut writer) = session::websocket::server(TokioIo::new(upgraded), ws_config);
+    match check.and_then(|c| session_app(&shared, &c.key).map(|a| (c, a))) {
+        Ok((Checked { resume, .. }, (app, quota))) => {
+            let mut session = Session::new(shared, app);
+            session.resume_all = resume;
+            if let Some(socket) = direct {
+                session.write_directly(socket);
             }
-        };
-    let mut session = Box::new(Session::new(shared, app));
-    session.resume_all = resume;
-    let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);
-    session::run(reader, writer, &mut session)
-        .instrument(span)
-        .await;
+            let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);
+            Some(Box::new(Live {
+                reader,
+                writer,
+                session,
+                span,
+                _slot: slot,
+                _quota: quota,
+            }))
+        }
+        Err(PusherRefusal(code, message)) => {
+            refuse_after_upgrade(&mut reader, &mut writer, code, message, peer).await;
+            None
+        }
+    }
 }
 
 /// The Pusher way to refuse: `pusher:error` with the code, then a close with it.

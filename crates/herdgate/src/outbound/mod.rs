@@ -12,21 +12,54 @@
 //! the socket's bounds and process-wide — until the writer says they are
 //! written (`written`), so a stalled socket holds at most its bounds in all.
 //!
+//! A room's fan-out to a plain-TCP socket whose writer is idle and whose
+//! queue is empty writes the frame in place (`push_direct`, see [`direct`]):
+//! it goes to the kernel from the fan-out's thread, no task is woken, and
+//! only what the kernel does not take is queued. Rooms under a backlog,
+//! and everything else, `push`: frames wait and are written in batches by
+//! each socket's own task, on every core.
+//!
 //! Queued bytes are also counted process-wide (`OUTBOUND_BYTES`, sharded per
 //! thread so fan-out on many cores does not contend) for the load monitor.
 
 mod counter;
+pub mod direct;
 
 pub use counter::{ShardedCounter, OUTBOUND_BYTES};
+pub use direct::{DirectSocket, SharedTcp};
 
 use crate::protocol::{codes, Frame};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
+/// `herdgate_delivery_delay_seconds`: from a frame entering a socket's
+/// queue (or its room's fan-out, when written in place) to its write. One
+/// sample per write. Looked up once rather than per write.
+pub fn delivery_delay() -> &'static metrics::Histogram {
+    static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+    H.get_or_init(|| metrics::histogram!("herdgate_delivery_delay_seconds"))
+}
+
+/// Record `n` writes made in place, one after another, over `took` of a
+/// fan-out: their delays are spread evenly over it, so it is recorded as
+/// that spread (eight points) rather than sample by sample.
+pub fn record_in_place(took: std::time::Duration, n: u64) {
+    const POINTS: u64 = 8;
+    let h = delivery_delay();
+    let t = took.as_secs_f64();
+    let k = POINTS.min(n);
+    for i in 0..k {
+        let count = n / k + u64::from(i < n % k);
+        h.record_many(t * (i as f64 + 0.5) / k as f64, count as usize);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
     Queued,
+    /// Written to the socket in place (see [`direct`]): delivered, nothing queued.
+    Written,
     /// This push overflowed the queue; the socket is now being closed.
     Overflow,
     /// The socket was already closing; the frame was dropped.
@@ -49,13 +82,32 @@ struct State {
     close: Option<CloseOrder>,
     /// When the oldest queued frame arrived (for the delivery-delay histogram).
     oldest: Option<std::time::Instant>,
+    /// The socket, while its session allows direct writes.
+    direct: Option<DirectSocket>,
+    /// The writer is busy with something not from this queue (a pong):
+    /// no direct write may interleave with it. Cleared by `written`.
+    hold: bool,
+    /// Bytes of the first queued frame a direct write already sent.
+    sent: usize,
+}
+
+/// What the writer takes from the queue.
+pub struct Drained {
+    pub frames: VecDeque<Frame>,
+    /// Bytes of `frames[0]` already written (by a direct write).
+    pub sent: usize,
+    pub close: Option<CloseOrder>,
+    /// When the oldest of the frames was queued.
+    pub oldest: Option<std::time::Instant>,
 }
 
 pub struct Outbound {
     state: Mutex<State>,
     notify: Notify,
-    max_frames: usize,
-    max_bytes: usize,
+    /// The bounds, as u32 (a socket's queue of 4 GiB is beyond any use):
+    /// an idle socket pays for every byte of this struct.
+    max_frames: u32,
+    max_bytes: u32,
 }
 
 impl Outbound {
@@ -63,8 +115,8 @@ impl Outbound {
         Outbound {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
-            max_frames,
-            max_bytes,
+            max_frames: u32::try_from(max_frames).unwrap_or(u32::MAX),
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
         }
     }
 
@@ -74,20 +126,36 @@ impl Outbound {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Queue a frame for the socket's writer.
     pub fn push(&self, frame: &Frame) -> Push {
+        self.push_with(frame, false)
+    }
+
+    /// Hand a frame to the socket: written in place if its writer is idle
+    /// and its queue empty (plain TCP only), else queued. For room
+    /// fan-outs: a socket's own replies are queued, and written in batches
+    /// with whatever else is waiting (a client flooding its socket with
+    /// requests it does not read the answers to fills its receive buffer
+    /// far sooner with one segment per reply).
+    pub fn push_direct(&self, frame: &Frame) -> Push {
+        self.push_with(frame, true)
+    }
+
+    fn push_with(&self, frame: &Frame, direct: bool) -> Push {
         let mut s = self.lock();
         if s.close.is_some() {
             return Push::Closed;
         }
         let len = frame.len();
-        if s.queue.len() + s.in_flight.0 >= self.max_frames
-            || s.bytes + s.in_flight.1 + len > self.max_bytes
+        if s.queue.len() + s.in_flight.0 >= self.max_frames as usize
+            || s.bytes + s.in_flight.1 + len > self.max_bytes as usize
         {
             s.close = Some(CloseOrder {
                 code: codes::OVER_CAPACITY,
                 reason: "slow consumer: outbound queue full",
             });
             s.queue = VecDeque::new();
+            s.sent = 0;
             OUTBOUND_BYTES.add(-(s.bytes as i64));
             s.bytes = 0;
             drop(s);
@@ -95,6 +163,15 @@ impl Outbound {
             return Push::Overflow;
         }
         let was_empty = s.queue.is_empty();
+        if direct && was_empty && s.in_flight.0 == 0 && !s.hold {
+            if let Some(socket) = &s.direct {
+                match socket.write_frame(frame) {
+                    direct::Wrote::All => return Push::Written,
+                    direct::Wrote::Part(n) => s.sent = n,
+                    direct::Wrote::Nothing => {}
+                }
+            }
+        }
         if was_empty {
             s.oldest = Some(std::time::Instant::now());
         }
@@ -119,32 +196,45 @@ impl Outbound {
     }
 
     /// Take everything queued, and the close order if there is one.
-    pub fn drain(&self) -> (VecDeque<Frame>, Option<CloseOrder>) {
-        let (frames, close, _) = self.drain_timed();
-        (frames, close)
-    }
-
-    /// Like `drain`, with the time the oldest of the frames was queued.
-    pub fn drain_timed(
-        &self,
-    ) -> (
-        VecDeque<Frame>,
-        Option<CloseOrder>,
-        Option<std::time::Instant>,
-    ) {
+    pub fn drain(&self) -> Drained {
         let mut s = self.lock();
         let (frames, bytes) = (s.queue.len(), s.bytes);
         s.in_flight.0 += frames;
         s.in_flight.1 += bytes;
         s.bytes = 0;
-        (std::mem::take(&mut s.queue), s.close, s.oldest.take())
+        Drained {
+            frames: std::mem::take(&mut s.queue),
+            sent: std::mem::take(&mut s.sent),
+            close: s.close,
+            oldest: s.oldest.take(),
+        }
     }
 
-    /// Everything taken so far has been written: it no longer counts.
+    /// Everything taken so far has been written: it no longer counts, and
+    /// the writer is idle.
     pub fn written(&self) {
         let mut s = self.lock();
         OUTBOUND_BYTES.add(-(s.in_flight.1 as i64));
         s.in_flight = (0, 0);
+        s.hold = false;
+    }
+
+    /// Let pushes write to `socket` directly while the writer is idle.
+    pub fn attach(&self, socket: DirectSocket) {
+        self.lock().direct = Some(socket);
+    }
+
+    /// No more direct writes: the session is closing its socket (or ended).
+    pub fn detach(&self) {
+        let mut s = self.lock();
+        s.direct = None;
+        s.hold = true;
+    }
+
+    /// The writer starts something of its own (a pong): no direct writes
+    /// until it says `written`.
+    pub fn hold(&self) {
+        self.lock().hold = true;
     }
 
     /// Resolves when something was pushed or a close was ordered since the last drain.
@@ -156,9 +246,8 @@ impl Outbound {
     pub fn room(&self) -> (usize, usize) {
         let s = self.lock();
         (
-            self.max_frames
-                .saturating_sub(s.queue.len() + s.in_flight.0),
-            self.max_bytes.saturating_sub(s.bytes + s.in_flight.1),
+            (self.max_frames as usize).saturating_sub(s.queue.len() + s.in_flight.0),
+            (self.max_bytes as usize).saturating_sub(s.bytes + s.in_flight.1),
         )
     }
 
@@ -191,7 +280,7 @@ mod tests {
         assert_eq!(q.push(&f("b")), Push::Queued);
         assert_eq!(q.push(&f("c")), Push::Overflow);
         assert_eq!(q.push(&f("d")), Push::Closed);
-        let (frames, close) = q.drain();
+        let Drained { frames, close, .. } = q.drain();
         assert!(frames.is_empty(), "an overflowing queue is emptied");
         assert_eq!(close.unwrap().code, codes::OVER_CAPACITY);
     }
@@ -209,7 +298,7 @@ mod tests {
         let q = Outbound::new(3, 100);
         q.push(&f("1"));
         q.push(&f("2"));
-        let (frames, close) = q.drain();
+        let Drained { frames, close, .. } = q.drain();
         assert_eq!(
             frames.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
             ["1", "2"]

@@ -227,6 +227,10 @@ impl Session {
             .await
         {
             Ok(true) => {
+                // Most sockets hold one channel: room for exactly that first.
+                if self.channels.is_empty() {
+                    self.channels.reserve_exact(1);
+                }
                 self.channels.push(Channel { name, kind, user });
                 Ok(())
             }

@@ -13,6 +13,7 @@ mod handler;
 
 pub mod transport;
 pub mod websocket;
+mod ws_reader;
 pub mod xhr;
 
 use crate::apps::App;
@@ -150,6 +151,20 @@ impl Session {
     fn subscriber(&self) -> Subscriber {
         Subscriber::local(self.id, self.out.clone())
     }
+
+    /// Let rooms write this socket directly while its writer is idle
+    /// (plain TCP; see [`crate::outbound::direct`]).
+    pub fn write_directly(&self, socket: crate::outbound::DirectSocket) {
+        self.out.attach(socket);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // However the task ends, rooms still holding this socket's queue
+        // must not keep its stream open or write to it.
+        self.out.detach();
+    }
 }
 
 /// Run a session to its end, then release everything it held. `reader`
@@ -170,14 +185,14 @@ where
         activity.as_secs(),
     ));
     let end = session.serve(reader, writer).await;
+    // From here only the session writes: its close must not interleave.
+    session.out.detach();
     // One-shot teardown is boxed: a future is as large as its largest state.
-    Box::pin(finish(reader, writer, session, end)).await;
-    tracing::debug!(?end, "session ended");
-    end
+    Box::pin(finish(reader, writer, session, end)).await
 }
 
 /// Leave every room, then tell the client why (if we are the ones closing).
-async fn finish<R, T>(reader: &mut R, writer: &mut T, session: &mut Session, end: End)
+async fn finish<R, T>(reader: &mut R, writer: &mut T, session: &mut Session, end: End) -> End
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
     T: Transport,
@@ -192,12 +207,29 @@ where
         metrics::counter!("herdgate_connections_closed_total", "reason" => label).increment(1);
         // What the session queued last (a pusher:error explaining the close)
         // goes out before the close frame; a slow consumer's queue is empty.
-        let (frames, _) = session.out.drain();
-        writer.enqueue(frames);
+        let d = session.out.drain();
+        writer.enqueue_partial(d.frames, d.sent);
         close(reader, writer, code, reason).await;
     } else {
         metrics::counter!("herdgate_connections_closed_total", "reason" => "client").increment(1);
     }
+    tracing::debug!(?end, "session ended");
+    end
+}
+
+/// Hand what is queued (and a direct write's unfinished frame) to an idle
+/// writer; returns the close order, if one was given.
+fn take_queue<T: Transport>(
+    out: &Outbound,
+    writer: &mut T,
+    oldest: &mut Option<std::time::Instant>,
+) -> Option<CloseOrder> {
+    let d = out.drain();
+    if !d.frames.is_empty() {
+        writer.enqueue_partial(d.frames, d.sent);
+        *oldest = d.oldest;
+    }
+    d.close
 }
 
 /// What a poll of the writer found.
@@ -315,12 +347,7 @@ impl Session {
             let busy = writer.is_busy();
             tokio::select! {
                 _ = self.out.ready(), if !busy && closing.is_none() => {
-                    let (frames, order, t) = self.out.drain_timed();
-                    if !frames.is_empty() {
-                        writer.enqueue(frames);
-                        oldest = t;
-                    }
-                    closing = order;
+                    closing = take_queue(&self.out, writer, &mut oldest);
                     if !writer.is_busy() {
                         if let Some(order) = closing {
                             return end_for(order);
@@ -334,7 +361,7 @@ impl Session {
                             self.out.written();
                             // Queued → handed to the kernel, for the oldest frame of the batch.
                             if let Some(t) = oldest.take() {
-                                delivery_delay().record(t.elapsed().as_secs_f64());
+                                crate::outbound::delivery_delay().record(t.elapsed().as_secs_f64());
                             }
                             if let Some(order) = closing {
                                 return end_for(order);
@@ -381,10 +408,23 @@ impl Session {
                         Some(Ok(Message::Close(frame))) => {
                             // Answer the close handshake with the client's code.
                             let code = frame.map_or(1000, |f| u16::from(f.code));
-                            let _ = timeout(Duration::from_secs(1), writer.close(code, "")).await;
+                            self.out.detach();
+                            if !writer.is_busy() {
+                                take_queue(&self.out, writer, &mut oldest);
+                            }
+                            // Boxed: a rare step, kept out of the loop's future.
+                            let _ = Box::pin(timeout(Duration::from_secs(1), writer.close(code, ""))).await;
                             return End::PeerGone;
                         }
-                        Some(Ok(Message::Ping(payload))) => writer.pong(payload),
+                        Some(Ok(Message::Ping(payload))) => {
+                            // Rooms stop writing in place until the pong is
+                            // out, and a frame they left half-written goes first.
+                            self.out.hold();
+                            if !writer.is_busy() && closing.is_none() {
+                                closing = take_queue(&self.out, writer, &mut oldest);
+                            }
+                            writer.pong(payload);
+                        }
                         // Pongs (and raw frames) only count as activity.
                         Some(Ok(_)) => {}
                         Some(Err(e)) => return map_ws_error(e),
@@ -455,12 +495,6 @@ impl Session {
             }
         }
     }
-}
-
-/// The delivery-delay histogram, looked up once rather than per write.
-fn delivery_delay() -> &'static metrics::Histogram {
-    static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
-    H.get_or_init(|| metrics::histogram!("herdgate_delivery_delay_seconds"))
 }
 
 fn map_ws_error(e: WsError) -> End {
@@ -535,7 +569,7 @@ mod tests {
         let app = shared.live().apps.by_key("k").unwrap().clone();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {
-            let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default()).await;
+            let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default());
             let mut session = Session::new(shared, app);
             run(&mut reader, &mut writer, &mut session).await
         });

@@ -14,6 +14,14 @@ pub trait Transport {
     /// Take frames (in order) from the outbound queue, to be written after
     /// those already waiting.
     fn enqueue(&mut self, frames: VecDeque<Frame>);
+    /// Like `enqueue`, when the first `sent` bytes of `frames[0]` (its
+    /// header included) were already written by a direct write: the writer
+    /// is idle then, and starts after them. Only a websocket over plain TCP
+    /// is written directly.
+    fn enqueue_partial(&mut self, frames: VecDeque<Frame>, sent: usize) {
+        debug_assert_eq!(sent, 0, "this transport is never written directly");
+        self.enqueue(frames)
+    }
     /// Write what is waiting. `Ready(Ok)` once all of it is written and
     /// flushed; `Pending` while the peer is not taking bytes (the caller
     /// keeps the write deadline).

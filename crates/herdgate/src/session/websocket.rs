@@ -1,4 +1,4 @@
-//! A websocket, split: tungstenite reads (and validates) what the client
+//! A websocket, split: [`WsReader`] reads (and validates) what the client
 //! sends; herdgate writes its own frames.
 //!
 //! Why write frames ourselves: a server frame is a 2–10 byte header in
@@ -6,13 +6,14 @@
 //! encoded once and shared by the whole room. Writing header and payload
 //! with one vectored write sends the shared bytes as they are — no copy
 //! into a per-socket buffer — and nothing is buffered beyond the frames
-//! waiting in the socket's bounded outbound queue. tungstenite's own write
-//! buffer would copy every frame and keep its high-water capacity for the
-//! socket's lifetime, outside any count.
+//! waiting in the socket's bounded outbound queue. A generic websocket
+//! library's write buffer would copy every frame and keep its high-water
+//! capacity for the socket's lifetime, outside any count. Why read them
+//! ourselves: see [`super::ws_reader`].
 //!
-//! tungstenite reads through [`ReadOnly`], whose writes go nowhere: the
-//! session answers pings and closes itself, through [`WsWriter`], so the
-//! only writer of the socket is the session.
+//! The session answers pings and closes itself, through [`WsWriter`], so
+//! the only writer of the socket is the session (and, for an idle plain
+//! socket, the rooms writing in place: [`crate::outbound::direct`]).
 
 use super::transport::Transport;
 use crate::protocol::Frame;
@@ -21,9 +22,8 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
@@ -34,48 +34,27 @@ const BATCH: usize = 32;
 /// Bytes gathered into one write when the stream cannot write vectored.
 const COPY_BUF: usize = 16 * 1024;
 
-/// The read side tungstenite gets. It must implement `AsyncWrite`; what
-/// tungstenite would write on its own (automatic pong and close replies)
-/// is discarded, because the session writes those through [`WsWriter`].
-pub struct ReadOnly<T>(ReadHalf<T>);
-
-impl<T: AsyncRead> AsyncRead for ReadOnly<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<T> AsyncWrite for ReadOnly<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// What a websocket session reads from.
-pub type WsReader<T> = WebSocketStream<ReadOnly<T>>;
+pub type WsReader<T> = super::ws_reader::WsReader<ReadHalf<T>>;
 
-/// Split an upgraded (server-side) stream into the session's reader and writer.
-pub async fn server<T>(io: T, config: WebSocketConfig) -> (WsReader<T>, WsWriter<WriteHalf<T>>)
+/// Split an upgraded (server-side) stream into the session's reader and
+/// writer. `config` gives the largest frame and message the reader takes.
+pub fn server<T>(io: T, config: WebSocketConfig) -> (WsReader<T>, WsWriter<WriteHalf<T>>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let (rd, wr) = tokio::io::split(io);
-    let reader = WebSocketStream::from_raw_socket(ReadOnly(rd), Role::Server, Some(config)).await;
+    let reader = super::ws_reader::WsReader::new(
+        rd,
+        config.max_frame_size.unwrap_or(usize::MAX),
+        config.max_message_size.unwrap_or(usize::MAX),
+    );
     (reader, WsWriter::new(wr))
+}
+
+/// The header of an unmasked server text frame; returns its length.
+pub(crate) fn text_header(len: usize, out: &mut [u8; 10]) -> usize {
+    header(OP_TEXT, len, out)
 }
 
 /// The header of an unmasked server frame: FIN + opcode, then the length.
@@ -138,10 +117,12 @@ impl Out {
 pub struct WsWriter<W> {
     io: W,
     queue: VecDeque<Frame>,
-    /// The control frame being written (`sent` counts its bytes).
-    control: Option<Out>,
+    /// The control frame being written (`sent` counts its bytes). Boxed,
+    /// like the next one: they are rare, and the writer lives as long as
+    /// the socket.
+    control: Option<Box<Out>>,
     /// A control frame waiting for the data frame in progress to end.
-    control_next: Option<Out>,
+    control_next: Option<Box<Out>>,
     /// Bytes of the frame in progress (`control`, else `queue[0]`) already written.
     sent: usize,
 }
@@ -271,7 +252,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     /// Write one control frame after whatever is queued, then flush.
     async fn write_control(&mut self, opcode: u8, payload: Bytes) -> io::Result<()> {
         std::future::poll_fn(|cx| self.poll_send(cx)).await?;
-        self.control_next = Some(Out::new(opcode, payload));
+        self.control_next = Some(Box::new(Out::new(opcode, payload)));
         std::future::poll_fn(|cx| self.poll_send(cx)).await
     }
 }
@@ -294,6 +275,17 @@ impl<W: AsyncWrite + Unpin> Transport for WsWriter<W> {
         }
     }
 
+    fn enqueue_partial(&mut self, frames: VecDeque<Frame>, sent: usize) {
+        if sent > 0 {
+            debug_assert!(
+                !self.is_busy() && self.sent == 0,
+                "direct writes only reach an idle writer"
+            );
+            self.sent = sent;
+        }
+        self.enqueue(frames)
+    }
+
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.is_busy() {
             ready!(self.poll_write_some(cx))?;
@@ -305,7 +297,7 @@ impl<W: AsyncWrite + Unpin> Transport for WsWriter<W> {
 
     fn pong(&mut self, payload: Bytes) {
         // A newer ping's pong replaces one not yet started (RFC 6455 §5.5.3).
-        self.control_next = Some(Out::new(OP_PONG, payload));
+        self.control_next = Some(Box::new(Out::new(OP_PONG, payload)));
     }
 
     async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
@@ -320,7 +312,9 @@ impl<W: AsyncWrite + Unpin> Transport for WsWriter<W> {
 mod tests {
     use super::*;
     use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
 
     #[test]
     fn headers_for_every_length_class() {
@@ -377,6 +371,120 @@ mod tests {
         fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.inner).poll_shutdown(cx)
         }
+    }
+
+    /// Rooms writing in place and the session's writer share one real TCP
+    /// socket: frames stay whole and in order across a write the kernel
+    /// took only part of, a pong, and the return to writing in place.
+    #[tokio::test]
+    async fn direct_writes_and_the_writer_share_a_socket_in_order() {
+        use crate::outbound::{Outbound, Push, SharedTcp};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let shared = SharedTcp::new(server);
+        let out = Outbound::new(1_000_000, 1 << 30);
+        out.attach(shared.handle());
+        let (_rd, wr) = tokio::io::split(shared);
+        let mut w = WsWriter::new(wr);
+
+        let mut want: Vec<String> = Vec::new();
+        let mut push = |text: String| {
+            let p = out.push_direct(&Frame::from(text.clone()));
+            want.push(text);
+            p
+        };
+        for i in 0..10 {
+            assert_eq!(
+                push(format!("small {i}")),
+                Push::Written,
+                "an idle socket is written in place"
+            );
+        }
+        // The client reads nothing yet: the kernel's buffers fill, and the
+        // first frame it does not take whole is queued (part-written or not).
+        let big = |i: usize| format!("{i}:{}", "x".repeat(50_000));
+        let mut i = 0;
+        loop {
+            let p = push(big(i));
+            i += 1;
+            if p == Push::Queued {
+                break;
+            }
+            assert_eq!(p, Push::Written);
+            assert!(i < 100_000, "the socket never filled");
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                push(big(i)),
+                Push::Queued,
+                "behind a queued frame, never in place"
+            );
+            i += 1;
+        }
+        // A ping arrives: the session holds off direct writes, takes the
+        // queue (with what the kernel already has of its first frame), pongs.
+        out.hold();
+        let d = out.drain();
+        // The write before fitted whole, so the kernel had room for part of
+        // this one (Linux takes what fits into a non-full send buffer).
+        assert!(d.sent > 0, "the kernel took part of the first queued frame");
+        w.enqueue_partial(d.frames, d.sent);
+        w.pong(Bytes::from_static(b"p"));
+        assert_eq!(push("while writing".into()), Push::Queued);
+
+        let reader = tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+            let (mut texts, mut pongs) = (Vec::new(), 0);
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Text(t) => texts.push(t.as_str().to_string()),
+                    Message::Pong(p) => {
+                        assert_eq!(&p[..], b"p");
+                        pongs += 1;
+                    }
+                    Message::Close(_) => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            (texts, pongs)
+        });
+        std::future::poll_fn(|cx| w.poll_send(cx)).await.unwrap();
+        out.written();
+        let d = out.drain();
+        w.enqueue_partial(d.frames, d.sent);
+        std::future::poll_fn(|cx| w.poll_send(cx)).await.unwrap();
+        out.written();
+        // Idle again: back to writing in place (once the kernel has room).
+        let mut last = Push::Queued;
+        for _ in 0..1000 {
+            let d = out.drain();
+            if !d.frames.is_empty() {
+                w.enqueue_partial(d.frames, d.sent);
+                std::future::poll_fn(|cx| w.poll_send(cx)).await.unwrap();
+                out.written();
+            }
+            last = push("after".into());
+            if last == Push::Written {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            last,
+            Push::Written,
+            "an idle writer lets rooms write in place again"
+        );
+        let d = out.drain();
+        w.enqueue_partial(d.frames, d.sent);
+        out.detach();
+        w.close(1000, "").await.unwrap();
+        let (texts, pongs) = reader.await.unwrap();
+        assert_eq!(pongs, 1);
+        assert_eq!(texts.len(), want.len());
+        assert!(texts == want, "every frame whole and in order");
     }
 
     #[tokio::test]

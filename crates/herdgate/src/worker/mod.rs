@@ -23,7 +23,7 @@ use crate::outbound::{CloseOrder, Outbound};
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, Shed};
 use crate::webhook::{Debounce, Event, Hooks, Kind, Pending};
-use room::{Joined, Room};
+use room::{Joined, Room, To};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,6 +237,7 @@ fn spawn(
         idem: Default::default(),
         counts: Default::default(),
         watchers: HashMap::new(),
+        direct: true,
     };
     tokio::spawn(worker.run(rx));
     tx
@@ -265,6 +266,9 @@ struct Worker {
     counts: parity::Counts,
     /// Per user (keyed like `users`): the sockets watching them.
     watchers: HashMap<RoomKey, HashMap<ConnId, Target>>,
+    /// Fan-outs may write idle sockets in place: no backlog in the mailbox
+    /// (see [`crate::outbound::direct`]).
+    direct: bool,
 }
 
 impl Worker {
@@ -281,7 +285,13 @@ impl Worker {
             let waiting = !self.debounce.is_empty();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => {
+                        // With more work waiting, fan-outs queue rather than
+                        // write in place: the sockets' own tasks then write
+                        // batches, on every core, while this one moves on.
+                        self.direct = rx.is_empty();
+                        self.handle(cmd)
+                    }
                     None => break,
                 },
                 _ = sleep_until_opt(next_flush) => {
@@ -352,7 +362,17 @@ impl Worker {
                     None => (0, None),
                 };
                 let d = match self.rooms.get(&room) {
-                    Some(r) => r.fan_out(&room, &frame, exclude, None, ack_id, serial),
+                    Some(r) => r.fan_out(
+                        &room,
+                        &frame,
+                        To {
+                            exclude,
+                            ack_id,
+                            serial,
+                            direct: self.direct,
+                            ..To::default()
+                        },
+                    ),
                     None => Delivery::default(),
                 };
                 record(&d);
@@ -569,7 +589,16 @@ impl Worker {
                 // History keeps what was sent: the latest of the interval.
                 let serial = self.keep(&key, &frame);
                 if let Some(room) = self.rooms.get(&key) {
-                    record(&room.fan_out(&key, &frame, exclude, None, 0, serial));
+                    record(&room.fan_out(
+                        &key,
+                        &frame,
+                        To {
+                            exclude,
+                            serial,
+                            direct: self.direct,
+                            ..To::default()
+                        },
+                    ));
                 }
             }
         }
@@ -658,7 +687,15 @@ impl Worker {
                                 &user,
                                 room.member_info(&user),
                             );
-                            record(&room.fan_out(&key, &added, None, Some(&user), 0, None));
+                            record(&room.fan_out(
+                                &key,
+                                &added,
+                                To {
+                                    except_user: Some(&user),
+                                    direct: self.direct,
+                                    ..To::default()
+                                },
+                            ));
                         }
                     }
                     None => {
@@ -706,10 +743,7 @@ impl Worker {
                 record(&room.fan_out(
                     &key,
                     &protocol::member_removed(&key.channel, user),
-                    None,
-                    None,
-                    0,
-                    None,
+                    To::direct(self.direct),
                 ));
             } else {
                 crate::overload::shed("presence_member_event");
@@ -747,10 +781,7 @@ impl Worker {
                 record(&room.fan_out(
                     key,
                     &protocol::member_removed(&key.channel, &user),
-                    None,
-                    None,
-                    0,
-                    None,
+                    To::direct(self.direct),
                 ));
                 removed.push((key.clone(), user));
             }
@@ -945,7 +976,15 @@ impl Worker {
         if let Some(id) = joined {
             r.push_to(room, id, &frame);
         }
-        record(&r.fan_out(room, &frame, joined, None, 0, None));
+        record(&r.fan_out(
+            room,
+            &frame,
+            To {
+                exclude: joined,
+                direct: self.direct,
+                ..To::default()
+            },
+        ));
         if self.wants(room, Kind::SubscriptionCount).is_some() {
             self.emit(room, Event::subscription_count(&room.channel, n));
         }
@@ -1082,6 +1121,9 @@ fn info(r: &Room) -> RoomInfo {
 fn record(d: &Delivery) {
     if d.queued > 0 {
         metrics::counter!("herdgate_messages_delivered_total").increment(d.queued);
+    }
+    if d.written > 0 {
+        metrics::counter!("herdgate_messages_written_in_place_total").increment(d.written);
     }
     if d.overflowed > 0 {
         metrics::counter!("herdgate_outbound_overflows_total").increment(d.overflowed);

@@ -1,0 +1,561 @@
+//! The read side of a server websocket (RFC 6455 §5), holding no buffer
+//! while the client is quiet.
+//!
+//! Why not tungstenite's reader: it keeps a read buffer for the socket's
+//! whole life (and its high-water capacity after a large message), two
+//! waker proxies and its protocol state — about a kilobyte per idle socket,
+//! a third of what an idle herdgate socket costs. Pusher clients send a few
+//! small messages and then mostly nothing, so this reader reads into the
+//! stack and keeps bytes on the heap only while a frame is incomplete (or a
+//! second one arrived with it), and gives that memory back as soon as the
+//! frames are taken.
+//!
+//! What it checks, as tungstenite did (and answers with the same errors, so
+//! the session's close codes are unchanged): frames from a client must be
+//! masked; no reserved bits (no extension is negotiated); known opcodes
+//! only; control frames unfragmented and at most 125 bytes; continuation
+//! frames only inside a fragmented message and data frames never inside
+//! one; every frame and message within `max_frame_size` /
+//! `max_message_size`; text is UTF-8; a close carries nothing, or a code and
+//! a UTF-8 reason (a code not allowed on the wire reads as 1002). After a
+//! close, or at the end of the stream, it yields nothing more.
+
+use bytes::Bytes;
+use futures_util::Stream;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Bytes read from the socket per read, into the stack.
+const READ_CHUNK: usize = 4096;
+
+const OP_CONTINUE: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+pub struct WsReader<R> {
+    io: R,
+    /// Read but not yet taken: an incomplete frame, or frames after the
+    /// one just returned. Empty (no allocation) while the client is quiet.
+    pending: Vec<u8>,
+    /// A fragmented message in progress: text or not, and its payload so
+    /// far (boxed: rare, and the reader lives as long as the socket).
+    message: Option<Box<(bool, Vec<u8>)>>,
+    max_frame: usize,
+    max_message: usize,
+    /// A close was read, the stream ended, or an error was returned.
+    done: bool,
+}
+
+/// One complete frame at the front of a buffer.
+struct Head {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    /// Header bytes, then payload bytes.
+    header: usize,
+    len: usize,
+}
+
+impl<R: AsyncRead + Unpin> WsReader<R> {
+    pub fn new(io: R, max_frame: usize, max_message: usize) -> WsReader<R> {
+        WsReader {
+            io,
+            pending: Vec::new(),
+            message: None,
+            max_frame,
+            max_message,
+            done: false,
+        }
+    }
+
+    /// Take one frame from the front of `buf`, if it is all there; what it
+    /// means (a message, or nothing yet) and how many bytes it used.
+    fn take(&mut self, buf: &[u8]) -> Result<Option<(usize, Option<Message>)>, Error> {
+        let Some(h) = parse_head(buf, self.max_frame)? else {
+            return Ok(None);
+        };
+        let used = h.header + h.len;
+        let mut payload = buf[h.header..used].to_vec();
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= h.mask[i % 4];
+        }
+        let message = match h.opcode {
+            OP_PING => Some(Message::Ping(Bytes::from(payload))),
+            OP_PONG => Some(Message::Pong(Bytes::from(payload))),
+            OP_CLOSE => {
+                self.done = true;
+                Some(Message::Close(close_frame(payload)?))
+            }
+            OP_TEXT | OP_BINARY => {
+                if self.message.is_some() {
+                    let data = if h.opcode == OP_TEXT {
+                        Data::Text
+                    } else {
+                        Data::Binary
+                    };
+                    return Err(ProtocolError::ExpectedFragment(data).into());
+                }
+                let text = h.opcode == OP_TEXT;
+                if h.fin {
+                    Some(complete(text, payload)?)
+                } else {
+                    self.check_size(payload.len())?;
+                    self.message = Some(Box::new((text, payload)));
+                    None
+                }
+            }
+            OP_CONTINUE => {
+                let Some(m) = &mut self.message else {
+                    return Err(ProtocolError::UnexpectedContinueFrame.into());
+                };
+                let size = m.1.len() + payload.len();
+                if size > self.max_message {
+                    return Err(too_long(size, self.max_message));
+                }
+                m.1.extend_from_slice(&payload);
+                if h.fin {
+                    let (text, whole) = *self.message.take().expect("checked above");
+                    Some(complete(text, whole)?)
+                } else {
+                    None
+                }
+            }
+            _ => unreachable!("parse_head refuses other opcodes"),
+        };
+        Ok(Some((used, message)))
+    }
+
+    fn check_size(&self, size: usize) -> Result<(), Error> {
+        if size > self.max_message {
+            return Err(too_long(size, self.max_message));
+        }
+        Ok(())
+    }
+
+    /// The next message from what is already read, if there is one.
+    fn next_pending(&mut self) -> Result<Option<Message>, Error> {
+        while !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            let step = self.take(&pending);
+            self.pending = pending;
+            match step? {
+                None => return Ok(None),
+                Some((used, message)) => {
+                    if used == self.pending.len() {
+                        // Everything taken: give the memory back.
+                        self.pending = Vec::new();
+                    } else {
+                        self.pending.drain(..used);
+                    }
+                    if message.is_some() {
+                        return Ok(message);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if let Some(m) = self.next_pending().transpose() {
+                return Poll::Ready(Some(m));
+            }
+            let mut stack = [0u8; READ_CHUNK];
+            let mut rb = ReadBuf::new(&mut stack);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb)).map_err(Error::Io)?;
+            let read = rb.filled();
+            if read.is_empty() {
+                // The peer went away, with or without a close.
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            if !self.pending.is_empty() {
+                // Bytes are appended only behind an incomplete frame, whose
+                // size parse_head has checked: one frame and a chunk at most.
+                let bound = self.max_frame.saturating_add(14 + READ_CHUNK);
+                if self.pending.len() + read.len() > bound {
+                    return Poll::Ready(Some(Err(too_long(self.pending.len(), bound))));
+                }
+                self.pending.extend_from_slice(read);
+                continue;
+            }
+            // The common case: whole frames in what was just read, taken
+            // straight from the stack; only a remainder goes to the heap.
+            let mut at = 0;
+            while at < read.len() {
+                match self.take(&read[at..])? {
+                    None => break,
+                    Some((used, message)) => {
+                        at += used;
+                        if let Some(m) = message {
+                            if at < read.len() && !self.done {
+                                self.pending = read[at..].to_vec();
+                            }
+                            return Poll::Ready(Some(Ok(m)));
+                        }
+                    }
+                }
+            }
+            if at < read.len() {
+                self.pending = read[at..].to_vec();
+            }
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> Stream for WsReader<R> {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let next = this.poll_message(cx);
+        if matches!(next, Poll::Ready(Some(Err(_)))) {
+            this.done = true;
+        }
+        if this.done {
+            // Nothing more will be read: whatever followed is dropped.
+            this.pending = Vec::new();
+            this.message = None;
+        }
+        next
+    }
+}
+
+/// The header of the frame at the front of `buf`, once the whole frame is there.
+fn parse_head(buf: &[u8], max_frame: usize) -> Result<Option<Head>, Error> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(ProtocolError::NonZeroReservedBits.into());
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0F;
+    match opcode {
+        OP_CONTINUE | OP_TEXT | OP_BINARY => {}
+        OP_CLOSE | OP_PING | OP_PONG => {
+            if !fin {
+                return Err(ProtocolError::FragmentedControlFrame.into());
+            }
+            if b1 & 0x7F > 125 {
+                return Err(ProtocolError::ControlFrameTooBig.into());
+            }
+        }
+        3..=7 => return Err(ProtocolError::UnknownDataFrameType(opcode).into()),
+        _ => return Err(ProtocolError::UnknownControlFrameType(opcode).into()),
+    }
+    if b1 & 0x80 == 0 {
+        return Err(ProtocolError::UnmaskedFrameFromClient.into());
+    }
+    let (len, at) =
+        match b1 & 0x7F {
+            126 => {
+                if buf.len() < 4 {
+                    return Ok(None);
+                }
+                (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4)
+            }
+            127 => {
+                if buf.len() < 10 {
+                    return Ok(None);
+                }
+                let n = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+                if n >> 63 != 0 {
+                    return Err(ProtocolError::InvalidHeader(Box::new(
+                        http::HeaderName::from_static("payload-length"),
+                    ))
+                    .into());
+                }
+                (n, 10)
+            }
+            n => (n as u64, 2),
+        };
+    if len > max_frame as u64 {
+        return Err(too_long(
+            usize::try_from(len).unwrap_or(usize::MAX),
+            max_frame,
+        ));
+    }
+    let len = len as usize;
+    if buf.len() < at + 4 {
+        return Ok(None);
+    }
+    let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
+    let header = at + 4;
+    if buf.len() < header + len {
+        return Ok(None);
+    }
+    Ok(Some(Head {
+        fin,
+        opcode,
+        mask,
+        header,
+        len,
+    }))
+}
+
+fn too_long(size: usize, max_size: usize) -> Error {
+    Error::Capacity(CapacityError::MessageTooLong { size, max_size })
+}
+
+fn complete(text: bool, payload: Vec<u8>) -> Result<Message, Error> {
+    if !text {
+        return Ok(Message::Binary(Bytes::from(payload)));
+    }
+    match String::from_utf8(payload) {
+        Ok(s) => Ok(Message::Text(Utf8Bytes::from(s))),
+        Err(e) => Err(Error::Utf8(e.to_string())),
+    }
+}
+
+fn close_frame(payload: Vec<u8>) -> Result<Option<CloseFrame>, Error> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(ProtocolError::InvalidCloseSequence.into()),
+        _ => {
+            let code = CloseCode::from(u16::from_be_bytes([payload[0], payload[1]]));
+            let reason =
+                String::from_utf8(payload[2..].to_vec()).map_err(|e| Error::Utf8(e.to_string()))?;
+            Ok(Some(if code.is_allowed() {
+                CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from(reason),
+                }
+            } else {
+                CloseFrame {
+                    code: CloseCode::Protocol,
+                    reason: Utf8Bytes::from_static("Protocol violation"),
+                }
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    /// A client frame, masked, encoded here independently of the reader.
+    fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 0xFFFF {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// What the reader makes of `bytes`, written in chunks of `chunk`.
+    async fn read_all(bytes: Vec<u8>, chunk: usize, max: usize) -> Vec<Result<Message, Error>> {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(async move {
+            for part in bytes.chunks(chunk.max(1)) {
+                a.write_all(part).await.unwrap();
+            }
+        });
+        let mut r = WsReader::new(b, max, max);
+        let mut got = Vec::new();
+        while let Some(m) = r.next().await {
+            let err = m.is_err();
+            got.push(m);
+            if err {
+                break;
+            }
+        }
+        writer.await.unwrap();
+        assert!(
+            r.pending.capacity() == 0 && r.message.is_none(),
+            "nothing kept at the end"
+        );
+        got
+    }
+
+    fn texts(got: &[Result<Message, Error>]) -> Vec<String> {
+        got.iter()
+            .filter_map(|m| match m {
+                Ok(Message::Text(t)) => Some(t.as_str().to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn reads_what_a_tungstenite_client_sends() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let big = "é".repeat(40_000);
+        let sent = big.clone();
+        let client = tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+            ws.send(Message::text("hello")).await.unwrap();
+            ws.send(Message::text(sent)).await.unwrap();
+            ws.send(Message::Ping(Bytes::from_static(b"p")))
+                .await
+                .unwrap();
+            ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+            ws.close(None).await.unwrap();
+        });
+        let mut r = WsReader::new(b, 1 << 20, 1 << 20);
+        let mut got = Vec::new();
+        while let Some(m) = r.next().await {
+            got.push(m.unwrap());
+            if r.pending.is_empty() {
+                assert_eq!(r.pending.capacity(), 0, "no buffer kept between messages");
+            }
+        }
+        client.await.unwrap();
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(got[0], Message::text("hello"));
+        assert_eq!(got[1], Message::text(big));
+        assert_eq!(got[2], Message::Ping(Bytes::from_static(b"p")));
+        assert_eq!(got[3], Message::binary(vec![1, 2, 3]));
+        assert!(matches!(&got[4], Message::Close(_)));
+    }
+
+    #[tokio::test]
+    async fn frames_split_anywhere_or_packed_together_read_the_same() {
+        let mut bytes = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..50 {
+            let t = format!("{i}:{}", "x".repeat(i * 37));
+            bytes.extend(masked(true, OP_TEXT, t.as_bytes()));
+            want.push(t);
+        }
+        // A fragmented message with a ping between its fragments.
+        bytes.extend(masked(false, OP_TEXT, b"frag"));
+        bytes.extend(masked(true, OP_PING, b"mid"));
+        bytes.extend(masked(false, OP_CONTINUE, b"men"));
+        bytes.extend(masked(true, OP_CONTINUE, b"ted"));
+        want.push("fragmented".into());
+        bytes.extend(masked(true, OP_CLOSE, &[0x03, 0xE8, b'o', b'k']));
+        bytes.extend(masked(true, OP_TEXT, b"after the close: never read"));
+        for chunk in [1, 3, 7, 100, 4096, 1 << 20] {
+            let got = read_all(bytes.clone(), chunk, 1 << 20).await;
+            assert_eq!(texts(&got), want, "chunk {chunk}");
+            assert!(got
+                .iter()
+                .any(|m| matches!(m, Ok(Message::Ping(p)) if &p[..] == b"mid")));
+            match got.last() {
+                Some(Ok(Message::Close(Some(c)))) => {
+                    assert_eq!(u16::from(c.code), 1000);
+                    assert_eq!(c.reason.as_str(), "ok");
+                }
+                other => panic!("chunk {chunk}: ended with {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_refused_as_tungstenite_did() {
+        let unmasked = vec![0x81, 0x02, b'h', b'i'];
+        let mut rsv = masked(true, OP_TEXT, b"x");
+        rsv[0] |= 0x40;
+        type Case = (&'static str, Vec<u8>, fn(&Error) -> bool);
+        let cases: Vec<Case> = vec![
+            ("unmasked", unmasked, |e| {
+                matches!(e, Error::Protocol(ProtocolError::UnmaskedFrameFromClient))
+            }),
+            ("reserved bit", rsv, |e| {
+                matches!(e, Error::Protocol(ProtocolError::NonZeroReservedBits))
+            }),
+            ("data opcode 3", masked(true, 3, b""), |e| {
+                matches!(e, Error::Protocol(ProtocolError::UnknownDataFrameType(3)))
+            }),
+            ("control opcode 11", masked(true, 0xB, b""), |e| {
+                matches!(
+                    e,
+                    Error::Protocol(ProtocolError::UnknownControlFrameType(0xB))
+                )
+            }),
+            ("fragmented ping", masked(false, OP_PING, b""), |e| {
+                matches!(e, Error::Protocol(ProtocolError::FragmentedControlFrame))
+            }),
+            ("126-byte ping", masked(true, OP_PING, &[0; 126]), |e| {
+                matches!(e, Error::Protocol(ProtocolError::ControlFrameTooBig))
+            }),
+            ("lone continuation", masked(true, OP_CONTINUE, b"x"), |e| {
+                matches!(e, Error::Protocol(ProtocolError::UnexpectedContinueFrame))
+            }),
+            (
+                "text inside a fragmented message",
+                [masked(false, OP_TEXT, b"a"), masked(true, OP_TEXT, b"b")].concat(),
+                |e| matches!(e, Error::Protocol(ProtocolError::ExpectedFragment(_))),
+            ),
+            (
+                "frame over the limit",
+                masked(true, OP_TEXT, &[b'a'; 1001]),
+                |e| matches!(e, Error::Capacity(_)),
+            ),
+            (
+                "message over the limit in fragments",
+                [
+                    masked(false, OP_TEXT, &[b'a'; 600]),
+                    masked(true, OP_CONTINUE, &[b'a'; 600]),
+                ]
+                .concat(),
+                |e| matches!(e, Error::Capacity(_)),
+            ),
+            ("invalid UTF-8", masked(true, OP_TEXT, &[0xC3, 0x28]), |e| {
+                matches!(e, Error::Utf8(_))
+            }),
+            ("one-byte close", masked(true, OP_CLOSE, &[3]), |e| {
+                matches!(e, Error::Protocol(ProtocolError::InvalidCloseSequence))
+            }),
+            (
+                "close reason not UTF-8",
+                masked(true, OP_CLOSE, &[3, 0xE8, 0xFF]),
+                |e| matches!(e, Error::Utf8(_)),
+            ),
+            (
+                "a 2^63 length",
+                [vec![0x81, 0xFF], vec![0x80; 8], vec![0; 4]].concat(),
+                |e| matches!(e, Error::Protocol(_)),
+            ),
+        ];
+        for (name, bytes, is) in cases {
+            let got = read_all(bytes, 2, 1000).await;
+            match got.last() {
+                Some(Err(e)) => assert!(is(e), "{name}: got {e:?}"),
+                other => panic!("{name}: expected an error, got {other:?}"),
+            }
+        }
+        // A close with a code not allowed on the wire reads as 1002.
+        let got = read_all(masked(true, OP_CLOSE, &1005u16.to_be_bytes()), 2, 1000).await;
+        assert!(
+            matches!(&got[..], [Ok(Message::Close(Some(c)))] if u16::from(c.code) == 1002),
+            "{got:?}"
+        );
+        // An empty close, then nothing.
+        let got = read_all(masked(true, OP_CLOSE, b""), 2, 1000).await;
+        assert!(matches!(&got[..], [Ok(Message::Close(None))]), "{got:?}");
+        // The stream ending mid-frame is the end, not a message.
+        let mut cut = masked(true, OP_TEXT, b"never finished");
+        cut.truncate(9);
+        assert!(read_all(cut, 2, 1000).await.is_empty());
+    }
+}

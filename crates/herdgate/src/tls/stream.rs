@@ -1,0 +1,539 @@
+//! A server TLS stream over rustls's unbuffered API, holding no buffer while
+//! the connection is quiet.
+//!
+//! Why not tokio-rustls: its `ServerConnection` keeps a 4 KiB receive
+//! buffer (and the capacity of its other queues) for the connection's whole
+//! life, half of what an idle TLS websocket costs. Here the caller's side
+//! owns the bytes: what arrived but is not a whole record yet, what is
+//! encrypted but not yet written, and what is decrypted but not yet read
+//! are three vectors, each freed as soon as it is empty. A quiet socket
+//! keeps only rustls's connection state (keys, sequence numbers).
+//!
+//! Bounds: at most one TLS record (plus the records rustls sends on its
+//! own: tickets, key updates, alerts) waits to be written, because a write
+//! first finishes the previous one; received bytes are taken one record at
+//! a time and a connection whose peer sends more than [`MAX_INCOMING`]
+//! without completing a record is an error.
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes read from the socket per read, into the stack.
+const READ_CHUNK: usize = 4096;
+/// The largest record on the wire is 16 KiB of payload plus 256 bytes of
+/// expansion and a 5-byte header; this leaves room for two.
+const MAX_INCOMING: usize = 2 * (16 * 1024 + 256 + 5);
+/// Plaintext encrypted per record (the TLS maximum).
+const MAX_PLAINTEXT: usize = 16 * 1024;
+
+pub struct TlsStream<IO> {
+    io: IO,
+    /// Boxed: rustls's state is large, and this stream is moved (into
+    /// hyper, into the upgrade) after the handshake.
+    conn: Box<UnbufferedServerConnection>,
+    /// Received, not yet a whole record.
+    incoming: Vec<u8>,
+    /// Encrypted, not yet written.
+    outgoing: Vec<u8>,
+    /// Decrypted, not yet read (`plain[plain_at..]`).
+    plain: Vec<u8>,
+    plain_at: usize,
+    /// The peer closed (close_notify, or the socket ended).
+    eof: bool,
+    /// Our close_notify is queued.
+    closing: bool,
+}
+
+/// What one round of record processing did.
+enum Step {
+    /// Decrypted data was added to `plain`.
+    Data,
+    /// rustls encoded something of its own (handshake, ticket, alert) into
+    /// `outgoing`, or said it may be sent: go on.
+    Progress,
+    /// Nothing more to do with what has arrived: read more.
+    NeedInput,
+    /// The handshake is done and nothing is pending.
+    Idle,
+    /// The peer closed the TLS session.
+    Closed,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Append what `f` writes to `out`, growing it to the size rustls asks for.
+fn append<E>(
+    out: &mut Vec<u8>,
+    guess: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    size: impl Fn(&E) -> Option<usize>,
+    err: impl Fn(E) -> io::Error,
+) -> io::Result<()> {
+    let start = out.len();
+    out.resize(start + guess, 0);
+    match f(&mut out[start..]) {
+        Ok(n) => {
+            out.truncate(start + n);
+            Ok(())
+        }
+        Err(e) => match size(&e) {
+            Some(required) => {
+                out.resize(start + required, 0);
+                match f(&mut out[start..]) {
+                    Ok(n) => {
+                        out.truncate(start + n);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        out.truncate(start);
+                        Err(err(e))
+                    }
+                }
+            }
+            None => {
+                out.truncate(start);
+                Err(err(e))
+            }
+        },
+    }
+}
+
+fn encode_size(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+fn encrypt_size(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    /// Run the server side of a handshake on `io`.
+    pub async fn accept(config: Arc<rustls::ServerConfig>, io: IO) -> io::Result<TlsStream<IO>> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        let mut s = TlsStream {
+            io,
+            conn: Box::new(conn),
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+            plain: Vec::new(),
+            plain_at: 0,
+            eof: false,
+            closing: false,
+        };
+        match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
+            Ok(()) => Ok(s),
+            Err(e) => {
+                // Send the alert rustls queued, if the socket takes it now.
+                s.queue_alert();
+                let _ = std::future::poll_fn(|cx| Poll::Ready(s.poll_flush_out(cx))).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn queue_alert(&mut self) {
+        for _ in 0..4 {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                    if append(&mut self.outgoing, 64, |b| e.encode(b), encode_size, other).is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return,
+            }
+        }
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.poll_flush_out(cx))?;
+            match self.process(true)? {
+                Step::Progress => {}
+                Step::Data | Step::Idle if !self.conn.is_handshaking() => {
+                    return Poll::Ready(Ok(()));
+                }
+                Step::Data | Step::Idle | Step::NeedInput => {
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+                Step::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+            }
+        }
+    }
+
+    /// One round of rustls's record processing, over what has arrived
+    /// (`with_input`) or over nothing (to send, without taking more data in).
+    fn process(&mut self, with_input: bool) -> io::Result<Step> {
+        let mut none: [u8; 0] = [];
+        let input: &mut [u8] = if with_input {
+            &mut self.incoming
+        } else {
+            &mut none
+        };
+        let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(input);
+        let step = match state.map_err(tls_error)? {
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(record) = r.next_record() {
+                    let record = record.map_err(tls_error)?;
+                    discard += record.discard;
+                    if self.plain_at == self.plain.len() {
+                        self.plain.clear();
+                        self.plain_at = 0;
+                    }
+                    self.plain.extend_from_slice(record.payload);
+                }
+                Step::Data
+            }
+            ConnectionState::EncodeTlsData(mut e) => {
+                append(
+                    &mut self.outgoing,
+                    4096,
+                    |b| e.encode(b),
+                    encode_size,
+                    other,
+                )?;
+                Step::Progress
+            }
+            ConnectionState::TransmitTlsData(t) => {
+                // Written in order with everything after it (`outgoing` is
+                // one queue), so rustls may consider it sent now.
+                t.done();
+                Step::Progress
+            }
+            ConnectionState::BlockedHandshake => Step::NeedInput,
+            ConnectionState::WriteTraffic(_) => Step::Idle,
+            ConnectionState::PeerClosed | ConnectionState::Closed => Step::Closed,
+            other_state => {
+                return Err(io::Error::other(format!(
+                    "unexpected TLS state {other_state:?}"
+                )))
+            }
+        };
+        if with_input && discard > 0 {
+            if discard >= self.incoming.len() {
+                self.incoming = Vec::new();
+            } else {
+                self.incoming.drain(..discard);
+            }
+        }
+        Ok(step)
+    }
+
+    /// Read more from the socket into `incoming`; `Ok(0)` at its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.incoming.len() >= MAX_INCOMING {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS record larger than allowed",
+            )));
+        }
+        let mut stack = [0u8; READ_CHUNK];
+        let mut rb = ReadBuf::new(&mut stack);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        self.incoming.extend_from_slice(rb.filled());
+        Poll::Ready(Ok(n))
+    }
+
+    /// Write everything encrypted so far.
+    fn poll_flush_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut at = 0;
+        let result = loop {
+            if at == self.outgoing.len() {
+                break Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &self.outgoing[at..]) {
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => at += n,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            }
+        };
+        if at == self.outgoing.len() {
+            self.outgoing = Vec::new();
+        } else if at > 0 {
+            self.outgoing.drain(..at);
+        }
+        result
+    }
+
+    /// Encode whatever rustls wants to send on its own, then encrypt `data`
+    /// (at most one record of it); returns how much of `data` was taken.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state.map_err(tls_error)? {
+                ConnectionState::EncodeTlsData(mut e) => {
+                    append(
+                        &mut self.outgoing,
+                        4096,
+                        |b| e.encode(b),
+                        encode_size,
+                        other,
+                    )?;
+                }
+                ConnectionState::TransmitTlsData(t) => t.done(),
+                ConnectionState::WriteTraffic(mut w) => {
+                    let data = &data[..data.len().min(MAX_PLAINTEXT)];
+                    if self.closing {
+                        return Err(io::ErrorKind::BrokenPipe.into());
+                    }
+                    append(
+                        &mut self.outgoing,
+                        data.len() + 64,
+                        |b| w.encrypt(data, b),
+                        encrypt_size,
+                        other,
+                    )?;
+                    return Ok(data.len());
+                }
+                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                // ReadTraffic cannot come without input; PeerClosed is told
+                // to the reader: the write side stays open until we close.
+                ConnectionState::PeerClosed => self.eof = true,
+                s => return Err(io::Error::other(format!("cannot write in TLS state {s:?}"))),
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.plain_at < this.plain.len() {
+                let n = (this.plain.len() - this.plain_at).min(buf.remaining());
+                buf.put_slice(&this.plain[this.plain_at..this.plain_at + n]);
+                this.plain_at += n;
+                if this.plain_at == this.plain.len() {
+                    this.plain = Vec::new();
+                    this.plain_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            // Records rustls sends on its own (tickets, a key update's
+            // answer) go out whenever the socket takes them.
+            if !this.outgoing.is_empty() {
+                if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            match this.process(true)? {
+                Step::Data | Step::Progress => {}
+                Step::Closed => this.eof = true,
+                Step::Idle | Step::NeedInput => {
+                    if ready!(this.poll_fill(cx))? == 0 {
+                        this.eof = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // One record waits at most: the previous write goes out first.
+        ready!(this.poll_flush_out(cx))?;
+        let n = this.encrypt(buf)?;
+        // Start sending now; what the socket does not take goes next time.
+        if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_flush_out(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.closing {
+            ready!(this.poll_flush_out(cx))?;
+            loop {
+                let UnbufferedStatus { state, .. } = this.conn.process_tls_records(&mut []);
+                match state {
+                    Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                        append(
+                            &mut this.outgoing,
+                            4096,
+                            |b| e.encode(b),
+                            encode_size,
+                            other,
+                        )?;
+                    }
+                    Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                    Ok(ConnectionState::WriteTraffic(mut w)) => {
+                        append(
+                            &mut this.outgoing,
+                            64,
+                            |b| w.queue_close_notify(b),
+                            encrypt_size,
+                            other,
+                        )?;
+                        break;
+                    }
+                    // Closed already, or in no state to say so: just end.
+                    _ => break,
+                }
+            }
+            this.closing = true;
+        }
+        ready!(this.poll_flush_out(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against tokio-rustls's client (an independent TLS implementation's
+    //! driver over the same library), on real loopback sockets.
+    use super::*;
+    use herdgate_testkit::pki::Pki;
+    use herdgate_testkit::tls_client_config;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (
+        TlsStream<TcpStream>,
+        tokio_rustls::client::TlsStream<TcpStream>,
+    ) {
+        let pki = Pki::new();
+        let (cert, key, _) = pki.leaf("leaf", false);
+        let store = Arc::new(crate::tls::CertStore::load(&cert, &key).unwrap());
+        let config = crate::tls::server_config(store).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = tokio::spawn({
+            let cfg = tls_client_config(&pki.ca_der, versions);
+            async move {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .unwrap()
+            }
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        let server = TlsStream::accept(config, tcp).await.unwrap();
+        (server, client.await.unwrap())
+    }
+
+    fn idle(s: &TlsStream<TcpStream>) -> bool {
+        s.incoming.capacity() == 0 && s.outgoing.capacity() == 0 && s.plain.capacity() == 0
+    }
+
+    #[tokio::test]
+    async fn both_versions_carry_data_both_ways_and_keep_no_buffer_when_quiet() {
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            let (mut server, mut client) = pair(versions).await;
+            assert_eq!(client.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+            // Larger than a record and than a read: crosses both boundaries.
+            let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            let sent = big.clone();
+            let echo = tokio::spawn(async move {
+                client.write_all(&sent).await.unwrap();
+                client.flush().await.unwrap();
+                let mut back = vec![0u8; sent.len()];
+                client.read_exact(&mut back).await.unwrap();
+                assert!(back == sent, "the echo came back whole");
+                client
+            });
+            let mut got = vec![0u8; big.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert!(got == big, "read whole and in order");
+            server.write_all(&got).await.unwrap();
+            server.flush().await.unwrap();
+            let mut client = echo.await.unwrap();
+            assert!(idle(&server), "{versions:?}: nothing kept between messages");
+            // The client closes: the server reads the end; then it closes too.
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            server.shutdown().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_server_closing_sends_close_notify() {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13]).await;
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        // A clean end (close_notify), not an unexpected EOF error.
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+    }
+
+    #[tokio::test]
+    async fn garbage_instead_of_a_client_hello_is_an_error() {
+        let pki = Pki::new();
+        let (cert, key, _) = pki.leaf("leaf", false);
+        let store = Arc::new(crate::tls::CertStore::load(&cert, &key).unwrap());
+        let config = crate::tls::server_config(store).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let err = TlsStream::accept(config, tcp).await.err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        let mut buf = [0u8; 16];
+        let n = c.read(&mut buf).await.unwrap_or(0);
+        assert!(
+            n == 0 || buf[0] == 0x15,
+            "an alert or the end, got {:?}",
+            &buf[..n]
+        );
+    }
+}
