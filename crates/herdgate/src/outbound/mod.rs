@@ -154,10 +154,19 @@ impl Outbound {
                 code: codes::OVER_CAPACITY,
                 reason: "slow consumer: outbound queue full",
             });
+            // A frame a direct write began is on the wire in part: its
+            // rest must still go out, before the close, or the client reads
+            // the close as the frame's payload.
+            let begun = if s.sent > 0 {
+                s.queue.pop_front()
+            } else {
+                None
+            };
             s.queue = VecDeque::new();
-            s.sent = 0;
-            OUTBOUND_BYTES.add(-(s.bytes as i64));
-            s.bytes = 0;
+            let kept = begun.as_ref().map_or(0, |f| f.len());
+            s.queue.extend(begun);
+            OUTBOUND_BYTES.add(kept as i64 - s.bytes as i64);
+            s.bytes = kept;
             drop(s);
             self.notify.notify_one();
             return Push::Overflow;
@@ -319,6 +328,37 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(q.push(&f("x")), Push::Queued);
         }
+    }
+
+    #[tokio::test]
+    async fn an_overflow_keeps_the_frame_a_direct_write_began() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let shared = SharedTcp::new(server);
+        let q = Outbound::new(1_000_000, 64 << 20);
+        q.attach(shared.handle());
+        let big = Frame::from("x".repeat(60_000));
+        // The client never reads: fill until a frame is taken only in part.
+        let mut pushed = 0;
+        loop {
+            pushed += 1;
+            assert!(pushed < 10_000, "the socket never filled");
+            if q.push_direct(&big) == Push::Queued {
+                break;
+            }
+        }
+        let sent = q.lock().sent;
+        assert!(sent > 0, "the kernel took part of the last frame");
+        // Overflow by bytes: a frame larger than what is left.
+        assert_eq!(q.push(&Frame::from("y".repeat(64 << 20))), Push::Overflow);
+        let d = q.drain();
+        assert_eq!(d.sent, sent);
+        assert_eq!(d.frames.len(), 1, "the begun frame stays, to be finished");
+        assert_eq!(d.frames[0].len(), 60_000);
+        assert_eq!(d.close.unwrap().code, codes::OVER_CAPACITY);
     }
 
     #[tokio::test]

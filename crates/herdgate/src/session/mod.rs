@@ -164,6 +164,27 @@ impl Drop for Session {
         // However the task ends, rooms still holding this socket's queue
         // must not keep its stream open or write to it.
         self.out.detach();
+        // Normally `release` emptied both. A session task that panicked
+        // (a bug) still leaves its rooms and the user registry, from a task
+        // of its own: one per such session, never more.
+        if self.channels.is_empty() && self.user.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let held = Held {
+            channels: std::mem::take(&mut self.channels),
+            user: self.user.take(),
+        };
+        let (shared, app, id, shed) = (
+            self.shared.clone(),
+            self.app.id.clone(),
+            self.id,
+            self.shed(),
+        );
+        tracing::warn!(socket_id = %self.socket_id(), "session ended without releasing its rooms; releasing them now");
+        runtime.spawn(async move { held.release(&shared, &app, id, shed).await });
     }
 }
 
@@ -480,18 +501,35 @@ impl Session {
 
     /// Leave every room and the user registry; called once, when the socket ends.
     async fn release(&mut self) {
-        let router = &self.shared.router;
-        for ch in std::mem::take(&mut self.channels) {
+        let held = Held {
+            channels: std::mem::take(&mut self.channels),
+            user: self.user.take(),
+        };
+        held.release(&self.shared, &self.app.id, self.id, self.shed())
+            .await;
+    }
+}
+
+/// What a session holds in rooms and the user registry.
+struct Held {
+    channels: Vec<Channel>,
+    user: Option<Box<SignedIn>>,
+}
+
+impl Held {
+    async fn release(self, shared: &Shared, app: &Arc<str>, id: ConnId, shed: crate::types::Shed) {
+        let router = &shared.router;
+        for ch in self.channels {
             let room = crate::types::RoomKey {
-                app: self.app.id.clone(),
+                app: app.clone(),
                 channel: ch.name,
             };
-            let _ = router.unsubscribe(room, self.id, self.shed()).await;
+            let _ = router.unsubscribe(room, id, shed).await;
         }
-        if let Some(user) = self.user.take() {
-            let _ = router.sign_out(&self.app.id, &user.id, self.id).await;
+        if let Some(user) = self.user {
+            let _ = router.sign_out(app, &user.id, id).await;
             for w in &user.watchlist {
-                let _ = router.unwatch(&self.app.id, w, self.id).await;
+                let _ = router.unwatch(app, w, id).await;
             }
         }
     }

@@ -149,12 +149,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             match step? {
                 None => return Ok(None),
                 Some((used, message)) => {
-                    if used == self.pending.len() {
-                        // Everything taken: give the memory back.
-                        self.pending = Vec::new();
-                    } else {
-                        self.pending.drain(..used);
-                    }
+                    // A fresh copy of what is left (none when everything
+                    // was taken): the buffer never keeps a burst's capacity.
+                    self.pending = self.pending[used..].to_vec();
                     if message.is_some() {
                         return Ok(message);
                     }

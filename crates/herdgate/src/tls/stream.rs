@@ -15,9 +15,10 @@
 //! a time and a connection whose peer sends more than [`MAX_INCOMING`]
 //! without completing a record is an error.
 
-use rustls::server::UnbufferedServerConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    WriteTraffic,
 };
 use std::io;
 use std::pin::Pin;
@@ -49,6 +50,8 @@ pub struct TlsStream<IO> {
     eof: bool,
     /// Our close_notify is queued.
     closing: bool,
+    /// rustls reported a fatal error: nothing more is encrypted.
+    failed: bool,
 }
 
 /// What one round of record processing did.
@@ -60,11 +63,19 @@ enum Step {
     Progress,
     /// Nothing more to do with what has arrived: read more.
     NeedInput,
-    /// The handshake is done and nothing is pending.
+    /// Ready for application data (the caller had nothing to write).
     Idle,
-    /// The peer closed the TLS session.
+    /// The caller's write was encrypted into `outgoing`.
+    Wrote,
+    /// The peer sent close_notify (said once).
+    PeerClosed,
+    /// Both sides closed.
     Closed,
 }
+
+/// What a round does when rustls is ready for application data.
+type Writer<'w> =
+    &'w mut dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<()>;
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -142,6 +153,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             plain_at: 0,
             eof: false,
             closing: false,
+            failed: false,
         };
         match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
             Ok(()) => Ok(s),
@@ -154,26 +166,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
     }
 
+    /// After a fatal error: encode the alert rustls queued (best effort).
+    /// rustls hands it out before it looks at the input again, and the
+    /// input must not be looked at again (it would fail anew).
     fn queue_alert(&mut self) {
-        for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state {
-                Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    if append(&mut self.outgoing, 64, |b| e.encode(b), encode_size, other).is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-                _ => return,
-            }
+        self.failed = true;
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming);
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+            let _ = append(&mut self.outgoing, 64, |b| e.encode(b), encode_size, other);
         }
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_flush_out(cx))?;
-            match self.process(true)? {
+            match self.process(None)? {
                 Step::Progress => {}
                 Step::Data | Step::Idle if !self.conn.is_handshaking() => {
                     return Poll::Ready(Ok(()));
@@ -183,67 +190,82 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                         return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                     }
                 }
-                Step::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Step::Wrote | Step::PeerClosed | Step::Closed => {
+                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+                }
             }
         }
     }
 
-    /// One round of rustls's record processing, over what has arrived
-    /// (`with_input`) or over nothing (to send, without taking more data in).
-    fn process(&mut self, with_input: bool) -> io::Result<Step> {
-        let mut none: [u8; 0] = [];
-        let input: &mut [u8] = if with_input {
-            &mut self.incoming
-        } else {
-            &mut none
-        };
-        let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(input);
-        let step = match state.map_err(tls_error)? {
-            ConnectionState::ReadTraffic(mut r) => {
+    /// One round of rustls's record processing over what has arrived
+    /// (always all of it: rustls remembers positions in it between rounds).
+    /// In the state where application data may be sent, `write` (if any)
+    /// encrypts into `outgoing`.
+    fn process(&mut self, write: Option<Writer<'_>>) -> io::Result<Step> {
+        if self.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the TLS session failed",
+            ));
+        }
+        let UnbufferedStatus { mut discard, state } =
+            self.conn.process_tls_records(&mut self.incoming);
+        let step = match state {
+            Err(e) => Err(tls_error(e)),
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                let mut got = Ok(Step::Data);
                 while let Some(record) = r.next_record() {
-                    let record = record.map_err(tls_error)?;
-                    discard += record.discard;
-                    if self.plain_at == self.plain.len() {
-                        self.plain.clear();
-                        self.plain_at = 0;
+                    match record {
+                        Ok(record) => {
+                            discard += record.discard;
+                            if self.plain_at == self.plain.len() {
+                                self.plain.clear();
+                                self.plain_at = 0;
+                            }
+                            self.plain.extend_from_slice(record.payload);
+                        }
+                        Err(e) => {
+                            got = Err(tls_error(e));
+                            break;
+                        }
                     }
-                    self.plain.extend_from_slice(record.payload);
                 }
-                Step::Data
+                got
             }
-            ConnectionState::EncodeTlsData(mut e) => {
-                append(
-                    &mut self.outgoing,
-                    4096,
-                    |b| e.encode(b),
-                    encode_size,
-                    other,
-                )?;
-                Step::Progress
-            }
-            ConnectionState::TransmitTlsData(t) => {
+            Ok(ConnectionState::EncodeTlsData(mut e)) => append(
+                &mut self.outgoing,
+                4096,
+                |b| e.encode(b),
+                encode_size,
+                other,
+            )
+            .map(|()| Step::Progress),
+            Ok(ConnectionState::TransmitTlsData(t)) => {
                 // Written in order with everything after it (`outgoing` is
                 // one queue), so rustls may consider it sent now.
                 t.done();
-                Step::Progress
+                Ok(Step::Progress)
             }
-            ConnectionState::BlockedHandshake => Step::NeedInput,
-            ConnectionState::WriteTraffic(_) => Step::Idle,
-            ConnectionState::PeerClosed | ConnectionState::Closed => Step::Closed,
-            other_state => {
-                return Err(io::Error::other(format!(
-                    "unexpected TLS state {other_state:?}"
-                )))
-            }
+            Ok(ConnectionState::BlockedHandshake) => Ok(Step::NeedInput),
+            Ok(ConnectionState::WriteTraffic(mut w)) => match write {
+                None => Ok(Step::Idle),
+                Some(f) => f(&mut w, &mut self.outgoing).map(|()| Step::Wrote),
+            },
+            Ok(ConnectionState::PeerClosed) => Ok(Step::PeerClosed),
+            Ok(ConnectionState::Closed) => Ok(Step::Closed),
+            Ok(other_state) => Err(io::Error::other(format!(
+                "unexpected TLS state {other_state:?}"
+            ))),
         };
-        if with_input && discard > 0 {
-            if discard >= self.incoming.len() {
-                self.incoming = Vec::new();
-            } else {
-                self.incoming.drain(..discard);
-            }
+        if discard > 0 {
+            // A fresh copy of what is left: the buffer does not keep the
+            // capacity of a burst.
+            self.incoming = self.incoming.get(discard..).unwrap_or_default().to_vec();
         }
-        Ok(step)
+        if step.is_err() {
+            self.failed = true;
+        }
+        step
     }
 
     /// Read more from the socket into `incoming`; `Ok(0)` at its end.
@@ -276,10 +298,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 Poll::Pending => break Poll::Pending,
             }
         };
-        if at == self.outgoing.len() {
-            self.outgoing = Vec::new();
-        } else if at > 0 {
-            self.outgoing.drain(..at);
+        if at > 0 {
+            self.outgoing = self.outgoing[at..].to_vec();
         }
         result
     }
@@ -287,38 +307,30 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     /// Encode whatever rustls wants to send on its own, then encrypt `data`
     /// (at most one record of it); returns how much of `data` was taken.
     fn encrypt(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.closing {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let data = &data[..data.len().min(MAX_PLAINTEXT)];
+        let mut write = |w: &mut WriteTraffic<'_, ServerConnectionData>, out: &mut Vec<u8>| {
+            append(
+                out,
+                data.len() + 64,
+                |b| w.encrypt(data, b),
+                encrypt_size,
+                other,
+            )
+        };
         loop {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state.map_err(tls_error)? {
-                ConnectionState::EncodeTlsData(mut e) => {
-                    append(
-                        &mut self.outgoing,
-                        4096,
-                        |b| e.encode(b),
-                        encode_size,
-                        other,
-                    )?;
+            match self.process(Some(&mut write))? {
+                Step::Wrote => return Ok(data.len()),
+                // Decrypted data waits in `plain` for the reader (bounded by
+                // what was already read from the socket).
+                Step::Data | Step::Progress => {}
+                Step::PeerClosed => self.eof = true,
+                Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                Step::Idle | Step::NeedInput => {
+                    return Err(io::Error::other("TLS not ready for application data"))
                 }
-                ConnectionState::TransmitTlsData(t) => t.done(),
-                ConnectionState::WriteTraffic(mut w) => {
-                    let data = &data[..data.len().min(MAX_PLAINTEXT)];
-                    if self.closing {
-                        return Err(io::ErrorKind::BrokenPipe.into());
-                    }
-                    append(
-                        &mut self.outgoing,
-                        data.len() + 64,
-                        |b| w.encrypt(data, b),
-                        encrypt_size,
-                        other,
-                    )?;
-                    return Ok(data.len());
-                }
-                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
-                // ReadTraffic cannot come without input; PeerClosed is told
-                // to the reader: the write side stays open until we close.
-                ConnectionState::PeerClosed => self.eof = true,
-                s => return Err(io::Error::other(format!("cannot write in TLS state {s:?}"))),
             }
         }
     }
@@ -352,12 +364,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                     return Poll::Ready(Err(e));
                 }
             }
-            match this.process(true)? {
-                Step::Data | Step::Progress => {}
-                Step::Closed => this.eof = true,
+            let step = match this.process(None) {
+                Ok(step) => step,
+                Err(e) => {
+                    // Tell the peer why, if the socket takes it now.
+                    this.queue_alert();
+                    let _ = this.poll_flush_out(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            match step {
+                Step::Data | Step::Progress | Step::Wrote => {}
+                Step::PeerClosed | Step::Closed => this.eof = true,
                 Step::Idle | Step::NeedInput => {
                     if ready!(this.poll_fill(cx))? == 0 {
+                        // The socket ended without close_notify: a
+                        // truncation, as tokio-rustls reports it.
                         this.eof = true;
+                        return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                     }
                 }
             }
@@ -390,32 +414,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.closing {
+        if !this.closing && !this.failed {
             ready!(this.poll_flush_out(cx))?;
+            let mut close = |w: &mut WriteTraffic<'_, ServerConnectionData>, out: &mut Vec<u8>| {
+                append(out, 64, |b| w.queue_close_notify(b), encrypt_size, other)
+            };
             loop {
-                let UnbufferedStatus { state, .. } = this.conn.process_tls_records(&mut []);
-                match state {
-                    Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                        append(
-                            &mut this.outgoing,
-                            4096,
-                            |b| e.encode(b),
-                            encode_size,
-                            other,
-                        )?;
-                    }
-                    Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-                    Ok(ConnectionState::WriteTraffic(mut w)) => {
-                        append(
-                            &mut this.outgoing,
-                            64,
-                            |b| w.queue_close_notify(b),
-                            encrypt_size,
-                            other,
-                        )?;
-                        break;
-                    }
-                    // Closed already, or in no state to say so: just end.
+                match this.process(Some(&mut close)) {
+                    Ok(Step::Data | Step::Progress) => {}
+                    Ok(Step::PeerClosed) => this.eof = true,
+                    // Queued; or closed already, or in no state to say so.
                     _ => break,
                 }
             }
@@ -512,6 +520,45 @@ mod tests {
         // A clean end (close_notify), not an unexpected EOF error.
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"bye");
+    }
+
+    #[tokio::test]
+    async fn a_key_update_from_the_client_is_followed() {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13]).await;
+        for round in 0..3u8 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.write_all(&[round; 20_000]).await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = vec![0u8; 20_000];
+            server.read_exact(&mut got).await.unwrap();
+            assert!(got.iter().all(|&b| b == round));
+            server.write_all(&got).await.unwrap();
+            server.flush().await.unwrap();
+            let mut back = vec![0u8; 20_000];
+            client.read_exact(&mut back).await.unwrap();
+            assert!(back == got, "round {round}: the answer under the new keys");
+        }
+    }
+
+    /// A bad handshake message followed by the first byte of another: the
+    /// error path (sending the alert) must not trip over the fragment
+    /// rustls still points into.
+    #[tokio::test]
+    async fn a_bad_handshake_message_with_a_trailing_fragment_is_an_error() {
+        let pki = Pki::new();
+        let (cert, key, _) = pki.leaf("leaf", false);
+        let store = Arc::new(crate::tls::CertStore::load(&cert, &key).unwrap());
+        let config = crate::tls::server_config(store).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        // One plaintext handshake record: a Finished (type 20) of length 0,
+        // then one byte of a next message.
+        c.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x14, 0x00, 0x00, 0x00, 0x01])
+            .await
+            .unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let err = TlsStream::accept(config, tcp).await.err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
     #[tokio::test]

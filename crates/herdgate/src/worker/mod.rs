@@ -295,6 +295,7 @@ impl Worker {
                     None => break,
                 },
                 _ = sleep_until_opt(next_flush) => {
+                    self.direct = rx.is_empty();
                     let now = Instant::now();
                     self.flush_coalesced(now);
                     for room in self.counts.due(now) {
@@ -310,7 +311,10 @@ impl Worker {
                         });
                     }
                 }
-                p = self.debounce.next(), if waiting => self.send_pending(p),
+                p = self.debounce.next(), if waiting => {
+                    self.direct = rx.is_empty();
+                    self.send_pending(p)
+                }
             }
         }
         tracing::debug!(worker = self.index, "worker stopped");

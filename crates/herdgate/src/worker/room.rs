@@ -50,7 +50,7 @@ pub(super) struct Room {
     edges: Vec<EdgeRef>,
     members: HashMap<Arc<str>, MemberState>,
     /// Pacing of direct writes: when the last fan-out started, and the CPU
-    /// time of the last fan-out that wrote in place.
+    /// time per socket of the last fan-out that wrote in place.
     pace: Cell<(Option<Instant>, Duration)>,
 }
 
@@ -58,6 +58,9 @@ pub(super) struct Room {
 /// large room's queues are spread over the heap, and the lock of each is
 /// otherwise a cache miss that the loop waits for.
 const PREFETCH_AHEAD: usize = 8;
+
+/// How long one fan-out may write in place before it queues the rest.
+const IN_PLACE_BUDGET: Duration = Duration::from_millis(50);
 
 #[inline(always)]
 fn prefetch<T>(p: *const T) {
@@ -274,10 +277,11 @@ impl Room {
     /// the first of them is reached); edges get the serial to do the same.
     /// With `direct`, idle plain-TCP sockets are written in place, unless
     /// the room publishes so fast that writing in place would keep this
-    /// thread busy more than half the time (events closer together than
-    /// twice the CPU time the last in-place fan-out took): queued frames are
-    /// then written in batches by the sockets' own tasks, on every core.
-    /// Never waits.
+    /// thread busy all the time (events closer together than what writing
+    /// the room in place costs, from a smoothed CPU time per socket):
+    /// queued frames are then written in batches by the sockets' own tasks,
+    /// on every core. One fan-out writes in place for at most
+    /// `IN_PLACE_BUDGET`. Never waits.
     pub fn fan_out(&self, key: &RoomKey, frame: &Frame, to: To<'_>) -> Delivery {
         let To {
             exclude,
@@ -288,19 +292,28 @@ impl Room {
         } = to;
         let mut d = Delivery::default();
         let mut numbered: Option<Frame> = None;
-        let (last, cost) = self.pace.get();
+        let (last, per_socket) = self.pace.get();
         let start = Instant::now();
-        let direct = direct
-            && !self.local.is_empty()
-            && last.is_none_or(|t| start.duration_since(t) >= cost * 2);
+        let n = self.local.len();
+        // What writing in place would cost now, from what it cost per
+        // socket last time.
+        let estimate = per_socket * n as u32;
+        let mut direct = direct && n > 0 && last.is_none_or(|t| start.duration_since(t) > estimate);
         let cpu = if direct {
             crate::sys::thread_cpu_time()
         } else {
             Duration::ZERO
         };
+        let mut in_place = 0u32;
         for (i, l) in self.local.iter().enumerate() {
             if let Some(ahead) = self.local.get(i + PREFETCH_AHEAD) {
                 prefetch(Arc::as_ptr(&ahead.out));
+            }
+            // One fan-out writes in place for a bounded time: in a huge
+            // room the rest is queued, and the sockets' own tasks write it
+            // in parallel instead of one thread writing on and on.
+            if direct && i % 64 == 63 && start.elapsed() >= IN_PLACE_BUDGET {
+                direct = false;
             }
             if Some(l.id) != exclude && (except_user.is_none() || l.user.as_deref() != except_user)
             {
@@ -311,6 +324,7 @@ impl Room {
                     _ => frame,
                 };
                 d.count(if direct {
+                    in_place += 1;
                     l.out.push_direct(f)
                 } else {
                     l.out.push(f)
@@ -320,13 +334,19 @@ impl Room {
         if d.written > 0 {
             crate::outbound::record_in_place(start.elapsed(), d.written);
         }
-        if !self.local.is_empty() {
-            let cost = if direct {
-                crate::sys::thread_cpu_time().saturating_sub(cpu)
+        if n > 0 {
+            let per_socket = if in_place > 0 {
+                let now = crate::sys::thread_cpu_time().saturating_sub(cpu) / in_place;
+                // Smoothed: one noisy fan-out does not flip the room.
+                if per_socket.is_zero() {
+                    now
+                } else {
+                    (per_socket * 3 + now) / 4
+                }
             } else {
-                cost
+                per_socket
             };
-            self.pace.set((Some(start), cost));
+            self.pace.set((Some(start), per_socket));
         }
         if let Some(first) = self.edges.first() {
             let encoded =
