@@ -7,6 +7,10 @@
 //! certificate already expired — leaves the old certificate serving.
 //!
 //! Only TLS 1.2 and 1.3, ALPN `http/1.1` (websockets upgrade over HTTP/1.1).
+//!
+//! Public connections run over [`stream::TlsStream`] (rustls's unbuffered
+//! API: nothing buffered while a client is quiet, which halves an idle TLS
+//! socket); the cluster link and webhook clients use tokio-rustls.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
