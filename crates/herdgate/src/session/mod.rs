@@ -165,8 +165,8 @@ impl Drop for Session {
         // must not keep its stream open or write to it.
         self.out.detach();
         // Normally `release` emptied both. A session task that panicked
-        // (a bug) still leaves its rooms and the user registry, from a task
-        // of its own: one per such session, never more.
+        // (a bug) or was cancelled still leaves its rooms and the user
+        // registry, from a task of its own: one per such session, never more.
         if self.channels.is_empty() && self.user.is_none() {
             return;
         }
@@ -183,7 +183,12 @@ impl Drop for Session {
             self.id,
             self.shed(),
         );
-        tracing::warn!(socket_id = %self.socket_id(), "session ended without releasing its rooms; releasing them now");
+        if std::thread::panicking() {
+            tracing::warn!(socket_id = %self.socket_id(), "session panicked; releasing its rooms");
+        } else {
+            // Cancelled (the runtime is stopping).
+            tracing::debug!(socket_id = %self.socket_id(), "session cancelled; releasing its rooms");
+        }
         runtime.spawn(async move { held.release(&shared, &app, id, shed).await });
     }
 }
