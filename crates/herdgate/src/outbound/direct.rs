@@ -15,7 +15,7 @@
 //! [`DirectSocket`] to the same stream while the session allows it. Only
 //! plain TCP qualifies; a TLS socket's record layer belongs to its session.
 
-use crate::protocol::Frame;
+use crate::protocol::{wsframe, Frame};
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
@@ -73,7 +73,7 @@ impl DirectSocket {
     pub(super) fn write_frame(&self, frame: &Frame) -> Wrote {
         let payload = frame.as_bytes();
         let mut head = [0u8; 10];
-        let h = crate::session::websocket::text_header(payload.len(), &mut head);
+        let h = wsframe::header(wsframe::OP_TEXT, payload.len(), &mut head);
         let total = h + payload.len();
         let result = if total <= COPY_MAX {
             // A small frame is copied next to its header: one plain
@@ -131,19 +131,30 @@ impl AsyncRead for SharedTcp {
     }
 }
 
+impl SharedTcp {
+    /// Wait until the socket is writable, then `write` without blocking.
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        write: impl Fn(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match write(&self.0) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
 impl AsyncWrite for SharedTcp {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
+        self.poll_write_with(cx, |s| s.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -151,13 +162,7 @@ impl AsyncWrite for SharedTcp {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
+        self.poll_write_with(cx, |s| s.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -173,21 +178,23 @@ impl AsyncWrite for SharedTcp {
     }
 }
 
+/// A server socket, shared, and its client, on loopback (for tests).
+#[cfg(test)]
+pub(crate) async fn loopback_pair() -> (SharedTcp, TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (server, _) = l.accept().await.unwrap();
+    (SharedTcp::new(server), client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn pair() -> (SharedTcp, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, _) = l.accept().await.unwrap();
-        (SharedTcp::new(server), client)
-    }
-
     #[tokio::test]
     async fn reads_writes_and_shuts_down_like_a_stream() {
-        let (mut s, mut c) = pair().await;
+        let (mut s, mut c) = loopback_pair().await;
         c.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).await.unwrap();
@@ -201,7 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_direct_write_is_a_whole_frame_then_nothing_when_full() {
-        let (s, mut c) = pair().await;
+        let (s, mut c) = loopback_pair().await;
         let d = s.handle();
         // Readiness is learned from the reactor: wait for it once.
         s.0.writable().await.unwrap();

@@ -332,12 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_overflow_keeps_the_frame_a_direct_write_began() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = l.accept().await.unwrap();
-        let shared = SharedTcp::new(server);
+        let (shared, _client) = direct::loopback_pair().await;
         let q = Outbound::new(1_000_000, 64 << 20);
         q.attach(shared.handle());
         let big = Frame::from("x".repeat(60_000));

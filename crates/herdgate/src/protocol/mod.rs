@@ -8,6 +8,7 @@
 pub mod codes;
 mod encode;
 pub mod names;
+pub mod wsframe;
 
 pub use encode::*;
 

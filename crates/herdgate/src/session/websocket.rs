@@ -25,9 +25,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-const OP_TEXT: u8 = 0x1;
-const OP_CLOSE: u8 = 0x8;
-const OP_PONG: u8 = 0xA;
+use crate::protocol::wsframe::{header, OP_CLOSE, OP_PONG, OP_TEXT};
 
 /// Frames gathered into one vectored write (two slices each).
 const BATCH: usize = 32;
@@ -50,28 +48,6 @@ where
         config.max_message_size.unwrap_or(usize::MAX),
     );
     (reader, WsWriter::new(wr))
-}
-
-/// The header of an unmasked server text frame; returns its length.
-pub(crate) fn text_header(len: usize, out: &mut [u8; 10]) -> usize {
-    header(OP_TEXT, len, out)
-}
-
-/// The header of an unmasked server frame: FIN + opcode, then the length.
-fn header(opcode: u8, len: usize, out: &mut [u8; 10]) -> usize {
-    out[0] = 0x80 | opcode;
-    if len < 126 {
-        out[1] = len as u8;
-        2
-    } else if len <= u16::MAX as usize {
-        out[1] = 126;
-        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        4
-    } else {
-        out[1] = 127;
-        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        10
-    }
 }
 
 /// One frame waiting to be written: its header, and its payload (shared).
@@ -316,18 +292,6 @@ mod tests {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::WebSocketStream;
 
-    #[test]
-    fn headers_for_every_length_class() {
-        let mut h = [0u8; 10];
-        assert_eq!(header(OP_TEXT, 5, &mut h), 2);
-        assert_eq!(&h[..2], &[0x81, 5]);
-        assert_eq!(header(OP_TEXT, 300, &mut h), 4);
-        assert_eq!(&h[..4], &[0x81, 126, 1, 44]);
-        assert_eq!(header(OP_CLOSE, 70_000, &mut h), 10);
-        assert_eq!(&h[..2], &[0x88, 127]);
-        assert_eq!(u64::from_be_bytes(h[2..10].try_into().unwrap()), 70_000);
-    }
-
     /// A stream that takes at most `chunk` bytes per write and says Pending
     /// every other call, so frames are cut at every possible byte.
     struct Dribble<W> {
@@ -378,13 +342,8 @@ mod tests {
     /// took only part of, a pong, and the return to writing in place.
     #[tokio::test]
     async fn direct_writes_and_the_writer_share_a_socket_in_order() {
-        use crate::outbound::{Outbound, Push, SharedTcp};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let shared = SharedTcp::new(server);
+        use crate::outbound::{direct::loopback_pair, Outbound, Push};
+        let (shared, client) = loopback_pair().await;
         let out = Outbound::new(1_000_000, 1 << 30);
         out.attach(shared.handle());
         let (_rd, wr) = tokio::io::split(shared);

@@ -33,12 +33,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// Bytes read from the socket per read, into the stack.
 const READ_CHUNK: usize = 4096;
 
-const OP_CONTINUE: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+use crate::protocol::wsframe::{OP_BINARY, OP_CLOSE, OP_CONTINUE, OP_PING, OP_PONG, OP_TEXT};
 
 pub struct WsReader<R> {
     io: R,
@@ -107,7 +102,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 if h.fin {
                     Some(complete(text, payload)?)
                 } else {
-                    self.check_size(payload.len())?;
+                    check_size(payload.len(), self.max_message)?;
                     self.message = Some(Box::new((text, payload)));
                     None
                 }
@@ -117,9 +112,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     return Err(ProtocolError::UnexpectedContinueFrame.into());
                 };
                 let size = m.1.len() + payload.len();
-                if size > self.max_message {
-                    return Err(too_long(size, self.max_message));
-                }
+                check_size(size, self.max_message)?;
                 m.1.extend_from_slice(&payload);
                 if h.fin {
                     let (text, whole) = *self.message.take().expect("checked above");
@@ -131,13 +124,6 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             _ => unreachable!("parse_head refuses other opcodes"),
         };
         Ok(Some((used, message)))
-    }
-
-    fn check_size(&self, size: usize) -> Result<(), Error> {
-        if size > self.max_message {
-            return Err(too_long(size, self.max_message));
-        }
-        Ok(())
     }
 
     /// The next message from what is already read, if there is one.
@@ -302,6 +288,13 @@ fn parse_head(buf: &[u8], max_frame: usize) -> Result<Option<Head>, Error> {
         header,
         len,
     }))
+}
+
+fn check_size(size: usize, max_message: usize) -> Result<(), Error> {
+    if size > max_message {
+        return Err(too_long(size, max_message));
+    }
+    Ok(())
 }
 
 fn too_long(size: usize, max_size: usize) -> Error {

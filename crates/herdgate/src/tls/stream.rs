@@ -444,16 +444,34 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
+    /// A test CA and a server config with its leaf.
+    fn server() -> (Pki, Arc<rustls::ServerConfig>) {
+        let pki = Pki::new();
+        let (cert, key, _) = pki.leaf("leaf", false);
+        let store = Arc::new(crate::tls::CertStore::load(&cert, &key).unwrap());
+        let config = crate::tls::server_config(store).unwrap();
+        (pki, config)
+    }
+
+    /// A client that sends `bytes` instead of a handshake: the server's
+    /// error, and the client's socket.
+    async fn refused(bytes: &[u8]) -> (io::Error, TcpStream) {
+        let (_pki, config) = server();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        c.write_all(bytes).await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let err = TlsStream::accept(config, tcp).await.err().expect("refused");
+        (err, c)
+    }
+
     async fn pair(
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> (
         TlsStream<TcpStream>,
         tokio_rustls::client::TlsStream<TcpStream>,
     ) {
-        let pki = Pki::new();
-        let (cert, key, _) = pki.leaf("leaf", false);
-        let store = Arc::new(crate::tls::CertStore::load(&cert, &key).unwrap());
-        let config = crate::tls::server_config(store).unwrap();
+        let (pki, config) = server();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let client = tokio::spawn({
@@ -545,35 +563,15 @@ mod tests {
     /// rustls still points into.
     #[tokio::test]
     async fn a_bad_handshake_message_with_a_trailing_fragment_is_an_error() {
-        let pki = Pki::new();
-        let (cert, key, _) = pki.leaf("leaf", false);
-        let store = Arc::new(crate::tls::CertStore::load(&cert, &key).unwrap());
-        let config = crate::tls::server_config(store).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         // One plaintext handshake record: a Finished (type 20) of length 0,
         // then one byte of a next message.
-        c.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x14, 0x00, 0x00, 0x00, 0x01])
-            .await
-            .unwrap();
-        let (tcp, _) = l.accept().await.unwrap();
-        let err = TlsStream::accept(config, tcp).await.err().expect("refused");
+        let (err, _) = refused(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x14, 0x00, 0x00, 0x00, 0x01]).await;
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
     #[tokio::test]
     async fn garbage_instead_of_a_client_hello_is_an_error() {
-        let pki = Pki::new();
-        let (cert, key, _) = pki.leaf("leaf", false);
-        let store = Arc::new(crate::tls::CertStore::load(&cert, &key).unwrap());
-        let config = crate::tls::server_config(store).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (tcp, _) = l.accept().await.unwrap();
-        let err = TlsStream::accept(config, tcp).await.err().expect("refused");
+        let (err, mut c) = refused(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         let mut buf = [0u8; 16];
         let n = c.read(&mut buf).await.unwrap_or(0);
