@@ -209,10 +209,11 @@ test('a reconnect resuming many channels at once is never closed for its replays
   }
   const closes = c.states.slice(states).filter((s) => s.previous === 'connected');
   assert.deepEqual(closes, [], 'the socket stayed connected through the replays');
-  assert.ok(
-    channels.filter((ch) => c.log.filter({ channel: ch, event: 'herdgate:resumed' }).at(-1).data.recovered).length >= 2,
-    'the first replays fit the queue',
-  );
+  // Each resume may use half of the room the queue has left when it is
+  // read, so the first one (100 of 120 frames) always fits; how many more
+  // do depends on how far the writer got meanwhile.
+  const recovered = channels.map((ch) => c.log.filter({ channel: ch, event: 'herdgate:resumed' }).at(-1).data.recovered);
+  assert.equal(recovered[0], true, `the first replay fits the queue (recovered: ${recovered})`);
 });
 
 test('history turned off and on again by a reload: an old position is not recovered', async () => {
