@@ -738,6 +738,56 @@ mod tests {
         assert_closed_with(server, codes::PONG_TIMEOUT).await;
     }
 
+    /// A session task that ends without its own teardown (aborted here; a
+    /// panic unwinds through the same `Drop`) still leaves its rooms, so no
+    /// ghost subscriber is counted or written to.
+    #[tokio::test]
+    async fn a_session_that_dies_mid_flight_still_leaves_its_rooms() {
+        let text = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
+        let shared = Shared::new(Config::from_toml_str(text).unwrap()).unwrap();
+        let app = shared.live().apps.by_key("k").unwrap().clone();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default());
+                let mut session = Session::new(shared, app);
+                run(&mut reader, &mut writer, &mut session).await
+            }
+        });
+        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        let sub = r#"{"event":"pusher:subscribe","data":{"channel":"lobby"}}"#;
+        client.send(Message::Text(sub.into())).await.unwrap();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher_internal:subscription_succeeded")
+        );
+        let room = crate::types::RoomKey {
+            app: "1".into(),
+            channel: "lobby".into(),
+        };
+        let count = || async {
+            let info = shared.router.query(room.clone(), Duration::from_secs(5));
+            info.await.unwrap().subscription_count
+        };
+        assert_eq!(count().await, 1);
+        server.abort();
+        assert!(server.await.unwrap_err().is_cancelled());
+        // The release runs on a task of its own: wait for it, not for a time.
+        timeout(Duration::from_secs(10), async {
+            while count().await != 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the aborted session's subscription was released");
+        drop(client);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_socket_that_never_subscribes_is_closed_4202_at_the_deadline() {
         let (mut client, server) = pair("[limits]\nsubscribe_deadline = \"30s\"").await;
