@@ -259,8 +259,9 @@ mod tests {
 
     fn connect(relay: &Relay) -> std::net::TcpStream {
         let c = std::net::TcpStream::connect(relay.addr()).unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        // Long: an echo on a busy machine is slow, not lost. `silent` uses
+        // a short one of its own.
+        c.set_read_timeout(Some(crate::WAIT)).unwrap();
         c
     }
 
@@ -274,7 +275,11 @@ mod tests {
     fn silent(c: &mut std::net::TcpStream) {
         c.write_all(b"lost").unwrap();
         let mut buf = [0; 16];
-        match c.read(&mut buf) {
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let got = c.read(&mut buf);
+        c.set_read_timeout(Some(crate::WAIT)).unwrap();
+        match got {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             other => panic!("expected a read timeout, got {other:?}"),
         }

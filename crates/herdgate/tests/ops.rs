@@ -320,12 +320,13 @@ async fn track_close(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_deregisters_then_drains_with_jittered_4200() {
-    let deregister = Duration::from_secs(1);
+    // Wide enough that a busy machine's scheduling does not decide.
+    let deregister = Duration::from_secs(2);
     let drain = Duration::from_secs(3);
     let grace = Duration::from_secs(2);
     let mut hg = Herdgate::start(&config(
         SECRET_A,
-        "[shutdown]\nderegister_delay = \"1s\"\ndrain_period = \"3s\"\ngrace = \"2s\"\n",
+        "[shutdown]\nderegister_delay = \"2s\"\ndrain_period = \"3s\"\ngrace = \"2s\"\n",
     ));
     let addr = hg.socket_addr();
     let admin = hg.admin_addr();
@@ -430,7 +431,7 @@ async fn sigterm_deregisters_then_drains_with_jittered_4200() {
         "a socket closed at {first:?}, inside the deregister delay"
     );
     assert!(
-        last <= deregister + drain + Duration::from_millis(500),
+        last <= deregister + drain + Duration::from_secs(1),
         "the last close came at {last:?}, after the drain period"
     );
     assert!(
@@ -567,7 +568,7 @@ fn sd_notify_ready_watchdog_reload_and_stop() {
     let (_, first) = rx.until("a first datagram", SOON, |_| true);
     assert_eq!(first, "READY=1", "the first notification must be READY=1");
     let is_watchdog = |m: &str| m == "WATCHDOG=1";
-    let w: Vec<Instant> = (0..3)
+    let w: Vec<Instant> = (0..11)
         .map(|i| {
             rx.until(
                 &format!("WATCHDOG=1 #{}", i + 1),
@@ -577,13 +578,13 @@ fn sd_notify_ready_watchdog_reload_and_stop() {
             .0
         })
         .collect();
-    // Pings every WATCHDOG_USEC / 2 = 200 ms: the 2nd → 3rd gap (both on the
-    // interval's grid, unlike the immediate first) is neither a busy loop nor
-    // the full watchdog period.
-    let gap = w[2] - w[1];
+    // Pings every WATCHDOG_USEC / 2 = 200 ms: the mean of nine gaps after
+    // the immediate first ping is neither a busy loop nor the full watchdog
+    // period. (A mean, so one late wake-up of this test does not decide.)
+    let mean = (w[10] - w[1]) / 9;
     assert!(
-        gap >= Duration::from_millis(150) && gap < Duration::from_millis(400),
-        "watchdog gap {gap:?} for WATCHDOG_USEC=400000"
+        mean >= Duration::from_millis(150) && mean < Duration::from_millis(300),
+        "mean watchdog gap {mean:?} for WATCHDOG_USEC=400000"
     );
 
     let before = monotonic_usec();
@@ -772,7 +773,9 @@ async fn reloaded_drain_period_applies_to_open_sockets() {
     while let Some((i, closed, when)) = closes.recv().await {
         reports += 1;
         let at = when.duration_since(t0);
-        if closed != Ok(4200) || at > Duration::from_millis(1500) {
+        // Far below the 60 s it was; a socket cut off at the shutdown
+        // deadline (1 s + 1 s grace) has no 4200.
+        if closed != Ok(4200) || at > Duration::from_secs(4) {
             late.push((i, closed, at));
         }
     }

@@ -17,6 +17,9 @@ max_connections_per_ip = 0
 sample_interval = "20ms"
 cooldown = "300ms"
 connections = {connections}
+# Only the signal under test moves the state: a busy machine must not.
+scheduling_lag_ms = [5000.0, 10000.0, 20000.0]
+memory = [0.97, 0.98, 0.99]
 [overload.actions]
 presence_events_max_members = 1
 coalesce_prefixes = ["feed-"]
@@ -131,6 +134,9 @@ sample_interval = "20ms"
 cooldown = "30s"
 admission_cooldown = "300ms"
 accept_rate = [10.0, 20.0, 40.0]
+# Only the signal under test moves the state: a busy machine must not.
+scheduling_lag_ms = [5000.0, 10000.0, 20000.0]
+memory = [0.97, 0.98, 0.99]
 "#,
     )
     .await;
@@ -200,6 +206,9 @@ max_connections_per_ip = 0
 [overload]
 sample_interval = "20ms"
 cooldown = "30s"
+# Only the signal under test moves the state: a busy machine must not.
+scheduling_lag_ms = [5000.0, 10000.0, 20000.0]
+memory = [0.97, 0.98, 0.99]
 "#,
     )
     .await;
@@ -241,8 +250,11 @@ cooldown = "30s"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_and_never_slows_its_room() {
-    const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-    let s = start("[limits]\noutbound_queue_messages = 256\noutbound_queue_bytes = 1048576\nwrite_timeout = \"2s\"").await;
+    // The slow socket is closed by its queue's overflow, long before this;
+    // the timeout is long so that a busy machine's stall is not mistaken
+    // for the room waiting on the slow socket.
+    const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+    let s = start("[limits]\noutbound_queue_messages = 256\noutbound_queue_bytes = 1048576\nwrite_timeout = \"20s\"").await;
     let api = s.api();
     // The slow socket: tiny receive buffer, subscribes, then stops reading.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();

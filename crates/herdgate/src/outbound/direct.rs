@@ -39,6 +39,12 @@ impl SharedTcp {
             stream: self.0.clone(),
         }
     }
+    /// Until the reactor has seen the socket writable (large frames are
+    /// written through its readiness, which starts unknown).
+    #[cfg(test)]
+    pub(crate) async fn writable(&self) {
+        self.0.writable().await.unwrap();
+    }
 }
 
 /// What a direct write did with a frame.

@@ -335,6 +335,7 @@ mod tests {
         let (shared, _client) = direct::loopback_pair().await;
         let q = Outbound::new(1_000_000, 64 << 20);
         q.attach(shared.handle());
+        shared.writable().await;
         let big = Frame::from("x".repeat(60_000));
         // The client never reads: fill until a frame is taken only in part.
         let mut pushed = 0;
