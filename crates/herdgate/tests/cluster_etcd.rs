@@ -289,12 +289,12 @@ fn seventy_thousand_registrations_move_at_once() {
 /// joined, left or restarted).
 fn membership(c: &Cluster) -> Vec<Value> {
     (0..3)
-        .map(|w| status_of(c.worker(w))["cluster"]["digest"].clone())
+        .map(|w| {
+            let d = status_of(c.worker(w))["cluster"]["digest"].clone();
+            assert!(d.is_string(), "worker {w} reports a digest: {d}");
+            d
+        })
         .collect()
-}
-
-fn rev_of(hg: &Herdgate) -> u64 {
-    status_of(hg)["cluster"]["rev"].as_u64().unwrap_or(0)
 }
 
 #[test]
@@ -354,7 +354,10 @@ fn a_partial_partition_moves_nothing_and_only_the_cut_edge_refuses() {
         .filter(|r| c.owner(0, r) == w1)
         .cloned()
         .collect();
-    let revs_before: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
+    // The membership, not its revision: a node that re-lists after a slow
+    // watch writes its own key again (same value) so all meet at one
+    // revision, which is not a change.
+    let before = membership(&c);
     let (api_a, api_b) = (c.api(0), c.api(1));
     let port = link_port(c.worker(w1));
     let e = edges(&c);
@@ -396,10 +399,10 @@ fn a_partial_partition_moves_nothing_and_only_the_cut_edge_refuses() {
         b_ok >= 30,
         "B's publishes to W1's rooms were accepted: {b_ok}/40"
     );
-    let revs_after: Vec<u64> = (0..3).map(|w| rev_of(c.worker(w))).collect();
     assert_eq!(
-        revs_before, revs_after,
-        "the view did not change: nothing moved"
+        before,
+        membership(&c),
+        "the membership did not change: nothing moved"
     );
     assert_eq!(
         metric(c.worker(w1), "herdgate_room_moves_total"),
