@@ -606,20 +606,34 @@ mod tests {
         WebSocketStream<tokio::io::DuplexStream>,
         tokio::task::JoinHandle<End>,
     ) {
+        let (_, client, server) = pair_shared(extra, app_keys).await;
+        (client, server)
+    }
+
+    /// [`pair_with`], and the node's shared state.
+    async fn pair_shared(
+        extra: &str,
+        app_keys: &str,
+    ) -> (
+        Arc<Shared>,
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<End>,
+    ) {
         let text =
             format!("{extra}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n{app_keys}\n");
         let shared = Shared::new(Config::from_toml_str(&text).unwrap()).unwrap();
         let app = shared.live().apps.by_key("k").unwrap().clone();
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(async move {
-            let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default());
-            let mut session = Session::new(shared, app);
-            run(&mut reader, &mut writer, &mut session).await
+        let server = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default());
+                let mut session = Session::new(shared, app);
+                run(&mut reader, &mut writer, &mut session).await
+            }
         });
-        (
-            WebSocketStream::from_raw_socket(b, Role::Client, None).await,
-            server,
-        )
+        let client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        (shared, client, server)
     }
 
     async fn assert_closed_with(server: tokio::task::JoinHandle<End>, code: u16) {
@@ -743,19 +757,7 @@ mod tests {
     /// ghost subscriber is counted or written to.
     #[tokio::test]
     async fn a_session_that_dies_mid_flight_still_leaves_its_rooms() {
-        let text = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
-        let shared = Shared::new(Config::from_toml_str(text).unwrap()).unwrap();
-        let app = shared.live().apps.by_key("k").unwrap().clone();
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn({
-            let shared = shared.clone();
-            async move {
-                let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default());
-                let mut session = Session::new(shared, app);
-                run(&mut reader, &mut writer, &mut session).await
-            }
-        });
-        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        let (shared, mut client, server) = pair_shared("", "").await;
         assert_eq!(
             next_event(&mut client).await.as_deref(),
             Some("pusher:connection_established")
