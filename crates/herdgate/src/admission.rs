@@ -12,6 +12,66 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// The public listener's accept permits: one per connection not yet a
+/// session (`limits.max_handshakes`). When every one is held the accept
+/// loop waits — and the node is *saturated*: `/readyz` answers 503 so the
+/// load balancer stops sending users to a node that cannot accept them,
+/// and the status page says so.
+pub struct AcceptPermits {
+    permits: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    saturated: std::sync::atomic::AtomicBool,
+}
+
+impl AcceptPermits {
+    pub fn new(max: usize) -> AcceptPermits {
+        AcceptPermits {
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+            saturated: Default::default(),
+        }
+    }
+
+    /// The next permit; marks the node saturated while it has to wait.
+    pub async fn acquire(&self) -> tokio::sync::OwnedSemaphorePermit {
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return p;
+        }
+        self.saturated.store(true, Ordering::Release);
+        metrics::counter!("herdgate_accept_saturated_total").increment(1);
+        // Client-caused (a flood holds the permits): debug, counted above.
+        tracing::debug!(
+            max_handshakes = self.max,
+            "every accept permit is held: not accepting until one is free"
+        );
+        // Cleared however the wait ends (a shutdown cancels it).
+        struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _clear = Clear(&self.saturated);
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed")
+    }
+
+    pub fn saturated(&self) -> bool {
+        self.saturated.load(Ordering::Acquire)
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.max - self.permits.available_permits().min(self.max)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
 /// Why a websocket was refused; the label is the metric's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -53,7 +113,9 @@ pub struct Admission {
 
 /// Places held per client IP, taken and given back atomically; an IP's
 /// entry goes when its count reaches zero, so the map holds only IPs with a
-/// place (bounded by the connections it counts).
+/// place (bounded by the connections it counts). An IPv6 client is counted
+/// by its /64 ([`ip_key`]): one host is routinely given a whole /64, so
+/// counting single addresses would let it multiply every per-IP cap.
 #[derive(Default)]
 pub struct PerIp {
     map: Mutex<HashMap<IpAddr, u32>>,
@@ -65,9 +127,24 @@ pub struct IpPlace {
     ip: IpAddr,
 }
 
+/// What per-IP caps count: an IPv4 address (or an IPv4-mapped IPv6 one) as
+/// it is, an IPv6 address by its /64.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 impl PerIp {
-    /// Take a place for `ip` unless it already holds `max`.
+    /// Take a place for `ip` (counted by [`ip_key`]) unless it already holds `max`.
     pub fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpPlace> {
+        let ip = ip_key(ip);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n as usize >= max {
@@ -212,6 +289,19 @@ mod tests {
 
     fn ip(n: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, n])
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let per = Arc::new(PerIp::default());
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _p = per.try_take(a, 1).unwrap();
+        assert!(per.try_take(b, 1).is_none(), "same /64, same count");
+        assert!(per.try_take(other, 1).is_some());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(ip_key(mapped), ip(1));
     }
 
     #[test]

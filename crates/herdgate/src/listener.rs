@@ -13,14 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let permits = Arc::new(Semaphore::new(shared.live().config.limits.max_handshakes));
     loop {
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            p = shared.accept.acquire() => p,
             _ = shared.closing.cancelled() => return,
         };
         let (stream, peer) = tokio::select! {
@@ -52,15 +50,26 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// runs in the accept loop.
 async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accepted: Instant) {
     let _ = stream.set_nodelay(true);
-    let (proxy_protocol, deadline, lowat) = {
+    let (proxy_protocol, deadline, lowat, from_proxy) = {
         let live = shared.live();
         let c = &live.config;
+        // With `trusted_proxies` set, only those peers may say who the
+        // client is: anyone else could claim an address inside them and
+        // escape the per-IP caps. Without it, every peer is the proxy
+        // (the listener is reachable only through it).
+        let t = &live.trusted_proxies;
         (
             c.server.proxy_protocol,
             accepted + c.server.handshake_timeout.get(),
             c.limits.tcp_notsent_lowat,
+            t.is_empty() || t.iter().any(|cidr| cidr.contains(peer.ip())),
         )
     };
+    if proxy_protocol && !from_proxy {
+        tracing::debug!(%peer, "PROXY protocol connection from a peer outside server.trusted_proxies");
+        metrics::counter!("herdgate_proxy_protocol_errors_total").increment(1);
+        return;
+    }
     if lowat > 0 {
         crate::sys::set_notsent_lowat(&stream, lowat);
     }

@@ -14,14 +14,20 @@
 //! the previous (pusher-js reopens its stream when its buffer grows past
 //! 256 KiB, and a poll may overtake the end of the last one).
 
+use crate::admission::{IpPlace, PerIp};
 use crate::protocol::Frame;
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use tokio::sync::{mpsc, Notify};
 
 /// Messages from the client waiting for the session, per session.
 pub const TO_SESSION: usize = 64;
+/// `xhr_send` requests of one session in flight at once; more get 429
+/// (pusher-js sends one at a time).
+pub const MAX_SENDS: u32 = 4;
 
 pub struct Pipe {
     inner: Mutex<Inner>,
@@ -29,6 +35,21 @@ pub struct Pipe {
     ready: Notify,
     /// Client → session (`xhr_send`, then [`ToSession::Gone`]).
     pub to_session: mpsc::Sender<ToSession>,
+    /// The client that opened the session (by [`crate::admission::ip_key`]):
+    /// the session id is chosen by the client and guessable, so requests
+    /// from any other address are refused.
+    pub owner: IpAddr,
+    /// `xhr_send` requests in flight.
+    sends: AtomicU32,
+}
+
+/// One `xhr_send` in flight on a pipe; counted down on drop.
+pub struct Sending<'a>(&'a Pipe);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.sends.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What reaches the session from its client.
@@ -75,15 +96,32 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl Pipe {
-    /// A pipe, and the receiving end of what the client sends.
-    pub fn new() -> (Arc<Pipe>, mpsc::Receiver<ToSession>) {
+    /// A pipe opened by `owner`, and the receiving end of what the client sends.
+    pub fn new(owner: IpAddr) -> (Arc<Pipe>, mpsc::Receiver<ToSession>) {
         let (tx, rx) = mpsc::channel(TO_SESSION);
         let pipe = Arc::new(Pipe {
             inner: Mutex::new(Inner::default()),
             ready: Notify::new(),
             to_session: tx,
+            owner: crate::admission::ip_key(owner),
+            sends: AtomicU32::new(0),
         });
         (pipe, rx)
+    }
+
+    /// Whether `ip` is the address that opened the session.
+    pub fn owned_by(&self, ip: IpAddr) -> bool {
+        crate::admission::ip_key(ip) == self.owner
+    }
+
+    /// Count one more `xhr_send` in flight, unless [`MAX_SENDS`] are.
+    pub fn start_send(&self) -> Option<Sending<'_>> {
+        self.sends
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SENDS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Sending(self))
     }
 
     // ---- the session's side
@@ -187,10 +225,19 @@ impl Pipe {
 }
 
 /// The open fallback sessions of this node, by `{key}/{server}/{session}`,
-/// at most `max` (the session is refused beyond: 503).
+/// at most `max`, and at most `max_per_ip` per client address (the session
+/// is refused beyond: 503).
 #[derive(Default)]
 pub struct Pipes {
     map: Mutex<HashMap<String, Arc<Pipe>>>,
+    per_ip: Arc<PerIp>,
+}
+
+/// Why a session's pipe was not inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Node,
+    PerIp,
 }
 
 impl Pipes {
@@ -202,15 +249,27 @@ impl Pipes {
             .cloned()
     }
 
-    /// Insert a new session's pipe, unless `max` are open (or `id` is taken).
-    pub fn insert(&self, id: String, pipe: Arc<Pipe>, max: usize) -> bool {
+    /// Insert a new session's pipe, unless `max` are open (or `id` is
+    /// taken), or its owner holds `max_per_ip`. The place returned is the
+    /// owner's until the session ends.
+    pub fn insert(
+        &self,
+        id: String,
+        pipe: Arc<Pipe>,
+        max: usize,
+        max_per_ip: usize,
+    ) -> Result<IpPlace, Full> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= max || map.contains_key(&id) {
-            return false;
+            return Err(Full::Node);
         }
+        let place = self
+            .per_ip
+            .try_take(pipe.owner, max_per_ip)
+            .ok_or(Full::PerIp)?;
         map.insert(id, pipe);
         metrics::gauge!("herdgate_http_sessions").set(map.len() as f64);
-        true
+        Ok(place)
     }
 
     pub fn remove(&self, id: &str) {
@@ -234,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_new_receive_request_supersedes_the_last_and_open_is_sent_once() {
-        let (p, _rx) = Pipe::new();
+        let (p, _rx) = Pipe::new(IP);
         let (a, first) = p.attach();
         assert!(first);
         p.push([Frame::from_static("x")].into());
@@ -249,7 +308,7 @@ mod tests {
 
     #[test]
     fn the_writer_is_stalled_until_a_request_takes_the_frames() {
-        let (p, _rx) = Pipe::new();
+        let (p, _rx) = Pipe::new(IP);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(p.poll_taken(&mut cx).is_ready());
@@ -260,12 +319,32 @@ mod tests {
         assert!(p.poll_taken(&mut cx).is_ready());
     }
 
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     #[test]
     fn sessions_are_capped() {
         let pipes = Pipes::default();
-        assert!(pipes.insert("a".into(), Pipe::new().0, 1));
-        assert!(!pipes.insert("b".into(), Pipe::new().0, 1), "over the cap");
+        let a = pipes.insert("a".into(), Pipe::new(IP).0, 1, 9).unwrap();
+        let over = pipes.insert("b".into(), Pipe::new(IP).0, 1, 9);
+        assert_eq!(over.err(), Some(Full::Node), "over the cap");
         pipes.remove("a");
-        assert!(pipes.insert("b".into(), Pipe::new().0, 1));
+        drop(a);
+        assert!(pipes.insert("b".into(), Pipe::new(IP).0, 1, 9).is_ok());
+    }
+
+    #[test]
+    fn sessions_are_capped_per_ip_and_bound_to_it() {
+        let pipes = Pipes::default();
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+        let _a = pipes.insert("a".into(), Pipe::new(IP).0, 9, 1).unwrap();
+        let b = pipes.insert("b".into(), Pipe::new(IP).0, 9, 1);
+        assert_eq!(b.err(), Some(Full::PerIp));
+        assert!(pipes.insert("c".into(), Pipe::new(other).0, 9, 1).is_ok());
+        let p = pipes.get("a").unwrap();
+        assert!(p.owned_by(IP) && !p.owned_by(other));
+        let sends: Vec<_> = (0..MAX_SENDS).map(|_| p.start_send().unwrap()).collect();
+        assert!(p.start_send().is_none(), "at most MAX_SENDS at once");
+        drop(sends);
+        assert!(p.start_send().is_some());
     }
 }

@@ -71,6 +71,9 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     }
     drop(old);
     shared.swap_live(new);
+    // Open sessions check their app against it: a removed key, a disabled
+    // app or a rotated secret closes them (docs/SECURITY.md "Config reload").
+    shared.overload.reloaded();
     metrics::counter!("herdgate_config_reloads_total", "result" => "ok").increment(1);
     if restart.is_empty() {
         tracing::info!("config reloaded");

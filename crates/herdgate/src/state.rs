@@ -16,6 +16,10 @@ pub struct Shared {
     pub sessions: Arc<crate::admission::Admission>,
     /// Connections not yet upgraded, per client IP (`limits.max_handshakes_per_ip`).
     pub handshakes: Arc<crate::admission::PerIp>,
+    /// The public listener's accept permits (`limits.max_handshakes`), and
+    /// whether its accept loop is waiting for one: a node whose permits are
+    /// all held accepts nobody, so it says it is not ready.
+    pub accept: crate::admission::AcceptPermits,
     pub overload: crate::overload::Overload,
     /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
     /// keeps serving through the load balancer's deregistration delay.
@@ -137,6 +141,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             sessions: crate::admission::Admission::new(l.max_connections),
             handshakes: Arc::default(),
+            accept: crate::admission::AcceptPermits::new(l.max_handshakes),
             overload,
             hooks: webhooks,
             quotas: Default::default(),

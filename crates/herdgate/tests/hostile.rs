@@ -586,7 +586,7 @@ async fn oversized_request_heads_get_431_and_bodies_413() {
         .await;
     assert_eq!(r.status, 413, "{:?}", r.body);
     assert!(r.body["error"].is_string(), "JSON error body: {:?}", r.body);
-    // Far over, unsigned: refused before the signature is even looked at.
+    // Far over, unsigned: refused by the signature before the body is read.
     let r = api
         .raw(
             "POST",
@@ -594,7 +594,7 @@ async fn oversized_request_heads_get_431_and_bodies_413() {
             &"x".repeat(100_000),
         )
         .await;
-    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert_eq!(r.status, 401, "{:?}", r.body);
 
     still_healthy(&api, &mut h).await;
 }
@@ -1020,7 +1020,7 @@ async fn the_admin_listener_serves_a_bounded_number_of_connections() {
     // Both places are taken: a third connection is not served meanwhile.
     let mut third = TcpStream::connect(s.admin).await.unwrap();
     third
-        .write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .write_all(b"GET /livez HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut buf = [0u8; 256];

@@ -53,9 +53,24 @@ pub struct Config {
     pub overload: OverloadConfig,
     pub cluster: ClusterConfig,
     pub webhooks: WebhooksConfig,
+    pub admin: AdminConfig,
     /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
     pub tls: Option<TlsConfig>,
     pub apps: Vec<AppConfig>,
+}
+
+/// `[admin]`: who may read the admin listener (`server.admin_listen`).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Set: every path but `/livez` and `/readyz` needs
+    /// `Authorization: Bearer <token>` (or `?token=<token>`, which the
+    /// status page passes on); 401 otherwise. Empty: no token.
+    pub token: String,
+    /// Host names (besides IP literals and `localhost`) the admin listener
+    /// answers to; any other `Host` gets 421, so a web page cannot read it
+    /// through DNS rebinding.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +192,16 @@ pub struct LimitsConfig {
     /// connections, which count as handshakes); a new one beyond it gets
     /// 503. Each also counts against `max_connections`.
     pub max_http_sessions: usize,
+    /// Of those, per client IP (an IPv6 client by its /64); 503 beyond it.
+    pub max_http_sessions_per_ip: usize,
+    /// `pusher:subscribe`, `pusher:unsubscribe` and `pusher:signin` per
+    /// second per socket (token bucket). Beyond it a subscribe gets
+    /// `pusher:subscription_error` 429 and a sign-in `pusher:error` 4301;
+    /// an unsubscribe is always done. Caps the member, watchlist and
+    /// occupied/vacated events one socket can cause.
+    pub channel_ops_per_second: u32,
+    /// Burst of that bucket (a reconnect resubscribes everything at once).
+    pub channel_ops_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -203,6 +228,9 @@ impl Default for LimitsConfig {
             tcp_notsent_lowat: 16 * 1024,
             subscribe_deadline: HumanDuration::secs(60),
             max_http_sessions: 1024,
+            max_http_sessions_per_ip: 16,
+            channel_ops_per_second: 10,
+            channel_ops_burst: 100,
         }
     }
 }

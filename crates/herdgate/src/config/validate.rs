@@ -134,6 +134,14 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             l.client_events_per_second as usize,
         ),
         ("limits.max_presence_members", l.max_presence_members),
+        (
+            "limits.channel_ops_per_second",
+            l.channel_ops_per_second as usize,
+        ),
+        (
+            "limits.max_http_sessions_per_ip",
+            l.max_http_sessions_per_ip,
+        ),
         ("limits.outbound_queue_messages", l.outbound_queue_messages),
         ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
         ("limits.worker_mailbox", l.worker_mailbox),
@@ -146,6 +154,15 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
         if v == 0 {
             err(key, "must be greater than zero".into());
         }
+    }
+    if (l.channel_ops_burst as usize) < l.max_channels_per_connection {
+        err(
+            "limits.channel_ops_burst",
+            format!(
+                "must be at least limits.max_channels_per_connection ({}): a reconnecting client subscribes to all its channels at once",
+                l.max_channels_per_connection
+            ),
+        );
     }
     if l.max_message_bytes < l.max_payload_bytes {
         err(

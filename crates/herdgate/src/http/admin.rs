@@ -59,14 +59,95 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Whether `host` (a `Host` header) names this listener: an IP literal
+/// (with or without a port), `localhost`, or one of `admin.allowed_hosts`.
+/// A browser tricked by DNS rebinding sends the attacker's name, which is
+/// none of these.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6] or [v6]:port
+        return rest.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.parse::<u16>().is_ok()))
+        });
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() => name,
+            _ => host,
+        }
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// `Authorization: Bearer <token>` or `?token=<token>`, compared in constant time.
+fn token_ok<B>(req: &Request<B>, token: &str) -> bool {
+    use subtle_eq::eq;
+    let bearer = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    [bearer, query]
+        .into_iter()
+        .flatten()
+        .any(|t| eq(t.as_bytes(), token.as_bytes()))
+}
+
+mod subtle_eq {
+    /// Equal, in time that depends only on the lengths.
+    pub fn eq(a: &[u8], b: &[u8]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
 async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Response<Body> {
-    match req.uri().path() {
+    let path = req.uri().path();
+    {
+        let live = shared.live();
+        let admin = &live.config.admin;
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .map(|h| h.to_str().unwrap_or("\u{0}"));
+        if host.is_some_and(|h| !host_allowed(h, &admin.allowed_hosts)) {
+            metrics::counter!("herdgate_admin_refused_total", "reason" => "host").increment(1);
+            return text(
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown Host: the admin listener answers to IP addresses, localhost and admin.allowed_hosts\n",
+            );
+        }
+        let open = path == "/livez" || path == "/readyz";
+        if !admin.token.is_empty() && !open && !token_ok(req, &admin.token) {
+            metrics::counter!("herdgate_admin_refused_total", "reason" => "token").increment(1);
+            return Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header(http::header::WWW_AUTHENTICATE, "Bearer")
+                .body(Body::full(
+                    "admin.token is set: send Authorization: Bearer <token>\n",
+                ))
+                .expect("valid response");
+        }
+    }
+    match path {
         "/" => status_page::page(),
         "/status/live" => {
             crate::http::json(StatusCode::OK, &page.live(shared, status(shared)).await)
         }
         // Alive as long as this process answers: load never fails liveness.
         "/livez" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if shared.accept.saturated() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: saturated (every accept permit is held)\n",
+        ),
         "/readyz" if !ready(shared) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: draining or overloaded\n",
@@ -95,8 +176,12 @@ fn cluster_status(shared: &Shared) -> serde_json::Value {
         .map_or(serde_json::Value::Null, |f| f())
 }
 
-/// Ready for new connections: not draining, and the load state does not refuse them.
+/// Ready for new connections: not draining, able to accept (a permit
+/// free), and the load state does not refuse them.
 fn ready(shared: &Shared) -> bool {
+    if shared.accept.saturated() {
+        return false;
+    }
     let refuse = shared.live().config.overload.actions.refuse_connections;
     // An edge that cannot follow the cluster view serves no room: not ready.
     let current = shared.router.cluster_edge().is_none_or(|e| e.is_current());
@@ -119,6 +204,11 @@ fn status(shared: &Shared) -> serde_json::Value {
         "cluster": cluster_status(shared),
         "limited": c.overload.actions.limited(state, shared.overload.admission_state()),
         "connections": shared.sessions.open(),
+        "accept": {
+            "permits_in_use": shared.accept.in_use(),
+            "max_handshakes": shared.accept.max(),
+            "saturated": shared.accept.saturated(),
+        },
         "limits": {
             "max_connections": shared.sessions.max(),
             "max_connections_per_ip": c.limits.max_connections_per_ip,

@@ -76,6 +76,14 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         .ok_or_else(|| ApiError::NotFound(format!("unknown app id {:?}", segments[0])))?
         .clone();
 
+    // The signature covers method, path and query (`body_md5` too): it is
+    // checked before the body is read, so an unsigned client cannot make
+    // the node buffer a byte of it.
+    let params = sign::parse_query(parts.uri.query().unwrap_or(""));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    sign::verify_head(parts.method.as_str(), path, &params, &app, now)?;
     let limit = live.config.limits.max_request_body_bytes;
     // A body that stalls holds a connection permit: it gets the same
     // deadline as a request head.
@@ -91,11 +99,7 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         }
     })?;
     let body = body.to_bytes();
-    let params = sign::parse_query(parts.uri.query().unwrap_or(""));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    sign::verify(parts.method.as_str(), path, &params, &body, &app, now)?;
+    sign::verify_body(&params, &body)?;
     if !app.enabled {
         return Err(ApiError::Forbidden("application is disabled".into()));
     }

@@ -3,7 +3,12 @@
 //! The signed string is `METHOD\nPATH\nQUERY`, where QUERY is every query
 //! parameter but `auth_signature`, keys lowercased, sorted, written `k=v`
 //! (values unescaped) and joined with `&`. A non-empty body must come with a
-//! matching `body_md5`. Timestamps more than 600 s away from the server's
+//! matching `body_md5`.
+//!
+//! The signature covers everything but the body (whose digest it covers
+//! through `body_md5`), so a request is checked in two steps:
+//! [`verify_head`] before a byte of the body is read — an unsigned client
+//! cannot make the node buffer anything — and [`verify_body`] after. Timestamps more than 600 s away from the server's
 //! clock are refused, which bounds how long a captured request can be replayed.
 
 use super::ApiError;
@@ -12,14 +17,15 @@ use md5::{Digest, Md5};
 
 pub const MAX_CLOCK_SKEW_SECS: i64 = 600;
 
-/// Query parameters, percent-decoded, in the order given.
+/// Query parameters, percent-decoded, in the order given; keys lowercased,
+/// as the signature has them (so `AUTH_KEY=` is read as it was signed).
 pub fn parse_query(query: &str) -> Vec<(String, String)> {
     query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
+            (percent_decode(k).to_lowercase(), percent_decode(v))
         })
         .collect()
 }
@@ -55,11 +61,25 @@ fn get<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// Both steps, for a request whose body is already read.
 pub fn verify(
     method: &str,
     path: &str,
     params: &[(String, String)],
     body: &[u8],
+    app: &App,
+    now: i64,
+) -> Result<(), ApiError> {
+    verify_head(method, path, params, app, now)?;
+    verify_body(params, body)
+}
+
+/// Everything the signature covers: key, timestamp, version and the HMAC
+/// over method, path and query (`body_md5` included). Needs no body.
+pub fn verify_head(
+    method: &str,
+    path: &str,
+    params: &[(String, String)],
     app: &App,
     now: i64,
 ) -> Result<(), ApiError> {
@@ -90,19 +110,26 @@ pub fn verify(
             return unauthorized("auth_version must be 1.0");
         }
     }
-    if !body.is_empty() {
-        let expected = hex::encode(Md5::digest(body));
-        match get(params, "body_md5") {
-            Some(md5) if md5.eq_ignore_ascii_case(&expected) => {}
-            Some(_) => return unauthorized("body_md5 does not match the body"),
-            None => return unauthorized("missing body_md5"),
-        }
-    }
     let to_sign = string_to_sign(method, path, params);
     if !crate::auth::verify_hex(&app.secret, &to_sign, signature) {
         return unauthorized("invalid signature");
     }
     Ok(())
+}
+
+/// The body against the signed `body_md5` (a non-empty body must have one).
+pub fn verify_body(params: &[(String, String)], body: &[u8]) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let expected = hex::encode(Md5::digest(body));
+    match get(params, "body_md5") {
+        Some(md5) if md5.eq_ignore_ascii_case(&expected) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized(
+            "body_md5 does not match the body".into(),
+        )),
+        None => Err(ApiError::Unauthorized("missing body_md5".into())),
+    }
 }
 
 pub fn string_to_sign(method: &str, path: &str, params: &[(String, String)]) -> String {
@@ -216,6 +243,10 @@ mod tests {
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("a+b"), "a+b");
+        assert_eq!(
+            parse_query("AUTH_Key=K"),
+            vec![("auth_key".into(), "K".into())]
+        );
         assert_eq!(
             parse_query("x=1&&y&z=%41"),
             vec![

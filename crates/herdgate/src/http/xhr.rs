@@ -20,7 +20,7 @@
 
 use super::upgrade::{self, Checked, PusherRefusal};
 use super::{ApiError, Body};
-use crate::pipe::{Pipe, Taken, ToSession, DETACHED_MAX};
+use crate::pipe::{Full, Pipe, Taken, ToSession, DETACHED_MAX};
 use crate::protocol::{self, Frame};
 use crate::session::xhr::{PipeReader, PipeWriter};
 use crate::session::{self, Session};
@@ -124,9 +124,17 @@ async fn serve(
             .into_response();
     }
     if kind == Kind::Send {
-        return send(req, &id, shared).await;
+        return send(req, &id, peer, shared).await;
     }
     let pipe = match shared.pipes.get(&id) {
+        // A session id is chosen by the client: only its opener may take
+        // what the session sends.
+        Some(p) if !p.owned_by(client_ip(&req, peer, shared)) => {
+            metrics::counter!("herdgate_http_fallback_refused_total", "reason" => "address")
+                .increment(1);
+            return ApiError::Forbidden("this HTTP session was opened from another address".into())
+                .into_response();
+        }
         Some(p) => p,
         None => {
             let check = upgrade::check_pusher_params(key, req.uri().query().unwrap_or(""), shared);
@@ -153,28 +161,44 @@ fn open(
             Ok(ok) => ok,
             Err(PusherRefusal(code, message)) => return Err(Box::new(refused(code, message))),
         };
-    let (pipe, from_client) = Pipe::new();
+    let (pipe, from_client) = Pipe::new(peer.ip());
     // Each session's requests hold HTTP connections, which count as
     // handshakes: half of those stay for websocket upgrades and the API.
-    let max = {
+    let (max, max_per_ip) = {
         let live = shared.live();
         let l = &live.config.limits;
-        l.max_http_sessions.min(l.max_handshakes / 2)
+        (
+            l.max_http_sessions.min(l.max_handshakes / 2),
+            l.max_http_sessions_per_ip,
+        )
     };
-    if !shared.pipes.insert(id.to_string(), pipe.clone(), max) {
-        metrics::counter!("herdgate_connections_refused_total", "reason" => "http_sessions")
-            .increment(1);
-        return Err(Box::new(
-            ApiError::Unavailable(
-                "too many HTTP fallback sessions on this node; retry later".into(),
-                super::error::jittered_retry_after(10),
-            )
-            .into_response(),
-        ));
-    }
+    let place = match shared
+        .pipes
+        .insert(id.to_string(), pipe.clone(), max, max_per_ip)
+    {
+        Ok(place) => place,
+        Err(full) => {
+            let (reason, message) = match full {
+                Full::Node => (
+                    "http_sessions",
+                    "too many HTTP fallback sessions on this node; retry later",
+                ),
+                Full::PerIp => (
+                    "http_sessions_per_ip",
+                    "too many HTTP fallback sessions from this address; retry later",
+                ),
+            };
+            metrics::counter!("herdgate_connections_refused_total", "reason" => reason)
+                .increment(1);
+            return Err(Box::new(
+                ApiError::Unavailable(message.into(), super::error::jittered_retry_after(10))
+                    .into_response(),
+            ));
+        }
+    };
     let (shared2, id2, pipe2) = (shared.clone(), id.to_string(), pipe.clone());
     shared.tasks.spawn(async move {
-        let (_slot, _quota) = (slot, quota);
+        let (_slot, _quota, _place) = (slot, quota, place);
         let mut reader = PipeReader(from_client);
         let mut writer = PipeWriter(pipe2.clone());
         let mut session = Box::new(Session::new(shared2.clone(), app));
@@ -356,16 +380,63 @@ async fn carry(
     }
 }
 
+/// The client's address: the peer, or who a trusted proxy says it is.
+fn client_ip(
+    req: &Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> std::net::IpAddr {
+    let xff = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    crate::realaddr::client_ip(peer.ip(), xff, &shared.live().trusted_proxies)
+}
+
 /// `xhr_send`: a JSON array of the client's messages, each a string.
-async fn send(req: Request<hyper::body::Incoming>, id: &str, shared: &Shared) -> Response<Body> {
+///
+/// A client can make this request wait twice — sending its body slowly,
+/// and sending faster than its session reads — and the request holds a
+/// connection permit meanwhile: both waits share one deadline
+/// (`server.handshake_timeout`), after which the request is answered
+/// (408, 503) and its permit is free. Only the address that opened the
+/// session may send on it (403), [`MAX_SENDS`](crate::pipe::MAX_SENDS) at
+/// once (429).
+async fn send(
+    req: Request<hyper::body::Incoming>,
+    id: &str,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Response<Body> {
     let Some(pipe) = shared.pipes.get(id) else {
         return ApiError::NotFound("no such HTTP session (it may have ended)".into())
             .into_response();
     };
+    let client = client_ip(&req, peer, shared);
+    let (wait, max_message) = {
+        let live = shared.live();
+        let c = &live.config;
+        (c.server.handshake_timeout.get(), c.limits.max_message_bytes)
+    };
+    if !pipe.owned_by(client) {
+        metrics::counter!("herdgate_http_fallback_refused_total", "reason" => "address")
+            .increment(1);
+        return ApiError::Forbidden("this HTTP session was opened from another address".into())
+            .into_response();
+    }
+    let Some(_sending) = pipe.start_send() else {
+        metrics::counter!("herdgate_http_fallback_refused_total", "reason" => "sends").increment(1);
+        return ApiError::TooManyRequests(
+            "too many xhr_send requests in flight on this session".into(),
+            1,
+        )
+        .into_response();
+    };
+    let deadline = tokio::time::Instant::now() + wait;
     let limited = http_body_util::Limited::new(req.into_body(), MAX_SEND_BYTES);
-    let body = match limited.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
+    let body = match tokio::time::timeout_at(deadline, limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e))
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
@@ -374,7 +445,15 @@ async fn send(req: Request<hyper::body::Incoming>, id: &str, shared: &Shared) ->
             ))
             .into_response();
         }
-        Err(_) => return ApiError::BadRequest("could not read the body".into()).into_response(),
+        Ok(Err(_)) => {
+            return ApiError::BadRequest("could not read the body".into()).into_response()
+        }
+        Err(_) => {
+            metrics::counter!("herdgate_http_fallback_refused_total", "reason" => "body_timeout")
+                .increment(1);
+            return ApiError::Timeout(format!("xhr_send body not received within {wait:?}"))
+                .into_response();
+        }
     };
     let messages: Vec<String> = match serde_json::from_slice(&body) {
         Ok(m) => m,
@@ -385,11 +464,32 @@ async fn send(req: Request<hyper::body::Incoming>, id: &str, shared: &Shared) ->
             .into_response()
         }
     };
+    if let Some(m) = messages.iter().find(|m| m.len() > max_message) {
+        // What a websocket closes with 1009; here the request is refused.
+        return ApiError::TooLarge(format!(
+            "a message of {} bytes is over limits.max_message_bytes ({max_message})",
+            m.len()
+        ))
+        .into_response();
+    }
     for m in messages {
         // Bounded: a client that sends faster than its session reads waits
-        // here (its request is slow), it is never buffered without limit.
-        if pipe.to_session.send(ToSession::Text(m)).await.is_err() {
-            return ApiError::NotFound("the HTTP session ended".into()).into_response();
+        // here (its request is slow), until the deadline; it is never
+        // buffered without limit.
+        match tokio::time::timeout_at(deadline, pipe.to_session.send(ToSession::Text(m))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return ApiError::NotFound("the HTTP session ended".into()).into_response()
+            }
+            Err(_) => {
+                metrics::counter!("herdgate_http_fallback_refused_total", "reason" => "session_busy")
+                    .increment(1);
+                return ApiError::Unavailable(
+                    "the session is not reading its messages; retry later".into(),
+                    1,
+                )
+                .into_response();
+            }
         }
     }
     Response::builder()

@@ -25,6 +25,9 @@ pub struct Status {
     /// The node is draining: each socket picks its moment to close. Carried
     /// here so sessions watch one node-wide signal, not two.
     pub closing: bool,
+    /// Counts config reloads: a session checks its app against the live
+    /// config when it moves (a reload may have revoked it).
+    pub reloads: u64,
 }
 
 pub struct Overload {
@@ -53,6 +56,7 @@ impl Default for Overload {
             state: LoadState::Normal,
             frame: status_frame(LoadState::Normal, &[]),
             closing: false,
+            reloads: 0,
         });
         Overload {
             state: std::sync::Arc::new(AtomicU8::new(0)),
@@ -107,6 +111,11 @@ impl Overload {
     /// Tell every session the node is draining.
     pub fn begin_closing(&self) {
         self.status.send_modify(|s| s.closing = true);
+    }
+
+    /// Tell every session a reload put a new config in force.
+    pub fn reloaded(&self) {
+        self.status.send_modify(|s| s.reloads += 1);
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -26,6 +26,10 @@ pub const OVER_CAPACITY: u16 = 4100;
 pub const RECONNECT: u16 = 4200;
 /// Closed for inactivity: the socket never subscribed to anything.
 pub const INACTIVE: u16 = 4202;
+/// A reload changed the app's credentials (its secret): what the socket
+/// was authorized with no longer holds. The client reconnects at once and
+/// authorizes again against the live secret.
+pub const CREDENTIALS_CHANGED: u16 = 4203;
 /// The socket did not answer our ping in time.
 pub const PONG_TIMEOUT: u16 = 4201;
 /// A client event over the per-socket rate limit (sent as `pusher:error`; the socket stays open).

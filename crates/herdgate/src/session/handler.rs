@@ -60,16 +60,45 @@ impl Session {
     }
 
     fn sub_error(&self, channel: &str, kind: &str, message: &str, status: u16) -> Handled {
-        tracing::debug!(channel, kind, message, "subscription refused");
-        let channel = if channel.len() > names::MAX_CHANNEL_NAME {
-            truncate(channel)
-        } else {
-            channel
-        };
+        tracing::debug!(
+            channel = truncate(channel),
+            kind,
+            message,
+            "subscription refused"
+        );
+        // The channel as the client wrote it, however long (its message is
+        // capped by `limits.max_message_bytes`): pusher-js finds the
+        // pending channel by its exact name, and a cut name would leave it
+        // pending for ever.
         self.out.push(&protocol::subscription_error(
             channel, kind, message, status,
         ));
         Ok(())
+    }
+
+    /// Spend one channel-operation token; `false` when the socket is over
+    /// `limits.channel_ops_per_second` (burst `channel_ops_burst`).
+    fn channel_op(&mut self, op: &'static str) -> bool {
+        let now = Instant::now();
+        let ok = match &mut self.ops {
+            Some(b) => b.try_take(now),
+            None => {
+                let live = self.shared.live();
+                let l = &live.config.limits;
+                let mut b = crate::ratelimit::TokenBucket::new(
+                    l.channel_ops_per_second,
+                    l.channel_ops_burst,
+                    now,
+                );
+                let ok = b.try_take(now);
+                self.ops = Some(b);
+                ok
+            }
+        };
+        if !ok {
+            metrics::counter!("herdgate_channel_ops_refused_total", "op" => op).increment(1);
+        }
+        ok
     }
 
     fn subscribed(&self, channel: &str) -> Option<&Channel> {
@@ -85,6 +114,14 @@ impl Session {
         if self.subscribed(channel).is_some() {
             tracing::debug!(channel, "already subscribed");
             return Ok(());
+        }
+        if !self.channel_op("subscribe") {
+            return self.sub_error(
+                channel,
+                "LimitReached",
+                "too many subscriptions per second on this connection; retry later",
+                429,
+            );
         }
         let live = self.shared.live();
         let limits = &live.config.limits;
@@ -135,8 +172,8 @@ impl Session {
                 max_events: frames.saturating_sub(16) / 2,
             }
         });
-        let app = live.apps.by_key(&self.app.key).unwrap_or(&self.app).clone();
         drop(live);
+        let app = self.current_app()?;
         let mut member = None;
         match kind {
             ChannelKind::Public => {}
@@ -251,6 +288,9 @@ impl Session {
         let Some(pos) = self.channels.iter().position(|c| &*c.name == channel) else {
             return Ok(());
         };
+        // Always done (it frees what the socket holds), but it counts: a
+        // subscribe/unsubscribe pair makes a presence room tell everyone.
+        self.channel_op("unsubscribe");
         let ch = self.channels.swap_remove(pos);
         let room = RoomKey {
             app: self.app.id.clone(),
@@ -265,8 +305,14 @@ impl Session {
     }
 
     async fn signin(&mut self, d: protocol::SigninData) -> Handled {
+        if !self.channel_op("signin") {
+            return self.error(
+                Some(codes::CLIENT_EVENT_RATE_LIMIT),
+                "too many sign-ins per second on this connection; retry later",
+            );
+        }
         let signed = auth::signin_string(&self.socket_id(), &d.user_data);
-        let app = self.current_app();
+        let app = self.current_app()?;
         if !auth::verify_token(&app.key, &app.secret, &signed, &d.auth) {
             self.out.push(&protocol::error(
                 Some(codes::UNAUTHORIZED),
@@ -375,8 +421,8 @@ impl Session {
         channel: &str,
         data: Option<&RawValue>,
     ) -> Handled {
+        let app = self.current_app()?;
         let live = self.shared.live();
-        let app = live.apps.by_key(&self.app.key).unwrap_or(&self.app);
         if !app.enable_client_events {
             return self.error(None, "client events are disabled for this app");
         }

@@ -78,6 +78,9 @@ pub struct Session {
     /// Signed in: as whom, and whom it watches (boxed: most sockets never sign in).
     user: Option<Box<SignedIn>>,
     limiter: Option<crate::ratelimit::TokenBucket>,
+    /// Subscribe, unsubscribe and sign-in (`limits.channel_ops_per_second`):
+    /// each can make a room tell every member, or a webhook fire.
+    ops: Option<crate::ratelimit::TokenBucket>,
     /// Connected with `?herdgate_resume=1`: every subscription opts in to
     /// resume, whether or not it says so.
     pub resume_all: bool,
@@ -99,6 +102,7 @@ impl Session {
             channels: Vec::new(),
             user: None,
             limiter: None,
+            ops: None,
             resume_all: false,
         }
     }
@@ -107,15 +111,35 @@ impl Session {
         self.id.socket_id()
     }
 
-    /// The app as the live config has it now (a reload may have rotated its
-    /// secret); the one this socket connected with if the app was removed.
-    fn current_app(&self) -> Arc<App> {
-        self.shared
-            .live()
-            .apps
-            .by_key(&self.app.key)
-            .cloned()
-            .unwrap_or_else(|| self.app.clone())
+    /// The app as the live config has it now, or how this socket ends
+    /// because a reload revoked what it connected with: its key is gone
+    /// (4001), the app is disabled (4003) or its secret changed (4203:
+    /// reconnect and authorize again). Nothing is ever verified against a
+    /// secret the live config no longer has.
+    fn current_app(&self) -> Result<Arc<App>, End> {
+        let live = self.shared.live();
+        let why = match live.apps.by_key(&self.app.key) {
+            Some(a) if a.id == self.app.id && a.enabled && a.secret == self.app.secret => {
+                return Ok(a.clone())
+            }
+            Some(a) if a.id == self.app.id && !a.enabled => {
+                End::close(codes::APP_DISABLED, "Application disabled", "app_disabled")
+            }
+            Some(a) if a.id == self.app.id => End::close(
+                codes::CREDENTIALS_CHANGED,
+                "app credentials changed; reconnect",
+                "app_credentials_changed",
+            ),
+            _ => End::close(
+                codes::UNKNOWN_APP,
+                "App key no longer configured",
+                "app_removed",
+            ),
+        };
+        if let End::Close { code, reason, .. } = why {
+            self.out.push(&crate::protocol::error(Some(code), reason));
+        }
+        Err(why)
     }
 
     /// What the current load state asks the rooms to shed for this socket's commands.
@@ -334,7 +358,10 @@ impl Session {
         // socket in one shared waiter list on every message. A socket that
         // connects while the node is not normal is told at once.
         let mut rx = self.shared.overload.subscribe();
-        let mut state = rx.borrow_and_update().state;
+        let (mut state, mut reloads) = {
+            let s = rx.borrow_and_update();
+            (s.state, s.reloads)
+        };
         if state != crate::overload::LoadState::Normal {
             self.out.push(&rx.borrow().frame);
         }
@@ -402,6 +429,13 @@ impl Session {
                     }
                 }
                 Some(s) = status.next() => {
+                    if s.reloads != reloads {
+                        reloads = s.reloads;
+                        if let Err(end) = self.current_app() {
+                            tracing::debug!(?end, "closed by a config reload");
+                            return end;
+                        }
+                    }
                     if s.state != state {
                         state = s.state;
                         self.out.push(&s.frame);

@@ -40,6 +40,10 @@ pub struct WsReader<R> {
     /// Read but not yet taken: an incomplete frame, or frames after the
     /// one just returned. Empty (no allocation) while the client is quiet.
     pending: Vec<u8>,
+    /// Where the untaken bytes of `pending` start: frames are taken by
+    /// moving this, so many small frames read at once cost one copy of
+    /// the rest, not one per frame.
+    pending_at: usize,
     /// A fragmented message in progress: text or not, and its payload so
     /// far (boxed: rare, and the reader lives as long as the socket).
     message: Option<Box<(bool, Vec<u8>)>>,
@@ -64,6 +68,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         WsReader {
             io,
             pending: Vec::new(),
+            pending_at: 0,
             message: None,
             max_frame,
             max_message,
@@ -128,23 +133,35 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 
     /// The next message from what is already read, if there is one.
     fn next_pending(&mut self) -> Result<Option<Message>, Error> {
-        while !self.pending.is_empty() {
+        while self.pending_at < self.pending.len() {
             let pending = std::mem::take(&mut self.pending);
-            let step = self.take(&pending);
+            let step = self.take(&pending[self.pending_at..]);
             self.pending = pending;
             match step? {
-                None => return Ok(None),
+                None => break,
                 Some((used, message)) => {
-                    // A fresh copy of what is left (none when everything
-                    // was taken): the buffer never keeps a burst's capacity.
-                    self.pending = self.pending[used..].to_vec();
+                    self.pending_at += used;
                     if message.is_some() {
+                        if self.pending_at == self.pending.len() {
+                            self.clear_pending();
+                        }
                         return Ok(message);
                     }
                 }
             }
         }
+        // An incomplete frame (or nothing) is left: a fresh copy of it, so
+        // the buffer never keeps a burst's capacity.
+        if self.pending_at > 0 {
+            self.pending = self.pending[self.pending_at..].to_vec();
+            self.pending_at = 0;
+        }
         Ok(None)
+    }
+
+    fn clear_pending(&mut self) {
+        self.pending = Vec::new();
+        self.pending_at = 0;
     }
 
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
@@ -165,6 +182,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 return Poll::Ready(None);
             }
             if !self.pending.is_empty() {
+                debug_assert_eq!(self.pending_at, 0, "next_pending compacts first");
                 // Bytes are appended only behind an incomplete frame, whose
                 // size parse_head has checked: one frame and a chunk at most.
                 let bound = self.max_frame.saturating_add(14 + READ_CHUNK);
@@ -209,7 +227,7 @@ impl<R: AsyncRead + Unpin> Stream for WsReader<R> {
         }
         if this.done {
             // Nothing more will be read: whatever followed is dropped.
-            this.pending = Vec::new();
+            this.clear_pending();
             this.message = None;
         }
         next
