@@ -265,10 +265,19 @@ async fn sighup_with_a_new_listen_address_needs_a_restart() {
     );
     assert!(!line.contains("apps"), "the secret is applied live: {line}");
 
-    // Still serving on the old address, with the new secret applied.
-    assert_delivered(&mut c, &api(addr, SECRET_B), "private-stay", "same address").await;
+    // Still serving on the old address, with the new secret applied: the
+    // socket authorized by the old one is closed (4203), a fresh one
+    // authorizes with the new one.
+    assert_eq!(c.expect_close().await, Some(4203));
     let mut fresh = Client::connect(&ws_url(addr)).await;
     assert_subscribed(&mut fresh, "private-stay", SECRET_B).await;
+    assert_delivered(
+        &mut fresh,
+        &api(addr, SECRET_B),
+        "private-stay",
+        "same address",
+    )
+    .await;
     let (status, _) = admin_get(hg.admin_addr(), "/readyz").await;
     assert_eq!(status, 200);
     // And not on the new one.

@@ -151,3 +151,20 @@ test('trigger with socket_id excludes that socket but reaches the others', async
   );
   await other.log.waitFor({ channel: channelName, event: 'marker' });
 });
+
+test('a channel name over 164 characters: pusher-js gets the subscription_error on that channel', async () => {
+  // Pusher limits names to 164 characters; the error must name the channel
+  // exactly as subscribed, or pusher-js cannot route it and the channel
+  // stays pending for ever.
+  const channelName = uniq('public-') + '-' + 'x'.repeat(200);
+  const a = await connect('client with a long name');
+  const channel = a.client.subscribe(channelName);
+  a.log.watch(channel, 'pusher:subscription_succeeded', 'pusher:subscription_error');
+  const outcome = await a.log.waitFor(
+    (e) => e.channel === channelName,
+    `the outcome of the overlong subscription`,
+  );
+  assert.equal(outcome.event, 'pusher:subscription_error');
+  assert.equal(outcome.data.type, 'InvalidChannel');
+  assert.equal(channel.subscribed, false);
+});
