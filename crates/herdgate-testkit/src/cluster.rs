@@ -289,21 +289,71 @@ pub fn url_for(hg: &Herdgate) -> String {
 /// [`Herdgate::start_as_nobody`]) sends to `port` on loopback, until dropped:
 /// that process can no longer reach the port, everyone else can.
 pub struct Cut {
-    port: u16,
+    rule: Vec<String>,
 }
 
 impl Cut {
+    /// Drop what processes of uid 65534 (`nobody`) send to `port`: one
+    /// direction of every connection they make to it, reconnections too.
     pub fn new(port: u16) -> Cut {
-        let cut = Cut { port };
+        let port = port.to_string();
+        Cut::with([
+            "-p",
+            "tcp",
+            "-d",
+            "127.0.0.1",
+            "-m",
+            "owner",
+            "--uid-owner",
+            "65534",
+            "--dport",
+            &port,
+        ])
+    }
+
+    /// Drop the packets of one established TCP flow on loopback, from
+    /// port `from` to port `to`: one direction of one connection (a new
+    /// connection between the same processes is not cut).
+    pub fn flow(from: u16, to: u16) -> Cut {
+        let (from, to) = (from.to_string(), to.to_string());
+        Cut::with([
+            "-p",
+            "tcp",
+            "-s",
+            "127.0.0.1",
+            "--sport",
+            &from,
+            "-d",
+            "127.0.0.1",
+            "--dport",
+            &to,
+        ])
+    }
+
+    /// Whether this is [`Cut::flow`]`(from, to)`.
+    pub fn is_flow(&self, from: u16, to: u16) -> bool {
+        let (from, to) = (from.to_string(), to.to_string());
+        self.rule
+            .windows(2)
+            .any(|w| w[0] == "--sport" && w[1] == from)
+            && self
+                .rule
+                .windows(2)
+                .any(|w| w[0] == "--dport" && w[1] == to)
+    }
+
+    fn with<const N: usize>(spec: [&str; N]) -> Cut {
+        let mut rule: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
+        rule.extend(["-j".to_string(), "DROP".to_string()]);
+        let cut = Cut { rule };
         cut.iptables("-A");
         cut
     }
 
     fn iptables(&self, op: &str) {
         let out = std::process::Command::new("iptables")
-            .args([op, "OUTPUT", "-p", "tcp", "-d", "127.0.0.1"])
-            .args(["-m", "owner", "--uid-owner", "65534"])
-            .args(["--dport", &self.port.to_string(), "-j", "DROP"])
+            .args([op, "OUTPUT"])
+            .args(&self.rule)
             .output()
             .expect("iptables is needed for partition tests (scripts/test installs it)");
         assert!(
@@ -325,6 +375,8 @@ impl Drop for Cut {
 pub struct Ledger {
     /// (room, publisher, seq) answered 200.
     pub acked: Vec<(String, usize, u64)>,
+    /// When each of `acked` was answered (the same order).
+    pub acked_at: Vec<Instant>,
     /// (room, publisher, seq, status) of every other answer.
     pub refused: Vec<(String, usize, u64, u16)>,
 }
@@ -355,7 +407,10 @@ pub async fn publisher(
         {
             let mut l = ledger.lock().unwrap();
             match status {
-                200 => l.acked.push((room.clone(), publisher, seq)),
+                200 => {
+                    l.acked.push((room.clone(), publisher, seq));
+                    l.acked_at.push(Instant::now());
+                }
                 s => l.refused.push((room.clone(), publisher, seq, s)),
             }
         }
@@ -373,6 +428,8 @@ pub struct Inbox {
     pub states: HashMap<String, Vec<String>>,
     /// Per room, events and states interleaved as they arrived.
     pub timeline: HashMap<String, Vec<Item>>,
+    /// Per room, when each `unavailable` arrived.
+    pub unavailable_at: HashMap<String, Vec<Instant>>,
     pub closed: Option<Option<u16>>,
 }
 
@@ -385,17 +442,27 @@ pub enum Item {
 impl Inbox {
     /// Whether `(p, s)` was published while this socket was told its room
     /// was unavailable: between an `unavailable` and the next `ready`, after
-    /// the last of `p`'s events before and before the first after.
-    fn excused(&self, room: &str, p: usize, s: u64) -> bool {
+    /// the last of `p`'s events before and before the first after — and
+    /// that `unavailable` arrived by `acked_at`, when the publish was
+    /// answered (if known).
+    fn excused(&self, room: &str, p: usize, s: u64, acked_at: Option<Instant>) -> bool {
         let Some(t) = self.timeline.get(room) else {
             return false;
         };
+        let told = self.unavailable_at.get(room);
+        let mut nth = 0;
         let mut i = 0;
         while i < t.len() {
             if t[i] != Item::State("unavailable".into()) {
                 i += 1;
                 continue;
             }
+            let at = told.and_then(|u| u.get(nth)).copied();
+            nth += 1;
+            let in_time = match (at, acked_at) {
+                (Some(at), Some(acked)) => at <= acked,
+                _ => true,
+            };
             let end = (i..t.len())
                 .find(|j| t[*j] == Item::State("ready".into()))
                 .unwrap_or(t.len());
@@ -407,9 +474,14 @@ impl Inbox {
                 Item::Event(q, x) if *q == p => Some(*x),
                 _ => None,
             });
-            if before.is_none_or(|b| b < s) && after.is_none_or(|a| a > s) {
+            if before.is_none_or(|b| b < s) && after.is_none_or(|a| a > s) && in_time {
                 return true;
             }
+            // The unavailables up to the next `ready` belong to this episode.
+            nth += t[i + 1..end]
+                .iter()
+                .filter(|it| **it == Item::State("unavailable".into()))
+                .count();
             i = end;
         }
         false
@@ -497,6 +569,13 @@ pub async fn reader(url: String, rooms: Arc<Vec<String>>) -> Reader {
                         .and_then(|d| serde_json::from_str(d).ok())
                         .unwrap_or(Value::Null);
                     if let Some(room) = data["room"].as_str() {
+                        if room == "unavailable" {
+                            inbox
+                                .unavailable_at
+                                .entry(channel.clone())
+                                .or_default()
+                                .push(Instant::now());
+                        }
                         inbox
                             .states
                             .entry(channel.clone())
@@ -585,7 +664,10 @@ impl Verdict {
 
 /// Check every reader's inbox against the ledger: each acknowledged publish
 /// arrived exactly once at every reader, in its publisher's order — unless
-/// the reader had been told its room was unavailable then (`excused`).
+/// the reader had been told its room was unavailable then (`excused`):
+/// between the publisher's events around it, and **before** the publish
+/// was answered 200 (the `unavailable` arrived at the reader no later than
+/// the 200 at the publisher: a socket told afterwards was not told in time).
 pub fn check(ledger: &Ledger, inboxes: &[Inbox]) -> Verdict {
     let mut v = Verdict {
         acked: ledger.acked.len(),
@@ -596,8 +678,12 @@ pub fn check(ledger: &Ledger, inboxes: &[Inbox]) -> Verdict {
         *v.refused_by_room.entry(room.clone()).or_default() += 1;
     }
     let mut acked: HashMap<&str, Vec<(usize, u64)>> = HashMap::new();
-    for (room, p, s) in &ledger.acked {
+    let mut acked_at: HashMap<(&str, usize, u64), Instant> = HashMap::new();
+    for (i, (room, p, s)) in ledger.acked.iter().enumerate() {
         acked.entry(room).or_default().push((*p, *s));
+        if let Some(at) = ledger.acked_at.get(i) {
+            acked_at.insert((room, *p, *s), *at);
+        }
     }
     for inbox in inboxes {
         for (room, got) in &inbox.got {
@@ -625,7 +711,10 @@ pub fn check(ledger: &Ledger, inboxes: &[Inbox]) -> Verdict {
             let (excused, missing): (Refs, Refs) = want
                 .iter()
                 .filter(|w| !got.contains(w))
-                .partition(|(p, s)| inbox.excused(room, *p, *s));
+                .partition(|(p, s)| {
+                    let at = acked_at.get(&(*room, *p, *s)).copied();
+                    inbox.excused(room, *p, *s, at)
+                });
             v.excused += excused.len();
             if !excused.is_empty() && std::env::var_os("HERDGATE_TEST_EXCUSED").is_some() {
                 let t = inbox.timeline.get(*room).cloned().unwrap_or_default();
@@ -651,6 +740,27 @@ pub fn check(ledger: &Ledger, inboxes: &[Inbox]) -> Verdict {
 /// Connect a plain client to a process.
 pub async fn connect(hg: &Herdgate) -> Client {
     Client::connect(&url_for(hg)).await
+}
+
+/// The local ports of the established TCP connections process `pid` has
+/// to `127.0.0.1:port` (from `ss`): an edge's link connections to a worker.
+pub fn connections_to(pid: u32, port: u16) -> Vec<u16> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .output()
+        .expect("ss (iproute2) is needed for flow cuts");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let peer = format!("127.0.0.1:{port}");
+    let who = format!("pid={pid},");
+    text.lines()
+        .filter(|l| l.contains(&who))
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // Recv-Q Send-Q Local Peer Process (no state column with `state`).
+            let (local, remote) = (cols.get(2)?, cols.get(3)?);
+            (*remote == peer).then(|| local.rsplit(':').next()?.parse().ok())?
+        })
+        .collect()
 }
 
 /// The socket address of a process's link listener (a worker's `addr`).

@@ -411,6 +411,166 @@ fn a_partial_partition_moves_nothing_and_only_the_cut_edge_refuses() {
     );
 }
 
+/// How many times to run each one-way partition scenario
+/// (`HERDGATE_TEST_RUNS`, default 1; the closing figures use 10 and 20).
+fn runs() -> usize {
+    std::env::var("HERDGATE_TEST_RUNS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(1)
+}
+
+/// One direction of the link between edge A (index 0) and the owner W1 of
+/// `rooms[0]` is cut for `hold`, under a publish stream through both
+/// edges; `cut` makes the cuts, called every 100 ms while the partition
+/// lasts (to cut new connections too). The checker (timed) then requires
+/// every 200 to have reached every socket, unless that socket was told
+/// `unavailable` before the 200. Returns the verdict.
+fn one_way_partition(
+    name: &str,
+    nobody_edge: bool,
+    hold: Duration,
+    cut: impl Fn(&Cluster, usize, &mut Vec<Cut>),
+) -> Verdict {
+    let c = Cluster::start_with(1, 3, 2, nobody_edge.then_some(0));
+    let rt = runtime();
+    let rooms = rooms(30);
+    let w1 = c.owner(0, &rooms[0]);
+    let before = membership(&c);
+    let e = edges(&c);
+    let api_a = c.api(0);
+    let v = rt.block_on(under_stream(e, name, rooms.clone(), async {
+        let mut cuts = Vec::new();
+        let until = Instant::now() + hold;
+        while Instant::now() < until {
+            tokio::task::block_in_place(|| cut(&c, w1, &mut cuts));
+            // Polled: a new connection has no event the test can await.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(cuts);
+        // A's link comes back; its rooms on W1 take publishes again.
+        until_accepted(&api_a, &rooms[0], Instant::now()).await;
+    }));
+    assert_eq!(before, membership(&c), "{name}: nothing moved");
+    assert!(
+        v.excused > 0,
+        "{name}: A's sockets were told `unavailable` while publishes through B were acknowledged"
+    );
+    v
+}
+
+/// The scenario: edge A's packets to W1's link port are dropped
+/// (iptables owner match; W1's packets to A still arrive). Before the
+/// link lease, W1 gave A up after three silent heartbeats and acknowledged
+/// publishes without it while A, still reading W1's frames, had not told
+/// its sockets: 3 acknowledged publishes lost per run. Now A's lease needs
+/// W1's echo of A's own heartbeats: it runs out first.
+#[test]
+fn a_one_way_cut_from_edge_to_worker_acknowledges_nothing_the_edge_missed() {
+    let _g = serial();
+    for run in 0..runs() {
+        let v = one_way_partition(
+            &format!("one-way cut A -> W1, run {run}"),
+            true,
+            Duration::from_secs(8),
+            |c, w1, cuts| {
+                if cuts.is_empty() {
+                    cuts.push(Cut::new(link_port(c.worker(w1))));
+                }
+            },
+        );
+        println!(
+            "A -> W1 cut, run {run}: acked {} lost {} excused {}",
+            v.acked, v.lost, v.excused
+        );
+    }
+}
+
+/// The reverse: W1's packets to edge A (on A's link connection) are
+/// dropped; A's packets, heartbeats included, still reach W1. A hears
+/// nothing back, so its lease runs out and it tells its sockets; W1 keeps
+/// waiting for A's receipts (503) until A's side closes.
+#[test]
+fn a_one_way_cut_from_worker_to_edge_acknowledges_nothing_the_edge_missed() {
+    let _g = serial();
+    for run in 0..runs() {
+        let v = one_way_partition(
+            &format!("one-way cut W1 -> A, run {run}"),
+            false,
+            Duration::from_secs(8),
+            |c, w1, cuts| {
+                // Every connection A makes to W1, as it appears.
+                let port = link_port(c.worker(w1));
+                for flow in connections_to(c.edge(0).pid(), port) {
+                    if !cuts.iter().any(|c| c.is_flow(port, flow)) {
+                        cuts.push(Cut::flow(port, flow));
+                    }
+                }
+                assert!(!cuts.is_empty(), "A has a link to W1");
+            },
+        );
+        println!(
+            "W1 -> A cut, run {run}: acked {} lost {} excused {}",
+            v.acked, v.lost, v.excused
+        );
+    }
+}
+
+/// Whole-process faults chained under one publish stream through both
+/// edges (40 rooms): SIGSTOP a worker past its lease, SIGCONT, start a 4th
+/// worker (scale-out), then kill -9 another. Run it `HERDGATE_TEST_RUNS`
+/// times (20 for the closing figures, once with a core kept busy).
+#[test]
+fn a_chain_of_faults_loses_nothing() {
+    let _g = serial();
+    for run in 0..runs() {
+        let mut c = Cluster::start(1, 3, 2);
+        let rt = runtime();
+        let rooms = rooms(40);
+        let e = edges(&c);
+        let api = c.api(0);
+        let r = rooms.clone();
+        let name = format!("chained faults, run {run}");
+        let v = rt.block_on(under_stream(e, &name, rooms.clone(), async {
+            // 1. SIGSTOP the owner of a room past its lease, then SIGCONT.
+            let stopped_worker = tokio::task::block_in_place(|| c.owner(0, &r[0]));
+            let pid = c.worker(stopped_worker).pid();
+            // SAFETY: kill(2) on a child of this test.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            let stopped = Instant::now();
+            until_accepted(&api, &r[0], stopped).await;
+            tokio::time::sleep(Duration::from_secs(4).saturating_sub(stopped.elapsed())).await;
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            tokio::task::block_in_place(|| {
+                c.worker(stopped_worker).wait_log("lease lost", WAIT);
+                c.wait_settled(3);
+            });
+            // 2. Scale out: a 4th worker joins.
+            tokio::task::block_in_place(|| {
+                let w = c.spawn_worker(3, "");
+                w.wait_log("registered in etcd", WAIT);
+                c.workers.push(Some(w));
+                c.wait_settled(4);
+            });
+            // 3. kill -9 the owner of another room (not the one stopped).
+            let room = r
+                .iter()
+                .find(|x| tokio::task::block_in_place(|| c.owner(0, x)) != stopped_worker)
+                .expect("a room elsewhere")
+                .clone();
+            let victim = tokio::task::block_in_place(|| c.owner(0, &room));
+            let killed = Instant::now();
+            c.kill_worker(victim);
+            until_accepted(&api, &room, killed).await;
+        }));
+        println!(
+            "chained faults, run {run}: acked {} lost {} excused {} refused {}",
+            v.acked, v.lost, v.excused, v.refused
+        );
+    }
+}
+
 #[test]
 fn a_worker_cut_from_etcd_fences_itself_and_its_rooms_move() {
     let _g = serial();

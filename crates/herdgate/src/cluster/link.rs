@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// Largest frame accepted from a peer: an event (payloads are ≤ the message
 /// limit) plus room names, or one page of a list reply, with room to spare.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -69,10 +69,16 @@ pub enum Msg {
     /// Sent every heartbeat interval, busy or not: the sender's membership
     /// ([`View::digest`](crate::cluster::view::View::digest)) and whether it
     /// has lost etcd, the witness statements of
-    /// [`freeze`](crate::cluster::membership::freeze).
+    /// [`freeze`](crate::cluster::membership::freeze); `sent`, the sender's
+    /// clock (milliseconds since the link started, ≥ 1), and `echo`, the
+    /// newest `sent` it has read from the peer (0: none yet). A worker
+    /// echoes each edge heartbeat at once: an edge's link lease is renewed
+    /// only by that round trip (docs/LINK.md "Link lease").
     Heartbeat {
         digest: u64,
         etcd_lost: bool,
+        sent: u64,
+        echo: u64,
     },
 
     // ---- edge → worker
@@ -372,12 +378,126 @@ impl<R: AsyncRead + Unpin> LinkRx<R> {
     }
 
     pub async fn recv(&mut self) -> Result<Msg, LinkError> {
+        self.recv_sized().await.map(|(m, _)| m)
+    }
+
+    /// The next frame and its size on the wire.
+    pub async fn recv_sized(&mut self) -> Result<(Msg, usize), LinkError> {
         match self.inner.next().await {
-            Some(Ok(frame)) => Ok(decode(&frame)?),
+            Some(Ok(frame)) => Ok((decode(&frame)?, frame.len() + 4)),
             Some(Err(e)) => Err(e.into()),
             None => Err(LinkError::Closed),
         }
     }
+}
+
+/// Frames read ahead of their processing, at most this many bytes of them
+/// (the same bound as a link's send queue): past it the reader waits.
+pub const READ_AHEAD_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a link's reader stopped.
+#[derive(Debug)]
+pub enum ReadEnd {
+    /// The peer closed its end, or the connection failed: the peer no
+    /// longer has this link.
+    Peer(LinkError),
+    /// No frame for the silence timeout.
+    Silent,
+    /// The processing side went away.
+    Dropped,
+}
+
+/// Read a link ahead of its processing, so that a heartbeat is seen the
+/// moment it arrives, not after everything queued before it was handled
+/// (a reconnect's burst of registrations): `on_beat` gets each heartbeat
+/// as it is read; every other frame goes, in order, to the receiver, at
+/// most [`READ_AHEAD_BYTES`] waiting (then reading waits: backpressure).
+/// Ends — the receiver then closes — when the peer closes, a frame is
+/// undecodable, or nothing arrives for `silence`; the task's result says
+/// which.
+pub fn read_ahead<R>(
+    mut rx: LinkRx<R>,
+    silence: Duration,
+    mut on_beat: impl FnMut(&Msg) + Send + 'static,
+) -> (AheadRx, tokio::task::JoinHandle<ReadEnd>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+    let bytes = Arc::new((AtomicUsize::new(0), Notify::new()));
+    let counted = bytes.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (msg, size) = match tokio::time::timeout(silence, rx.recv_sized()).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => return ReadEnd::Peer(e),
+                Err(_) => return ReadEnd::Silent,
+            };
+            if matches!(msg, Msg::Heartbeat { .. }) {
+                on_beat(&msg);
+                continue;
+            }
+            // Wait for room (registered before looking, so a take between
+            // the look and the wait is not missed).
+            loop {
+                let room = counted.1.notified();
+                tokio::pin!(room);
+                room.as_mut().enable();
+                if counted.0.load(Ordering::Acquire) < READ_AHEAD_BYTES {
+                    break;
+                }
+                if tx.is_closed() {
+                    return ReadEnd::Dropped;
+                }
+                room.await;
+            }
+            counted.0.fetch_add(size, Ordering::AcqRel);
+            if tx.send((msg, size)).is_err() {
+                return ReadEnd::Dropped;
+            }
+        }
+    });
+    (AheadRx { frames, bytes }, task)
+}
+
+/// The processing side of [`read_ahead`].
+pub struct AheadRx {
+    frames: tokio::sync::mpsc::UnboundedReceiver<(Msg, usize)>,
+    bytes: Arc<(AtomicUsize, Notify)>,
+}
+
+impl AheadRx {
+    /// The next frame, or `None` once the reader has ended.
+    pub async fn recv(&mut self) -> Option<Msg> {
+        let (msg, size) = self.frames.recv().await?;
+        self.bytes.0.fetch_sub(size, Ordering::AcqRel);
+        self.bytes.1.notify_one();
+        Some(msg)
+    }
+}
+
+/// An edge's link lease, in heartbeats: renewed only by the worker's echo
+/// of one of its heartbeats (a round trip begun when that heartbeat was
+/// sent), never by frames merely arriving. Three heartbeats, as long as
+/// either side used to wait for any frame: an echo queues behind what each
+/// side was already sending and processing (a burst of registrations on a
+/// reconnect), and a lease too tight for that would close busy links.
+pub const EDGE_LEASE: u32 = 3;
+/// Heartbeats without any frame from an edge after which a worker gives
+/// the link up: strictly more than [`EDGE_LEASE`] plus the edge's check.
+pub const WORKER_SILENCE: u32 = 5;
+/// Heartbeats after an edge's last heartbeat reached a worker by which the
+/// edge's lease has surely run out — and its sockets were told
+/// `unavailable` — however the link was lost: [`EDGE_LEASE`] from the
+/// heartbeat's sending (which was earlier), the edge's check (a select on
+/// the lease's end), and the rest margin for scheduling on a busy host.
+/// Acknowledgements wait this long for an edge whose link the worker lost
+/// without the edge closing it.
+pub const LEASE_HOLD: u32 = 5;
+
+/// A heartbeat's `sent`: milliseconds since `epoch` (the link's start), ≥ 1.
+pub fn since(epoch: tokio::time::Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64 + 1
 }
 
 /// Write one message directly (handshake frames, before the writer runs).
@@ -396,6 +516,8 @@ pub struct LinkTx {
 
 struct TxInner {
     queue: Mutex<TxQueue>,
+    /// A heartbeat is wanted now, not at the next interval (an echo).
+    beat_now: std::sync::atomic::AtomicBool,
     /// Woken when frames are queued (writer) and when space frees (waiters).
     queued: Notify,
     space: Notify,
@@ -424,6 +546,7 @@ impl LinkTx {
         LinkTx {
             inner: Arc::new(TxInner {
                 queue: Mutex::new(TxQueue::default()),
+                beat_now: Default::default(),
                 queued: Notify::new(),
                 space: Notify::new(),
                 max_bytes,
@@ -473,6 +596,13 @@ impl LinkTx {
 
     pub async fn send(&self, msg: &Msg) -> Result<(), SendError> {
         self.send_encoded(encode(msg)).await
+    }
+
+    /// Have the writer send a heartbeat at once (it goes behind what is
+    /// queued, like every heartbeat).
+    pub fn beat_now(&self) {
+        self.inner.beat_now.store(true, Ordering::Release);
+        self.inner.queued.notify_one();
     }
 
     /// Frames waiting to be written.
@@ -544,13 +674,15 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
         let Some(mut batch) = tx.take(WRITE_BATCH) else {
             return;
         };
+        let asked = tx.inner.beat_now.swap(false, Ordering::AcqRel);
         if batch.is_empty()
+            && !asked
             && tokio::time::Instant::now() < next_beat
             && tokio::time::timeout_at(next_beat, queued).await.is_ok()
         {
             continue;
         }
-        if tokio::time::Instant::now() >= next_beat {
+        if asked || tokio::time::Instant::now() >= next_beat {
             batch.push(encode(&beat()));
             next_beat = tokio::time::Instant::now() + heartbeat;
         }
@@ -686,6 +818,8 @@ mod tests {
             Msg::Heartbeat {
                 digest: 0x0123_4567_89ab_cdef,
                 etcd_lost: true,
+                sent: 1_234_567,
+                echo: 1_234_000,
             },
             Msg::History {
                 id: 12,
@@ -746,6 +880,8 @@ mod tests {
         let beat = || Msg::Heartbeat {
             digest: 1,
             etcd_lost: false,
+            sent: 1,
+            echo: 0,
         };
         let writer = tokio::spawn(write_loop(
             a,
@@ -787,6 +923,8 @@ mod tests {
         let beat = Msg::Heartbeat {
             digest: 0,
             etcd_lost: true,
+            sent: 1,
+            echo: 0,
         };
         assert_eq!(tx.try_send(&beat), Err(SendError::Closed));
     }

@@ -17,7 +17,7 @@ pub use pool::{Item, Pool};
 
 pub use history::Since;
 pub use room::Delivery;
-pub use target::{RemoteEdge, Target};
+pub use target::{RemoteEdge, Sent, Target};
 
 use crate::outbound::{CloseOrder, Outbound};
 use crate::protocol::{self, Frame};

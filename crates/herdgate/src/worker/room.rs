@@ -4,7 +4,7 @@
 //! member, announced when the first socket joins and removed when the last
 //! one leaves.
 
-use super::{RemoteEdge, Subscriber, Target};
+use super::{RemoteEdge, Sent, Subscriber, Target};
 use crate::outbound::{Outbound, Push};
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, RoomKey};
@@ -107,10 +107,12 @@ pub struct Delivery {
     /// Of those, written in place (see [`crate::outbound::direct`]).
     pub written: u64,
     pub overflowed: u64,
-    /// Edges the frame went to (they confirm receipt of acknowledged ones).
+    /// Edges an acknowledged frame waits for, by [`RemoteEdge::ack_key`]:
+    /// those it went to (they confirm receipt), and those whose link just
+    /// went down but whose lease may still run ([`Sent::Held`]).
     pub edges: Vec<u64>,
-    /// Edges whose link is down (or was just closed as too slow): their
-    /// sockets are told the room is unavailable, they are not waited for.
+    /// Edges whose link is down and whose lease has surely expired: their
+    /// sockets were told the room is unavailable, they are not waited for.
     pub edges_down: u32,
 }
 
@@ -354,11 +356,13 @@ impl Room {
                     .edge
                     .encode_deliver(key, frame, exclude, except_user, ack_id, serial);
             for r in &self.edges {
-                if r.edge.send_deliver(&encoded) {
-                    d.queued += 1;
-                    d.edges.push(r.edge.id());
-                } else {
-                    d.edges_down += 1;
+                match r.edge.send_deliver(&encoded) {
+                    Sent::Queued => {
+                        d.queued += 1;
+                        d.edges.push(r.edge.ack_key());
+                    }
+                    Sent::Held => d.edges.push(r.edge.ack_key()),
+                    Sent::Down => d.edges_down += 1,
                 }
             }
         }

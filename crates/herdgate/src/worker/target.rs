@@ -25,13 +25,31 @@ pub trait RemoteEdge: Send + Sync {
         ack_id: u64,
         serial: Option<u64>,
     ) -> Bytes;
-    /// Send an encoded delivery; `false` if the edge's link is down (or was
-    /// over its bound, and is now closed: the link's policy).
-    fn send_deliver(&self, encoded: &Bytes) -> bool;
+    /// Send an encoded delivery: queued on the link, or not (the link is
+    /// down, or was over its bound and is now closed: the link's policy),
+    /// and then whether the edge may still believe its link is up.
+    fn send_deliver(&self, encoded: &Bytes) -> Sent;
+    /// What acknowledgements of this link's deliveries are keyed by: one
+    /// value per connection of the edge (a reconnected edge is a new one).
+    fn ack_key(&self) -> u64;
     /// Send `frame` to one socket of the edge (subscription answers).
     fn deliver_to(&self, room: &RoomKey, conn: ConnId, frame: &Frame);
     /// Close one socket signed in as a user (`room` is the user's channel).
     fn close(&self, room: &RoomKey, conn: ConnId, order: CloseOrder);
+}
+
+/// What became of a delivery to an edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued on the link: the edge confirms it (acknowledged publishes wait).
+    Queued,
+    /// Not sent, and the edge may not know yet: its link lease may still be
+    /// running (docs/LINK.md "Link lease"). An acknowledged publish waits
+    /// for it as if it were sent, until the lease has surely expired
+    /// (then its sockets were told `unavailable`) or the publish's deadline.
+    Held,
+    /// Not sent, and the edge has surely told its sockets `unavailable`.
+    Down,
 }
 
 #[derive(Clone)]

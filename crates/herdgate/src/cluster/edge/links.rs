@@ -10,8 +10,8 @@
 use super::rooms::{Again, Pred, Receipts, RoomCmd, RoomState};
 use super::Edge;
 use crate::cluster::link::{
-    proof, proof_ok, send_direct, write_loop, LinkError, LinkRx, LinkTx, Msg, RegMode, Reply,
-    VERSION,
+    proof, proof_ok, read_ahead, send_direct, since, write_loop, LinkError, LinkRx, LinkTx, Msg,
+    RegMode, Reply, EDGE_LEASE, VERSION,
 };
 use crate::cluster::membership::{boot_nanos, freeze::PeerSays};
 use crate::cluster::tls::LinkIo;
@@ -46,6 +46,9 @@ pub(super) struct WorkerLink {
     receipts_waiting: Notify,
     /// The worker's last heartbeat (its witness statement, see `freeze`).
     pub says: Mutex<Option<PeerSays>>,
+    /// The newest `sent` of the worker's heartbeats on this connection,
+    /// echoed back in ours.
+    peer_sent: AtomicU64,
 }
 
 impl WorkerLink {
@@ -62,6 +65,7 @@ impl WorkerLink {
             receipts: Mutex::new(Vec::new()),
             receipts_waiting: Notify::new(),
             says: Mutex::new(None),
+            peer_sent: AtomicU64::new(0),
         }
     }
 
@@ -252,6 +256,7 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
         nonce: ours,
         proof: (!edge.secret.is_empty()).then(|| proof(&edge.secret, "edge", &nonce, &edge.id)),
     };
+    let hello_sent = tokio::time::Instant::now();
     send_direct(&mut w, &hello).await?;
     let answer = tokio::time::timeout(hb * 4, rx.recv())
         .await
@@ -298,12 +303,20 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
         link.open_rev.store(0, Ordering::Release);
     }
     let tx = LinkTx::new(edge.link_queue_bytes);
-    let beat_edge = edge.clone();
+    // The link lease (docs/LINK.md "Link lease"): renewed only when the
+    // worker echoes one of our heartbeats, so it runs out — and the
+    // rooms' sockets are told `unavailable` — before the worker stops
+    // waiting for us, whichever direction was cut. The handshake itself
+    // was the first round trip.
+    let lease = heartbeat * EDGE_LEASE;
+    let epoch = hello_sent;
+    link.peer_sent.store(0, Ordering::Release);
+    let (beat_edge, beat_link) = (edge.clone(), link.clone());
     let writer = tokio::spawn(write_loop(
         w,
         tx.clone(),
         heartbeat,
-        move || beat_edge.heartbeat_msg(),
+        move || beat_edge.heartbeat_msg(since(epoch), beat_link.peer_sent.load(Ordering::Acquire)),
         || true,
     ));
     let flusher = tokio::spawn(flush_receipts(link.clone(), tx.clone()));
@@ -312,19 +325,47 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
     // are in effect, so nothing it acknowledges from then on misses them.
     let restore = tokio::spawn(restore(edge.clone(), link.clone(), tx.clone()));
     tracing::info!(worker = %link.node, "worker link connected");
+    // Heartbeats are read ahead of the frames' processing (`read_ahead`),
+    // so an echo renews the lease the moment it arrives.
+    let lease_ms = Arc::new(AtomicU64::new(lease.as_millis() as u64));
+    let (beat_edge, beat_link, beat_lease) = (edge.clone(), link.clone(), lease_ms.clone());
+    let (mut frames, reader) = read_ahead(rx, heartbeat * 3, move |m| {
+        if let Msg::Heartbeat { sent, echo, .. } = *m {
+            beat_link.peer_sent.fetch_max(sent, Ordering::AcqRel);
+            if echo > 0 {
+                // `echo` is the `sent` of one of ours: proof of a round
+                // trip begun then (never later than now).
+                let begun = (echo - 1).min(epoch.elapsed().as_millis() as u64);
+                beat_lease.fetch_max(begun + lease.as_millis() as u64, Ordering::AcqRel);
+            }
+        }
+        on_beat(&beat_edge, &beat_link, m);
+    });
+    // The lease is judged every quarter heartbeat (docs/LINK.md "Link lease").
+    let mut tick = tokio::time::interval(heartbeat / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ended = loop {
         let msg = tokio::select! {
-            m = tokio::time::timeout(heartbeat * 3, rx.recv()) => m,
+            m = frames.recv() => m,
             _ = link.retired.cancelled() => break Ok(()),
-        };
-        match msg {
-            Ok(Ok(msg)) => {
-                if let Err(e) = on_message(edge, link, msg).await {
-                    break Err(e);
+            _ = tick.tick() => {
+                if epoch.elapsed().as_millis() as u64 >= lease_ms.load(Ordering::Acquire) {
+                    metrics::counter!("herdgate_link_lease_expired_total").increment(1);
+                    tracing::warn!(worker = %link.node, "no heartbeat of ours echoed within the link lease: closing the link");
+                    break Err(LinkError::Timeout);
                 }
+                if tx.is_closed() {
+                    break Err(LinkError::Closed);
+                }
+                continue;
             }
-            Ok(Err(e)) => break Err(e),
-            Err(_) => break Err(LinkError::Timeout),
+        };
+        let Some(msg) = msg else {
+            // The reader ended: the worker closed, a bad frame, or silence.
+            break Err(LinkError::Closed);
+        };
+        if let Err(e) = on_message(edge, link, msg).await {
+            break Err(e);
         }
         if tx.is_closed() {
             break Err(LinkError::Closed);
@@ -345,6 +386,11 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
             })
             .await;
     }
+    // Only now does the connection close (the reader holds its read half):
+    // a worker that sees our end close may stop waiting for us at once, so
+    // our sockets are told first.
+    reader.abort();
+    let _ = reader.await;
     ended
 }
 
@@ -422,18 +468,28 @@ fn key(app: String, channel: String) -> RoomKey {
     }
 }
 
+/// A worker's heartbeat, the moment it is read: its witness statement.
+fn on_beat(edge: &Edge, link: &WorkerLink, msg: &Msg) {
+    let Msg::Heartbeat {
+        digest, etcd_lost, ..
+    } = *msg
+    else {
+        return;
+    };
+    *link.says.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerSays {
+        digest,
+        etcd_lost,
+        at: boot_nanos(),
+    });
+    if edge.is_frozen() && (!etcd_lost || digest != edge.view().digest) {
+        edge.check_freeze(); // a worker hears from etcd again: at once
+    }
+}
+
 async fn on_message(edge: &Arc<Edge>, link: &Arc<WorkerLink>, msg: Msg) -> Result<(), LinkError> {
     match msg {
-        Msg::Heartbeat { digest, etcd_lost } => {
-            *link.says.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerSays {
-                digest,
-                etcd_lost,
-                at: boot_nanos(),
-            });
-            if edge.is_frozen() && (!etcd_lost || digest != edge.view().digest) {
-                edge.check_freeze(); // a worker hears from etcd again: at once
-            }
-        }
+        // Read ahead of processing (`read_ahead`): never queued here.
+        Msg::Heartbeat { .. } => on_beat(edge, link, &msg),
         Msg::Deliver {
             app,
             channel,

@@ -130,10 +130,12 @@ impl Edge {
         self.frozen.load(Ordering::Acquire)
     }
 
-    fn heartbeat_msg(&self) -> Msg {
+    fn heartbeat_msg(&self, sent: u64, echo: u64) -> Msg {
         Msg::Heartbeat {
             digest: self.view().digest,
             etcd_lost: self.membership.contact.is_lost(),
+            sent,
+            echo,
         }
     }
 

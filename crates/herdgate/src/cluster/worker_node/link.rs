@@ -6,22 +6,62 @@
 //! reconnects and registers again, and in between its acknowledged
 //! publishes fail (nothing is acknowledged that was not delivered).
 
-use crate::cluster::link::{encode, LinkTx, Msg, SendError};
+use crate::cluster::link::{encode, LinkTx, Msg, SendError, LEASE_HOLD};
 use crate::outbound::CloseOrder;
 use crate::protocol::Frame;
 use crate::types::{ConnId, RoomKey};
-use crate::worker::RemoteEdge;
+use crate::worker::{RemoteEdge, Sent};
 use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
 
 pub(super) struct EdgeLink {
     pub id: u64,
+    /// Acknowledgements of this connection's deliveries (random per connection).
+    pub ack_key: u64,
     pub name: String,
     pub tx: LinkTx,
     /// The edge's last heartbeat (its witness statement, see `freeze`).
     pub says: std::sync::Mutex<Option<crate::cluster::membership::freeze::PeerSays>>,
+    /// The newest `sent` of the edge's heartbeats, echoed back in ours.
+    pub peer_sent: AtomicU64,
+    /// When the newest of those arrived. The edge's link lease runs at most
+    /// [`LEASE_HOLD`] heartbeats past it (docs/LINK.md "Link lease").
+    last_beat: std::sync::Mutex<Instant>,
+    pub heartbeat: Duration,
+    /// Set once acknowledgements stop waiting for this connection (see
+    /// [`EdgeLink::held_until`]); deliveries are then [`Sent::Down`].
+    pub released: std::sync::atomic::AtomicBool,
 }
 
 impl EdgeLink {
+    pub fn new(id: u64, name: String, tx: LinkTx, heartbeat: Duration) -> EdgeLink {
+        EdgeLink {
+            id,
+            ack_key: rand::random::<u64>() | 1,
+            name,
+            tx,
+            says: std::sync::Mutex::new(None),
+            peer_sent: AtomicU64::new(0),
+            last_beat: std::sync::Mutex::new(Instant::now()),
+            heartbeat,
+            released: Default::default(),
+        }
+    }
+
+    /// An edge heartbeat arrived: echo it at once.
+    pub fn heartbeat_from_edge(&self, sent: u64) {
+        self.peer_sent.fetch_max(sent, Ordering::AcqRel);
+        *self.last_beat.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.tx.beat_now();
+    }
+
+    /// Until when the edge may still believe this link is up.
+    pub fn held_until(&self) -> Instant {
+        *self.last_beat.lock().unwrap_or_else(|p| p.into_inner()) + self.heartbeat * LEASE_HOLD
+    }
+
     pub fn send_msg(&self, msg: &Msg) -> bool {
         self.send(encode(msg))
     }
@@ -65,8 +105,18 @@ impl RemoteEdge for EdgeLink {
         })
     }
 
-    fn send_deliver(&self, encoded: &Bytes) -> bool {
-        self.send(encoded.clone())
+    fn send_deliver(&self, encoded: &Bytes) -> Sent {
+        if self.send(encoded.clone()) {
+            Sent::Queued
+        } else if !self.released.load(Ordering::Acquire) && Instant::now() < self.held_until() {
+            Sent::Held
+        } else {
+            Sent::Down
+        }
+    }
+
+    fn ack_key(&self) -> u64 {
+        self.ack_key
     }
 
     fn deliver_to(&self, room: &RoomKey, conn: ConnId, frame: &Frame) {

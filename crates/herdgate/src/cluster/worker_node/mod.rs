@@ -155,10 +155,12 @@ impl Node {
         .await;
     }
 
-    fn heartbeat_msg(&self) -> Msg {
+    fn heartbeat_msg(&self, sent: u64, echo: u64) -> Msg {
         Msg::Heartbeat {
             digest: self.membership.current().digest,
             etcd_lost: self.membership.contact.is_lost(),
+            sent,
+            echo,
         }
     }
 
@@ -478,20 +480,15 @@ async fn handshake(
 
 async fn edge_connection(
     node: Arc<Node>,
-    mut rx: Reader,
+    rx: Reader,
     w: Writer,
     name: String,
     heartbeat: Duration,
 ) {
     let id = room_hash(&name, "");
     let tx = LinkTx::new(node.link_queue_bytes);
-    let link = Arc::new(EdgeLink {
-        id,
-        name: name.clone(),
-        tx: tx.clone(),
-        says: std::sync::Mutex::new(None),
-    });
-    let generation = {
+    let link = Arc::new(EdgeLink::new(id, name.clone(), tx.clone(), heartbeat));
+    let (generation, replaced) = {
         let mut edges = lock(&node.edges);
         let e = edges.entry(id).or_insert(EdgeState {
             generation: 0,
@@ -499,10 +496,18 @@ async fn edge_connection(
             acked_rev: 0,
         });
         e.generation += 1;
-        e.link = Some(link.clone());
+        let replaced = e.link.replace(link.clone());
         e.acked_rev = 0;
-        e.generation
+        (e.generation, replaced)
     };
+    // A new connection proves the edge gave up the old one (it tells its
+    // sockets `unavailable` before it reconnects): what waits for the old
+    // one stops waiting.
+    if let Some(old) = replaced {
+        old.tx.close();
+        old.released.store(true, Ordering::Release);
+        node.acks.edge_gone(old.ack_key);
+    }
     if generation > 1 {
         // The edge comes back within its lease. What it registered here
         // before may be stale (it re-registers every room it has here, and
@@ -511,46 +516,80 @@ async fn edge_connection(
     }
     tracing::info!(edge = %name, "edge connected");
     metrics::gauge!("herdgate_link_edges").increment(1.0);
-    let (fence_node, beat_node) = (node.clone(), node.clone());
+    let (fence_node, beat_node, beat_link) = (node.clone(), node.clone(), link.clone());
+    let epoch = tokio::time::Instant::now();
     let writer = tokio::spawn(super::link::write_loop(
         w,
         tx.clone(),
         heartbeat,
-        move || beat_node.heartbeat_msg(),
+        move || {
+            beat_node.heartbeat_msg(
+                super::link::since(epoch),
+                beat_link.peer_sent.load(Ordering::Acquire),
+            )
+        },
         move || fence_node.membership.fence.is_valid(),
     ));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_LINK));
-    // Three missed heartbeats and the edge is gone.
+    // WORKER_SILENCE missed heartbeats and the edge is gone (its own lease
+    // ran out before: see `link::EDGE_LEASE`).
+    let (beat_node, beat_link) = (node.clone(), link.clone());
+    let (mut frames, reader) =
+        super::link::read_ahead(rx, heartbeat * super::link::WORKER_SILENCE, move |m| {
+            on_beat(&beat_node, &beat_link, m)
+        });
     loop {
         let msg = tokio::select! {
-            m = tokio::time::timeout(heartbeat * 3, rx.recv()) => m,
+            m = frames.recv() => m,
             _ = writer_closed(&tx) => break,
         };
         match msg {
-            Ok(Ok(msg)) => handle(&node, msg, &link, &inflight).await,
-            Ok(Err(e)) => {
-                tracing::debug!(edge = %name, error = %e, "edge link read failed");
-                break;
-            }
-            Err(_) => {
-                tracing::debug!(edge = %name, "edge missed three heartbeats");
-                break;
-            }
+            Some(msg) => handle(&node, msg, &link, &inflight).await,
+            None => break,
         }
     }
+    reader.abort();
+    let peer_closed = match reader.await {
+        Ok(super::link::ReadEnd::Peer(e)) => {
+            tracing::debug!(edge = %name, error = %e, "edge link read failed");
+            // The edge's end closed (or its process died): it no
+            // longer believes in this link.
+            true
+        }
+        Ok(super::link::ReadEnd::Silent) => {
+            tracing::debug!(edge = %name, "edge silent for WORKER_SILENCE heartbeats");
+            false
+        }
+        _ => false,
+    };
     tx.close();
     writer.abort();
     metrics::gauge!("herdgate_link_edges").decrement(1.0);
-    let current = {
-        let mut edges = lock(&node.edges);
-        let e = edges.get_mut(&id).filter(|e| e.generation == generation);
-        e.map(|e| e.link = None).is_some()
-    };
+    if let Some(e) = lock(&node.edges)
+        .get_mut(&id)
+        .filter(|e| e.generation == generation)
+    {
+        e.link = None;
+    }
     node.view_acked.notify_waiters(); // the barrier stops waiting for it
-    if current {
-        // Acknowledged publishes stop waiting for it too (a newer link of
-        // the same edge, if any, is waited for as usual).
-        node.acks.edge_gone(id);
+                                      // Acknowledged publishes stop waiting for this connection once the
+                                      // edge has surely given it up: its link lease, renewed only by our
+                                      // echoes of its heartbeats, has run out by `held_until` — however the
+                                      // link was lost (silence, a closed queue, a read error), the edge's
+                                      // sockets were told `unavailable` by then. Never before: a one-way
+                                      // partition leaves the edge believing the link is up until its lease
+                                      // ends. (A newer connection of the same edge is waited for as usual.)
+                                      // An edge that closed its end itself gave the link up already.
+    if peer_closed {
+        link.released.store(true, Ordering::Release);
+        node.acks.edge_gone(link.ack_key);
+    } else {
+        let (acks_node, held, until) = (node.clone(), link.clone(), link.held_until());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until).await;
+            held.released.store(true, Ordering::Release);
+            acks_node.acks.edge_gone(held.ack_key);
+        });
     }
     tracing::warn!(edge = %name, "edge link lost; its sockets stay for the lease");
     let lease = node.edge_lease;
@@ -629,6 +668,31 @@ fn refused(link: &EdgeLink, id: u64, reason: Refusal) {
     );
 }
 
+/// An edge's heartbeat, the moment it is read: echo it, and record its
+/// witness statement.
+fn on_beat(node: &Node, link: &EdgeLink, msg: &Msg) {
+    let Msg::Heartbeat {
+        digest,
+        etcd_lost,
+        sent,
+        ..
+    } = *msg
+    else {
+        return;
+    };
+    link.heartbeat_from_edge(sent);
+    *lock(&link.says) = Some(PeerSays {
+        digest,
+        etcd_lost,
+        at: boot_nanos(),
+    });
+    if node.membership.fence.is_frozen()
+        && (!etcd_lost || digest != node.membership.current().digest)
+    {
+        node.check_freeze(); // an edge hears from etcd again: judge at once
+    }
+}
+
 /// Handle one frame from an edge. Whatever must stay in link order
 /// (registrations, publishes) is queued to the rooms here, in order;
 /// whatever waits for an answer waits in a task of its own, so one slow
@@ -636,18 +700,8 @@ fn refused(link: &EdgeLink, id: u64, reason: Refusal) {
 async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc<Semaphore>) {
     let target = || Target::Edge(link.clone() as Arc<dyn RemoteEdge>);
     match msg {
-        Msg::Heartbeat { digest, etcd_lost } => {
-            *lock(&link.says) = Some(PeerSays {
-                digest,
-                etcd_lost,
-                at: boot_nanos(),
-            });
-            if node.membership.fence.is_frozen()
-                && (!etcd_lost || digest != node.membership.current().digest)
-            {
-                node.check_freeze(); // an edge hears from etcd again: judge at once
-            }
-        }
+        // Read ahead of processing (`read_ahead`): never queued here.
+        Msg::Heartbeat { .. } => on_beat(node, link, &msg),
         Msg::Register {
             id,
             app,
@@ -807,7 +861,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 }
             }
         }
-        Msg::DeliverAck { ids } => node.acks.receipts(link.id, &ids),
+        Msg::DeliverAck { ids } => node.acks.receipts(link.ack_key, &ids),
         Msg::Sync { id } => {
             let (node, link) = (node.clone(), link.clone());
             tokio::spawn(async move {
