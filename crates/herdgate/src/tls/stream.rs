@@ -11,9 +11,20 @@
 //!
 //! Bounds: at most one TLS record (plus the records rustls sends on its
 //! own: tickets, key updates, alerts) waits to be written, because a write
-//! first finishes the previous one; received bytes are taken one record at
-//! a time and a connection whose peer sends more than [`MAX_INCOMING`]
-//! without completing a record is an error.
+//! first finishes the previous one. Received bytes stay in `incoming` only
+//! while rustls cannot use them yet: an incomplete record, or the records of
+//! a handshake message that spans several (rustls joins them in place and
+//! lets go of them all once the message is whole). No read ever takes
+//! `incoming` past its bound, and a peer that needs more is an error:
+//! - during the handshake, [`MAX_HANDSHAKE_INCOMING`] (65,535 bytes): what
+//!   rustls's own buffered reader admits while it joins a handshake message,
+//!   and the largest handshake message rustls accepts, so any ClientHello
+//!   that stock rustls takes is taken here too;
+//! - after it, [`MAX_RECORD_INCOMING`] (18,437 bytes): one record of the
+//!   largest size rustls accepts. A client has no handshake message to send
+//!   then that needs more (TLS 1.3's KeyUpdate is 5 bytes; rustls refuses
+//!   TLS 1.2 renegotiation anyway), so an idle-heavy server keeps the
+//!   tighter bound for the connection's long life.
 
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
@@ -28,9 +39,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes read from the socket per read, into the stack.
 const READ_CHUNK: usize = 4096;
-/// The largest record on the wire is 16 KiB of payload plus 256 bytes of
-/// expansion and a 5-byte header; this leaves room for two.
-const MAX_INCOMING: usize = 2 * (16 * 1024 + 256 + 5);
+/// Received bytes held at most during the handshake: rustls's
+/// `MAX_HANDSHAKE_SIZE`, the bound of its own buffered reader while it joins
+/// a handshake message from several records, and of one handshake message.
+const MAX_HANDSHAKE_INCOMING: usize = 0xffff;
+/// Received bytes held at most after the handshake: one record of the
+/// largest size rustls accepts (16 KiB + 2 KiB of payload, 5-byte header).
+const MAX_RECORD_INCOMING: usize = 16 * 1024 + 2048 + 5;
 /// Plaintext encrypted per record (the TLS maximum).
 const MAX_PLAINTEXT: usize = 16 * 1024;
 
@@ -268,19 +283,32 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         step
     }
 
-    /// Read more from the socket into `incoming`; `Ok(0)` at its end.
+    /// Read more from the socket into `incoming`, never past its bound (see
+    /// the module docs); `Ok(0)` at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.incoming.len() >= MAX_INCOMING {
+        let bound = if self.conn.is_handshaking() {
+            MAX_HANDSHAKE_INCOMING
+        } else {
+            MAX_RECORD_INCOMING
+        };
+        let room = bound.saturating_sub(self.incoming.len());
+        if room == 0 {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "TLS record larger than allowed",
+                "TLS message larger than allowed",
             )));
         }
         let mut stack = [0u8; READ_CHUNK];
-        let mut rb = ReadBuf::new(&mut stack);
+        let mut rb = ReadBuf::new(&mut stack[..room.min(READ_CHUNK)]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        self.incoming.extend_from_slice(rb.filled());
+        let got = rb.filled();
+        let (len, n) = (self.incoming.len(), got.len());
+        if self.incoming.capacity() < len + n {
+            // Doubling, but the capacity too stays within the bound.
+            let want = (self.incoming.capacity() * 2).clamp(len + n, bound);
+            self.incoming.reserve_exact(want - len);
+        }
+        self.incoming.extend_from_slice(got);
         Poll::Ready(Ok(n))
     }
 
@@ -567,6 +595,34 @@ mod tests {
         // then one byte of a next message.
         let (err, _) = refused(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x14, 0x00, 0x00, 0x00, 0x01]).await;
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    /// A ClientHello sent one byte per record: rustls keeps joining it (all
+    /// of it stays in `incoming`, six bytes on the wire per byte of message)
+    /// and the stream stops at its handshake bound, as stock rustls's reader
+    /// does ("message buffer full"), instead of holding more.
+    #[tokio::test]
+    async fn a_handshake_message_in_tiny_records_stops_at_the_handshake_bound() {
+        let (_pki, config) = server();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            // A ClientHello header claiming 60,000 bytes, then its body.
+            let message = [&[1u8, 0x00, 0xea, 0x60][..], &[0u8; 12_000]].concat();
+            let mut wire = Vec::new();
+            for b in message {
+                wire.extend_from_slice(&[0x16, 0x03, 0x03, 0x00, 0x01, b]);
+            }
+            assert!(wire.len() > MAX_HANDSHAKE_INCOMING);
+            let _ = c.write_all(&wire).await;
+            c
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        let err = TlsStream::accept(config, tcp).await.err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert_eq!(err.to_string(), "TLS message larger than allowed");
+        drop(client.await.unwrap());
     }
 
     #[tokio::test]
