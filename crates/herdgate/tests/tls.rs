@@ -312,3 +312,29 @@ async fn a_client_hello_as_large_as_stock_rustls_takes_completes_the_handshake()
         assert_eq!(r["ok"], false, "{name}: {r}");
     }
 }
+
+/// Difference 2: a bad handshake message followed by 32 KiB more (more than
+/// the server reads before it fails): the client reads the alert
+/// (unexpected_message) and then a clean end of stream. Before, the close
+/// with unread bytes in the kernel buffer was a reset. (A server that drops
+/// tokio-rustls's socket on a failed handshake resets too: that is printed,
+/// not asserted.)
+#[tokio::test]
+async fn a_failed_handshake_ends_with_its_alert_and_a_clean_close() {
+    let (_pki, s, stock) = herdgate_and_stock().await;
+    for trailing in ["0", "32768"] {
+        let r = tlslite("bad", s.addr.port(), &[trailing]).await;
+        assert_eq!(
+            r["alert"],
+            serde_json::json!([2, 10]),
+            "fatal unexpected_message: {r}"
+        );
+        assert_eq!(
+            r["end"], "eof",
+            "{trailing} trailing bytes: a FIN, not a reset: {r}"
+        );
+        assert!(r.get("send_error").is_none(), "{r}");
+        let stock = tlslite("bad", stock.port(), &[trailing]).await;
+        eprintln!("stock tokio-rustls, {trailing} trailing bytes: {stock}");
+    }
+}

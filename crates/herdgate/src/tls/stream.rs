@@ -25,6 +25,12 @@
 //!   then that needs more (TLS 1.3's KeyUpdate is 5 bytes; rustls refuses
 //!   TLS 1.2 renegotiation anyway), so an idle-heavy server keeps the
 //!   tighter bound for the connection's long life.
+//!
+//! A failed handshake is closed the way a client can read: the alert is
+//! flushed, our side is ended (FIN), and what the client still sends is
+//! read and dropped (at most [`DRAIN_BYTES`], for at most [`DRAIN_TIME`])
+//! before the socket is closed. Closing with unread bytes in the kernel
+//! buffer would make Linux answer with a reset instead.
 
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
@@ -46,6 +52,12 @@ const MAX_HANDSHAKE_INCOMING: usize = 0xffff;
 /// Received bytes held at most after the handshake: one record of the
 /// largest size rustls accepts (16 KiB + 2 KiB of payload, 5-byte header).
 const MAX_RECORD_INCOMING: usize = 16 * 1024 + 2048 + 5;
+/// After a failed handshake, what the client still sends is read and
+/// dropped up to this many bytes (as much as the handshake could have
+/// held) ...
+const DRAIN_BYTES: usize = MAX_HANDSHAKE_INCOMING;
+/// ... for at most this long (and within the handshake's own deadline).
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 /// Plaintext encrypted per record (the TLS maximum).
 const MAX_PLAINTEXT: usize = 16 * 1024;
 
@@ -173,12 +185,39 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
             Ok(()) => Ok(s),
             Err(e) => {
-                // Send the alert rustls queued, if the socket takes it now.
                 s.queue_alert();
-                let _ = std::future::poll_fn(|cx| Poll::Ready(s.poll_flush_out(cx))).await;
+                s.close_after_failure().await;
                 Err(e)
             }
         }
+    }
+
+    /// After a failed handshake: send the alert rustls queued, end our side,
+    /// and read and drop what the client still sends until it ends its side
+    /// too (within [`DRAIN_BYTES`] and [`DRAIN_TIME`]). The socket is then
+    /// closed with nothing unread, so the client gets a FIN after the alert,
+    /// not a reset that may make it lose the alert.
+    async fn close_after_failure(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.incoming = Vec::new();
+        self.plain = Vec::new();
+        self.plain_at = 0;
+        let drain = async {
+            std::future::poll_fn(|cx| self.poll_flush_out(cx)).await?;
+            self.io.shutdown().await?;
+            let mut left = DRAIN_BYTES;
+            let mut buf = [0u8; READ_CHUNK];
+            while left > 0 {
+                let n = self.io.read(&mut buf[..left.min(READ_CHUNK)]).await?;
+                if n == 0 {
+                    break;
+                }
+                left -= n;
+            }
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        self.outgoing = Vec::new();
     }
 
     /// After a fatal error: encode the alert rustls queued (best effort).
