@@ -26,6 +26,13 @@
 //!   TLS 1.2 renegotiation anyway), so an idle-heavy server keeps the
 //!   tighter bound for the connection's long life.
 //!
+//! rustls is asked to look at the input again only when more has arrived
+//! (see `starved`): when a client's 0-RTT data is rejected, rustls skips the
+//! undecryptable records but keeps them in the input until the next
+//! handshake message, and counts them against its 16 KiB allowance each
+//! time it looks; extra looks would shrink that allowance below stock
+//! rustls's.
+//!
 //! A failed handshake is closed the way a client can read: the alert is
 //! flushed, our side is ended (FIN), and what the client still sends is
 //! read and dropped (at most [`DRAIN_BYTES`], for at most [`DRAIN_TIME`])
@@ -79,6 +86,10 @@ pub struct TlsStream<IO> {
     closing: bool,
     /// rustls reported a fatal error: nothing more is encrypted.
     failed: bool,
+    /// During the handshake: rustls has looked at all of `incoming` and
+    /// needs more. Until more arrives another round would only repeat that
+    /// (and charge skipped 0-RTT records against rustls's allowance again).
+    starved: bool,
 }
 
 /// What one round of record processing did.
@@ -86,8 +97,11 @@ enum Step {
     /// Decrypted data was added to `plain`.
     Data,
     /// rustls encoded something of its own (handshake, ticket, alert) into
-    /// `outgoing`, or said it may be sent: go on.
+    /// `outgoing`: go on.
     Progress,
+    /// rustls said what it encoded may be sent, which it says only after
+    /// looking at all of `incoming` and finding nothing to process: go on.
+    Transmitted,
     /// Nothing more to do with what has arrived: read more.
     NeedInput,
     /// Ready for application data (the caller had nothing to write).
@@ -181,6 +195,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             eof: false,
             closing: false,
             failed: false,
+            starved: false,
         };
         match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
             Ok(()) => Ok(s),
@@ -234,12 +249,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_flush_out(cx))?;
-            match self.process(None)? {
+            let step = if self.starved {
+                Step::NeedInput
+            } else {
+                self.process(None)?
+            };
+            match step {
                 Step::Progress => {}
+                // Nothing in `incoming` to process: once this is sent, the
+                // next round would say so again (during the handshake: wait
+                // for input; after it: say that the handshake is done).
+                Step::Transmitted => self.starved = self.conn.is_handshaking(),
                 Step::Data | Step::Idle if !self.conn.is_handshaking() => {
                     return Poll::Ready(Ok(()));
                 }
                 Step::Data | Step::Idle | Step::NeedInput => {
+                    if !matches!(step, Step::Data) {
+                        self.starved = true;
+                    }
                     if ready!(self.poll_fill(cx))? == 0 {
                         return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                     }
@@ -298,7 +325,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 // Written in order with everything after it (`outgoing` is
                 // one queue), so rustls may consider it sent now.
                 t.done();
-                Ok(Step::Progress)
+                Ok(Step::Transmitted)
             }
             Ok(ConnectionState::BlockedHandshake) => Ok(Step::NeedInput),
             Ok(ConnectionState::WriteTraffic(mut w)) => match write {
@@ -348,6 +375,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             self.incoming.reserve_exact(want - len);
         }
         self.incoming.extend_from_slice(got);
+        if n > 0 {
+            self.starved = false;
+        }
         Poll::Ready(Ok(n))
     }
 
@@ -392,7 +422,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 Step::Wrote => return Ok(data.len()),
                 // Decrypted data waits in `plain` for the reader (bounded by
                 // what was already read from the socket).
-                Step::Data | Step::Progress => {}
+                Step::Data | Step::Progress | Step::Transmitted => {}
                 Step::PeerClosed => self.eof = true,
                 Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
                 Step::Idle | Step::NeedInput => {
@@ -441,7 +471,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                 }
             };
             match step {
-                Step::Data | Step::Progress | Step::Wrote => {}
+                Step::Data | Step::Progress | Step::Transmitted | Step::Wrote => {}
                 Step::PeerClosed | Step::Closed => this.eof = true,
                 Step::Idle | Step::NeedInput => {
                     if ready!(this.poll_fill(cx))? == 0 {
@@ -488,7 +518,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             };
             loop {
                 match this.process(Some(&mut close)) {
-                    Ok(Step::Data | Step::Progress) => {}
+                    Ok(Step::Data | Step::Progress | Step::Transmitted) => {}
                     Ok(Step::PeerClosed) => this.eof = true,
                     // Queued; or closed already, or in no state to say so.
                     _ => break,
