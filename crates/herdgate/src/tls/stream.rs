@@ -11,9 +11,33 @@
 //!
 //! Bounds: at most one TLS record (plus the records rustls sends on its
 //! own: tickets, key updates, alerts) waits to be written, because a write
-//! first finishes the previous one; received bytes are taken one record at
-//! a time and a connection whose peer sends more than [`MAX_INCOMING`]
-//! without completing a record is an error.
+//! first finishes the previous one. Received bytes stay in `incoming` only
+//! while rustls cannot use them yet: an incomplete record, or the records of
+//! a handshake message that spans several (rustls joins them in place and
+//! lets go of them all once the message is whole). No read ever takes
+//! `incoming` past its bound, and a peer that needs more is an error:
+//! - during the handshake, [`MAX_HANDSHAKE_INCOMING`] (65,535 bytes): what
+//!   rustls's own buffered reader admits while it joins a handshake message,
+//!   and the largest handshake message rustls accepts, so any ClientHello
+//!   that stock rustls takes is taken here too;
+//! - after it, [`MAX_RECORD_INCOMING`] (18,437 bytes): one record of the
+//!   largest size rustls accepts. A client has no handshake message to send
+//!   then that needs more (TLS 1.3's KeyUpdate is 5 bytes; rustls refuses
+//!   TLS 1.2 renegotiation anyway), so an idle-heavy server keeps the
+//!   tighter bound for the connection's long life.
+//!
+//! rustls is asked to look at the input again only when more has arrived
+//! (see `starved`): when a client's 0-RTT data is rejected, rustls skips the
+//! undecryptable records but keeps them in the input until the next
+//! handshake message, and counts them against its 16 KiB allowance each
+//! time it looks; extra looks would shrink that allowance below stock
+//! rustls's.
+//!
+//! A failed handshake is closed the way a client can read: the alert is
+//! flushed, our side is ended (FIN), and what the client still sends is
+//! read and dropped (at most [`DRAIN_BYTES`], for at most [`DRAIN_TIME`])
+//! before the socket is closed. Closing with unread bytes in the kernel
+//! buffer would make Linux answer with a reset instead.
 
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
@@ -28,9 +52,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes read from the socket per read, into the stack.
 const READ_CHUNK: usize = 4096;
-/// The largest record on the wire is 16 KiB of payload plus 256 bytes of
-/// expansion and a 5-byte header; this leaves room for two.
-const MAX_INCOMING: usize = 2 * (16 * 1024 + 256 + 5);
+/// Received bytes held at most during the handshake: rustls's
+/// `MAX_HANDSHAKE_SIZE`, the bound of its own buffered reader while it joins
+/// a handshake message from several records, and of one handshake message.
+const MAX_HANDSHAKE_INCOMING: usize = 0xffff;
+/// Received bytes held at most after the handshake: one record of the
+/// largest size rustls accepts (16 KiB + 2 KiB of payload, 5-byte header).
+const MAX_RECORD_INCOMING: usize = 16 * 1024 + 2048 + 5;
+/// After a failed handshake, what the client still sends is read and
+/// dropped up to this many bytes (as much as the handshake could have
+/// held) ...
+const DRAIN_BYTES: usize = MAX_HANDSHAKE_INCOMING;
+/// ... for at most this long (and within the handshake's own deadline).
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 /// Plaintext encrypted per record (the TLS maximum).
 const MAX_PLAINTEXT: usize = 16 * 1024;
 
@@ -52,6 +86,10 @@ pub struct TlsStream<IO> {
     closing: bool,
     /// rustls reported a fatal error: nothing more is encrypted.
     failed: bool,
+    /// During the handshake: rustls has looked at all of `incoming` and
+    /// needs more. Until more arrives another round would only repeat that
+    /// (and charge skipped 0-RTT records against rustls's allowance again).
+    starved: bool,
 }
 
 /// What one round of record processing did.
@@ -59,8 +97,11 @@ enum Step {
     /// Decrypted data was added to `plain`.
     Data,
     /// rustls encoded something of its own (handshake, ticket, alert) into
-    /// `outgoing`, or said it may be sent: go on.
+    /// `outgoing`: go on.
     Progress,
+    /// rustls said what it encoded may be sent, which it says only after
+    /// looking at all of `incoming` and finding nothing to process: go on.
+    Transmitted,
     /// Nothing more to do with what has arrived: read more.
     NeedInput,
     /// Ready for application data (the caller had nothing to write).
@@ -154,16 +195,44 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             eof: false,
             closing: false,
             failed: false,
+            starved: false,
         };
         match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
             Ok(()) => Ok(s),
             Err(e) => {
-                // Send the alert rustls queued, if the socket takes it now.
                 s.queue_alert();
-                let _ = std::future::poll_fn(|cx| Poll::Ready(s.poll_flush_out(cx))).await;
+                s.close_after_failure().await;
                 Err(e)
             }
         }
+    }
+
+    /// After a failed handshake: send the alert rustls queued, end our side,
+    /// and read and drop what the client still sends until it ends its side
+    /// too (within [`DRAIN_BYTES`] and [`DRAIN_TIME`]). The socket is then
+    /// closed with nothing unread, so the client gets a FIN after the alert,
+    /// not a reset that may make it lose the alert.
+    async fn close_after_failure(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.incoming = Vec::new();
+        self.plain = Vec::new();
+        self.plain_at = 0;
+        let drain = async {
+            std::future::poll_fn(|cx| self.poll_flush_out(cx)).await?;
+            self.io.shutdown().await?;
+            let mut left = DRAIN_BYTES;
+            let mut buf = [0u8; READ_CHUNK];
+            while left > 0 {
+                let n = self.io.read(&mut buf[..left.min(READ_CHUNK)]).await?;
+                if n == 0 {
+                    break;
+                }
+                left -= n;
+            }
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        self.outgoing = Vec::new();
     }
 
     /// After a fatal error: encode the alert rustls queued (best effort).
@@ -180,12 +249,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_flush_out(cx))?;
-            match self.process(None)? {
+            let step = if self.starved {
+                Step::NeedInput
+            } else {
+                self.process(None)?
+            };
+            match step {
                 Step::Progress => {}
+                // Nothing in `incoming` to process: once this is sent, the
+                // next round would say so again (during the handshake: wait
+                // for input; after it: say that the handshake is done).
+                Step::Transmitted => self.starved = self.conn.is_handshaking(),
                 Step::Data | Step::Idle if !self.conn.is_handshaking() => {
                     return Poll::Ready(Ok(()));
                 }
                 Step::Data | Step::Idle | Step::NeedInput => {
+                    if !matches!(step, Step::Data) {
+                        self.starved = true;
+                    }
                     if ready!(self.poll_fill(cx))? == 0 {
                         return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                     }
@@ -244,7 +325,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 // Written in order with everything after it (`outgoing` is
                 // one queue), so rustls may consider it sent now.
                 t.done();
-                Ok(Step::Progress)
+                Ok(Step::Transmitted)
             }
             Ok(ConnectionState::BlockedHandshake) => Ok(Step::NeedInput),
             Ok(ConnectionState::WriteTraffic(mut w)) => match write {
@@ -268,19 +349,35 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         step
     }
 
-    /// Read more from the socket into `incoming`; `Ok(0)` at its end.
+    /// Read more from the socket into `incoming`, never past its bound (see
+    /// the module docs); `Ok(0)` at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.incoming.len() >= MAX_INCOMING {
+        let bound = if self.conn.is_handshaking() {
+            MAX_HANDSHAKE_INCOMING
+        } else {
+            MAX_RECORD_INCOMING
+        };
+        let room = bound.saturating_sub(self.incoming.len());
+        if room == 0 {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "TLS record larger than allowed",
+                "TLS message larger than allowed",
             )));
         }
         let mut stack = [0u8; READ_CHUNK];
-        let mut rb = ReadBuf::new(&mut stack);
+        let mut rb = ReadBuf::new(&mut stack[..room.min(READ_CHUNK)]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        self.incoming.extend_from_slice(rb.filled());
+        let got = rb.filled();
+        let (len, n) = (self.incoming.len(), got.len());
+        if self.incoming.capacity() < len + n {
+            // Doubling, but the capacity too stays within the bound.
+            let want = (self.incoming.capacity() * 2).clamp(len + n, bound);
+            self.incoming.reserve_exact(want - len);
+        }
+        self.incoming.extend_from_slice(got);
+        if n > 0 {
+            self.starved = false;
+        }
         Poll::Ready(Ok(n))
     }
 
@@ -325,7 +422,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 Step::Wrote => return Ok(data.len()),
                 // Decrypted data waits in `plain` for the reader (bounded by
                 // what was already read from the socket).
-                Step::Data | Step::Progress => {}
+                Step::Data | Step::Progress | Step::Transmitted => {}
                 Step::PeerClosed => self.eof = true,
                 Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
                 Step::Idle | Step::NeedInput => {
@@ -374,7 +471,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                 }
             };
             match step {
-                Step::Data | Step::Progress | Step::Wrote => {}
+                Step::Data | Step::Progress | Step::Transmitted | Step::Wrote => {}
                 Step::PeerClosed | Step::Closed => this.eof = true,
                 Step::Idle | Step::NeedInput => {
                     if ready!(this.poll_fill(cx))? == 0 {
@@ -421,7 +518,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             };
             loop {
                 match this.process(Some(&mut close)) {
-                    Ok(Step::Data | Step::Progress) => {}
+                    Ok(Step::Data | Step::Progress | Step::Transmitted) => {}
                     Ok(Step::PeerClosed) => this.eof = true,
                     // Queued; or closed already, or in no state to say so.
                     _ => break,
@@ -567,6 +664,34 @@ mod tests {
         // then one byte of a next message.
         let (err, _) = refused(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x14, 0x00, 0x00, 0x00, 0x01]).await;
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    /// A ClientHello sent one byte per record: rustls keeps joining it (all
+    /// of it stays in `incoming`, six bytes on the wire per byte of message)
+    /// and the stream stops at its handshake bound, as stock rustls's reader
+    /// does ("message buffer full"), instead of holding more.
+    #[tokio::test]
+    async fn a_handshake_message_in_tiny_records_stops_at_the_handshake_bound() {
+        let (_pki, config) = server();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            // A ClientHello header claiming 60,000 bytes, then its body.
+            let message = [&[1u8, 0x00, 0xea, 0x60][..], &[0u8; 12_000]].concat();
+            let mut wire = Vec::new();
+            for b in message {
+                wire.extend_from_slice(&[0x16, 0x03, 0x03, 0x00, 0x01, b]);
+            }
+            assert!(wire.len() > MAX_HANDSHAKE_INCOMING);
+            let _ = c.write_all(&wire).await;
+            c
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        let err = TlsStream::accept(config, tcp).await.err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert_eq!(err.to_string(), "TLS message larger than allowed");
+        drop(client.await.unwrap());
     }
 
     #[tokio::test]
