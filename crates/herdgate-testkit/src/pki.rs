@@ -39,9 +39,29 @@ impl Pki {
 
     /// Write a leaf cert + PKCS#8 key named `name`; returns (cert path, key path, cert DER).
     pub fn leaf(&self, name: &str, expired: bool) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+        self.leaf_with(name, expired, &[])
+    }
+
+    /// [`Pki::leaf`], with `dns` names added to its subject alternative names
+    /// (a link peer's node id).
+    pub fn leaf_named(
+        &self,
+        name: &str,
+        dns: &[&str],
+    ) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+        self.leaf_with(name, false, dns)
+    }
+
+    fn leaf_with(
+        &self,
+        name: &str,
+        expired: bool,
+        dns: &[&str],
+    ) -> (PathBuf, PathBuf, CertificateDer<'static>) {
         let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        sans.extend(dns.iter().map(|d| d.to_string()));
+        let mut params = CertificateParams::new(sans).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);

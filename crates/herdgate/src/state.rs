@@ -20,6 +20,8 @@ pub struct Shared {
     /// whether its accept loop is waiting for one: a node whose permits are
     /// all held accepts nobody, so it says it is not ready.
     pub accept: crate::admission::AcceptPermits,
+    /// Bytes of unfinished fragmented messages, node-wide (`limits.max_fragmented_bytes`).
+    pub fragments: Arc<crate::session::ws_reader::FragmentBudget>,
     pub overload: crate::overload::Overload,
     /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
     /// keeps serving through the load balancer's deregistration delay.
@@ -142,6 +144,9 @@ impl Shared {
             sessions: crate::admission::Admission::new(l.max_connections),
             handshakes: Arc::default(),
             accept: crate::admission::AcceptPermits::new(l.max_handshakes),
+            fragments: Arc::new(crate::session::ws_reader::FragmentBudget::new(
+                l.max_fragmented_bytes,
+            )),
             overload,
             hooks: webhooks,
             quotas: Default::default(),
@@ -167,6 +172,7 @@ impl Shared {
     /// Put a new (validated) configuration in force for everything that reads it from now on.
     pub fn swap_live(&self, config: Config) {
         self.sessions.set_max(config.limits.max_connections);
+        self.fragments.set_max(config.limits.max_fragmented_bytes);
         self.live.store(Arc::new(Live::new(config)));
     }
 }

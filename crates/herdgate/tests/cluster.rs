@@ -27,7 +27,7 @@ secret = "test-secret"
 
 fn worker(link: &str) -> Herdgate {
     Herdgate::start(&format!(
-        "[server]\nadmin_listen = \"127.0.0.1:0\"\n[cluster]\nrole = \"worker\"\nlink_listen = \"{link}\"\nheartbeat_interval = \"250ms\"\nedge_lease = \"2s\"\nsecret = \"{SECRET_LINK}\"\n{APPS}"
+        "[server]\nadmin_listen = \"127.0.0.1:0\"\n[overload]\nenabled = false\n[cluster]\nrole = \"worker\"\nlink_listen = \"{link}\"\nheartbeat_interval = \"250ms\"\nedge_lease = \"2s\"\nsecret = \"{SECRET_LINK}\"\n{APPS}"
     ))
 }
 
@@ -41,7 +41,7 @@ fn edge(workers: &[String]) -> Herdgate {
 fn edge_as(workers: &[String], nobody: bool, heartbeat: &str) -> Herdgate {
     let list: Vec<String> = workers.iter().map(|w| format!("{w:?}")).collect();
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections_per_ip = 0\n[cluster]\nrole = \"edge\"\nworkers = [{}]\nheartbeat_interval = \"{heartbeat}\"\nhandover_timeout = \"5s\"\nsecret = \"{SECRET_LINK}\"\n{APPS}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[limits]\nmax_connections_per_ip = 0\n[overload]\nenabled = false\n[cluster]\nrole = \"edge\"\nworkers = [{}]\nheartbeat_interval = \"{heartbeat}\"\nhandover_timeout = \"5s\"\nsecret = \"{SECRET_LINK}\"\n{APPS}",
         list.join(", ")
     );
     let hg = if nobody {
@@ -610,7 +610,8 @@ async fn mutual_tls_on_the_link() {
     let _serial = SERIAL.lock().await;
     let pki = herdgate_testkit::pki::Pki::new();
     let (wc, wk, _) = pki.leaf("worker", false);
-    let (ec, ek, _) = pki.leaf("edge", false);
+    let (ec, ek, _) = pki.leaf_named("edge", &["edge-1"]);
+    let (oc, ok, _) = pki.leaf_named("other", &["edge-2"]);
     let ca = pki.ca_pem_path();
     let section = |c: &std::path::Path, k: &std::path::Path| {
         format!(
@@ -625,15 +626,26 @@ async fn mutual_tls_on_the_link() {
         section(&wc, &wk)
     ));
     let e = Herdgate::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nworkers = [{:?}]\nheartbeat_interval = \"100ms\"\n{}{APPS}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nnode_id = \"edge-1\"\nworkers = [{:?}]\nheartbeat_interval = \"100ms\"\n{}{APPS}",
         w.addr,
         section(&ec, &ek)
     ));
     wait_log(&e, "worker link up");
+    // A certificate of the same CA that names another edge cannot claim
+    // this one's id (which would replace its link).
+    let _impostor = Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cluster]\nrole = \"edge\"\nnode_id = \"edge-1\"\nworkers = [{:?}]\nheartbeat_interval = \"100ms\"\n{}{APPS}",
+        w.addr,
+        section(&oc, &ok)
+    ));
+    wait_log(&w, "does not name it");
     let mut a = Client::connect(&url(&e)).await;
     a.subscribe("secure-room").await;
     api(&e).publish("secure-room", "e", "over mTLS", None).await;
     assert_eq!(a.expect("e").await.raw["data"], "over mTLS");
+    // The real edge's link was never replaced: it still delivers.
+    api(&e).publish("secure-room", "e", "still", None).await;
+    assert_eq!(a.expect("e").await.raw["data"], "still");
 
     // An edge with no certificate gets no link.
     let _plain = edge_without_wait(&w.addr);

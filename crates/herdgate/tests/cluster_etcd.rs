@@ -89,13 +89,20 @@ where
     }
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
+    // `HERDGATE_TEST_PUBLISHERS` sequential publishers per edge (default
+    // 1), each its own order: more make the stream denser.
+    let per_edge_pubs: usize = std::env::var("HERDGATE_TEST_PUBLISHERS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(1);
     let pubs: Vec<_> = edges
         .apis
         .iter()
-        .map(|(e, api)| {
+        .flat_map(|(e, api)| (0..per_edge_pubs).map(move |k| (e * 100 + k, api)))
+        .map(|(id, api)| {
             tokio::spawn(publisher(
                 api.clone(),
-                *e,
+                id,
                 rooms.clone(),
                 stop.clone(),
                 Duration::from_millis(10),

@@ -200,6 +200,80 @@ fn check_config_command_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// `${VAR}` / `${VAR:-default}` in double-quoted values and `secret_file`,
+/// through the real binary's `check-config`: a missing variable names its
+/// key and the variable; a set one (and a secret from a file) passes.
+#[test]
+fn values_come_from_the_environment_and_secrets_from_files() {
+    let bin = env!("CARGO_BIN_EXE_herdgate");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("app.secret");
+    std::fs::write(&secret, "from-a-file\n").unwrap();
+    let cfg = dir.path().join("env.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"${{HG_TEST_LISTEN:-127.0.0.1:0}}\"\n\
+             [[apps]]\nid = \"1\"\nkey = \"${{HG_TEST_APP_KEY}}\"\nsecret_file = {:?}\n",
+            secret.display().to_string()
+        ),
+    )
+    .unwrap();
+    let check = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(bin);
+        cmd.arg("check-config")
+            .arg(&cfg)
+            .env_remove("HG_TEST_APP_KEY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = check(&[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("apps[0].key") && stderr.contains("HG_TEST_APP_KEY"),
+        "{stderr}"
+    );
+    let (code, stderr) = check(&[("HG_TEST_APP_KEY", "key-from-env")]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // The secret itself, parsed the same way the server does.
+    // (PATH: a variable every process has, so the test sets none.)
+    let path = std::env::var("PATH").expect("PATH is set");
+    let c = herdgate::config::Config::from_toml_str(&format!(
+        "[[apps]]\nid = \"1\"\nkey = \"${{PATH}}\"\nsecret_file = {:?}\n",
+        secret.display().to_string()
+    ))
+    .unwrap();
+    assert_eq!(
+        (c.apps[0].key.as_str(), c.apps[0].secret.as_str()),
+        (path.as_str(), "from-a-file")
+    );
+
+    // Both, or an unreadable file: named by key.
+    let both = herdgate::config::Config::from_toml_str(&format!(
+        "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nsecret_file = {:?}\n",
+        secret.display().to_string()
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(both.contains("apps[0].secret_file"), "{both}");
+    let missing = herdgate::config::Config::from_toml_str(
+        "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret_file = \"/nonexistent/secret\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        missing.contains("cannot read /nonexistent/secret"),
+        "{missing}"
+    );
+}
+
 #[test]
 fn refuses_to_start_when_connections_exceed_the_open_files_limit() {
     let dir = tempfile::tempdir().unwrap();

@@ -422,6 +422,44 @@ async fn garbage_instead_of_tls_is_dropped() {
 
 // ------------------------------------------------------------------ 4. websocket frames
 
+/// Each socket's unfinished fragmented message is bounded by
+/// `max_message_bytes`; all of them together by `max_fragmented_bytes`, so
+/// many sockets each pinning a message's worth cannot add up: the fragment
+/// that would pass the node's budget closes its socket with 1009, the
+/// others keep theirs, and a finished message gives its bytes back.
+#[tokio::test]
+async fn unfinished_fragments_are_bounded_node_wide() {
+    let s = start("[limits]\nmax_fragmented_bytes = 20000\n").await;
+    let mut h = healthy(&s).await;
+    let part = vec![b'a'; 8_000];
+    let mut pinning = Vec::new();
+    for _ in 0..2 {
+        let mut c = s.connect().await;
+        write_raw(&mut c, &frame(false, TEXT, &part, MASK)).await;
+        pinning.push(c);
+    }
+    // 16,000 held; 8,000 more would pass 20,000.
+    let mut over = s.connect().await;
+    write_raw(&mut over, &frame(false, TEXT, &part, MASK)).await;
+    assert_eq!(
+        ending(&mut over).await,
+        Ending::Code(1009),
+        "over the node's budget"
+    );
+    // A socket that finishes its message gives the bytes back: a new one fits.
+    write_raw(&mut pinning[0], &frame(true, CONTINUATION, b"", MASK)).await;
+    let mut again = s.connect().await;
+    write_raw(&mut again, &frame(false, TEXT, &part, MASK)).await;
+    write_raw(&mut again, &frame(true, CONTINUATION, b"", MASK)).await;
+    // Both finished messages were read (and refused as not JSON): the
+    // sockets are still open and the healthy client is untouched.
+    for c in [&mut pinning[0], &mut again] {
+        let e = c.expect("pusher:error").await;
+        assert!(e.data["message"].is_string(), "{:?}", e.raw);
+    }
+    still_healthy(&s.api(), &mut h).await;
+}
+
 #[tokio::test]
 async fn frame_level_violations_get_their_close_codes() {
     let s = start("").await;

@@ -423,6 +423,9 @@ pub fn read_ahead<R>(
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
+    // Bounded in bytes, not frames (a frame is up to 1 MiB, a registration
+    // 100 bytes): the reader waits at READ_AHEAD_BYTES.
+    #[allow(clippy::disallowed_methods)]
     let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
     let bytes = Arc::new((AtomicUsize::new(0), Notify::new()));
     let counted = bytes.clone();
@@ -478,10 +481,11 @@ impl AheadRx {
 
 /// An edge's link lease, in heartbeats: renewed only by the worker's echo
 /// of one of its heartbeats (a round trip begun when that heartbeat was
-/// sent), never by frames merely arriving. Three heartbeats, as long as
-/// either side used to wait for any frame: an echo queues behind what each
-/// side was already sending and processing (a burst of registrations on a
-/// reconnect), and a lease too tight for that would close busy links.
+/// sent), never by frames merely arriving. Three heartbeats: both sides
+/// read heartbeats ahead of processing ([`read_ahead`]), but an echo still
+/// waits behind one write batch and a busy host's scheduling, and a lease
+/// too tight for that would close busy links (then their sockets register
+/// again: more load).
 pub const EDGE_LEASE: u32 = 3;
 /// Heartbeats without any frame from an edge after which a worker gives
 /// the link up: strictly more than [`EDGE_LEASE`] plus the edge's check.

@@ -2,6 +2,10 @@
 //! certificate signed by the cluster's CA and accepts only peers that do.
 //! Edges check a worker's certificate against the host of its address in
 //! `cluster.workers` (so worker certificates carry that IP or name).
+//! Workers check that an edge's certificate names the edge id its `Hello`
+//! claims (a DNS name in its subject alternative names): any certificate of
+//! the cluster's CA could otherwise claim any edge id, and a new link of an
+//! edge replaces its old one.
 
 use crate::config::LinkTlsConfig;
 use crate::tls::TlsError;
@@ -64,8 +68,19 @@ impl LinkTls {
         })
     }
 
-    pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<Box<dyn LinkIo>> {
-        Ok(Box::new(self.acceptor.accept(tcp).await?))
+    /// Accept a link; the stream and the peer's (verified) certificate.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<(Box<dyn LinkIo>, Option<CertificateDer<'static>>)> {
+        let stream = self.acceptor.accept(tcp).await?;
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
+        Ok((Box::new(stream), cert))
     }
 
     /// Connect to the worker at `addr` (`host:port`), checking its certificate against `host`.
@@ -78,4 +93,14 @@ impl LinkTls {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         Ok(Box::new(self.connector.connect(name, tcp).await?))
     }
+}
+
+/// Whether `cert` (already verified against the cluster's CA) names `id`
+/// among its DNS subject alternative names.
+pub fn names(cert: &CertificateDer<'_>, id: &str) -> bool {
+    let Ok(name) = ServerName::try_from(id) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
 }

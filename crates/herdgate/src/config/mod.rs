@@ -7,6 +7,7 @@
 //! key, so an operator fixes a file in one round instead of one error per try.
 
 mod duration;
+mod env;
 mod net;
 #[macro_use]
 mod words;
@@ -202,6 +203,10 @@ pub struct LimitsConfig {
     pub channel_ops_per_second: u32,
     /// Burst of that bucket (a reconnect resubscribes everything at once).
     pub channel_ops_burst: u32,
+    /// Bytes of unfinished fragmented websocket messages on the whole node
+    /// (each socket's is bounded by `max_message_bytes`); a fragment past
+    /// it closes its socket with 1009.
+    pub max_fragmented_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -231,6 +236,7 @@ impl Default for LimitsConfig {
             max_http_sessions_per_ip: 16,
             channel_ops_per_second: 10,
             channel_ops_burst: 100,
+            max_fragmented_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -301,6 +307,8 @@ pub struct ClusterConfig {
     pub handover_timeout: HumanDuration,
     /// Shared secret authenticating the link when `[cluster.tls]` is absent.
     pub secret: String,
+    /// A file holding `secret` instead (read at start and on every reload).
+    pub secret_file: Option<String>,
     /// Removed (use `handover_timeout`): kept only to say so.
     pub settle: Option<toml::Value>,
     /// Present: the link is mutually authenticated TLS.
@@ -378,6 +386,7 @@ impl Default for ClusterConfig {
             edge_lease: HumanDuration::secs(3),
             handover_timeout: HumanDuration::secs(2),
             secret: String::new(),
+            secret_file: None,
             settle: None,
             tls: None,
             etcd: EtcdConfig::default(),
@@ -466,7 +475,13 @@ impl Default for LogConfig {
 pub struct AppConfig {
     pub id: String,
     pub key: String,
+    /// Signs the app's HTTP API calls and channel authorizations. Or:
+    #[serde(default)]
     pub secret: String,
+    /// A file holding the secret (one line; read at start and on every
+    /// reload), so it need not sit in the config or the environment.
+    #[serde(default)]
+    pub secret_file: Option<String>,
     /// Whether sockets may send `client-*` events.
     #[serde(default = "yes")]
     pub enable_client_events: bool,
@@ -542,6 +557,7 @@ impl Default for AppConfig {
             id: String::new(),
             key: String::new(),
             secret: String::new(),
+            secret_file: None,
             enable_client_events: true,
             enabled: true,
             allowed_origins: Vec::new(),
@@ -635,14 +651,21 @@ impl Config {
         text: &str,
         check: impl FnOnce(&Config) -> Vec<ConfigError>,
     ) -> Result<Config, LoadError> {
+        // `${VAR}` in double-quoted strings (docs/OPERATIONS.md "Values
+        // from the environment"); lines stay where they were.
+        let text = env::interpolate(text, |k| std::env::var(k).ok()).map_err(LoadError::Invalid)?;
+        let text = text.as_str();
         let de = toml::Deserializer::parse(text)
             .map_err(|e| LoadError::Invalid(vec![ConfigError::from_toml(text, "", &e)]))?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
             LoadError::Invalid(vec![ConfigError::from_toml(text, &path, e.inner())])
         })?;
-        let mut errors = validate::validate(&config);
+        let mut errors = env::resolve_files(&mut config);
+        if errors.is_empty() {
+            errors = validate::validate(&config);
+        }
         if errors.is_empty() {
             errors = check(&config);
         }

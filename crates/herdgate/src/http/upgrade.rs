@@ -378,7 +378,11 @@ async fn start(h: Box<Handshake>) -> Option<Box<Live>> {
             return None;
         }
     };
-    let (mut reader, mut writer) = session::websocket::server(TokioIo::new(upgraded), ws_config);
+    let (mut reader, mut writer) = session::websocket::server(
+        TokioIo::new(upgraded),
+        ws_config,
+        Some(shared.fragments.clone()),
+    );
     match check.and_then(|c| session_app(&shared, &c.key).map(|a| (c, a))) {
         Ok((Checked { resume, .. }, (app, quota))) => {
             let mut session = Session::new(shared, app);

@@ -13,7 +13,9 @@ mod handler;
 
 pub mod transport;
 pub mod websocket;
-mod ws_reader;
+/// Public for the node's fragment budget and the fuzz targets (`fuzz/`);
+/// sessions read through [`websocket::server`].
+pub mod ws_reader;
 pub mod xhr;
 
 use crate::apps::App;
@@ -661,7 +663,8 @@ mod tests {
         let server = tokio::spawn({
             let shared = shared.clone();
             async move {
-                let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default());
+                let (mut reader, mut writer) =
+                    websocket::server(a, WebSocketConfig::default(), None);
                 let mut session = Session::new(shared, app);
                 run(&mut reader, &mut writer, &mut session).await
             }

@@ -36,17 +36,25 @@ const COPY_BUF: usize = 16 * 1024;
 pub type WsReader<T> = super::ws_reader::WsReader<ReadHalf<T>>;
 
 /// Split an upgraded (server-side) stream into the session's reader and
-/// writer. `config` gives the largest frame and message the reader takes.
-pub fn server<T>(io: T, config: WebSocketConfig) -> (WsReader<T>, WsWriter<WriteHalf<T>>)
+/// writer. `config` gives the largest frame and message the reader takes;
+/// an unfinished fragmented message counts against `fragments`, if given.
+pub fn server<T>(
+    io: T,
+    config: WebSocketConfig,
+    fragments: Option<std::sync::Arc<super::ws_reader::FragmentBudget>>,
+) -> (WsReader<T>, WsWriter<WriteHalf<T>>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let (rd, wr) = tokio::io::split(io);
-    let reader = super::ws_reader::WsReader::new(
+    let mut reader = super::ws_reader::WsReader::new(
         rd,
         config.max_frame_size.unwrap_or(usize::MAX),
         config.max_message_size.unwrap_or(usize::MAX),
     );
+    if let Some(b) = fragments {
+        reader = reader.with_budget(b);
+    }
     (reader, WsWriter::new(wr))
 }
 

@@ -35,6 +35,53 @@ const READ_CHUNK: usize = 4096;
 
 use crate::protocol::wsframe::{OP_BINARY, OP_CLOSE, OP_CONTINUE, OP_PING, OP_PONG, OP_TEXT};
 
+/// Bytes held in unfinished fragmented messages, node-wide, and the most
+/// there may be (`limits.max_fragmented_bytes`). Each socket's unfinished
+/// message is bounded by `max_message_bytes` already; this bounds them all
+/// together, so many sockets each pinning a message's worth cannot add up
+/// to the node's memory. Honest clients rarely fragment at all.
+#[derive(Debug, Default)]
+pub struct FragmentBudget {
+    held: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl FragmentBudget {
+    pub fn new(max: usize) -> FragmentBudget {
+        FragmentBudget {
+            held: Default::default(),
+            max: std::sync::atomic::AtomicUsize::new(max),
+        }
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn try_hold(&self, n: usize) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        let max = self.max.load(Ordering::Relaxed);
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h.saturating_add(n) <= max).then_some(h + n)
+            })
+            .map(|_| ())
+            .map_err(|h| {
+                metrics::counter!("herdgate_fragment_budget_refusals_total").increment(1);
+                too_long(h.saturating_add(n), max)
+            })
+    }
+
+    fn release(&self, n: usize) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 pub struct WsReader<R> {
     io: R,
     /// Read but not yet taken: an incomplete frame, or frames after the
@@ -49,8 +96,38 @@ pub struct WsReader<R> {
     message: Option<Box<(bool, Vec<u8>)>>,
     max_frame: usize,
     max_message: usize,
+    /// What `message` is counted against, node-wide.
+    budget: Option<std::sync::Arc<FragmentBudget>>,
     /// A close was read, the stream ended, or an error was returned.
     done: bool,
+}
+
+impl<R> Drop for WsReader<R> {
+    fn drop(&mut self) {
+        self.drop_message();
+    }
+}
+
+impl<R> WsReader<R> {
+    /// Count unfinished messages against `budget`.
+    pub fn with_budget(mut self, budget: std::sync::Arc<FragmentBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    fn hold(&self, n: usize) -> Result<(), Error> {
+        match &self.budget {
+            Some(b) => b.try_hold(n),
+            None => Ok(()),
+        }
+    }
+
+    /// Forget the unfinished message, giving its bytes back.
+    fn drop_message(&mut self) {
+        if let (Some(m), Some(b)) = (self.message.take(), &self.budget) {
+            b.release(m.1.len());
+        }
+    }
 }
 
 /// One complete frame at the front of a buffer.
@@ -72,6 +149,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             message: None,
             max_frame,
             max_message,
+            budget: None,
             done: false,
         }
     }
@@ -108,6 +186,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     Some(complete(text, payload)?)
                 } else {
                     check_size(payload.len(), self.max_message)?;
+                    self.hold(payload.len())?;
                     self.message = Some(Box::new((text, payload)));
                     None
                 }
@@ -118,9 +197,18 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 };
                 let size = m.1.len() + payload.len();
                 check_size(size, self.max_message)?;
+                if let Some(b) = &self.budget {
+                    b.try_hold(payload.len())?;
+                }
+                let Some(m) = &mut self.message else {
+                    unreachable!("checked above");
+                };
                 m.1.extend_from_slice(&payload);
                 if h.fin {
                     let (text, whole) = *self.message.take().expect("checked above");
+                    if let Some(b) = &self.budget {
+                        b.release(whole.len());
+                    }
                     Some(complete(text, whole)?)
                 } else {
                     None
@@ -228,7 +316,7 @@ impl<R: AsyncRead + Unpin> Stream for WsReader<R> {
         if this.done {
             // Nothing more will be read: whatever followed is dropped.
             this.clear_pending();
-            this.message = None;
+            this.drop_message();
         }
         next
     }

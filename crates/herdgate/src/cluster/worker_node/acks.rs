@@ -6,12 +6,14 @@
 //! said no, or did not answer within the edge's own wait) is answered
 //! `Refused`: the HTTP API answers 503, and nothing was counted as sent.
 //! Edges whose link is down are not waited for, and an edge whose link goes
-//! down while a publish waits for it is no longer waited for: its sockets
-//! are told `herdgate:status {"room":"unavailable"}` when its side of the
-//! link goes (the link is one ordered stream, so nothing newer than the
-//! missed event reaches them before that), and they miss what is
-//! published until it returns: a gap they are told about, never a silent
-//! one. Publishes through the edges that still reach the owner keep
+//! down while a publish waits for it is no longer waited for — but only
+//! once its sockets were told `herdgate:status {"room":"unavailable"}`:
+//! the worker lets a lost connection go ([`Acks::edge_gone`]) when the
+//! edge closed it (it tells its sockets first) or when the edge's link
+//! lease has surely run out (docs/LINK.md "Link lease"); until then a
+//! delivery it could not send counts as waited for. The sockets then miss
+//! what is published until the edge returns: a gap they are told about
+//! before the 200, never a silent one. Publishes through the edges that still reach the owner keep
 //! succeeding while one edge is cut off. What remains beyond that: an edge
 //! crash after its receipt loses its own sockets' copies, which it would
 //! lose anyway.

@@ -47,6 +47,9 @@ use tokio_util::sync::CancellationToken;
 const INFLIGHT_PER_LINK: usize = 4096;
 /// Links being set up at once; beyond it the link accept loop waits.
 const HANDSHAKES: usize = 64;
+/// Of those, per peer address; beyond it a new connection is closed at
+/// once (a peer that is not an edge cannot hold every place).
+const HANDSHAKES_PER_PEER: usize = 8;
 
 /// How `/status` asks a worker about the cluster.
 pub type StatusFn = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -341,6 +344,7 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
         weak.upgrade().is_some_and(|n| n.all_edges_linked())
     }));
     let permits = Arc::new(Semaphore::new(HANDSHAKES));
+    let per_peer = Arc::new(crate::admission::PerIp::default());
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("never closed"),
@@ -357,22 +361,29 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
             },
             _ = cfg.closing.cancelled() => return,
         };
+        let Some(place) = per_peer.try_take(peer.ip(), HANDSHAKES_PER_PEER) else {
+            metrics::counter!("herdgate_link_auth_failures_total").increment(1);
+            tracing::debug!(%peer, "too many link handshakes from this address");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (node, tls) = (node.clone(), tls.clone());
         tokio::spawn(async move {
-            let io: Box<dyn LinkIo> = match tls {
-                Some(tls) => {
-                    match tokio::time::timeout(node.heartbeat * 4, tls.accept(stream)).await {
-                        Ok(Ok(io)) => io,
-                        Ok(Err(e)) => {
-                            return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
-                        }
-                        Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
+            // One deadline before the peer is authenticated: TLS and Hello.
+            let deadline = tokio::time::Instant::now() + node.heartbeat * 4;
+            let (io, cert): (Box<dyn LinkIo>, _) = match tls {
+                Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                    Ok(Ok(accepted)) => accepted,
+                    Ok(Err(e)) => {
+                        return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
                     }
-                }
-                None => Box::new(stream),
+                    Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
+                },
+                None => (Box::new(stream), None),
             };
-            match handshake(&node, io).await {
+            let handshake = handshake(&node, io, cert, deadline).await;
+            drop(place);
+            match handshake {
                 Ok((rx, w, edge, heartbeat)) => {
                     drop(permit);
                     edge_connection(node, rx, w, edge, heartbeat).await
@@ -403,12 +414,16 @@ type Writer = tokio::io::WriteHalf<Box<dyn LinkIo>>;
 async fn handshake(
     node: &Node,
     io: Box<dyn LinkIo>,
+    cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    deadline: tokio::time::Instant,
 ) -> Result<(Reader, Writer, String, Duration), LinkError> {
     let (r, mut w) = tokio::io::split(io);
     let mut rx = LinkRx::new(r);
     let nonce: [u8; 16] = rand::random();
-    send_direct(&mut w, &Msg::Challenge { nonce }).await?;
-    let hello = tokio::time::timeout(node.heartbeat * 4, rx.recv())
+    tokio::time::timeout_at(deadline, send_direct(&mut w, &Msg::Challenge { nonce }))
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    let hello = tokio::time::timeout_at(deadline, rx.recv())
         .await
         .map_err(|_| LinkError::Timeout)??;
     let Msg::Hello {
@@ -445,6 +460,23 @@ async fn handshake(
         )
         .await;
         return Err(refuse("bad proof of the cluster secret"));
+    }
+    // Mutual TLS: the certificate must name the edge it claims to be.
+    if cert
+        .as_ref()
+        .is_some_and(|c| !crate::cluster::tls::names(c, &edge))
+    {
+        metrics::counter!("herdgate_link_auth_failures_total").increment(1);
+        let _ = send_direct(
+            &mut w,
+            &Msg::Refuse {
+                reason: "the certificate does not name this edge id".into(),
+            },
+        )
+        .await;
+        return Err(refuse(
+            "its certificate does not name it (subject alternative name)",
+        ));
     }
     if !node.membership.fence.is_valid() {
         let _ = send_direct(
