@@ -243,16 +243,15 @@ fn values_come_from_the_environment_and_secrets_from_files() {
     assert_eq!(code, Some(0), "{stderr}");
 
     // The secret itself, parsed the same way the server does.
-    // (PATH: a variable every process has, so the test sets none.)
-    let path = std::env::var("PATH").expect("PATH is set");
+    // (A default: the test sets no variable in its own process.)
     let c = herdgate::config::Config::from_toml_str(&format!(
-        "[[apps]]\nid = \"1\"\nkey = \"${{PATH}}\"\nsecret_file = {:?}\n",
+        "[[apps]]\nid = \"1\"\nkey = \"${{HG_TEST_NEVER_SET:-key-by-default}}\"\nsecret_file = {:?}\n",
         secret.display().to_string()
     ))
     .unwrap();
     assert_eq!(
         (c.apps[0].key.as_str(), c.apps[0].secret.as_str()),
-        (path.as_str(), "from-a-file")
+        ("key-by-default", "from-a-file")
     );
 
     // Both, or an unreadable file: named by key.
