@@ -34,6 +34,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+/// The most ring points a worker entry may claim: `cluster.weight`'s
+/// upper bound (validated at every node's start).
+const MAX_VNODES: u32 = 1024;
+
 pub const RING_FORMAT: &str = "fnv1a64-chain";
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +221,17 @@ impl Keys {
                 Some((v, create_rev)) => match serde_json::from_slice::<WorkerInfo>(v) {
                     Ok(mut w) => {
                         w.incarnation = create_rev;
+                        // No more points than a valid `cluster.weight`
+                        // gives: a bad entry cannot make every node build
+                        // a huge ring.
+                        if w.vnodes > MAX_VNODES {
+                            tracing::warn!(
+                                key,
+                                vnodes = w.vnodes,
+                                "worker entry over {MAX_VNODES} vnodes: capped"
+                            );
+                            w.vnodes = MAX_VNODES;
+                        }
                         self.workers.insert(NodeId::from(id), w);
                     }
                     Err(e) => {
