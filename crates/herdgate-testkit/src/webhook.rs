@@ -231,6 +231,11 @@ impl JsClients {
     pub fn disconnect(&mut self, id: &str) {
         self.run(json!({"op":"disconnect","id":id}));
     }
+
+    /// Sign client `id` in (pusher-js `signin()`, as the user it connected as).
+    pub fn signin(&mut self, id: &str) {
+        self.run(json!({"op":"signin","id":id}));
+    }
 }
 
 impl Drop for JsClients {

@@ -21,6 +21,9 @@ pub struct AcceptPermits {
     permits: Arc<tokio::sync::Semaphore>,
     max: usize,
     saturated: std::sync::atomic::AtomicBool,
+    /// When the current wait began (milliseconds since `epoch`).
+    since_ms: std::sync::atomic::AtomicU64,
+    epoch: Instant,
 }
 
 impl AcceptPermits {
@@ -29,6 +32,8 @@ impl AcceptPermits {
             permits: Arc::new(tokio::sync::Semaphore::new(max)),
             max,
             saturated: Default::default(),
+            since_ms: Default::default(),
+            epoch: Instant::now(),
         }
     }
 
@@ -37,6 +42,8 @@ impl AcceptPermits {
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
             return p;
         }
+        self.since_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
         self.saturated.store(true, Ordering::Release);
         metrics::counter!("herdgate_accept_saturated_total").increment(1);
         // Client-caused (a flood holds the permits): debug, counted above.
@@ -61,6 +68,18 @@ impl AcceptPermits {
 
     pub fn saturated(&self) -> bool {
         self.saturated.load(Ordering::Acquire)
+    }
+
+    /// How long the accept loop has been waiting for a permit (zero when
+    /// it is not).
+    pub fn saturated_for(&self) -> std::time::Duration {
+        if !self.saturated() {
+            return std::time::Duration::ZERO;
+        }
+        let since = self.since_ms.load(Ordering::Acquire);
+        std::time::Duration::from_millis(
+            (self.epoch.elapsed().as_millis() as u64).saturating_sub(since),
+        )
     }
 
     pub fn in_use(&self) -> usize {

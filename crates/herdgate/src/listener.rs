@@ -66,6 +66,12 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, acc
         )
     };
     if proxy_protocol && !from_proxy {
+        // Said once at warn (a load balancer missing from trusted_proxies
+        // would otherwise lose every connection quietly), then at debug.
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(%peer, "PROXY protocol connection from a peer outside server.trusted_proxies: closed (list your load balancers there)");
+        }
         tracing::debug!(%peer, "PROXY protocol connection from a peer outside server.trusted_proxies");
         metrics::counter!("herdgate_proxy_protocol_errors_total").increment(1);
         return;

@@ -1059,7 +1059,7 @@ fn webhooks_come_once_per_cluster_from_the_owner_also_across_a_failover() {
     let _g = serial();
     let mut rx = Receiver::start(APP_ID, KEY, SECRET);
     let tail = format!(
-        "[webhooks]\ndebounce = \"1s\"\n[[apps.webhooks]]\nurl = \"{}\"\nevent_types = [\"channel_occupied\", \"channel_vacated\"]\n",
+        "[webhooks]\ndebounce = \"1s\"\n[[apps.webhooks]]\nurl = \"{}\"\nevent_types = [\"channel_occupied\", \"channel_vacated\", \"user_online\", \"user_offline\"]\n",
         rx.url()
     );
     let mut c = Cluster::start_tailed(1, 2, 2, None, &tail);
@@ -1070,14 +1070,28 @@ fn webhooks_come_once_per_cluster_from_the_owner_also_across_a_failover() {
     let occupied = |g: &herdgate_testkit::webhook::Got, ch: &str| {
         g.name() == "channel_occupied" && g.channel() == ch
     };
-    let (mut a, mut b) = rt.block_on(async {
+    // A user whose owner is the same worker, signed in on both edges.
+    let user = (0..)
+        .map(|i| format!("carol-{i}"))
+        .find(|u| c.owner(0, &format!("#server-to-user-{u}")) == victim)
+        .unwrap();
+    let user_events = |got: &[herdgate_testkit::webhook::Got], name: &str| {
+        got.iter()
+            .filter(|g| g.name() == name && g.event["user_id"] == user.as_str())
+            .count()
+    };
+    let (mut a, mut b, ua, ub) = rt.block_on(async {
         let mut a = connect(c.edge(0)).await;
         let mut b = connect(c.edge(1)).await;
         a.subscribe(room).await;
         b.subscribe(room).await;
+        let mut ua = connect(c.edge(0)).await;
+        let mut ub = connect(c.edge(1)).await;
+        ua.signin(&user).await;
+        ub.signin(&user).await;
         let mut m = connect(c.edge(1)).await;
         m.subscribe("marker-1").await;
-        (a, b)
+        (a, b, ua, ub)
     });
     let got = rx.events_until(WAIT, |g| occupied(g, "marker-1"));
     let for_room: Vec<_> = got.iter().filter(|g| g.channel() == room).collect();
@@ -1085,6 +1099,11 @@ fn webhooks_come_once_per_cluster_from_the_owner_also_across_a_failover() {
         for_room.len(),
         1,
         "one channel_occupied for two edges: {got:?}"
+    );
+    assert_eq!(
+        user_events(&got, "user_online"),
+        1,
+        "one user_online for two sockets on two edges: {got:?}"
     );
 
     c.kill_worker(victim);
@@ -1098,6 +1117,18 @@ fn webhooks_come_once_per_cluster_from_the_owner_also_across_a_failover() {
         got.iter().all(|g| g.channel() != room),
         "the new owner took the room over silently: {got:?}"
     );
+    assert_eq!(
+        user_events(&got, "user_online") + user_events(&got, "user_offline"),
+        0,
+        "the user's new owner took them over silently: {got:?}"
+    );
+    // The user's last sockets go: one user_offline, from the new owner.
+    rt.block_on(async {
+        ua.close().await;
+        ub.close().await;
+    });
+    let got = rx.events_until(WAIT, |g| g.name() == "user_offline");
+    assert_eq!(user_events(&got, "user_offline"), 1, "{got:?}");
 
     rt.block_on(async {
         a.send(json!({"event":"pusher:unsubscribe","data":{"channel":room}}))

@@ -227,6 +227,79 @@ fn leaving_and_coming_back_within_the_window_sends_neither() {
     assert_eq!(metric(&hg, "herdgate_webhook_debounced_total"), 2.0);
 }
 
+/// `user_online` once for a user's first signed-in socket, `user_offline`
+/// once after their last one went (debounced like `member_removed`: a
+/// reconnect within the window sends neither), for pusher-js's `signin()`.
+#[test]
+fn users_online_and_offline_reach_the_backend_once_per_transition() {
+    let mut rx = receiver();
+    let hg = Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[overload]\nenabled = false\n[webhooks]\ndebounce = \"1s\"\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n[[apps.webhooks]]\nurl = \"{}\"\nevent_types = [\"user_online\", \"user_offline\"]\n",
+        rx.url()
+    ));
+    let mut js = clients(&hg);
+    let users = |got: &[Got]| -> Vec<(String, String)> {
+        got.iter()
+            .map(|g| {
+                assert_eq!(g.channel(), "", "no channel on user events: {:?}", g.event);
+                (
+                    g.name().to_string(),
+                    g.event["user_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    js.connect("a", "alice");
+    js.signin("a");
+    let got = rx.events_until(WAIT, |g| g.name() == "user_online");
+    assert_eq!(users(&got), [("user_online".into(), "alice".into())]);
+
+    // A second socket of alice, then the first goes: nothing. A reconnect
+    // within the window (the last socket goes, a new one signs in within
+    // a second): nothing.
+    js.connect("a2", "alice");
+    js.signin("a2");
+    js.disconnect("a");
+    js.disconnect("a2");
+    js.connect("a3", "alice");
+    js.signin("a3");
+    // Bob comes and goes for real; alice finally too.
+    js.connect("b", "bob");
+    js.signin("b");
+    let got = rx.events_until(WAIT, |g| g.name() == "user_online");
+    assert_eq!(
+        users(&got),
+        [("user_online".into(), "bob".into())],
+        "alice's reconnect within the window sent neither event"
+    );
+    let left = now_ms();
+    js.disconnect("b");
+    js.disconnect("a3");
+    // Two users on maybe two workers: two events, in either order.
+    let mut got = rx.events_until(WAIT, |g| g.name() == "user_offline");
+    got.extend(rx.events_until(WAIT, |g| g.name() == "user_offline"));
+    got.sort_by(|x, y| {
+        x.event["user_id"]
+            .as_str()
+            .cmp(&y.event["user_id"].as_str())
+    });
+    assert_eq!(
+        users(&got),
+        [
+            ("user_offline".into(), "alice".into()),
+            ("user_offline".into(), "bob".into())
+        ]
+    );
+    assert!(
+        got.iter().all(|g| g.t >= left + 900),
+        "after the 1 s window"
+    );
+    assert!(
+        rx.next_event(Duration::from_millis(1500)).is_none(),
+        "once each"
+    );
+}
+
 /// The receiver answers 500 for ~10 s, then recovers: every event is
 /// delivered once, in order per channel, retried with backoff meanwhile.
 #[test]

@@ -392,15 +392,18 @@ impl<R: AsyncRead + Unpin> LinkRx<R> {
 }
 
 /// Frames read ahead of their processing, at most this many bytes of them
-/// (the same bound as a link's send queue): past it the reader waits.
-pub const READ_AHEAD_BYTES: usize = 64 * 1024 * 1024;
+/// on the wire: past it the reader waits (and the kernel's buffers and
+/// the peer's queue take the backlog, as before read-ahead).
+pub const READ_AHEAD_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why a link's reader stopped.
 #[derive(Debug)]
 pub enum ReadEnd {
-    /// The peer closed its end, or the connection failed: the peer no
-    /// longer has this link.
-    Peer(LinkError),
+    /// The peer ended the stream cleanly: it gave the link up.
+    PeerClosed,
+    /// A read error, an oversized or undecodable frame: the peer may still
+    /// believe in the link.
+    Failed(LinkError),
     /// No frame for the silence timeout.
     Silent,
     /// The processing side went away.
@@ -414,12 +417,13 @@ pub enum ReadEnd {
 /// most [`READ_AHEAD_BYTES`] waiting (then reading waits: backpressure).
 /// Ends — the receiver then closes — when the peer closes, a frame is
 /// undecodable, or nothing arrives for `silence`; the task's result says
-/// which.
+/// which, and hands the read half back: the connection stays open until
+/// the caller drops it (an edge tells its sockets first).
 pub fn read_ahead<R>(
     mut rx: LinkRx<R>,
     silence: Duration,
     mut on_beat: impl FnMut(&Msg) + Send + 'static,
-) -> (AheadRx, tokio::task::JoinHandle<ReadEnd>)
+) -> (AheadRx, tokio::task::JoinHandle<(ReadEnd, LinkRx<R>)>)
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
@@ -430,11 +434,12 @@ where
     let bytes = Arc::new((AtomicUsize::new(0), Notify::new()));
     let counted = bytes.clone();
     let task = tokio::spawn(async move {
-        loop {
+        let end = loop {
             let (msg, size) = match tokio::time::timeout(silence, rx.recv_sized()).await {
                 Ok(Ok(m)) => m,
-                Ok(Err(e)) => return ReadEnd::Peer(e),
-                Err(_) => return ReadEnd::Silent,
+                Ok(Err(LinkError::Closed)) => break ReadEnd::PeerClosed,
+                Ok(Err(e)) => break ReadEnd::Failed(e),
+                Err(_) => break ReadEnd::Silent,
             };
             if matches!(msg, Msg::Heartbeat { .. }) {
                 on_beat(&msg);
@@ -450,15 +455,16 @@ where
                     break;
                 }
                 if tx.is_closed() {
-                    return ReadEnd::Dropped;
+                    return (ReadEnd::Dropped, rx);
                 }
                 room.await;
             }
             counted.0.fetch_add(size, Ordering::AcqRel);
             if tx.send((msg, size)).is_err() {
-                return ReadEnd::Dropped;
+                break ReadEnd::Dropped;
             }
-        }
+        };
+        (end, rx)
     });
     (AheadRx { frames, bytes }, task)
 }
@@ -493,11 +499,12 @@ pub const WORKER_SILENCE: u32 = 5;
 /// Heartbeats after an edge's last heartbeat reached a worker by which the
 /// edge's lease has surely run out — and its sockets were told
 /// `unavailable` — however the link was lost: [`EDGE_LEASE`] from the
-/// heartbeat's sending (which was earlier), the edge's check (a select on
-/// the lease's end), and the rest margin for scheduling on a busy host.
+/// heartbeat's sending (which was earlier), the edge's check (a quarter
+/// heartbeat), and the rest margin for the edge's telling (queued to its
+/// room shards behind what they hold) and a busy host's scheduling.
 /// Acknowledgements wait this long for an edge whose link the worker lost
-/// without the edge closing it.
-pub const LEASE_HOLD: u32 = 5;
+/// without the edge ending it cleanly; waiting longer costs only 503s.
+pub const LEASE_HOLD: u32 = 8;
 
 /// A heartbeat's `sent`: milliseconds since `epoch` (the link's start), ≥ 1.
 pub fn since(epoch: tokio::time::Instant) -> u64 {

@@ -92,14 +92,26 @@ pub fn interpolate(
                     i += 3;
                     continue;
                 } else if rest.starts_with("${") {
-                    if let Some(end) = rest.find('}') {
+                    // The closing brace, within this string's line: never
+                    // past a quote, an escape or a newline.
+                    let end = rest
+                        .find(['}', '"', '\\', '\n'])
+                        .filter(|&i| rest.as_bytes()[i] == b'}');
+                    if let Some(end) = end {
                         let inner = &rest[2..end];
                         let (name, default) = match inner.split_once(":-") {
                             Some((n, d)) => (n, Some(d)),
                             None => (inner, None),
                         };
                         if valid_name(name) {
-                            match lookup(name).or_else(|| default.map(String::from)) {
+                            // `:-` as in the shell: the default also
+                            // stands for a variable set but empty.
+                            let value = match (lookup(name), default) {
+                                (Some(v), Some(d)) if v.is_empty() => Some(d.to_string()),
+                                (Some(v), _) => Some(v),
+                                (None, d) => d.map(String::from),
+                            };
+                            match value {
                                 Some(v) => escape_into(&mut out, &v),
                                 None => {
                                     unset = true;
@@ -257,6 +269,13 @@ mod tests {
             out,
             "# ${NOPE} in a comment\n[cluster]\nadvertise = \"10.1.2.3:7000\"\nnode_id = '${POD_IP}'\nsecret = \"fallback ${POD_IP}\"\n"
         );
+    }
+
+    #[test]
+    fn an_unclosed_placeholder_swallows_nothing() {
+        let text = "a = \"${POD_IP:-x\"\n[b]\nc = \"${POD_IP}\"\n";
+        let out = interpolate(text, env).unwrap();
+        assert_eq!(out, "a = \"${POD_IP:-x\"\n[b]\nc = \"10.1.2.3\"\n");
     }
 
     #[test]

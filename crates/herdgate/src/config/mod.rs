@@ -195,13 +195,15 @@ pub struct LimitsConfig {
     pub max_http_sessions: usize,
     /// Of those, per client IP (an IPv6 client by its /64); 503 beyond it.
     pub max_http_sessions_per_ip: usize,
-    /// `pusher:subscribe`, `pusher:unsubscribe` and `pusher:signin` per
-    /// second per socket (token bucket). Beyond it a subscribe gets
-    /// `pusher:subscription_error` 429 and a sign-in `pusher:error` 4301;
-    /// an unsubscribe is always done. Caps the member, watchlist and
-    /// occupied/vacated events one socket can cause.
+    /// `pusher:subscribe` and `pusher:signin` per second per socket (token
+    /// bucket). Beyond it a subscribe gets `pusher:subscription_error` 429
+    /// and a sign-in `pusher:error` 4301. Caps the member, watchlist and
+    /// occupied/vacated events one socket can cause (an unsubscribe costs
+    /// nothing, but each pair needs a subscribe).
     pub channel_ops_per_second: u32,
-    /// Burst of that bucket (a reconnect resubscribes everything at once).
+    /// Burst of that bucket. A reconnecting client subscribes to all its
+    /// channels at once, signs in and subscribes to its user channel: the
+    /// burst in force is at least `max_channels_per_connection` + 2.
     pub channel_ops_burst: u32,
     /// Bytes of unfinished fragmented websocket messages on the whole node
     /// (each socket's is bounded by `max_message_bytes`); a fragment past
@@ -233,7 +235,7 @@ impl Default for LimitsConfig {
             tcp_notsent_lowat: 16 * 1024,
             subscribe_deadline: HumanDuration::secs(60),
             max_http_sessions: 1024,
-            max_http_sessions_per_ip: 16,
+            max_http_sessions_per_ip: 64,
             channel_ops_per_second: 10,
             channel_ops_burst: 100,
             max_fragmented_bytes: 64 * 1024 * 1024,
@@ -640,6 +642,13 @@ impl Config {
     /// Parse and validate the values; every problem is reported at once.
     /// Files the config names (certificates) are not read here: see
     /// [`Config::from_toml_str_with`].
+    /// The channel-operation burst in force (see `limits.channel_ops_burst`).
+    pub fn channel_ops_burst(&self) -> u32 {
+        let l = &self.limits;
+        l.channel_ops_burst
+            .max(l.max_channels_per_connection.saturating_add(2) as u32)
+    }
+
     pub fn from_toml_str(text: &str) -> Result<Config, LoadError> {
         Config::from_toml_str_with(text, |_| Vec::new())
     }

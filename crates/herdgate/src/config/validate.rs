@@ -155,15 +155,6 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             err(key, "must be greater than zero".into());
         }
     }
-    if (l.channel_ops_burst as usize) < l.max_channels_per_connection {
-        err(
-            "limits.channel_ops_burst",
-            format!(
-                "must be at least limits.max_channels_per_connection ({}): a reconnecting client subscribes to all its channels at once",
-                l.max_channels_per_connection
-            ),
-        );
-    }
     if l.max_message_bytes < l.max_payload_bytes {
         err(
             "limits.max_message_bytes",
@@ -638,6 +629,12 @@ fn validate_cluster(cl: &super::ClusterConfig, err: &mut impl FnMut(&str, String
     }
     if cl.weight == 0 || cl.weight > 1024 {
         err("cluster.weight", "must be between 1 and 1024".into());
+    }
+    if cl.role == Role::Edge && cl.tls.is_some() && cl.node_id.is_empty() {
+        err(
+            "cluster.node_id",
+            "required for an edge with [cluster.tls]: workers accept an edge only if its certificate names this id (a DNS subject alternative name)".into(),
+        );
     }
     if clustered && cl.tls.is_none() && cl.secret.len() < 16 {
         err(

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// The event types a webhook may ask for (Pusher's names).
-pub const EVENT_TYPES: [&str; 7] = [
+pub const EVENT_TYPES: [&str; 9] = [
     "channel_occupied",
     "channel_vacated",
     "member_added",
@@ -14,6 +14,8 @@ pub const EVENT_TYPES: [&str; 7] = [
     "client_event",
     "cache_miss",
     "subscription_count",
+    "user_online",
+    "user_offline",
 ];
 
 /// `[webhooks]`: sending, for every app's webhooks.

@@ -118,14 +118,16 @@ async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Res
             .headers()
             .get(http::header::HOST)
             .map(|h| h.to_str().unwrap_or("\u{0}"));
-        if host.is_some_and(|h| !host_allowed(h, &admin.allowed_hosts)) {
+        // The probes tell nothing a page could steal, and health checkers
+        // name the node however their platform does.
+        let open = path == "/livez" || path == "/readyz";
+        if !open && host.is_some_and(|h| !host_allowed(h, &admin.allowed_hosts)) {
             metrics::counter!("herdgate_admin_refused_total", "reason" => "host").increment(1);
             return text(
                 StatusCode::MISDIRECTED_REQUEST,
                 "unknown Host: the admin listener answers to IP addresses, localhost and admin.allowed_hosts\n",
             );
         }
-        let open = path == "/livez" || path == "/readyz";
         if !admin.token.is_empty() && !open && !token_ok(req, &admin.token) {
             metrics::counter!("herdgate_admin_refused_total", "reason" => "token").increment(1);
             return Response::builder()
@@ -144,7 +146,7 @@ async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Res
         }
         // Alive as long as this process answers: load never fails liveness.
         "/livez" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.accept.saturated() => text(
+        "/readyz" if shared.accept.saturated_for() >= SATURATED_NOT_READY => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: saturated (every accept permit is held)\n",
         ),
@@ -176,10 +178,16 @@ fn cluster_status(shared: &Shared) -> serde_json::Value {
         .map_or(serde_json::Value::Null, |f| f())
 }
 
+/// How long every accept permit must have been held before `/readyz` says
+/// so: a burst that fills the pool for a moment does not take the node out
+/// of rotation (and a fleet-wide flood does not take every node out at
+/// once for a blip); one that holds it does.
+const SATURATED_NOT_READY: Duration = Duration::from_secs(1);
+
 /// Ready for new connections: not draining, able to accept (a permit
-/// free), and the load state does not refuse them.
+/// freed within [`SATURATED_NOT_READY`]), and the load state does not refuse them.
 fn ready(shared: &Shared) -> bool {
-    if shared.accept.saturated() {
+    if shared.accept.saturated_for() >= SATURATED_NOT_READY {
         return false;
     }
     let refuse = shared.live().config.overload.actions.refuse_connections;

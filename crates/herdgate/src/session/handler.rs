@@ -76,18 +76,18 @@ impl Session {
         Ok(())
     }
 
-    /// Spend one channel-operation token; `false` when the socket is over
-    /// `limits.channel_ops_per_second` (burst `channel_ops_burst`).
+    /// Spend one channel-operation token (a subscribe or a sign-in); `false`
+    /// when the socket is over `limits.channel_ops_per_second` (burst
+    /// `channel_ops_burst`, at least `max_channels_per_connection` + 2).
     fn channel_op(&mut self, op: &'static str) -> bool {
         let now = Instant::now();
         let ok = match &mut self.ops {
             Some(b) => b.try_take(now),
             None => {
                 let live = self.shared.live();
-                let l = &live.config.limits;
                 let mut b = crate::ratelimit::TokenBucket::new(
-                    l.channel_ops_per_second,
-                    l.channel_ops_burst,
+                    live.config.limits.channel_ops_per_second,
+                    live.config.channel_ops_burst(),
                     now,
                 );
                 let ok = b.try_take(now);
@@ -288,9 +288,8 @@ impl Session {
         let Some(pos) = self.channels.iter().position(|c| &*c.name == channel) else {
             return Ok(());
         };
-        // Always done (it frees what the socket holds), but it counts: a
-        // subscribe/unsubscribe pair makes a presence room tell everyone.
-        self.channel_op("unsubscribe");
+        // Always done and free (it frees what the socket holds): each
+        // subscribe/unsubscribe pair needs a subscribe, which counts.
         let ch = self.channels.swap_remove(pos);
         let room = RoomKey {
             app: self.app.id.clone(),

@@ -115,10 +115,12 @@ impl Session {
 
     /// The app as the live config has it now, or how this socket ends
     /// because a reload revoked what it connected with: its key is gone
-    /// (4001), the app is disabled (4003) or its secret changed (4203:
-    /// reconnect and authorize again). Nothing is ever verified against a
-    /// secret the live config no longer has.
-    fn current_app(&self) -> Result<Arc<App>, End> {
+    /// (4001), the app is disabled (4003) or its secret changed while the
+    /// socket holds something the old secret authorized (4203: reconnect
+    /// and authorize again; a socket holding nothing of the kind goes on
+    /// under the new secret). Nothing is ever verified against a secret the
+    /// live config no longer has.
+    fn current_app(&mut self) -> Result<Arc<App>, End> {
         let live = self.shared.live();
         let why = match live.apps.by_key(&self.app.key) {
             Some(a) if a.id == self.app.id && a.enabled && a.secret == self.app.secret => {
@@ -126,6 +128,10 @@ impl Session {
             }
             Some(a) if a.id == self.app.id && !a.enabled => {
                 End::close(codes::APP_DISABLED, "Application disabled", "app_disabled")
+            }
+            Some(a) if a.id == self.app.id && !self.authorized() => {
+                self.app = a.clone();
+                return Ok(a.clone());
             }
             Some(a) if a.id == self.app.id => End::close(
                 codes::CREDENTIALS_CHANGED,
@@ -364,6 +370,11 @@ impl Session {
             let s = rx.borrow_and_update();
             (s.state, s.reloads)
         };
+        // A reload between the upgrade's look at the app and here is
+        // judged now (later ones through the watch).
+        if let Err(end) = self.current_app() {
+            return end;
+        }
         if state != crate::overload::LoadState::Normal {
             self.out.push(&rx.borrow().frame);
         }

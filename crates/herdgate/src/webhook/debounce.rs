@@ -19,12 +19,14 @@ use tokio_util::time::{delay_queue, DelayQueue};
 pub enum Pending {
     Vacated(RoomKey),
     Removed(RoomKey, Arc<str>),
+    /// `user_offline`, by the user's `#server-to-user-{id}` room.
+    Offline(RoomKey),
 }
 
 impl Pending {
     pub fn room(&self) -> &RoomKey {
         match self {
-            Pending::Vacated(r) | Pending::Removed(r, _) => r,
+            Pending::Vacated(r) | Pending::Removed(r, _) | Pending::Offline(r) => r,
         }
     }
 }

@@ -36,10 +36,14 @@ pub enum Kind {
     ClientEvent,
     CacheMiss,
     SubscriptionCount,
+    /// A signed-in user's first socket anywhere in the cluster.
+    UserOnline,
+    /// Their last socket gone (debounced like `member_removed`).
+    UserOffline,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::ChannelOccupied,
         Kind::ChannelVacated,
         Kind::MemberAdded,
@@ -47,6 +51,8 @@ impl Kind {
         Kind::ClientEvent,
         Kind::CacheMiss,
         Kind::SubscriptionCount,
+        Kind::UserOnline,
+        Kind::UserOffline,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +64,8 @@ impl Kind {
             Kind::ClientEvent => "client_event",
             Kind::CacheMiss => "cache_miss",
             Kind::SubscriptionCount => "subscription_count",
+            Kind::UserOnline => "user_online",
+            Kind::UserOffline => "user_offline",
         }
     }
 
@@ -65,8 +73,8 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.name() == name)
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 
     /// Occupancy is never shed: a backend that missed a vacated would
@@ -110,6 +118,16 @@ impl Event {
         Event::new(
             kind,
             serde_json::json!({"name": kind.name(), "channel": channel, "user_id": user_id}),
+        )
+    }
+
+    /// `user_online` or `user_offline`: `{"name", "user_id"}` (no channel;
+    /// a webhook's `channel_prefix` filter is matched against the user's
+    /// `#server-to-user-{id}` channel).
+    pub fn user(kind: Kind, user_id: &str) -> Event {
+        Event::new(
+            kind,
+            serde_json::json!({"name": kind.name(), "user_id": user_id}),
         )
     }
 

@@ -36,7 +36,7 @@ pub struct Spec {
 pub struct Target {
     pub spec: Spec,
     uri: Uri,
-    mask: u8,
+    mask: u16,
     headers: HeaderMap,
     queue: Mutex<Queue>,
     wake: Notify,
@@ -60,7 +60,7 @@ impl Target {
             .event_types
             .iter()
             .filter_map(|t| Kind::from_name(t))
-            .fold(0u8, |m, k| m | k.bit());
+            .fold(0u16, |m, k| m | k.bit());
         let mut headers = HeaderMap::new();
         for (k, v) in &spec.hook.headers {
             if let (Ok(k), Ok(v)) = (

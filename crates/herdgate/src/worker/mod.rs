@@ -493,7 +493,7 @@ impl Worker {
                     let _ = r.send(ok);
                 }
                 if ok && !was_online && !silent {
-                    self.watchlist_transition(&room, true);
+                    self.user_transition(&room, true);
                 }
             }
             Command::SignOut { room, id } => {
@@ -501,7 +501,7 @@ impl Worker {
                     socks.remove(&id);
                     if socks.is_empty() {
                         self.users.remove(&room);
-                        self.watchlist_transition(&room, false);
+                        self.user_transition(&room, false);
                     }
                 }
             }
@@ -828,7 +828,7 @@ impl Worker {
         });
         if !silent {
             for k in offline {
-                self.watchlist_transition(&k, false);
+                self.user_transition(&k, false);
             }
         }
     }
@@ -994,6 +994,28 @@ impl Worker {
         }
     }
 
+    /// The user of `room` (their `#server-to-user-{id}`, owned here) came
+    /// online (first signed-in socket anywhere) or went offline (last one
+    /// gone): their watchers, and the app's `user_online`/`user_offline`
+    /// webhooks. Moves are silent, so each transition happens once per
+    /// cluster, on the owner.
+    fn user_transition(&mut self, room: &RoomKey, online: bool) {
+        self.watchlist_transition(room, online);
+        if online {
+            if self.debounce.cancel(&Pending::Offline(room.clone())) {
+                // Back within the window: neither offline nor online.
+                metrics::counter!("herdgate_webhook_debounced_total", "type" => "user_offline")
+                    .increment(1);
+            } else if self.wants(room, Kind::UserOnline).is_some() {
+                self.emit(room, Event::user(Kind::UserOnline, user_of(room)));
+            }
+        } else if self.wants(room, Kind::UserOffline).is_some()
+            && !self.debounce.hold(Pending::Offline(room.clone()))
+        {
+            self.emit(room, Event::user(Kind::UserOffline, user_of(room)));
+        }
+    }
+
     /// The user of `room` came online (first signed-in socket) or went
     /// offline (last one left): tell everyone watching them.
     fn watchlist_transition(&self, room: &RoomKey, online: bool) {
@@ -1076,6 +1098,10 @@ impl Worker {
             }
             Pending::Removed(key, user) => {
                 let e = Event::member(Kind::MemberRemoved, &key.channel, &user);
+                self.emit(&key, e);
+            }
+            Pending::Offline(key) => {
+                let e = Event::user(Kind::UserOffline, user_of(&key));
                 self.emit(&key, e);
             }
         }

@@ -364,7 +364,18 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
             // The reader ended: the worker closed, a bad frame, or silence.
             break Err(LinkError::Closed);
         };
-        if let Err(e) = on_message(edge, link, msg).await {
+        // A frame whose processing waits (a full room shard) must not hold
+        // up the lease check: the lease wins, and the frame is dropped with
+        // the link.
+        let handled = tokio::select! {
+            r = on_message(edge, link, msg) => r,
+            _ = lease_over(epoch, &lease_ms) => {
+                metrics::counter!("herdgate_link_lease_expired_total").increment(1);
+                tracing::warn!(worker = %link.node, "no heartbeat of ours echoed within the link lease: closing the link");
+                break Err(LinkError::Timeout);
+            }
+        };
+        if let Err(e) = handled {
             break Err(e);
         }
         if tx.is_closed() {
@@ -386,12 +397,26 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
             })
             .await;
     }
-    // Only now does the connection close (the reader holds its read half):
-    // a worker that sees our end close may stop waiting for us at once, so
-    // our sockets are told first.
+    // Only now does the connection close: the read half, which the reader
+    // hands back when it ends (or holds while it runs), goes last. A worker
+    // that sees our end close may stop waiting for us at once, so our
+    // sockets are told first.
     reader.abort();
-    let _ = reader.await;
+    let read_half = reader.await.ok();
+    drop(read_half);
     ended
+}
+
+/// Resolves once the link lease (`lease_ms` after `epoch`) has run out,
+/// checked every few milliseconds.
+async fn lease_over(epoch: tokio::time::Instant, lease_ms: &AtomicU64) {
+    loop {
+        let end = epoch + Duration::from_millis(lease_ms.load(Ordering::Acquire));
+        if tokio::time::Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep_until(end).await;
+    }
 }
 
 /// Register again every socket of the rooms `link`'s worker owns here, then

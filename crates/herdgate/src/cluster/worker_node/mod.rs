@@ -582,13 +582,16 @@ async fn edge_connection(
     }
     reader.abort();
     let peer_closed = match reader.await {
-        Ok(super::link::ReadEnd::Peer(e)) => {
+        // The edge ended the stream cleanly (it tells its sockets before
+        // it does, or its process died with them): it no longer believes
+        // in this link.
+        Ok((super::link::ReadEnd::PeerClosed, _)) => true,
+        Ok((super::link::ReadEnd::Failed(e), _)) => {
+            // A reset, a bad frame: the edge may not know.
             tracing::debug!(edge = %name, error = %e, "edge link read failed");
-            // The edge's end closed (or its process died): it no
-            // longer believes in this link.
-            true
+            false
         }
-        Ok(super::link::ReadEnd::Silent) => {
+        Ok((super::link::ReadEnd::Silent, _)) => {
             tracing::debug!(edge = %name, "edge silent for WORKER_SILENCE heartbeats");
             false
         }

@@ -7,10 +7,11 @@
 //   {"op":"unsubscribe","id":"a","channel":"c"}
 //   {"op":"trigger","id":"a","channel":"c","event":"client-x","data":{...}}
 //   {"op":"disconnect","id":"a"}               wait until disconnected
+//   {"op":"signin","id":"a"}                   pusher-js signin(), wait for the user channel
 // Environment: as helpers.mjs (HERDGATE_HOST, HERDGATE_PORT, app id/key/secret).
 
 import readline from 'node:readline';
-import { connect, subscribe } from '../helpers.mjs';
+import { connect, signIn, subscribe } from '../helpers.mjs';
 
 const clients = new Map();
 let seq = 0;
@@ -25,6 +26,9 @@ async function run(cmd) {
     }
     case 'subscribe':
       await subscribe(clients.get(cmd.id), cmd.channel);
+      return {};
+    case 'signin':
+      await signIn(clients.get(cmd.id));
       return {};
     case 'unsubscribe':
       clients.get(cmd.id).client.unsubscribe(cmd.channel);
