@@ -161,7 +161,11 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_xhr_send_bodies_do_not_halt_the_listener() {
     raise_nofile();
-    let hg = Herdgate::start(&process_config("handshake_timeout = \"2s\""));
+    // 16 sessions per address (the default is 64): every address then has
+    // sessions to stall sends on and sends past the 4 per session.
+    let hg = Herdgate::start(&process_config(
+        "handshake_timeout = \"2s\"\n[limits]\nmax_http_sessions_per_ip = 16",
+    ));
     let addr = hg.socket_addr();
     let admin = hg.admin_addr();
     let api = process_api(addr);
@@ -394,6 +398,12 @@ async fn reload_rotating_a_secret_closes_open_sockets() {
     let mut same_key = connect_key(addr, "same-key").await;
     let e = subscribe_private(&mut same_key, "same-key", "old-secret", "private-b").await;
     assert_eq!(e.event, "pusher_internal:subscription_succeeded");
+    // A socket on a public channel only: the old secret authorized nothing of it.
+    let mut public = connect_key(addr, "same-key").await;
+    assert_eq!(
+        public.subscribe("news").await.event,
+        "pusher_internal:subscription_succeeded"
+    );
 
     let after = format!(
         "{}{}",
@@ -427,6 +437,9 @@ async fn reload_rotating_a_secret_closes_open_sockets() {
     };
     api.publish("private-b", "after", "rotated", None).await;
     assert_eq!(again.expect("after").await.data, json!("rotated"));
+    // The public-only socket went on, and hears the new credentials' publish.
+    api.publish("news", "after", "still here", None).await;
+    assert_eq!(public.expect("after").await.data, json!("still here"));
 }
 
 /// `enabled = false` by SIGHUP closes the app's open sockets with 4003
@@ -480,7 +493,7 @@ async fn reload_disabling_an_app_closes_its_sockets() {
 /// subscribe/unsubscribe pairs as fast as it can write them. Before, each
 /// pair reached all 24 other members (~10,000 member events each) and 21
 /// of them were closed 4100 as slow consumers. Now its subscribes are
-/// limited per socket (`limits.channel_ops_per_second` 10, burst 100):
+/// limited per socket (`limits.channel_ops_per_second` 10, burst 102):
 /// beyond, `pusher:subscription_error` 429. No member is closed, each
 /// sees at most the burst's worth of member events plus the rate, and a
 /// new member joins during the attack.
@@ -555,8 +568,9 @@ async fn presence_churn_is_rate_limited_and_victims_survive() {
     let (ok, limited) = reader.await.unwrap();
     let elapsed = attack_start.elapsed();
     assert_eq!(ok + limited, 5000, "every subscribe was answered");
-    // Burst of 100 tokens, then 10/s; an unsubscribe spends one too.
-    let allowed = 100.0 + 10.0 * elapsed.as_secs_f64();
+    // Burst of 102 tokens (max_channels_per_connection + 2), then 10/s;
+    // leaving the presence channel spends one too.
+    let allowed = 102.0 + 10.0 * elapsed.as_secs_f64();
     assert!(
         (ok as f64) <= allowed,
         "{ok} subscribes done in {elapsed:?}: more than the bucket allows ({allowed})"
@@ -686,7 +700,9 @@ async fn admin_listener_refuses_foreign_hosts_and_missing_tokens() {
         tcp.write_all(req.as_bytes()).await.unwrap();
         status_of(&read_head(&mut tcp, WAIT).await.unwrap())
     };
-    assert_eq!(get("rebound.attacker.example", "/readyz", None).await, 421);
+    assert_eq!(get("rebound.attacker.example", "/", None).await, 421);
+    // The probes answer whatever name a health checker uses.
+    assert_eq!(get("rebound.attacker.example", "/readyz", None).await, 200);
     assert_eq!(
         get("rebound.attacker.example:9601", "/status", Some("t0ken")).await,
         421

@@ -196,10 +196,10 @@ pub struct LimitsConfig {
     /// Of those, per client IP (an IPv6 client by its /64); 503 beyond it.
     pub max_http_sessions_per_ip: usize,
     /// `pusher:subscribe` and `pusher:signin` per second per socket (token
-    /// bucket). Beyond it a subscribe gets `pusher:subscription_error` 429
+    /// bucket; leaving a presence channel spends one too, but is always
+    /// done). Beyond it a subscribe gets `pusher:subscription_error` 429
     /// and a sign-in `pusher:error` 4301. Caps the member, watchlist and
-    /// occupied/vacated events one socket can cause (an unsubscribe costs
-    /// nothing, but each pair needs a subscribe).
+    /// occupied/vacated events one socket can cause.
     pub channel_ops_per_second: u32,
     /// Burst of that bucket. A reconnecting client subscribes to all its
     /// channels at once, signs in and subscribes to its user channel: the

@@ -288,9 +288,15 @@ impl Session {
         let Some(pos) = self.channels.iter().position(|c| &*c.name == channel) else {
             return Ok(());
         };
-        // Always done and free (it frees what the socket holds): each
-        // subscribe/unsubscribe pair needs a subscribe, which counts.
+        // Always done (it frees what the socket holds). Leaving a presence
+        // channel also spends a token, even past the bucket: each pair
+        // tells every member twice. Elsewhere it is free (a vacated that
+        // is followed by an occupied within the webhook debounce sends
+        // neither).
         let ch = self.channels.swap_remove(pos);
+        if ch.kind == ChannelKind::Presence {
+            self.channel_op("unsubscribe");
+        }
         let room = RoomKey {
             app: self.app.id.clone(),
             channel: ch.name,
