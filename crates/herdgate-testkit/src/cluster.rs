@@ -133,6 +133,29 @@ impl Cluster {
         ))
     }
 
+    /// A worker whose edges reach it through a [`crate::relay::Relay`]: it
+    /// listens for links on a fresh port, and advertises the relay's
+    /// address, which forwards to that port. Returns the worker and the relay.
+    pub fn spawn_worker_behind_relay(&self, i: usize) -> (Herdgate, crate::relay::Relay) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let relay = crate::relay::Relay::start(SocketAddr::from(([127, 0, 0, 1], port)));
+        let config = worker_toml(
+            &worker_name(i),
+            &self.endpoints,
+            &format!("advertise = \"{}\"\n", relay.addr()),
+        )
+        .replace(
+            "link_listen = \"127.0.0.1:0\"",
+            &format!("link_listen = \"127.0.0.1:{port}\""),
+        );
+        let w = Herdgate::start(&format!("{config}{}", self.worker_tail));
+        (w, relay)
+    }
+
     /// A worker that reaches etcd through `endpoints` (a relay, say).
     pub fn spawn_worker_via(&self, i: usize, endpoints: &[String]) -> Herdgate {
         Herdgate::start(&format!(

@@ -35,10 +35,25 @@ pub enum Mode {
     Reset,
 }
 
+/// A direction of one relayed connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Way {
+    /// From the connecting client to the target.
+    Up,
+    /// From the target back to the client.
+    Down,
+}
+
+/// Stalled directions, by the client's port: bytes read in a stalled
+/// direction wait in the relay (and the kernel's buffers behind it) until
+/// the stall ends, then go on, late: a delay, not a loss.
+type Stalls = watch::Sender<std::collections::HashSet<(u16, Way)>>;
+
 /// A running relay; see the module docs.
 pub struct Relay {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    stalls: Arc<Stalls>,
     stats: Arc<Stats>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -58,6 +73,8 @@ impl Relay {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().unwrap();
         let (mode, mode_rx) = watch::channel(Mode::Pass);
+        let stalls = Arc::new(watch::channel(Default::default()).0);
+        let thread_stalls = stalls.clone();
         let stats = Arc::new(Stats::default());
         let (shutdown, mut stop) = tokio::sync::oneshot::channel();
         let thread_stats = stats.clone();
@@ -74,13 +91,14 @@ impl Relay {
                         tokio::select! {
                             _ = &mut stop => break,
                             accepted = listener.accept() => {
-                                let Ok((conn, _)) = accepted else { continue };
+                                let Ok((conn, from)) = accepted else { continue };
                                 thread_stats.connections.fetch_add(1, Ordering::Relaxed);
                                 tokio::spawn(relay(
                                     conn,
                                     target,
                                     mode_rx.clone(),
                                     thread_stats.clone(),
+                                    (from.port(), thread_stalls.subscribe()),
                                 ));
                             }
                         }
@@ -92,6 +110,7 @@ impl Relay {
         Relay {
             addr,
             mode,
+            stalls,
             stats,
             shutdown: Some(shutdown),
             thread: Some(thread),
@@ -108,6 +127,20 @@ impl Relay {
     /// in flight are lost); the resets and holds follow within moments.
     pub fn set(&self, mode: Mode) {
         self.mode.send_replace(mode);
+    }
+
+    /// Hold what the connection from client port `port` sends in direction
+    /// `way` until [`Relay::unstall`]: a link delayed one way.
+    pub fn stall(&self, port: u16, way: Way) {
+        self.stalls.send_modify(|s| {
+            s.insert((port, way));
+        });
+    }
+
+    pub fn unstall(&self, port: u16, way: Way) {
+        self.stalls.send_modify(|s| {
+            s.remove(&(port, way));
+        });
     }
 
     /// The current mode.
@@ -145,6 +178,7 @@ async fn relay(
     target: SocketAddr,
     mut mode: watch::Receiver<Mode>,
     stats: Arc<Stats>,
+    (port, stalls): (u16, watch::Receiver<std::collections::HashSet<(u16, Way)>>),
 ) {
     let mut server = None;
     if *mode.borrow_and_update() == Mode::Pass {
@@ -162,8 +196,13 @@ async fn relay(
         let gate = mode.clone();
         let (cr, cw) = client.split();
         let (sr, sw) = s.split();
-        let both =
-            async { tokio::try_join!(pump(cr, sw, &gate, &stats), pump(sr, cw, &gate, &stats)) };
+        let (up, down) = ((port, Way::Up, stalls.clone()), (port, Way::Down, stalls));
+        let both = async {
+            tokio::try_join!(
+                pump(cr, sw, &gate, &stats, up),
+                pump(sr, cw, &gate, &stats, down)
+            )
+        };
         tokio::select! {
             // Both sides closed (or one failed): drop both.
             _ = both => return,
@@ -198,10 +237,23 @@ async fn pump(
     mut to: tokio::net::tcp::WriteHalf<'_>,
     mode: &watch::Receiver<Mode>,
     stats: &Stats,
+    (port, way, mut stalls): (
+        u16,
+        Way,
+        watch::Receiver<std::collections::HashSet<(u16, Way)>>,
+    ),
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = from.read(&mut buf).await?;
+        // A stalled direction holds what it read until the stall ends.
+        if stalls
+            .wait_for(|s| !s.contains(&(port, way)))
+            .await
+            .is_err()
+        {
+            std::future::pending::<()>().await;
+        }
         // Checked per chunk, so that nothing read after `Relay::set`
         // returned is forwarded, however late this task sees the change.
         if *mode.borrow() != Mode::Pass {

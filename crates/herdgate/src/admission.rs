@@ -20,9 +20,13 @@ use std::time::Instant;
 pub struct AcceptPermits {
     permits: Arc<tokio::sync::Semaphore>,
     max: usize,
+    /// The last acquisition found every permit held (cleared by one that
+    /// found a permit free at once).
     saturated: std::sync::atomic::AtomicBool,
-    /// When the current wait began (milliseconds since `epoch`).
-    since_ms: std::sync::atomic::AtomicU64,
+    /// When a permit was last found free at once (milliseconds since
+    /// `epoch`): under a sustained flood every acquisition waits, however
+    /// briefly, so saturation lasts from here.
+    free_ms: std::sync::atomic::AtomicU64,
     epoch: Instant,
 }
 
@@ -32,7 +36,7 @@ impl AcceptPermits {
             permits: Arc::new(tokio::sync::Semaphore::new(max)),
             max,
             saturated: Default::default(),
-            since_ms: Default::default(),
+            free_ms: Default::default(),
             epoch: Instant::now(),
         }
     }
@@ -40,10 +44,11 @@ impl AcceptPermits {
     /// The next permit; marks the node saturated while it has to wait.
     pub async fn acquire(&self) -> tokio::sync::OwnedSemaphorePermit {
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            self.free_ms
+                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+            self.saturated.store(false, Ordering::Release);
             return p;
         }
-        self.since_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
         self.saturated.store(true, Ordering::Release);
         metrics::counter!("herdgate_accept_saturated_total").increment(1);
         // Client-caused (a flood holds the permits): debug, counted above.
@@ -51,14 +56,6 @@ impl AcceptPermits {
             max_handshakes = self.max,
             "every accept permit is held: not accepting until one is free"
         );
-        // Cleared however the wait ends (a shutdown cancels it).
-        struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for Clear<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _clear = Clear(&self.saturated);
         self.permits
             .clone()
             .acquire_owned()
@@ -70,13 +67,13 @@ impl AcceptPermits {
         self.saturated.load(Ordering::Acquire)
     }
 
-    /// How long the accept loop has been waiting for a permit (zero when
-    /// it is not).
+    /// How long every acquisition has had to wait for a permit (zero when
+    /// the last one found one free).
     pub fn saturated_for(&self) -> std::time::Duration {
         if !self.saturated() {
             return std::time::Duration::ZERO;
         }
-        let since = self.since_ms.load(Ordering::Acquire);
+        let since = self.free_ms.load(Ordering::Acquire);
         std::time::Duration::from_millis(
             (self.epoch.elapsed().as_millis() as u64).saturating_sub(since),
         )

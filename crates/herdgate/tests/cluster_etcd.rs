@@ -523,6 +523,64 @@ fn a_one_way_cut_from_worker_to_edge_acknowledges_nothing_the_edge_missed() {
     }
 }
 
+/// A link delayed one way past the lease: W3 is reached through a relay
+/// that holds one direction of edge A's connection for 2 s (the lease is
+/// 300 ms), then lets it go on, late. Worker → edge held: A hears no echo,
+/// tells its sockets and closes. Edge → worker held: W3 hears nothing from
+/// A (its heartbeats, then its close, are late) and holds its
+/// acknowledgements until A's lease has surely run out. Either way the
+/// checker (timed) finds nothing lost.
+#[test]
+fn a_link_delayed_past_the_lease_acknowledges_nothing_the_edge_missed() {
+    use herdgate_testkit::relay::Way;
+    let _g = serial();
+    for way in [Way::Down, Way::Up] {
+        for run in 0..runs() {
+            let mut c = Cluster::start(1, 2, 2);
+            let (w3, relay) = c.spawn_worker_behind_relay(2);
+            w3.wait_log("registered in etcd", WAIT);
+            c.workers.push(Some(w3));
+            c.wait_settled(3);
+            let owned: Vec<String> = (0..)
+                .map(|i| format!("relayed-{i}"))
+                .filter(|r| c.owner(0, r) == 2)
+                .take(10)
+                .collect();
+            let rooms = Arc::new(
+                owned
+                    .iter()
+                    .cloned()
+                    .chain((0..10).map(|i| format!("room-{i}")))
+                    .collect::<Vec<_>>(),
+            );
+            let rt = runtime();
+            let e = edges(&c);
+            let api_a = c.api(0);
+            let name = format!("{way:?} delayed 2 s on A's link to W3, run {run}");
+            let v = rt.block_on(under_stream(e, &name, rooms.clone(), async {
+                let port = relay.addr().port();
+                let flows = tokio::task::block_in_place(|| connections_to(c.edge(0).pid(), port));
+                assert_eq!(flows.len(), 1, "A has one link to W3: {flows:?}");
+                relay.stall(flows[0], way);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                relay.unstall(flows[0], way);
+                until_accepted(&api_a, &rooms[0], Instant::now()).await;
+            }));
+            println!(
+                "{way:?} delay, run {run}: acked {} lost {} excused {}",
+                v.acked, v.lost, v.excused
+            );
+            if way == Way::Down {
+                // A missed what W3 sent meanwhile, and was told first.
+                assert!(
+                    v.excused > 0,
+                    "A's sockets were told while B's publishes were acknowledged"
+                );
+            }
+        }
+    }
+}
+
 /// Whole-process faults chained under one publish stream through both
 /// edges (40 rooms): SIGSTOP a worker past its lease, SIGCONT, start a 4th
 /// worker (scale-out), then kill -9 another. Run it `HERDGATE_TEST_RUNS`

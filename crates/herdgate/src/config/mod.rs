@@ -639,16 +639,17 @@ pub enum LoadError {
 }
 
 impl Config {
-    /// Parse and validate the values; every problem is reported at once.
-    /// Files the config names (certificates) are not read here: see
-    /// [`Config::from_toml_str_with`].
     /// The channel-operation burst in force (see `limits.channel_ops_burst`).
     pub fn channel_ops_burst(&self) -> u32 {
         let l = &self.limits;
-        l.channel_ops_burst
-            .max(l.max_channels_per_connection.saturating_add(2) as u32)
+        let floor =
+            u32::try_from(l.max_channels_per_connection.saturating_add(2)).unwrap_or(u32::MAX);
+        l.channel_ops_burst.max(floor)
     }
 
+    /// Parse and validate the values; every problem is reported at once.
+    /// Files the config names (certificates) are not read here: see
+    /// [`Config::from_toml_str_with`].
     pub fn from_toml_str(text: &str) -> Result<Config, LoadError> {
         Config::from_toml_str_with(text, |_| Vec::new())
     }

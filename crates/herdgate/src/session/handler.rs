@@ -289,13 +289,15 @@ impl Session {
             return Ok(());
         };
         // Always done (it frees what the socket holds). Leaving a presence
-        // channel also spends a token, even past the bucket: each pair
-        // tells every member twice. Elsewhere it is free (a vacated that
-        // is followed by an occupied within the webhook debounce sends
-        // neither).
+        // channel also spends a token when there is one (each pair tells
+        // every member twice), so the next subscribe waits for the bucket.
+        // Elsewhere it is free (a vacated followed by an occupied within
+        // the webhook debounce sends neither).
         let ch = self.channels.swap_remove(pos);
         if ch.kind == ChannelKind::Presence {
-            self.channel_op("unsubscribe");
+            if let Some(b) = &mut self.ops {
+                b.try_take(Instant::now());
+            }
         }
         let room = RoomKey {
             app: self.app.id.clone(),

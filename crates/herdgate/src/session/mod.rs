@@ -351,12 +351,6 @@ impl Session {
                 c.limits.subscribe_deadline.get(),
             )
         };
-        // An app that requires authorized connections: sign in (or hold a
-        // private or presence subscription) by then, or be closed with 4009.
-        let f = &self.app.features;
-        let mut auth_by = f
-            .require_user_authentication
-            .then(|| Instant::now() + f.user_authentication_timeout);
         // When the server drains, each socket picks its own moment within the
         // drain period to close, so reconnects reach other nodes spread out.
         let mut close_at: Option<Instant> = None;
@@ -372,9 +366,17 @@ impl Session {
         };
         // A reload between the upgrade's look at the app and here is
         // judged now (later ones through the watch).
-        if let Err(end) = self.current_app() {
-            return end;
-        }
+        let app = match self.current_app() {
+            Ok(app) => app,
+            Err(end) => return end,
+        };
+        // An app that requires authorized connections: sign in (or hold a
+        // private or presence subscription) by then, or be closed with 4009.
+        let f = &app.features;
+        let mut auth_by = f
+            .require_user_authentication
+            .then(|| Instant::now() + f.user_authentication_timeout);
+        drop(app);
         if state != crate::overload::LoadState::Normal {
             self.out.push(&rx.borrow().frame);
         }

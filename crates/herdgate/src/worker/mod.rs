@@ -830,6 +830,18 @@ impl Worker {
             for k in offline {
                 self.user_transition(&k, false);
             }
+        } else {
+            // The edge is back within its lease and registers its sign-ins
+            // again (not silently): hold each emptied user's `user_offline`,
+            // so the re-registration cancels it (no second `user_online`)
+            // and a user who does not come back is still reported.
+            for k in offline {
+                let wanted = self.wants(&k, Kind::UserOffline).is_some()
+                    || self.wants(&k, Kind::UserOnline).is_some();
+                if wanted && !self.debounce.hold(Pending::Offline(k.clone())) {
+                    self.emit(&k, Event::user(Kind::UserOffline, user_of(&k)));
+                }
+            }
         }
     }
 }

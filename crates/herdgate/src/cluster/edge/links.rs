@@ -368,6 +368,8 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
         // up the lease check: the lease wins, and the frame is dropped with
         // the link.
         let handled = tokio::select! {
+            // Biased: the lease timer is armed only when a frame waits.
+            biased;
             r = on_message(edge, link, msg) => r,
             _ = lease_over(epoch, &lease_ms) => {
                 metrics::counter!("herdgate_link_lease_expired_total").increment(1);
@@ -382,7 +384,11 @@ async fn serve(edge: &Arc<Edge>, link: &Arc<WorkerLink>) -> Result<(), LinkError
             break Err(LinkError::Closed);
         }
     };
+    // Stopped before the link is unrouted: a restore finishing on another
+    // thread could otherwise route the link and set rooms ready after the
+    // `unavailable` below.
     restore.abort();
+    let _ = restore.await;
     link.set_tx(None);
     tx.close();
     writer.abort();
