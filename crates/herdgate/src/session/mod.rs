@@ -13,7 +13,8 @@ mod handler;
 
 pub mod transport;
 pub mod websocket;
-mod ws_reader;
+/// Public for the fuzz targets (`fuzz/`); the session reads through [`websocket::server`].
+pub mod ws_reader;
 pub mod xhr;
 
 use crate::apps::App;
