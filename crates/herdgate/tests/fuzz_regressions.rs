@@ -318,3 +318,36 @@ fn a_log_filter_never_compiles_a_regular_expression() {
         "checking it took {grown} KiB more memory"
     );
 }
+
+// Found by the ws_reader and ws_differential targets: a text or binary
+// message sent whole in one frame was checked against `max_frame` only, so
+// a reader whose `max_message` is below its `max_frame` yielded it (and an
+// invalid one was refused as UTF-8, 1007, where tungstenite says 1009).
+// Now it is refused as too long, like a fragmented message over the bound.
+#[tokio::test]
+async fn ws_one_frame_message_over_max_message_is_refused() {
+    use futures_util::StreamExt;
+    use herdgate::session::ws_reader::WsReader;
+    use tokio_tungstenite::tungstenite::Error;
+    for (opcode, payload) in [
+        (0x81u8, &b"hello world"[..]),
+        (0x82, b"hello world"),
+        (0x81, b"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5"),
+    ] {
+        // A masked client frame with a zero mask: the payload as it is.
+        let mut frame = vec![opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        let mut r = WsReader::new(&frame[..], 100, 10);
+        match r.next().await {
+            Some(Err(Error::Capacity(_))) => {}
+            other => panic!("{opcode:#x}: expected a capacity error, got {other:?}"),
+        }
+        assert!(r.next().await.is_none(), "nothing after the error");
+        // Within both bounds the same frame reads.
+        let mut r = WsReader::new(&frame[..], 100, 11);
+        assert_eq!(
+            r.next().await.is_some_and(|m| m.is_ok()),
+            opcode == 0x82 || payload.is_ascii()
+        );
+    }
+}
