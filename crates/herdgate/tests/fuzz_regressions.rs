@@ -351,3 +351,40 @@ async fn ws_one_frame_message_over_max_message_is_refused() {
         );
     }
 }
+
+// Found by the tls_stream target: after a record that fails to decrypt,
+// the read returns the error and queues rustls's alert; a second read on
+// the failed stream queued the alert again, which made rustls process the
+// same bad record anew and send a second fatal alert (a rustls debug
+// assertion in debug builds, a duplicate alert on the wire in release).
+// The alert is now taken once.
+#[tokio::test]
+async fn tls_reading_again_after_a_bad_record_sends_no_second_alert() {
+    use herdgate::tls::stream::TlsStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = herdgate_testkit::pki::Pki::new();
+    let (cert, key, _) = pki.leaf("leaf", false);
+    let store = Arc::new(herdgate::tls::CertStore::load(&cert, &key).unwrap());
+    let config = herdgate::tls::server_config(store).unwrap();
+    let (c, s) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(TlsStream::accept(config, s));
+    let cfg = herdgate_testkit::tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut client = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, c)
+        .await
+        .unwrap();
+    let mut server = server.await.unwrap().unwrap();
+    // Application data the server cannot decrypt, written under the TLS layer.
+    let mut bad = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+    bad.extend_from_slice(&[0u8; 32]);
+    client.get_mut().0.write_all(&bad).await.unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..3 {
+        let err = server
+            .read(&mut buf)
+            .await
+            .expect_err("a bad record is an error");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    }
+}

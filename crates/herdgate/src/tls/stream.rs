@@ -52,6 +52,8 @@ pub struct TlsStream<IO> {
     closing: bool,
     /// rustls reported a fatal error: nothing more is encrypted.
     failed: bool,
+    /// The alert for that error was taken from rustls (once only).
+    alerted: bool,
 }
 
 /// What one round of record processing did.
@@ -154,6 +156,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             eof: false,
             closing: false,
             failed: false,
+            alerted: false,
         };
         match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
             Ok(()) => Ok(s),
@@ -171,6 +174,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     /// input must not be looked at again (it would fail anew).
     fn queue_alert(&mut self) {
         self.failed = true;
+        // Once: asked again (a read after the error), rustls would process
+        // the bad input anew and send a second fatal alert.
+        if std::mem::replace(&mut self.alerted, true) {
+            return;
+        }
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
             let _ = append(&mut self.outgoing, 64, |b| e.encode(b), encode_size, other);
