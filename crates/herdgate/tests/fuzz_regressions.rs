@@ -318,3 +318,73 @@ fn a_log_filter_never_compiles_a_regular_expression() {
         "checking it took {grown} KiB more memory"
     );
 }
+
+// Found by the ws_reader and ws_differential targets: a text or binary
+// message sent whole in one frame was checked against `max_frame` only, so
+// a reader whose `max_message` is below its `max_frame` yielded it (and an
+// invalid one was refused as UTF-8, 1007, where tungstenite says 1009).
+// Now it is refused as too long, like a fragmented message over the bound.
+#[tokio::test]
+async fn ws_one_frame_message_over_max_message_is_refused() {
+    use futures_util::StreamExt;
+    use herdgate::session::ws_reader::WsReader;
+    use tokio_tungstenite::tungstenite::Error;
+    for (opcode, payload) in [
+        (0x81u8, &b"hello world"[..]),
+        (0x82, b"hello world"),
+        (0x81, b"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5"),
+    ] {
+        // A masked client frame with a zero mask: the payload as it is.
+        let mut frame = vec![opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        let mut r = WsReader::new(&frame[..], 100, 10);
+        match r.next().await {
+            Some(Err(Error::Capacity(_))) => {}
+            other => panic!("{opcode:#x}: expected a capacity error, got {other:?}"),
+        }
+        assert!(r.next().await.is_none(), "nothing after the error");
+        // Within both bounds the same frame reads.
+        let mut r = WsReader::new(&frame[..], 100, 11);
+        assert_eq!(
+            r.next().await.is_some_and(|m| m.is_ok()),
+            opcode == 0x82 || payload.is_ascii()
+        );
+    }
+}
+
+// Found by the tls_stream target: after a record that fails to decrypt,
+// the read returns the error and queues rustls's alert; a second read on
+// the failed stream queued the alert again, which made rustls process the
+// same bad record anew and send a second fatal alert (a rustls debug
+// assertion in debug builds, a duplicate alert on the wire in release).
+// The alert is now taken once.
+#[tokio::test]
+async fn tls_reading_again_after_a_bad_record_sends_no_second_alert() {
+    use herdgate::tls::stream::TlsStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = herdgate_testkit::pki::Pki::new();
+    let (cert, key, _) = pki.leaf("leaf", false);
+    let store = Arc::new(herdgate::tls::CertStore::load(&cert, &key).unwrap());
+    let config = herdgate::tls::server_config(store).unwrap();
+    let (c, s) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(TlsStream::accept(config, s));
+    let cfg = herdgate_testkit::tls_client_config(&pki.ca_der, &[&rustls::version::TLS13]);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut client = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, c)
+        .await
+        .unwrap();
+    let mut server = server.await.unwrap().unwrap();
+    // Application data the server cannot decrypt, written under the TLS layer.
+    let mut bad = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+    bad.extend_from_slice(&[0u8; 32]);
+    client.get_mut().0.write_all(&bad).await.unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..3 {
+        let err = server
+            .read(&mut buf)
+            .await
+            .expect_err("a bad record is an error");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    }
+}

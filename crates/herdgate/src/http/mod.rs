@@ -10,7 +10,7 @@ mod error;
 pub mod sign;
 mod status_page;
 mod upgrade;
-mod xhr;
+pub mod xhr;
 
 pub use error::ApiError;
 

@@ -48,14 +48,14 @@ const CLIENT_STREAM_MAX: usize = 256 * 1024;
 
 /// The three requests of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
     Streaming,
     Polling,
     Send,
 }
 
 /// `/pusher/app/{key}/{server}/{session}/{kind}`: `(key, session id, kind)`.
-fn parse(path: &str) -> Option<(&str, String, Kind)> {
+pub fn parse(path: &str) -> Option<(&str, String, Kind)> {
     let rest = path.strip_prefix("/pusher/app/")?;
     let mut parts = rest.split('/');
     let (key, server, session, kind) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);

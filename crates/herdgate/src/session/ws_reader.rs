@@ -182,10 +182,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     return Err(ProtocolError::ExpectedFragment(data).into());
                 }
                 let text = h.opcode == OP_TEXT;
+                // A whole message in one frame is bounded like a fragmented one.
+                check_size(payload.len(), self.max_message)?;
                 if h.fin {
                     Some(complete(text, payload)?)
                 } else {
-                    check_size(payload.len(), self.max_message)?;
                     self.hold(payload.len())?;
                     self.message = Some(Box::new((text, payload)));
                     None

@@ -90,6 +90,8 @@ pub struct TlsStream<IO> {
     /// needs more. Until more arrives another round would only repeat that
     /// (and charge skipped 0-RTT records against rustls's allowance again).
     starved: bool,
+    /// The alert for that error was taken from rustls (once only).
+    alerted: bool,
 }
 
 /// What one round of record processing did.
@@ -196,6 +198,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             closing: false,
             failed: false,
             starved: false,
+            alerted: false,
         };
         match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
             Ok(()) => Ok(s),
@@ -240,6 +243,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     /// input must not be looked at again (it would fail anew).
     fn queue_alert(&mut self) {
         self.failed = true;
+        // Once: asked again (a read after the error), rustls would process
+        // the bad input anew and send a second fatal alert.
+        if std::mem::replace(&mut self.alerted, true) {
+            return;
+        }
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
             let _ = append(&mut self.outgoing, 64, |b| e.encode(b), encode_size, other);
