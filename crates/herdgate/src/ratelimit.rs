@@ -1,4 +1,4 @@
-//! A token bucket: `rate` tokens per second, holding at most `burst` (per socket
+//! Bounded budgets. A token bucket: `rate` tokens per second, holding at most `burst` (per socket
 //! for client events; per app, behind a mutex, for the app quotas).
 
 use tokio::time::Instant;
@@ -36,6 +36,55 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+}
+
+/// Bytes held in unfinished fragmented messages, node-wide, and the most
+/// there may be (`limits.max_fragmented_bytes`). Each socket's unfinished
+/// message is bounded by `max_message_bytes` already; this bounds them all
+/// together, so many sockets each pinning a message's worth cannot add up
+/// to the node's memory. Honest clients rarely fragment at all.
+#[derive(Debug, Default)]
+pub struct FragmentBudget {
+    held: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl FragmentBudget {
+    pub fn new(max: usize) -> FragmentBudget {
+        FragmentBudget {
+            held: Default::default(),
+            max: std::sync::atomic::AtomicUsize::new(max),
+        }
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hold `n` more bytes, or say how many that would make and the most
+    /// there may be.
+    pub fn try_hold(&self, n: usize) -> Result<(), (usize, usize)> {
+        use std::sync::atomic::Ordering;
+        let max = self.max.load(Ordering::Relaxed);
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h.saturating_add(n) <= max).then_some(h + n)
+            })
+            .map(|_| ())
+            .map_err(|h| {
+                metrics::counter!("herdgate_fragment_budget_refusals_total").increment(1);
+                (h.saturating_add(n), max)
+            })
+    }
+
+    pub fn release(&self, n: usize) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -21,7 +21,7 @@ pub struct Shared {
     /// all held accepts nobody, so it says it is not ready.
     pub accept: crate::admission::AcceptPermits,
     /// Bytes of unfinished fragmented messages, node-wide (`limits.max_fragmented_bytes`).
-    pub fragments: Arc<crate::session::ws_reader::FragmentBudget>,
+    pub fragments: Arc<crate::ratelimit::FragmentBudget>,
     pub overload: crate::overload::Overload,
     /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
     /// keeps serving through the load balancer's deregistration delay.
@@ -144,7 +144,7 @@ impl Shared {
             sessions: crate::admission::Admission::new(l.max_connections),
             handshakes: Arc::default(),
             accept: crate::admission::AcceptPermits::new(l.max_handshakes),
-            fragments: Arc::new(crate::session::ws_reader::FragmentBudget::new(
+            fragments: Arc::new(crate::ratelimit::FragmentBudget::new(
                 l.max_fragmented_bytes,
             )),
             overload,

@@ -13,8 +13,8 @@ mod handler;
 
 pub mod transport;
 pub mod websocket;
-/// Public for the node's fragment budget and the fuzz targets (`fuzz/`);
-/// sessions read through [`websocket::server`].
+/// Public for the fuzz targets (`fuzz/`); sessions read through
+/// [`websocket::server`].
 pub mod ws_reader;
 pub mod xhr;
 

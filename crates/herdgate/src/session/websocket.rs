@@ -41,7 +41,7 @@ pub type WsReader<T> = super::ws_reader::WsReader<ReadHalf<T>>;
 pub fn server<T>(
     io: T,
     config: WebSocketConfig,
-    fragments: Option<std::sync::Arc<super::ws_reader::FragmentBudget>>,
+    fragments: Option<std::sync::Arc<crate::ratelimit::FragmentBudget>>,
 ) -> (WsReader<T>, WsWriter<WriteHalf<T>>)
 where
     T: AsyncRead + AsyncWrite + Unpin,

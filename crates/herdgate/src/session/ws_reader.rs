@@ -35,53 +35,6 @@ const READ_CHUNK: usize = 4096;
 
 use crate::protocol::wsframe::{OP_BINARY, OP_CLOSE, OP_CONTINUE, OP_PING, OP_PONG, OP_TEXT};
 
-/// Bytes held in unfinished fragmented messages, node-wide, and the most
-/// there may be (`limits.max_fragmented_bytes`). Each socket's unfinished
-/// message is bounded by `max_message_bytes` already; this bounds them all
-/// together, so many sockets each pinning a message's worth cannot add up
-/// to the node's memory. Honest clients rarely fragment at all.
-#[derive(Debug, Default)]
-pub struct FragmentBudget {
-    held: std::sync::atomic::AtomicUsize,
-    max: std::sync::atomic::AtomicUsize,
-}
-
-impl FragmentBudget {
-    pub fn new(max: usize) -> FragmentBudget {
-        FragmentBudget {
-            held: Default::default(),
-            max: std::sync::atomic::AtomicUsize::new(max),
-        }
-    }
-
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Bytes held now.
-    pub fn held(&self) -> usize {
-        self.held.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn try_hold(&self, n: usize) -> Result<(), Error> {
-        use std::sync::atomic::Ordering;
-        let max = self.max.load(Ordering::Relaxed);
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                (h.saturating_add(n) <= max).then_some(h + n)
-            })
-            .map(|_| ())
-            .map_err(|h| {
-                metrics::counter!("herdgate_fragment_budget_refusals_total").increment(1);
-                too_long(h.saturating_add(n), max)
-            })
-    }
-
-    fn release(&self, n: usize) {
-        self.held.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 pub struct WsReader<R> {
     io: R,
     /// Read but not yet taken: an incomplete frame, or frames after the
@@ -97,7 +50,7 @@ pub struct WsReader<R> {
     max_frame: usize,
     max_message: usize,
     /// What `message` is counted against, node-wide.
-    budget: Option<std::sync::Arc<FragmentBudget>>,
+    budget: Option<std::sync::Arc<crate::ratelimit::FragmentBudget>>,
     /// A close was read, the stream ended, or an error was returned.
     done: bool,
 }
@@ -110,14 +63,14 @@ impl<R> Drop for WsReader<R> {
 
 impl<R> WsReader<R> {
     /// Count unfinished messages against `budget`.
-    pub fn with_budget(mut self, budget: std::sync::Arc<FragmentBudget>) -> Self {
+    pub fn with_budget(mut self, budget: std::sync::Arc<crate::ratelimit::FragmentBudget>) -> Self {
         self.budget = Some(budget);
         self
     }
 
     fn hold(&self, n: usize) -> Result<(), Error> {
         match &self.budget {
-            Some(b) => b.try_hold(n),
+            Some(b) => b.try_hold(n).map_err(|(size, max)| too_long(size, max)),
             None => Ok(()),
         }
     }
@@ -193,18 +146,14 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 }
             }
             OP_CONTINUE => {
-                let Some(m) = &mut self.message else {
+                let Some(held) = self.message.as_ref().map(|m| m.1.len()) else {
                     return Err(ProtocolError::UnexpectedContinueFrame.into());
                 };
-                let size = m.1.len() + payload.len();
-                check_size(size, self.max_message)?;
-                if let Some(b) = &self.budget {
-                    b.try_hold(payload.len())?;
+                check_size(held + payload.len(), self.max_message)?;
+                self.hold(payload.len())?;
+                if let Some(m) = &mut self.message {
+                    m.1.extend_from_slice(&payload);
                 }
-                let Some(m) = &mut self.message else {
-                    unreachable!("checked above");
-                };
-                m.1.extend_from_slice(&payload);
                 if h.fin {
                     let (text, whole) = *self.message.take().expect("checked above");
                     if let Some(b) = &self.budget {
