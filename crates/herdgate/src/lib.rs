@@ -18,6 +18,7 @@ pub mod config;
 pub mod http;
 pub mod listener;
 pub mod notify;
+pub mod op;
 pub mod outbound;
 pub mod overload;
 pub mod pipe;

@@ -7,15 +7,12 @@
 //! implements the same operations.
 
 use crate::cluster::edge::Edge;
+use crate::op::{Answer, Ask};
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
 use crate::worker::{self, Subscriber, Target};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A history answer carries at most this many bytes of events (then `more`),
-/// the same page as a cluster link's.
-pub const HISTORY_PAGE_BYTES: usize = crate::cluster::link::PAGE_BYTES;
 
 pub enum Router {
     /// Rooms on this process's workers.
@@ -64,24 +61,6 @@ impl Router {
                 e.subscribe(room, sub.id, out, member, max_members, shed, resume)
                     .await
             }
-        }
-    }
-
-    /// A channel's history after `since`, from its owner.
-    pub async fn history(
-        &self,
-        room: RoomKey,
-        since: u64,
-        epoch: Option<String>,
-        limit: usize,
-        wait: Duration,
-    ) -> Result<worker::Since, RouteError> {
-        match self {
-            Router::Local(p) => {
-                p.history(room, since, epoch, limit, HISTORY_PAGE_BYTES, wait)
-                    .await
-            }
-            Router::Edge(e) => e.history(room, since, epoch, limit, wait).await,
         }
     }
 
@@ -135,33 +114,6 @@ impl Router {
         }
     }
 
-    pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
-        match self {
-            Router::Local(p) => p.query(room, wait).await,
-            Router::Edge(e) => e.query(room, wait).await,
-        }
-    }
-
-    pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
-        match self {
-            Router::Local(p) => p.users(room, wait).await,
-            Router::Edge(e) => e.users(room, wait).await,
-        }
-    }
-
-    /// Occupied channels of an app whose names start with `prefix`.
-    pub async fn list(
-        &self,
-        app: &Arc<str>,
-        prefix: &str,
-        wait: Duration,
-    ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
-        match self {
-            Router::Local(p) => p.list(app, prefix, wait).await,
-            Router::Edge(e) => e.list(app, prefix, wait).await,
-        }
-    }
-
     /// Sign a socket in; `Ok(false)` when the user already has `max` (> 0)
     /// signed-in sockets (counted by the user's owner, cluster-wide).
     pub async fn sign_in(
@@ -209,18 +161,6 @@ impl Router {
         }
     }
 
-    /// A cache channel's cached `data` and seconds left.
-    pub async fn cache_info(
-        &self,
-        room: RoomKey,
-        wait: Duration,
-    ) -> Result<Option<(String, u64)>, RouteError> {
-        match self {
-            Router::Local(p) => p.cache_info(room, wait).await,
-            Router::Edge(e) => e.cache_info(room, wait).await,
-        }
-    }
-
     /// Publish to every room of `items` or to none (standalone: mailbox
     /// space reserved in every owner first; cluster: see
     /// [`Edge::publish_all`]).
@@ -242,15 +182,12 @@ impl Router {
         }
     }
 
-    pub async fn terminate(
-        &self,
-        app: &Arc<str>,
-        user: &str,
-        wait: Duration,
-    ) -> Result<(), RouteError> {
+    /// Ask a room's owner (or every owner, for [`Ask::Rooms`]) and wait
+    /// at most `wait` for the answer.
+    pub async fn ask(&self, ask: Ask, wait: Duration) -> Result<Answer, RouteError> {
         match self {
-            Router::Local(p) => p.terminate(app, user, wait).await,
-            Router::Edge(e) => e.terminate(RoomKey::user(app, user), user, wait).await,
+            Router::Local(p) => p.ask(ask, wait).await,
+            Router::Edge(e) => e.ask(ask, wait).await,
         }
     }
 }

@@ -38,7 +38,7 @@ pub struct Member {
 }
 
 /// A room is a channel within an app.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RoomKey {
     pub app: Arc<str>,
     pub channel: Arc<str>,
@@ -55,7 +55,7 @@ impl RoomKey {
 }
 
 /// The answer to a channel query.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoomInfo {
     pub subscription_count: usize,
     pub user_count: usize,

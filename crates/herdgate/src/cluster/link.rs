@@ -9,6 +9,7 @@
 //! best-effort frames are refused when the queue is full, and the caller
 //! names the policy (a worker closes a link it cannot keep up with).
 
+use crate::op::{Answer, Ask};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -20,13 +21,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// Largest frame accepted from a peer: an event (payloads are ≤ the message
 /// limit) plus room names, or one page of a list reply, with room to spare.
 pub const MAX_FRAME: usize = 1 << 20;
 /// List and user replies are cut into pages of at most this many bytes of
 /// names, well under [`MAX_FRAME`].
-pub const PAGE_BYTES: usize = 256 * 1024;
+pub use crate::op::PAGE_BYTES;
 
 /// A presence member on the wire: user id and raw `user_info` JSON.
 pub type WireMember = (String, Option<String>);
@@ -146,37 +147,17 @@ pub enum Msg {
         user: String,
         conn: u64,
     },
-    /// A cache channel's cached event, answered with [`Reply::Cache`].
-    CacheQuery {
-        id: u64,
-        app: String,
-        channel: String,
-    },
     SignOut {
         app: String,
         user: String,
         conn: u64,
     },
-    Terminate {
+    /// A question to the room's owner (or, for [`Ask::Rooms`], to each
+    /// worker), answered with [`Reply::Answer`]. A list answer comes one
+    /// page at a time: `after` is the last name of the page before.
+    Ask {
         id: u64,
-        app: String,
-        user: String,
-    },
-    Query {
-        id: u64,
-        app: String,
-        channel: String,
-    },
-    Users {
-        id: u64,
-        app: String,
-        channel: String,
-        after: Option<String>,
-    },
-    List {
-        id: u64,
-        app: String,
-        prefix: String,
+        ask: Ask,
         after: Option<String>,
     },
     /// "I applied the view at `rev`; my registrations for every room that
@@ -240,17 +221,6 @@ pub enum Msg {
     },
     /// "My lease may have expired: I serve nothing until I am sure of it."
     Fenced,
-
-    // ---- edge → worker, appended in version 5
-    /// A channel's history after `since`, answered with [`Reply::History`].
-    History {
-        id: u64,
-        app: String,
-        channel: String,
-        since: u64,
-        epoch: Option<String>,
-        limit: u32,
-    },
 }
 
 /// What a registration means.
@@ -280,33 +250,13 @@ pub enum Reply {
         reason: Refusal,
         retry_after_ms: u32,
     },
-    Info {
-        subscriptions: u64,
-        users: u64,
-    },
-    /// One page of user ids; `next` continues after the last one.
-    Users {
-        users: Vec<String>,
+    /// One page of an [`Msg::Ask`]'s answer; `next` continues after the
+    /// last name of a list.
+    Answer {
+        answer: Answer,
         next: Option<String>,
-    },
-    /// One page of `(channel, subscriptions, users)`.
-    Rooms {
-        rooms: Vec<(String, u64, u64)>,
-        next: Option<String>,
-    },
-    /// A cache channel's cached `data` and its seconds left, if any.
-    Cache {
-        cached: Option<(String, u64)>,
     },
     Done,
-    /// A channel's history: the owner's epoch, `(serial, frame)` after
-    /// the position asked, whether nothing was lost, whether more follow.
-    History {
-        epoch: String,
-        events: Vec<(u64, Bytes)>,
-        complete: bool,
-        more: bool,
-    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -782,8 +732,14 @@ mod tests {
             },
             Msg::Reply {
                 id: 9,
-                reply: Reply::Rooms {
-                    rooms: vec![("a".into(), 1, 0)],
+                reply: Reply::Answer {
+                    answer: Answer::Rooms(vec![(
+                        "a".into(),
+                        crate::types::RoomInfo {
+                            subscription_count: 1,
+                            user_count: 0,
+                        },
+                    )]),
                     next: Some("a".into()),
                 },
             },
@@ -832,22 +788,38 @@ mod tests {
                 sent: 1_234_567,
                 echo: 1_234_000,
             },
-            Msg::History {
+            Msg::Ask {
                 id: 12,
-                app: "1".into(),
-                channel: "chat".into(),
-                since: 17,
-                epoch: Some("e9".into()),
-                limit: 100,
+                ask: Ask::History {
+                    room: crate::types::RoomKey {
+                        app: "1".into(),
+                        channel: "chat".into(),
+                    },
+                    since: 17,
+                    epoch: Some("e9".into()),
+                    limit: 100,
+                },
+                after: None,
             },
             Msg::Reply {
                 id: 12,
-                reply: Reply::History {
-                    epoch: "e9".into(),
-                    events: vec![(18, Bytes::from_static(b"{}"))],
-                    complete: true,
-                    more: false,
+                reply: Reply::Answer {
+                    answer: Answer::History(crate::op::Since {
+                        epoch: "e9".into(),
+                        events: vec![(18, crate::protocol::Frame::from("{}"))],
+                        complete: true,
+                        more: false,
+                    }),
+                    next: None,
                 },
+            },
+            Msg::Ask {
+                id: 13,
+                ask: Ask::Rooms {
+                    app: "1".into(),
+                    prefix: "presence-".into(),
+                },
+                after: Some("presence-a".into()),
             },
         ]
     }

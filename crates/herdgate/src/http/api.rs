@@ -14,6 +14,7 @@
 use super::error::jittered_retry_after;
 use super::{json, sign, ApiError, Body};
 use crate::apps::App;
+use crate::op::{Answer, Ask};
 use crate::protocol::{self, names, names::ChannelKind};
 use crate::replays::MAX_IDEMPOTENCY_KEY;
 use crate::state::Shared;
@@ -396,7 +397,8 @@ impl Api<'_> {
             // time is left out of the answer, which stays a success.
             let mut m = Map::new();
             for c in channels {
-                match router.query(self.room(c), self.wait()).await {
+                let ask = Ask::Info { room: self.room(c) };
+                match router.ask(ask, self.wait()).await.and_then(Answer::info) {
                     Ok(room_info) => {
                         m.insert(c.clone(), self.attributes(c, info, room_info, false)?);
                     }
@@ -452,11 +454,16 @@ impl Api<'_> {
                 "info=user_count needs filter_by_prefix=presence-".into(),
             ));
         }
+        let ask = Ask::Rooms {
+            app: self.app.id.clone(),
+            prefix: prefix.to_string(),
+        };
         let list = self
             .shared
             .router
-            .list(&self.app.id, prefix, self.wait())
+            .ask(ask, self.wait())
             .await
+            .and_then(Answer::rooms)
             .map_err(route_error)?;
         let mut channels = Map::new();
         for (name, r) in list {
@@ -473,8 +480,14 @@ impl Api<'_> {
         names::check_channel(name).map_err(ApiError::BadRequest)?;
         let router = &self.shared.router;
         let r = router
-            .query(self.room(name), self.wait())
+            .ask(
+                Ask::Info {
+                    room: self.room(name),
+                },
+                self.wait(),
+            )
             .await
+            .and_then(Answer::info)
             .map_err(route_error)?;
         let info = self.param("info").unwrap_or("");
         let mut v = self.attributes(name, info, r, true)?;
@@ -482,8 +495,14 @@ impl Api<'_> {
             // `{"data": "...", "ttl": seconds}` of the cached event, or null.
             let cached = if names::is_cache(name) {
                 router
-                    .cache_info(self.room(name), self.wait())
+                    .ask(
+                        Ask::Cache {
+                            room: self.room(name),
+                        },
+                        self.wait(),
+                    )
                     .await
+                    .and_then(Answer::cache)
                     .map_err(route_error)?
             } else {
                 None
@@ -503,8 +522,14 @@ impl Api<'_> {
         let users = self
             .shared
             .router
-            .users(self.room(name), self.wait())
+            .ask(
+                Ask::Users {
+                    room: self.room(name),
+                },
+                self.wait(),
+            )
             .await
+            .and_then(Answer::users)
             .map_err(route_error)?;
         let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
         Ok(json!({ "users": users }))
@@ -529,11 +554,18 @@ impl Api<'_> {
             )));
         }
         let epoch = self.param("epoch").map(String::from);
+        let ask = Ask::History {
+            room: self.room(name),
+            since,
+            epoch,
+            limit: limit as u32, // ≤ HISTORY_LIMIT_MAX
+        };
         let page = self
             .shared
             .router
-            .history(self.room(name), since, epoch, limit as usize, self.wait())
+            .ask(ask, self.wait())
             .await
+            .and_then(Answer::history)
             .map_err(route_error)?;
         #[derive(Deserialize)]
         struct Kept {
@@ -558,10 +590,14 @@ impl Api<'_> {
 
     async fn terminate(&self, user: &str) -> ApiResult {
         names::check_user_id(user).map_err(ApiError::BadRequest)?;
+        let ask = Ask::Terminate {
+            room: RoomKey::user(&self.app.id, user),
+        };
         self.shared
             .router
-            .terminate(&self.app.id, user, self.wait())
+            .ask(ask, self.wait())
             .await
+            .and_then(Answer::done)
             .map_err(route_error)?;
         Ok(json!({}))
     }

@@ -352,8 +352,15 @@ async fn list_top_rooms(shared: &Shared) -> TopRooms {
     let mut all: Vec<(Arc<str>, String, crate::types::RoomInfo)> = Vec::new();
     let mut error = None;
     for app in &apps {
-        let listed =
-            tokio::time::timeout(TOP_DEADLINE, shared.router.list(app, "", TOP_WAIT)).await;
+        let ask = crate::op::Ask::Rooms {
+            app: app.clone(),
+            prefix: String::new(),
+        };
+        let listed = tokio::time::timeout(TOP_DEADLINE, async {
+            let answer = shared.router.ask(ask, TOP_WAIT).await;
+            answer.and_then(crate::op::Answer::rooms)
+        })
+        .await;
         match listed {
             Ok(Ok(rooms)) => {
                 all.extend(rooms.into_iter().map(|(ch, info)| (app.clone(), ch, info)))

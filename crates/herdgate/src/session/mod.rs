@@ -823,8 +823,11 @@ mod tests {
             channel: "lobby".into(),
         };
         let count = || async {
-            let info = shared.router.query(room.clone(), Duration::from_secs(5));
-            info.await.unwrap().subscription_count
+            let ask = crate::op::Ask::Info { room: room.clone() };
+            let info = shared.router.ask(ask, Duration::from_secs(5)).await;
+            info.and_then(crate::op::Answer::info)
+                .unwrap()
+                .subscription_count
         };
         assert_eq!(count().await, 1);
         server.abort();

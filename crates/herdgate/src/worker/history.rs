@@ -18,6 +18,7 @@
 //! in the safe direction (a resume told `recovered: false` that could have
 //! succeeded), never a silent gap.
 
+use crate::op::Since;
 use crate::protocol::Frame;
 use crate::types::RoomKey;
 use std::collections::{HashMap, VecDeque};
@@ -53,18 +54,6 @@ pub struct Bounds {
     pub ttl: Duration,
     /// The app's bytes per worker.
     pub app_bytes: usize,
-}
-
-/// Events after a position, as the owner has them.
-#[derive(Debug, Default)]
-pub struct Since {
-    /// The owner's epoch (filled by the worker).
-    pub epoch: String,
-    pub events: Vec<(u64, Frame)>,
-    /// Nothing after the position was lost.
-    pub complete: bool,
-    /// The answer stopped at a limit: more events follow the last one.
-    pub more: bool,
 }
 
 /// One app's kept bytes and events, and its events `(room, serial)`

@@ -7,6 +7,7 @@
 //! why subscribers are identified by [`ConnId`] and frames are already-encoded
 //! bytes.
 
+mod ask;
 mod history;
 mod parity;
 mod pool;
@@ -15,11 +16,11 @@ mod target;
 
 pub use pool::{Item, Pool};
 
-pub use history::Since;
 pub use room::Delivery;
 pub use target::{RemoteEdge, Sent, Target};
 
-use crate::outbound::{CloseOrder, Outbound};
+use crate::op::{Answer, Ask};
+use crate::outbound::Outbound;
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, Shed};
 use crate::webhook::{Debounce, Event, Hooks, Kind, Pending};
@@ -62,7 +63,7 @@ pub enum Command {
         /// Told whether the socket is subscribed (refused: its
         /// `subscription_error` was queued to it first), from the room's
         /// task, after what the room sent the socket.
-        reply: Option<Answer>,
+        reply: Option<Decided>,
     },
     Unsubscribe {
         room: RoomKey,
@@ -85,33 +86,10 @@ pub enum Command {
         /// within the window is not sent again (and counts as done).
         idem: Option<u64>,
     },
-    /// The cached event of a cache channel: its `data` and seconds left.
-    CacheInfo {
-        room: RoomKey,
-        reply: oneshot::Sender<Option<(String, u64)>>,
-    },
-    Query {
-        room: RoomKey,
-        reply: oneshot::Sender<RoomInfo>,
-    },
-    /// The channel's history after `since` (HTTP API).
-    History {
-        room: RoomKey,
-        since: u64,
-        epoch: Option<String>,
-        limit: usize,
-        /// At most this many bytes of frames (a page; `more` says so).
-        max_bytes: usize,
-        reply: oneshot::Sender<Since>,
-    },
-    Users {
-        room: RoomKey,
-        reply: oneshot::Sender<Vec<String>>,
-    },
-    List {
-        app: Arc<str>,
-        prefix: String,
-        reply: oneshot::Sender<Vec<(String, RoomInfo)>>,
+    /// A question ([`Ask`]), answered in [`Worker::answer`].
+    Ask {
+        ask: Ask,
+        reply: oneshot::Sender<Answer>,
     },
     /// A socket signed in as a user; `room` is that user's `#server-to-user-` channel.
     /// `max` (> 0) caps the user's signed-in sockets: beyond it the reply
@@ -141,10 +119,6 @@ pub enum Command {
         room: RoomKey,
         id: ConnId,
     },
-    /// Close every socket signed in as the user (HTTP API terminate_connections).
-    Terminate {
-        room: RoomKey,
-    },
     /// Drop every socket of an edge. Its link gone for good (`silent:
     /// false`): members held only by it are removed with member_removed to
     /// the rest. The edge reconnected (`silent: true`): it is about to
@@ -169,7 +143,7 @@ pub enum Command {
 pub type Mailbox = mpsc::Sender<Command>;
 
 /// A subscription's answer, called by the room's worker when it decides.
-pub type Answer = Box<dyn FnOnce(bool) + Send>;
+pub type Decided = Box<dyn FnOnce(bool) + Send>;
 
 /// Webhooks as the workers see them: where to emit, and the debounce.
 #[derive(Clone)]
@@ -421,58 +395,8 @@ impl Worker {
                     }
                 }
             }
-            Command::CacheInfo { room, reply } => {
-                let info = self.cache.get(&room).map(|(frame, left)| {
-                    let data = serde_json::from_str::<serde_json::Value>(frame.as_str())
-                        .ok()
-                        .and_then(|v| v["data"].as_str().map(String::from))
-                        .unwrap_or_default();
-                    (data, left.as_secs())
-                });
-                let _ = reply.send(info);
-            }
-            Command::Query { room, reply } => {
-                let _ = reply.send(self.rooms.get(&room).map(info).unwrap_or_default());
-            }
-            Command::History {
-                room,
-                since,
-                epoch,
-                limit,
-                max_bytes,
-                reply,
-            } => {
-                self.check_history_policy();
-                let mut page =
-                    self.history
-                        .since(&room, since, epoch.as_deref(), limit, max_bytes, 0);
-                if page.events.is_empty() && page.more {
-                    // One event larger than a page still goes out, alone.
-                    page = self
-                        .history
-                        .since(&room, since, epoch.as_deref(), 1, usize::MAX, 0);
-                }
-                if self.history_bounds(&room).is_none() {
-                    page.complete = false; // history is off for the channel
-                }
-                page.epoch = self.history.epoch().to_string();
-                let _ = reply.send(page);
-            }
-            Command::Users { room, reply } => {
-                let users = self
-                    .rooms
-                    .get(&room)
-                    .map(|r| r.user_ids().map(String::from).collect());
-                let _ = reply.send(users.unwrap_or_default());
-            }
-            Command::List { app, prefix, reply } => {
-                let list = self
-                    .rooms
-                    .iter()
-                    .filter(|(k, _)| k.app == app && k.channel.starts_with(&prefix))
-                    .map(|(k, r)| (k.channel.to_string(), info(r)))
-                    .collect();
-                let _ = reply.send(list);
+            Command::Ask { ask, reply } => {
+                let _ = reply.send(self.answer(ask));
             }
             Command::SignIn {
                 room,
@@ -534,15 +458,6 @@ impl Worker {
                     if w.is_empty() {
                         self.watchers.remove(&room);
                     }
-                }
-            }
-            Command::Terminate { room } => {
-                let order = CloseOrder {
-                    code: protocol::codes::UNAUTHORIZED,
-                    reason: "connection terminated by the app",
-                };
-                for (id, to) in self.users.get(&room).into_iter().flat_map(|s| s.iter()) {
-                    to.close(&room, *id, order);
                 }
             }
             Command::PurgeEdge { edge, silent } => self.purge_edge(edge, silent),

@@ -2,12 +2,11 @@
 //! ring gives it. A standalone node's router and a cluster worker node both
 //! drive rooms through this.
 
-use super::{
-    spawn, Command, Delivery, LoadProbe, Mailbox, Policies, Since, Subscriber, WebhookTaps,
-};
+use super::{spawn, Command, Delivery, LoadProbe, Mailbox, Policies, Subscriber, WebhookTaps};
+use crate::op::{Answer, Ask, Scope};
 use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
-use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::error::SendTimeoutError;
@@ -150,7 +149,7 @@ impl Pool {
             return Ok(true);
         }
         let (tx, rx) = oneshot::channel();
-        let answer: super::Answer = Box::new(move |ok| {
+        let answer: super::Decided = Box::new(move |ok| {
             let _ = tx.send(ok);
         });
         self.subscribe_start(room, sub, member, max_members, shed, resume, Some(answer))
@@ -171,7 +170,7 @@ impl Pool {
         max_members: usize,
         shed: Shed,
         resume: Option<Resume>,
-        answer: Option<super::Answer>,
+        answer: Option<super::Decided>,
     ) -> Result<(), RouteError> {
         let tx = answer;
         let cmd = Command::Subscribe {
@@ -302,69 +301,37 @@ impl Pool {
         dropped
     }
 
-    /// A channel's history after `since` (in `epoch`, if given).
-    pub async fn history(
-        &self,
-        room: RoomKey,
-        since: u64,
-        epoch: Option<String>,
-        limit: usize,
-        max_bytes: usize,
-        wait: Duration,
-    ) -> Result<Since, RouteError> {
-        let (tx, rx) = oneshot::channel();
-        let cmd = Command::History {
-            room: room.clone(),
-            since,
-            epoch,
-            limit,
-            max_bytes,
-            reply: tx,
+    /// Ask the room's owner or, for [`Scope::Every`], every worker (their
+    /// answers merged); `Busy` when a mailbox stays full past `wait`.
+    pub async fn ask(&self, ask: Ask, wait: Duration) -> Result<Answer, RouteError> {
+        let owners: Vec<&Mailbox> = match ask.scope() {
+            Scope::Room(room) => vec![self.owner(room)],
+            Scope::Every => self.workers.iter().collect(),
         };
-        self.send_within(&room, cmd, wait).await?;
-        rx.await.map_err(|_| RouteError::Gone)
-    }
-
-    pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
-        let (tx, rx) = oneshot::channel();
-        self.send_within(&room.clone(), Command::Query { room, reply: tx }, wait)
-            .await?;
-        rx.await.map_err(|_| RouteError::Gone)
-    }
-
-    pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
-        let (tx, rx) = oneshot::channel();
-        self.send_within(&room.clone(), Command::Users { room, reply: tx }, wait)
-            .await?;
-        rx.await.map_err(|_| RouteError::Gone)
-    }
-
-    /// Occupied channels of an app whose names start with `prefix`, from every worker.
-    pub async fn list(
-        &self,
-        app: &Arc<str>,
-        prefix: &str,
-        wait: Duration,
-    ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
-        let mut replies = Vec::with_capacity(self.workers.len());
-        for w in &self.workers {
-            let (tx, rx) = oneshot::channel();
-            let cmd = Command::List {
-                app: app.clone(),
-                prefix: prefix.to_string(),
-                reply: tx,
+        let mut replies = Vec::with_capacity(owners.len());
+        for w in owners {
+            let (reply, rx) = oneshot::channel();
+            let cmd = Command::Ask {
+                ask: ask.clone(),
+                reply,
             };
-            w.send_timeout(cmd, wait)
-                .await
-                .map_err(|_| RouteError::Busy)?;
-            replies.push(rx);
+            match w.send_timeout(cmd, wait).await {
+                Ok(()) => replies.push(rx),
+                Err(SendTimeoutError::Timeout(_)) => return Err(RouteError::Busy),
+                Err(SendTimeoutError::Closed(_)) => return Err(RouteError::Gone),
+            }
         }
-        let mut all = Vec::new();
+        let mut answer: Option<Answer> = None;
         for rx in replies {
-            all.extend(rx.await.map_err(|_| RouteError::Gone)?);
+            let a = rx.await.map_err(|_| RouteError::Gone)?;
+            match &mut answer {
+                Some(all) => all.merge(a),
+                None => answer = Some(a),
+            }
         }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(all)
+        let mut answer = answer.ok_or(RouteError::Gone)?;
+        answer.settle();
+        Ok(answer)
     }
 
     /// Sign a socket in; `Ok(false)` when the user already has `max` (> 0)
@@ -448,32 +415,9 @@ impl Pool {
             .await
     }
 
-    /// A cache channel's cached `data` and seconds left.
-    pub async fn cache_info(
-        &self,
-        room: RoomKey,
-        wait: Duration,
-    ) -> Result<Option<(String, u64)>, RouteError> {
-        let (tx, rx) = oneshot::channel();
-        self.send_within(&room.clone(), Command::CacheInfo { room, reply: tx }, wait)
-            .await?;
-        rx.await.map_err(|_| RouteError::Gone)
-    }
-
     pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
         let room = RoomKey::user(app, user);
         self.send(&room.clone(), Command::SignOut { room, id })
-            .await
-    }
-
-    pub async fn terminate(
-        &self,
-        app: &Arc<str>,
-        user: &str,
-        wait: Duration,
-    ) -> Result<(), RouteError> {
-        let room = RoomKey::user(app, user);
-        self.send_within(&room.clone(), Command::Terminate { room }, wait)
             .await
     }
 

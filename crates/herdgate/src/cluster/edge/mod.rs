@@ -28,9 +28,10 @@ mod rooms;
 use super::link::{LinkTx, Msg, Refusal, Reply, SendError};
 use super::membership::Membership;
 use super::view::{NodeId, View};
+use crate::op::{Answer, Ask, Scope};
 use crate::outbound::Outbound;
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use links::WorkerLink;
@@ -439,110 +440,51 @@ impl Edge {
         }
     }
 
-    pub async fn query(&self, room: RoomKey, wait: Duration) -> Result<RoomInfo, RouteError> {
-        let (_, tx) = self.route(&room)?;
-        let (app, channel) = (room.app.to_string(), room.channel.to_string());
-        match self
-            .request(&tx, |id| Msg::Query { id, app, channel }, wait)
-            .await?
-        {
-            Reply::Info {
-                subscriptions,
-                users,
-            } => Ok(RoomInfo {
-                subscription_count: subscriptions as usize,
-                user_count: users as usize,
-            }),
-            Reply::Refused { .. } => Err(RouteError::Unavailable),
-            _ => Err(RouteError::Busy),
-        }
-    }
-
-    pub async fn users(&self, room: RoomKey, wait: Duration) -> Result<Vec<String>, RouteError> {
-        let (_, tx) = self.route(&room)?;
-        let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            let (app, channel, a) = (
-                room.app.to_string(),
-                room.channel.to_string(),
-                after.clone(),
-            );
-            let make = |id| Msg::Users {
-                id,
-                app,
-                channel,
-                after: a,
-            };
-            match self.request(&tx, make, wait).await? {
-                Reply::Users { users, next } => {
-                    all.extend(users);
-                    match next {
-                        Some(n) => after = Some(n),
-                        None => return Ok(all),
-                    }
+    /// Ask the room's owner or, for a listing, every worker of the view
+    /// that owns rooms, page by page. A worker that owns rooms and cannot
+    /// be reached makes the answer unavailable rather than silently partial.
+    pub async fn ask(&self, ask: Ask, wait: Duration) -> Result<Answer, RouteError> {
+        let links: Vec<LinkTx> = match ask.scope() {
+            Scope::Room(room) => vec![self.route(room)?.1],
+            Scope::Every => {
+                if !self.is_current() {
+                    return Err(RouteError::Unavailable);
                 }
-                Reply::Refused { .. } => return Err(RouteError::Unavailable),
-                _ => return Err(RouteError::Busy),
+                let view = self.view();
+                let owners = view.workers.iter().filter(|(_, w)| w.vnodes > 0);
+                owners
+                    .map(|(node, _)| self.link(node).and_then(|l| l.tx()))
+                    .collect::<Option<_>>()
+                    .ok_or(RouteError::Unavailable)?
             }
-        }
-    }
-
-    /// Occupied channels of an app, from every worker of the view (page by
-    /// page). A worker that owns rooms and cannot be reached makes the
-    /// answer unavailable rather than silently partial.
-    pub async fn list(
-        &self,
-        app: &Arc<str>,
-        prefix: &str,
-        wait: Duration,
-    ) -> Result<Vec<(String, RoomInfo)>, RouteError> {
-        if !self.is_current() {
-            return Err(RouteError::Unavailable);
-        }
-        let view = self.view();
-        let mut all = Vec::new();
-        for (node, w) in &view.workers {
-            if w.vnodes == 0 {
-                continue;
-            }
-            let tx = self
-                .link(node)
-                .and_then(|l| l.tx())
-                .ok_or(RouteError::Unavailable)?;
+        };
+        let mut all: Option<Answer> = None;
+        for tx in links {
             let mut after = None;
             loop {
-                let (a, p, af) = (app.to_string(), prefix.to_string(), after.clone());
-                let make = |id| Msg::List {
+                let make = |id| Msg::Ask {
                     id,
-                    app: a,
-                    prefix: p,
-                    after: af,
+                    ask: ask.clone(),
+                    after: after.take(),
                 };
-                match self.request(&tx, make, wait).await? {
-                    Reply::Rooms { rooms, next } => {
-                        all.extend(rooms.into_iter().map(|(n, s, u)| {
-                            (
-                                n,
-                                RoomInfo {
-                                    subscription_count: s as usize,
-                                    user_count: u as usize,
-                                },
-                            )
-                        }));
-                        match next {
-                            Some(n) => after = Some(n),
-                            None => break,
-                        }
-                    }
+                let (answer, next) = match self.request(&tx, make, wait).await? {
+                    Reply::Answer { answer, next } => (answer, next),
                     Reply::Refused { .. } => return Err(RouteError::Unavailable),
                     _ => return Err(RouteError::Busy),
+                };
+                match &mut all {
+                    Some(a) => a.merge(answer),
+                    None => all = Some(answer),
+                }
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
                 }
             }
         }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        // During a move a room may be listed by its old owner and its new one.
-        all.dedup_by(|a, b| a.0 == b.0);
+        // A view with no worker owning anything lists nothing.
+        let mut all = all.unwrap_or(Answer::Rooms(Vec::new()));
+        all.settle();
         Ok(all)
     }
 
@@ -684,64 +626,6 @@ impl Edge {
         Ok(())
     }
 
-    /// A channel's history after `since`, from its owner.
-    pub async fn history(
-        &self,
-        room: RoomKey,
-        since: u64,
-        epoch: Option<String>,
-        limit: usize,
-        wait: Duration,
-    ) -> Result<crate::worker::Since, RouteError> {
-        let (_, tx) = self.route(&room)?;
-        let (app, channel) = (room.app.to_string(), room.channel.to_string());
-        let limit = limit.min(u32::MAX as usize) as u32;
-        let msg = |id| Msg::History {
-            id,
-            app,
-            channel,
-            since,
-            epoch,
-            limit,
-        };
-        match self.request(&tx, msg, wait).await? {
-            Reply::History {
-                epoch,
-                events,
-                complete,
-                more,
-            } => Ok(crate::worker::Since {
-                epoch,
-                events: events
-                    .into_iter()
-                    .filter_map(|(s, f)| Frame::try_from(f).ok().map(|f| (s, f)))
-                    .collect(),
-                complete,
-                more,
-            }),
-            Reply::Refused { .. } => Err(RouteError::Unavailable),
-            _ => Err(RouteError::Busy),
-        }
-    }
-
-    /// A cache channel's cached `data` and seconds left, from its owner.
-    pub async fn cache_info(
-        &self,
-        room: RoomKey,
-        wait: Duration,
-    ) -> Result<Option<(String, u64)>, RouteError> {
-        let (_, tx) = self.route(&room)?;
-        let (app, channel) = (room.app.to_string(), room.channel.to_string());
-        match self
-            .request(&tx, |id| Msg::CacheQuery { id, app, channel }, wait)
-            .await?
-        {
-            Reply::Cache { cached } => Ok(cached),
-            Reply::Refused { .. } => Err(RouteError::Unavailable),
-            _ => Err(RouteError::Busy),
-        }
-    }
-
     pub async fn sign_out(
         &self,
         room: RoomKey,
@@ -767,24 +651,6 @@ impl Edge {
         )
         .await;
         Ok(())
-    }
-
-    pub async fn terminate(
-        &self,
-        room: RoomKey,
-        user: &str,
-        wait: Duration,
-    ) -> Result<(), RouteError> {
-        let (_, tx) = self.route(&room)?;
-        let (app, user) = (room.app.to_string(), user.to_string());
-        match self
-            .request(&tx, |id| Msg::Terminate { id, app, user }, wait)
-            .await?
-        {
-            Reply::Done => Ok(()),
-            Reply::Refused { .. } => Err(RouteError::Unavailable),
-            _ => Err(RouteError::Busy),
-        }
     }
 
     /// Drop views no worker of the current view can still be judged by

@@ -29,6 +29,7 @@ use super::membership::freeze::{self, PeerSays};
 use super::membership::{boot_nanos, Membership};
 use super::tls::{LinkIo, LinkTls};
 use super::view::{NodeId, View};
+use crate::op::{Ask, Scope};
 use crate::protocol::Frame;
 use crate::ring::room_hash;
 use crate::types::{ConnId, Member, RoomKey, Shed};
@@ -780,7 +781,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             // Answered by the room's worker as it decides, so the answer is
             // on the link after what the room sent the socket and before the
             // room's next events (which the edge gives confirmed sockets only).
-            let answer: Option<crate::worker::Answer> = (id != 0).then(|| {
+            let answer: Option<crate::worker::Decided> = (id != 0).then(|| {
                 let link = link.clone();
                 Box::new(move |ok| reply(&link, id, Reply::Registered { ok })) as _
             });
@@ -972,27 +973,13 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
             }
             node.view_acked.notify_waiters();
         }
-        request @ (Msg::Terminate { .. }
-        | Msg::Query { .. }
-        | Msg::CacheQuery { .. }
-        | Msg::History { .. }
-        | Msg::Users { .. }
-        | Msg::List { .. }) => {
+        Msg::Ask { id, ask, after } => {
             let Ok(permit) = inflight.clone().try_acquire_owned() else {
-                let id = match &request {
-                    Msg::Terminate { id, .. }
-                    | Msg::Query { id, .. }
-                    | Msg::CacheQuery { id, .. }
-                    | Msg::History { id, .. }
-                    | Msg::Users { id, .. }
-                    | Msg::List { id, .. } => *id,
-                    _ => 0,
-                };
                 return refused(link, id, Refusal::Busy);
             };
             let (node, link) = (node.clone(), link.clone());
             tokio::spawn(async move {
-                answer(&node, request, &link).await;
+                answer(&node, id, ask, after, &link).await;
                 drop(permit);
             });
         }
@@ -1002,180 +989,24 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
 
 const API_WAIT: Duration = Duration::from_secs(1);
 
-/// Answer a query, a page of a listing, or a terminate.
-async fn answer(node: &Node, request: Msg, link: &EdgeLink) {
-    match request {
-        Msg::Terminate { id, app, user } => {
-            let room = RoomKey::user(&Arc::from(app.as_str()), &user);
-            if let Err(reason) = node.serving(&room) {
-                return refused(link, id, reason);
-            }
-            match node.pool.terminate(&room.app, &user, API_WAIT).await {
-                Ok(()) => reply(link, id, Reply::Done),
-                Err(_) => refused(link, id, Refusal::Busy),
-            }
-        }
-        Msg::Query { id, app, channel } => {
-            let room = key(app, channel);
-            if let Err(reason) = node.serving(&room) {
-                return refused(link, id, reason);
-            }
-            match node.pool.query(room, API_WAIT).await {
-                Ok(r) => reply(
-                    link,
-                    id,
-                    Reply::Info {
-                        subscriptions: r.subscription_count as u64,
-                        users: r.user_count as u64,
-                    },
-                ),
-                Err(_) => refused(link, id, Refusal::Busy),
-            }
-        }
-        Msg::CacheQuery { id, app, channel } => {
-            let room = key(app, channel);
-            if let Err(reason) = node.serving(&room) {
-                return refused(link, id, reason);
-            }
-            match node.pool.cache_info(room, API_WAIT).await {
-                Ok(cached) => reply(link, id, Reply::Cache { cached }),
-                Err(_) => refused(link, id, Refusal::Busy),
-            }
-        }
-        Msg::History {
-            id,
-            app,
-            channel,
-            since,
-            epoch,
-            limit,
-        } => {
-            let room = key(app, channel);
-            if let Err(reason) = node.serving(&room) {
-                return refused(link, id, reason);
-            }
-            let page = node
-                .pool
-                .history(room, since, epoch, limit as usize, PAGE_BYTES, API_WAIT)
-                .await;
-            match page {
-                Ok(p) => reply(
-                    link,
-                    id,
-                    Reply::History {
-                        epoch: p.epoch,
-                        events: p
-                            .events
-                            .into_iter()
-                            .map(|(s, f)| (s, bytes::Bytes::from(f)))
-                            .collect(),
-                        complete: p.complete,
-                        more: p.more,
-                    },
-                ),
-                Err(_) => refused(link, id, Refusal::Busy),
-            }
-        }
-        Msg::Users {
-            id,
-            app,
-            channel,
-            after,
-        } => {
-            let room = key(app, channel);
-            if let Err(reason) = node.serving(&room) {
-                return refused(link, id, reason);
-            }
-            match node.pool.users(room, API_WAIT).await {
-                Ok(mut users) => {
-                    users.sort();
-                    let (page, next) = page(users, after.as_deref(), |u| u, |u| u.len() + 8);
-                    reply(link, id, Reply::Users { users: page, next });
-                }
-                Err(_) => refused(link, id, Refusal::Busy),
-            }
-        }
-        Msg::List {
-            id,
-            app,
-            prefix,
-            after,
-        } => {
-            if !node.membership.fence.is_valid() {
-                return refused(link, id, Refusal::Fenced);
-            }
-            match node.pool.list(&Arc::from(app), &prefix, API_WAIT).await {
-                Ok(rooms) => {
-                    // Listed by the owner only: a room still here after a
-                    // move (sealed away, not yet dropped) is not counted twice.
-                    let rooms: Vec<(String, u64, u64)> = rooms
-                        .into_iter()
-                        .map(|(n, r)| (n, r.subscription_count as u64, r.user_count as u64))
-                        .collect();
-                    let (page, next) = page(rooms, after.as_deref(), |r| &r.0, |r| r.0.len() + 24);
-                    reply(link, id, Reply::Rooms { rooms: page, next });
-                }
-                Err(_) => refused(link, id, Refusal::Busy),
-            }
-        }
-        _ => {}
+/// Answer a question, one page of it: asked of a room, only by its owner
+/// while it serves it; asked of every worker (a listing), by each while its
+/// lease holds (a room still here after a move, sealed away and not yet
+/// dropped, may be listed by its new owner too: the edge lists it once).
+async fn answer(node: &Node, id: u64, ask: Ask, after: Option<String>, link: &EdgeLink) {
+    let serving = match ask.scope() {
+        Scope::Room(room) => node.serving(room),
+        Scope::Every if node.membership.fence.is_valid() => Ok(()),
+        Scope::Every => Err(Refusal::Fenced),
+    };
+    if let Err(reason) = serving {
+        return refused(link, id, reason);
     }
-}
-
-/// One page of a sorted listing: the items named after `after`, at most
-/// [`PAGE_BYTES`] by `size`; and the name the next page starts after.
-fn page<T>(
-    items: Vec<T>,
-    after: Option<&str>,
-    name: impl Fn(&T) -> &str,
-    size: impl Fn(&T) -> usize,
-) -> (Vec<T>, Option<String>) {
-    let mut out: Vec<T> = Vec::new();
-    let mut bytes = 0;
-    for item in items {
-        if after.is_some_and(|a| name(&item) <= a) {
-            continue;
+    match node.pool.ask(ask, API_WAIT).await {
+        Ok(answer) => {
+            let (answer, next) = answer.page(after.as_deref(), PAGE_BYTES);
+            reply(link, id, Reply::Answer { answer, next });
         }
-        bytes += size(&item);
-        if bytes > PAGE_BYTES && !out.is_empty() {
-            let next = out.last().map(|l| name(l).to_string());
-            return (out, next);
-        }
-        out.push(item);
-    }
-    (out, None)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pages_stay_under_the_limit_and_resume_after_the_last_name() {
-        let rooms: Vec<(String, u64, u64)> = (0..50_000)
-            .map(|i| (format!("room-{i:06}"), 1, 0))
-            .collect();
-        let mut sorted = rooms.clone();
-        sorted.sort();
-        let mut after = None;
-        let mut all = Vec::new();
-        let mut pages = 0;
-        loop {
-            let (p, next) = page(
-                sorted.clone(),
-                after.as_deref(),
-                |r| &r.0,
-                |r| r.0.len() + 24,
-            );
-            assert!(p.iter().map(|r| r.0.len() + 24).sum::<usize>() <= PAGE_BYTES);
-            all.extend(p);
-            pages += 1;
-            match next {
-                Some(n) => after = Some(n),
-                None => break,
-            }
-        }
-        assert!(pages > 1);
-        assert_eq!(all, sorted);
+        Err(_) => refused(link, id, Refusal::Busy),
     }
 }

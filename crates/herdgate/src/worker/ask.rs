@@ -1,0 +1,94 @@
+//! How a worker answers each [`Ask`]: one method per question, each reading
+//! only the state it names. Runs on the worker's task, in mailbox order.
+
+use super::{info, Worker};
+use crate::op::{Answer, Ask, Since, PAGE_BYTES};
+use crate::outbound::CloseOrder;
+use crate::protocol;
+use crate::types::RoomKey;
+use std::sync::Arc;
+
+impl Worker {
+    pub(super) fn answer(&mut self, ask: Ask) -> Answer {
+        match ask {
+            Ask::Info { room } => Answer::Info(self.rooms.get(&room).map(info).unwrap_or_default()),
+            Ask::Users { room } => Answer::Users(self.user_ids(&room)),
+            Ask::Rooms { app, prefix } => Answer::Rooms(self.rooms_of(&app, &prefix)),
+            Ask::Cache { room } => Answer::Cache(self.cached(&room)),
+            Ask::History {
+                room,
+                since,
+                epoch,
+                limit,
+            } => Answer::History(self.kept_since(&room, since, epoch.as_deref(), limit as usize)),
+            Ask::Terminate { room } => {
+                self.terminate(&room);
+                Answer::Done
+            }
+        }
+    }
+
+    fn user_ids(&self, room: &RoomKey) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .rooms
+            .get(room)
+            .map(|r| r.user_ids().map(String::from).collect())
+            .unwrap_or_default();
+        users.sort_unstable();
+        users
+    }
+
+    fn rooms_of(&self, app: &Arc<str>, prefix: &str) -> Vec<(String, crate::types::RoomInfo)> {
+        let mut rooms: Vec<_> = self
+            .rooms
+            .iter()
+            .filter(|(k, _)| k.app == *app && k.channel.starts_with(prefix))
+            .map(|(k, r)| (k.channel.to_string(), info(r)))
+            .collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        rooms
+    }
+
+    /// The cached event's `data` and its seconds left.
+    fn cached(&mut self, room: &RoomKey) -> Option<(String, u64)> {
+        self.cache.get(room).map(|(frame, left)| {
+            let data = serde_json::from_str::<serde_json::Value>(frame.as_str())
+                .ok()
+                .and_then(|v| v["data"].as_str().map(String::from))
+                .unwrap_or_default();
+            (data, left.as_secs())
+        })
+    }
+
+    /// One page of what the room keeps after `since`.
+    fn kept_since(
+        &mut self,
+        room: &RoomKey,
+        since: u64,
+        epoch: Option<&str>,
+        limit: usize,
+    ) -> Since {
+        self.check_history_policy();
+        let mut page = self.history.since(room, since, epoch, limit, PAGE_BYTES, 0);
+        if page.events.is_empty() && page.more {
+            // One event larger than a page still goes out, alone.
+            page = self.history.since(room, since, epoch, 1, usize::MAX, 0);
+        }
+        if self.history_bounds(room).is_none() {
+            page.complete = false; // history is off for the channel
+        }
+        page.epoch = self.history.epoch().to_string();
+        page
+    }
+
+    /// Close every socket signed in as the room's user.
+    fn terminate(&self, room: &RoomKey) {
+        let order = CloseOrder {
+            code: protocol::codes::UNAUTHORIZED,
+            reason: "connection terminated by the app",
+        };
+        for (id, to) in self.users.get(room).into_iter().flat_map(|s| s.iter()) {
+            to.close(room, *id, order);
+        }
+    }
+}
