@@ -1,4 +1,5 @@
-//! Questions to a room's owner, as data.
+//! Room operations as data: questions to a room's owner, and what a
+//! socket stopped holding.
 //!
 //! A question about a room (how many are in it, who, what is cached, what
 //! is kept, or "close this user's sockets") used to be spelled once per hop:
@@ -9,13 +10,15 @@
 //! process (through its mailbox) or a remote worker (the cluster link
 //! carries these values as they are). The worker answers each in one small
 //! method. A new question costs one variant here, one handler in the worker
-//! and one caller.
+//! and one caller. What a socket lets go of (a room, a sign-in, a watch) is
+//! a [`Tell`] the same way: no answer, in order with everything else the
+//! socket's side sent that owner.
 //!
 //! A leaf module: it names rooms and frames, nothing of the layers that
 //! carry it.
 
 use crate::protocol::Frame;
-use crate::types::{RoomInfo, RoomKey, RouteError};
+use crate::types::{ConnId, RoomInfo, RoomKey, RouteError, Shed};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -91,6 +94,35 @@ pub enum Answer {
     Cache(Option<(String, u64)>),
     History(Since),
     Done,
+}
+
+/// What a socket let go of, told to the owner of `room`; never answered.
+/// The side that tells has forgotten it already, so an owner out of reach
+/// learns it from the registrations a link replays when it comes back (or
+/// drops the edge's state with the link).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Tell {
+    /// Socket `conn` leaves the room; `shed` as the socket's node sheds.
+    Leave {
+        room: RoomKey,
+        conn: ConnId,
+        shed: Shed,
+    },
+    /// Socket `conn` signed out as the user whose `#server-to-user-` room
+    /// is `room` (the user's last socket leaving makes them offline).
+    SignOut { room: RoomKey, conn: ConnId },
+    /// Socket `conn` stops watching the user whose room is `room`.
+    Unwatch { room: RoomKey, conn: ConnId },
+}
+
+impl Tell {
+    pub fn room(&self) -> &RoomKey {
+        match self {
+            Tell::Leave { room, .. } | Tell::SignOut { room, .. } | Tell::Unwatch { room, .. } => {
+                room
+            }
+        }
+    }
 }
 
 /// Events after a position, as the owner keeps them.

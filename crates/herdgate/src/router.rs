@@ -7,7 +7,7 @@
 //! implements the same operations.
 
 use crate::cluster::edge::Edge;
-use crate::op::{Answer, Ask};
+use crate::op::{Answer, Ask, Tell};
 use crate::protocol::Frame;
 use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
 use crate::worker::{self, Subscriber, Target};
@@ -61,18 +61,6 @@ impl Router {
                 e.subscribe(room, sub.id, out, member, max_members, shed, resume)
                     .await
             }
-        }
-    }
-
-    pub async fn unsubscribe(
-        &self,
-        room: RoomKey,
-        id: ConnId,
-        shed: Shed,
-    ) -> Result<(), RouteError> {
-        match self {
-            Router::Local(p) => p.unsubscribe(room, id, shed).await,
-            Router::Edge(e) => e.unsubscribe(room, id, shed).await,
         }
     }
 
@@ -154,13 +142,6 @@ impl Router {
         }
     }
 
-    pub async fn unwatch(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
-        match self {
-            Router::Local(p) => p.unwatch(app, user, id).await,
-            Router::Edge(e) => e.unwatch(RoomKey::user(app, user), user, id).await,
-        }
-    }
-
     /// Publish to every room of `items` or to none (standalone: mailbox
     /// space reserved in every owner first; cluster: see
     /// [`Edge::publish_all`]).
@@ -175,10 +156,16 @@ impl Router {
         }
     }
 
-    pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
+    /// Tell a room's owner what a socket let go of: forgotten on this
+    /// side first, then told (an owner out of reach learns it when its
+    /// link's registrations are replayed, or drops them with the link).
+    pub async fn tell(&self, tell: Tell) -> Result<(), RouteError> {
         match self {
-            Router::Local(p) => p.sign_out(app, user, id).await,
-            Router::Edge(e) => e.sign_out(RoomKey::user(app, user), user, id).await,
+            Router::Local(p) => p.tell(tell).await,
+            Router::Edge(e) => {
+                e.tell(tell).await;
+                Ok(())
+            }
         }
     }
 

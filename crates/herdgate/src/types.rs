@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 use std::sync::Arc;
 
 /// The numeric form of a socket id `"<hi>.<lo>"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ConnId(pub u64);
 
 impl ConnId {
@@ -63,7 +63,7 @@ pub struct RoomInfo {
 
 /// Load shedding asked of a room by the edge that sends the command: the
 /// edge knows its load state, the worker only carries it out.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Shed {
     /// Presence rooms with more members than this get no member_added/removed.
     pub member_events_max: Option<usize>,

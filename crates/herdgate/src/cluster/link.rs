@@ -9,7 +9,7 @@
 //! best-effort frames are refused when the queue is full, and the caller
 //! names the policy (a worker closes a link it cannot keep up with).
 
-use crate::op::{Answer, Ask};
+use crate::op::{Answer, Ask, Tell};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -97,13 +97,9 @@ pub enum Msg {
         rev: u64,
         resume: Option<WireResume>,
     },
-    Unregister {
-        app: String,
-        channel: String,
-        conn: u64,
-        events_max: Option<u32>,
-        silent: bool,
-    },
+    /// What a socket let go of (leaving a room, signing out, unwatching a
+    /// user): no answer; in link order with the socket's registrations.
+    Tell(Tell),
     /// An event for a room. `id` ≠ 0 (HTTP API publishes) asks for
     /// [`Reply::Published`] once every subscribed edge confirmed receipt,
     /// within `wait_ms`.
@@ -141,16 +137,6 @@ pub enum Msg {
         conn: u64,
         rev: u64,
         announce: bool,
-    },
-    Unwatch {
-        app: String,
-        user: String,
-        conn: u64,
-    },
-    SignOut {
-        app: String,
-        user: String,
-        conn: u64,
     },
     /// A question to the room's owner (or, for [`Ask::Rooms`], to each
     /// worker), answered with [`Reply::Answer`]. A list answer comes one
@@ -813,6 +799,18 @@ mod tests {
                     next: None,
                 },
             },
+            Msg::Tell(Tell::Leave {
+                room: crate::types::RoomKey {
+                    app: "1".into(),
+                    channel: "presence-x".into(),
+                },
+                conn: crate::types::ConnId(42),
+                shed: crate::types::Shed {
+                    member_events_max: Some(100),
+                    silent: false,
+                    announce: false,
+                },
+            }),
             Msg::Ask {
                 id: 13,
                 ask: Ask::Rooms {

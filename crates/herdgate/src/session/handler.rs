@@ -6,6 +6,7 @@
 
 use super::{Channel, End, Session};
 use crate::auth;
+use crate::op::Tell;
 use crate::protocol::{self, codes, names, names::ChannelKind};
 use crate::types::{Member, RoomKey, RouteError};
 use serde_json::value::RawValue;
@@ -303,11 +304,12 @@ impl Session {
             app: self.app.id.clone(),
             channel: ch.name,
         };
-        let _ = self
-            .shared
-            .router
-            .unsubscribe(room, self.id, self.shed())
-            .await;
+        let leave = Tell::Leave {
+            room,
+            conn: self.id,
+            shed: self.shed(),
+        };
+        let _ = self.shared.router.tell(leave).await;
         Ok(())
     }
 
@@ -372,10 +374,7 @@ impl Session {
         watchlist.dedup();
         let router = &self.shared.router;
         if let Some(old) = self.user.take() {
-            let _ = router.sign_out(&self.app.id, &old.id, self.id).await;
-            for w in &old.watchlist {
-                let _ = router.unwatch(&self.app.id, w, self.id).await;
-            }
+            old.release(router, &self.app.id, self.id).await;
         }
         match router
             .sign_in(

@@ -19,10 +19,11 @@ pub mod ws_reader;
 pub mod xhr;
 
 use crate::apps::App;
+use crate::op::Tell;
 use crate::outbound::{CloseOrder, Outbound};
 use crate::protocol::codes;
 use crate::state::Shared;
-use crate::types::ConnId;
+use crate::types::{ConnId, RoomKey};
 use crate::worker::Subscriber;
 use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
@@ -69,6 +70,18 @@ pub(crate) struct Channel {
 pub(crate) struct SignedIn {
     id: Arc<str>,
     watchlist: Vec<Arc<str>>,
+}
+
+impl SignedIn {
+    /// Sign out, and stop watching every user of the watchlist.
+    async fn release(&self, router: &crate::router::Router, app: &Arc<str>, conn: ConnId) {
+        let room = RoomKey::user(app, &self.id);
+        let _ = router.tell(Tell::SignOut { room, conn }).await;
+        for w in &self.watchlist {
+            let room = RoomKey::user(app, w);
+            let _ = router.tell(Tell::Unwatch { room, conn }).await;
+        }
+    }
 }
 
 pub struct Session {
@@ -578,13 +591,16 @@ impl Held {
                 app: app.clone(),
                 channel: ch.name,
             };
-            let _ = router.unsubscribe(room, id, shed).await;
+            let _ = router
+                .tell(Tell::Leave {
+                    room,
+                    conn: id,
+                    shed,
+                })
+                .await;
         }
         if let Some(user) = self.user {
-            let _ = router.sign_out(app, &user.id, id).await;
-            for w in &user.watchlist {
-                let _ = router.unwatch(app, w, id).await;
-            }
+            user.release(router, app, id).await;
         }
     }
 }

@@ -7,8 +7,8 @@
 //! why subscribers are identified by [`ConnId`] and frames are already-encoded
 //! bytes.
 
-mod ask;
 mod history;
+mod ops;
 mod parity;
 mod pool;
 mod room;
@@ -19,7 +19,7 @@ pub use pool::{Item, Pool};
 pub use room::Delivery;
 pub use target::{RemoteEdge, Sent, Target};
 
-use crate::op::{Answer, Ask};
+use crate::op::{Answer, Ask, Tell};
 use crate::outbound::Outbound;
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, Shed};
@@ -65,11 +65,8 @@ pub enum Command {
         /// task, after what the room sent the socket.
         reply: Option<Decided>,
     },
-    Unsubscribe {
-        room: RoomKey,
-        id: ConnId,
-        shed: Shed,
-    },
+    /// What a socket let go of ([`Tell`]), handled in [`Worker::told`].
+    Tell(Tell),
     /// With `coalesce`, only the latest frame per room is sent, once per
     /// interval. With `ack`, the edges it went to are told (they confirm
     /// receipt of `ack.0`); a coalesced publish is not acknowledged.
@@ -111,22 +108,11 @@ pub enum Command {
         sub: Subscriber,
         announce: bool,
     },
-    Unwatch {
-        room: RoomKey,
-        id: ConnId,
-    },
-    SignOut {
-        room: RoomKey,
-        id: ConnId,
-    },
     /// Drop every socket of an edge. Its link gone for good (`silent:
     /// false`): members held only by it are removed with member_removed to
     /// the rest. The edge reconnected (`silent: true`): it is about to
     /// register again what it still has here, so nothing is announced.
-    PurgeEdge {
-        edge: u64,
-        silent: bool,
-    },
+    PurgeEdge { edge: u64, silent: bool },
     /// Drop, silently, every room (and sign-in registry) `keep` says no to:
     /// rooms this worker no longer owns (a cluster view changed). Replies
     /// with the number dropped, after every earlier command.
@@ -135,9 +121,7 @@ pub enum Command {
         done: oneshot::Sender<usize>,
     },
     /// Send every webhook event waiting out its debounce now (shutdown).
-    FlushWebhooks {
-        done: oneshot::Sender<()>,
-    },
+    FlushWebhooks { done: oneshot::Sender<()> },
 }
 
 pub type Mailbox = mpsc::Sender<Command>;
@@ -310,7 +294,7 @@ impl Worker {
                     answer(ok);
                 }
             }
-            Command::Unsubscribe { room, id, shed } => self.unsubscribe(room, id, shed),
+            Command::Tell(tell) => self.told(tell),
             Command::Publish {
                 room,
                 frame,
@@ -420,15 +404,6 @@ impl Worker {
                     self.user_transition(&room, true);
                 }
             }
-            Command::SignOut { room, id } => {
-                if let Some(socks) = self.users.get_mut(&room) {
-                    socks.remove(&id);
-                    if socks.is_empty() {
-                        self.users.remove(&room);
-                        self.user_transition(&room, false);
-                    }
-                }
-            }
             Command::Watch {
                 rooms,
                 sub,
@@ -450,14 +425,6 @@ impl Worker {
                 if let (true, Some(first)) = (announce, rooms.first()) {
                     let frame = protocol::watchlist_events(&online, &offline);
                     sub.to.push_one(first, sub.id, &frame);
-                }
-            }
-            Command::Unwatch { room, id } => {
-                if let Some(w) = self.watchers.get_mut(&room) {
-                    w.remove(&id);
-                    if w.is_empty() {
-                        self.watchers.remove(&room);
-                    }
                 }
             }
             Command::PurgeEdge { edge, silent } => self.purge_edge(edge, silent),

@@ -3,7 +3,7 @@
 //! drive rooms through this.
 
 use super::{spawn, Command, Delivery, LoadProbe, Mailbox, Policies, Subscriber, WebhookTaps};
-use crate::op::{Answer, Ask, Scope};
+use crate::op::{Answer, Ask, Scope, Tell};
 use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
 use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
@@ -185,14 +185,14 @@ impl Pool {
         self.send(&room, cmd).await
     }
 
-    pub async fn unsubscribe(
-        &self,
-        room: RoomKey,
-        id: ConnId,
-        shed: Shed,
-    ) -> Result<(), RouteError> {
-        self.send(&room.clone(), Command::Unsubscribe { room, id, shed })
+    /// Tell the room's owner what a socket let go of, waiting for mailbox
+    /// space (a session's or a link reader's own task waits).
+    pub async fn tell(&self, tell: Tell) -> Result<(), RouteError> {
+        let owner = self.owner(tell.room());
+        owner
+            .send(Command::Tell(tell))
             .await
+            .map_err(|_| RouteError::Gone)
     }
 
     /// A client event: the sender's own task waits for mailbox space.
@@ -407,18 +407,6 @@ impl Pool {
                 .map_err(|_| RouteError::Gone)?;
         }
         Ok(())
-    }
-
-    pub async fn unwatch(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
-        let room = RoomKey::user(app, user);
-        self.send(&room.clone(), Command::Unwatch { room, id })
-            .await
-    }
-
-    pub async fn sign_out(&self, app: &Arc<str>, user: &str, id: ConnId) -> Result<(), RouteError> {
-        let room = RoomKey::user(app, user);
-        self.send(&room.clone(), Command::SignOut { room, id })
-            .await
     }
 
     /// Drop every socket of an edge, in every worker (`silent`: see

@@ -134,21 +134,6 @@ pub(super) fn register_msg(
     }
 }
 
-pub(super) fn unregister_msg(
-    room: &RoomKey,
-    conn: ConnId,
-    events_max: Option<usize>,
-    silent: bool,
-) -> Msg {
-    Msg::Unregister {
-        app: room.app.to_string(),
-        channel: room.channel.to_string(),
-        conn: conn.0,
-        events_max: events_max.map(|m| m as u32),
-        silent,
-    }
-}
-
 /// The frames that register `again` with a worker.
 pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
     match again {

@@ -28,7 +28,7 @@ mod rooms;
 use super::link::{LinkTx, Msg, Refusal, Reply, SendError};
 use super::membership::Membership;
 use super::view::{NodeId, View};
-use crate::op::{Answer, Ask, Scope};
+use crate::op::{Answer, Ask, Scope, Tell};
 use crate::outbound::Outbound;
 use crate::protocol::Frame;
 use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
@@ -318,32 +318,36 @@ impl Edge {
                 .await;
             // The owner may have registered it after all: undo there too.
             if let Ok((_, tx)) = self.route(&room) {
-                let _ = tx.try_send(&links::unregister_msg(&room, conn, None, false));
+                let undo = Tell::Leave {
+                    room: room.clone(),
+                    conn,
+                    shed: Shed::default(),
+                };
+                let _ = tx.try_send(&Msg::Tell(undo));
             }
         }
         result
     }
 
-    pub async fn unsubscribe(
-        &self,
-        room: RoomKey,
-        conn: ConnId,
-        shed: Shed,
-    ) -> Result<(), RouteError> {
-        self.rooms
-            .send(
-                &room,
-                RoomCmd::Leave {
-                    room: room.clone(),
-                    conn,
-                },
-            )
-            .await;
-        // Owner unreachable: it drops this socket when the link's lease
-        // expires, or this edge re-registers what it has when it returns.
-        let msg = links::unregister_msg(&room, conn, shed.member_events_max, false);
-        self.tell_owner(&room, msg).await;
-        Ok(())
+    /// Forget here what a socket let go of, then tell the room's owner.
+    pub async fn tell(&self, tell: Tell) {
+        let here = match &tell {
+            Tell::Leave { room, conn, .. } => RoomCmd::Leave {
+                room: room.clone(),
+                conn: *conn,
+            },
+            Tell::SignOut { room, conn } => RoomCmd::SignOut {
+                room: room.clone(),
+                conn: *conn,
+            },
+            Tell::Unwatch { room, conn } => RoomCmd::Unwatch {
+                room: room.clone(),
+                conn: *conn,
+            },
+        };
+        self.rooms.send(tell.room(), here).await;
+        let room = tell.room().clone();
+        self.tell_owner(&room, Msg::Tell(tell)).await;
     }
 
     /// Hand an event to the room's owner. An acknowledged publish (`wait`:
@@ -537,11 +541,10 @@ impl Edge {
                 .await;
             if ok.is_err() {
                 // The owner may have recorded it after all: undo there too.
-                let _ = tx.try_send(&Msg::SignOut {
-                    app: room.app.to_string(),
-                    user: user.to_string(),
-                    conn: conn.0,
-                });
+                let _ = tx.try_send(&Msg::Tell(Tell::SignOut {
+                    room: room.clone(),
+                    conn,
+                }));
             }
         }
         ok
@@ -602,55 +605,6 @@ impl Edge {
         if let Ok((_, tx)) = self.route(room) {
             let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
         }
-    }
-
-    pub async fn unwatch(&self, room: RoomKey, user: &str, conn: ConnId) -> Result<(), RouteError> {
-        self.rooms
-            .send(
-                &room,
-                RoomCmd::Unwatch {
-                    room: room.clone(),
-                    conn,
-                },
-            )
-            .await;
-        self.tell_owner(
-            &room,
-            Msg::Unwatch {
-                app: room.app.to_string(),
-                user: user.to_string(),
-                conn: conn.0,
-            },
-        )
-        .await;
-        Ok(())
-    }
-
-    pub async fn sign_out(
-        &self,
-        room: RoomKey,
-        user: &str,
-        conn: ConnId,
-    ) -> Result<(), RouteError> {
-        self.rooms
-            .send(
-                &room,
-                RoomCmd::SignOut {
-                    room: room.clone(),
-                    conn,
-                },
-            )
-            .await;
-        self.tell_owner(
-            &room,
-            Msg::SignOut {
-                app: room.app.to_string(),
-                user: user.to_string(),
-                conn: conn.0,
-            },
-        )
-        .await;
-        Ok(())
     }
 
     /// Drop views no worker of the current view can still be judged by

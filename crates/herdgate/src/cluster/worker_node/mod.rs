@@ -801,22 +801,8 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 refused(link, id, Refusal::Busy);
             }
         }
-        Msg::Unregister {
-            app,
-            channel,
-            conn,
-            events_max,
-            silent,
-        } => {
-            let shed = Shed {
-                member_events_max: events_max.map(|m| m as usize),
-                silent,
-                announce: false,
-            };
-            let _ = node
-                .pool
-                .unsubscribe(key(app, channel), ConnId(conn), shed)
-                .await;
+        Msg::Tell(tell) => {
+            let _ = node.pool.tell(tell).await;
         }
         Msg::Publish {
             id,
@@ -954,18 +940,6 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 to: target(),
             };
             let _ = node.pool.watch_all(&app, &users, sub, announce).await;
-        }
-        Msg::Unwatch { app, user, conn } => {
-            let _ = node
-                .pool
-                .unwatch(&Arc::from(app), &user, ConnId(conn))
-                .await;
-        }
-        Msg::SignOut { app, user, conn } => {
-            let _ = node
-                .pool
-                .sign_out(&Arc::from(app), &user, ConnId(conn))
-                .await;
         }
         Msg::ViewAck { rev } => {
             if let Some(e) = lock(&node.edges).get_mut(&link.id) {

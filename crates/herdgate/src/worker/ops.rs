@@ -1,11 +1,12 @@
-//! How a worker answers each [`Ask`]: one method per question, each reading
-//! only the state it names. Runs on the worker's task, in mailbox order.
+//! How a worker answers each [`Ask`] and takes each [`Tell`]: one method
+//! per operation, each touching only the state it names. Runs on the
+//! worker's task, in mailbox order.
 
 use super::{info, Worker};
-use crate::op::{Answer, Ask, Since, PAGE_BYTES};
+use crate::op::{Answer, Ask, Since, Tell, PAGE_BYTES};
 use crate::outbound::CloseOrder;
 use crate::protocol;
-use crate::types::RoomKey;
+use crate::types::{ConnId, RoomKey};
 use std::sync::Arc;
 
 impl Worker {
@@ -24,6 +25,34 @@ impl Worker {
             Ask::Terminate { room } => {
                 self.terminate(&room);
                 Answer::Done
+            }
+        }
+    }
+
+    pub(super) fn told(&mut self, tell: Tell) {
+        match tell {
+            Tell::Leave { room, conn, shed } => self.unsubscribe(room, conn, shed),
+            Tell::SignOut { room, conn } => self.sign_out(&room, conn),
+            Tell::Unwatch { room, conn } => self.unwatch(&room, conn),
+        }
+    }
+
+    /// The user's last signed-in socket leaving makes them offline.
+    fn sign_out(&mut self, room: &RoomKey, conn: ConnId) {
+        if let Some(socks) = self.users.get_mut(room) {
+            socks.remove(&conn);
+            if socks.is_empty() {
+                self.users.remove(room);
+                self.user_transition(room, false);
+            }
+        }
+    }
+
+    fn unwatch(&mut self, room: &RoomKey, conn: ConnId) {
+        if let Some(w) = self.watchers.get_mut(room) {
+            w.remove(&conn);
+            if w.is_empty() {
+                self.watchers.remove(room);
             }
         }
     }
