@@ -8,7 +8,7 @@ use super::{Channel, End, Session};
 use crate::auth;
 use crate::op::Tell;
 use crate::protocol::{self, codes, names, names::ChannelKind};
-use crate::types::{Member, RoomKey, RouteError};
+use crate::types::{RoomKey, RouteError};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -175,76 +175,23 @@ impl Session {
         });
         drop(live);
         let app = self.current_app()?;
-        let mut member = None;
-        match kind {
-            ChannelKind::Public => {}
-            ChannelKind::User => {
-                let wanted = &channel[names::USER_CHANNEL_PREFIX.len()..];
-                if self.user.as_ref().map(|u| &*u.id) != Some(wanted) {
-                    return self.sub_error(channel, "AuthError", "sign in as this user first", 403);
-                }
-            }
-            ChannelKind::Private | ChannelKind::PrivateEncrypted | ChannelKind::Presence => {
-                let data = if kind == ChannelKind::Presence {
-                    match d.channel_data.as_deref() {
-                        Some(data) => Some(data),
-                        None => {
-                            return self.sub_error(
-                                channel,
-                                "AuthError",
-                                "presence channels need channel_data",
-                                400,
-                            )
-                        }
-                    }
-                } else {
-                    None
-                };
-                let signed = auth::channel_string(&self.socket_id(), channel, data);
-                let auth_ok = d
-                    .auth
-                    .as_deref()
-                    .is_some_and(|a| auth::verify_token(&app.key, &app.secret, &signed, a));
-                if !auth_ok {
-                    return self.sub_error(channel, "AuthError", "invalid signature", 401);
-                }
-                if let Some(data) = data {
-                    match serde_json::from_str::<protocol::ChannelData>(data) {
-                        Ok(cd) => {
-                            let user_id = cd.user_id.into_string();
-                            if let Err(msg) = names::check_user_id(&user_id) {
-                                return self.sub_error(channel, "InvalidChannelData", &msg, 400);
-                            }
-                            let max_info = app.features.max_user_info_bytes;
-                            if cd
-                                .user_info
-                                .as_ref()
-                                .is_some_and(|i| i.get().len() > max_info)
-                            {
-                                return self.sub_error(
-                                    channel,
-                                    "InvalidChannelData",
-                                    &format!("user_info is larger than {max_info} bytes"),
-                                    400,
-                                );
-                            }
-                            member = Some(Member {
-                                user_id: Arc::from(user_id),
-                                user_info: cd.user_info,
-                            });
-                        }
-                        Err(e) => {
-                            return self.sub_error(
-                                channel,
-                                "InvalidChannelData",
-                                &format!("channel_data: {e}"),
-                                400,
-                            )
-                        }
-                    }
-                }
-            }
-        }
+        let request = auth::channel::Request {
+            socket_id: &self.socket_id(),
+            channel,
+            kind,
+            auth: d.auth.as_deref(),
+            channel_data: d.channel_data.as_deref(),
+            signed_in: self.user.as_ref().map(|u| &*u.id),
+        };
+        let keys = auth::channel::AppKeys {
+            key: &app.key,
+            secret: &app.secret,
+            max_user_info_bytes: app.features.max_user_info_bytes,
+        };
+        let member = match auth::channel::authorize(&request, &keys) {
+            Ok(member) => member,
+            Err(r) => return self.sub_error(channel, r.kind, &r.message, r.status),
+        };
         let name: Arc<str> = Arc::from(channel);
         let user = member.as_ref().map(|m| m.user_id.clone());
         let room = RoomKey {

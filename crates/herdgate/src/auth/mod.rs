@@ -1,6 +1,9 @@
 //! HMAC-SHA256 signatures as Pusher defines them: channel auth, user sign-in
 //! and HTTP API requests all sign a string with the app secret and send the
 //! lowercase hex digest. Verification compares in constant time.
+//! [`channel`] judges a subscription with them.
+
+pub mod channel;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
