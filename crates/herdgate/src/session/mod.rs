@@ -9,6 +9,7 @@
 //! The future is kept small on purpose: it lives as long as the socket, and
 //! its size is paid for every idle connection.
 
+mod deadlines;
 mod handler;
 
 pub mod transport;
@@ -25,6 +26,7 @@ use crate::protocol::codes;
 use crate::state::Shared;
 use crate::types::{ConnId, RoomKey};
 use crate::worker::Subscriber;
+use deadlines::{Deadlines, Expired};
 use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -307,7 +309,8 @@ fn take_queue<T: Transport>(
 enum Progress {
     /// Everything taken from the queue is written.
     Done,
-    /// The peer stopped taking bytes: the write deadline starts now.
+    /// The peer stopped taking bytes: the write deadline, at this instant,
+    /// starts now.
     Stalled(Instant),
     Failed,
 }
@@ -317,16 +320,14 @@ enum Progress {
 fn poll_progress<T: Transport>(
     writer: &mut T,
     cx: &mut std::task::Context<'_>,
-    stalled: &mut Option<Instant>,
+    deadlines: &mut Deadlines,
 ) -> std::task::Poll<Progress> {
     use std::task::Poll;
     match writer.poll_send(cx) {
         Poll::Ready(Ok(())) => Poll::Ready(Progress::Done),
         Poll::Ready(Err(_)) => Poll::Ready(Progress::Failed),
-        Poll::Pending if stalled.is_none() => {
-            let now = Instant::now();
-            *stalled = Some(now);
-            Poll::Ready(Progress::Stalled(now))
+        Poll::Pending if !deadlines.is_stalled() => {
+            Poll::Ready(Progress::Stalled(deadlines.stalled(Instant::now())))
         }
         Poll::Pending => Poll::Pending,
     }
@@ -347,26 +348,6 @@ impl Session {
         R: Stream<Item = Result<Message, WsError>> + Unpin,
         T: Transport,
     {
-        let (activity, pong_wait, write_timeout, subscribe_deadline) = {
-            let live = self.shared.live();
-            let c = &live.config;
-            (
-                // The server pings after this much silence — sooner than the
-                // activity_timeout advertised to the client (which pings on
-                // its own after that), so a dead peer is found within
-                // ping_interval + pong_timeout.
-                c.server
-                    .ping_interval
-                    .get()
-                    .min(c.server.activity_timeout.get()),
-                c.server.pong_timeout.get(),
-                c.limits.write_timeout.get(),
-                c.limits.subscribe_deadline.get(),
-            )
-        };
-        // When the server drains, each socket picks its own moment within the
-        // drain period to close, so reconnects reach other nodes spread out.
-        let mut close_at: Option<Instant> = None;
         // Node-wide signals (load state changes, drain) arrive through one
         // watch channel, awaited by a future created once and kept across
         // iterations: re-creating it would register and unregister every
@@ -383,12 +364,31 @@ impl Session {
             Ok(app) => app,
             Err(end) => return end,
         };
-        // An app that requires authorized connections: sign in (or hold a
-        // private or presence subscription) by then, or be closed with 4009.
-        let f = &app.features;
-        let mut auth_by = f
-            .require_user_authentication
-            .then(|| Instant::now() + f.user_authentication_timeout);
+        let mut deadlines = {
+            let live = self.shared.live();
+            let c = &live.config;
+            // An app that requires authorized connections: sign in (or hold
+            // a private or presence subscription) by then, or be closed
+            // with 4009.
+            let f = &app.features;
+            let subscribe = c.limits.subscribe_deadline.get();
+            Deadlines::new(
+                Instant::now(),
+                // The server pings after this much silence — sooner than the
+                // activity_timeout advertised to the client (which pings on
+                // its own after that), so a dead peer is found within
+                // ping_interval + pong_timeout.
+                c.server
+                    .ping_interval
+                    .get()
+                    .min(c.server.activity_timeout.get()),
+                c.server.pong_timeout.get(),
+                c.limits.write_timeout.get(),
+                (!subscribe.is_zero()).then_some(subscribe),
+                f.require_user_authentication
+                    .then_some(f.user_authentication_timeout),
+            )
+        };
         drop(app);
         if state != crate::overload::LoadState::Normal {
             self.out.push(&rx.borrow().frame);
@@ -400,24 +400,12 @@ impl Session {
         });
         tokio::pin!(status);
 
-        let mut last_seen = Instant::now();
-        let mut pinged_at: Option<Instant> = None;
-        // A new socket must subscribe (or sign in) by then, or it is pruned.
-        let mut subscribe_by =
-            (!subscribe_deadline.is_zero()).then(|| last_seen + subscribe_deadline);
-        // Set while a write is stalled: the write deadline runs from there.
-        let mut stalled: Option<Instant> = None;
         // When the oldest frame being written was queued (delivery delay).
         let mut oldest: Option<std::time::Instant> = None;
         // A close order taken from the queue: it follows what is being written.
         let mut closing: Option<CloseOrder> = None;
-        // One timer for every deadline of the socket (activity, pong,
-        // subscribe, drain, write stall), reset only when one changes.
-        let first = [subscribe_by, auth_by]
-            .into_iter()
-            .flatten()
-            .fold(last_seen + activity, Instant::min);
-        let timer = sleep_until(first);
+        // One timer for every deadline of the socket, reset only when one changes.
+        let timer = sleep_until(deadlines.first());
         tokio::pin!(timer);
 
         loop {
@@ -435,10 +423,10 @@ impl Session {
                         }
                     }
                 }
-                progress = std::future::poll_fn(|cx| poll_progress(writer, cx, &mut stalled)), if busy => {
+                progress = std::future::poll_fn(|cx| poll_progress(writer, cx, &mut deadlines)), if busy => {
                     match progress {
                         Progress::Done => {
-                            stalled = None;
+                            deadlines.unstalled();
                             self.out.written();
                             // Queued → handed to the kernel, for the oldest frame of the batch.
                             if let Some(t) = oldest.take() {
@@ -448,9 +436,9 @@ impl Session {
                                 return end_for(order);
                             }
                         }
-                        Progress::Stalled(at) => {
-                            if timer.deadline() > at + write_timeout {
-                                timer.as_mut().reset(at + write_timeout);
+                        Progress::Stalled(by) => {
+                            if timer.deadline() > by {
+                                timer.as_mut().reset(by);
                             }
                         }
                         Progress::Failed => return End::PeerGone,
@@ -468,18 +456,22 @@ impl Session {
                         state = s.state;
                         self.out.push(&s.frame);
                     }
-                    if s.closing && close_at.is_none() {
-                        // The drain period in force now (a reload may have changed it).
+                    if s.closing && !deadlines.is_closing() {
+                        // When the server drains, each socket picks its own
+                        // moment within the drain period (the one in force
+                        // now) to close, so reconnects reach other nodes
+                        // spread out.
                         let drain_period = self.shared.live().config.shutdown.drain_period.get();
                         let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
-                        close_at = Some(at);
-                        if timer.deadline() > at {
-                            timer.as_mut().reset(at);
+                        if let Some(at) = deadlines.close_at(at) {
+                            if timer.deadline() > at {
+                                timer.as_mut().reset(at);
+                            }
                         }
                     }
                 }
                 msg = reader.next() => {
-                    last_seen = Instant::now();
+                    deadlines.seen(Instant::now());
                     match msg {
                         None => return End::PeerGone,
                         Some(Ok(Message::Text(text))) => {
@@ -519,50 +511,44 @@ impl Session {
                     }
                 }
                 _ = &mut timer => {
-                    let now = Instant::now();
-                    if stalled.is_some_and(|at| now >= at + write_timeout) {
-                        return End::close(codes::OVER_CAPACITY, "write timeout", "write_timeout");
+                    let subscribed = || !self.channels.is_empty() || self.user.is_some();
+                    match deadlines.due(Instant::now(), subscribed, || self.authorized()) {
+                        Ok(wake) => {
+                            if wake.ping {
+                                self.out.push(&crate::protocol::ping());
+                            }
+                            timer.as_mut().reset(wake.next);
+                        }
+                        Err(expired) => return self.expired(expired),
                     }
-                    if close_at.is_some_and(|at| now >= at) {
-                        return End::shutdown();
-                    }
-                    if subscribe_by.is_some_and(|by| now >= by) {
-                        if self.channels.is_empty() && self.user.is_none() {
-                            return End::close(codes::INACTIVE, "no subscription within the deadline", "idle_unsubscribed");
-                        }
-                        subscribe_by = None;
-                    }
-                    if auth_by.is_some_and(|by| now >= by) {
-                        if !self.authorized() {
-                            let why = "Connection not authorized within timeout";
-                            self.out.push(&crate::protocol::error(Some(codes::UNAUTHORIZED), why));
-                            return End::close(codes::UNAUTHORIZED, why, "not_authorized");
-                        }
-                        auth_by = None;
-                    }
-                    let next = match pinged_at {
-                        Some(at) if last_seen <= at && now >= at + pong_wait => {
-                            return End::close(codes::PONG_TIMEOUT, "pong reply not received", "pong_timeout");
-                        }
-                        // Woken early (drain, subscribe or write deadline): keep waiting for the pong.
-                        Some(at) if last_seen <= at => at + pong_wait,
-                        _ if now >= last_seen + activity => {
-                            self.out.push(&crate::protocol::ping());
-                            pinged_at = Some(now);
-                            now + pong_wait
-                        }
-                        _ => {
-                            pinged_at = None;
-                            last_seen + activity
-                        }
-                    };
-                    let next = [close_at, subscribe_by, auth_by, stalled.map(|at| at + write_timeout)]
-                        .into_iter()
-                        .flatten()
-                        .fold(next, Instant::min);
-                    timer.as_mut().reset(next);
                 }
             }
+        }
+    }
+
+    /// How a socket whose deadline passed is closed.
+    fn expired(&self, expired: Expired) -> End {
+        match expired {
+            Expired::WriteStalled => {
+                End::close(codes::OVER_CAPACITY, "write timeout", "write_timeout")
+            }
+            Expired::Drained => End::shutdown(),
+            Expired::NoSubscription => End::close(
+                codes::INACTIVE,
+                "no subscription within the deadline",
+                "idle_unsubscribed",
+            ),
+            Expired::NotAuthorized => {
+                let why = "Connection not authorized within timeout";
+                self.out
+                    .push(&crate::protocol::error(Some(codes::UNAUTHORIZED), why));
+                End::close(codes::UNAUTHORIZED, why, "not_authorized")
+            }
+            Expired::NoPong => End::close(
+                codes::PONG_TIMEOUT,
+                "pong reply not received",
+                "pong_timeout",
+            ),
         }
     }
 
@@ -721,6 +707,27 @@ mod tests {
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Every byte of the session loop's future is paid by every idle
+    /// socket (docs/BENCHMARKS.md: 912 bytes with its task, 2026-12-01;
+    /// this loop alone was 896 bytes before its deadlines became one struct).
+    /// The loop's state must not grow unnoticed.
+    #[tokio::test]
+    async fn the_session_loop_future_stays_small() {
+        let text = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
+        let shared = Shared::new(Config::from_toml_str(text).unwrap()).unwrap();
+        let app = shared.live().apps.by_key("k").unwrap().clone();
+        let (a, _b) = tokio::io::duplex(1024);
+        let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default(), None);
+        let mut session = Session::new(shared, app);
+        let fut = run(&mut reader, &mut writer, &mut session);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("session loop future: {size} bytes");
+        assert!(
+            size <= 896,
+            "the session loop's future grew to {size} bytes"
+        );
     }
 
     #[tokio::test(start_paused = true)]
