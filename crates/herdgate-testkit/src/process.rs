@@ -14,7 +14,7 @@ pub struct Herdgate {
     pub admin: Option<String>,
     /// Log lines after the listening line, as they arrive.
     pub log: mpsc::Receiver<String>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     pub config_path: PathBuf,
 }
 
@@ -75,12 +75,29 @@ impl Herdgate {
             }
             None => Command::new(bin("herdgate")),
         };
-        cmd.arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.arg("--config").arg(&config_path);
         cmd.env("RUST_LOG", "info");
         customize(&mut cmd);
+        let admin = !config.contains("admin_listen = \"\"");
+        Self::launch(cmd, config_path, Some(dir), admin)
+    }
+
+    /// Start herdgate by a command built elsewhere (another binary, in a
+    /// chroot, as another user: the container and package tests), and wait
+    /// for its listening line as [`Herdgate::start`] does. `config_path` is
+    /// what the command serves, as this process sees it; `admin` says
+    /// whether it has an admin listener to wait for.
+    pub fn start_command(cmd: Command, config_path: PathBuf, admin: bool) -> Herdgate {
+        Self::launch(cmd, config_path, None, admin)
+    }
+
+    fn launch(
+        mut cmd: Command,
+        config_path: PathBuf,
+        dir: Option<tempfile::TempDir>,
+        expect_admin: bool,
+    ) -> Herdgate {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
@@ -89,7 +106,7 @@ impl Herdgate {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name).map(str::to_string))
         };
-        while addr.is_none() || (admin.is_none() && !config.contains("admin_listen = \"\"")) {
+        while addr.is_none() || (admin.is_none() && expect_admin) {
             let line = lines
                 .next()
                 .expect("herdgate exited before listening")
