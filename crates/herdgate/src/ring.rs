@@ -102,6 +102,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn room_hash_values_are_pinned() {
+        // Placement across processes and versions rests on these values.
+        assert_eq!(room_hash("1", "room"), 0x90d8_da2c_caf4_d0af);
+        assert_eq!(room_hash("app", "presence-lobby"), 0xfcfa_8de2_f27d_b244);
+        assert_eq!(room_hash("", ""), 0xaf63_bd4c_8601_b7df);
+        assert_eq!(room_hash("worker-a:7001", ""), 0x8a96_772c_1ecc_6a8f);
+    }
+
+    #[test]
     fn same_input_same_owner_on_every_ring() {
         let a = Ring::new(5, DEFAULT_VNODES);
         let b = Ring::new(5, DEFAULT_VNODES);

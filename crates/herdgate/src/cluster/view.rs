@@ -158,6 +158,16 @@ mod tests {
     }
 
     #[test]
+    fn digest_is_pinned() {
+        // Nodes compare digests across versions: a change here is a
+        // breaking change of the cluster.
+        let mut v = view(1, &[("a", 64)]);
+        v.edges.insert(NodeId::from("e1"));
+        assert_eq!(digest(&v.workers, &v.edges), 0x10ca_2c8b_7cf6_eb38);
+        assert_eq!(view(1, &[]).digest, 0xcbf2_9ce4_8422_2325);
+    }
+
+    #[test]
     fn golden_placement_is_pinned() {
         // Every node of a cluster must place rooms alike, across versions
         // and platforms: a change here is a breaking change of the cluster.
