@@ -15,6 +15,7 @@ pub mod apps;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod fnv;
 pub mod http;
 pub mod listener;
 pub mod notify;

@@ -87,14 +87,14 @@ impl NamedRing {
     }
 }
 
-/// FNV-1a, 64-bit: stable across builds, platforms and processes.
+/// FNV-1a ([`crate::fnv`]) of `app`, a NUL and `channel`: stable across
+/// builds, platforms and processes.
 pub fn room_hash(app: &str, channel: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in app.bytes().chain([0u8]).chain(channel.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    crate::fnv::Fnv1a::new()
+        .write(app.as_bytes())
+        .write(&[0])
+        .write(channel.as_bytes())
+        .finish()
 }
 
 #[cfg(test)]

@@ -102,16 +102,13 @@ impl View {
     }
 }
 
-/// FNV-1a over every field of the membership, each field ended by a 0xff
-/// byte (which UTF-8 text never contains), so the digest is the same in
-/// every build that reads the same keys.
+/// FNV-1a ([`crate::fnv`]) over every field of the membership, each field
+/// ended by a 0xff byte (which UTF-8 text never contains), so the digest is
+/// the same in every build that reads the same keys.
 fn digest(workers: &BTreeMap<NodeId, WorkerInfo>, edges: &BTreeSet<NodeId>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::fnv::Fnv1a::new();
     let mut eat = |bytes: &[u8]| {
-        for b in bytes.iter().chain([0xff].iter()) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h.field(bytes);
     };
     for (id, w) in workers {
         eat(b"w");
@@ -125,7 +122,7 @@ fn digest(workers: &BTreeMap<NodeId, WorkerInfo>, edges: &BTreeSet<NodeId>) -> u
         eat(b"e");
         eat(id.as_bytes());
     }
-    h
+    h.finish()
 }
 
 #[cfg(test)]

@@ -39,16 +39,14 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// FNV-1a of the parts, each ended by 0xff (a stable, cheap key hash).
+/// FNV-1a ([`crate::fnv`]) of the parts, each ended by 0xff (a stable,
+/// cheap key hash).
 fn fnv(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::fnv::Fnv1a::new();
     for p in parts {
-        for b in p.iter().chain([0xffu8].iter()) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h.field(p);
     }
-    h
+    h.finish()
 }
 
 type ApiResult = Result<Value, ApiError>;
