@@ -11,6 +11,7 @@
 //! `../shared/tools/write-floor.c`, so the two can be checked against each
 //! other.
 
+use crate::sys::thread_cpu_s;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -47,15 +48,6 @@ pub struct FloorResult {
     pub wall_s: f64,
     pub writes_per_cpu_s: f64,
     pub us_per_write: f64,
-}
-
-/// CPU time (user + system) of the calling thread, in seconds.
-fn thread_cpu_s() -> f64 {
-    // SAFETY: getrusage only writes the struct we pass.
-    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut r) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(r.ru_utime) + tv(r.ru_stime)
 }
 
 pub fn run(a: &FloorArgs, nofile: u64) -> Result<FloorResult> {

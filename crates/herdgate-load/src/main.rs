@@ -11,7 +11,8 @@
 //! `shm` (cross-process counters and publish ledger), `net` (TCP/TLS, source addresses),
 //! `hist` (mergeable histograms), `procstat` (/proc sampling), `floor` (the machine's write
 //! floor, no server),
-//! `report` (JSON and Markdown).
+//! `report` (JSON and Markdown), `sys` (the libc calls).
+#![deny(unsafe_code)]
 
 mod chart;
 mod cli;
@@ -23,7 +24,10 @@ mod net;
 mod procstat;
 mod publisher;
 mod report;
+#[allow(unsafe_code)] // a shared mapping of atomics: see its docs
 mod shm;
+#[allow(unsafe_code)] // every libc call, one safe wrapper each
+mod sys;
 
 mod socket;
 mod worker;
@@ -32,27 +36,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use std::sync::Arc;
 
-/// Raises the soft open-files limit to the hard limit (every socket is a descriptor).
-fn raise_nofile_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        lim.rlim_cur = lim.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-    }
-    lim.rlim_cur
-}
-
 fn main() -> Result<()> {
-    let nofile = raise_nofile_limit();
+    let nofile = sys::raise_nofile_limit();
     let cli = cli::Cli::parse();
     if let cli::ScenarioCmd::Floor(args) = &cli.scenario {
         let r = floor::run(args, nofile)?;

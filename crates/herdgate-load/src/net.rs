@@ -17,7 +17,6 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -114,20 +113,7 @@ pub async fn tcp_connect(addr: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<
         (Some(ip), IpAddr::V4(_)) => {
             let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
             sock.set_nonblocking(true)?;
-            let one: libc::c_int = 1;
-            // SAFETY: valid fd owned by `sock`, pointer/length describe a live c_int.
-            let rc = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    IP_BIND_ADDRESS_NO_PORT,
-                    &one as *const libc::c_int as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            crate::sys::set_opt(&sock, libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)?;
             sock.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into())?;
             let std_stream: std::net::TcpStream = sock.into();
             TcpSocket::from_std_stream(std_stream).connect(addr).await?

@@ -18,9 +18,7 @@ fn parse_vmrss(status: &str) -> Option<u64> {
 /// CPU seconds (user + system) consumed so far.
 pub fn cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    parse_cpu_ticks(&stat).map(|t| t as f64 / if ticks > 0 { ticks as f64 } else { 100.0 })
+    parse_cpu_ticks(&stat).map(|t| t as f64 / crate::sys::clock_ticks_per_sec())
 }
 
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {

@@ -16,6 +16,9 @@
 //!
 //! Final results do not come from here: each worker reports its own counts and histograms
 //! (JSON from children) and the controller merges them.
+//!
+//! `unsafe` here: the mapping is memory the compiler cannot see into (mmap,
+//! munmap, and views of it as atomics), so this module keeps its own.
 
 use crate::hist::NBUCKETS;
 use anyhow::{bail, Context, Result};
@@ -67,6 +70,7 @@ pub struct Shm {
 
 // SAFETY: the mapping is only accessed through atomics.
 unsafe impl Send for Shm {}
+// SAFETY: as for Send: shared access is through atomics only.
 unsafe impl Sync for Shm {}
 
 fn align(n: usize) -> usize {

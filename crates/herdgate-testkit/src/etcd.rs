@@ -196,9 +196,8 @@ impl Etcd {
             .child
             .as_ref()
             .unwrap_or_else(|| panic!("member {i} is not running"));
-        // SAFETY: kill(2) on our own unreaped child's pid.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+        // Our own unreaped child: its pid cannot have been reused.
+        crate::sys::signal(child.id(), sig).expect("kill");
     }
 
     /// Start member `i` again after [`Etcd::kill9`], on the same data dir,

@@ -136,10 +136,7 @@ impl Herdgate {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        let _ = crate::sys::signal(self.child.id(), sig);
     }
 
     pub fn port(&self) -> &str {
@@ -184,34 +181,14 @@ impl Herdgate {
     /// exits) up to `within` for the process to exit; its status, or `None`
     /// if it is still running at the deadline. Linux ≥ 5.3.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         if let Some(status) = self.child.try_wait().expect("try_wait") {
             return Some(status);
         }
-        // SAFETY: pidfd_open(2) on our own unreaped child; it returns a new fd we own.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.child.id() as libc::pid_t, 0) };
-        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let ms = within.as_millis().min(i32::MAX as u128) as i32;
-        let exited = tokio::task::spawn_blocking(move || {
-            let mut p = libc::pollfd {
-                fd: pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            loop {
-                // SAFETY: one valid pollfd, owned by this closure for the call.
-                let rc = unsafe { libc::poll(&mut p, 1, ms) };
-                if rc >= 0
-                    || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-                {
-                    return rc > 0;
-                }
-            }
-        })
-        .await
-        .expect("poll task");
+        // Our own unreaped child: its pid cannot have been reused.
+        let pidfd = crate::sys::pidfd_open(self.child.id()).expect("pidfd_open");
+        let exited = tokio::task::spawn_blocking(move || crate::sys::wait_readable(&pidfd, within))
+            .await
+            .expect("poll task");
         exited.then(|| self.child.wait().expect("wait"))
     }
 }

@@ -3,16 +3,22 @@
 //! [`listen_fds`] and [`listen_fds_named`] take them.
 //!
 //! Why not a dependency: as with `sd_notify` (see [`crate::notify`]), the
-//! protocol is a few lines over `std` and `libc`.
+//! protocol is a few lines over `std` and the [`crate::sys`] wrappers.
+//!
+//! `unsafe` here: one line, [`OwnedFd::from_raw_fd`], which claims fds 3, …
+//! as this process's. Only this module knows that claim is sound (systemd
+//! passed them to our pid, and they are taken once), so it cannot move into
+//! a safe wrapper in `sys`.
 //!
 //! Environment: [`listen_fds`] and [`listen_fd_names`] unset the `LISTEN_*`
 //! variables (so a child process cannot mistake them for its own), which is
 //! only sound before other threads exist — call them from `main` before the
 //! tokio runtime is built.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -104,18 +110,22 @@ pub fn listen_fds_named() -> Vec<(String, TcpListener)> {
     let mut out = Vec::with_capacity(act.count);
     for (i, name) in act.names.iter().enumerate() {
         let fd = LISTEN_FDS_START + i as RawFd;
-        if let Err(e) = set_cloexec(fd) {
+        // SAFETY: systemd handed this fd to this process (LISTEN_PID
+        // matched) and FDS_TAKEN guarantees it is claimed only once. An fd
+        // that turns out closed makes the checks below fail with EBADF.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Err(e) = crate::sys::set_cloexec(owned.as_fd()) {
             tracing::error!(fd, name = %name, error = %e, "socket activation: passed fd is unusable");
+            // Not ours to close: leave it as it was passed.
+            let _ = owned.into_raw_fd();
             continue;
         }
-        if let Err(e) = check_tcp_listener(fd) {
+        if let Err(e) = check_tcp_listener(owned.as_fd()) {
             tracing::error!(fd, name = %name, error = %e, "socket activation: passed fd is not a listening TCP socket (check ListenStream= in the socket unit)");
+            let _ = owned.into_raw_fd();
             continue;
         }
-        // SAFETY: systemd handed this fd to this process (LISTEN_PID matched),
-        // it is open and a listening TCP socket (checked above), and FDS_TAKEN
-        // guarantees it is wrapped only once.
-        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        let listener = TcpListener::from(owned);
         if let Err(e) = listener.set_nonblocking(true) {
             tracing::error!(fd, name = %name, error = %e, "socket activation: cannot make fd non-blocking");
             continue;
@@ -125,43 +135,12 @@ pub fn listen_fds_named() -> Vec<(String, TcpListener)> {
     out
 }
 
-fn set_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl with F_GETFD/F_SETFD reads and sets fd flags; an invalid fd gives EBADF.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if flags & libc::FD_CLOEXEC == 0
-            && libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `val`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(val)
+fn getsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
+    crate::sys::get_opt(fd, libc::SOL_SOCKET, opt)
 }
 
 /// Ok if `fd` is a listening `SOCK_STREAM` socket in `AF_INET`/`AF_INET6`.
-fn check_tcp_listener(fd: RawFd) -> io::Result<()> {
+fn check_tcp_listener(fd: BorrowedFd<'_>) -> io::Result<()> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
     if getsockopt_int(fd, libc::SO_TYPE)? != libc::SOCK_STREAM {
         return Err(invalid("not a stream socket"));
@@ -182,7 +161,6 @@ fn check_tcp_listener(fd: RawFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn listen_fd_count_checks_pid() {
@@ -207,14 +185,13 @@ mod tests {
     #[test]
     fn only_listening_tcp_sockets_are_accepted() {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-        check_tcp_listener(tcp.as_raw_fd()).unwrap();
+        check_tcp_listener(tcp.as_fd()).unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert!(check_tcp_listener(udp.as_raw_fd()).is_err());
+        assert!(check_tcp_listener(udp.as_fd()).is_err());
         let dir = tempfile::tempdir().unwrap();
         let unix = std::os::unix::net::UnixListener::bind(dir.path().join("l.sock")).unwrap();
-        assert!(check_tcp_listener(unix.as_raw_fd()).is_err());
+        assert!(check_tcp_listener(unix.as_fd()).is_err());
         let client = std::net::TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
-        assert!(check_tcp_listener(client.as_raw_fd()).is_err());
-        set_cloexec(tcp.as_raw_fd()).unwrap();
+        assert!(check_tcp_listener(client.as_fd()).is_err());
     }
 }

@@ -8,6 +8,12 @@
 //!
 //! [`start`] is the entry point tests use: bind listeners on `127.0.0.1:0`,
 //! start, talk to it, shut it down.
+//!
+//! No `unsafe` outside three modules, each of which says why in its docs:
+//! [`sys`] (every libc call, one safe wrapper each), [`activation`] (claiming
+//! the descriptors systemd passed) and [`outbound::direct`] (borrowing back
+//! a socket's cached descriptor on the fan-out path).
+#![deny(unsafe_code)]
 
 pub mod activation;
 pub mod admission;

@@ -1,5 +1,6 @@
 //! The `herdgate` binary: parse the command line, load the config, bind
 //! (or take systemd's sockets), run until told to stop, drain.
+#![deny(unsafe_code)]
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};

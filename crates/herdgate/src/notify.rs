@@ -217,18 +217,7 @@ fn status_message(text: &str) -> String {
 
 /// `CLOCK_MONOTONIC` in microseconds, the clock systemd compares reloads against.
 fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec we pass; CLOCK_MONOTONIC always exists.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000)
-        .saturating_add(ts.tv_nsec as u64 / 1_000)
+    u64::try_from(crate::sys::monotonic_time().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// How often to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, so a ping is

@@ -14,10 +14,18 @@
 //! [`SharedTcp`] as it would a `TcpStream`, and its queue holds a
 //! [`DirectSocket`] to the same stream while the session allows it. Only
 //! plain TCP qualifies; a TLS socket's record layer belongs to its session.
+//!
+//! `unsafe` here: one line. The descriptor is kept beside the queue's state
+//! as a raw fd (one cache line less per socket of a fan-out than asking the
+//! stream for it), so borrowing it back for [`crate::sys::send_nonblocking`]
+//! is [`BorrowedFd::borrow_raw`], sound because the `DirectSocket` that
+//! holds the fd also holds the stream that owns it. The `send` itself is
+//! in [`crate::sys`], inlined.
+#![allow(unsafe_code)]
 
 use crate::protocol::{wsframe, Frame};
 use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -87,21 +95,10 @@ impl DirectSocket {
             let mut buf = [0u8; COPY_MAX];
             buf[..h].copy_from_slice(&head[..h]);
             buf[h..total].copy_from_slice(payload);
-            // SAFETY: `fd` stays open while `self.stream` is held, and send
-            // reads `total` bytes from a buffer that long.
-            let n = unsafe {
-                libc::send(
-                    self.fd,
-                    buf.as_ptr().cast(),
-                    total,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
+            // SAFETY: `fd` is `stream`'s descriptor, which stays open while
+            // `self.stream` is held, and `self` is borrowed for the call.
+            let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+            crate::sys::send_nonblocking(fd, &buf[..total])
         } else {
             self.stream
                 .try_write_vectored(&[IoSlice::new(&head[..h]), IoSlice::new(payload)])
@@ -180,7 +177,7 @@ impl AsyncWrite for SharedTcp {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(crate::sys::shutdown_write(self.0.as_raw_fd()))
+        Poll::Ready(crate::sys::shutdown_write(&*self.0))
     }
 }
 

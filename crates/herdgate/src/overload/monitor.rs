@@ -212,11 +212,7 @@ fn memory_limit() -> u64 {
         .or(v1)
         .or_else(|| read("/sys/fs/cgroup/memory.max"))
         .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
-    // SAFETY: sysconf has no preconditions.
-    let physical = unsafe {
-        libc::sysconf(libc::_SC_PHYS_PAGES).max(0) as u64
-            * libc::sysconf(libc::_SC_PAGESIZE).max(0) as u64
-    };
+    let physical = crate::sys::physical_memory();
     match cgroup {
         Some(c) if c > 0 && c < physical => c,
         _ => physical.max(1),

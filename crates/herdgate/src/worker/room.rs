@@ -62,18 +62,6 @@ const PREFETCH_AHEAD: usize = 8;
 /// How long one fan-out may write in place before it queues the rest.
 const IN_PLACE_BUDGET: Duration = Duration::from_millis(50);
 
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
-    #[allow(unused_unsafe)]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 /// Whom a fan-out reaches, and how.
 #[derive(Default, Clone, Copy)]
 pub struct To<'a> {
@@ -309,7 +297,7 @@ impl Room {
         let mut in_place = 0u32;
         for (i, l) in self.local.iter().enumerate() {
             if let Some(ahead) = self.local.get(i + PREFETCH_AHEAD) {
-                prefetch(Arc::as_ptr(&ahead.out));
+                crate::sys::prefetch(Arc::as_ptr(&ahead.out));
             }
             // One fan-out writes in place for a bounded time: in a huge
             // room the rest is queued, and the sockets' own tasks write it

@@ -218,17 +218,9 @@ impl Fence {
     }
 }
 
-/// Nanoseconds on `CLOCK_BOOTTIME`.
+/// Nanoseconds on `CLOCK_BOOTTIME` ([`crate::sys::boot_time`]).
 pub fn boot_nanos() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass; CLOCK_BOOTTIME exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
+    u64::try_from(crate::sys::boot_time().as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
