@@ -19,6 +19,7 @@ pub mod activation;
 pub mod admission;
 pub mod apps;
 pub mod auth;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod fnv;

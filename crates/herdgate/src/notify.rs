@@ -374,7 +374,7 @@ mod tests {
         let (_dir, _rx, n) = receiver();
         // Far more than a unix datagram queue holds; with a blocking socket
         // this would hang once the queue is full.
-        let start = std::time::Instant::now();
+        let start = tokio::time::Instant::now();
         for _ in 0..10_000 {
             n.watchdog();
         }

@@ -30,8 +30,8 @@ pub struct Replays {
 #[derive(Default)]
 struct AppReplays {
     /// key → (hash of the body, the answer, when).
-    answers: HashMap<String, (u64, Value, std::time::Instant)>,
-    order: std::collections::VecDeque<(String, std::time::Instant)>,
+    answers: HashMap<String, (u64, Value, tokio::time::Instant)>,
+    order: std::collections::VecDeque<(String, tokio::time::Instant)>,
 }
 
 impl Replays {
@@ -64,7 +64,7 @@ impl Replays {
                 }
             }
         }
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         r.order.push_back((key.clone(), now));
         r.answers.insert(key, (body, answer, now));
     }

@@ -79,9 +79,7 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
     // checked before the body is read, so an unsigned client cannot make
     // the node buffer a byte of it.
     let params = sign::parse_query(parts.uri.query().unwrap_or(""));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::clock::unix_now().as_secs() as i64;
     sign::verify_head(parts.method.as_str(), path, &params, &app, now)?;
     let limit = live.config.limits.max_request_body_bytes;
     // A body that stalls holds a connection permit: it gets the same

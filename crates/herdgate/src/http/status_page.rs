@@ -28,7 +28,8 @@ use http::{header, Response};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const PAGE: &str = include_str!("status.html");
 /// Everything the page needs is inline; nothing may come from elsewhere.
@@ -212,9 +213,7 @@ fn round(v: f64) -> f64 {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::unix_now().as_millis() as u64
 }
 
 /// One listing of the busiest rooms.

@@ -81,7 +81,7 @@ struct State {
     in_flight: (usize, usize),
     close: Option<CloseOrder>,
     /// When the oldest queued frame arrived (for the delivery-delay histogram).
-    oldest: Option<std::time::Instant>,
+    oldest: Option<tokio::time::Instant>,
     /// The socket, while its session allows direct writes.
     direct: Option<DirectSocket>,
     /// The writer is busy with something not from this queue (a pong):
@@ -98,7 +98,7 @@ pub struct Drained {
     pub sent: usize,
     pub close: Option<CloseOrder>,
     /// When the oldest of the frames was queued.
-    pub oldest: Option<std::time::Instant>,
+    pub oldest: Option<tokio::time::Instant>,
 }
 
 pub struct Outbound {
@@ -182,7 +182,7 @@ impl Outbound {
             }
         }
         if was_empty {
-            s.oldest = Some(std::time::Instant::now());
+            s.oldest = Some(tokio::time::Instant::now());
         }
         s.queue.push_back(frame.clone());
         s.bytes += len;

@@ -7,7 +7,8 @@
 //! cannot make the node flap between states.
 
 use serde::Serialize;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 pub use crate::config::LoadState;
 

@@ -133,7 +133,7 @@ async fn run<N: Sampled>(node: Arc<N>) {
             .filter(|s| s.name != "connections")
             .cloned()
             .collect();
-        let at = now.into_std();
+        let at = now;
         let admission_changed = admission.step(&admission_signals, at, admission_tuning);
         if let Some(a) = admission_changed {
             tracing::warn!(admission = a.as_str(), reasons = ?reasons(&admission_signals), "admission state changed");

@@ -295,7 +295,7 @@ where
 fn take_queue<T: Transport>(
     out: &Outbound,
     writer: &mut T,
-    oldest: &mut Option<std::time::Instant>,
+    oldest: &mut Option<Instant>,
 ) -> Option<CloseOrder> {
     let d = out.drain();
     if !d.frames.is_empty() {
@@ -401,7 +401,7 @@ impl Session {
         tokio::pin!(status);
 
         // When the oldest frame being written was queued (delivery delay).
-        let mut oldest: Option<std::time::Instant> = None;
+        let mut oldest: Option<Instant> = None;
         // A close order taken from the queue: it follows what is being written.
         let mut closing: Option<CloseOrder> = None;
         // One timer for every deadline of the socket, reset only when one changes.

@@ -12,7 +12,8 @@ use serde_json::value::RawValue;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A subscriber: where it is, and the presence user it joined as.
 pub(super) struct Entry {
