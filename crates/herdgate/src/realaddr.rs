@@ -1,8 +1,19 @@
 //! The real client address behind a load balancer: PROXY protocol v1/v2 on
 //! the listener, or `X-Forwarded-For` from trusted proxies. Neither is
 //! believed unless configured; per-IP limits and logs use the result.
+//!
+//! The header is parsed by the `ppp` crate, partial headers included. Two
+//! parts stay here, on purpose: the read loop ([`read_header`]: ppp parses
+//! bytes, it does not read a socket), and the bounds ppp does not set —
+//! a v2 header is at most [`V2_MAX_BODY`] bytes past its 16-byte head (ppp
+//! takes the length field's 64 KiB, which a client could make us buffer
+//! per connection), a first byte that is neither header's is
+//! [`ProxyError::Missing`] at once (ppp would report a v1 UTF-8 error), and
+//! a v1 line is framed here (up to CRLF, at most 107 bytes) before ppp
+//! parses it (see [`parse_header`] for why).
 
 use crate::config::Cidr;
+use ppp::PartialResult;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -19,6 +30,7 @@ pub enum ProxyError {
 }
 
 const V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// Longest v1 line, CRLF included (the protocol's own bound).
 const V1_MAX: usize = 107;
 /// Largest v2 address block accepted (addresses plus TLVs such as a cloud
 /// load balancer's endpoint id); a longer header is malformed.
@@ -44,39 +56,89 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ProxyError> {
     if !(prefix_ok(V2_SIG) || prefix_ok(b"PROXY ")) {
         return Err(ProxyError::Missing);
     }
-    if bytes.starts_with(V2_SIG) {
-        if bytes.len() < 16 {
-            return Ok(Header::Partial);
-        }
-        let body = u16::from_be_bytes([bytes[14], bytes[15]]) as usize;
-        if body > V2_MAX_BODY {
-            return Err(ProxyError::Malformed("v2 header longer than 528 bytes"));
-        }
-        if bytes.len() < 16 + body {
-            return Ok(Header::Partial);
-        }
-        let head: &[u8; 16] = bytes[..16].try_into().expect("16 bytes");
-        let client = parse_v2(head, &bytes[16..16 + body])?;
-        return Ok(Header::Complete {
-            client,
-            len: 16 + body,
-        });
-    }
-    if bytes.len() < 6 {
+    if bytes.is_empty() {
         return Ok(Header::Partial);
     }
+    // A v2 signature still arriving is v2 too (ppp answers Incomplete):
+    // read as v1, its leading CRLF would end an empty line.
+    if prefix_ok(V2_SIG) {
+        if bytes.len() >= 16 && u16::from_be_bytes([bytes[14], bytes[15]]) as usize > V2_MAX_BODY {
+            return Err(ProxyError::Malformed("v2 header longer than 528 bytes"));
+        }
+        return match ppp::v2::Header::try_from(bytes) {
+            Ok(h) => Ok(Header::Complete {
+                client: v2_client(&h)?,
+                len: h.len(),
+            }),
+            Err(e) if e.is_incomplete() => Ok(Header::Partial),
+            Err(e) => Err(ProxyError::Malformed(v2_error(&e))),
+        };
+    }
+    // v1 is handed to ppp a whole line at a time: its own partial
+    // detection calls a line cut right after its last space ("... 51000 ")
+    // malformed, where more bytes would have made it whole (found by
+    // `headers_split_anywhere_parse_the_same` below).
     match bytes[..bytes.len().min(V1_MAX)]
         .windows(2)
         .position(|w| w == b"\r\n")
     {
-        Some(i) => Ok(Header::Complete {
-            client: parse_v1(&bytes[..i + 2])?,
-            len: i + 2,
-        }),
+        Some(i) => match ppp::v1::Header::try_from(&bytes[..i + 2]) {
+            Ok(h) if h.header.len() == i + 2 => Ok(Header::Complete {
+                client: v1_client(&h.addresses),
+                len: i + 2,
+            }),
+            Ok(_) => Err(ProxyError::Malformed("v1 fields")),
+            Err(e) => Err(ProxyError::Malformed(v1_error(&e))),
+        },
         None if bytes.len() >= V1_MAX => {
             Err(ProxyError::Malformed("v1 line longer than 107 bytes"))
         }
         None => Ok(Header::Partial),
+    }
+}
+
+fn v1_client(a: &ppp::v1::Addresses) -> Option<SocketAddr> {
+    match a {
+        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Unknown => None,
+    }
+}
+
+fn v2_client(h: &ppp::v2::Header<'_>) -> Result<Option<SocketAddr>, ProxyError> {
+    use ppp::v2::{Addresses, Command};
+    if h.command == Command::Local {
+        return Ok(None); // health checks from the balancer itself
+    }
+    match h.addresses {
+        Addresses::IPv4(a) => Ok(Some(SocketAddr::from((a.source_address, a.source_port)))),
+        Addresses::IPv6(a) => Ok(Some(SocketAddr::from((a.source_address, a.source_port)))),
+        Addresses::Unspecified => Ok(None),
+        Addresses::Unix(_) => Err(ProxyError::Malformed("v2 address family or length")),
+    }
+}
+
+/// ppp's verdict in this module's words (the log line of a refused header).
+fn v1_error(e: &ppp::v1::BinaryParseError) -> &'static str {
+    use ppp::v1::{BinaryParseError as B, ParseError as P};
+    match e {
+        B::InvalidUtf8(_) => "v1 not ASCII",
+        B::Parse(P::HeaderTooLong) => "v1 line longer than 107 bytes",
+        B::Parse(P::InvalidSourceAddress(_) | P::InvalidDestinationAddress(_)) => "v1 address",
+        B::Parse(P::InvalidSourcePort(_) | P::InvalidDestinationPort(_)) => "v1 port",
+        B::Parse(P::InvalidSuffix) => "v1 without CRLF",
+        B::Parse(_) => "v1 fields",
+    }
+}
+
+fn v2_error(e: &ppp::v2::ParseError) -> &'static str {
+    use ppp::v2::ParseError as P;
+    match e {
+        P::Prefix | P::Version(_) => "v2 signature or version",
+        P::Command(_) => "v2 command",
+        P::AddressFamily(_) | P::InvalidAddresses(..) => "v2 address family or length",
+        P::Protocol(_) => "v2 protocol",
+        _ => "v2 header",
     }
 }
 
@@ -169,60 +231,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 }
 
-pub fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
-    let text = std::str::from_utf8(line).map_err(|_| ProxyError::Malformed("v1 not ASCII"))?;
-    let text = text
-        .strip_suffix("\r\n")
-        .ok_or(ProxyError::Malformed("v1 without CRLF"))?;
-    let parts: Vec<&str> = text.split(' ').collect();
-    match parts.as_slice() {
-        ["PROXY", "UNKNOWN", ..] => Ok(None),
-        ["PROXY", proto @ ("TCP4" | "TCP6"), src, _dst, sport, _dport] => {
-            let ip: IpAddr = src
-                .parse()
-                .map_err(|_| ProxyError::Malformed("v1 source address"))?;
-            if ip.is_ipv4() != (*proto == "TCP4") {
-                return Err(ProxyError::Malformed("v1 address family"));
-            }
-            let port: u16 = sport
-                .parse()
-                .map_err(|_| ProxyError::Malformed("v1 source port"))?;
-            Ok(Some(SocketAddr::new(ip, port)))
-        }
-        _ => Err(ProxyError::Malformed("v1 fields")),
-    }
-}
-
-pub fn parse_v2(head: &[u8; 16], body: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
-    if &head[..12] != V2_SIG || head[12] >> 4 != 2 {
-        return Err(ProxyError::Malformed("v2 signature or version"));
-    }
-    match head[12] & 0x0f {
-        0 => return Ok(None), // LOCAL: health checks from the balancer itself
-        1 => {}
-        _ => return Err(ProxyError::Malformed("v2 command")),
-    }
-    match head[13] >> 4 {
-        1 if body.len() >= 12 => {
-            let ip = IpAddr::from([body[0], body[1], body[2], body[3]]);
-            Ok(Some(SocketAddr::new(
-                ip,
-                u16::from_be_bytes([body[8], body[9]]),
-            )))
-        }
-        2 if body.len() >= 36 => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&body[..16]);
-            Ok(Some(SocketAddr::new(
-                IpAddr::from(a),
-                u16::from_be_bytes([body[32], body[33]]),
-            )))
-        }
-        0 => Ok(None), // AF_UNSPEC
-        _ => Err(ProxyError::Malformed("v2 address family or length")),
-    }
-}
-
 /// The client address for a request from `peer`: if `peer` is a trusted
 /// proxy, the right-most `X-Forwarded-For` entry that is not itself trusted
 /// (entries to its left were written by the client and prove nothing).
@@ -246,6 +254,21 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: &[Cidr]) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client a whole header names.
+    fn parse_v1(bytes: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+        match parse_header(bytes)? {
+            Header::Complete { client, len } => {
+                assert_eq!(len, bytes.len());
+                Ok(client)
+            }
+            Header::Partial => Err(ProxyError::Malformed("partial")),
+        }
+    }
+
+    fn parse_v2(head: &[u8; 16], body: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+        parse_v1(&[&head[..], body].concat())
+    }
 
     #[test]
     fn v1() {
@@ -293,6 +316,27 @@ mod tests {
             "TLS without PROXY"
         );
         assert!(parse_header(&[b"PROXY ".as_slice(), &[b'x'; 200]].concat()).is_err());
+        // v2, with a TLV after the addresses.
+        let mut v2 = V2_SIG.to_vec();
+        v2.extend([
+            0x21, 0x11, 0, 17, 203, 0, 113, 7, 10, 0, 0, 1, 0xc7, 0x38, 0x01, 0xbb,
+        ]);
+        v2.extend([0x04, 0, 2, 0xab, 0xcd, b'G']);
+        let whole = v2.len() - 1;
+        for cut in 0..v2.len() {
+            let r = parse_header(&v2[..cut]).unwrap();
+            if cut < whole {
+                assert_eq!(r, Header::Partial, "cut at {cut}");
+            } else {
+                assert_eq!(
+                    r,
+                    Header::Complete {
+                        client: Some("203.0.113.7:51000".parse().unwrap()),
+                        len: whole
+                    }
+                );
+            }
+        }
         let mut big = V2_SIG.to_vec();
         big.extend([0x21, 0x11, 0xff, 0xff]);
         assert!(matches!(parse_header(&big), Err(ProxyError::Malformed(_))));
@@ -340,7 +384,17 @@ mod tests {
         head[12] = 0x31; // version 3
         assert!(parse_v2(&head, &body).is_err());
         head[12] = 0x21;
+        head[15] = 4;
         assert!(parse_v2(&head, &body[..4]).is_err(), "short body");
+        head[15] = 12;
+        assert_eq!(
+            parse_header(&[&head[..], &body[..4]].concat()),
+            Ok(Header::Partial),
+            "body still arriving"
+        );
+        head[13] = 0x31; // AF_UNIX: not a client address
+        head[15] = 216;
+        assert!(parse_v2(&head, &[0; 216]).is_err());
     }
 
     #[test]
