@@ -1,4 +1,4 @@
-//! The DER reader that finds a certificate's notAfter (run on every
+//! A certificate's notAfter, read with x509-parser (run on every
 //! certificate file at start and on reload). Must never panic or loop,
 //! whatever the file holds; a date it returns is a plausible instant.
 #![no_main]

@@ -144,118 +144,48 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>,
     Ok(Arc::new(cfg))
 }
 
-/// A minimal DER reader for the one field herdgate needs: a certificate's
-/// `notAfter` (checked at load and reload). Public for the fuzz target.
 pub mod stream;
 
+/// A certificate's `notAfter` (checked at load and reload), read with
+/// `x509-parser`. Public for the fuzz target.
 pub mod der {
-    /// One TLV: (tag, content, rest).
-    fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (first as usize, rest)
-        } else {
-            let n = (first & 0x7f) as usize;
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | b as usize);
-            (len, &rest[n..])
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
+    /// 1950-01-01T00:00:00Z, the first instant UTCTime can say.
+    const EARLIEST: i64 = -631_152_000;
+    /// 9999-12-31T23:59:59Z, the last instant GeneralizedTime can say.
+    const LATEST: i64 = 253_402_300_799;
 
+    /// `notAfter` of a DER certificate as Unix seconds; `None` if the
+    /// certificate does not parse or the date is outside RFC 5280's
+    /// 1950..=9999 (a date no CA writes is no date: the certificate is
+    /// then loaded unchecked, and rustls judges it as before).
     pub fn not_after(cert: &[u8]) -> Option<i64> {
-        let (0x30, cert, _) = read(cert)? else {
-            return None;
-        };
-        let (0x30, tbs, _) = read(cert)? else {
-            return None;
-        };
-        let mut rest = tbs;
-        let (tag, _, after) = read(rest)?;
-        if tag == 0xa0 {
-            rest = after; // explicit version
-        }
-        for _ in 0..3 {
-            rest = read(rest)?.2; // serial, signature algorithm, issuer
-        }
-        let (0x30, validity, _) = read(rest)? else {
-            return None;
-        };
-        let (_, _, validity) = read(validity)?; // notBefore
-        let (tag, time, _) = read(validity)?;
-        parse_time(tag, std::str::from_utf8(time).ok()?)
-    }
-
-    fn parse_time(tag: u8, s: &str) -> Option<i64> {
-        // Digits only: `parse` would also take a sign ("-1"), and a date
-        // out of range is no date (fuzzing found both).
-        let digits = |r: std::ops::Range<usize>| {
-            let d = s.get(r)?;
-            d.bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| d.parse::<i64>().ok())?
-        };
-        let (year, off) = match tag {
-            0x17 => {
-                let yy = digits(0..2)?;
-                (if yy < 50 { 2000 + yy } else { 1900 + yy }, 2)
-            }
-            0x18 => (digits(0..4)?, 4),
-            _ => return None,
-        };
-        let (mo, d, h, mi, sec) = (
-            digits(off..off + 2)?,
-            digits(off + 2..off + 4)?,
-            digits(off + 4..off + 6)?,
-            digits(off + 6..off + 8)?,
-            digits(off + 8..off + 10)?,
-        );
-        // RFC 5280 dates are 1950 onwards (UTCTime's range, then GeneralizedTime).
-        if !((1950..=9999).contains(&year)
-            && (1..=12).contains(&mo)
-            && (1..=31).contains(&d)
-            && (0..=23).contains(&h)
-            && (0..=59).contains(&mi)
-            && (0..=60).contains(&sec))
-        {
-            return None;
-        }
-        Some(days_from_civil(year, mo, d) * 86_400 + h * 3600 + mi * 60 + sec)
-    }
-
-    /// Days since 1970-01-01 of a proleptic Gregorian date.
-    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
+        let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+        let t = cert.validity().not_after.timestamp();
+        (EARLIEST..=LATEST).contains(&t).then_some(t)
     }
 
     #[cfg(test)]
     mod tests {
         use super::*;
 
+        /// A self-signed certificate valid until midnight (UTC) of that day.
+        fn cert_until(y: i32, m: u8, d: u8) -> Vec<u8> {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec!["x".to_owned()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(1950, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+            params.self_signed(&key).unwrap().der().to_vec()
+        }
+
         #[test]
-        fn times() {
-            assert_eq!(days_from_civil(1970, 1, 1), 0);
-            assert_eq!(parse_time(0x17, "700101000000Z"), Some(0));
-            assert_eq!(parse_time(0x18, "20380119031408Z"), Some(2_147_483_648));
-            assert_eq!(parse_time(0x17, "491231235959Z"), Some(2_524_607_999));
-            assert_eq!(parse_time(0x05, "x"), None);
-            // Found by fuzzing: signs and out-of-range fields are no date.
-            assert_eq!(parse_time(0x18, "-9991231235959Z"), None);
-            assert_eq!(parse_time(0x17, "+10101000000Z"), None);
-            assert_eq!(parse_time(0x17, "701301000000Z"), None);
-            assert_eq!(parse_time(0x17, "700100000000Z"), None);
-            assert_eq!(parse_time(0x18, "01261231235959Z"), None);
-            assert_eq!(parse_time(0x17, "700101250000Z"), None);
+        fn dates() {
+            // UTCTime up to 2049, GeneralizedTime from 2050 (RFC 5280).
+            let at = |y, m, d| not_after(&cert_until(y, m, d));
+            assert_eq!(at(1970, 1, 1), Some(0));
+            assert_eq!(at(2038, 1, 19), Some(2_147_472_000));
+            assert_eq!(at(2049, 12, 31), Some(2_524_521_600));
+            assert_eq!(at(2050, 1, 1), Some(2_524_608_000));
+            assert_eq!(at(1950, 1, 1), Some(EARLIEST));
             assert_eq!(not_after(&[0x30, 0x01]), None);
             assert_eq!(not_after(&[]), None);
         }
