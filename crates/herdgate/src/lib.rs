@@ -9,6 +9,7 @@
 //! [`start`] is the entry point tests use: bind listeners on `127.0.0.1:0`,
 //! start, talk to it, shut it down.
 
+pub mod accept;
 pub mod activation;
 pub mod admission;
 pub mod apps;

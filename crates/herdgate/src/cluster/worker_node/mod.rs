@@ -346,53 +346,46 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
     }));
     let permits = Arc::new(Semaphore::new(HANDSHAKES));
     let per_peer = Arc::new(crate::admission::PerIp::default());
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("never closed"),
-            _ = cfg.closing.cancelled() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "link accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = cfg.closing.cancelled() => return,
-        };
-        let Some(place) = per_peer.try_take(peer.ip(), HANDSHAKES_PER_PEER) else {
-            metrics::counter!("herdgate_link_auth_failures_total").increment(1);
-            tracing::debug!(%peer, "too many link handshakes from this address");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (node, tls) = (node.clone(), tls.clone());
-        tokio::spawn(async move {
-            // One deadline before the peer is authenticated: TLS and Hello.
-            let deadline = tokio::time::Instant::now() + node.heartbeat * 4;
-            let (io, cert): (Box<dyn LinkIo>, _) = match tls {
-                Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-                    Ok(Ok(accepted)) => accepted,
-                    Ok(Err(e)) => {
-                        return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
-                    }
-                    Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
-                },
-                None => (Box::new(stream), None),
+    let stop = cfg.closing.clone();
+    crate::accept::run(
+        listener,
+        stop,
+        "link",
+        move || permits.clone().acquire_owned(),
+        |stream, peer, permit| {
+            let Some(place) = per_peer.try_take(peer.ip(), HANDSHAKES_PER_PEER) else {
+                metrics::counter!("herdgate_link_auth_failures_total").increment(1);
+                tracing::debug!(%peer, "too many link handshakes from this address");
+                return;
             };
-            let handshake = handshake(&node, io, cert, deadline).await;
-            drop(place);
-            match handshake {
-                Ok((rx, w, edge, heartbeat)) => {
-                    drop(permit);
-                    edge_connection(node, rx, w, edge, heartbeat).await
+            let _ = stream.set_nodelay(true);
+            let (node, tls) = (node.clone(), tls.clone());
+            tokio::spawn(async move {
+                // One deadline before the peer is authenticated: TLS and Hello.
+                let deadline = tokio::time::Instant::now() + node.heartbeat * 4;
+                let (io, cert): (Box<dyn LinkIo>, _) = match tls {
+                    Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                        Ok(Ok(accepted)) => accepted,
+                        Ok(Err(e)) => {
+                            return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
+                        }
+                        Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
+                    },
+                    None => (Box::new(stream), None),
+                };
+                let handshake = handshake(&node, io, cert, deadline).await;
+                drop(place);
+                match handshake {
+                    Ok((rx, w, edge, heartbeat)) => {
+                        drop(permit);
+                        edge_connection(node, rx, w, edge, heartbeat).await
+                    }
+                    Err(e) => tracing::info!(%peer, error = %e, "link refused"),
                 }
-                Err(e) => tracing::info!(%peer, error = %e, "link refused"),
-            }
-        });
-    }
+            });
+        },
+    )
+    .await;
 }
 
 /// Re-judge the freeze a few times per heartbeat, so that it is decided
