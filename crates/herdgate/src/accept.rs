@@ -61,7 +61,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let permits = Arc::new(Semaphore::new(1));
         let stop = CancellationToken::new();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let looping = tokio::spawn(run(
             listener,
             stop.clone(),
@@ -71,7 +71,7 @@ mod tests {
                 move || permits.clone().acquire_owned()
             },
             move |stream, _, permit| {
-                let _ = tx.send((stream, permit.unwrap()));
+                let _ = tx.try_send((stream, permit.unwrap()));
             },
         ));
         let _a = TcpStream::connect(addr).await.unwrap();
