@@ -13,13 +13,11 @@ use herdgate_testkit::process::Herdgate;
 use herdgate_testkit::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    crate::SERIAL.blocking_lock()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
