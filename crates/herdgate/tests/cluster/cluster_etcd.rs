@@ -874,6 +874,9 @@ struct Rehearsal {
     /// Publishes refused (503, during moves) by the time of each mark:
     /// decided, spread, down, gone.
     refused: [usize; 4],
+    /// Whether the stopped edge's key was still in etcd at the first tick
+    /// after it exited (at most a tick, 0.5 s, after; its lease is 2 s).
+    edge_key_after_exit: Option<bool>,
 }
 
 impl Rehearsal {
@@ -929,6 +932,14 @@ async fn rehearse(
             "the rehearsal did not finish in 60 s:\n{}",
             r.log.join("\n")
         );
+        if r.edge_key_after_exit.is_none()
+            && edge_exit
+                .as_ref()
+                .is_some_and(|h: &tokio::task::JoinHandle<_>| h.is_finished())
+        {
+            let key = block(|| c.etcd.get_prefix("/herdgate-test/edges/e2"));
+            r.edge_key_after_exit = Some(!key.is_empty());
+        }
         // Between syncs: watch the new worker join and leave, and the new edge come up.
         if r.worker_decided.is_some() && r.worker_full.is_none() {
             let views: Vec<Value> = block(|| {
@@ -1309,6 +1320,14 @@ fn autoscaling_adds_a_worker_under_load_and_drains_it_after_with_no_acked_publis
     assert!(
         edge_exit.is_some_and(|s| s.success()),
         "the leaving edge exited cleanly: {edge_exit:?}"
+    );
+    // It left the view as it stopped (its lease revoked), not when the
+    // lease would have run out: a drain at the same time waits for no gone
+    // edge at its handover barriers.
+    assert_eq!(
+        r.edge_key_after_exit,
+        Some(false),
+        "the stopped edge's key was gone as it exited"
     );
     assert!(
         c.etcd.get_prefix("/herdgate-test/workers/w2").is_empty(),

@@ -629,6 +629,22 @@ impl Edge {
         }
     }
 
+    /// Leave the membership (etcd: revoke its lease, so its key goes at
+    /// once), waiting at most `within`. Called once its sockets are closed:
+    /// until its lease ran out, a worker draining meanwhile would wait for
+    /// this gone edge at every handover barrier (`handover_timeout`), and
+    /// publishes to the moving rooms would be refused meanwhile.
+    pub async fn leave(&self, within: Duration) {
+        let Some(control) = &self.membership.control else {
+            return; // static membership: nothing registered
+        };
+        let (done, left) = tokio::sync::oneshot::channel();
+        let leave = super::membership::Control::Leave { done };
+        if control.send(leave).await.is_ok() {
+            let _ = tokio::time::timeout(within, left).await;
+        }
+    }
+
     /// Drop views no worker of the current view can still be judged by
     /// (older than every live worker's last `Sealed`).
     fn prune_history(&self) {
