@@ -525,6 +525,8 @@ fn live(input: &mut Input, cfg: usize, sock: Io) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // A failed handshake drains the socket under a `tokio::time::timeout`.
+    let _timers = common::timers();
     let mut input = Input(data);
     let mode = input.byte();
     let sock = io(&mut input);

@@ -37,11 +37,25 @@ fn etcd_section(endpoints: &[String]) -> String {
     )
 }
 
+/// How test workers join and leave: in one step, at once.
+const SCALE: &str = "[cluster.scale]\nramp_steps = 1\nramp_interval = \"200ms\"\n";
+
 /// A worker's config: etcd membership, link on an ephemeral port.
 pub fn worker_toml(name: &str, endpoints: &[String], extra: &str) -> String {
     format!(
-        "[server]\nadmin_listen = \"127.0.0.1:0\"\n[overload]\nenabled = false\n[cluster]\nrole = \"worker\"\nmembership = \"etcd\"\nnode_id = \"{name}\"\nlink_listen = \"127.0.0.1:0\"\nsecret = \"{LINK_SECRET}\"\n{TIMING}{extra}\n{}[cluster.scale]\nramp_steps = 1\nramp_interval = \"200ms\"\ndrain_timeout = \"10s\"\n{APPS}",
+        "[server]\nadmin_listen = \"127.0.0.1:0\"\n[overload]\nenabled = false\n[cluster]\nrole = \"worker\"\nmembership = \"etcd\"\nnode_id = \"{name}\"\nlink_listen = \"127.0.0.1:0\"\nsecret = \"{LINK_SECRET}\"\n{TIMING}{extra}\n{}{SCALE}drain_timeout = \"10s\"\n{APPS}",
         etcd_section(endpoints)
+    )
+}
+
+/// A [`worker_toml`] that joins (and leaves) in `steps` weight steps
+/// `interval` apart (`cluster.scale.ramp_steps`, `ramp_interval`) instead
+/// of at once.
+pub fn with_ramp(worker_toml: &str, steps: u32, interval: &str) -> String {
+    assert!(worker_toml.contains(SCALE), "a worker_toml config");
+    worker_toml.replace(
+        SCALE,
+        &format!("[cluster.scale]\nramp_steps = {steps}\nramp_interval = \"{interval}\"\n"),
     )
 }
 
@@ -621,6 +635,33 @@ pub async fn reader(url: String, rooms: Arc<Vec<String>>) -> Reader {
         ends,
         rooms: rooms.len(),
     }
+}
+
+/// An audience socket: connected to `url`, subscribed to `room`, reading
+/// and discarding what arrives (load on an edge, not checked). A
+/// subscription refused with 503 (the room is moving) is tried again, as
+/// a client would. Aborting the task closes the socket.
+pub async fn audience_socket(url: String, room: String) -> tokio::task::JoinHandle<()> {
+    let mut c = Client::connect(&url).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let e = c.subscribe(&room).await;
+        if e.event == "pusher_internal:subscription_succeeded" {
+            break;
+        }
+        assert!(
+            e.event == "pusher:subscription_error"
+                && e.data["status"] == 503
+                && Instant::now() < deadline,
+            "{:?}",
+            e.raw
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = c.ws.next().await {}
+    })
 }
 
 /// Send `end` to every room (retrying through refusals) so readers finish.

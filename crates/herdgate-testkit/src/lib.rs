@@ -1,13 +1,15 @@
 //! herdgate's test harness, shared by every integration test: an
 //! in-process herdgate on 127.0.0.1:0, herdgate as a real process, a
 //! websocket client that speaks the Pusher protocol, a signed HTTP API
-//! client, a test PKI, a real etcd cluster ([`etcd`]) and a TCP relay that
-//! cuts links on demand ([`relay`]).
+//! client, a test PKI, a real etcd cluster ([`etcd`]), a TCP relay that
+//! cuts links on demand ([`relay`]) and the Kubernetes autoscaler's
+//! decision on real processes' metrics ([`autoscaler`]).
 //!
 //! Every signature is made with `pusher-sign`, which shares no code with the
 //! server, so a test fails when the server stops being Pusher-compatible.
 #![deny(unsafe_code)]
 
+pub mod autoscaler;
 pub mod cluster;
 pub mod etcd;
 pub mod pki;

@@ -15,6 +15,7 @@
 //! a socket's cached descriptor on the fan-out path).
 #![deny(unsafe_code)]
 
+pub mod accept;
 pub mod activation;
 pub mod admission;
 pub mod apps;
@@ -224,6 +225,12 @@ impl Running {
                 remaining = self.shared.tasks.len(),
                 "drain deadline passed with tasks still running"
             );
+        }
+        if let router::Router::Edge(edge) = &self.shared.router {
+            // Its sockets are closed: out of the view now, not when its
+            // lease runs out (a worker draining meanwhile waits for every
+            // edge in the view at its handover barriers).
+            edge.leave(std::time::Duration::from_secs(2)).await;
         }
         if let (Some(hooks), router::Router::Local(pool)) =
             (&self.shared.hooks, &self.shared.router)

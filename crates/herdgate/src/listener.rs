@@ -1,4 +1,5 @@
-//! The accept loop: permit → accept → spawn, and nothing else.
+//! The public listener: permit → accept → spawn ([`crate::accept`]), then
+//! each connection's own task.
 //!
 //! A permit bounds the connections that are not yet websocket sessions
 //! (handshakes in progress, HTTP API keep-alives); sessions hold a separate
@@ -10,38 +11,32 @@ use crate::outbound::{DirectSocket, SharedTcp};
 use crate::state::Shared;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let permit = tokio::select! {
-            p = shared.accept.acquire() => p,
-            _ = shared.closing.cancelled() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    metrics::counter!("herdgate_accept_errors_total").increment(1);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shared.closing.cancelled() => return,
-        };
-        metrics::counter!("herdgate_tcp_accepted_total").increment(1);
-        let accepted = Instant::now();
-        let shared2 = shared.clone();
-        shared.tasks.spawn(async move {
-            serve(stream, peer, shared2, accepted).await;
-            drop(permit);
-        });
-    }
+    let stop = shared.closing.clone();
+    let permits = shared.clone();
+    crate::accept::run(
+        listener,
+        stop,
+        "public",
+        move || {
+            let shared = permits.clone();
+            async move { shared.accept.acquire().await }
+        },
+        |stream, peer, permit| {
+            metrics::counter!("herdgate_tcp_accepted_total").increment(1);
+            let accepted = Instant::now();
+            let shared2 = shared.clone();
+            shared.tasks.spawn(async move {
+                serve(stream, peer, shared2, accepted).await;
+                drop(permit);
+            });
+        },
+    )
+    .await
 }
 
 /// One connection's task, from accept to upgrade under one deadline

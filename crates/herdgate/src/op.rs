@@ -1,5 +1,5 @@
-//! Room operations as data: questions to a room's owner, and what a
-//! socket stopped holding.
+//! Room operations as data: questions to a room's owner, the places a
+//! socket takes there, and what it let go of.
 //!
 //! A question about a room (how many are in it, who, what is cached, what
 //! is kept, or "close this user's sockets") used to be spelled once per hop:
@@ -10,15 +10,16 @@
 //! process (through its mailbox) or a remote worker (the cluster link
 //! carries these values as they are). The worker answers each in one small
 //! method. A new question costs one variant here, one handler in the worker
-//! and one caller. What a socket lets go of (a room, a sign-in, a watch) is
-//! a [`Tell`] the same way: no answer, in order with everything else the
-//! socket's side sent that owner.
+//! and one caller. A place a socket takes (a room, a sign-in, a watch) is a
+//! [`Join`], decided by the owner in order with what it sends the socket;
+//! what a socket lets go of is a [`Tell`]: no answer, in order with
+//! everything else the socket's side sent that owner.
 //!
 //! A leaf module: it names rooms and frames, nothing of the layers that
 //! carry it.
 
 use crate::protocol::Frame;
-use crate::types::{ConnId, RoomInfo, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -94,6 +95,62 @@ pub enum Answer {
     Cache(Option<(String, u64)>),
     History(Since),
     Done,
+}
+
+/// A place a socket takes at the owner of a room (or, for a watch, of the
+/// watched users' rooms). The owner decides it in order with everything it
+/// sends the socket and, when asked, answers whether it was taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Join {
+    /// The socket subscribes to `room`. `max_members` caps a presence
+    /// room's users (the limit in force where the socket subscribed). A
+    /// `shed.silent` join is a re-homing: nothing is answered or announced,
+    /// unless `shed.announce` (members the room does not have).
+    Room {
+        room: RoomKey,
+        member: Option<Member>,
+        max_members: u32,
+        shed: Shed,
+        /// Opted in to resume (docs/PROTOCOL.md "History and resume").
+        resume: Option<Resume>,
+    },
+    /// The socket signs in as the user whose `#server-to-user-` room is
+    /// `room`. `max` > 0 caps the user's signed-in sockets: beyond it the
+    /// answer is `false` and nothing is recorded. `silent`: a re-homing, no
+    /// watchlist transition.
+    SignIn {
+        room: RoomKey,
+        max: u32,
+        silent: bool,
+    },
+    /// The socket watches `users` of `app`: told every transition and,
+    /// with `announce`, at once who of them is online. Never refused.
+    Watch {
+        app: Arc<str>,
+        users: Vec<Arc<str>>,
+        announce: bool,
+    },
+}
+
+impl Join {
+    /// The room whose owner decides it (a watch goes to each watched
+    /// user's owner instead).
+    pub fn room(&self) -> Option<&RoomKey> {
+        match self {
+            Join::Room { room, .. } | Join::SignIn { room, .. } => Some(room),
+            Join::Watch { .. } => None,
+        }
+    }
+
+    /// Whether the owner answers it: a re-homing subscription (silent) and
+    /// a watch are never refused, so nobody waits for them.
+    pub fn answered(&self) -> bool {
+        match self {
+            Join::Room { shed, .. } => !shed.silent,
+            Join::SignIn { .. } => true,
+            Join::Watch { .. } => false,
+        }
+    }
 }
 
 /// What a socket let go of, told to the owner of `room`; never answered.

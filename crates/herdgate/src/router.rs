@@ -7,9 +7,9 @@
 //! implements the same operations.
 
 use crate::cluster::edge::Edge;
-use crate::op::{Answer, Ask, Tell};
+use crate::op::{Answer, Ask, Join, Tell};
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, RoomKey, RouteError};
 use crate::worker::{self, Subscriber, Target};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,28 +38,19 @@ impl Router {
         }
     }
 
-    /// Whether the socket is subscribed: `Ok(false)` when the room refused
-    /// it (its `pusher:subscription_error` is queued to it already).
-    pub async fn subscribe(
-        &self,
-        room: RoomKey,
-        sub: Subscriber,
-        member: Option<Member>,
-        max_members: usize,
-        shed: Shed,
-        resume: Option<Resume>,
-    ) -> Result<bool, RouteError> {
+    /// Take a place for a socket at the owner (a subscription, a sign-in,
+    /// a watch): `Ok(false)` when refused (a subscription's
+    /// `pusher:subscription_error` is queued to the socket already; a
+    /// sign-in's user is at its `max` signed-in sockets, counted by the
+    /// user's owner, cluster-wide).
+    pub async fn join(&self, join: Join, sub: Subscriber) -> Result<bool, RouteError> {
         match self {
-            Router::Local(p) => {
-                p.subscribe(room, sub, member, max_members, shed, resume)
-                    .await
-            }
+            Router::Local(p) => p.join(join, sub).await,
             Router::Edge(e) => {
                 let Target::Local(out) = sub.to else {
                     return Err(RouteError::Gone);
                 };
-                e.subscribe(room, sub.id, out, member, max_members, shed, resume)
-                    .await
+                e.join(join, sub.id, out).await
             }
         }
     }
@@ -99,46 +90,6 @@ impl Router {
         match self {
             Router::Local(p) => p.publish(room, frame, exclude, coalesce, wait).await,
             Router::Edge(e) => e.publish(room, frame, exclude, coalesce, Some(wait)).await,
-        }
-    }
-
-    /// Sign a socket in; `Ok(false)` when the user already has `max` (> 0)
-    /// signed-in sockets (counted by the user's owner, cluster-wide).
-    pub async fn sign_in(
-        &self,
-        app: &Arc<str>,
-        user: &str,
-        sub: Subscriber,
-        max: usize,
-    ) -> Result<bool, RouteError> {
-        match self {
-            Router::Local(p) => p.sign_in(app, user, sub, max).await,
-            Router::Edge(e) => {
-                let Target::Local(out) = sub.to else {
-                    return Err(RouteError::Gone);
-                };
-                e.sign_in(RoomKey::user(app, user), user, sub.id, out, max)
-                    .await
-            }
-        }
-    }
-
-    /// `sub` watches `users` (its sign-in's watchlist): it is told at once
-    /// who is online, then every transition, by each user's owner.
-    pub async fn watch(
-        &self,
-        app: &Arc<str>,
-        users: &[Arc<str>],
-        sub: Subscriber,
-    ) -> Result<(), RouteError> {
-        match self {
-            Router::Local(p) => p.watch_all(app, users, sub, true).await,
-            Router::Edge(e) => {
-                let Target::Local(out) = sub.to else {
-                    return Err(RouteError::Gone);
-                };
-                e.watch(app, users, sub.id, out).await
-            }
         }
     }
 

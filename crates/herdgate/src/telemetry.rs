@@ -147,7 +147,7 @@ fn describe() {
     );
     describe_counter!(
         "herdgate_accept_errors_total",
-        "accept() failures on the public listener (e.g. out of file descriptors)"
+        "accept() failures (e.g. out of file descriptors), by listener: public, admin or link"
     );
     describe_counter!(
         "herdgate_config_reloads_total",

@@ -30,11 +30,44 @@ impl ConnId {
     }
 }
 
-/// A presence member as announced by its `channel_data`.
-#[derive(Debug, Clone)]
+/// A presence member as announced by its `channel_data`. Between nodes it
+/// travels as `(user_id, raw user_info JSON)`, checked for JSON on arrival.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(into = "WireMember", try_from = "WireMember")]
 pub struct Member {
     pub user_id: Arc<str>,
     pub user_info: Option<Box<RawValue>>,
+}
+
+impl PartialEq for Member {
+    fn eq(&self, other: &Member) -> bool {
+        self.user_id == other.user_id
+            && self.user_info.as_ref().map(|i| i.get()) == other.user_info.as_ref().map(|i| i.get())
+    }
+}
+
+/// A member on the wire: user id and raw `user_info` JSON.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireMember(String, Option<String>);
+
+impl From<Member> for WireMember {
+    fn from(m: Member) -> WireMember {
+        WireMember(
+            m.user_id.to_string(),
+            m.user_info.map(|i| i.get().to_string()),
+        )
+    }
+}
+
+impl TryFrom<WireMember> for Member {
+    type Error = serde_json::Error;
+
+    fn try_from(w: WireMember) -> Result<Member, serde_json::Error> {
+        Ok(Member {
+            user_id: Arc::from(w.0),
+            user_info: w.1.map(RawValue::from_string).transpose()?,
+        })
+    }
 }
 
 /// A room is a channel within an app.
@@ -119,7 +152,7 @@ mod tests {
 /// A subscription that opted in to resume (docs/PROTOCOL.md "History and
 /// resume"): its channel events carry their serial, and with `since` the
 /// owner first replays what followed that position.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Resume {
     pub since: Option<Position>,
     /// At most this many bytes, and this many events, of replay: what the
@@ -129,7 +162,7 @@ pub struct Resume {
 }
 
 /// Where a client was in a channel: the last serial it saw, in which epoch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub serial: u64,
     pub epoch: String,

@@ -150,6 +150,24 @@ impl AsyncRead for ChunkedReader {
     }
 }
 
+/// A tokio runtime's context for the calling thread, entered while the
+/// guard lives: code under test may create timers (`tokio::time::timeout`)
+/// even though [`block_on`] polls it without a runtime. The clock is paused
+/// and never advanced here, so no timer fires: a future that would wait on
+/// one stays pending, and [`block_on`]'s limit catches it.
+pub fn timers() -> tokio::runtime::EnterGuard<'static> {
+    thread_local! {
+        static RT: &'static tokio::runtime::Runtime = Box::leak(Box::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("a current-thread runtime"),
+        ));
+    }
+    RT.with(|rt| rt.enter())
+}
+
 /// Poll `f` with a no-op waker until it is ready, at most `limit` times
 /// (a future that stays pending on an input that is all there hangs).
 pub fn block_on<F: Future>(f: F, limit: usize) -> Option<F::Output> {

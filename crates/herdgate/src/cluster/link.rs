@@ -9,7 +9,7 @@
 //! best-effort frames are refused when the queue is full, and the caller
 //! names the policy (a worker closes a link it cannot keep up with).
 
-use crate::op::{Answer, Ask, Tell};
+use crate::op::{Answer, Ask, Join, Tell};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -28,14 +28,6 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// List and user replies are cut into pages of at most this many bytes of
 /// names, well under [`MAX_FRAME`].
 pub use crate::op::PAGE_BYTES;
-
-/// A presence member on the wire: user id and raw `user_info` JSON.
-pub type WireMember = (String, Option<String>);
-
-/// A registration that opted in to resume: the position to replay from
-/// (serial, epoch), if any, and the most bytes and events of replay its
-/// queue takes.
-pub type WireResume = (Option<(u64, String)>, u32, u32);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
@@ -83,19 +75,15 @@ pub enum Msg {
     },
 
     // ---- edge → worker
-    /// A socket joins a room. `id` ≠ 0 asks for [`Reply::Registered`].
-    Register {
+    /// Socket `conn` takes a place at the owner ([`Join`]): a room, a
+    /// sign-in, a watch. The worker first catches up to the sender's view
+    /// `rev`. `id` ≠ 0 asks for [`Reply::Registered`], sent in order with
+    /// what the owner sent the socket.
+    Join {
         id: u64,
-        app: String,
-        channel: String,
-        conn: u64,
-        member: Option<WireMember>,
-        max_members: u32,
-        events_max: Option<u32>,
-        mode: RegMode,
-        /// The sender's view: a worker behind it catches up before judging.
         rev: u64,
-        resume: Option<WireResume>,
+        conn: crate::types::ConnId,
+        join: Join,
     },
     /// What a socket let go of (leaving a room, signing out, unwatching a
     /// user): no answer; in link order with the socket's registrations.
@@ -115,28 +103,6 @@ pub enum Msg {
         /// An idempotency key: the room does not send a publish whose key
         /// it has seen within its window (and answers it as done).
         idem: Option<u64>,
-    },
-    /// `id` ≠ 0 asks for [`Reply::Registered`] (`false`: the user already
-    /// has `max` > 0 signed-in sockets). `silent`: re-homing, no watchlist
-    /// transition.
-    SignIn {
-        id: u64,
-        app: String,
-        user: String,
-        conn: u64,
-        rev: u64,
-        max: u32,
-        silent: bool,
-    },
-    /// Socket `conn` watches `users` (its sign-in's watchlist; all owned
-    /// by the receiver); with `announce` the worker tells it at once who
-    /// of them is online (`DeliverTo`, in order with later transitions).
-    Watch {
-        app: String,
-        users: Vec<String>,
-        conn: u64,
-        rev: u64,
-        announce: bool,
     },
     /// A question to the room's owner (or, for [`Ask::Rooms`], to each
     /// worker), answered with [`Reply::Answer`]. A list answer comes one
@@ -209,12 +175,12 @@ pub enum Msg {
     Fenced,
 }
 
-/// What a registration means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Why an edge registers a socket's places again (never on the wire: it
+/// decides the [`Join`]s' `silent`/`announce` the edge sends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegMode {
-    /// A socket subscribes: it is answered, its member announced.
-    Join,
-    /// Its room moved here: nothing is announced (its members are known).
+    /// Its room moved to this worker: nothing is announced (its members
+    /// are known).
     Move,
     /// Its edge's link came back: members the room does not have are
     /// announced (unless the room is still being handed over); the socket
@@ -695,17 +661,32 @@ mod tests {
                 nonce: [7; 16],
                 proof: Some([1; 32]),
             },
-            Msg::Register {
+            Msg::Join {
                 id: 3,
-                app: "1".into(),
-                channel: "presence-x".into(),
-                conn: 42,
-                member: Some(("u".into(), Some("{\"n\":1}".into()))),
-                max_members: 100,
-                events_max: None,
-                mode: RegMode::Join,
                 rev: 3,
-                resume: Some((Some((17, "e9".into())), 65536, 200)),
+                conn: crate::types::ConnId(42),
+                join: Join::Room {
+                    room: crate::types::RoomKey {
+                        app: "1".into(),
+                        channel: "presence-x".into(),
+                    },
+                    member: Some(crate::types::Member {
+                        user_id: "u".into(),
+                        user_info: Some(
+                            serde_json::value::RawValue::from_string("{\"n\":1}".into()).unwrap(),
+                        ),
+                    }),
+                    max_members: 100,
+                    shed: crate::types::Shed::default(),
+                    resume: Some(crate::types::Resume {
+                        since: Some(crate::types::Position {
+                            serial: 17,
+                            epoch: "e9".into(),
+                        }),
+                        max_bytes: 65536,
+                        max_events: 200,
+                    }),
+                },
             },
             Msg::Deliver {
                 app: "1".into(),
@@ -740,21 +721,25 @@ mod tests {
                 rev: 8,
                 idem: Some(0xfeed),
             },
-            Msg::SignIn {
+            Msg::Join {
                 id: 11,
-                app: "1".into(),
-                user: "u".into(),
-                conn: 42,
                 rev: 8,
-                max: 3,
-                silent: false,
+                conn: crate::types::ConnId(42),
+                join: Join::SignIn {
+                    room: crate::types::RoomKey::user(&"1".into(), "u"),
+                    max: 3,
+                    silent: false,
+                },
             },
-            Msg::Watch {
-                app: "1".into(),
-                users: vec!["w".into(), "v".into()],
-                conn: 42,
+            Msg::Join {
+                id: 0,
                 rev: 8,
-                announce: true,
+                conn: crate::types::ConnId(42),
+                join: Join::Watch {
+                    app: "1".into(),
+                    users: vec!["w".into(), "v".into()],
+                    announce: true,
+                },
             },
             Msg::DeliverAck {
                 ids: vec![(9, true), (10, false)],

@@ -67,7 +67,18 @@ pub(super) fn render(errors: &[ConfigError]) -> String {
 pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
     let mut errs = Vec::new();
     let mut err = |k: &str, m: String| errs.push(ConfigError::new(k, m));
+    validate_server(c, &mut err);
+    validate_limits(&c.limits, &mut err);
+    validate_overload(&c.overload, &mut err);
+    validate_cluster(&c.cluster, &mut err);
+    validate_log(c, &mut err);
+    validate_apps(c, &mut err);
+    validate_webhooks(&c.webhooks, &mut err);
+    errs
+}
 
+/// `[server]` and `[tls]`: addresses, sizes, timeouts.
+fn validate_server(c: &Config, err: &mut impl FnMut(&str, String)) {
     if c.server.listen.parse::<SocketAddr>().is_err() {
         err(
             "server.listen",
@@ -117,8 +128,16 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             err(key, "must be greater than zero".into());
         }
     }
+    if let Some(tls) = &c.tls {
+        if tls.handshake_timeout.get().is_zero() {
+            err("tls.handshake_timeout", "must be greater than zero".into());
+        }
+    }
+}
 
-    let l = &c.limits;
+/// `[limits]`: every bound is positive, and the ones that must hold one
+/// another do.
+fn validate_limits(l: &super::LimitsConfig, err: &mut impl FnMut(&str, String)) {
     for (key, v) in [
         ("limits.max_connections", l.max_connections),
         ("limits.max_handshakes", l.max_handshakes),
@@ -186,7 +205,11 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             "rate and limits.new_connections_burst must be greater than zero".into(),
         );
     }
-    let o = &c.overload;
+}
+
+/// `[overload]`: thresholds ascend, and no shedding rule touches an
+/// essential channel.
+fn validate_overload(o: &super::OverloadConfig, err: &mut impl FnMut(&str, String)) {
     if o.sample_interval.get() < std::time::Duration::from_millis(10) {
         err("overload.sample_interval", "must be at least 10ms".into());
     }
@@ -231,7 +254,9 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             "must be greater than zero".into(),
         );
     }
-    validate_cluster(&c.cluster, &mut err);
+}
+
+fn validate_log(c: &Config, err: &mut impl FnMut(&str, String)) {
     if super::log_filter(&c.log.level).is_err() {
         err(
             "log.level",
@@ -244,12 +269,10 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
     if let Some(problem) = c.log.format.problem() {
         err("log.format", problem);
     }
+}
 
-    if let Some(tls) = &c.tls {
-        if tls.handshake_timeout.get().is_zero() {
-            err("tls.handshake_timeout", "must be greater than zero".into());
-        }
-    }
+/// `[[apps]]`: unique ids and keys, and per-app limits that fit the node's.
+fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
     if c.apps.is_empty() {
         err("apps", "at least one [[apps]] entry is required".into());
     }
@@ -347,11 +370,9 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
             );
         }
         for (j, hook) in app.webhooks.iter().enumerate() {
-            validate_webhook(hook, &format!("apps[{i}].webhooks[{j}]"), &mut err);
+            validate_webhook(hook, &format!("apps[{i}].webhooks[{j}]"), err);
         }
     }
-    validate_webhooks(&c.webhooks, &mut err);
-    errs
 }
 
 /// The largest `pusher_internal:subscription_succeeded` of a presence

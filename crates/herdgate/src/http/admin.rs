@@ -25,38 +25,31 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     // The status page's samples live as long as the listener and are shared
     // by every viewer, so more viewers never mean more sampling.
     let page = Arc::new(StatusPage::default());
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shared.stopped.cancelled() => return,
-        };
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shared.stopped.cancelled() => return,
-        };
-        let (shared, page) = (shared.clone(), page.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let (shared, page) = (shared.clone(), page.clone());
-                async move { Ok::<_, Infallible>(respond(&req, &shared, &page).await) }
+    let stop = shared.stopped.clone();
+    crate::accept::run(
+        listener,
+        stop,
+        "admin",
+        move || permits.clone().acquire_owned(),
+        |stream, _, permit| {
+            let (shared, page) = (shared.clone(), page.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let (shared, page) = (shared.clone(), page.clone());
+                    async move { Ok::<_, Infallible>(respond(&req, &shared, &page).await) }
+                });
+                let mut b = http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5));
+                let conn = b.serve_connection(TokioIo::new(stream), svc);
+                // A scrape or probe takes milliseconds; an idle keep-alive gets
+                // at most this long before its place goes to the next one.
+                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                drop(permit);
             });
-            let mut b = http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5));
-            let conn = b.serve_connection(TokioIo::new(stream), svc);
-            // A scrape or probe takes milliseconds; an idle keep-alive gets
-            // at most this long before its place goes to the next one.
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-            drop(permit);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 /// Whether `host` (a `Host` header) names this listener: an IP literal

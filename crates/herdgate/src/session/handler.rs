@@ -6,7 +6,7 @@
 
 use super::{Channel, End, Session};
 use crate::auth;
-use crate::op::Tell;
+use crate::op::{Join, Tell};
 use crate::protocol::{self, codes, names, names::ChannelKind};
 use crate::types::{RoomKey, RouteError};
 use serde_json::value::RawValue;
@@ -198,19 +198,14 @@ impl Session {
             app: self.app.id.clone(),
             channel: name.clone(),
         };
-        match self
-            .shared
-            .router
-            .subscribe(
-                room,
-                self.subscriber(),
-                member,
-                max_members,
-                self.shed(),
-                resume,
-            )
-            .await
-        {
+        let join = Join::Room {
+            room,
+            member,
+            max_members: max_members.min(u32::MAX as usize) as u32,
+            shed: self.shed(),
+            resume,
+        };
+        match self.shared.router.join(join, self.subscriber()).await {
             Ok(true) => {
                 // Most sockets hold one channel: room for exactly that first.
                 if self.channels.is_empty() {
@@ -323,15 +318,12 @@ impl Session {
         if let Some(old) = self.user.take() {
             old.release(router, &self.app.id, self.id).await;
         }
-        match router
-            .sign_in(
-                &self.app.id,
-                &id,
-                self.subscriber(),
-                f.max_connections_per_user,
-            )
-            .await
-        {
+        let join = Join::SignIn {
+            room: RoomKey::user(&self.app.id, &id),
+            max: f.max_connections_per_user.min(u32::MAX as usize) as u32,
+            silent: false,
+        };
+        match router.join(join, self.subscriber()).await {
             Ok(true) => {}
             Ok(false) => {
                 let why = "the user has too many connections";
@@ -357,11 +349,13 @@ impl Session {
         }));
         // After signin_success: the owners of the watched users tell this
         // socket who is online, then every transition.
-        if !watched.is_empty()
-            && router
-                .watch(&self.app.id, &watched, self.subscriber())
-                .await
-                .is_err()
+        let watch = Join::Watch {
+            app: self.app.id.clone(),
+            users: watched,
+            announce: true,
+        };
+        if !matches!(&watch, Join::Watch { users, .. } if users.is_empty())
+            && router.join(watch, self.subscriber()).await.is_err()
         {
             return Err(End::shutdown());
         }

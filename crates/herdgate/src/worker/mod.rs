@@ -19,7 +19,7 @@ pub use pool::{Item, Pool};
 pub use room::Delivery;
 pub use target::{RemoteEdge, Sent, Target};
 
-use crate::op::{Answer, Ask, Tell};
+use crate::op::{Answer, Ask, Join, Tell};
 use crate::outbound::Outbound;
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, Shed};
@@ -49,20 +49,12 @@ impl Subscriber {
 }
 
 pub enum Command {
-    /// `max_members` caps distinct users in a presence room: the limit in
-    /// force where the socket subscribed, so a reload applies without
-    /// touching the workers.
-    Subscribe {
-        room: RoomKey,
+    /// A place a socket takes ([`Join`]), decided in [`Worker::joined`];
+    /// `reply` is told whether it was taken (refused: the socket was sent
+    /// why first), from the room's task, after what the room sent the socket.
+    Join {
+        join: Join,
         sub: Subscriber,
-        member: Option<Member>,
-        max_members: usize,
-        shed: Shed,
-        /// Opted in to resume (docs/PROTOCOL.md "History and resume").
-        resume: Option<Resume>,
-        /// Told whether the socket is subscribed (refused: its
-        /// `subscription_error` was queued to it first), from the room's
-        /// task, after what the room sent the socket.
         reply: Option<Decided>,
     },
     /// What a socket let go of ([`Tell`]), handled in [`Worker::told`].
@@ -87,26 +79,6 @@ pub enum Command {
     Ask {
         ask: Ask,
         reply: oneshot::Sender<Answer>,
-    },
-    /// A socket signed in as a user; `room` is that user's `#server-to-user-` channel.
-    /// `max` (> 0) caps the user's signed-in sockets: beyond it the reply
-    /// is `false` and nothing is recorded. `silent`: re-homing, no
-    /// watchlist transition.
-    SignIn {
-        room: RoomKey,
-        sub: Subscriber,
-        max: usize,
-        silent: bool,
-        reply: Option<oneshot::Sender<bool>>,
-    },
-    /// `sub` watches the users of `rooms` (their `#server-to-user-`
-    /// channels, all owned here): told `online`/`offline` on every
-    /// transition, and — with `announce` — at once, in one frame, who of
-    /// them is online and who offline (in order with any later transition).
-    Watch {
-        rooms: Vec<RoomKey>,
-        sub: Subscriber,
-        announce: bool,
     },
     /// Drop every socket of an edge. Its link gone for good (`silent:
     /// false`): members held only by it are removed with member_removed to
@@ -280,20 +252,7 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Subscribe {
-                room,
-                sub,
-                member,
-                max_members,
-                shed,
-                resume,
-                reply,
-            } => {
-                let ok = self.subscribe(room, sub, member, max_members, shed, resume);
-                if let Some(answer) = reply {
-                    answer(ok);
-                }
-            }
+            Command::Join { join, sub, reply } => self.joined(join, sub, reply),
             Command::Tell(tell) => self.told(tell),
             Command::Publish {
                 room,
@@ -381,51 +340,6 @@ impl Worker {
             }
             Command::Ask { ask, reply } => {
                 let _ = reply.send(self.answer(ask));
-            }
-            Command::SignIn {
-                room,
-                sub,
-                max,
-                silent,
-                reply,
-            } => {
-                let socks = self.users.entry(room.clone()).or_default();
-                let was_online = !socks.is_empty();
-                let ok = max == 0 || socks.len() < max || socks.contains_key(&sub.id);
-                if ok {
-                    socks.insert(sub.id, sub.to);
-                } else if socks.is_empty() {
-                    self.users.remove(&room);
-                }
-                if let Some(r) = reply {
-                    let _ = r.send(ok);
-                }
-                if ok && !was_online && !silent {
-                    self.user_transition(&room, true);
-                }
-            }
-            Command::Watch {
-                rooms,
-                sub,
-                announce,
-            } => {
-                let (mut online, mut offline) = (Vec::new(), Vec::new());
-                for room in &rooms {
-                    let user = user_of(room);
-                    if self.users.get(room).is_some_and(|s| !s.is_empty()) {
-                        online.push(user);
-                    } else {
-                        offline.push(user);
-                    }
-                    self.watchers
-                        .entry(room.clone())
-                        .or_default()
-                        .insert(sub.id, sub.to.clone());
-                }
-                if let (true, Some(first)) = (announce, rooms.first()) {
-                    let frame = protocol::watchlist_events(&online, &offline);
-                    sub.to.push_one(first, sub.id, &frame);
-                }
             }
             Command::PurgeEdge { edge, silent } => self.purge_edge(edge, silent),
             Command::FlushWebhooks { done } => {

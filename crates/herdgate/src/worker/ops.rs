@@ -1,15 +1,96 @@
-//! How a worker answers each [`Ask`] and takes each [`Tell`]: one method
-//! per operation, each touching only the state it names. Runs on the
-//! worker's task, in mailbox order.
+//! How a worker decides each [`Join`], answers each [`Ask`] and takes each
+//! [`Tell`]: one method per operation, each touching only the state it
+//! names. Runs on the worker's task, in mailbox order.
 
-use super::{info, Worker};
-use crate::op::{Answer, Ask, Since, Tell, PAGE_BYTES};
+use super::{info, user_of, Decided, Subscriber, Worker};
+use crate::op::{Answer, Ask, Join, Since, Tell, PAGE_BYTES};
 use crate::outbound::CloseOrder;
 use crate::protocol;
 use crate::types::{ConnId, RoomKey};
 use std::sync::Arc;
 
 impl Worker {
+    pub(super) fn joined(&mut self, join: Join, sub: Subscriber, reply: Option<Decided>) {
+        match join {
+            Join::Room {
+                room,
+                member,
+                max_members,
+                shed,
+                resume,
+            } => {
+                let ok = self.subscribe(room, sub, member, max_members as usize, shed, resume);
+                if let Some(reply) = reply {
+                    reply(ok);
+                }
+            }
+            Join::SignIn { room, max, silent } => {
+                self.sign_in(room, sub, max as usize, silent, reply)
+            }
+            Join::Watch {
+                app,
+                users,
+                announce,
+            } => {
+                self.watch(&app, &users, sub, announce);
+                if let Some(reply) = reply {
+                    reply(true);
+                }
+            }
+        }
+    }
+
+    /// Record a signed-in socket unless the user is at `max` (> 0); the
+    /// user's first socket makes them online (unless `silent`), after the
+    /// answer.
+    fn sign_in(
+        &mut self,
+        room: RoomKey,
+        sub: Subscriber,
+        max: usize,
+        silent: bool,
+        reply: Option<Decided>,
+    ) {
+        let socks = self.users.entry(room.clone()).or_default();
+        let was_online = !socks.is_empty();
+        let ok = max == 0 || socks.len() < max || socks.contains_key(&sub.id);
+        if ok {
+            socks.insert(sub.id, sub.to);
+        } else if socks.is_empty() {
+            self.users.remove(&room);
+        }
+        if let Some(reply) = reply {
+            reply(ok);
+        }
+        if ok && !was_online && !silent {
+            self.user_transition(&room, true);
+        }
+    }
+
+    /// The socket watches `users` (all owned here); with `announce` it is
+    /// told at once, in one frame, who of them is online and who offline (in
+    /// order with any later transition).
+    fn watch(&mut self, app: &Arc<str>, users: &[Arc<str>], sub: Subscriber, announce: bool) {
+        let rooms: Vec<RoomKey> = users.iter().map(|u| RoomKey::user(app, u)).collect();
+        let (mut online, mut offline) = (Vec::new(), Vec::new());
+        for room in &rooms {
+            let user = user_of(room);
+            if self.users.get(room).is_some_and(|s| !s.is_empty()) {
+                online.push(user);
+            } else {
+                offline.push(user);
+            }
+            self.watchers
+                .entry(room.clone())
+                .or_default()
+                .insert(sub.id, sub.to.clone());
+        }
+        if let (true, Some(first)) = (announce, rooms.first()) {
+            let frame = protocol::watchlist_events(&online, &offline);
+            sub.to.push_one(first, sub.id, &frame);
+        }
+    }
+
     pub(super) fn answer(&mut self, ask: Ask) -> Answer {
         match ask {
             Ask::Info { room } => Answer::Info(self.rooms.get(&room).map(info).unwrap_or_default()),

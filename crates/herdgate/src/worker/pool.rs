@@ -2,11 +2,13 @@
 //! ring gives it. A standalone node's router and a cluster worker node both
 //! drive rooms through this.
 
-use super::{spawn, Command, Delivery, LoadProbe, Mailbox, Policies, Subscriber, WebhookTaps};
-use crate::op::{Answer, Ask, Scope, Tell};
+use super::{
+    spawn, Command, Decided, Delivery, LoadProbe, Mailbox, Policies, Subscriber, WebhookTaps,
+};
+use crate::op::{Answer, Ask, Join, Scope, Tell};
 use crate::protocol::Frame;
 use crate::ring::{Ring, DEFAULT_VNODES};
-use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, RoomKey, RouteError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::error::SendTimeoutError;
@@ -132,57 +134,72 @@ impl Pool {
         }
     }
 
-    /// Whether the socket is subscribed (refused: its `subscription_error`
-    /// is queued to it). A silent registration is not answered: `Ok(true)`.
-    pub async fn subscribe(
-        &self,
-        room: RoomKey,
-        sub: Subscriber,
-        member: Option<Member>,
-        max_members: usize,
-        shed: Shed,
-        resume: Option<Resume>,
-    ) -> Result<bool, RouteError> {
-        if shed.silent {
-            self.subscribe_start(room, sub, member, max_members, shed, resume, None)
-                .await?;
+    /// Take a place for a socket and wait for the owner's decision:
+    /// `Ok(false)` when refused (a subscription's `subscription_error` is
+    /// queued to the socket first). A join nobody answers (a silent
+    /// re-homing, a watch) is `Ok(true)` once queued.
+    pub async fn join(&self, join: Join, sub: Subscriber) -> Result<bool, RouteError> {
+        if !join.answered() {
+            self.join_start(join, sub, None).await?;
             return Ok(true);
         }
         let (tx, rx) = oneshot::channel();
-        let answer: super::Decided = Box::new(move |ok| {
+        let reply: Decided = Box::new(move |ok| {
             let _ = tx.send(ok);
         });
-        self.subscribe_start(room, sub, member, max_members, shed, resume, Some(answer))
-            .await?;
+        self.join_start(join, sub, Some(reply)).await?;
         rx.await.map_err(|_| RouteError::Gone)
     }
 
-    /// Queue a subscription in order; the room calls `answer` once it has
-    /// decided, in order with everything it sends (a link handler answers
-    /// its edge from there, so the answer precedes the room's next events
-    /// on the link).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn subscribe_start(
+    /// Queue a join in order, waiting for mailbox space; the owner calls
+    /// `reply` once it has decided, in order with everything it sends (a
+    /// link handler answers its edge from there, so the answer precedes the
+    /// room's next events on the link). A watch goes to each owning worker,
+    /// one message each.
+    pub async fn join_start(
         &self,
-        room: RoomKey,
+        join: Join,
         sub: Subscriber,
-        member: Option<Member>,
-        max_members: usize,
-        shed: Shed,
-        resume: Option<Resume>,
-        answer: Option<super::Decided>,
+        reply: Option<Decided>,
     ) -> Result<(), RouteError> {
-        let tx = answer;
-        let cmd = Command::Subscribe {
-            room: room.clone(),
-            sub,
-            member,
-            max_members,
-            shed,
-            resume,
-            reply: tx,
+        let Join::Watch {
+            app,
+            users,
+            announce,
+        } = join
+        else {
+            let owner = self.owner(join.room().expect("a room or a sign-in has a room"));
+            let cmd = Command::Join { join, sub, reply };
+            return owner.send(cmd).await.map_err(|_| RouteError::Gone);
         };
-        self.send(&room, cmd).await
+        let mut by_worker: Vec<Vec<Arc<str>>> =
+            (0..self.workers.len()).map(|_| Vec::new()).collect();
+        for u in users {
+            by_worker[self.owner_index(&RoomKey::user(&app, &u))].push(u);
+        }
+        for (w, users) in by_worker.into_iter().enumerate() {
+            if users.is_empty() {
+                continue;
+            }
+            let join = Join::Watch {
+                app: app.clone(),
+                users,
+                announce,
+            };
+            let cmd = Command::Join {
+                join,
+                sub: sub.clone(),
+                reply: None,
+            };
+            self.workers[w]
+                .send(cmd)
+                .await
+                .map_err(|_| RouteError::Gone)?;
+        }
+        if let Some(reply) = reply {
+            reply(true);
+        }
+        Ok(())
     }
 
     /// Tell the room's owner what a socket let go of, waiting for mailbox
@@ -332,81 +349,6 @@ impl Pool {
         let mut answer = answer.ok_or(RouteError::Gone)?;
         answer.settle();
         Ok(answer)
-    }
-
-    /// Sign a socket in; `Ok(false)` when the user already has `max` (> 0)
-    /// signed-in sockets.
-    pub async fn sign_in(
-        &self,
-        app: &Arc<str>,
-        user: &str,
-        sub: Subscriber,
-        max: usize,
-    ) -> Result<bool, RouteError> {
-        match self.sign_in_start(app, user, sub, max, false, true).await? {
-            Some(rx) => rx.await.map_err(|_| RouteError::Gone),
-            None => Ok(true),
-        }
-    }
-
-    /// Queue a sign-in in order; where its answer comes (if `answer`).
-    pub async fn sign_in_start(
-        &self,
-        app: &Arc<str>,
-        user: &str,
-        sub: Subscriber,
-        max: usize,
-        silent: bool,
-        answer: bool,
-    ) -> Result<Option<oneshot::Receiver<bool>>, RouteError> {
-        let room = RoomKey::user(app, user);
-        let (tx, rx) = if answer {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let cmd = Command::SignIn {
-            room: room.clone(),
-            sub,
-            max,
-            silent,
-            reply: tx,
-        };
-        self.send(&room, cmd).await?;
-        Ok(rx)
-    }
-
-    /// `sub` watches `users`: one Watch per owning worker, each telling
-    /// the socket at once (with `announce`) who of its users is online.
-    pub async fn watch_all(
-        &self,
-        app: &Arc<str>,
-        users: &[Arc<str>],
-        sub: Subscriber,
-        announce: bool,
-    ) -> Result<(), RouteError> {
-        let mut by_worker: Vec<Vec<RoomKey>> =
-            (0..self.workers.len()).map(|_| Vec::new()).collect();
-        for u in users {
-            let room = RoomKey::user(app, u);
-            by_worker[self.owner_index(&room)].push(room);
-        }
-        for (w, rooms) in by_worker.into_iter().enumerate() {
-            if rooms.is_empty() {
-                continue;
-            }
-            let cmd = Command::Watch {
-                rooms,
-                sub: sub.clone(),
-                announce,
-            };
-            self.workers[w]
-                .send(cmd)
-                .await
-                .map_err(|_| RouteError::Gone)?;
-        }
-        Ok(())
     }
 
     /// Drop every socket of an edge, in every worker (`silent`: see

@@ -12,7 +12,7 @@ import { chromium } from 'playwright-core';
 
 export function requireEnv(name) {
   const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set: run these tests through \`cargo test -p herdgate --test browser\``);
+  if (!v) throw new Error(`${name} is not set: run these tests through \`cargo test -p herdgate --test ops browser::\``);
   return v;
 }
 

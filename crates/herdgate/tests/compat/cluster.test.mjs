@@ -1,5 +1,5 @@
 // pusher-js clients on two different edges of a cluster (2 edges, 3 workers,
-// real processes started by tests/compat.rs): shared presence and private
+// real processes started by tests/integration/compat.rs): shared presence and private
 // rooms, member and client events across edges, publishes through either
 // edge reaching everyone exactly once, the same query answers on both edges.
 

@@ -17,8 +17,9 @@ use crate::cluster::membership::{boot_nanos, freeze::PeerSays};
 use crate::cluster::tls::LinkIo;
 use crate::cluster::view::NodeId;
 use crate::config::LINK_RECONNECT_CAP;
+use crate::op::Join;
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, Resume, RoomKey};
+use crate::types::{ConnId, Resume, RoomKey, Shed};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -97,94 +98,66 @@ impl Receipts for WorkerLink {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn register_msg(
-    id: u64,
-    rev: u64,
-    room: &RoomKey,
-    conn: ConnId,
-    member: Option<&Member>,
-    max_members: usize,
-    events_max: Option<usize>,
-    mode: RegMode,
-    resume: Option<&Resume>,
-) -> Msg {
-    Msg::Register {
-        id,
-        app: room.app.to_string(),
-        channel: room.channel.to_string(),
-        conn: conn.0,
-        member: member.map(|m| {
-            (
-                m.user_id.to_string(),
-                m.user_info.as_ref().map(|i| i.get().to_string()),
-            )
-        }),
-        max_members: max_members as u32,
-        events_max: events_max.map(|m| m as u32),
-        mode,
-        rev,
-        resume: resume.map(|r| {
-            (
-                r.since.as_ref().map(|p| (p.serial, p.epoch.clone())),
-                r.max_bytes.min(u32::MAX as usize) as u32,
-                r.max_events.min(u32::MAX as usize) as u32,
-            )
-        }),
-    }
-}
-
-/// The frames that register `again` with a worker.
+/// The frame that registers `again` with a worker: nothing is answered.
+/// A re-homed subscription is silent (its members are known), a restored
+/// one announces members the room does not have; a re-homed sign-in is
+/// silent (the user was online already); a restored watch is told the
+/// current state (the link may have missed transitions).
 pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
-    match again {
-        Again::Sub { room, conn, sub } => register_msg(
-            0,
-            rev,
-            room,
+    let (conn, join) = match again {
+        Again::Sub { room, conn, sub } => (
             *conn,
-            sub.member.as_ref(),
-            sub.max_members,
-            None,
-            mode,
-            // Re-homed: it goes on getting serials, nothing is replayed.
-            sub.resume
-                .then_some(Resume {
+            Join::Room {
+                room: room.clone(),
+                member: sub.member.clone(),
+                max_members: sub.max_members as u32,
+                shed: Shed {
+                    member_events_max: None,
+                    silent: true,
+                    announce: mode == RegMode::Restore,
+                },
+                // Re-homed: it goes on getting serials, nothing is replayed.
+                resume: sub.resume.then_some(Resume {
                     since: None,
                     max_bytes: 0,
                     max_events: 0,
-                })
-                .as_ref(),
+                }),
+            },
         ),
-        Again::SignIn { room, conn } => Msg::SignIn {
-            id: 0,
-            app: room.app.to_string(),
-            user: user_of(room),
-            conn: conn.0,
-            rev,
-            max: 0,
-            // Re-homed: the user was online already.
-            silent: mode != RegMode::Restore,
-        },
-        Again::Watch { room, conn } => Msg::Watch {
-            app: room.app.to_string(),
-            users: vec![user_of(room)],
-            conn: conn.0,
-            rev,
-            // A link that comes back (`Restore`) may have missed transitions,
-            // or the first state of a watch made while it was down: the
-            // owner tells the current one (a sign-in restored after it is
-            // not silent, so a too-early "offline" is corrected). A re-home
-            // stays quiet: its sign-ins are silent.
-            announce: mode == RegMode::Restore,
-        },
+        Again::SignIn { room, conn } => (
+            *conn,
+            Join::SignIn {
+                room: room.clone(),
+                max: 0,
+                silent: mode != RegMode::Restore,
+            },
+        ),
+        Again::Watch { room, conn } => (
+            *conn,
+            Join::Watch {
+                app: room.app.clone(),
+                users: vec![Arc::from(user_of(room))],
+                // A link that comes back (`Restore`) may have missed
+                // transitions, or the first state of a watch made while it
+                // was down: the owner tells the current one (a sign-in
+                // restored after it is not silent, so a too-early "offline"
+                // is corrected). A re-home stays quiet: its sign-ins are silent.
+                announce: mode == RegMode::Restore,
+            },
+        ),
+    };
+    Msg::Join {
+        id: 0,
+        rev,
+        conn,
+        join,
     }
 }
 
-fn user_of(room: &RoomKey) -> String {
+fn user_of(room: &RoomKey) -> &str {
     room.channel
         .strip_prefix(crate::protocol::names::USER_CHANNEL_PREFIX)
         .unwrap_or(&room.channel)
-        .to_string()
 }
 
 /// Rooms `node` owns in the edge's applied view.

@@ -28,10 +28,10 @@ mod rooms;
 use super::link::{LinkTx, Msg, Refusal, Reply, SendError};
 use super::membership::Membership;
 use super::view::{NodeId, View};
-use crate::op::{Answer, Ask, Scope, Tell};
+use crate::op::{Answer, Ask, Join, Scope, Tell};
 use crate::outbound::Outbound;
 use crate::protocol::Frame;
-use crate::types::{ConnId, Member, Resume, RoomKey, RouteError, Shed};
+use crate::types::{ConnId, Resume, RoomKey, RouteError, Shed};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use links::WorkerLink;
@@ -249,38 +249,66 @@ impl Edge {
         result
     }
 
+    /// Take a place for a socket of this edge at the owner: a
+    /// subscription, a sign-in, a watch. `Ok(false)`: refused.
+    pub async fn join(
+        &self,
+        join: Join,
+        conn: ConnId,
+        out: Arc<Outbound>,
+    ) -> Result<bool, RouteError> {
+        match join {
+            Join::Room {
+                room,
+                member,
+                max_members,
+                shed,
+                resume,
+            } => {
+                let sub = LocalSub {
+                    out,
+                    member,
+                    max_members: max_members as usize,
+                    resume: resume.is_some(),
+                };
+                self.subscribe(room, conn, sub, shed, resume).await
+            }
+            Join::SignIn { room, max, .. } => self.sign_in(room, conn, out, max).await,
+            Join::Watch { app, users, .. } => {
+                self.watch(&app, &users, conn, out).await;
+                Ok(true)
+            }
+        }
+    }
+
     /// Subscribe a socket: registered with the room's owner, recorded here
     /// once the owner confirmed it. `Ok(false)`: refused (its
     /// `subscription_error` reached the socket).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn subscribe(
+    async fn subscribe(
         &self,
         room: RoomKey,
         conn: ConnId,
-        out: Arc<Outbound>,
-        member: Option<Member>,
-        max_members: usize,
+        sub: LocalSub,
         shed: Shed,
         resume: Option<Resume>,
     ) -> Result<bool, RouteError> {
         let (_, tx) = self.route(&room)?;
         let id = self.pending.register(room.clone(), conn);
-        let msg = links::register_msg(
+        let msg = Msg::Join {
             id,
-            self.view.load().rev,
-            &room,
+            rev: self.view.load().rev,
             conn,
-            member.as_ref(),
-            max_members,
-            shed.member_events_max,
-            super::link::RegMode::Join,
-            resume.as_ref(),
-        );
-        let sub = LocalSub {
-            out,
-            member,
-            max_members,
-            resume: resume.is_some(),
+            join: Join::Room {
+                room: room.clone(),
+                member: sub.member.clone(),
+                max_members: sub.max_members as u32,
+                shed: Shed {
+                    member_events_max: shed.member_events_max,
+                    silent: false,
+                    announce: false,
+                },
+                resume,
+            },
         };
         let (done, answer) = tokio::sync::oneshot::channel();
         self.rooms
@@ -494,13 +522,12 @@ impl Edge {
 
     /// Sign a socket in at the user's owner; `Ok(false)` when the user
     /// already has `max` (> 0) signed-in sockets (nothing is recorded).
-    pub async fn sign_in(
+    async fn sign_in(
         &self,
         room: RoomKey,
-        user: &str,
         conn: ConnId,
         out: Arc<Outbound>,
-        max: usize,
+        max: u32,
     ) -> Result<bool, RouteError> {
         let (_, tx) = self.route(&room)?;
         self.rooms
@@ -513,15 +540,17 @@ impl Edge {
                 },
             )
             .await;
-        let (app, u, rev) = (room.app.to_string(), user.to_string(), self.view.load().rev);
-        let make = |id| Msg::SignIn {
-            id,
-            app,
-            user: u,
-            conn: conn.0,
-            rev,
-            max: max.min(u32::MAX as usize) as u32,
+        let rev = self.view.load().rev;
+        let join = Join::SignIn {
+            room: room.clone(),
+            max,
             silent: false,
+        };
+        let make = |id| Msg::Join {
+            id,
+            rev,
+            conn,
+            join,
         };
         let answer = self.request(&tx, make, REGISTER_WAIT).await;
         let ok = match answer {
@@ -553,15 +582,9 @@ impl Edge {
     /// Watch `users` for socket `conn`: recorded here (so the owners'
     /// notices reach the socket, and the watch moves with each user's
     /// room), then registered with each owner, one message per owner.
-    pub async fn watch(
-        &self,
-        app: &Arc<str>,
-        users: &[Arc<str>],
-        conn: ConnId,
-        out: Arc<Outbound>,
-    ) -> Result<(), RouteError> {
+    async fn watch(&self, app: &Arc<str>, users: &[Arc<str>], conn: ConnId, out: Arc<Outbound>) {
         let view = self.view();
-        let mut by_owner: HashMap<NodeId, Vec<String>> = HashMap::new();
+        let mut by_owner: HashMap<NodeId, Vec<Arc<str>>> = HashMap::new();
         for u in users {
             let room = RoomKey::user(app, u);
             self.rooms
@@ -575,27 +598,26 @@ impl Edge {
                 )
                 .await;
             if let Some(owner) = view.owner(&room) {
-                by_owner
-                    .entry(owner.clone())
-                    .or_default()
-                    .push(u.to_string());
+                by_owner.entry(owner.clone()).or_default().push(u.clone());
             }
         }
         for (owner, users) in by_owner {
             // An owner out of reach gets the watch when its link comes back
             // (links register all they own on connect).
             if let Some(tx) = self.link(&owner).and_then(|l| l.tx()) {
-                let msg = Msg::Watch {
-                    app: app.to_string(),
-                    users,
-                    conn: conn.0,
+                let msg = Msg::Join {
+                    id: 0,
                     rev: view.rev,
-                    announce: true,
+                    conn,
+                    join: Join::Watch {
+                        app: app.clone(),
+                        users,
+                        announce: true,
+                    },
                 };
                 let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
             }
         }
-        Ok(())
     }
 
     /// Tell `room`'s owner something it may miss: forgetting is recorded
@@ -604,6 +626,22 @@ impl Edge {
     async fn tell_owner(&self, room: &RoomKey, msg: Msg) {
         if let Ok((_, tx)) = self.route(room) {
             let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;
+        }
+    }
+
+    /// Leave the membership (etcd: revoke its lease, so its key goes at
+    /// once), waiting at most `within`. Called once its sockets are closed:
+    /// until its lease ran out, a worker draining meanwhile would wait for
+    /// this gone edge at every handover barrier (`handover_timeout`), and
+    /// publishes to the moving rooms would be refused meanwhile.
+    pub async fn leave(&self, within: Duration) {
+        let Some(control) = &self.membership.control else {
+            return; // static membership: nothing registered
+        };
+        let (done, left) = tokio::sync::oneshot::channel();
+        let leave = super::membership::Control::Leave { done };
+        if control.send(leave).await.is_ok() {
+            let _ = tokio::time::timeout(within, left).await;
         }
     }
 

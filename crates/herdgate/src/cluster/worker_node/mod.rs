@@ -22,17 +22,17 @@ mod link;
 pub mod scale;
 
 use super::link::{
-    proof, proof_ok, send_direct, LinkError, LinkRx, LinkTx, Msg, Refusal, RegMode, Reply,
-    PAGE_BYTES, VERSION,
+    proof, proof_ok, send_direct, LinkError, LinkRx, LinkTx, Msg, Refusal, Reply, PAGE_BYTES,
+    VERSION,
 };
 use super::membership::freeze::{self, PeerSays};
 use super::membership::{boot_nanos, Membership};
 use super::tls::{LinkIo, LinkTls};
 use super::view::{NodeId, View};
-use crate::op::{Ask, Scope};
+use crate::op::{Ask, Join, Scope};
 use crate::protocol::Frame;
 use crate::ring::room_hash;
-use crate::types::{ConnId, Member, RoomKey, Shed};
+use crate::types::{ConnId, RoomKey};
 use crate::worker::{Pool, RemoteEdge, Subscriber, Target};
 use link::EdgeLink;
 use std::collections::HashMap;
@@ -346,53 +346,46 @@ pub async fn serve(listener: TcpListener, cfg: WorkerNode) {
     }));
     let permits = Arc::new(Semaphore::new(HANDSHAKES));
     let per_peer = Arc::new(crate::admission::PerIp::default());
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("never closed"),
-            _ = cfg.closing.cancelled() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "link accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = cfg.closing.cancelled() => return,
-        };
-        let Some(place) = per_peer.try_take(peer.ip(), HANDSHAKES_PER_PEER) else {
-            metrics::counter!("herdgate_link_auth_failures_total").increment(1);
-            tracing::debug!(%peer, "too many link handshakes from this address");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (node, tls) = (node.clone(), tls.clone());
-        tokio::spawn(async move {
-            // One deadline before the peer is authenticated: TLS and Hello.
-            let deadline = tokio::time::Instant::now() + node.heartbeat * 4;
-            let (io, cert): (Box<dyn LinkIo>, _) = match tls {
-                Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-                    Ok(Ok(accepted)) => accepted,
-                    Ok(Err(e)) => {
-                        return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
-                    }
-                    Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
-                },
-                None => (Box::new(stream), None),
+    let stop = cfg.closing.clone();
+    crate::accept::run(
+        listener,
+        stop,
+        "link",
+        move || permits.clone().acquire_owned(),
+        |stream, peer, permit| {
+            let Some(place) = per_peer.try_take(peer.ip(), HANDSHAKES_PER_PEER) else {
+                metrics::counter!("herdgate_link_auth_failures_total").increment(1);
+                tracing::debug!(%peer, "too many link handshakes from this address");
+                return;
             };
-            let handshake = handshake(&node, io, cert, deadline).await;
-            drop(place);
-            match handshake {
-                Ok((rx, w, edge, heartbeat)) => {
-                    drop(permit);
-                    edge_connection(node, rx, w, edge, heartbeat).await
+            let _ = stream.set_nodelay(true);
+            let (node, tls) = (node.clone(), tls.clone());
+            tokio::spawn(async move {
+                // One deadline before the peer is authenticated: TLS and Hello.
+                let deadline = tokio::time::Instant::now() + node.heartbeat * 4;
+                let (io, cert): (Box<dyn LinkIo>, _) = match tls {
+                    Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                        Ok(Ok(accepted)) => accepted,
+                        Ok(Err(e)) => {
+                            return tracing::warn!(%peer, error = %e, "link TLS handshake refused")
+                        }
+                        Err(_) => return tracing::warn!(%peer, "link TLS handshake timed out"),
+                    },
+                    None => (Box::new(stream), None),
+                };
+                let handshake = handshake(&node, io, cert, deadline).await;
+                drop(place);
+                match handshake {
+                    Ok((rx, w, edge, heartbeat)) => {
+                        drop(permit);
+                        edge_connection(node, rx, w, edge, heartbeat).await
+                    }
+                    Err(e) => tracing::info!(%peer, error = %e, "link refused"),
                 }
-                Err(e) => tracing::info!(%peer, error = %e, "link refused"),
-            }
-        });
-    }
+            });
+        },
+    )
+    .await;
 }
 
 /// Re-judge the freeze a few times per heartbeat, so that it is decided
@@ -664,29 +657,6 @@ fn key(app: String, channel: String) -> RoomKey {
     }
 }
 
-/// Answer a request. On a full queue the link closes, as for any frame
-/// (the edge registers again; its request is answered 503 meanwhile).
-/// Answer a registration or sign-in (`id` > 0) once its worker has decided,
-/// off the link's read path; refuse it at once if the worker is gone.
-fn answer_registration(
-    link: &Arc<EdgeLink>,
-    id: u64,
-    started: Result<Option<tokio::sync::oneshot::Receiver<bool>>, crate::types::RouteError>,
-) {
-    match started {
-        Ok(Some(answer)) => {
-            let link = link.clone();
-            tokio::spawn(async move {
-                let ok = answer.await.unwrap_or(false);
-                reply(&link, id, Reply::Registered { ok });
-            });
-        }
-        Ok(None) => {}
-        Err(_) if id != 0 => refused(link, id, Refusal::Busy),
-        Err(_) => {}
-    }
-}
-
 fn reply(link: &EdgeLink, id: u64, reply: Reply) {
     link.send_msg(&Msg::Reply { id, reply });
 }
@@ -738,66 +708,68 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
     match msg {
         // Read ahead of processing (`read_ahead`): never queued here.
         Msg::Heartbeat { .. } => on_beat(node, link, &msg),
-        Msg::Register {
+        Msg::Join {
             id,
-            app,
-            channel,
-            conn,
-            member,
-            max_members,
-            events_max,
-            mode,
             rev,
-            resume,
+            conn,
+            join,
         } => {
-            let room = key(app, channel);
             node.catch_up(rev).await;
-            if !node.owns(&room) {
-                if id != 0 {
-                    refused(link, id, Refusal::NotOwner);
+            let join = match join {
+                Join::Watch {
+                    app,
+                    users,
+                    announce,
+                } => {
+                    // The users it owns; the edge sent the rest elsewhere.
+                    let users = users
+                        .into_iter()
+                        .filter(|u| node.owns(&RoomKey::user(&app, u)))
+                        .collect();
+                    Join::Watch {
+                        app,
+                        users,
+                        announce,
+                    }
                 }
-                return;
-            }
-            let member = member.map(|(user, info)| Member {
-                user_id: Arc::from(user),
-                user_info: info.and_then(|i| serde_json::value::RawValue::from_string(i).ok()),
-            });
+                Join::Room { ref room, .. } | Join::SignIn { ref room, .. } if !node.owns(room) => {
+                    if id != 0 {
+                        refused(link, id, Refusal::NotOwner);
+                    }
+                    return;
+                }
+                Join::Room {
+                    room,
+                    member,
+                    max_members,
+                    mut shed,
+                    resume,
+                } => {
+                    // A restored socket's member is news, unless the room is
+                    // being rebuilt from every edge's registrations right now.
+                    shed.announce &= node.serving(&room).is_ok();
+                    Join::Room {
+                        room,
+                        member,
+                        max_members,
+                        shed,
+                        resume,
+                    }
+                }
+                join @ Join::SignIn { .. } => join,
+            };
             let sub = Subscriber {
-                id: ConnId(conn),
+                id: conn,
                 to: target(),
             };
-            let shed = Shed {
-                member_events_max: events_max.map(|m| m as usize),
-                silent: mode != RegMode::Join,
-                // A restored socket's member is news, unless the room is
-                // being rebuilt from every edge's registrations right now.
-                announce: mode == RegMode::Restore && node.serving(&room).is_ok(),
-            };
-            let resume = resume.map(|(since, max_bytes, max_events)| crate::types::Resume {
-                since: since.map(|(serial, epoch)| crate::types::Position { serial, epoch }),
-                max_bytes: max_bytes as usize,
-                max_events: max_events as usize,
-            });
-            // Answered by the room's worker as it decides, so the answer is
-            // on the link after what the room sent the socket and before the
-            // room's next events (which the edge gives confirmed sockets only).
+            // Answered by the owner as it decides, so the answer is on the
+            // link after what the room sent the socket and before the room's
+            // next events (which the edge gives confirmed sockets only).
             let answer: Option<crate::worker::Decided> = (id != 0).then(|| {
                 let link = link.clone();
                 Box::new(move |ok| reply(&link, id, Reply::Registered { ok })) as _
             });
-            let started = node
-                .pool
-                .subscribe_start(
-                    room,
-                    sub,
-                    member,
-                    max_members as usize,
-                    shed,
-                    resume,
-                    answer,
-                )
-                .await;
-            if started.is_err() && id != 0 {
+            if node.pool.join_start(join, sub, answer).await.is_err() && id != 0 {
                 refused(link, id, Refusal::Busy);
             }
         }
@@ -890,56 +862,6 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 node.pool.barrier().await;
                 reply(&link, id, Reply::Done);
             });
-        }
-        Msg::SignIn {
-            id,
-            app,
-            user,
-            conn,
-            rev,
-            max,
-            silent,
-        } => {
-            let room = RoomKey::user(&Arc::from(app.as_str()), &user);
-            node.catch_up(rev).await;
-            if !node.owns(&room) {
-                if id != 0 {
-                    refused(link, id, Refusal::NotOwner);
-                }
-                return;
-            }
-            let sub = Subscriber {
-                id: ConnId(conn),
-                to: target(),
-            };
-            // Queued in link order; answered off the read path.
-            answer_registration(
-                link,
-                id,
-                node.pool
-                    .sign_in_start(&room.app, &user, sub, max as usize, silent, id != 0)
-                    .await,
-            );
-        }
-        Msg::Watch {
-            app,
-            users,
-            conn,
-            rev,
-            announce,
-        } => {
-            node.catch_up(rev).await;
-            let app: Arc<str> = Arc::from(app.as_str());
-            let users: Vec<Arc<str>> = users
-                .iter()
-                .filter(|u| node.owns(&RoomKey::user(&app, u)))
-                .map(|u| Arc::from(u.as_str()))
-                .collect();
-            let sub = Subscriber {
-                id: ConnId(conn),
-                to: target(),
-            };
-            let _ = node.pool.watch_all(&app, &users, sub, announce).await;
         }
         Msg::ViewAck { rev } => {
             if let Some(e) = lock(&node.edges).get_mut(&link.id) {

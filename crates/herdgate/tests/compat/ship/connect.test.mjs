@@ -1,6 +1,6 @@
 // A real pusher-js client and the official Node SDK against a herdgate
 // started from a shipped artifact (the container image's root filesystem,
-// the Debian package's installed files): tests/ship.rs starts it and points
+// the Debian package's installed files): tests/ops/ship.rs starts it and points
 // HERDGATE_* at it. Connect, a private and a presence subscription signed
 // with the app secret the artifact was given, a server event, a client event.
 

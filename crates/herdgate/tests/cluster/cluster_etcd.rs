@@ -15,13 +15,11 @@ use herdgate_testkit::process::Herdgate;
 use herdgate_testkit::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    crate::SERIAL.blocking_lock()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -79,6 +77,70 @@ async fn under_stream_with<Fut>(
 where
     Fut: std::future::Future<Output = ()>,
 {
+    under_stream_load(edges, name, rooms, per_edge, |_| during).await
+}
+
+/// The publish stream of a scenario: what the publishers were answered,
+/// and the publishers themselves — one per edge from the start, and any
+/// a scenario adds while it runs (more load), each stoppable on its own.
+struct Stream {
+    ledger: Arc<Mutex<Ledger>>,
+    rooms: Arc<Vec<String>>,
+    publishers: Mutex<Vec<Publisher>>,
+}
+
+/// A running publisher: its id, its stop flag, its task (until stopped and awaited).
+type Publisher = (usize, Arc<AtomicBool>, Option<tokio::task::JoinHandle<()>>);
+
+impl Stream {
+    /// Start publisher `id` (its events are ordered by `id`'s sequence)
+    /// through `api`, `pace` apart, into the ledger.
+    fn publish(&self, id: usize, api: Api, pace: Duration) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(publisher(
+            api,
+            id,
+            self.rooms.clone(),
+            stop.clone(),
+            pace,
+            self.ledger.clone(),
+        ));
+        self.publishers.lock().unwrap().push((id, stop, Some(task)));
+    }
+
+    /// Stop the publishers `which` picks and wait until each has had its
+    /// last answer (none is left with a request in flight).
+    async fn stop(&self, which: impl Fn(usize) -> bool) {
+        let tasks: Vec<_> = self
+            .publishers
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|(id, ..)| which(*id))
+            .filter_map(|(_, stop, task)| {
+                stop.store(true, Ordering::Relaxed);
+                task.take()
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+/// [`under_stream_with`], `during` given the stream so that it can add
+/// and stop publishers.
+async fn under_stream_load<F, Fut>(
+    edges: Edges,
+    name: &str,
+    rooms: Arc<Vec<String>>,
+    per_edge: usize,
+    during: F,
+) -> Verdict
+where
+    F: FnOnce(Arc<Stream>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut joining = Vec::new();
     for url in &edges.urls {
         for _ in 0..per_edge {
@@ -89,36 +151,26 @@ where
     for r in joining {
         readers.push(r.await.unwrap());
     }
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let stop = Arc::new(AtomicBool::new(false));
+    let stream = Arc::new(Stream {
+        ledger: Arc::new(Mutex::new(Ledger::default())),
+        rooms: rooms.clone(),
+        publishers: Mutex::new(Vec::new()),
+    });
     // `HERDGATE_TEST_PUBLISHERS` sequential publishers per edge (default
     // 1), each its own order: more make the stream denser.
     let per_edge_pubs: usize = std::env::var("HERDGATE_TEST_PUBLISHERS")
         .ok()
         .and_then(|k| k.parse().ok())
         .unwrap_or(1);
-    let pubs: Vec<_> = edges
-        .apis
-        .iter()
-        .flat_map(|(e, api)| (0..per_edge_pubs).map(move |k| (e * 100 + k, api)))
-        .map(|(id, api)| {
-            tokio::spawn(publisher(
-                api.clone(),
-                id,
-                rooms.clone(),
-                stop.clone(),
-                Duration::from_millis(10),
-                ledger.clone(),
-            ))
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    during.await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for p in pubs {
-        p.await.unwrap();
+    for (e, api) in &edges.apis {
+        for k in 0..per_edge_pubs {
+            stream.publish(e * 100 + k, api.clone(), Duration::from_millis(10));
+        }
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    during(stream.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream.stop(|_| true).await;
     let t = Instant::now();
     end_all(&edges.apis[0].1, &rooms).await;
     println!("{name}: end_all took {:?}", t.elapsed());
@@ -128,7 +180,7 @@ where
         assert_eq!(inbox.closed, None, "no reader socket was closed");
         inboxes.push(inbox);
     }
-    let ledger = ledger.lock().unwrap();
+    let ledger = stream.ledger.lock().unwrap();
     let v = check(&ledger, &inboxes);
     println!("{name}: {v:?}");
     assert_eq!(v.lost, 0, "{name}: acknowledged publishes lost");
@@ -690,13 +742,13 @@ fn scale_out_moves_rooms_only_into_the_new_worker_in_steps() {
     let rooms = rooms(60);
     let before: Vec<usize> = rooms.iter().map(|r| c.owner(0, r)).collect();
     let e = edges(&c);
-    let extra = "[cluster.scale]\nramp_steps = 4\nramp_interval = \"400ms\"\n";
     let mut w4 = None;
     let v = rt.block_on(under_stream(e, "scale-out 3 -> 4", rooms.clone(), async {
         w4 = Some(tokio::task::block_in_place(|| {
-            Herdgate::start(&worker_toml(&worker_name(3), &c.endpoints, "").replace(
-                "[cluster.scale]\nramp_steps = 1\nramp_interval = \"200ms\"\n",
-                extra,
+            Herdgate::start(&with_ramp(
+                &worker_toml(&worker_name(3), &c.endpoints, ""),
+                4,
+                "400ms",
             ))
         }));
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -776,6 +828,514 @@ fn scale_in_by_sigterm_hands_rooms_over_and_leaves() {
         "its key is gone"
     );
     c.wait_settled(2);
+}
+
+/// The rehearsal's controller: it samples and decides every `SYNC_TICKS`
+/// ticks of `TICK` (a sync every 500 ms; the HPA's default period is 15 s),
+/// and scales down only after `SCALE_DOWN_WINDOW` of lower recommendations
+/// (shipped: 600 s for workers, 900 s for edges; Kubernetes' default is
+/// 300 s). Between syncs, each tick watches the cluster change.
+const TICK: Duration = Duration::from_millis(50);
+const SYNC_TICKS: u32 = 10;
+const SCALE_DOWN_WINDOW: Duration = Duration::from_secs(4);
+/// Worker CPU is averaged over the last second (metrics-server: ~15 s).
+const CPU_WINDOW: Duration = Duration::from_secs(1);
+
+/// What the rehearsal saw, and when.
+#[derive(Default)]
+struct Rehearsal {
+    /// One line per controller sync.
+    log: Vec<String>,
+    worker_crossed: Option<Instant>,
+    worker_decided: Option<Instant>,
+    /// The new worker in the first edge's view (weight 0, joining).
+    worker_registered: Option<Instant>,
+    /// Active at full weight, linked, in every edge's view.
+    worker_full: Option<Instant>,
+    /// It holds rooms (`herdgate_channels` > 0).
+    worker_rooms: Option<Instant>,
+    /// It holds every room of the scenario its full weight gives it.
+    worker_spread: Option<Instant>,
+    /// Those rooms (by the first edge's view at full weight).
+    worker_owns: Vec<String>,
+    edge_crossed: Option<Instant>,
+    edge_decided: Option<Instant>,
+    /// The new edge ready (`/readyz`) and linked to every worker.
+    edge_ready: Option<Instant>,
+    fell: Option<Instant>,
+    worker_down: Option<Instant>,
+    /// The leaving worker out of the first edge's view.
+    worker_gone: Option<Instant>,
+    edge_down: Option<Instant>,
+    /// Weights of the new worker seen while it joined / left.
+    ramp: Vec<u64>,
+    drain: Vec<u64>,
+    drain_states: Vec<String>,
+    peak_publishers: usize,
+    peak_audience: usize,
+    /// Publishes refused (503, during moves) by the time of each mark:
+    /// decided, spread, down, gone.
+    refused: [usize; 4],
+    /// Whether the stopped edge's key was still in etcd at the first tick
+    /// after it exited (at most a tick, 0.5 s, after; its lease is 2 s).
+    edge_key_after_exit: Option<bool>,
+}
+
+impl Rehearsal {
+    fn since(&self, from: Option<Instant>, to: Option<Instant>) -> String {
+        match (from, to) {
+            (Some(f), Some(t)) => format!("{:.2} s", t.saturating_duration_since(f).as_secs_f64()),
+            _ => "—".into(),
+        }
+    }
+}
+
+/// A worker's entry in a node's cluster status.
+fn worker_in(status: &Value, id: &str) -> Option<Value> {
+    status["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["id"] == id)
+        .cloned()
+}
+
+/// The rehearsal itself (see the test below): plays both HPAs on `c`,
+/// driving the load on `stream`, until the added worker and edge are gone
+/// again. Returns the leaving worker's and edge's exits (status, time from
+/// SIGTERM).
+async fn rehearse(
+    c: &mut Cluster,
+    stream: Arc<Stream>,
+    r: &mut Rehearsal,
+) -> [(Option<std::process::ExitStatus>, Duration); 2] {
+    use herdgate_testkit::autoscaler::{CpuMeter, Targets};
+    let targets = Targets::REHEARSAL;
+    let mut workers_hpa = targets.workers(1, 2, SCALE_DOWN_WINDOW);
+    let mut edges_hpa = targets.edges(1, 2, SCALE_DOWN_WINDOW);
+    let start = Instant::now();
+    let at = |t: Instant| t.duration_since(start).as_secs_f64();
+    use tokio::task::block_in_place as block;
+    let meter = |pid| CpuMeter::new(pid, targets.worker_cpu_request, CPU_WINDOW);
+    let mut meters = vec![meter(c.worker(0).pid())];
+    let refused = || stream.ledger.lock().unwrap().refused.len();
+    // Running (not terminating) pods of each kind.
+    let (mut workers, mut edges) = (1usize, 1usize);
+    let mut audience: Vec<(usize, tokio::task::JoinHandle<()>)> = Vec::new();
+    let mut extra_publishers = 0usize;
+    let (mut worker_exit, mut edge_exit) = (None, None);
+    let (mut syncs, mut rise_syncs, mut peak_left) = (0u32, 0u32, 2u32);
+    let mut tick = 0u32;
+    loop {
+        tokio::time::sleep(TICK).await;
+        tick += 1;
+        let now = Instant::now();
+        assert!(
+            now - start < Duration::from_secs(60),
+            "the rehearsal did not finish in 60 s:\n{}",
+            r.log.join("\n")
+        );
+        if r.edge_key_after_exit.is_none()
+            && edge_exit
+                .as_ref()
+                .is_some_and(|h: &tokio::task::JoinHandle<_>| h.is_finished())
+        {
+            let key = block(|| c.etcd.get_prefix("/herdgate-test/edges/e2"));
+            r.edge_key_after_exit = Some(!key.is_empty());
+        }
+        // Between syncs: watch the new worker join and leave, and the new edge come up.
+        if r.worker_decided.is_some() && r.worker_full.is_none() {
+            let views: Vec<Value> = block(|| {
+                (0..c.edges.len())
+                    .filter(|e| c.edges[*e].is_some())
+                    .map(|e| c.edge_status(e))
+                    .collect()
+            });
+            if let Some(w) = worker_in(&views[0], "w2") {
+                r.worker_registered.get_or_insert(now);
+                let vnodes = w["vnodes"].as_u64().unwrap_or(0);
+                if r.ramp.last() != Some(&vnodes) {
+                    r.ramp.push(vnodes);
+                }
+            }
+            let full = views.iter().all(|v| {
+                worker_in(v, "w2").is_some_and(|w| {
+                    w["state"] == "active" && w["vnodes"] == 64 && w["link"] == "up"
+                })
+            });
+            if full {
+                r.worker_full = Some(now);
+                let view = view_from_status(&views[0]);
+                r.worker_owns = stream
+                    .rooms
+                    .iter()
+                    .filter(|room| view.owner_of(APP_ID, room).is_some_and(|o| &**o == "w2"))
+                    .cloned()
+                    .collect();
+            }
+        }
+        if r.worker_decided.is_some() && r.worker_spread.is_none() {
+            let held = block(|| metric(c.worker(1), "herdgate_channels"));
+            if held > 0.0 {
+                r.worker_rooms.get_or_insert(now);
+            }
+            if r.worker_full.is_some() && held >= r.worker_owns.len() as f64 {
+                r.worker_spread = Some(now);
+                r.refused[1] = refused();
+            }
+        }
+        if r.edge_decided.is_some() && r.edge_ready.is_none() {
+            let s = block(|| status_of(c.edge(1)));
+            let ws = s["cluster"]["workers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if s["ready"] == true && ws.len() == workers && ws.iter().all(|w| w["link"] == "up") {
+                r.edge_ready = Some(now);
+            }
+        }
+        if r.worker_down.is_some() && r.worker_gone.is_none() {
+            match worker_in(&block(|| c.edge_status(0)), "w2") {
+                Some(w) => {
+                    let vnodes = w["vnodes"].as_u64().unwrap_or(0);
+                    if r.drain.last() != Some(&vnodes) {
+                        r.drain.push(vnodes);
+                    }
+                    let state = w["state"].as_str().unwrap_or_default().to_string();
+                    if r.drain_states.last() != Some(&state) {
+                        r.drain_states.push(state);
+                    }
+                }
+                None => {
+                    r.worker_gone = Some(now);
+                    r.refused[3] = refused();
+                }
+            }
+        }
+        if r.worker_gone.is_some() && r.edge_down.is_some() {
+            break;
+        }
+        if tick % SYNC_TICKS != 0 {
+            continue;
+        }
+
+        // A controller sync: the metrics, the formula, the action.
+        syncs += 1;
+        let cpu: Vec<f64> = block(|| meters.iter_mut().filter_map(|m| m.sample()).collect());
+        let conns: Vec<f64> = block(|| {
+            (0..c.edges.len())
+                .filter(|e| c.edges[*e].is_some())
+                .map(|e| metric(c.edge(e), "herdgate_connections_open"))
+                .collect()
+        });
+        let dw = workers_hpa.decide(now, workers, &cpu);
+        let de = edges_hpa.decide(now, edges, &conns);
+        r.log.push(format!(
+            "{:6.2} s  workers {workers}: CPU {:?} % of {} core, ratio {:.2} -> {} (recommended {})  |  edges {edges}: connections {:?}, ratio {:.2} -> {} (recommended {})  |  load: +{extra_publishers} publishers, {} audience",
+            at(now),
+            cpu.iter().map(|u| (u * 100.0).round() as i64).collect::<Vec<_>>(),
+            targets.worker_cpu_request,
+            dw.ratio,
+            dw.desired,
+            dw.recommended,
+            conns.iter().map(|n| *n as i64).collect::<Vec<_>>(),
+            de.ratio,
+            de.desired,
+            de.recommended,
+            audience.len(),
+        ));
+        let rising = r.fell.is_none() && syncs > 3;
+        if syncs <= 3 {
+            assert!(
+                dw.desired == 1 && de.desired == 1,
+                "the baseline load scales nothing:\n{}",
+                r.log.join("\n")
+            );
+        }
+        if rising && dw.ratio > 1.0 {
+            r.worker_crossed.get_or_insert(now);
+        }
+        if rising && de.ratio > 1.0 {
+            r.edge_crossed.get_or_insert(now);
+        }
+        assert!(
+            (dw.desired >= workers && de.desired >= edges) || r.fell.is_some(),
+            "nothing scales down before the load falls:\n{}",
+            r.log.join("\n")
+        );
+        // Workers: a StatefulSet (one more ordinal; the highest one goes).
+        if dw.desired > workers {
+            r.worker_decided = Some(now);
+            r.refused[0] = refused();
+            let config = format!(
+                "{}[shutdown]\nderegister_delay = \"0s\"\ndrain_period = \"0s\"\n",
+                with_ramp(&worker_toml(&worker_name(1), &c.endpoints, ""), 4, "300ms")
+            );
+            let w2 = block(|| Herdgate::start(&config));
+            meters.push(meter(w2.pid()));
+            c.workers.push(Some(w2));
+            workers = 2;
+        } else if dw.desired < workers {
+            r.worker_down = Some(now);
+            r.refused[2] = refused();
+            let mut w2 = c.workers[1].take().expect("the added worker");
+            meters.pop();
+            workers = 1;
+            w2.signal(libc::SIGTERM);
+            worker_exit = Some(tokio::spawn(async move {
+                let t = Instant::now();
+                let status = w2.wait_exit(Duration::from_secs(30)).await;
+                (status, t.elapsed())
+            }));
+        }
+        // Edges: a Deployment (the newest pod goes first).
+        if de.desired > edges {
+            r.edge_decided = Some(now);
+            let e2 = block(|| Herdgate::start(&edge_toml(&edge_name(1), &c.endpoints, "")));
+            c.edges.push(Some(e2));
+            edges = 2;
+        } else if de.desired < edges {
+            r.edge_down = Some(now);
+            // Out of the Service first (a preStop), so no request is in flight.
+            stream.stop(|id| id >= 2000).await;
+            let mut e2 = c.edges[1].take().expect("the added edge");
+            edges = 1;
+            e2.signal(libc::SIGTERM);
+            edge_exit = Some(tokio::spawn(async move {
+                let t = Instant::now();
+                let status = e2.wait_exit(Duration::from_secs(30)).await;
+                (status, t.elapsed())
+            }));
+        }
+
+        // The load: rising until both have scaled out (and two syncs more,
+        // the peak), held until the new capacity serves, then falling.
+        if rising && peak_left > 0 {
+            if r.worker_decided.is_some() && r.edge_decided.is_some() {
+                peak_left -= 1;
+            }
+            rise_syncs += 1;
+            assert!(
+                rise_syncs <= 40,
+                "the rising load never crossed both targets:\n{}",
+                r.log.join("\n")
+            );
+            // New clients pick the edge with the fewest connections (a
+            // client-side stand-in for the Service spreading them).
+            let ready: Vec<usize> = if r.edge_ready.is_some() {
+                vec![0, 1]
+            } else {
+                vec![0]
+            };
+            for k in 0..8 {
+                let e = *ready
+                    .iter()
+                    .min_by_key(|e| audience.iter().filter(|(a, _)| a == *e).count())
+                    .unwrap();
+                let room = stream.rooms[(audience.len() + k) % stream.rooms.len()].clone();
+                audience.push((e, audience_socket(c.url(e), room).await));
+            }
+            for _ in 0..2 {
+                let e = ready[extra_publishers % ready.len()];
+                let id = 1000 * (e + 1) + extra_publishers;
+                stream.publish(id, c.api(e), Duration::from_millis(1));
+                extra_publishers += 1;
+            }
+            r.peak_publishers = extra_publishers;
+            r.peak_audience = audience.len();
+        } else if rising && r.worker_spread.is_some() && r.edge_ready.is_some() {
+            // The load falls: the extra publishers stop, the audience leaves.
+            r.fell = Some(now);
+            stream.stop(|id| id >= 1000).await;
+            for (_, a) in audience.drain(..) {
+                a.abort();
+            }
+        }
+    }
+    [
+        worker_exit.expect("the worker left").await.unwrap(),
+        edge_exit.expect("the edge left").await.unwrap(),
+    ]
+}
+
+/// The Kubernetes autoscalers rehearsed on real processes (docs/CLUSTER.md
+/// "Autoscaling, rehearsed"): etcd, one worker, one edge, two readers on
+/// it and a publish stream; the test plays both HPAs with the controller's
+/// formula (`desired = ceil(replicas × average / target)`, 10 % tolerance,
+/// a scale-down window; `herdgate_testkit::autoscaler`) on the metrics the
+/// shipped HPAs use — worker CPU (from /proc) as a fraction of its
+/// request, edge `herdgate_connections_open` (from /metrics). Only the
+/// magnitudes are scaled down for 2 shared cores (`Targets::REHEARSAL`:
+/// 60 % of a 0.2-core request, 40 connections per edge; shipped
+/// `Targets::SHIPPED`: 60 % of 1 core, 35,000), and the clock (a sync
+/// every 0.5 s instead of 15 s, a 4 s scale-down window instead of 600 s /
+/// 900 s, a 4 × 300 ms ramp instead of 4 × 5 s). The load rises
+/// (publishers and an audience of sockets) until both cross their
+/// targets: a worker is added (it joins at weight 0 and ramps up in 4
+/// steps) and an edge; then the load falls, and after the window the
+/// newest worker gets SIGTERM and drains (weight down in steps, rooms
+/// handed over), and the newest edge goes too. Every publish acknowledged
+/// across both transitions reached every reader once, in order. The times
+/// (threshold → capacity, SIGTERM → gone) are printed; docs/BENCHMARKS.md
+/// "Autoscaling rehearsal" quotes them.
+#[test]
+fn autoscaling_adds_a_worker_under_load_and_drains_it_after_with_no_acked_publish_lost() {
+    use herdgate_testkit::autoscaler::Targets;
+    let _g = serial();
+    let mut c = Cluster::start(1, 1, 1);
+    let rt = runtime();
+    let rooms = rooms(20);
+    let e = edges(&c);
+    let mut r = Rehearsal::default();
+    let mut exits = None;
+    let mut acked = (0, 0, 0);
+    let (cl, rr, ex, ak) = (&mut c, &mut r, &mut exits, &mut acked);
+    let began = Instant::now();
+    let v = rt.block_on(under_stream_load(
+        e,
+        "autoscaling rehearsal",
+        rooms.clone(),
+        2,
+        move |stream| async move {
+            *ex = Some(rehearse(cl, stream.clone(), rr).await);
+            // Acknowledged while the worker joined, into its rooms once
+            // it held them, and while it drained.
+            let l = stream.ledger.lock().unwrap();
+            let within = |from: Option<Instant>, to: Option<Instant>, rooms: Option<&[String]>| {
+                let (from, to) = (from.unwrap(), to.unwrap());
+                l.acked
+                    .iter()
+                    .zip(&l.acked_at)
+                    .filter(|((room, ..), t)| {
+                        **t >= from && **t <= to && rooms.is_none_or(|rs| rs.contains(room))
+                    })
+                    .count()
+            };
+            *ak = (
+                within(rr.worker_decided, rr.worker_full, None),
+                within(rr.worker_spread, rr.fell, Some(&rr.worker_owns)),
+                within(rr.worker_down, rr.worker_gone, None),
+            );
+        },
+    ));
+    let wall = began.elapsed();
+    let [(worker_exit, worker_took), (edge_exit, edge_took)] = exits.expect("it ran");
+    let since = |a, b| r.since(a, b);
+    let report = [
+        format!(
+            "targets: worker CPU 60 % of {} core, {} connections per edge; a sync every {:?}, scale-down window {SCALE_DOWN_WINDOW:?}",
+            Targets::REHEARSAL.worker_cpu_request,
+            Targets::REHEARSAL.edge_connections,
+            TICK * SYNC_TICKS,
+        ),
+        format!(
+            "worker: above target -> decided (above target + 10 %) {}; decided -> in the view {}, -> first rooms {}, -> active at full weight {} (weights {:?}), -> every room of its share ({} of {}) {}",
+            since(r.worker_crossed, r.worker_decided),
+            since(r.worker_decided, r.worker_registered),
+            since(r.worker_decided, r.worker_rooms),
+            since(r.worker_decided, r.worker_full),
+            r.ramp,
+            r.worker_owns.len(),
+            rooms.len(),
+            since(r.worker_decided, r.worker_spread),
+        ),
+        format!(
+            "worker: above target -> active at full weight {}, -> every room of its share {}",
+            since(r.worker_crossed, r.worker_full),
+            since(r.worker_crossed, r.worker_spread),
+        ),
+        format!(
+            "edge: above target -> decided {}, -> ready and linked to every worker {}",
+            since(r.edge_crossed, r.edge_decided),
+            since(r.edge_crossed, r.edge_ready),
+        ),
+        format!(
+            "peak load: +{} publishers, {} audience sockets",
+            r.peak_publishers, r.peak_audience
+        ),
+        format!(
+            "load fell -> scale-down decided: worker {}, edge {}",
+            since(r.fell, r.worker_down),
+            since(r.fell, r.edge_down),
+        ),
+        format!(
+            "worker SIGTERM -> out of the view {} (weights {:?}, states {:?}), -> exited {:.2} s ({worker_exit:?})",
+            since(r.worker_down, r.worker_gone),
+            r.drain,
+            r.drain_states,
+            worker_took.as_secs_f64(),
+        ),
+        format!(
+            "edge SIGTERM -> exited {:.2} s ({edge_exit:?}); handover barriers timed out at w1: {}",
+            edge_took.as_secs_f64(),
+            metric(c.worker(0), "herdgate_handover_timeouts_total") as u64,
+        ),
+        format!(
+            "acknowledged while joining {}, into its rooms while it held them {}, while draining {}; refused (503, rooms moving) while joining {}, while draining {}",
+            acked.0,
+            acked.1,
+            acked.2,
+            r.refused[1] - r.refused[0],
+            r.refused[3] - r.refused[2],
+        ),
+        format!("{v:?}; wall time {:.1} s", wall.as_secs_f64()),
+    ];
+    eprintln!(
+        "autoscaling rehearsal, controller syncs:\n{}",
+        r.log.join("\n")
+    );
+    eprintln!("autoscaling rehearsal:\n  {}", report.join("\n  "));
+
+    // It joined in steps: weights between 0 and full were in the view.
+    assert!(
+        r.ramp.iter().any(|w| *w > 0 && *w < 64),
+        "the new worker ramped up in steps: {:?}",
+        r.ramp
+    );
+    assert!(
+        !r.worker_owns.is_empty(),
+        "the new worker took a share of the rooms"
+    );
+    // Capacity within the ramp (4 x 300 ms) and a start-up's margin.
+    let to_capacity = r.worker_spread.unwrap() - r.worker_decided.unwrap();
+    assert!(
+        to_capacity < Duration::from_secs(5),
+        "the new worker served its share {to_capacity:?} after the decision"
+    );
+    assert!(
+        acked.0 > 0 && acked.1 > 0 && acked.2 > 0,
+        "publishes acknowledged across both transitions: {acked:?}"
+    );
+    // It left in steps, draining, and exited cleanly within its drain timeout (10 s).
+    assert!(
+        r.drain_states.iter().any(|s| s == "draining"),
+        "the leaving worker drained: {:?}",
+        r.drain_states
+    );
+    assert!(
+        worker_exit.is_some_and(|s| s.success()),
+        "the leaving worker exited cleanly: {worker_exit:?}"
+    );
+    assert!(
+        worker_took < Duration::from_secs(10),
+        "within its drain timeout: {worker_took:?}"
+    );
+    assert!(
+        edge_exit.is_some_and(|s| s.success()),
+        "the leaving edge exited cleanly: {edge_exit:?}"
+    );
+    // It left the view as it stopped (its lease revoked), not when the
+    // lease would have run out: a drain at the same time waits for no gone
+    // edge at its handover barriers.
+    assert_eq!(
+        r.edge_key_after_exit,
+        Some(false),
+        "the stopped edge's key was gone as it exited"
+    );
+    assert!(
+        c.etcd.get_prefix("/herdgate-test/workers/w2").is_empty(),
+        "its key is gone"
+    );
+    c.wait_settled(1);
 }
 
 #[test]

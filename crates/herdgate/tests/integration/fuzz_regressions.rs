@@ -278,7 +278,7 @@ secret = "s"
 fn certificate_dates_with_signs_or_out_of_range_fields_are_no_date() {
     // A certificate whose notAfter the fuzzer rewrote to a signed, year-126
     // GeneralizedTime: no date (before the fix: year 126, so "expired").
-    let der = include_bytes!("../../../fuzz/regressions/cert_date/signed_year.der");
+    let der = include_bytes!("../../../../fuzz/regressions/cert_date/signed_year.der");
     assert_eq!(herdgate::tls::der::not_after(der), None);
 }
 

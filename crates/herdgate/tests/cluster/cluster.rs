@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// One test at a time: each runs several debug processes, and two of them
 /// side by side on two cores can stall a link past its heartbeats.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use crate::SERIAL;
 
 /// The link's shared secret in these tests.
 const SECRET_LINK: &str = "cluster-test-secret-0123456789";

@@ -10,6 +10,7 @@ use std::process::Command;
 
 #[test]
 fn a_client_resumes_across_an_edge_drain_and_is_told_of_a_worker_kill() {
+    let _serial = crate::SERIAL.blocking_lock();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat");
     herdgate_testkit::npm_ci(&dir);
     let cluster = Cluster::start(1, 2, 2);

@@ -1,0 +1,18 @@
+//! One test binary for everything that runs herdgate in this process or as
+//! one light process: the protocol and its clients (pusher-js, the Node and
+//! Python SDKs), the HTTP API and its fallback transports, webhooks, parity
+//! features, resume, config, the real client address, TLS and the fuzzers'
+//! regressions. One link instead of eleven; tests of different modules run
+//! side by side like those of one module always did.
+
+mod compat;
+mod config;
+mod fuzz_regressions;
+mod http_api;
+mod http_fallback;
+mod parity;
+mod protocol;
+mod realaddr;
+mod resume;
+mod tls;
+mod webhooks;

@@ -1,0 +1,9 @@
+//! herdgate as operators run it: real processes under reload, drain,
+//! sd_notify and the systemd units; the status page and the lobby demo in
+//! Chromium; and the shipped artifacts (container image, Kubernetes
+//! manifests, Debian package) of the etcd build.
+
+mod browser;
+mod ops;
+#[cfg(feature = "etcd")]
+mod ship;
