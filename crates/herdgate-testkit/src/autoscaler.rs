@@ -167,9 +167,7 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let (utime, stime): (u64, u64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
-    // SAFETY: sysconf(3) reads a constant.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) as f64 / ticks)
+    Some((utime + stime) as f64 / crate::sys::clock_ticks_per_sec())
 }
 
 /// A pod's CPU utilization, as the resource metrics pipeline gives it: CPU

@@ -5,6 +5,15 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of CPU times
+/// in /proc.
+pub fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions; an unknown name answers -1.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(ticks > 0, "sysconf(_SC_CLK_TCK): {ticks}");
+    ticks as f64
+}
+
 /// Send `sig` to the process `pid` (a child of the test).
 pub fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: kill(2) takes two integers and touches no memory of ours.

@@ -3,8 +3,6 @@
 //! failover: its rooms are unavailable until it returns, nothing is lost,
 //! nothing splits); an edge killed with users in presence; the link's
 //! authentication. The etcd cluster is tested in cluster_etcd.rs.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use herdgate_testkit::process::Herdgate;
 use herdgate_testkit::*;

@@ -7,8 +7,6 @@
 //!
 //! Scenarios run one at a time (they share the machine's two cores and
 //! judge timings against leases).
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use herdgate_testkit::cluster::*;
 use herdgate_testkit::process::Herdgate;

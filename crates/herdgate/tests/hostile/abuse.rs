@@ -4,8 +4,6 @@
 //! that the bound in the threat model holds, and meanwhile an honest client
 //! from another address connects, subscribes and receives within a stated
 //! time. Waits are on answers (frames, responses, closes) with deadlines.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use futures_util::StreamExt;
 use herdgate_testkit::process::Herdgate;

@@ -5,8 +5,6 @@
 //! through the HTTP API reaches it (and nothing else arrived before it).
 //! Timeouts are configured small (300 ms) and every wait is a deadline on the
 //! server's answer, never a sleep.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use futures_util::{SinkExt, StreamExt};
 use herdgate_testkit::pki::{tls_section, Pki};

@@ -1,7 +1,5 @@
 //! Degrade, never halt: load states, shedding, slow consumers, storms.
 //! Timings here are deadlines on waits, never performance claims.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use herdgate_testkit::process::Herdgate;
 use herdgate_testkit::*;

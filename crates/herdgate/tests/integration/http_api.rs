@@ -1,6 +1,4 @@
 //! The Pusher HTTP API and the admin listener.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use herdgate_testkit::*;
 use serde_json::json;

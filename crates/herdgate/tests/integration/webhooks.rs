@@ -2,8 +2,6 @@
 //! a real receiver that checks every POST with the official Node SDK
 //! (`pusher.webhook({headers, rawBody}).isValid()`); one scenario also
 //! checks the bodies with the official Python SDK.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use herdgate_testkit::cluster::metric;
 use herdgate_testkit::process::Herdgate;

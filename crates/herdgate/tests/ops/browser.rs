@@ -13,8 +13,6 @@
 //! replaced by this run's. Chromium comes from `HERDGATE_CHROMIUM` or
 //! `chromium` on the PATH (scripts/setup installs it); missing, the tests
 //! fail, they never skip.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use herdgate_testkit::process::{repo_path, Herdgate};
 use std::io::{BufRead, BufReader};

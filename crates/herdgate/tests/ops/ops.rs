@@ -4,8 +4,6 @@
 //! Every wait is on an event (a log line, a frame, a datagram, an HTTP
 //! answer, the process's exit) with a deadline; the only poll is `/readyz`
 //! right after SIGTERM, which has no event to await.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use futures_util::StreamExt;
 use herdgate_testkit::process::Herdgate;

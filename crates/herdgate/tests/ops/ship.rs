@@ -18,8 +18,6 @@
 //! scripts/setup installs podman, kubectl, kubernetes-validate and binutils;
 //! a missing tool fails these tests, it never skips them. The only poll is
 //! `/readyz`, which has no event to await.
-// Real processes in real time: the clock rule (clippy.toml) is the server's.
-#![allow(clippy::disallowed_types)]
 
 use herdgate_testkit::admin_get;
 use herdgate_testkit::process::{repo_path, Herdgate};
