@@ -77,13 +77,25 @@ pub struct RoomKey {
     pub channel: Arc<str>,
 }
 
+/// The channel prefix of a signed-in user's room (the protocol's
+/// `#server-to-user-`).
+const USER_ROOM_PREFIX: &str = "#server-to-user-";
+
 impl RoomKey {
     /// The `#server-to-user-{user}` room of a signed-in user.
     pub fn user(app: &Arc<str>, user: &str) -> RoomKey {
         RoomKey {
             app: app.clone(),
-            channel: Arc::from(format!("#server-to-user-{user}")),
+            channel: Arc::from(format!("{USER_ROOM_PREFIX}{user}")),
         }
+    }
+
+    /// The user whose room this is (the inverse of [`RoomKey::user`]); the
+    /// channel as it is for any other room.
+    pub fn user_id(&self) -> &str {
+        self.channel
+            .strip_prefix(USER_ROOM_PREFIX)
+            .unwrap_or(&self.channel)
     }
 }
 
@@ -126,6 +138,14 @@ pub enum RouteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_room_names_its_user_with_the_protocol_prefix() {
+        let room = RoomKey::user(&Arc::from("1"), "u-42");
+        let prefix = crate::protocol::names::USER_CHANNEL_PREFIX;
+        assert_eq!(&*room.channel, format!("{prefix}u-42"));
+        assert_eq!(room.user_id(), "u-42");
+    }
 
     #[test]
     fn socket_ids_round_trip() {

@@ -635,7 +635,7 @@ impl Worker {
                 let wanted = self.wants(&k, Kind::UserOffline).is_some()
                     || self.wants(&k, Kind::UserOnline).is_some();
                 if wanted && !self.debounce.hold(Pending::Offline(k.clone())) {
-                    self.emit(&k, Event::user(Kind::UserOffline, user_of(&k)));
+                    self.emit(&k, Event::user(Kind::UserOffline, k.user_id()));
                 }
             }
         }
@@ -815,12 +815,12 @@ impl Worker {
                 metrics::counter!("herdgate_webhook_debounced_total", "type" => "user_offline")
                     .increment(1);
             } else if self.wants(room, Kind::UserOnline).is_some() {
-                self.emit(room, Event::user(Kind::UserOnline, user_of(room)));
+                self.emit(room, Event::user(Kind::UserOnline, room.user_id()));
             }
         } else if self.wants(room, Kind::UserOffline).is_some()
             && !self.debounce.hold(Pending::Offline(room.clone()))
         {
-            self.emit(room, Event::user(Kind::UserOffline, user_of(room)));
+            self.emit(room, Event::user(Kind::UserOffline, room.user_id()));
         }
     }
 
@@ -830,7 +830,7 @@ impl Worker {
         let Some(watchers) = self.watchers.get(room) else {
             return;
         };
-        let user = user_of(room);
+        let user = room.user_id();
         let frame = if online {
             protocol::watchlist_events(&[user], &[])
         } else {
@@ -909,7 +909,7 @@ impl Worker {
                 self.emit(&key, e);
             }
             Pending::Offline(key) => {
-                let e = Event::user(Kind::UserOffline, user_of(&key));
+                let e = Event::user(Kind::UserOffline, key.user_id());
                 self.emit(&key, e);
             }
         }
@@ -923,13 +923,6 @@ impl Worker {
             self.emit(key, e);
         }
     }
-}
-
-/// The user id of a user channel's room.
-fn user_of(room: &RoomKey) -> &str {
-    room.channel
-        .strip_prefix(protocol::names::USER_CHANNEL_PREFIX)
-        .unwrap_or(&room.channel)
 }
 
 fn member_events_allowed(room: &Room, shed: Shed) -> bool {

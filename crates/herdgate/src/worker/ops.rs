@@ -2,7 +2,7 @@
 //! [`Tell`]: one method per operation, each touching only the state it
 //! names. Runs on the worker's task, in mailbox order.
 
-use super::{info, user_of, Decided, Subscriber, Worker};
+use super::{info, Decided, Subscriber, Worker};
 use crate::op::{Answer, Ask, Join, Since, Tell, PAGE_BYTES};
 use crate::outbound::CloseOrder;
 use crate::protocol;
@@ -74,7 +74,7 @@ impl Worker {
         let rooms: Vec<RoomKey> = users.iter().map(|u| RoomKey::user(app, u)).collect();
         let (mut online, mut offline) = (Vec::new(), Vec::new());
         for room in &rooms {
-            let user = user_of(room);
+            let user = room.user_id();
             if self.users.get(room).is_some_and(|s| !s.is_empty()) {
                 online.push(user);
             } else {

@@ -136,7 +136,7 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
             *conn,
             Join::Watch {
                 app: room.app.clone(),
-                users: vec![Arc::from(user_of(room))],
+                users: vec![Arc::from(room.user_id())],
                 // A link that comes back (`Restore`) may have missed
                 // transitions, or the first state of a watch made while it
                 // was down: the owner tells the current one (a sign-in
@@ -152,12 +152,6 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
         conn,
         join,
     }
-}
-
-fn user_of(room: &RoomKey) -> &str {
-    room.channel
-        .strip_prefix(crate::protocol::names::USER_CHANNEL_PREFIX)
-        .unwrap_or(&room.channel)
 }
 
 /// Rooms `node` owns in the edge's applied view.

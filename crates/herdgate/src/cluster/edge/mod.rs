@@ -492,7 +492,7 @@ impl Edge {
         };
         let mut all: Option<Answer> = None;
         for tx in links {
-            let mut after = None;
+            let (mut after, mut last): (Option<String>, Option<String>) = (None, None);
             loop {
                 let make = |id| Msg::Ask {
                     id,
@@ -509,7 +509,13 @@ impl Edge {
                     None => all = Some(answer),
                 }
                 match next {
-                    Some(n) => after = Some(n),
+                    // Pages move forward through a sorted list; a worker
+                    // that says otherwise is not followed round in circles.
+                    Some(n) if last.as_ref().is_none_or(|l| n > *l) => {
+                        last = Some(n.clone());
+                        after = Some(n);
+                    }
+                    Some(_) => return Err(RouteError::Busy),
                     None => break,
                 }
             }
