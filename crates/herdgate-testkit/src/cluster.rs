@@ -416,6 +416,8 @@ pub struct Ledger {
     pub acked_at: Vec<Instant>,
     /// (room, publisher, seq, status) of every other answer.
     pub refused: Vec<(String, usize, u64, u16)>,
+    /// When each of `refused` was sent (the same order).
+    pub refused_sent: Vec<Instant>,
 }
 
 impl Ledger {
@@ -440,6 +442,7 @@ pub async fn publisher(
         let room = &rooms[seq as usize % rooms.len()];
         let body =
             json!({"name":"seq","channel":room,"data":format!("{publisher}:{seq}")}).to_string();
+        let sent = Instant::now();
         let status = api.request("POST", "/events", &[], &body).await.status;
         {
             let mut l = ledger.lock().unwrap();
@@ -448,7 +451,10 @@ pub async fn publisher(
                     l.acked.push((room.clone(), publisher, seq));
                     l.acked_at.push(Instant::now());
                 }
-                s => l.refused.push((room.clone(), publisher, seq, s)),
+                s => {
+                    l.refused.push((room.clone(), publisher, seq, s));
+                    l.refused_sent.push(sent);
+                }
             }
         }
         seq += 1;

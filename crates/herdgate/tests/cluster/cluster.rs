@@ -343,6 +343,13 @@ async fn a_static_worker_dies_and_returns_without_failover_or_loss() {
 /// unavailable; B's publishes keep flowing; once the cut heals A's rooms
 /// are ready again. Every publish answered 200 reached every socket that
 /// was not told its room was unavailable, once, in order.
+///
+/// B may be refused in one window only: a publish through B to the cut
+/// worker's rooms is acknowledged once A confirmed it too or A's link is
+/// given up (docs/LINK.md "Link lease"), so one B sent while the worker
+/// still waits for A — between the cut and A's lease running out — may
+/// outlast the API's 1 s and be answered 503, never 200 for what A's
+/// sockets missed. On a loaded machine that window's edge reaches past 1 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_partial_partition_refuses_on_the_cut_edge_and_splits_nothing() {
     let _serial = SERIAL.lock().await;
@@ -381,9 +388,13 @@ async fn a_static_partial_partition_refuses_on_the_cut_edge_and_splits_nothing()
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut_at;
+    let lost_at;
     {
+        cut_at = std::time::Instant::now();
         let _cut = Cut::new(w1_port);
         wait_log(&edges[0], "worker link lost");
+        lost_at = std::time::Instant::now();
         // Past the worker's edge lease (2 s): it drops A's registrations.
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -419,10 +430,26 @@ async fn a_static_partial_partition_refuses_on_the_cut_edge_and_splits_nothing()
     let v = check(&ledger, &inboxes);
     println!("static partial partition: {v:?}");
     assert_eq!((v.lost, v.duplicates, v.reordered), (0, 0, 0), "{v:?}");
-    let refused_b: Vec<_> = ledger.refused.iter().filter(|r| r.1 == 1).collect();
+    // The worker lets A go at most a few heartbeats after A gave up the
+    // link (its FIN, or silence): half a second covers that on a busy host.
+    let window = cut_at..lost_at + Duration::from_millis(500);
+    let refused_b: Vec<_> = ledger
+        .refused
+        .iter()
+        .zip(&ledger.refused_sent)
+        .filter(|(r, _)| r.1 == 1)
+        .collect();
     assert!(
-        refused_b.is_empty(),
-        "B, which reaches every worker, was never refused: {refused_b:?}"
+        refused_b
+            .iter()
+            .all(|(r, sent)| window.contains(*sent) && w1_rooms.contains(&r.0) && r.3 == 503),
+        "B, which reaches every worker, was refused only while the worker waited for A, \
+         for the cut worker's rooms, with 503: {refused_b:?} (A gave the link up {:?} after the cut)",
+        lost_at - cut_at
+    );
+    println!(
+        "B refused {} publishes while the worker waited for A",
+        refused_b.len()
     );
     let refused_a: Vec<_> = ledger.refused.iter().filter(|r| r.1 == 0).collect();
     assert!(
