@@ -1,16 +1,146 @@
-//! Admission: whether a new websocket may open, decided before any upgrade work.
+//! Admission: who may hold a connection of this node, decided here and
+//! nowhere else, before any work is spent on the connection.
 //!
-//! Checks, cheapest first: the node is draining or its load state refuses new
-//! connections; the node-wide new-connection rate (token bucket with burst);
-//! the per-IP cap; the node-wide cap. Each check that counts (per-IP, node
-//! cap) takes its place atomically, and the returned [`SessionSlot`] gives
-//! every place back exactly once, when the session ends.
+//! In the order a connection meets them ([`Gate`]):
+//! 1. an accept permit (`limits.max_handshakes`) — the accept loop waits
+//!    for one, and `/readyz` says so ([`AcceptPermits`]);
+//! 2. a place among its IP's connections not yet upgraded
+//!    (`limits.max_handshakes_per_ip`; trusted proxies exempt) — else dropped;
+//! 3. at the upgrade (websocket or HTTP fallback), cheapest first: the
+//!    app's allowed origins (403); the node draining or its load state
+//!    refusing new connections; the node-wide new-connection rate (token
+//!    bucket with burst); the per-IP cap; the node-wide cap (503 + Retry-After);
+//! 4. the app's `max_connections` on this node (Pusher error 4004).
+//!
+//! Each check that counts takes its place atomically, and the returned
+//! place ([`SessionSlot`], [`IpPlace`], [`crate::apps::ConnectionSlot`])
+//! gives it back exactly once, when the connection ends.
 
+use crate::apps::{App, ConnectionSlot, Quotas};
+use crate::live::Live;
+use crate::overload::Overload;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
+
+/// Every admission place of a client-facing node.
+pub struct Gate {
+    /// Open sessions (websocket and HTTP fallback), node-wide and per IP.
+    pub sessions: Arc<Admission>,
+    /// Connections not yet upgraded, per client IP (`limits.max_handshakes_per_ip`).
+    pub handshakes: Arc<PerIp>,
+    /// The public listener's accept permits (`limits.max_handshakes`).
+    pub accept: AcceptPermits,
+}
+
+impl Gate {
+    pub fn new(max_connections: usize, max_handshakes: usize) -> Gate {
+        Gate {
+            sessions: Admission::new(max_connections),
+            handshakes: Arc::default(),
+            accept: AcceptPermits::new(max_handshakes),
+        }
+    }
+
+    /// A place among the connections `peer` has not yet upgraded, or
+    /// `None` (the connection is dropped) when it holds
+    /// `limits.max_handshakes_per_ip`. `Some(None)`: not counted (no cap,
+    /// or a trusted proxy, whose clients are told apart by `X-Forwarded-For`).
+    pub fn handshake(&self, live: &Live, peer: IpAddr) -> Option<Option<IpPlace>> {
+        let max = live.config.limits.max_handshakes_per_ip;
+        if max == 0 || live.is_trusted_proxy(peer) {
+            return Some(None);
+        }
+        match self.handshakes.try_take(peer, max) {
+            Some(place) => Some(Some(place)),
+            None => {
+                tracing::debug!(%peer, "too many connections not yet upgraded from this address");
+                metrics::counter!("herdgate_connections_refused_total", "reason" => "handshakes_per_ip")
+                    .increment(1);
+                None
+            }
+        }
+    }
+
+    /// A session's place for client `ip` (the real client, after
+    /// `X-Forwarded-For` from a trusted proxy) connecting to the app of
+    /// `key` from `origin`, or why not. Counted in `overload.admitted`.
+    pub fn admit(
+        &self,
+        live: &Live,
+        overload: &Overload,
+        closing: bool,
+        ip: IpAddr,
+        app: Option<(&str, Option<&str>)>,
+    ) -> Result<SessionSlot, Refusal> {
+        if let Some((key, origin)) = app {
+            if let Some(app) = live.apps.by_key(key) {
+                if !app.origin_allowed(origin) {
+                    tracing::debug!(%ip, ?origin, "origin not allowed");
+                    return Err(Refusal::Origin);
+                }
+            }
+        }
+        let state = overload.admission_state();
+        let admitted = if closing {
+            Err(Refusal::Draining)
+        } else if live
+            .config
+            .overload
+            .actions
+            .refuse_connections
+            .applies(state)
+        {
+            Err(Refusal::Overloaded)
+        } else {
+            let l = &live.config.limits;
+            let limits = Limits {
+                max_per_ip: l.max_connections_per_ip,
+                rate: l.new_connections_per_second,
+                burst: l.new_connections_burst,
+            };
+            self.sessions.try_admit(ip, limits)
+        };
+        match admitted {
+            Ok(slot) => {
+                overload.admitted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("herdgate_connections_accepted_total").increment(1);
+                Ok(slot)
+            }
+            Err(r) => {
+                metrics::counter!("herdgate_connections_refused_total", "reason" => r.label())
+                    .increment(1);
+                Err(r)
+            }
+        }
+    }
+}
+
+/// The app of `key` and a place within its `max_connections` on this
+/// node, or why not: no app has that key (a reload may have removed it
+/// since the check), or the app is over its quota.
+pub fn app_place(
+    live: &Live,
+    quotas: &Quotas,
+    key: &str,
+) -> Result<(Arc<App>, ConnectionSlot), AppRefusal> {
+    let app = live.apps.by_key(key).cloned().ok_or(AppRefusal::Unknown)?;
+    let Some(slot) = quotas.of(&app.id).connect(app.features.max_connections) else {
+        metrics::counter!("herdgate_connections_refused_total", "reason" => "app_quota")
+            .increment(1);
+        return Err(AppRefusal::OverQuota);
+    };
+    Ok((app, slot))
+}
+
+/// Why [`app_place`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppRefusal {
+    Unknown,
+    OverQuota,
+}
 
 /// The public listener's accept permits: one per connection not yet a
 /// session (`limits.max_handshakes`). When every one is held the accept
@@ -88,9 +218,11 @@ impl AcceptPermits {
     }
 }
 
-/// Why a websocket was refused; the label is the metric's `reason`.
+/// Why a session was refused; the label is the metric's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// The app does not allow the page's `Origin` (403).
+    Origin,
     Draining,
     Overloaded,
     Rate,
@@ -101,6 +233,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
+            Refusal::Origin => "origin",
             Refusal::Draining => "draining",
             Refusal::Overloaded => "overloaded",
             Refusal::Rate => "rate",
@@ -111,6 +244,7 @@ impl Refusal {
 
     pub fn message(self) -> &'static str {
         match self {
+            Refusal::Origin => "origin not allowed for this app",
             Refusal::Draining => "server is shutting down",
             Refusal::Overloaded => "server is overloaded and pacing new connections",
             Refusal::Rate => "too many new connections right now",

@@ -26,6 +26,7 @@ pub mod config;
 pub mod fnv;
 pub mod http;
 pub mod listener;
+pub mod live;
 pub mod notify;
 pub mod op;
 pub mod outbound;
@@ -48,7 +49,7 @@ pub mod webhook;
 pub mod worker;
 
 use config::Config;
-use state::Shared;
+use state::{Front, Node};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -92,80 +93,112 @@ fn check_files(c: &Config) -> Vec<config::ConfigError> {
     errs
 }
 
-/// A started server.
+/// A started server: the parts its role built.
 pub struct Running {
-    pub shared: Arc<Shared>,
+    pub node: Arc<Node>,
+    /// The client-facing side (standalone, edge); a worker has none.
+    pub front: Option<Arc<Front>>,
+    /// A cluster worker's ring handle (etcd), for the drain on shutdown.
+    scale: Option<cluster::worker_node::scale::Scale>,
 }
 
-/// Start serving on already-bound listeners. Must be called inside a tokio runtime.
+/// Start serving on already-bound listeners. Must be called inside a tokio
+/// runtime. `listener` is the public listener of a standalone node or an
+/// edge, and a worker's link listener. The roles are composed here and only
+/// here: each builds the parts it uses ([`state`]).
 pub fn start(
     listener: TcpListener,
     admin: Option<TcpListener>,
     config: Config,
 ) -> Result<Running, tls::TlsError> {
     telemetry::init_metrics();
-    let worker_role = config.cluster.role == config::Role::Worker;
-    let shared = Shared::new(config)?;
-    if let (true, router::Router::Local(pool)) = (worker_role, &shared.router) {
-        // A worker serves edges on its link listener, not clients.
-        let config = shared.live().config.clone();
-        let c = &config.cluster;
-        let id: cluster::view::NodeId = Arc::from(if c.node_id.is_empty() {
-            c.advertised()
-        } else {
-            c.node_id.as_str()
-        });
-        // Edges dial `advertise`, else the address actually bound (port 0 resolved).
-        let advertised = if c.advertise.is_empty() {
-            listener
-                .local_addr()
-                .map_or_else(|_| c.link_listen.clone(), |a| a.to_string())
-        } else {
-            c.advertise.clone()
-        };
-        let membership =
-            cluster::membership_for_worker(&config, id.clone(), advertised, shared.stopped.clone());
-        let linked = cluster::worker_node::scale::Linked::default();
-        if let Some(control) = membership.control.clone() {
-            let scale = cluster::worker_node::scale::Scale {
-                control,
-                incarnation: membership.incarnation.clone(),
-                target: c.weight,
-                steps: c.scale.ramp_steps,
-                interval: c.scale.ramp_interval.get(),
-                linked: linked.clone(),
-                link_wait: c.handover_timeout.get(),
-            };
-            tokio::spawn(scale.clone().join());
-            let _ = shared.worker.set(scale);
+    let role = config.cluster.role.clone();
+    let node = Node::new(config)?;
+    let (front, scale, worker_status) = match (role, &node.router) {
+        (config::Role::Worker, router::Router::Local(pool)) => {
+            let (scale, status) = start_worker(listener, &node, pool.clone());
+            overload::spawn_monitor(node.clone());
+            (None, scale, Some(status))
         }
-        let node = cluster::worker_node::WorkerNode {
-            id,
-            pool: pool.clone(),
-            heartbeat: c.heartbeat_interval.get(),
-            edge_lease: c.edge_lease.get(),
-            handover_timeout: c.handover_timeout.get(),
-            tls: c.tls.clone(),
-            secret: c.secret.clone(),
-            membership,
-            link_queue_bytes: cluster::LINK_QUEUE_BYTES,
-            closing: shared.closing.clone(),
-            status: shared.worker_status.clone(),
-            linked,
-        };
-        shared
-            .tasks
-            .spawn(cluster::worker_node::serve(listener, node));
-    } else {
-        shared
-            .tasks
-            .spawn(listener::accept_loop(listener, shared.clone()));
-    }
-    overload::spawn_monitor(shared.clone());
+        _ => {
+            let front = Front::new(node.clone())?;
+            node.life
+                .tasks
+                .spawn(listener::accept_loop(listener, front.clone()));
+            overload::spawn_monitor(front.clone());
+            (Some(front), None, None)
+        }
+    };
     if let Some(admin) = admin {
-        tokio::spawn(http::admin::serve(admin, shared.clone()));
+        let view = http::admin::Admin {
+            node: node.clone(),
+            front: front.clone(),
+            worker_status,
+        };
+        tokio::spawn(http::admin::serve(admin, Arc::new(view)));
     }
-    Ok(Running { shared })
+    Ok(Running { node, front, scale })
+}
+
+/// A cluster worker: it serves edges on its link listener, not clients.
+fn start_worker(
+    listener: TcpListener,
+    node: &Arc<Node>,
+    pool: Arc<worker::Pool>,
+) -> (
+    Option<cluster::worker_node::scale::Scale>,
+    Arc<std::sync::OnceLock<cluster::worker_node::StatusFn>>,
+) {
+    let config = node.live().config.clone();
+    let c = &config.cluster;
+    let id: cluster::view::NodeId = Arc::from(if c.node_id.is_empty() {
+        c.advertised()
+    } else {
+        c.node_id.as_str()
+    });
+    // Edges dial `advertise`, else the address actually bound (port 0 resolved).
+    let advertised = if c.advertise.is_empty() {
+        listener
+            .local_addr()
+            .map_or_else(|_| c.link_listen.clone(), |a| a.to_string())
+    } else {
+        c.advertise.clone()
+    };
+    let membership =
+        cluster::membership_for_worker(&config, id.clone(), advertised, node.life.stopped.clone());
+    let linked = cluster::worker_node::scale::Linked::default();
+    let scale = membership.control.clone().map(|control| {
+        let scale = cluster::worker_node::scale::Scale {
+            control,
+            incarnation: membership.incarnation.clone(),
+            target: c.weight,
+            steps: c.scale.ramp_steps,
+            interval: c.scale.ramp_interval.get(),
+            linked: linked.clone(),
+            link_wait: c.handover_timeout.get(),
+        };
+        tokio::spawn(scale.clone().join());
+        scale
+    });
+    let status = Arc::default();
+    let worker = cluster::worker_node::WorkerNode {
+        id,
+        pool,
+        heartbeat: c.heartbeat_interval.get(),
+        edge_lease: c.edge_lease.get(),
+        handover_timeout: c.handover_timeout.get(),
+        tls: c.tls.clone(),
+        secret: c.secret.clone(),
+        membership,
+        link_queue_bytes: cluster::LINK_QUEUE_BYTES,
+        closing: node.life.closing.clone(),
+        status: Arc::clone(&status),
+        linked,
+    };
+    node.life
+        .tasks
+        .spawn(cluster::worker_node::serve(listener, worker));
+    (scale, status)
 }
 
 impl Running {
@@ -177,7 +210,7 @@ impl Running {
         path: &std::path::Path,
     ) -> Result<Vec<&'static str>, config::LoadError> {
         match load_config(path) {
-            Ok(new) => Ok(reload::apply(&self.shared, new)),
+            Ok(new) => Ok(self.reload(new)),
             Err(e) => {
                 metrics::counter!("herdgate_config_reloads_total", "result" => "invalid")
                     .increment(1);
@@ -189,7 +222,12 @@ impl Running {
 
     /// Apply an already-validated config (see [`Running::reload_from`]).
     pub fn reload(&self, new: Config) -> Vec<&'static str> {
-        reload::apply(&self.shared, new)
+        reload::apply(&self.node, self.front.as_deref(), new)
+    }
+
+    /// Open sessions (none on a worker).
+    pub fn open_sessions(&self) -> usize {
+        self.front.as_ref().map_or(0, |f| f.gate.sessions.open())
     }
 
     /// Graceful drain: `/readyz` turns 503 at once; the listener keeps
@@ -198,48 +236,47 @@ impl Running {
     /// flight finish. Returns when every task has ended, or after the drain
     /// period plus `grace`.
     pub async fn shutdown(self) {
-        let s = self.shared.live().config.shutdown.clone();
+        let node = &self.node;
+        let s = node.live().config.shutdown.clone();
         tracing::info!(
             deregister_delay = ?s.deregister_delay.get(),
             drain_period = ?s.drain_period.get(),
-            sessions = self.shared.sessions.open(),
+            sessions = self.open_sessions(),
             "draining"
         );
-        self.shared.draining.cancel();
-        if let Some(scale) = self.shared.worker.get() {
+        node.life.draining.cancel();
+        if let Some(scale) = &self.scale {
             // An etcd worker hands its rooms over before it goes.
-            let deadline = self.shared.live().config.cluster.scale.drain_timeout.get();
+            let deadline = node.live().config.cluster.scale.drain_timeout.get();
             tracing::info!("draining: handing rooms over");
             scale.clone().leave(deadline).await;
         }
         tokio::time::sleep(s.deregister_delay.get()).await;
-        self.shared.closing.cancel();
-        self.shared.overload.begin_closing();
-        self.shared.tasks.close();
+        node.life.closing.cancel();
+        node.overload.begin_closing();
+        node.life.tasks.close();
         let deadline = s.drain_period.get() + s.grace.get();
-        if tokio::time::timeout(deadline, self.shared.tasks.wait())
+        if tokio::time::timeout(deadline, node.life.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                remaining = self.shared.tasks.len(),
+                remaining = node.life.tasks.len(),
                 "drain deadline passed with tasks still running"
             );
         }
-        if let router::Router::Edge(edge) = &self.shared.router {
+        if let router::Router::Edge(edge) = &node.router {
             // Its sockets are closed: out of the view now, not when its
             // lease runs out (a worker draining meanwhile waits for every
             // edge in the view at its handover barriers).
             edge.leave(std::time::Duration::from_secs(2)).await;
         }
-        if let (Some(hooks), router::Router::Local(pool)) =
-            (&self.shared.hooks, &self.shared.router)
-        {
+        if let (Some(hooks), router::Router::Local(pool)) = (&node.hooks, &node.router) {
             // The drained rooms' vacated / member_removed go now rather
             // than after their debounce, and the queues get one timeout's
             // worth of time to empty.
             pool.flush_webhooks().await;
-            let within = self.shared.live().config.webhooks.timeout.get();
+            let within = node.live().config.webhooks.timeout.get();
             hooks.flush(within).await;
             if hooks.depth() > 0 {
                 tracing::warn!(
@@ -248,7 +285,7 @@ impl Running {
                 );
             }
         }
-        self.shared.stopped.cancel();
+        node.life.stopped.cancel();
     }
 }
 

@@ -6,32 +6,31 @@
 //! slot taken at upgrade time. The loop never does per-connection work, so a
 //! slow or hostile client can delay only its own task, never the next accept.
 
-use crate::admission::IpPlace;
 use crate::outbound::{DirectSocket, SharedTcp};
-use crate::state::Shared;
+use crate::state::Front;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let stop = shared.closing.clone();
-    let permits = shared.clone();
+pub async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
+    let stop = front.node.life.closing.clone();
+    let permits = front.clone();
     crate::accept::run(
         listener,
         stop,
         "public",
         move || {
-            let shared = permits.clone();
-            async move { shared.accept.acquire().await }
+            let front = permits.clone();
+            async move { front.gate.accept.acquire().await }
         },
         |stream, peer, permit| {
             metrics::counter!("herdgate_tcp_accepted_total").increment(1);
             let accepted = Instant::now();
-            let shared2 = shared.clone();
-            shared.tasks.spawn(async move {
-                serve(stream, peer, shared2, accepted).await;
+            let front2 = front.clone();
+            front.node.life.tasks.spawn(async move {
+                serve(stream, peer, front2, accepted).await;
                 drop(permit);
             });
         },
@@ -43,10 +42,10 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// (`server.handshake_timeout`): the PROXY header if configured, the
 /// per-IP cap on connections not yet upgraded, TLS, then HTTP. Nothing here
 /// runs in the accept loop.
-async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, accepted: Instant) {
+async fn serve(mut stream: TcpStream, peer: SocketAddr, front: Arc<Front>, accepted: Instant) {
     let _ = stream.set_nodelay(true);
     let (proxy_protocol, deadline, lowat, from_proxy) = {
-        let live = shared.live();
+        let live = front.live();
         let c = &live.config;
         // With `trusted_proxies` set, only those peers may say who the
         // client is: anyone else could claim an address inside them and
@@ -75,11 +74,11 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, acc
         crate::sys::set_notsent_lowat(&stream, lowat);
     }
     if !proxy_protocol {
-        let Some(_place) = handshake_place(&shared, peer) else {
+        let Some(_place) = front.gate.handshake(&front.live(), peer.ip()) else {
             return;
         };
         let stream = SharedTcp::new(stream);
-        return tls_then_http(stream.handle(), stream, peer, shared, deadline).await;
+        return tls_then_http(stream.handle(), stream, peer, front, deadline).await;
     }
     let header = tokio::time::timeout_at(deadline, crate::realaddr::read_header(&mut stream));
     let (client, rest) = match header.await {
@@ -96,33 +95,13 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, acc
         }
     };
     let peer = client.unwrap_or(peer);
-    let Some(_place) = handshake_place(&shared, peer) else {
+    let Some(_place) = front.gate.handshake(&front.live(), peer.ip()) else {
         return;
     };
     let stream = SharedTcp::new(stream);
     let direct = stream.handle();
     let stream = crate::realaddr::Rewind::new(rest, stream);
-    tls_then_http(direct, stream, peer, shared, deadline).await
-}
-
-/// A place among the connections `peer`'s IP has not yet upgraded, or
-/// `None` (the connection is dropped) when it holds `limits.max_handshakes_per_ip`.
-/// Trusted proxies are exempt: their clients are told apart by `X-Forwarded-For`.
-fn handshake_place(shared: &Shared, peer: SocketAddr) -> Option<Option<IpPlace>> {
-    let live = shared.live();
-    let max = live.config.limits.max_handshakes_per_ip;
-    if max == 0 || live.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
-        return Some(None);
-    }
-    match shared.handshakes.try_take(peer.ip(), max) {
-        Some(place) => Some(Some(place)),
-        None => {
-            tracing::debug!(%peer, "too many connections not yet upgraded from this address");
-            metrics::counter!("herdgate_connections_refused_total", "reason" => "handshakes_per_ip")
-                .increment(1);
-            None
-        }
-    }
+    tls_then_http(direct, stream, peer, front, deadline).await
 }
 
 /// `direct` is the socket under `io`: a plain connection's websocket lets
@@ -131,16 +110,16 @@ async fn tls_then_http<I>(
     direct: DirectSocket,
     io: I,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    front: Arc<Front>,
     deadline: Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(tls) = &shared.tls else {
-        return crate::http::serve_connection(io, Some(direct), peer, shared, deadline).await;
+    let Some(tls) = &front.tls else {
+        return crate::http::serve_connection(io, Some(direct), peer, front, deadline).await;
     };
     drop(direct);
-    let tls_deadline = shared.live().config.tls.as_ref().map_or(deadline, |t| {
+    let tls_deadline = front.live().config.tls.as_ref().map_or(deadline, |t| {
         deadline.min(Instant::now() + t.handshake_timeout.get())
     });
     let handshake = Box::pin(crate::tls::stream::TlsStream::accept(
@@ -148,7 +127,7 @@ async fn tls_then_http<I>(
         io,
     ));
     match tokio::time::timeout_at(tls_deadline, handshake).await {
-        Ok(Ok(stream)) => crate::http::serve_connection(stream, None, peer, shared, deadline).await,
+        Ok(Ok(stream)) => crate::http::serve_connection(stream, None, peer, front, deadline).await,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             metrics::counter!("herdgate_tls_handshake_failures_total", "reason" => "error")

@@ -139,7 +139,11 @@ fn serve(
         let running = herdgate::start(listener, admin, config)?;
         notifier.ready();
         let _watchdog = notifier.spawn_watchdog();
-        let status = tokio::spawn(report_status(notifier.clone(), running.shared.clone()));
+        let status = tokio::spawn(report_status(
+            notifier.clone(),
+            running.node.clone(),
+            running.front.clone(),
+        ));
 
         tokio::pin!(stop);
         loop {
@@ -150,7 +154,7 @@ fn serve(
                         Some(p) => { let _ = running.reload_from(p); }
                         None => {
                             // The embedded default cannot change; certificates still can.
-                            let current = running.shared.live().config.clone();
+                            let current = running.node.live().config.clone();
                             running.reload(current);
                         }
                     }
@@ -212,18 +216,20 @@ async fn listeners(
 }
 
 /// `STATUS=` for `systemctl status`, every few seconds.
-async fn report_status(notifier: Notifier, shared: std::sync::Arc<herdgate::state::Shared>) {
+async fn report_status(
+    notifier: Notifier,
+    node: std::sync::Arc<herdgate::state::Node>,
+    front: Option<std::sync::Arc<herdgate::state::Front>>,
+) {
     if !notifier.is_enabled() {
         return;
     }
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let state = shared.overload.state().as_str();
-        notifier.status(&format!(
-            "{} connections open, load {state}",
-            shared.sessions.open()
-        ));
+        let state = node.overload.state().as_str();
+        let open = front.as_ref().map_or(0, |f| f.gate.sessions.open());
+        notifier.status(&format!("{open} connections open, load {state}"));
     }
 }
 

@@ -11,12 +11,13 @@
 //! config always describes what is really in force.
 
 use crate::config::Config;
-use crate::state::Shared;
+use crate::state::{Front, Node};
 use std::sync::Arc;
 
-/// Apply `new`; returns the dotted keys that changed but need a restart.
-pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
-    let old = shared.live();
+/// Apply `new` to `node` and, where it has one, its client-facing side;
+/// returns the dotted keys that changed but need a restart.
+pub fn apply(node: &Node, front: Option<&Front>, mut new: Config) -> Vec<&'static str> {
+    let old = node.live();
     let o = &old.config;
     let mut restart = Vec::new();
     macro_rules! fixed {
@@ -45,13 +46,14 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     fixed!(cluster.node_id, "cluster.node_id");
     fixed!(cluster.advertise, "cluster.advertise");
     fixed!(cluster.secret, "cluster.secret");
-    match (&o.tls, &new.tls, &shared.tls) {
+    match (&o.tls, &new.tls, front.and_then(|f| f.tls.as_ref())) {
         (Some(_), Some(t), Some(tls)) => {
             if let Err(e) = tls.store.reload_from(t.cert.as_ref(), t.key.as_ref()) {
                 tracing::error!(error = %e, "TLS certificate reload failed; still serving the previous one");
             }
         }
-        (None, None, _) => {}
+        // A worker terminates no client TLS: its `[tls]` is not in use.
+        (Some(_), Some(_), None) | (None, None, _) => {}
         _ => {
             restart.push("tls");
             new.tls = o.tls.clone();
@@ -60,20 +62,23 @@ pub fn apply(shared: &Shared, mut new: Config) -> Vec<&'static str> {
     if new.log.level != o.log.level {
         crate::telemetry::set_log_level(&new.log.level);
     }
-    if let crate::router::Router::Local(pool) = &shared.router {
+    if let crate::router::Router::Local(pool) = &node.router {
         pool.policies
             .store(Arc::new(crate::worker::policies_of(&new)));
     }
-    if let Some(hooks) = &shared.hooks {
+    if let Some(hooks) = &node.hooks {
         if let Err(e) = hooks.reload(&new) {
             tracing::error!(error = %e, "webhooks not reloaded; the previous ones stay");
         }
     }
     drop(old);
-    shared.swap_live(new);
+    if let Some(front) = front {
+        front.swap_limits(&new);
+    }
+    node.swap_live(new);
     // Open sessions check their app against it: a removed key, a disabled
     // app or a rotated secret closes them (docs/SECURITY.md "Config reload").
-    shared.overload.reloaded();
+    node.overload.reloaded();
     metrics::counter!("herdgate_config_reloads_total", "result" => "ok").increment(1);
     if restart.is_empty() {
         tracing::info!("config reloaded");

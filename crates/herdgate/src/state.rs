@@ -1,28 +1,37 @@
-//! What every connection task shares: the live config and apps (swapped
-//! whole on reload), the router, admission counters and the lifecycle tokens.
+//! A node's parts, built per role: each role builds only what it uses.
+//!
+//! - [`Node`] — every role: the live config, the load state, the lifecycle
+//!   and the rooms' owner (this process's workers, or the cluster edge).
+//! - [`Front`] — the client-facing side of a standalone node or an edge:
+//!   admission, TLS, and the state of the HTTP API and its fallback. A
+//!   cluster worker serves edges on its link and builds none of it.
+//! - [`crate::session::Context`] — the one part of them a session reads.
+//!
+//! The composition is in [`crate::start`] (like linkerd's `app`, one place
+//! that knows every role); the modules below take the part they need.
 
-use crate::apps::Apps;
-use crate::config::Config;
+use crate::config::{Config, Role};
+pub use crate::live::Live;
+use crate::live::LiveCell;
 use crate::router::Router;
-use arc_swap::ArcSwap;
 use std::sync::Arc;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub struct Shared {
-    live: ArcSwap<Live>,
-    pub router: Router,
-    pub sessions: Arc<crate::admission::Admission>,
-    /// Connections not yet upgraded, per client IP (`limits.max_handshakes_per_ip`).
-    pub handshakes: Arc<crate::admission::PerIp>,
-    /// The public listener's accept permits (`limits.max_handshakes`), and
-    /// whether its accept loop is waiting for one: a node whose permits are
-    /// all held accepts nobody, so it says it is not ready.
-    pub accept: crate::admission::AcceptPermits,
-    /// Bytes of unfinished fragmented messages, node-wide (`limits.max_fragmented_bytes`).
-    pub fragments: Arc<crate::ratelimit::FragmentBudget>,
+/// What every role shares.
+pub struct Node {
+    live: LiveCell,
     pub overload: crate::overload::Overload,
+    pub life: Lifecycle,
+    /// Where rooms live: this process's workers, or remote ones.
+    pub router: Router,
+    /// Webhooks, where this node owns rooms (standalone, worker); edges emit none.
+    pub hooks: Option<Arc<crate::webhook::Hooks>>,
+}
+
+/// The stages of a graceful stop, and the tasks it waits for.
+#[derive(Default)]
+pub struct Lifecycle {
     /// Cancelled when shutdown begins: `/readyz` turns 503, everything else
     /// keeps serving through the load balancer's deregistration delay.
     pub draining: CancellationToken,
@@ -33,43 +42,22 @@ pub struct Shared {
     pub stopped: CancellationToken,
     /// Upgraded websockets leave hyper's connection tracking, so sessions are tracked here.
     pub tasks: TaskTracker,
+}
+
+/// The client-facing side: a standalone node's or an edge's.
+pub struct Front {
+    pub node: Arc<Node>,
+    /// What every session of this node reads (one pointer in each session).
+    pub session: Arc<crate::session::Context>,
+    /// Who may connect, and how many at once.
+    pub gate: crate::admission::Gate,
+    /// Bytes of unfinished fragmented messages, node-wide (`limits.max_fragmented_bytes`).
+    pub fragments: Arc<crate::ratelimit::FragmentBudget>,
     pub tls: Option<Tls>,
-    /// A cluster worker's ring handle (etcd), for the drain on shutdown.
-    pub worker: std::sync::OnceLock<crate::cluster::worker_node::scale::Scale>,
-    /// A cluster worker's view of the cluster, for `/status`.
-    pub worker_status: Arc<std::sync::OnceLock<crate::cluster::worker_node::StatusFn>>,
-    /// Webhooks, where this node owns rooms (standalone, worker); edges emit none.
-    pub hooks: Option<Arc<crate::webhook::Hooks>>,
-    /// Per-app quota state on this node (limits from the live app config).
-    pub quotas: crate::apps::Quotas,
     /// First answers to keyed (idempotent) HTTP API publishes.
     pub replays: crate::replays::Replays,
     /// Open HTTP fallback sessions (`xhr_streaming`, `xhr_polling`).
     pub pipes: crate::pipe::Pipes,
-}
-
-/// The part of the configuration that a reload (SIGHUP) swaps while serving.
-pub struct Live {
-    pub config: Config,
-    pub apps: Apps,
-    /// `server.trusted_proxies`, parsed.
-    pub trusted_proxies: Vec<crate::config::Cidr>,
-}
-
-impl Live {
-    fn new(config: Config) -> Live {
-        let trusted_proxies = config
-            .server
-            .trusted_proxies
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        Live {
-            apps: Apps::new(&config.apps),
-            trusted_proxies,
-            config,
-        }
-    }
 }
 
 /// TLS termination: the swappable certificate and the config over it.
@@ -78,9 +66,100 @@ pub struct Tls {
     pub config: Arc<rustls::ServerConfig>,
 }
 
-impl Shared {
-    pub fn new(config: Config) -> Result<Arc<Shared>, crate::tls::TlsError> {
-        let tls = match &config.tls {
+impl Node {
+    /// The node of `config`'s role: rooms on this process's workers
+    /// (standalone, worker), or on remote ones (edge).
+    pub fn new(config: Config) -> Result<Arc<Node>, crate::tls::TlsError> {
+        let life = Lifecycle::default();
+        let overload = crate::overload::Overload::default();
+        let (router, hooks) = match config.cluster.role {
+            Role::Edge => (edge_router(&config, life.stopped.clone())?, None),
+            _ => {
+                let (pool, hooks) = local_pool(&config, &overload)?;
+                (Router::Local(pool), Some(hooks))
+            }
+        };
+        Ok(Arc::new(Node {
+            live: LiveCell::new(config),
+            overload,
+            life,
+            router,
+            hooks,
+        }))
+    }
+
+    /// The configuration in force now. Cheap: an atomic load and a refcount.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load()
+    }
+
+    /// Put a new (validated) configuration in force for everything that
+    /// reads it from now on (the front's limits: [`Front::swap_limits`]).
+    pub fn swap_live(&self, config: Config) {
+        self.live.store(config);
+    }
+}
+
+/// A standalone node's or a worker's rooms: this process's workers, with
+/// their webhooks.
+fn local_pool(
+    config: &Config,
+    overload: &crate::overload::Overload,
+) -> Result<(Arc<crate::worker::Pool>, Arc<crate::webhook::Hooks>), crate::tls::TlsError> {
+    let hooks = crate::webhook::Hooks::start(config, overload.state_reader())
+        .map_err(crate::tls::TlsError::Config)?;
+    let taps = crate::worker::WebhookTaps {
+        hooks: hooks.clone(),
+        debounce: config.webhooks.debounce.get(),
+        debounce_max: config.webhooks.debounce_max,
+    };
+    let policies = Arc::new(arc_swap::ArcSwap::from_pointee(crate::worker::policies_of(
+        config,
+    )));
+    let pool = crate::worker::Pool::start(
+        config.worker_count(),
+        config.limits.worker_mailbox,
+        Some(taps),
+        policies,
+        Arc::from(overload.state_reader()),
+    );
+    Ok((Arc::new(pool), hooks))
+}
+
+/// An edge's rooms: on the cluster's workers, through its links.
+fn edge_router(
+    config: &Config,
+    stopped: CancellationToken,
+) -> Result<Router, crate::tls::TlsError> {
+    let cl = &config.cluster;
+    let id: crate::cluster::view::NodeId = if cl.node_id.is_empty() {
+        Arc::from(format!("edge-{:016x}", rand::random::<u64>()))
+    } else {
+        Arc::from(cl.node_id.as_str())
+    };
+    let membership = crate::cluster::membership_for_edge(config, id.clone(), stopped);
+    let edge = crate::cluster::edge::Edge::start(crate::cluster::edge::EdgeConfig {
+        id,
+        membership,
+        heartbeat: cl.heartbeat_interval.get(),
+        handover_timeout: cl.handover_timeout.get(),
+        tls: cl
+            .tls
+            .as_ref()
+            .map(crate::cluster::tls::LinkTls::load)
+            .transpose()?,
+        secret: cl.secret.clone(),
+        link_queue_bytes: crate::cluster::LINK_QUEUE_BYTES,
+        rooms_actors: config.worker_count(),
+    });
+    Ok(Router::Edge(edge))
+}
+
+impl Front {
+    /// The client-facing side over `node`, sized by its config.
+    pub fn new(node: Arc<Node>) -> Result<Arc<Front>, crate::tls::TlsError> {
+        let live = node.live();
+        let tls = match &live.config.tls {
             Some(t) => {
                 let store = Arc::new(crate::tls::CertStore::load(
                     t.cert.as_ref(),
@@ -91,93 +170,61 @@ impl Shared {
             }
             None => None,
         };
-        let l = &config.limits;
-        let cl = &config.cluster;
-        let stopped = CancellationToken::new();
-        let overload = crate::overload::Overload::default();
-        let mut webhooks = None;
-        let router = if cl.role == crate::config::Role::Edge {
-            let id: crate::cluster::view::NodeId = if cl.node_id.is_empty() {
-                Arc::from(format!("edge-{:016x}", rand::random::<u64>()))
-            } else {
-                Arc::from(cl.node_id.as_str())
-            };
-            let membership =
-                crate::cluster::membership_for_edge(&config, id.clone(), stopped.clone());
-            let edge = crate::cluster::edge::Edge::start(crate::cluster::edge::EdgeConfig {
-                id,
-                membership,
-                heartbeat: cl.heartbeat_interval.get(),
-                handover_timeout: cl.handover_timeout.get(),
-                tls: cl
-                    .tls
-                    .as_ref()
-                    .map(crate::cluster::tls::LinkTls::load)
-                    .transpose()?,
-                secret: cl.secret.clone(),
-                link_queue_bytes: crate::cluster::LINK_QUEUE_BYTES,
-                rooms_actors: config.worker_count(),
-            });
-            Router::Edge(edge)
-        } else {
-            let hooks = crate::webhook::Hooks::start(&config, overload.state_reader())
-                .map_err(crate::tls::TlsError::Config)?;
-            let taps = crate::worker::WebhookTaps {
-                hooks: hooks.clone(),
-                debounce: config.webhooks.debounce.get(),
-                debounce_max: config.webhooks.debounce_max,
-            };
-            webhooks = Some(hooks);
-            let policies = Arc::new(arc_swap::ArcSwap::from_pointee(crate::worker::policies_of(
-                &config,
-            )));
-            let load = overload.state_reader();
-            Router::Local(Arc::new(crate::worker::Pool::start(
-                config.worker_count(),
-                l.worker_mailbox,
-                Some(taps),
-                policies,
-                Arc::from(load),
-            )))
-        };
-        Ok(Arc::new(Shared {
-            sessions: crate::admission::Admission::new(l.max_connections),
-            handshakes: Arc::default(),
-            accept: crate::admission::AcceptPermits::new(l.max_handshakes),
+        let l = &live.config.limits;
+        Ok(Arc::new(Front {
+            session: crate::session::Context::new(node.clone()),
+            gate: crate::admission::Gate::new(l.max_connections, l.max_handshakes),
             fragments: Arc::new(crate::ratelimit::FragmentBudget::new(
                 l.max_fragmented_bytes,
             )),
-            overload,
-            hooks: webhooks,
-            quotas: Default::default(),
+            tls,
             replays: Default::default(),
             pipes: Default::default(),
-            router,
-            live: ArcSwap::from_pointee(Live::new(config)),
-            draining: CancellationToken::new(),
-            closing: CancellationToken::new(),
-            stopped,
-            worker: std::sync::OnceLock::new(),
-            worker_status: Arc::default(),
-            tasks: TaskTracker::new(),
-            tls,
+            node,
         }))
     }
 
-    /// The configuration in force now. Cheap: an atomic load and a refcount.
+    /// The configuration in force now.
     pub fn live(&self) -> Arc<Live> {
-        self.live.load_full()
+        self.node.live()
     }
 
-    /// Put a new (validated) configuration in force for everything that reads it from now on.
-    pub fn swap_live(&self, config: Config) {
-        self.sessions.set_max(config.limits.max_connections);
+    /// Per-app quota state on this node (limits from the live app config).
+    pub fn quotas(&self) -> &crate::apps::Quotas {
+        &self.session.quotas
+    }
+
+    /// Resize the front's node-wide caps to a reloaded config.
+    pub fn swap_limits(&self, config: &Config) {
+        self.gate.sessions.set_max(config.limits.max_connections);
         self.fragments.set_max(config.limits.max_fragmented_bytes);
-        self.live.store(Arc::new(Live::new(config)));
     }
 }
 
-impl crate::overload::Sampled for Shared {
+/// The overload monitor's view of a node with a front: its sessions count.
+impl crate::overload::Sampled for Front {
+    fn overload(&self) -> &crate::overload::Overload {
+        &self.node.overload
+    }
+    fn overload_config(&self) -> crate::config::OverloadConfig {
+        self.node.live().config.overload.clone()
+    }
+    fn open_sessions(&self) -> usize {
+        self.gate.sessions.open()
+    }
+    fn max_sessions(&self) -> usize {
+        self.gate.sessions.max()
+    }
+    fn mailbox_depth(&self) -> usize {
+        self.node.router.max_mailbox_depth()
+    }
+    fn stopped(&self) -> &CancellationToken {
+        &self.node.life.stopped
+    }
+}
+
+/// A cluster worker's: no sessions, its rooms' mailboxes.
+impl crate::overload::Sampled for Node {
     fn overload(&self) -> &crate::overload::Overload {
         &self.overload
     }
@@ -185,27 +232,15 @@ impl crate::overload::Sampled for Shared {
         self.live().config.overload.clone()
     }
     fn open_sessions(&self) -> usize {
-        self.sessions.open()
+        0
     }
     fn max_sessions(&self) -> usize {
-        self.sessions.max()
+        0
     }
     fn mailbox_depth(&self) -> usize {
         self.router.max_mailbox_depth()
     }
     fn stopped(&self) -> &CancellationToken {
-        &self.stopped
-    }
-}
-
-impl Live {
-    /// Websocket settings for a new socket.
-    pub fn ws_config(&self) -> WebSocketConfig {
-        let l = &self.config.limits;
-        // herdgate reads and writes its own frames (session::websocket,
-        // session::ws_reader): only the two limits are used.
-        WebSocketConfig::default()
-            .max_message_size(Some(l.max_message_bytes))
-            .max_frame_size(Some(l.max_message_bytes))
+        &self.life.stopped
     }
 }

@@ -7,7 +7,7 @@
 
 use super::status_page::{self, StatusPage};
 use super::{text, Body};
-use crate::state::Shared;
+use crate::state::{Front, Node};
 use http::{Request, Response, StatusCode};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -16,27 +16,49 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// What the admin listener reads: the node, its client-facing side if it
+/// has one (open sessions, accept permits), and a cluster worker's view of
+/// the cluster.
+pub struct Admin {
+    pub node: Arc<Node>,
+    pub front: Option<Arc<Front>>,
+    pub worker_status: Option<Arc<std::sync::OnceLock<crate::cluster::worker_node::StatusFn>>>,
+}
+
+impl Admin {
+    /// Open sessions (none on a worker).
+    pub fn open_sessions(&self) -> usize {
+        self.front.as_ref().map_or(0, |f| f.gate.sessions.open())
+    }
+
+    fn saturated_for(&self) -> Duration {
+        self.front
+            .as_ref()
+            .map_or(Duration::ZERO, |f| f.gate.accept.saturated_for())
+    }
+}
+
 /// Permit → accept → spawn, as on the public listener: at most
 /// `limits.max_admin_connections` at once, each with a short header deadline.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(
-        shared.live().config.limits.max_admin_connections,
+        admin.node.live().config.limits.max_admin_connections,
     ));
     // The status page's samples live as long as the listener and are shared
     // by every viewer, so more viewers never mean more sampling.
     let page = Arc::new(StatusPage::default());
-    let stop = shared.stopped.clone();
+    let stop = admin.node.life.stopped.clone();
     crate::accept::run(
         listener,
         stop,
         "admin",
         move || permits.clone().acquire_owned(),
         |stream, _, permit| {
-            let (shared, page) = (shared.clone(), page.clone());
+            let (admin, page) = (admin.clone(), page.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let (shared, page) = (shared.clone(), page.clone());
-                    async move { Ok::<_, Infallible>(respond(&req, &shared, &page).await) }
+                    let (admin, page) = (admin.clone(), page.clone());
+                    async move { Ok::<_, Infallible>(respond(&req, &admin, &page).await) }
                 });
                 let mut b = http1::Builder::new();
                 b.timer(TokioTimer::new())
@@ -102,11 +124,11 @@ mod subtle_eq {
     }
 }
 
-async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Response<Body> {
+async fn respond<B>(req: &Request<B>, admin: &Admin, page: &StatusPage) -> Response<Body> {
     let path = req.uri().path();
     {
-        let live = shared.live();
-        let admin = &live.config.admin;
+        let live = admin.node.live();
+        let conf = &live.config.admin;
         let host = req
             .headers()
             .get(http::header::HOST)
@@ -114,14 +136,14 @@ async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Res
         // The probes tell nothing a page could steal, and health checkers
         // name the node however their platform does.
         let open = path == "/livez" || path == "/readyz";
-        if !open && host.is_some_and(|h| !host_allowed(h, &admin.allowed_hosts)) {
+        if !open && host.is_some_and(|h| !host_allowed(h, &conf.allowed_hosts)) {
             metrics::counter!("herdgate_admin_refused_total", "reason" => "host").increment(1);
             return text(
                 StatusCode::MISDIRECTED_REQUEST,
                 "unknown Host: the admin listener answers to IP addresses, localhost and admin.allowed_hosts\n",
             );
         }
-        if !admin.token.is_empty() && !open && !token_ok(req, &admin.token) {
+        if !conf.token.is_empty() && !open && !token_ok(req, &conf.token) {
             metrics::counter!("herdgate_admin_refused_total", "reason" => "token").increment(1);
             return Response::builder()
                 .status(StatusCode::UNAUTHORIZED)
@@ -134,21 +156,19 @@ async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Res
     }
     match path {
         "/" => status_page::page(),
-        "/status/live" => {
-            crate::http::json(StatusCode::OK, &page.live(shared, status(shared)).await)
-        }
+        "/status/live" => crate::http::json(StatusCode::OK, &page.live(admin, status(admin)).await),
         // Alive as long as this process answers: load never fails liveness.
         "/livez" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.accept.saturated_for() >= SATURATED_NOT_READY => text(
+        "/readyz" if admin.saturated_for() >= SATURATED_NOT_READY => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: saturated (every accept permit is held)\n",
         ),
-        "/readyz" if !ready(shared) => text(
+        "/readyz" if !ready(admin) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: draining or overloaded\n",
         ),
         "/readyz" => text(StatusCode::OK, "ready\n"),
-        "/status" => crate::http::json(StatusCode::OK, &status(shared)),
+        "/status" => crate::http::json(StatusCode::OK, &status(admin)),
         "/metrics" => Response::builder()
             .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(Body::full(crate::telemetry::render_metrics()))
@@ -161,13 +181,14 @@ async fn respond<B>(req: &Request<B>, shared: &Shared, page: &StatusPage) -> Res
 }
 
 /// The membership view and links (cluster nodes), else null.
-fn cluster_status(shared: &Shared) -> serde_json::Value {
-    if let Some(edge) = shared.router.cluster_edge() {
+fn cluster_status(admin: &Admin) -> serde_json::Value {
+    if let Some(edge) = admin.node.router.cluster_edge() {
         return edge.status();
     }
-    shared
+    admin
         .worker_status
-        .get()
+        .as_ref()
+        .and_then(|s| s.get())
         .map_or(serde_json::Value::Null, |f| f())
 }
 
@@ -179,39 +200,44 @@ const SATURATED_NOT_READY: Duration = Duration::from_secs(1);
 
 /// Ready for new connections: not draining, able to accept (a permit
 /// freed within [`SATURATED_NOT_READY`]), and the load state does not refuse them.
-fn ready(shared: &Shared) -> bool {
-    if shared.accept.saturated_for() >= SATURATED_NOT_READY {
+fn ready(admin: &Admin) -> bool {
+    if admin.saturated_for() >= SATURATED_NOT_READY {
         return false;
     }
-    let refuse = shared.live().config.overload.actions.refuse_connections;
+    let node = &admin.node;
+    let refuse = node.live().config.overload.actions.refuse_connections;
     // An edge that cannot follow the cluster view serves no room: not ready.
-    let current = shared.router.cluster_edge().is_none_or(|e| e.is_current());
-    current && !shared.draining.is_cancelled() && !refuse.applies(shared.overload.admission_state())
+    let current = node.router.cluster_edge().is_none_or(|e| e.is_current());
+    current
+        && !node.life.draining.is_cancelled()
+        && !refuse.applies(node.overload.admission_state())
 }
 
-fn status(shared: &Shared) -> serde_json::Value {
-    let live = shared.live();
+fn status(admin: &Admin) -> serde_json::Value {
+    let node = &admin.node;
+    let live = node.live();
     let c = &live.config;
-    let state = shared.overload.state();
-    let snap = shared.overload.snapshot();
+    let state = node.overload.state();
+    let snap = node.overload.snapshot();
+    let accept = admin.front.as_ref().map(|f| &f.gate.accept);
     serde_json::json!({
         "state": state.as_str(),
-        "ready": ready(shared),
-        "draining": shared.draining.is_cancelled(),
+        "ready": ready(admin),
+        "draining": node.life.draining.is_cancelled(),
         "reasons": snap.reasons,
         "signals": snap.signals,
-        "admission": shared.overload.admission_state().as_str(),
+        "admission": node.overload.admission_state().as_str(),
         "role": c.cluster.role.as_str(),
-        "cluster": cluster_status(shared),
-        "limited": c.overload.actions.limited(state, shared.overload.admission_state()),
-        "connections": shared.sessions.open(),
+        "cluster": cluster_status(admin),
+        "limited": c.overload.actions.limited(state, node.overload.admission_state()),
+        "connections": admin.open_sessions(),
         "accept": {
-            "permits_in_use": shared.accept.in_use(),
-            "max_handshakes": shared.accept.max(),
-            "saturated": shared.accept.saturated(),
+            "permits_in_use": accept.map_or(0, |a| a.in_use()),
+            "max_handshakes": accept.map_or(c.limits.max_handshakes, |a| a.max()),
+            "saturated": accept.is_some_and(|a| a.saturated()),
         },
         "limits": {
-            "max_connections": shared.sessions.max(),
+            "max_connections": admin.front.as_ref().map_or(c.limits.max_connections, |f| f.gate.sessions.max()),
             "max_connections_per_ip": c.limits.max_connections_per_ip,
             "new_connections_per_second": c.limits.new_connections_per_second,
             "new_connections_burst": c.limits.new_connections_burst,

@@ -17,7 +17,7 @@ use crate::apps::App;
 use crate::op::{Answer, Ask};
 use crate::protocol::{self, names, names::ChannelKind};
 use crate::replays::MAX_IDEMPOTENCY_KEY;
-use crate::state::Shared;
+use crate::state::Front;
 use crate::types::{ConnId, RoomKey, RouteError};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -51,8 +51,8 @@ fn fnv(parts: &[&[u8]]) -> u64 {
 
 type ApiResult = Result<Value, ApiError>;
 
-pub async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response<Body> {
-    match handle_inner(req, shared).await {
+pub async fn handle(req: Request<hyper::body::Incoming>, front: &Arc<Front>) -> Response<Body> {
+    match handle_inner(req, front).await {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => {
             tracing::debug!(error = %e, status = %e.status(), "api request refused");
@@ -61,14 +61,14 @@ pub async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -
     }
 }
 
-async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> ApiResult {
+async fn handle_inner(req: Request<hyper::body::Incoming>, front: &Arc<Front>) -> ApiResult {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let segments: Vec<String> = path["/apps/".len()..]
         .split('/')
         .map(sign::percent_decode)
         .collect();
-    let live = shared.live();
+    let live = front.live();
     let app = live
         .apps
         .by_id(&segments[0])
@@ -101,7 +101,7 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         return Err(ApiError::Forbidden("application is disabled".into()));
     }
 
-    let quota = shared.quotas.of(&app.id);
+    let quota = front.quotas().of(&app.id);
     let f = &app.features;
     if parts.method == Method::GET && !quota.read(f.max_read_requests_per_second) {
         metrics::counter!("herdgate_api_quota_refusals_total", "quota" => "reads").increment(1);
@@ -116,7 +116,7 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>)
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     let api = Api {
-        shared,
+        front,
         live: &live,
         app: &app,
         params: &params,
@@ -175,7 +175,7 @@ fn route_error(e: RouteError) -> ApiError {
 }
 
 struct Api<'a> {
-    shared: &'a Arc<Shared>,
+    front: &'a Arc<Front>,
     live: &'a crate::state::Live,
     app: &'a Arc<App>,
     params: &'a [(String, String)],
@@ -261,7 +261,7 @@ impl Api<'_> {
             return publish().await;
         };
         check_key(&key)?;
-        let replays = &self.shared.replays;
+        let replays = &self.front.replays;
         let hash = fnv(&[body]);
         let first = replays.get(&self.app.id, &key, hash).map_err(|_| {
             ApiError::Conflict(
@@ -341,7 +341,7 @@ impl Api<'_> {
             checked.push(c);
         }
         let count: usize = checked.iter().map(|c| c.0.len()).sum();
-        let quota = self.shared.quotas.of(&self.app.id);
+        let quota = self.front.quotas().of(&self.app.id);
         let rate = self.app.features.max_backend_events_per_second;
         if !quota.backend_events(rate, count.min(u32::MAX as usize) as u32) {
             metrics::counter!("herdgate_api_quota_refusals_total", "quota" => "backend_events")
@@ -351,8 +351,8 @@ impl Api<'_> {
                 1,
             ));
         }
-        let router = &self.shared.router;
-        let state = self.shared.overload.state();
+        let router = &self.front.node.router;
+        let state = self.front.node.overload.state();
         let coalesce = |c: &str| self.live.config.overload.actions.coalesce_for(c, state);
         let request_key = self.idempotency_key.as_deref();
         let mut items = Vec::with_capacity(count);
@@ -455,7 +455,8 @@ impl Api<'_> {
             prefix: prefix.to_string(),
         };
         let list = self
-            .shared
+            .front
+            .node
             .router
             .ask(ask, self.wait())
             .await
@@ -474,7 +475,7 @@ impl Api<'_> {
 
     async fn channel(&self, name: &str) -> ApiResult {
         names::check_channel(name).map_err(ApiError::BadRequest)?;
-        let router = &self.shared.router;
+        let router = &self.front.node.router;
         let r = router
             .ask(
                 Ask::Info {
@@ -516,7 +517,8 @@ impl Api<'_> {
             ));
         }
         let users = self
-            .shared
+            .front
+            .node
             .router
             .ask(
                 Ask::Users {
@@ -557,7 +559,8 @@ impl Api<'_> {
             limit: limit as u32, // ≤ HISTORY_LIMIT_MAX
         };
         let page = self
-            .shared
+            .front
+            .node
             .router
             .ask(ask, self.wait())
             .await
@@ -589,7 +592,8 @@ impl Api<'_> {
         let ask = Ask::Terminate {
             room: RoomKey::user(&self.app.id, user),
         };
-        self.shared
+        self.front
+            .node
             .router
             .ask(ask, self.wait())
             .await

@@ -15,7 +15,7 @@ pub mod xhr;
 pub use error::ApiError;
 
 use crate::outbound::DirectSocket;
-use crate::state::Shared;
+use crate::state::Front;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -37,24 +37,24 @@ pub async fn serve_connection<I>(
     stream: I,
     direct: Option<DirectSocket>,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    front: Arc<Front>,
     deadline: tokio::time::Instant,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let live = shared.live();
+    let live = front.live();
     let cfg = &live.config;
     let svc = tower::ServiceBuilder::new()
         .map_response(count_status)
         .service_fn({
-            let shared = shared.clone();
+            let front = front.clone();
             move |mut req: Request<Incoming>| {
                 if let Some(d) = &direct {
                     if upgrade::is_websocket(&req) {
                         req.extensions_mut().insert(d.clone());
                     }
                 }
-                route(req, peer, shared.clone())
+                route(req, peer, front.clone())
             }
         });
     let mut builder = http1::Builder::new();
@@ -74,7 +74,7 @@ pub async fn serve_connection<I>(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shared.closing.cancelled() => {
+        _ = front.node.life.closing.cancelled() => {
             // Finish the request in flight, take no new ones.
             conn.as_mut().graceful_shutdown();
             conn.await
@@ -94,15 +94,15 @@ fn count_status(resp: Response<Body>) -> Response<Body> {
 async fn route(
     req: Request<Incoming>,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    front: Arc<Front>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let resp = if upgrade::is_websocket(&req) {
-        upgrade::handle(req, peer, &shared)
+        upgrade::handle(req, peer, &front)
     } else if path.starts_with("/apps/") {
-        api::handle(req, &shared).await
+        api::handle(req, &front).await
     } else if xhr::is_fallback(path) {
-        xhr::handle(req, peer, &shared).await
+        xhr::handle(req, peer, &front).await
     } else if path == "/" {
         text(
             StatusCode::OK,

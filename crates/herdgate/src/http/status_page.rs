@@ -20,9 +20,9 @@
 //!   (`limits.max_admin_connections`) and cut after 30 s, so the page asks
 //!   once a second over keep-alive instead of holding a connection open.
 
+use super::admin::Admin;
 use super::Body;
 use crate::config::{ActionFrom, ActionsConfig, LoadState};
-use crate::state::Shared;
 use bytes::Bytes;
 use http::{header, Response};
 use serde_json::{json, Value};
@@ -232,12 +232,15 @@ struct TopRooms {
 impl StatusPage {
     /// `GET /status/live`: `base` (the `/status` document) plus rates,
     /// admission and shedding counts, deliveries, top rooms and history.
-    pub async fn live(&self, shared: &Shared, base: Value) -> Value {
-        let now = self.sample(shared);
-        let top = self.top_rooms(shared).await;
-        let live = shared.live();
+    pub async fn live(&self, admin: &Admin, base: Value) -> Value {
+        let now = self.sample(admin);
+        let top = self.top_rooms(admin).await;
+        let live = admin.node.live();
         let actions = &live.config.overload.actions;
-        let (state, admission) = (shared.overload.state(), shared.overload.admission_state());
+        let (state, admission) = (
+            admin.node.overload.state(),
+            admin.node.overload.admission_state(),
+        );
         let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         let rate_ref = samples
             .iter()
@@ -260,7 +263,7 @@ impl StatusPage {
         let obj = doc.as_object_mut().expect("status is an object");
         obj.insert("at".into(), json!(now.unix_ms));
         obj.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-        let draining = shared.draining.is_cancelled();
+        let draining = admin.node.life.draining.is_cancelled();
         let said = summary(state, admission, &doc_reasons(obj), actions, draining);
         obj.insert("summary".into(), json!(said));
         obj.insert("degraded".into(), json!(state >= LoadState::Degraded));
@@ -285,13 +288,13 @@ impl StatusPage {
     }
 
     /// Take a sample now; keep it if the last kept one is a second old.
-    fn sample(&self, shared: &Shared) -> Sample {
+    fn sample(&self, admin: &Admin) -> Sample {
         let c = Counters::parse(&crate::telemetry::render_metrics());
         let s = Sample {
             at: Instant::now(),
             unix_ms: unix_ms(),
-            open: shared.sessions.open(),
-            state: shared.overload.state(),
+            open: admin.open_sessions(),
+            state: admin.node.overload.state(),
             c,
         };
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -309,7 +312,7 @@ impl StatusPage {
 
     /// The last listing if it is recent, else a new one; a request arriving
     /// while another lists gets the previous listing instead of waiting.
-    async fn top_rooms(&self, shared: &Shared) -> Option<Arc<TopRooms>> {
+    async fn top_rooms(&self, admin: &Admin) -> Option<Arc<TopRooms>> {
         let Ok(mut slot) = self.top.try_lock() else {
             return self
                 .top_shown
@@ -320,7 +323,7 @@ impl StatusPage {
         if let Some(t) = slot.as_ref().filter(|t| t.at.elapsed() < TOP_EVERY) {
             return Some(t.clone());
         }
-        let fresh = Arc::new(list_top_rooms(shared).await);
+        let fresh = Arc::new(list_top_rooms(admin).await);
         *slot = Some(fresh.clone());
         *self.top_shown.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
         Some(fresh)
@@ -339,8 +342,9 @@ fn doc_reasons(obj: &serde_json::Map<String, Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn list_top_rooms(shared: &Shared) -> TopRooms {
-    let apps: Vec<Arc<str>> = shared
+async fn list_top_rooms(admin: &Admin) -> TopRooms {
+    let apps: Vec<Arc<str>> = admin
+        .node
         .live()
         .config
         .apps
@@ -356,7 +360,7 @@ async fn list_top_rooms(shared: &Shared) -> TopRooms {
             prefix: String::new(),
         };
         let listed = tokio::time::timeout(TOP_DEADLINE, async {
-            let answer = shared.router.ask(ask, TOP_WAIT).await;
+            let answer = admin.node.router.ask(ask, TOP_WAIT).await;
             answer.and_then(crate::op::Answer::rooms)
         })
         .await;
@@ -368,7 +372,7 @@ async fn list_top_rooms(shared: &Shared) -> TopRooms {
             Err(_) => error = Some("listing the rooms took too long".into()),
         }
     }
-    let view = shared.router.cluster_edge().map(|e| e.view());
+    let view = admin.node.router.cluster_edge().map(|e| e.view());
     let per_owner = view
         .as_ref()
         .filter(|_| all.len() <= OWNER_COUNT_MAX)

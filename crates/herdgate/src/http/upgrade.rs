@@ -13,11 +13,11 @@
 
 use super::error::jittered_retry_after;
 use super::{ApiError, Body};
-use crate::admission::{Limits, Refusal, SessionSlot};
+use crate::admission::{AppRefusal, Refusal, SessionSlot};
 use crate::outbound::DirectSocket;
 use crate::protocol::{self, codes};
 use crate::session::{self, Session};
-use crate::state::Shared;
+use crate::state::Front;
 use http::{header, HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -50,7 +50,7 @@ pub(super) struct Checked {
     pub resume: bool,
 }
 
-fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<Checked, PusherRefusal> {
+fn check_pusher_request(uri: &http::Uri, front: &Front) -> Result<Checked, PusherRefusal> {
     let Some(key) = uri
         .path()
         .strip_prefix("/app/")
@@ -61,7 +61,7 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<Checked, Pus
             "path not found: expected /app/{key}",
         ));
     };
-    check_pusher_params(key, uri.query().unwrap_or(""), shared)
+    check_pusher_params(key, uri.query().unwrap_or(""), front)
 }
 
 /// The Pusher checks of a new session (websocket or HTTP fallback): the
@@ -69,7 +69,7 @@ fn check_pusher_request(uri: &http::Uri, shared: &Shared) -> Result<Checked, Pus
 pub(super) fn check_pusher_params(
     key: &str,
     query: &str,
-    shared: &Shared,
+    front: &Front,
 ) -> Result<Checked, PusherRefusal> {
     let (mut protocol, mut version, mut resume) = (None, None, false);
     for pair in query.split('&') {
@@ -80,7 +80,7 @@ pub(super) fn check_pusher_params(
             _ => {}
         }
     }
-    match shared.live().apps.by_key(key) {
+    match front.live().apps.by_key(key) {
         None => {
             return Err(PusherRefusal(
                 codes::UNKNOWN_APP,
@@ -131,7 +131,7 @@ pub(super) fn check_pusher_params(
 pub fn handle(
     mut req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
+    front: &Arc<Front>,
 ) -> Response<Body> {
     let h = req.headers();
     if req.method() != http::Method::GET || !header_has(h, header::CONNECTION, "upgrade") {
@@ -154,12 +154,12 @@ pub fn handle(
     else {
         return ApiError::BadRequest("missing Sec-WebSocket-Key".into()).into_response();
     };
-    let check = check_pusher_request(req.uri(), shared);
-    let (slot, peer) = match admit(h, peer, shared, &check) {
+    let check = check_pusher_request(req.uri(), front);
+    let (slot, peer) = match admit(h, peer, front, &check) {
         Ok(admitted) => admitted,
         Err(refused) => return *refused,
     };
-    let ws_config = shared.live().ws_config();
+    let ws_config = front.live().ws_config();
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let direct = req.extensions_mut().remove::<DirectSocket>();
@@ -172,11 +172,11 @@ pub fn handle(
         ws_config,
         check,
         peer,
-        shared: shared.clone(),
+        front: front.clone(),
         slot,
         direct,
     });
-    shared.tasks.spawn(session_task(handshake));
+    front.node.life.tasks.spawn(session_task(handshake));
 
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -188,100 +188,55 @@ pub fn handle(
 }
 
 /// Admission of a new session (websocket or HTTP fallback), before any
-/// session work: the real client address, the app's allowed origins, then
-/// drain, overload, rate and caps. A refusal is the response to send.
+/// session work ([`crate::admission`] decides): the real client address,
+/// then origin, drain, overload, rate and caps. A refusal is the response
+/// to send: 403 for an origin the app does not allow, else 503 with a
+/// jittered Retry-After.
 pub(super) fn admit(
     h: &HeaderMap,
     peer: SocketAddr,
-    shared: &Shared,
+    front: &Front,
     check: &Result<Checked, PusherRefusal>,
 ) -> Result<(SessionSlot, SocketAddr), Box<Response<Body>>> {
-    let live = shared.live();
+    let live = front.live();
     // The real client, if a trusted proxy says who it is.
     let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok());
     let peer = SocketAddr::new(
         crate::realaddr::client_ip(peer.ip(), xff, &live.trusted_proxies),
         peer.port(),
     );
-    if let Ok(key) = check {
-        let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
-        if let Some(app) = live.apps.by_key(&key.key) {
-            if !app.origin_allowed(origin) {
-                metrics::counter!("herdgate_connections_refused_total", "reason" => "origin")
-                    .increment(1);
-                tracing::debug!(%peer, ?origin, "origin not allowed");
-                let forbidden = ApiError::Forbidden("origin not allowed for this app".into());
-                return Err(Box::new(forbidden.into_response()));
-            }
-        }
-    }
-    let state = shared.overload.admission_state();
-    let admitted = if shared.closing.is_cancelled() {
-        Err(Refusal::Draining)
-    } else if live
-        .config
-        .overload
-        .actions
-        .refuse_connections
-        .applies(state)
+    let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    let app = check.as_ref().ok().map(|c| (c.key.as_str(), origin));
+    let node = &front.node;
+    let closing = node.life.closing.is_cancelled();
+    match front
+        .gate
+        .admit(&live, &node.overload, closing, peer.ip(), app)
     {
-        Err(Refusal::Overloaded)
-    } else {
-        let l = &live.config.limits;
-        let limits = Limits {
-            max_per_ip: l.max_connections_per_ip,
-            rate: l.new_connections_per_second,
-            burst: l.new_connections_burst,
-        };
-        shared.sessions.try_admit(peer.ip(), limits)
-    };
-    let slot = match admitted {
-        Ok(slot) => slot,
-        Err(r) => return Err(Box::new(refuse(r))),
-    };
-    shared
-        .overload
-        .admitted
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    metrics::counter!("herdgate_connections_accepted_total").increment(1);
-    Ok((slot, peer))
+        Ok(slot) => Ok((slot, peer)),
+        Err(Refusal::Origin) => Err(Box::new(
+            ApiError::Forbidden(Refusal::Origin.message().into()).into_response(),
+        )),
+        Err(r) => Err(Box::new(
+            ApiError::Unavailable(r.message().into(), jittered_retry_after(RETRY_AFTER_MAX))
+                .into_response(),
+        )),
+    }
 }
 
 /// The app of a new session (websocket or HTTP fallback), and its place
 /// within the app's `max_connections` on this node; or the refusal (4004
 /// over the quota; 4001 if a reload removed the app since the check).
 pub(super) fn session_app(
-    shared: &Shared,
+    front: &Front,
     key: &str,
 ) -> Result<(Arc<crate::apps::App>, crate::apps::ConnectionSlot), PusherRefusal> {
-    let app = shared
-        .live()
-        .apps
-        .by_key(key)
-        .cloned()
-        .ok_or(PusherRefusal(
-            codes::UNKNOWN_APP,
-            "application does not exist",
-        ))?;
-    let Some(slot) = shared
-        .quotas
-        .of(&app.id)
-        .connect(app.features.max_connections)
-    else {
-        metrics::counter!("herdgate_connections_refused_total", "reason" => "app_quota")
-            .increment(1);
-        return Err(PusherRefusal(
-            codes::OVER_QUOTA,
-            "Application is over connection quota",
-        ));
-    };
-    Ok((app, slot))
-}
-
-/// 503 with a jittered Retry-After, before any upgrade work.
-fn refuse(r: Refusal) -> Response<Body> {
-    metrics::counter!("herdgate_connections_refused_total", "reason" => r.label()).increment(1);
-    ApiError::Unavailable(r.message().into(), jittered_retry_after(RETRY_AFTER_MAX)).into_response()
+    crate::admission::app_place(&front.live(), front.quotas(), key).map_err(|r| match r {
+        AppRefusal::Unknown => PusherRefusal(codes::UNKNOWN_APP, "application does not exist"),
+        AppRefusal::OverQuota => {
+            PusherRefusal(codes::OVER_QUOTA, "Application is over connection quota")
+        }
+    })
 }
 
 /// What the session task needs to finish the upgrade. One heap value, so the
@@ -291,7 +246,7 @@ struct Handshake {
     ws_config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
     check: Result<Checked, PusherRefusal>,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    front: Arc<Front>,
     slot: SessionSlot,
     /// The plain TCP socket under the upgrade, for direct writes.
     direct: Option<DirectSocket>,
@@ -367,7 +322,7 @@ async fn start(h: Box<Handshake>) -> Option<Box<Live>> {
         ws_config,
         check,
         peer,
-        shared,
+        front,
         slot,
         direct,
     } = unbox(h);
@@ -381,11 +336,11 @@ async fn start(h: Box<Handshake>) -> Option<Box<Live>> {
     let (mut reader, mut writer) = session::websocket::server(
         TokioIo::new(upgraded),
         ws_config,
-        Some(shared.fragments.clone()),
+        Some(front.fragments.clone()),
     );
-    match check.and_then(|c| session_app(&shared, &c.key).map(|a| (c, a))) {
+    match check.and_then(|c| session_app(&front, &c.key).map(|a| (c, a))) {
         Ok((Checked { resume, .. }, (app, quota))) => {
-            let mut session = Session::new(shared, app);
+            let mut session = Session::new(front.session.clone(), app);
             session.resume_all = resume;
             if let Some(socket) = direct {
                 session.write_directly(socket);

@@ -24,7 +24,7 @@ use crate::pipe::{Full, Pipe, Taken, ToSession, DETACHED_MAX};
 use crate::protocol::{self, Frame};
 use crate::session::xhr::{PipeReader, PipeWriter};
 use crate::session::{self, Session};
-use crate::state::Shared;
+use crate::state::Front;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -88,7 +88,7 @@ pub fn is_fallback(path: &str) -> bool {
 pub async fn handle(
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
+    front: &Arc<Front>,
 ) -> Response<Body> {
     let mut resp = if req.method() == http::Method::OPTIONS {
         Response::builder()
@@ -99,7 +99,7 @@ pub async fn handle(
             .body(Body::default())
             .expect("valid response")
     } else {
-        serve(req, peer, shared).await
+        serve(req, peer, front).await
     };
     resp.headers_mut().insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -111,7 +111,7 @@ pub async fn handle(
 async fn serve(
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
+    front: &Arc<Front>,
 ) -> Response<Body> {
     let Some((key, id, kind)) = parse(req.uri().path()) else {
         return ApiError::NotFound(
@@ -124,12 +124,12 @@ async fn serve(
             .into_response();
     }
     if kind == Kind::Send {
-        return send(req, &id, peer, shared).await;
+        return send(req, &id, peer, front).await;
     }
-    let pipe = match shared.pipes.get(&id) {
+    let pipe = match front.pipes.get(&id) {
         // A session id is chosen by the client: only its opener may take
         // what the session sends.
-        Some(p) if !p.owned_by(client_ip(&req, peer, shared)) => {
+        Some(p) if !p.owned_by(client_ip(&req, peer, front)) => {
             metrics::counter!("herdgate_http_fallback_refused_total", "reason" => "address")
                 .increment(1);
             return ApiError::Forbidden("this HTTP session was opened from another address".into())
@@ -137,27 +137,27 @@ async fn serve(
         }
         Some(p) => p,
         None => {
-            let check = upgrade::check_pusher_params(key, req.uri().query().unwrap_or(""), shared);
-            match open(&req, peer, shared, &id, check) {
+            let check = upgrade::check_pusher_params(key, req.uri().query().unwrap_or(""), front);
+            match open(&req, peer, front, &id, check) {
                 Ok(p) => p,
                 Err(resp) => return *resp,
             }
         }
     };
-    receive(pipe, kind, shared)
+    receive(pipe, kind, front)
 }
 
 /// A new session: admitted, its pipe registered, its task spawned.
 fn open(
     req: &Request<hyper::body::Incoming>,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
+    front: &Arc<Front>,
     id: &str,
     check: Result<Checked, PusherRefusal>,
 ) -> Result<Arc<Pipe>, Box<Response<Body>>> {
-    let (slot, peer) = upgrade::admit(req.headers(), peer, shared, &check)?;
+    let (slot, peer) = upgrade::admit(req.headers(), peer, front, &check)?;
     let (Checked { resume, .. }, (app, quota)) =
-        match check.and_then(|c| upgrade::session_app(shared, &c.key).map(|a| (c, a))) {
+        match check.and_then(|c| upgrade::session_app(front, &c.key).map(|a| (c, a))) {
             Ok(ok) => ok,
             Err(PusherRefusal(code, message)) => return Err(Box::new(refused(code, message))),
         };
@@ -165,14 +165,14 @@ fn open(
     // Each session's requests hold HTTP connections, which count as
     // handshakes: half of those stay for websocket upgrades and the API.
     let (max, max_per_ip) = {
-        let live = shared.live();
+        let live = front.live();
         let l = &live.config.limits;
         (
             l.max_http_sessions.min(l.max_handshakes / 2),
             l.max_http_sessions_per_ip,
         )
     };
-    let place = match shared
+    let place = match front
         .pipes
         .insert(id.to_string(), pipe.clone(), max, max_per_ip)
     {
@@ -196,12 +196,12 @@ fn open(
             ));
         }
     };
-    let (shared2, id2, pipe2) = (shared.clone(), id.to_string(), pipe.clone());
-    shared.tasks.spawn(async move {
+    let (front2, id2, pipe2) = (front.clone(), id.to_string(), pipe.clone());
+    front.node.life.tasks.spawn(async move {
         let (_slot, _quota, _place) = (slot, quota, place);
         let mut reader = PipeReader(from_client);
         let mut writer = PipeWriter(pipe2.clone());
-        let mut session = Box::new(Session::new(shared2.clone(), app));
+        let mut session = Box::new(Session::new(front2.session.clone(), app));
         session.resume_all = resume;
         let span = tracing::debug_span!("http_session", socket_id = %session.socket_id(), %peer);
         session::run(&mut reader, &mut writer, &mut session)
@@ -222,10 +222,10 @@ fn open(
             tokio::select! {
                 _ = &mut changed => {}
                 _ = &mut grace => break,
-                _ = shared2.stopped.cancelled() => break,
+                _ = front2.node.life.stopped.cancelled() => break,
             }
         }
-        shared2.pipes.remove(&id2);
+        front2.pipes.remove(&id2);
     });
     Ok(pipe)
 }
@@ -274,7 +274,7 @@ fn lines(body: Body) -> Response<Body> {
 
 /// The next line for a receive request: frames, the close, a heartbeat
 /// after [`HEARTBEAT`] of nothing, or `None` when superseded (or stopping).
-async fn next_line(pipe: &Pipe, id: u64, shared: &Shared) -> Option<(String, bool)> {
+async fn next_line(pipe: &Pipe, id: u64, front: &Front) -> Option<(String, bool)> {
     let beat = tokio::time::sleep(HEARTBEAT);
     tokio::pin!(beat);
     loop {
@@ -300,27 +300,27 @@ async fn next_line(pipe: &Pipe, id: u64, shared: &Shared) -> Option<(String, boo
         tokio::select! {
             _ = &mut changed => {}
             _ = &mut beat => return Some(("h\n".into(), false)),
-            _ = shared.stopped.cancelled() => return None,
+            _ = front.node.life.stopped.cancelled() => return None,
         }
     }
 }
 
-fn receive(pipe: Arc<Pipe>, kind: Kind, shared: &Arc<Shared>) -> Response<Body> {
+fn receive(pipe: Arc<Pipe>, kind: Kind, front: &Arc<Front>) -> Response<Body> {
     let (id, first) = pipe.attach();
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_CHUNKS);
-    let shared = shared.clone();
+    let (front, tasks) = (front.clone(), front.node.life.tasks.clone());
     // The response's body is written by a task of its own (tracked: a
     // shutdown waits for it), ended when the session closes, the client
     // goes away (the body's receiver is dropped) or a newer receive
     // request supersedes it.
-    shared.clone().tasks.spawn(async move {
-        carry(&pipe, id, first, kind, &tx, &shared).await;
+    tasks.spawn(async move {
+        carry(&pipe, id, first, kind, &tx, &front).await;
         drop(tx); // the response ends here
                   // A client that sends no receive request for a while is gone.
         if pipe.detach(id) {
             tokio::select! {
                 _ = tokio::time::sleep(DETACHED_MAX) => {}
-                _ = shared.closing.cancelled() => return,
+                _ = front.node.life.closing.cancelled() => return,
             }
             if pipe.abandoned_since(id) {
                 let _ = pipe.to_session.try_send(ToSession::Gone);
@@ -349,7 +349,7 @@ async fn carry(
     first: bool,
     kind: Kind,
     tx: &mpsc::Sender<Bytes>,
-    shared: &Shared,
+    front: &Front,
 ) {
     let mut sent = 0usize;
     if first {
@@ -363,13 +363,13 @@ async fn carry(
             // The client reopens now; wait to be superseded, keep the rest for it.
             tokio::select! {
                 _ = tx.closed() => {}
-                _ = shared.stopped.cancelled() => {}
+                _ = front.node.life.stopped.cancelled() => {}
                 _ = superseded(pipe, id) => {}
             }
             return;
         }
         let next = tokio::select! {
-            n = next_line(pipe, id, shared) => n,
+            n = next_line(pipe, id, front) => n,
             _ = tx.closed() => None,
         };
         let Some((line, closed)) = next else { return };
@@ -384,13 +384,13 @@ async fn carry(
 fn client_ip(
     req: &Request<hyper::body::Incoming>,
     peer: SocketAddr,
-    shared: &Shared,
+    front: &Front,
 ) -> std::net::IpAddr {
     let xff = req
         .headers()
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok());
-    crate::realaddr::client_ip(peer.ip(), xff, &shared.live().trusted_proxies)
+    crate::realaddr::client_ip(peer.ip(), xff, &front.live().trusted_proxies)
 }
 
 /// `xhr_send`: a JSON array of the client's messages, each a string.
@@ -406,15 +406,15 @@ async fn send(
     req: Request<hyper::body::Incoming>,
     id: &str,
     peer: SocketAddr,
-    shared: &Shared,
+    front: &Front,
 ) -> Response<Body> {
-    let Some(pipe) = shared.pipes.get(id) else {
+    let Some(pipe) = front.pipes.get(id) else {
         return ApiError::NotFound("no such HTTP session (it may have ended)".into())
             .into_response();
     };
-    let client = client_ip(&req, peer, shared);
+    let client = client_ip(&req, peer, front);
     let (wait, max_message) = {
-        let live = shared.live();
+        let live = front.live();
         let c = &live.config;
         (c.server.handshake_timeout.get(), c.limits.max_message_bytes)
     };

@@ -85,7 +85,7 @@ impl Session {
         let ok = match &mut self.ops {
             Some(b) => b.try_take(now),
             None => {
-                let live = self.shared.live();
+                let live = self.ctx.node.live();
                 let mut b = crate::ratelimit::TokenBucket::new(
                     live.config.limits.channel_ops_per_second,
                     live.config.channel_ops_burst(),
@@ -124,7 +124,7 @@ impl Session {
                 429,
             );
         }
-        let live = self.shared.live();
+        let live = self.ctx.node.live();
         let limits = &live.config.limits;
         if self.channels.len() >= limits.max_channels_per_connection {
             return self.sub_error(
@@ -138,7 +138,7 @@ impl Session {
             .config
             .overload
             .actions
-            .refuses_subscription(channel, self.shared.overload.state())
+            .refuses_subscription(channel, self.ctx.node.overload.state())
         {
             crate::overload::shed("subscription_refused");
             return self.sub_error(
@@ -205,7 +205,7 @@ impl Session {
             shed: self.shed(),
             resume,
         };
-        match self.shared.router.join(join, self.subscriber()).await {
+        match self.ctx.node.router.join(join, self.subscriber()).await {
             Ok(true) => {
                 // Most sockets hold one channel: room for exactly that first.
                 if self.channels.is_empty() {
@@ -251,7 +251,7 @@ impl Session {
             conn: self.id,
             shed: self.shed(),
         };
-        let _ = self.shared.router.tell(leave).await;
+        let _ = self.ctx.node.router.tell(leave).await;
         Ok(())
     }
 
@@ -314,7 +314,7 @@ impl Session {
         };
         watchlist.sort();
         watchlist.dedup();
-        let router = &self.shared.router;
+        let router = &self.ctx.node.router;
         if let Some(old) = self.user.take() {
             old.release(router, &self.app.id, self.id).await;
         }
@@ -369,7 +369,7 @@ impl Session {
         data: Option<&RawValue>,
     ) -> Handled {
         let app = self.current_app()?;
-        let live = self.shared.live();
+        let live = self.ctx.node.live();
         if !app.enable_client_events {
             return self.error(None, "client events are disabled for this app");
         }
@@ -396,7 +396,7 @@ impl Session {
         }
         // Load shedding first: degraded nodes drop client events, pressured
         // ones halve their rate (each event costs two tokens).
-        let state = self.shared.overload.state();
+        let state = self.ctx.node.overload.state();
         let actions = &live.config.overload.actions;
         if actions.drop_client_events.applies(state) {
             crate::overload::shed("client_event_dropped");
@@ -424,7 +424,7 @@ impl Session {
             );
         }
         let app_rate = app.features.max_client_events_per_second;
-        if app_rate > 0 && !self.shared.quotas.of(&app.id).client_event(app_rate) {
+        if app_rate > 0 && !self.ctx.quotas.of(&app.id).client_event(app_rate) {
             metrics::counter!("herdgate_client_events_dropped_total", "reason" => "app_quota")
                 .increment(1);
             return self.error(
@@ -439,7 +439,8 @@ impl Session {
         };
         metrics::counter!("herdgate_client_events_total").increment(1);
         if self
-            .shared
+            .ctx
+            .node
             .router
             .client_event(room, frame, self.id)
             .await

@@ -23,7 +23,7 @@ use crate::apps::App;
 use crate::op::Tell;
 use crate::outbound::{CloseOrder, Outbound};
 use crate::protocol::codes;
-use crate::state::Shared;
+use crate::state::Node;
 use crate::types::{ConnId, RoomKey};
 use crate::worker::Subscriber;
 use deadlines::{Deadlines, Expired};
@@ -86,8 +86,26 @@ impl SignedIn {
     }
 }
 
+/// What a session reads of its node, and nothing else: the live config,
+/// the load state and the rooms' owner (all in [`Node`]), and the per-app
+/// quotas. One per node, shared by every session through one pointer.
+pub struct Context {
+    pub node: Arc<Node>,
+    /// Per-app quota state on this node (limits from the live app config).
+    pub quotas: crate::apps::Quotas,
+}
+
+impl Context {
+    pub fn new(node: Arc<Node>) -> Arc<Context> {
+        Arc::new(Context {
+            node,
+            quotas: Default::default(),
+        })
+    }
+}
+
 pub struct Session {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     app: Arc<App>,
     id: ConnId,
     out: Arc<Outbound>,
@@ -104,8 +122,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(shared: Arc<Shared>, app: Arc<App>) -> Session {
-        let live = shared.live();
+    pub fn new(ctx: Arc<Context>, app: Arc<App>) -> Session {
+        let live = ctx.node.live();
         let l = &live.config.limits;
         let out = Arc::new(Outbound::new(
             l.outbound_queue_messages,
@@ -115,7 +133,7 @@ impl Session {
             id: ConnId(rand::random()),
             out,
             app,
-            shared,
+            ctx,
             channels: Vec::new(),
             user: None,
             limiter: None,
@@ -136,7 +154,7 @@ impl Session {
     /// under the new secret). Nothing is ever verified against a secret the
     /// live config no longer has.
     fn current_app(&mut self) -> Result<Arc<App>, End> {
-        let live = self.shared.live();
+        let live = self.ctx.node.live();
         let why = match live.apps.by_key(&self.app.key) {
             Some(a) if a.id == self.app.id && a.enabled && a.secret == self.app.secret => {
                 return Ok(a.clone())
@@ -167,9 +185,10 @@ impl Session {
 
     /// What the current load state asks the rooms to shed for this socket's commands.
     fn shed(&self) -> crate::types::Shed {
-        let state = self.shared.overload.state();
+        let state = self.ctx.node.overload.state();
         let max = self
-            .shared
+            .ctx
+            .node
             .live()
             .config
             .overload
@@ -224,19 +243,14 @@ impl Drop for Session {
             channels: std::mem::take(&mut self.channels),
             user: self.user.take(),
         };
-        let (shared, app, id, shed) = (
-            self.shared.clone(),
-            self.app.id.clone(),
-            self.id,
-            self.shed(),
-        );
+        let (ctx, app, id, shed) = (self.ctx.clone(), self.app.id.clone(), self.id, self.shed());
         if std::thread::panicking() {
             tracing::warn!(socket_id = %self.socket_id(), "session panicked; releasing its rooms");
         } else {
             // Cancelled (the runtime is stopping).
             tracing::debug!(socket_id = %self.socket_id(), "session cancelled; releasing its rooms");
         }
-        runtime.spawn(async move { held.release(&shared, &app, id, shed).await });
+        runtime.spawn(async move { held.release(&ctx, &app, id, shed).await });
     }
 }
 
@@ -252,7 +266,7 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
     T: Transport,
 {
-    let activity = session.shared.live().config.server.activity_timeout.get();
+    let activity = session.ctx.node.live().config.server.activity_timeout.get();
     session.out.push(&crate::protocol::connection_established(
         &session.socket_id(),
         activity.as_secs(),
@@ -353,7 +367,7 @@ impl Session {
         // iterations: re-creating it would register and unregister every
         // socket in one shared waiter list on every message. A socket that
         // connects while the node is not normal is told at once.
-        let mut rx = self.shared.overload.subscribe();
+        let mut rx = self.ctx.node.overload.subscribe();
         let (mut state, mut reloads) = {
             let s = rx.borrow_and_update();
             (s.state, s.reloads)
@@ -365,7 +379,7 @@ impl Session {
             Err(end) => return end,
         };
         let mut deadlines = {
-            let live = self.shared.live();
+            let live = self.ctx.node.live();
             let c = &live.config;
             // An app that requires authorized connections: sign in (or hold
             // a private or presence subscription) by then, or be closed
@@ -461,7 +475,7 @@ impl Session {
                         // moment within the drain period (the one in force
                         // now) to close, so reconnects reach other nodes
                         // spread out.
-                        let drain_period = self.shared.live().config.shutdown.drain_period.get();
+                        let drain_period = self.ctx.node.live().config.shutdown.drain_period.get();
                         let at = Instant::now() + drain_period.mul_f64(rand::random::<f64>());
                         if let Some(at) = deadlines.close_at(at) {
                             if timer.deadline() > at {
@@ -558,7 +572,7 @@ impl Session {
             channels: std::mem::take(&mut self.channels),
             user: self.user.take(),
         };
-        held.release(&self.shared, &self.app.id, self.id, self.shed())
+        held.release(&self.ctx, &self.app.id, self.id, self.shed())
             .await;
     }
 }
@@ -570,8 +584,8 @@ struct Held {
 }
 
 impl Held {
-    async fn release(self, shared: &Shared, app: &Arc<str>, id: ConnId, shed: crate::types::Shed) {
-        let router = &shared.router;
+    async fn release(self, ctx: &Context, app: &Arc<str>, id: ConnId, shed: crate::types::Shed) {
+        let router = &ctx.node.router;
         for ch in self.channels {
             let room = crate::types::RoomKey {
                 app: app.clone(),
@@ -661,31 +675,31 @@ mod tests {
         (client, server)
     }
 
-    /// [`pair_with`], and the node's shared state.
+    /// [`pair_with`], and the session context.
     async fn pair_shared(
         extra: &str,
         app_keys: &str,
     ) -> (
-        Arc<Shared>,
+        Arc<Context>,
         WebSocketStream<tokio::io::DuplexStream>,
         tokio::task::JoinHandle<End>,
     ) {
         let text =
             format!("{extra}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n{app_keys}\n");
-        let shared = Shared::new(Config::from_toml_str(&text).unwrap()).unwrap();
-        let app = shared.live().apps.by_key("k").unwrap().clone();
+        let ctx = Context::new(Node::new(Config::from_toml_str(&text).unwrap()).unwrap());
+        let app = ctx.node.live().apps.by_key("k").unwrap().clone();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn({
-            let shared = shared.clone();
+            let ctx = ctx.clone();
             async move {
                 let (mut reader, mut writer) =
                     websocket::server(a, WebSocketConfig::default(), None);
-                let mut session = Session::new(shared, app);
+                let mut session = Session::new(ctx, app);
                 run(&mut reader, &mut writer, &mut session).await
             }
         });
         let client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
-        (shared, client, server)
+        (ctx, client, server)
     }
 
     async fn assert_closed_with(server: tokio::task::JoinHandle<End>, code: u16) {
@@ -716,11 +730,11 @@ mod tests {
     #[tokio::test]
     async fn the_session_loop_future_stays_small() {
         let text = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
-        let shared = Shared::new(Config::from_toml_str(text).unwrap()).unwrap();
-        let app = shared.live().apps.by_key("k").unwrap().clone();
+        let ctx = Context::new(Node::new(Config::from_toml_str(text).unwrap()).unwrap());
+        let app = ctx.node.live().apps.by_key("k").unwrap().clone();
         let (a, _b) = tokio::io::duplex(1024);
         let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default(), None);
-        let mut session = Session::new(shared, app);
+        let mut session = Session::new(ctx, app);
         let fut = run(&mut reader, &mut writer, &mut session);
         let size = std::mem::size_of_val(&fut);
         eprintln!("session loop future: {size} bytes");
@@ -830,7 +844,7 @@ mod tests {
     /// ghost subscriber is counted or written to.
     #[tokio::test]
     async fn a_session_that_dies_mid_flight_still_leaves_its_rooms() {
-        let (shared, mut client, server) = pair_shared("", "").await;
+        let (ctx, mut client, server) = pair_shared("", "").await;
         assert_eq!(
             next_event(&mut client).await.as_deref(),
             Some("pusher:connection_established")
@@ -847,7 +861,7 @@ mod tests {
         };
         let count = || async {
             let ask = crate::op::Ask::Info { room: room.clone() };
-            let info = shared.router.ask(ask, Duration::from_secs(5)).await;
+            let info = ctx.node.router.ask(ask, Duration::from_secs(5)).await;
             info.and_then(crate::op::Answer::info)
                 .unwrap()
                 .subscription_count

@@ -80,7 +80,7 @@ async fn five_thousand_sockets_over_a_hundred_channels_all_receive_a_broadcast()
             .await
             .unwrap_or_else(|_| panic!("only {n} of {CONNECTIONS} subscribed in time"));
     }
-    let open = s.running.as_ref().unwrap().shared.sessions.open();
+    let open = s.running.as_ref().unwrap().open_sessions();
     assert_eq!(open, CONNECTIONS);
     let rss = herdgate::sys::rss_bytes().unwrap_or(0);
     println!(

@@ -275,7 +275,7 @@ async fn admin_health_and_metrics() {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .all(|l| l.starts_with("herdgate_")));
     // Draining: /readyz turns 503 while /livez stays 200.
-    s.running.as_ref().unwrap().shared.draining.cancel();
+    s.running.as_ref().unwrap().node.life.draining.cancel();
     assert_eq!(admin_get(s.admin, "/readyz").await.0, 503);
     assert_eq!(admin_get(s.admin, "/livez").await.0, 200);
     s.shutdown().await;

@@ -106,7 +106,9 @@ async fn rotated_certificate_is_used_for_new_handshakes_only() {
         .running
         .as_ref()
         .unwrap()
-        .shared
+        .front
+        .as_ref()
+        .unwrap()
         .tls
         .as_ref()
         .unwrap()
