@@ -112,21 +112,22 @@ pub fn start(
     config: Config,
 ) -> Result<Running, tls::TlsError> {
     telemetry::init_metrics();
-    let role = config.cluster.role.clone();
-    let node = Node::new(config)?;
-    let (front, scale, worker_status) = match (role, &node.router) {
-        (config::Role::Worker, router::Router::Local(pool)) => {
-            let (scale, status) = start_worker(listener, &node, pool.clone());
+    let (node, front, scale, worker_status) = match config.cluster.role {
+        config::Role::Worker => {
+            let (node, pool) = Node::local(config)?;
+            let (scale, status) = start_worker(listener, &node, pool);
             overload::spawn_monitor(node.clone());
-            (None, scale, Some(status))
+            (node, None, scale, Some(status))
+        }
+        config::Role::Edge => {
+            let node = Node::edge(config)?;
+            let front = start_front(listener, &node)?;
+            (node, Some(front), None, None)
         }
         _ => {
-            let front = Front::new(node.clone())?;
-            node.life
-                .tasks
-                .spawn(listener::accept_loop(listener, front.clone()));
-            overload::spawn_monitor(front.clone());
-            (Some(front), None, None)
+            let (node, _) = Node::local(config)?;
+            let front = start_front(listener, &node)?;
+            (node, Some(front), None, None)
         }
     };
     if let Some(admin) = admin {
@@ -138,6 +139,16 @@ pub fn start(
         tokio::spawn(http::admin::serve(admin, Arc::new(view)));
     }
     Ok(Running { node, front, scale })
+}
+
+/// A standalone node's or an edge's client-facing side, on the public listener.
+fn start_front(listener: TcpListener, node: &Arc<Node>) -> Result<Arc<Front>, tls::TlsError> {
+    let front = Front::new(node.clone())?;
+    node.life
+        .tasks
+        .spawn(listener::accept_loop(listener, front.clone()));
+    overload::spawn_monitor(front.clone());
+    Ok(front)
 }
 
 /// A cluster worker: it serves edges on its link listener, not clients.

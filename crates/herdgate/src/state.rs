@@ -5,12 +5,12 @@
 //! - [`Front`] — the client-facing side of a standalone node or an edge:
 //!   admission, TLS, and the state of the HTTP API and its fallback. A
 //!   cluster worker serves edges on its link and builds none of it.
-//! - [`crate::session::Context`] — the one part of them a session reads.
+//! - [`SessionContext`] — the one part of them a session reads.
 //!
-//! The composition is in [`crate::start`] (like linkerd's `app`, one place
-//! that knows every role); the modules below take the part they need.
+//! The roles are composed in [`crate::start`] (like linkerd's `app`, the one
+//! place that branches on the role); the modules below take the part they need.
 
-use crate::config::{Config, Role};
+use crate::config::Config;
 pub use crate::live::Live;
 use crate::live::LiveCell;
 use crate::router::Router;
@@ -48,7 +48,7 @@ pub struct Lifecycle {
 pub struct Front {
     pub node: Arc<Node>,
     /// What every session of this node reads (one pointer in each session).
-    pub session: Arc<crate::session::Context>,
+    pub session: Arc<SessionContext>,
     /// Who may connect, and how many at once.
     pub gate: crate::admission::Gate,
     /// Bytes of unfinished fragmented messages, node-wide (`limits.max_fragmented_bytes`).
@@ -60,6 +60,24 @@ pub struct Front {
     pub pipes: crate::pipe::Pipes,
 }
 
+/// What a session reads of its node, and nothing else: the live config,
+/// the load state and the rooms' owner (all in [`Node`]), and the per-app
+/// quotas. One per node, shared by every session through one pointer.
+pub struct SessionContext {
+    pub node: Arc<Node>,
+    /// Per-app quota state on this node (limits from the live app config).
+    pub quotas: crate::apps::Quotas,
+}
+
+impl SessionContext {
+    pub fn new(node: Arc<Node>) -> Arc<SessionContext> {
+        Arc::new(SessionContext {
+            node,
+            quotas: Default::default(),
+        })
+    }
+}
+
 /// TLS termination: the swappable certificate and the config over it.
 pub struct Tls {
     pub store: Arc<crate::tls::CertStore>,
@@ -67,25 +85,40 @@ pub struct Tls {
 }
 
 impl Node {
-    /// The node of `config`'s role: rooms on this process's workers
-    /// (standalone, worker), or on remote ones (edge).
-    pub fn new(config: Config) -> Result<Arc<Node>, crate::tls::TlsError> {
-        let life = Lifecycle::default();
+    /// A node whose rooms are on this process's workers (standalone,
+    /// worker), with their webhooks; and the workers, for a worker's link.
+    pub fn local(
+        config: Config,
+    ) -> Result<(Arc<Node>, Arc<crate::worker::Pool>), crate::tls::TlsError> {
         let overload = crate::overload::Overload::default();
-        let (router, hooks) = match config.cluster.role {
-            Role::Edge => (edge_router(&config, life.stopped.clone())?, None),
-            _ => {
-                let (pool, hooks) = local_pool(&config, &overload)?;
-                (Router::Local(pool), Some(hooks))
-            }
-        };
-        Ok(Arc::new(Node {
+        let (pool, hooks) = local_pool(&config, &overload)?;
+        let router = Router::Local(pool.clone());
+        let node = Node::with(config, overload, Lifecycle::default(), router, Some(hooks));
+        Ok((node, pool))
+    }
+
+    /// A cluster edge's node: its rooms are on the cluster's workers.
+    pub fn edge(config: Config) -> Result<Arc<Node>, crate::tls::TlsError> {
+        let life = Lifecycle::default();
+        let router = edge_router(&config, life.stopped.clone())?;
+        let overload = crate::overload::Overload::default();
+        Ok(Node::with(config, overload, life, router, None))
+    }
+
+    fn with(
+        config: Config,
+        overload: crate::overload::Overload,
+        life: Lifecycle,
+        router: Router,
+        hooks: Option<Arc<crate::webhook::Hooks>>,
+    ) -> Arc<Node> {
+        Arc::new(Node {
             live: LiveCell::new(config),
             overload,
             life,
             router,
             hooks,
-        }))
+        })
     }
 
     /// The configuration in force now. Cheap: an atomic load and a refcount.
@@ -172,7 +205,7 @@ impl Front {
         };
         let l = &live.config.limits;
         Ok(Arc::new(Front {
-            session: crate::session::Context::new(node.clone()),
+            session: SessionContext::new(node.clone()),
             gate: crate::admission::Gate::new(l.max_connections, l.max_handshakes),
             fragments: Arc::new(crate::ratelimit::FragmentBudget::new(
                 l.max_fragmented_bytes,

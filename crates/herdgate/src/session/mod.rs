@@ -23,7 +23,7 @@ use crate::apps::App;
 use crate::op::Tell;
 use crate::outbound::{CloseOrder, Outbound};
 use crate::protocol::codes;
-use crate::state::Node;
+use crate::state::SessionContext as Context;
 use crate::types::{ConnId, RoomKey};
 use crate::worker::Subscriber;
 use deadlines::{Deadlines, Expired};
@@ -83,24 +83,6 @@ impl SignedIn {
             let room = RoomKey::user(app, w);
             let _ = router.tell(Tell::Unwatch { room, conn }).await;
         }
-    }
-}
-
-/// What a session reads of its node, and nothing else: the live config,
-/// the load state and the rooms' owner (all in [`Node`]), and the per-app
-/// quotas. One per node, shared by every session through one pointer.
-pub struct Context {
-    pub node: Arc<Node>,
-    /// Per-app quota state on this node (limits from the live app config).
-    pub quotas: crate::apps::Quotas,
-}
-
-impl Context {
-    pub fn new(node: Arc<Node>) -> Arc<Context> {
-        Arc::new(Context {
-            node,
-            quotas: Default::default(),
-        })
     }
 }
 
@@ -686,7 +668,11 @@ mod tests {
     ) {
         let text =
             format!("{extra}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n{app_keys}\n");
-        let ctx = Context::new(Node::new(Config::from_toml_str(&text).unwrap()).unwrap());
+        let ctx = Context::new(
+            crate::state::Node::local(Config::from_toml_str(&text).unwrap())
+                .unwrap()
+                .0,
+        );
         let app = ctx.node.live().apps.by_key("k").unwrap().clone();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn({
@@ -730,7 +716,11 @@ mod tests {
     #[tokio::test]
     async fn the_session_loop_future_stays_small() {
         let text = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
-        let ctx = Context::new(Node::new(Config::from_toml_str(text).unwrap()).unwrap());
+        let ctx = Context::new(
+            crate::state::Node::local(Config::from_toml_str(text).unwrap())
+                .unwrap()
+                .0,
+        );
         let app = ctx.node.live().apps.by_key("k").unwrap().clone();
         let (a, _b) = tokio::io::duplex(1024);
         let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default(), None);
