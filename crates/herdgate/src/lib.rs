@@ -79,6 +79,11 @@ fn check_files(c: &Config) -> Vec<config::ConfigError> {
             };
             errs.push(config::ConfigError::new(key, e.to_string()));
         }
+        if t.session_tickets && !t.ticket_keys.is_empty() {
+            if let Err(e) = tls::tickets::load(std::path::Path::new(&t.ticket_keys)) {
+                errs.push(config::ConfigError::new("tls.ticket_keys", e.to_string()));
+            }
+        }
     }
     if let Some(t) = &c.cluster.tls {
         if let Err(e) = cluster::tls::LinkTls::load(t) {

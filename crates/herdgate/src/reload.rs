@@ -46,10 +46,38 @@ pub fn apply(node: &Node, front: Option<&Front>, mut new: Config) -> Vec<&'stati
     fixed!(cluster.node_id, "cluster.node_id");
     fixed!(cluster.advertise, "cluster.advertise");
     fixed!(cluster.secret, "cluster.secret");
+    // Ticket keys rotate live (the file is re-read); turning tickets on or
+    // off, to or from shared keys, and their lifetime are fixed at start.
+    if let (Some(was), Some(t)) = (&o.tls, new.tls.as_mut()) {
+        let keyed = |k: &str| !k.is_empty();
+        if was.session_tickets != t.session_tickets
+            || keyed(&was.ticket_keys) != keyed(&t.ticket_keys)
+            || was.ticket_lifetime != t.ticket_lifetime
+        {
+            restart.push("tls.session_tickets");
+            t.session_tickets = was.session_tickets;
+            t.ticket_lifetime = was.ticket_lifetime;
+            t.ticket_keys = was.ticket_keys.clone();
+        }
+    }
     match (&o.tls, &new.tls, front.and_then(|f| f.tls.as_ref())) {
         (Some(_), Some(t), Some(tls)) => {
             if let Err(e) = tls.store.reload_from(t.cert.as_ref(), t.key.as_ref()) {
                 tracing::error!(error = %e, "TLS certificate reload failed; still serving the previous one");
+            }
+            if let Some(tickets) = &tls.tickets {
+                // Validated with the whole file: a failure here is a file
+                // changed again since.
+                match crate::tls::tickets::load(std::path::Path::new(&t.ticket_keys)) {
+                    Ok(keys) => {
+                        tickets.set_keys(&keys);
+                        tracing::info!(keys = keys.len(), "TLS ticket keys reloaded");
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "TLS ticket keys not reloaded; the previous ones stay"
+                    ),
+                }
             }
         }
         // A worker terminates no client TLS: its `[tls]` is not in use.

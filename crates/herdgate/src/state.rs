@@ -82,6 +82,8 @@ impl SessionContext {
 pub struct Tls {
     pub store: Arc<crate::tls::CertStore>,
     pub config: Arc<rustls::ServerConfig>,
+    /// Session tickets under the keys of `tls.ticket_keys`, rotated on reload.
+    pub tickets: Option<Arc<crate::tls::tickets::SharedTickets>>,
 }
 
 impl Node {
@@ -198,8 +200,12 @@ impl Front {
                     t.cert.as_ref(),
                     t.key.as_ref(),
                 )?);
-                let config = crate::tls::server_config(store.clone())?;
-                Some(Tls { store, config })
+                let (config, tickets) = crate::tls::server_config_for(store.clone(), t)?;
+                Some(Tls {
+                    store,
+                    config,
+                    tickets,
+                })
             }
             None => None,
         };

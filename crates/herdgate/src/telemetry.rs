@@ -179,6 +179,14 @@ fn describe() {
         "TLS handshakes that failed or timed out, by reason"
     );
     describe_counter!(
+        "herdgate_tls_handshakes_total",
+        "TLS handshakes completed, by kind: full or resumed (a session ticket)"
+    );
+    describe_counter!(
+        "herdgate_tls_tickets_refused_total",
+        "TLS session tickets that resumed nothing, by reason"
+    );
+    describe_counter!(
         "herdgate_tls_reloads_total",
         "TLS certificate reloads, by result"
     );

@@ -132,8 +132,50 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// A rustls server config over `store`: TLS 1.2 + 1.3, ALPN http/1.1.
+/// A rustls server config over `store`: TLS 1.2 + 1.3, ALPN http/1.1,
+/// session tickets under per-process keys (the defaults of `[tls]`).
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut cfg = base_config(store)?;
+    cfg.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+/// [`server_config`] with session tickets as `tls` says ([`tickets`]):
+/// off, per-process keys, or the shared keys of `tls.ticket_keys`, whose
+/// ticketer is returned too, for reloads to rotate its keys.
+pub fn server_config_for(
+    store: Arc<CertStore>,
+    tls: &crate::config::TlsConfig,
+) -> Result<
+    (
+        Arc<rustls::ServerConfig>,
+        Option<Arc<tickets::SharedTickets>>,
+    ),
+    TlsError,
+> {
+    if tls.session_tickets && tls.ticket_keys.is_empty() {
+        return Ok((server_config(store)?, None));
+    }
+    let mut cfg = base_config(store)?;
+    if !tls.session_tickets {
+        cfg.send_tls13_tickets = 0;
+        return Ok((Arc::new(cfg), None));
+    }
+    let keys =
+        tickets::load(Path::new(&tls.ticket_keys)).map_err(|e| TlsError::Config(e.to_string()))?;
+    let lifetime = tls.ticket_lifetime.get().as_secs().min(u64::from(u32::MAX)) as u32;
+    let shared = Arc::new(tickets::SharedTickets::new(&keys, lifetime));
+    tracing::info!(
+        path = %tls.ticket_keys,
+        keys = keys.len(),
+        "TLS session tickets: shared keys (a client resumes on any process holding them)"
+    );
+    cfg.ticketer = shared.clone();
+    Ok((Arc::new(cfg), Some(shared)))
+}
+
+fn base_config(store: Arc<CertStore>) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -141,10 +183,14 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>,
         .with_no_client_auth()
         .with_cert_resolver(store);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    // No early data: a ticket resumes a session, it never carries a
+    // replayable request.
+    cfg.max_early_data_size = 0;
+    Ok(cfg)
 }
 
 pub mod stream;
+pub mod tickets;
 
 /// A certificate's `notAfter` (checked at load and reload), read with
 /// `x509-parser`. Public for the fuzz target.

@@ -84,10 +84,28 @@ pub struct TlsConfig {
     /// Deadline for a client to complete the TLS handshake.
     #[serde(default = "tls_handshake_timeout")]
     pub handshake_timeout: HumanDuration,
+    /// Stateless session tickets, so a reconnecting client resumes its TLS
+    /// session (an abbreviated handshake) rather than paying a full one.
+    #[serde(default = "yes")]
+    pub session_tickets: bool,
+    /// A file of ticket keys shared by every edge of the deployment (one
+    /// 64-hex-digit key per line; the first seals, all open): a client
+    /// resumes on any edge. Empty: per-process random keys (rustls's),
+    /// resumption on the same process only. See `tls::tickets`.
+    #[serde(default)]
+    pub ticket_keys: String,
+    /// How long a ticket resumes a session (also the hint sent to clients).
+    /// Keep a rotated-out key in `ticket_keys` this long.
+    #[serde(default = "tls_ticket_lifetime")]
+    pub ticket_lifetime: HumanDuration,
 }
 
 fn tls_handshake_timeout() -> HumanDuration {
     HumanDuration::secs(10)
+}
+
+fn tls_ticket_lifetime() -> HumanDuration {
+    HumanDuration::secs(6 * 3600)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -129,6 +129,21 @@ fn validate_server(c: &Config, err: &mut impl FnMut(&str, String)) {
         }
     }
     if let Some(tls) = &c.tls {
+        let lifetime = tls.ticket_lifetime.get();
+        if lifetime < std::time::Duration::from_secs(60)
+            || lifetime > std::time::Duration::from_secs(7 * 24 * 3600)
+        {
+            err(
+                "tls.ticket_lifetime",
+                "must be between 1m and 7d (TLS 1.3 allows at most 7 days)".into(),
+            );
+        }
+        if !tls.session_tickets && !tls.ticket_keys.is_empty() {
+            err(
+                "tls.ticket_keys",
+                "set while tls.session_tickets is false: remove one of them".into(),
+            );
+        }
         if tls.handshake_timeout.get().is_zero() {
             err("tls.handshake_timeout", "must be greater than zero".into());
         }

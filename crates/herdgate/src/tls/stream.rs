@@ -201,7 +201,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             alerted: false,
         };
         match std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
-            Ok(()) => Ok(s),
+            Ok(()) => {
+                let kind = match s.conn.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => "resumed",
+                    _ => "full",
+                };
+                metrics::counter!("herdgate_tls_handshakes_total", "kind" => kind).increment(1);
+                Ok(s)
+            }
             Err(e) => {
                 s.queue_alert();
                 s.close_after_failure().await;

@@ -1,7 +1,8 @@
 //! TLS termination with a real rustls client: handshake, protocol versions,
 //! ALPN, key formats, hot reload of a rotated certificate, failed reloads;
 //! and, with a raw tlslite-ng client, parity with stock rustls at the edges
-//! (large ClientHello, failed handshake, rejected 0-RTT data).
+//! (large ClientHello, failed handshake, rejected 0-RTT data); session
+//! tickets shared by herdgate processes through `tls.ticket_keys`.
 
 use herdgate_testkit::pki::{tls_section, Pki};
 use herdgate_testkit::*;
@@ -203,6 +204,52 @@ fn bad_tls_files_are_config_errors_naming_the_file() {
             "{field}/{needle}: {err}"
         );
     }
+    // Session ticket settings: the key file's problems name the key, the
+    // file and the line.
+    let keys = pki.dir.path().join("tickets.keys");
+    std::fs::write(
+        &keys,
+        format!(
+            "{}
+short
+",
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let ticket_cases = [
+        (
+            format!("ticket_keys = {:?}\n", keys.display().to_string()),
+            "tls.ticket_keys",
+            "line 2",
+        ),
+        (
+            "ticket_keys = \"/nonexistent/keys\"\n".to_string(),
+            "tls.ticket_keys",
+            "/nonexistent/keys",
+        ),
+        (
+            "session_tickets = false\nticket_keys = \"/x\"\n".to_string(),
+            "tls.ticket_keys",
+            "session_tickets is false",
+        ),
+        (
+            "ticket_lifetime = \"8d\"\n".to_string(),
+            "tls.ticket_lifetime",
+            "7d",
+        ),
+    ];
+    for (extra, field, needle) in ticket_cases {
+        let text = format!(
+            "{}\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n",
+            tls_section(&cert, &key, &extra)
+        );
+        let err = herdgate::parse_config(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(field) && err.contains(needle),
+            "{field}/{needle}: {err}"
+        );
+    }
     // The CA file helper is used by the pusher-js wss test; keep it exercised here.
     assert!(std::fs::read_to_string(pki.ca_pem_path())
         .unwrap()
@@ -365,4 +412,133 @@ async fn rejected_early_data_gets_the_allowance_stock_rustls_gives() {
             assert_eq!(r["status"], "HTTP/1.1 404 Not Found", "{name}: {r}");
         }
     }
+}
+
+/// A herdgate process terminating TLS with session tickets under the keys
+/// in `keys` (`tls.ticket_keys`).
+fn ticket_process(cert: &Path, key: &Path, keys: &Path) -> herdgate_testkit::process::Herdgate {
+    let extra = format!("ticket_keys = {:?}\n", keys.display().to_string());
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{}\n[[apps]]\nid = \"1\"\nkey = \"{KEY}\"\nsecret = \"s\"\n",
+        tls_section(cert, key, &extra)
+    );
+    herdgate_testkit::process::Herdgate::start(&config)
+}
+
+/// A TLS connection to `addr` that reads one HTTP answer (so the tickets
+/// the server sends after the handshake reach the client's session store);
+/// whether the handshake was a resumption.
+async fn resumed(cfg: &Arc<rustls::ClientConfig>, addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = tls_connect(cfg.clone(), tcp).await.expect("TLS handshake");
+    let kind = tls.get_ref().1.handshake_kind();
+    tls.write_all(b"GET /apps/1/channels HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut answer)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 "), "an HTTP answer over TLS");
+    kind == Some(rustls::HandshakeKind::Resumed)
+}
+
+fn hex_key(byte: u8) -> String {
+    format!("{byte:02x}").repeat(32)
+}
+
+/// A client dropped by one edge resumes its TLS session on another process
+/// holding the same `tls.ticket_keys`, over TLS 1.3 and TLS 1.2; a process
+/// with other keys cannot open the ticket (the client, as an attacker
+/// presenting a ticket it was not given there, gets a full handshake and
+/// nothing else).
+#[tokio::test]
+async fn a_client_resumes_on_another_process_holding_the_same_ticket_keys() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("edge", false);
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared.keys");
+    std::fs::write(
+        &shared,
+        format!("# the current key first\n{}\n", hex_key(0xa1)),
+    )
+    .unwrap();
+    let other = dir.path().join("other.keys");
+    std::fs::write(&other, format!("{}\n", hex_key(0xb2))).unwrap();
+    let a = ticket_process(&cert, &key, &shared);
+    let b = ticket_process(&cert, &key, &shared);
+    let c = ticket_process(&cert, &key, &other);
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        // A fresh client: its own session store.
+        let cfg = tls_client_config(&pki.ca_der, versions);
+        assert!(!resumed(&cfg, a.socket_addr()).await, "first contact: full");
+        assert!(
+            resumed(&cfg, b.socket_addr()).await,
+            "{versions:?}: B opens A's ticket"
+        );
+        assert!(resumed(&cfg, a.socket_addr()).await, "and A opens B's");
+        let cfg = tls_client_config(&pki.ca_der, versions);
+        assert!(!resumed(&cfg, a.socket_addr()).await);
+        assert!(
+            !resumed(&cfg, c.socket_addr()).await,
+            "{versions:?}: other keys: full handshake"
+        );
+        assert!(
+            resumed(&cfg, c.socket_addr()).await,
+            "C's own ticket resumes on C"
+        );
+    }
+}
+
+/// Rotation: the new key first and the old one kept, then the old one
+/// dropped, each by a reload (SIGHUP) of a running process. Tickets sealed
+/// under the old key open until it is dropped and never after; a key file
+/// that fails validation rejects the reload and the keys in force stay.
+#[tokio::test]
+async fn rotated_ticket_keys_open_old_tickets_until_the_old_key_is_dropped() {
+    let pki = Pki::new();
+    let (cert, key, _) = pki.leaf("edge", false);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("tickets.keys");
+    let (old, new) = (hex_key(0x01), hex_key(0x02));
+    std::fs::write(&keys, format!("{old}\n")).unwrap();
+    let a = ticket_process(&cert, &key, &keys);
+    let b = ticket_process(&cert, &key, &keys);
+    let reload = |hg: &herdgate_testkit::process::Herdgate, text: String, expect: &str| {
+        std::fs::write(&keys, text).unwrap();
+        hg.signal(libc::SIGHUP);
+        hg.wait_log(expect, WAIT);
+    };
+    let v13 = &[&rustls::version::TLS13][..];
+    // A client holding a ticket sealed under the old key (by A).
+    let held = tls_client_config(&pki.ca_der, v13);
+    assert!(!resumed(&held, a.socket_addr()).await);
+    // B rotates: new key first, old one kept.
+    reload(&b, format!("{new}\n{old}\n"), "TLS ticket keys reloaded");
+    assert!(
+        resumed(&held, b.socket_addr()).await,
+        "the old key still opens"
+    );
+    // B's new tickets are sealed under the new key: A, not rotated yet, cannot open them.
+    let fresh = tls_client_config(&pki.ca_der, v13);
+    assert!(!resumed(&fresh, b.socket_addr()).await);
+    assert!(
+        !resumed(&fresh, a.socket_addr()).await,
+        "A lacks the new key"
+    );
+    // A bad file is refused whole; the keys in force stay.
+    reload(&b, "not a key\n".into(), "config reload rejected");
+    let again = tls_client_config(&pki.ca_der, v13);
+    assert!(!resumed(&again, a.socket_addr()).await);
+    assert!(resumed(&again, b.socket_addr()).await, "B kept both keys");
+    // The old key dropped: its tickets open nowhere on B.
+    reload(&b, format!("{new}\n"), "TLS ticket keys reloaded");
+    let dropped = tls_client_config(&pki.ca_der, v13);
+    assert!(!resumed(&dropped, a.socket_addr()).await);
+    assert!(
+        !resumed(&dropped, b.socket_addr()).await,
+        "a dropped key opens nothing"
+    );
 }
