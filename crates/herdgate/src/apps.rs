@@ -32,6 +32,18 @@ pub struct Features {
     pub max_backend_events_per_second: u32,
     pub max_client_events_per_second: u32,
     pub max_read_requests_per_second: u32,
+    /// Auth grants, when the app hands them out (`auth_grants`).
+    pub auth_grants: Option<GrantSettings>,
+}
+
+/// An app's auth grant settings (docs/PROTOCOL.md "Auth grants").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantSettings {
+    /// `auth_grant_ttl`: how long one grant may be presented.
+    pub ttl: std::time::Duration,
+    /// `auth_grant_max_age`: how long after the app's endpoint authorized
+    /// a channel its renewed grants may still be presented.
+    pub max_age: std::time::Duration,
 }
 
 impl Default for Features {
@@ -67,6 +79,10 @@ impl From<&AppConfig> for Features {
             },
             max_user_info_bytes: c.max_user_info_bytes,
             max_watchlist: c.max_watchlist,
+            auth_grants: c.auth_grants.then(|| GrantSettings {
+                ttl: c.auth_grant_ttl.get(),
+                max_age: c.auth_grant_max_age.get(),
+            }),
             max_connections: c.max_connections,
             max_backend_events_per_second: c.max_backend_events_per_second,
             max_client_events_per_second: c.max_client_events_per_second,

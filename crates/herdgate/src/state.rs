@@ -67,6 +67,9 @@ pub struct SessionContext {
     pub node: Arc<Node>,
     /// Per-app quota state on this node (limits from the live app config).
     pub quotas: crate::apps::Quotas,
+    /// Auth grant signature checks, node-wide
+    /// (`limits.auth_grant_checks_per_second`, burst twice that).
+    grant_checks: std::sync::Mutex<Option<crate::ratelimit::TokenBucket>>,
 }
 
 impl SessionContext {
@@ -74,7 +77,19 @@ impl SessionContext {
         Arc::new(SessionContext {
             node,
             quotas: Default::default(),
+            grant_checks: Default::default(),
         })
+    }
+
+    /// One auth grant signature check, if the node's budget has one.
+    pub fn grant_checks(&self) -> bool {
+        let rate = self.node.live().config.limits.auth_grant_checks_per_second;
+        let now = crate::clock::Instant::now();
+        let mut b = self.grant_checks.lock().unwrap_or_else(|p| p.into_inner());
+        b.get_or_insert_with(|| {
+            crate::ratelimit::TokenBucket::new(rate, rate.saturating_mul(2), now)
+        })
+        .try_take(now)
     }
 }
 

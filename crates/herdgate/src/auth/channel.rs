@@ -27,9 +27,12 @@ pub struct Request<'a> {
 
 /// What the app's config says about it.
 pub struct AppKeys<'a> {
+    pub id: &'a str,
     pub key: &'a str,
     pub secret: &'a str,
     pub max_user_info_bytes: usize,
+    /// The app takes grants (`auth_grants`).
+    pub grants: bool,
 }
 
 /// A refused subscription: its `pusher:subscription_error` type, message
@@ -80,6 +83,66 @@ pub fn authorize(req: &Request<'_>, app: &AppKeys<'_>) -> Result<Option<Member>,
     }
 }
 
+/// As [`authorize`], for an `auth` that presents a grant
+/// ([`super::grant::is_presentation`]) at `now` (Unix seconds): the member
+/// and the grant taken. A grant that is not taken is refused as a bad
+/// signature is (the client falls back to the app's endpoint).
+pub fn authorize_grant(
+    req: &Request<'_>,
+    app: &AppKeys<'_>,
+    limits: super::grant::Limits,
+    now: u64,
+) -> Result<(Option<Member>, super::grant::Grant), Refusal> {
+    use super::grant;
+    let bad = || refuse("GrantRefused", "grant refused: ask the app's endpoint", 401);
+    let presence = match req.kind {
+        ChannelKind::Private | ChannelKind::PrivateEncrypted => false,
+        ChannelKind::Presence => true,
+        ChannelKind::Public | ChannelKind::User => return Err(bad()),
+    };
+    let (Some(auth), true) = (req.auth, app.grants) else {
+        return Err(bad());
+    };
+    let data = req.channel_data.unwrap_or("");
+    if presence && req.channel_data.is_none() {
+        return Err(refuse(
+            "AuthError",
+            "presence channels need channel_data",
+            400,
+        ));
+    }
+    let presented = grant::Presented {
+        auth,
+        kind: grant::Kind::Channel,
+        name: req.channel,
+        socket_id: req.socket_id,
+        data,
+    };
+    let g =
+        grant::check((app.id, app.key, app.secret), &presented, limits, now).map_err(|why| {
+            metrics::counter!("herdgate_auth_grants_total", "result" => why.label()).increment(1);
+            refuse(
+                "GrantRefused",
+                format!("grant refused ({}): ask the app's endpoint", why.label()),
+                401,
+            )
+        })?;
+    if g.user != req.signed_in.unwrap_or("") {
+        metrics::counter!("herdgate_auth_grants_total", "result" => "other_user").increment(1);
+        return Err(refuse(
+            "GrantRefused",
+            "grant refused (other_user): ask the app's endpoint",
+            401,
+        ));
+    }
+    let member = if presence {
+        Some(member(data, app.max_user_info_bytes)?)
+    } else {
+        None
+    };
+    Ok((member, g))
+}
+
 fn check_signature(
     req: &Request<'_>,
     app: &AppKeys<'_>,
@@ -126,9 +189,11 @@ mod tests {
     // The Pusher authentication docs' vectors (the protocol crib): signed
     // by Pusher's own docs, not by this crate.
     const APP: AppKeys<'static> = AppKeys {
+        id: "1",
         key: "278d425bdf160c739803",
         secret: "7ad3773142a6692b25b8",
         max_user_info_bytes: 1024,
+        grants: false,
     };
     const PRIVATE_SIG: &str = "58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
     const PRESENCE_DATA: &str = r#"{"user_id":10,"user_info":{"name":"Mr. Channels"}}"#;

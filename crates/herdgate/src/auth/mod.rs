@@ -4,6 +4,7 @@
 //! [`channel`] judges a subscription with them.
 
 pub mod channel;
+pub mod grant;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

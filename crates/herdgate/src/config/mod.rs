@@ -223,6 +223,10 @@ pub struct LimitsConfig {
     /// channels at once, signs in and subscribes to its user channel: the
     /// burst in force is at least `max_channels_per_connection` + 2.
     pub channel_ops_burst: u32,
+    /// Auth grant signature checks (an ECDSA verification each) per second
+    /// on this node, burst twice that: beyond it a presented grant is
+    /// refused unchecked and the client asks the app's endpoint.
+    pub auth_grant_checks_per_second: u32,
     /// Bytes of unfinished fragmented websocket messages on the whole node
     /// (each socket's is bounded by `max_message_bytes`); a fragment past
     /// it closes its socket with 1009.
@@ -256,6 +260,7 @@ impl Default for LimitsConfig {
             max_http_sessions_per_ip: 64,
             channel_ops_per_second: 10,
             channel_ops_burst: 100,
+            auth_grant_checks_per_second: 2_000,
             max_fragmented_bytes: 64 * 1024 * 1024,
         }
     }
@@ -569,6 +574,26 @@ pub struct AppConfig {
     pub max_client_events_per_second: u32,
     #[serde(default)]
     pub max_read_requests_per_second: u32,
+    /// Hand authorized sockets grants to take their private and presence
+    /// channels again on a later connection without the auth endpoint
+    /// (docs/PROTOCOL.md "Auth grants"). Off unless set.
+    #[serde(default)]
+    pub auth_grants: bool,
+    /// How long a grant may be used (10s..1h); a live socket renews it.
+    #[serde(default = "auth_grant_ttl")]
+    pub auth_grant_ttl: HumanDuration,
+    /// How long after the app's endpoint authorized a channel its renewed
+    /// grants still work (auth_grant_ttl..24h): then the app is asked again.
+    #[serde(default = "auth_grant_max_age")]
+    pub auth_grant_max_age: HumanDuration,
+}
+
+fn auth_grant_max_age() -> HumanDuration {
+    HumanDuration::secs(3600)
+}
+
+fn auth_grant_ttl() -> HumanDuration {
+    HumanDuration::secs(300)
 }
 
 impl Default for AppConfig {
@@ -598,6 +623,9 @@ impl Default for AppConfig {
             max_backend_events_per_second: 0,
             max_client_events_per_second: 0,
             max_read_requests_per_second: 0,
+            auth_grants: false,
+            auth_grant_ttl: auth_grant_ttl(),
+            auth_grant_max_age: auth_grant_max_age(),
         }
     }
 }

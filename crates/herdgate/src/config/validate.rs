@@ -173,6 +173,10 @@ fn validate_limits(l: &super::LimitsConfig, err: &mut impl FnMut(&str, String)) 
             l.channel_ops_per_second as usize,
         ),
         (
+            "limits.auth_grant_checks_per_second",
+            l.auth_grant_checks_per_second as usize,
+        ),
+        (
             "limits.max_http_sessions_per_ip",
             l.max_http_sessions_per_ip,
         ),
@@ -324,6 +328,26 @@ fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
         }
         if app.cache_max_bytes < 1024 {
             err(&k("cache_max_bytes"), "must be at least 1024".into());
+        }
+        let ttl = app.auth_grant_ttl.get().as_secs();
+        // A grant is a shortcut past the app's endpoint: minutes, not days.
+        if !(10..=3600).contains(&ttl) {
+            err(&k("auth_grant_ttl"), "must be between 10s and 1h".into());
+        }
+        let max_age = app.auth_grant_max_age.get().as_secs();
+        if max_age < ttl || max_age > 24 * 3600 {
+            err(
+                &k("auth_grant_max_age"),
+                "must be at least auth_grant_ttl and at most 24h".into(),
+            );
+        }
+        // `auth` beginning with this is a grant presentation, never the
+        // app's `KEY:SIGNATURE`.
+        if app.key == "hg-grant.v1" {
+            err(
+                &k("key"),
+                "\"hg-grant.v1\" is reserved (auth grants)".into(),
+            );
         }
         if !(1..=65_536).contains(&app.max_user_info_bytes) {
             err(

@@ -123,6 +123,40 @@ pub fn resumed(channel: &str, recovered: bool, epoch: &str, serial: u64) -> Fram
     )
 }
 
+/// `herdgate:grant`, on the connection (not the channel: an encrypted
+/// channel would take it for ciphertext): the grant the client may present
+/// for `channel` on a later connection, when it expires (Unix seconds) and
+/// its seconds to live (the client's clock may differ).
+pub fn grant(channel: &str, grant: &str, expires: u64, ttl: u64) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        channel: &'a str,
+        grant: &'a str,
+        expires: u64,
+        ttl: u64,
+    }
+    internal(
+        "herdgate:grant",
+        None,
+        &D {
+            channel,
+            grant,
+            expires,
+            ttl,
+        },
+    )
+}
+
+/// `herdgate:grant` refusing to renew `channel`'s grant, and why.
+pub fn grant_refused(channel: &str, refused: &str) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        channel: &'a str,
+        refused: &'a str,
+    }
+    internal("herdgate:grant", None, &D { channel, refused })
+}
+
 pub fn pong() -> Frame {
     Frame::from_static(r#"{"event":"pusher:pong","data":"{}"}"#)
 }

@@ -39,6 +39,18 @@ pub struct SubscribeData {
     /// `{}` opts in, `{"serial":N,"epoch":"…"}` also asks for what followed.
     #[serde(default)]
     pub resume: Option<ResumeData>,
+    /// herdgate's auth grants (docs/PROTOCOL.md "Auth grants"): the
+    /// client's public key, asking for a grant if the app hands them out.
+    #[serde(default)]
+    pub grant: Option<GrantOffer>,
+}
+
+/// The `grant` of a `pusher:subscribe` or `pusher:signin`.
+#[derive(Debug, Default, Deserialize)]
+pub struct GrantOffer {
+    /// base64url of an uncompressed P-256 point.
+    #[serde(default)]
+    pub key: String,
 }
 
 /// The `resume` of a `pusher:subscribe`.

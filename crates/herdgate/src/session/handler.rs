@@ -44,6 +44,10 @@ impl Session {
                 Ok(d) => self.signin(d).await,
                 Err(e) => self.error(None, &e.to_string()),
             },
+            "herdgate:grant" => match protocol::parse_data("herdgate:grant", frame.data) {
+                Ok(r) => self.renew_grant(r).await,
+                Err(e) => self.error(None, &e.to_string()),
+            },
             name if name.starts_with("client-") => {
                 let channel = frame.channel.as_deref().unwrap_or("");
                 self.client_event(name, channel, frame.data).await
@@ -80,7 +84,7 @@ impl Session {
     /// Spend one channel-operation token (a subscribe or a sign-in); `false`
     /// when the socket is over `limits.channel_ops_per_second` (burst
     /// `channel_ops_burst`, at least `max_channels_per_connection` + 2).
-    fn channel_op(&mut self, op: &'static str) -> bool {
+    pub(super) fn channel_op(&mut self, op: &'static str) -> bool {
         let now = Instant::now();
         let ok = match &mut self.ops {
             Some(b) => b.try_take(now),
@@ -102,7 +106,7 @@ impl Session {
         ok
     }
 
-    fn subscribed(&self, channel: &str) -> Option<&Channel> {
+    pub(super) fn subscribed(&self, channel: &str) -> Option<&Channel> {
         self.channels.iter().find(|c| &*c.name == channel)
     }
 
@@ -184,13 +188,50 @@ impl Session {
             signed_in: self.user.as_ref().map(|u| &*u.id),
         };
         let keys = auth::channel::AppKeys {
+            id: &app.id,
             key: &app.key,
             secret: &app.secret,
             max_user_info_bytes: app.features.max_user_info_bytes,
+            grants: app.features.auth_grants.is_some(),
         };
-        let member = match auth::channel::authorize(&request, &keys) {
-            Ok(member) => member,
+        let now = crate::clock::unix_now().as_secs();
+        let settings = app.features.auth_grants;
+        let presented = d.auth.as_deref().is_some_and(auth::grant::is_presentation);
+        let authorized = if !presented {
+            auth::channel::authorize(&request, &keys).map(|m| (m, None))
+        } else if settings.is_some() && !self.grant_check_budget() {
+            return self.sub_error(
+                channel,
+                super::grants::REFUSED,
+                "grant refused (busy): ask the app's endpoint",
+                503,
+            );
+        } else {
+            // With grants off, refused before any decoding.
+            let limits = settings.map_or(auth::grant::Limits { ttl: 0, max_age: 0 }, |s| {
+                auth::grant::Limits {
+                    ttl: s.ttl.as_secs(),
+                    max_age: s.max_age.as_secs(),
+                }
+            });
+            auth::channel::authorize_grant(&request, &keys, limits, now).map(|(m, g)| (m, Some(g)))
+        };
+        let (member, taken) = match authorized {
+            Ok(ok) => ok,
             Err(r) => return self.sub_error(channel, r.kind, &r.message, r.status),
+        };
+        // The grant this subscription gets once it succeeds: a renewal of
+        // the one it presented, or a first one for the key it offered.
+        let grant = match settings {
+            Some(s) if kind.needs_auth() => self.grant_for(
+                s,
+                channel,
+                d.channel_data.as_deref(),
+                taken,
+                d.grant.as_ref(),
+                now,
+            ),
+            _ => None,
         };
         let name: Arc<str> = Arc::from(channel);
         let user = member.as_ref().map(|m| m.user_id.clone());
@@ -212,6 +253,9 @@ impl Session {
                     self.channels.reserve_exact(1);
                 }
                 self.channels.push(Channel { name, kind, user });
+                if let Some(g) = &grant {
+                    self.hand_grant(&app, g);
+                }
                 Ok(())
             }
             // Refused by the room (its subscription_error is queued): the

@@ -10,6 +10,7 @@
 //! its size is paid for every idle connection.
 
 mod deadlines;
+mod grants;
 mod handler;
 
 pub mod transport;

@@ -1,0 +1,141 @@
+//! A session's side of auth grants (docs/PROTOCOL.md "Auth grants"): taking
+//! a channel by a grant, handing one out after a subscription, and
+//! renewing one on a live socket (`herdgate:grant` from the client).
+//!
+//! The checks are [`crate::auth::grant`]'s (pure); here is what depends on
+//! the socket: who it is signed in as, its channel-operation bucket, and
+//! the node-wide budget of signature checks.
+
+use super::{End, Session};
+use crate::apps::{App, GrantSettings};
+use crate::auth::grant::{self, Grant, Kind, Limits};
+use crate::protocol;
+use std::sync::Arc;
+
+type Handled = Result<(), End>;
+
+/// A grant that was not taken: answered `pusher:subscription_error` of this
+/// type, which the plugin hides before asking the app's endpoint.
+pub(super) const REFUSED: &str = "GrantRefused";
+
+/// A `herdgate:grant` from the client: renew the grant of a channel it
+/// holds, presenting the current one over this socket.
+#[derive(Debug, serde::Deserialize)]
+pub struct Renew {
+    pub channel: String,
+    pub auth: String,
+    #[serde(default)]
+    pub channel_data: Option<String>,
+}
+
+impl Session {
+    /// The user a grant presented on this socket must name: the one it is
+    /// signed in as now ("" when it is not signed in).
+    pub(super) fn grant_user(&self) -> &str {
+        self.user.as_ref().map_or("", |u| &u.id)
+    }
+
+    /// One of the node's signature checks (`limits.auth_grant_checks_per_second`),
+    /// or `false`: the grant is refused unchecked and the client asks the
+    /// app's endpoint instead.
+    pub(super) fn grant_check_budget(&self) -> bool {
+        let ok = self.ctx.grant_checks();
+        if !ok {
+            metrics::counter!("herdgate_auth_grants_total", "result" => "busy").increment(1);
+        }
+        ok
+    }
+
+    /// The grant to hand out after a subscription to `channel` succeeds:
+    /// renewing `taken` (pinned to its key and its first authorization), or
+    /// a first one for the key the client offered.
+    pub(super) fn grant_for(
+        &self,
+        settings: GrantSettings,
+        channel: &str,
+        data: Option<&str>,
+        taken: Option<Grant>,
+        offered: Option<&protocol::GrantOffer>,
+        now: u64,
+    ) -> Option<Grant> {
+        let ttl = settings.ttl.as_secs();
+        if let Some(g) = taken {
+            return Some(Grant {
+                issued: now,
+                expires: now + ttl,
+                ..g
+            });
+        }
+        let key = grant::parse_key(&offered?.key)?;
+        Some(Grant {
+            kind: Kind::Channel,
+            authorized: now,
+            issued: now,
+            expires: now + ttl,
+            key,
+            name: channel.to_string(),
+            data_hash: grant::data_hash(data.unwrap_or("")),
+            user: self.grant_user().to_string(),
+        })
+    }
+
+    /// Send `g` to the socket as `herdgate:grant`.
+    pub(super) fn hand_grant(&self, app: &App, g: &Grant) {
+        let Some(text) = grant::mint(&app.id, &app.secret, g) else {
+            return;
+        };
+        metrics::counter!("herdgate_auth_grants_total", "result" => "issued").increment(1);
+        let ttl = g.expires.saturating_sub(g.issued);
+        self.out
+            .push(&protocol::grant(&g.name, &text, g.expires, ttl));
+    }
+
+    /// `herdgate:grant` from the client: renew a held channel's grant.
+    pub(super) async fn renew_grant(&mut self, r: Renew) -> Handled {
+        let app: Arc<App> = self.current_app()?;
+        let refuse = |why: &str| protocol::grant_refused(&r.channel, why);
+        let Some(settings) = app.features.auth_grants else {
+            self.out.push(&refuse("grants are off for this app"));
+            return Ok(());
+        };
+        if self.subscribed(&r.channel).is_none() {
+            self.out.push(&refuse("not subscribed to this channel"));
+            return Ok(());
+        }
+        if !self.channel_op("grant") || !self.grant_check_budget() {
+            self.out.push(&refuse("busy; retry later"));
+            return Ok(());
+        }
+        let now = crate::clock::unix_now().as_secs();
+        let presented = grant::Presented {
+            auth: &r.auth,
+            kind: Kind::Channel,
+            name: &r.channel,
+            socket_id: &self.socket_id(),
+            data: r.channel_data.as_deref().unwrap_or(""),
+        };
+        let limits = Limits {
+            ttl: settings.ttl.as_secs(),
+            max_age: settings.max_age.as_secs(),
+        };
+        match grant::check((&app.id, &app.key, &app.secret), &presented, limits, now) {
+            Ok(g) if g.user == self.grant_user() => {
+                let renewed = self.grant_for(settings, &r.channel, None, Some(g), None, now);
+                if let Some(g) = renewed {
+                    self.hand_grant(&app, &g);
+                }
+            }
+            Ok(_) => {
+                metrics::counter!("herdgate_auth_grants_total", "result" => "other_user")
+                    .increment(1);
+                self.out.push(&refuse("the grant names another user"));
+            }
+            Err(why) => {
+                metrics::counter!("herdgate_auth_grants_total", "result" => why.label())
+                    .increment(1);
+                self.out.push(&refuse(why.label()));
+            }
+        }
+        Ok(())
+    }
+}
