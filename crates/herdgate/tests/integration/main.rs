@@ -10,6 +10,7 @@
 mod compat;
 mod config;
 mod fuzz_regressions;
+mod grants;
 mod http_api;
 mod http_fallback;
 mod parity;

@@ -1,0 +1,158 @@
+'use strict';
+// herdgate-grants: private and presence channels taken again after a
+// reconnect without the app's auth endpoint (pusher-js 8, herdgate).
+//
+// herdgate hands a socket that the app authorized for a channel a short-
+// lived grant (`herdgate:grant`), bound to a P-256 key pair this plugin
+// makes with WebCrypto, non-extractable: the private key never leaves the
+// browser's key store. On a later connection, to any edge, the plugin's
+// authorizer presents the grant with a signature over the new socket id
+// instead of asking the app; a grant herdgate refuses (expired, revoked,
+// the app's secret rotated) is dropped and the app's endpoint asked, as
+// pusher-js would have. A live socket renews its grants at about half
+// their lifetime. docs/PROTOCOL.md "Auth grants" has the wire format.
+//
+// Nothing is stored beyond the page's memory. Without WebCrypto (an
+// insecure http:// origin other than localhost) the plugin does nothing.
+
+const PREFIX = 'hg-grant.v1:';
+const NEEDS_AUTH = /^(private-|presence-)/;
+
+function b64url(bytes) {
+  let s = '';
+  for (const b of bytes) s += String.fromCharCode(b);
+  const b64 = typeof btoa === 'function' ? btoa(s) : Buffer.from(s, 'binary').toString('base64');
+  return b64.replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+}
+
+const monotonic = () =>
+  typeof performance !== 'undefined' && performance.now ? performance.now() : Date.now();
+
+/**
+ * Enable auth grants on a pusher-js 8 instance (right after `new Pusher`,
+ * before subscribing). Returns the same instance. The app must turn grants
+ * on (`auth_grants = true`); otherwise herdgate hands none out and nothing
+ * changes.
+ * @param {import('pusher-js').default} pusher
+ */
+function withGrants(pusher) {
+  const subtle = globalThis.crypto && globalThis.crypto.subtle;
+  if (!subtle || pusher.__herdgateGrants) return pusher;
+  /** channel -> {grant, channelData, expiresAt (monotonic ms), timer} */
+  const grants = new Map();
+  Object.defineProperty(pusher, '__herdgateGrants', { value: grants });
+  /** channel -> channel_data of its last authorization by the app. */
+  const fromApp = new Map();
+  /** channels whose current subscription presented a grant. */
+  const presenting = new Set();
+  let keys = null;
+  let publicKey = null;
+  const ready = subtle
+    .generateKey({ name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign'])
+    .then(async (pair) => {
+      keys = pair;
+      publicKey = b64url(new Uint8Array(await subtle.exportKey('raw', pair.publicKey)));
+    })
+    .catch(() => {});
+
+  const sign = async (socketId, channel, grant) => {
+    const message = `herdgate-grant-v1\n${pusher.key}\nchannel\n${socketId}\n${channel}\n${grant}`;
+    const sig = await subtle.sign(
+      { name: 'ECDSA', hash: 'SHA-256' },
+      keys.privateKey,
+      new TextEncoder().encode(message),
+    );
+    return PREFIX + grant + ':' + b64url(new Uint8Array(sig));
+  };
+
+  const forget = (channel) => {
+    const g = grants.get(channel);
+    if (g && g.timer) clearTimeout(g.timer);
+    grants.delete(channel);
+  };
+
+  const original = pusher.config.channelAuthorizer;
+  pusher.config.channelAuthorizer = (params, callback) => {
+    const channel = params.channelName;
+    const viaApp = () => {
+      presenting.delete(channel);
+      original(params, (err, res) => {
+        if (!err && res) fromApp.set(channel, res.channel_data);
+        callback(err, res);
+      });
+    };
+    ready.then(() => {
+      const g = grants.get(channel);
+      if (!keys || !g || monotonic() > g.expiresAt - 2000) return viaApp();
+      sign(params.socketId, channel, g.grant).then((auth) => {
+        presenting.add(channel);
+        callback(null, { auth, channel_data: g.channelData });
+      }, viaApp);
+    }, viaApp);
+  };
+
+  // Offer the key with each private or presence subscription, and hide a
+  // refused grant from the app: drop it and subscribe again through the
+  // app's endpoint.
+  const send = pusher.send_event.bind(pusher);
+  pusher.send_event = function (name, data, channel) {
+    if (name === 'pusher:subscribe' && data && NEEDS_AUTH.test(data.channel || '') && publicKey) {
+      data = Object.assign({}, data, { grant: { key: publicKey } });
+      const c = pusher.channel(data.channel);
+      if (c && !c.__herdgateGrants) {
+        Object.defineProperty(c, '__herdgateGrants', { value: true });
+        const handle = c.handleEvent.bind(c);
+        c.handleEvent = (event) => {
+          const d = event && event.data;
+          if (event.event === 'pusher:subscription_error' && d && d.type === 'GrantRefused') {
+            forget(c.name);
+            presenting.delete(c.name);
+            c.subscribe();
+            return;
+          }
+          handle(event);
+        };
+      }
+    }
+    return send(name, data, channel);
+  };
+
+  const renew = (channel) => {
+    const g = grants.get(channel);
+    const socketId = pusher.connection.socket_id;
+    if (!g || !socketId || pusher.connection.state !== 'connected') return;
+    sign(socketId, channel, g.grant).then(
+      (auth) => send('herdgate:grant', { channel, auth, channel_data: g.channelData }),
+      () => {},
+    );
+  };
+
+  pusher.connection.bind('message', (m) => {
+    if (!m || m.event !== 'herdgate:grant') return;
+    let d = m.data;
+    try {
+      d = typeof d === 'string' ? JSON.parse(d) : d;
+    } catch (e) {
+      return;
+    }
+    if (!d || typeof d.channel !== 'string') return;
+    if (typeof d.refused === 'string' || typeof d.grant !== 'string') {
+      forget(d.channel);
+      return;
+    }
+    const held = grants.get(d.channel);
+    const channelData = presenting.has(d.channel) && held ? held.channelData : fromApp.get(d.channel);
+    forget(d.channel);
+    const ttlMs = Math.max(0, Number(d.ttl) || 0) * 1000;
+    const g = { grant: d.grant, channelData, expiresAt: monotonic() + ttlMs, timer: null };
+    // Renew at 40-60 % of the lifetime: a fleet's renewals spread out.
+    g.timer = setTimeout(() => renew(d.channel), ttlMs * (0.4 + 0.2 * Math.random()));
+    if (g.timer && typeof g.timer.unref === 'function') g.timer.unref();
+    grants.set(d.channel, g);
+  });
+  return pusher;
+}
+
+module.exports = withGrants;
+module.exports.default = withGrants;
+module.exports.withGrants = withGrants;

@@ -1,0 +1,235 @@
+// Auth grants (docs/PROTOCOL.md "Auth grants") with real pusher-js, the
+// clients/js/herdgate-grants plugin and the official Node SDK as the app's
+// auth endpoint, against two herdgate processes with the same app: a
+// client that drops from one takes its private and presence channels again
+// on the other while the auth endpoint is down. The client reaches the
+// servers through a small TCP balancer, so the test decides where a
+// reconnect lands. HERDGATE_PORT is server B (the API is used there).
+
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { readFileSync, writeFileSync } from 'node:fs';
+import PusherClient from 'pusher-js';
+import withGrants from '../../../../../clients/js/herdgate-grants/index.js';
+import { EventLog, env, makeServer, uniq } from '../helpers.mjs';
+
+const portA = Number(process.env.HERDGATE_EDGE1_PORT);
+const portB = Number(process.env.HERDGATE_EDGE2_PORT);
+const reloadPid = Number(process.env.HERDGATE_RELOAD_PID);
+const reloadConfig = process.env.HERDGATE_RELOAD_CONFIG;
+
+/** The app's auth endpoint, as the official Node SDK signs: counted, and switchable off. */
+const endpoint = {
+  up: true,
+  calls: 0,
+  secret: env.secret,
+  handler(label) {
+    return (params, callback) => {
+      endpoint.calls++;
+      if (!endpoint.up) return callback(new Error('auth endpoint down'), null);
+      const presence = params.channelName.startsWith('presence-')
+        ? { user_id: `u-${label}`, user_info: { name: label } }
+        : undefined;
+      const signer = makeServer({ secret: endpoint.secret });
+      callback(null, signer.authorizeChannel(params.socketId, params.channelName, presence));
+    };
+  },
+};
+
+/** A balancer: every new connection goes to `target`; `drop()` cuts the open ones. */
+const lb = {
+  target: portA,
+  open: new Set(),
+  server: null,
+  port: 0,
+  drop() {
+    for (const s of this.open) s.destroy();
+    this.open.clear();
+  },
+};
+lb.server = net.createServer((client) => {
+  const up = net.connect(lb.target, '127.0.0.1');
+  lb.open.add(client);
+  lb.open.add(up);
+  client.pipe(up);
+  up.pipe(client);
+  const end = () => {
+    client.destroy();
+    up.destroy();
+  };
+  client.on('error', end);
+  up.on('error', end);
+  client.on('close', end);
+  up.on('close', end);
+});
+await new Promise((r) => lb.server.listen(0, '127.0.0.1', r));
+lb.port = lb.server.address().port;
+
+const clients = [];
+after(() => {
+  for (const c of clients) c.client.disconnect();
+  lb.drop();
+  lb.server.close();
+});
+
+function connect(label, { plugin = true } = {}) {
+  const client = new PusherClient(env.key, {
+    cluster: 'mt1',
+    wsHost: '127.0.0.1',
+    wsPort: lb.port,
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    disableStats: true,
+    channelAuthorization: { customHandler: endpoint.handler(label) },
+  });
+  if (plugin) withGrants(client);
+  const log = new EventLog(label);
+  const c = { label, client, log, connected: 0 };
+  client.connection.bind('message', (m) => {
+    if (m.event === 'herdgate:grant') {
+      const data = typeof m.data === 'string' ? JSON.parse(m.data) : m.data;
+      log.push({ event: 'herdgate:grant', channel: data.channel, data });
+    }
+  });
+  client.connection.bind('connected', () => {
+    c.connected++;
+    log.push({ event: 'connected', data: { n: c.connected } });
+  });
+  clients.push(c);
+  return c;
+}
+
+/** Subscribe and watch; resolves with the channel. */
+function watch(c, name, ...events) {
+  const channel = c.client.subscribe(name);
+  c.log.watch(channel, 'pusher:subscription_succeeded', 'pusher:subscription_error', ...events);
+  return channel;
+}
+
+/** The next subscription outcome on `name` after entry `from`. */
+async function outcome(c, name, from) {
+  return c.log.waitFor(
+    (e) =>
+      c.log.entries.indexOf(e) >= from &&
+      e.channel === name &&
+      (e.event === 'pusher:subscription_succeeded' || e.event === 'pusher:subscription_error'),
+    `a subscription outcome on ${name}`,
+  );
+}
+
+const grantOf = (c, name, from = 0) =>
+  c.log.waitFor(
+    (e) => c.log.entries.indexOf(e) >= from && e.event === 'herdgate:grant' && e.channel === name,
+    `a herdgate:grant for ${name}`,
+  );
+
+const privateCh = uniq('private-g-');
+const presenceCh = uniq('presence-g-');
+let roamer;
+
+test('a client takes its private and presence channels again on another server with the auth endpoint down', async () => {
+  roamer = connect('roamer');
+  const chs = [watch(roamer, privateCh, 'msg'), watch(roamer, presenceCh, 'msg')];
+  for (const ch of [privateCh, presenceCh]) {
+    assert.equal((await outcome(roamer, ch, 0)).event, 'pusher:subscription_succeeded');
+    const g = (await grantOf(roamer, ch)).data;
+    assert.equal(typeof g.grant, 'string');
+    assert.ok(g.ttl > 0 && g.ttl <= 300, `ttl ${g.ttl}`);
+  }
+  assert.equal(endpoint.calls, 2, 'the endpoint authorized each channel once');
+
+  // The endpoint goes down and the client lands on the other server.
+  endpoint.up = false;
+  lb.target = portB;
+  const mark = roamer.log.entries.length;
+  lb.drop();
+  await roamer.log.waitFor((e) => e.event === 'connected' && e.data.n === 2, 'a reconnect');
+  for (const ch of [privateCh, presenceCh]) {
+    const o = await outcome(roamer, ch, mark);
+    assert.equal(o.event, 'pusher:subscription_succeeded', `${ch}: ${JSON.stringify(o.data)}`);
+    // Each renewed: a fresh grant on the new connection.
+    await grantOf(roamer, ch, mark);
+  }
+  assert.equal(endpoint.calls, 2, 'no call to the auth endpoint on the reconnect');
+  const members = chs[1].members;
+  assert.equal(members.count, 1);
+  assert.equal(members.me.id, 'u-roamer', 'the presence member the app authorized');
+  // Events reach the channels on B.
+  const api = makeServer();
+  for (const ch of [privateCh, presenceCh]) {
+    await api.trigger(ch, 'msg', { on: 'B' });
+    await roamer.log.waitFor({ channel: ch, event: 'msg', data: { on: 'B' } });
+  }
+});
+
+test('a grant copied to another client is refused, and that client falls back to the endpoint', async () => {
+  const thief = connect('thief');
+  await thief.log.waitFor((e) => e.event === 'connected', 'the thief to connect');
+  // The thief holds the roamer's grant text (from a log, say), but not its key.
+  const stolen = roamer.client.__herdgateGrants.get(privateCh);
+  assert.ok(stolen, 'the roamer holds a grant');
+  thief.client.__herdgateGrants.set(privateCh, { ...stolen, timer: null });
+  const before = endpoint.calls;
+  watch(thief, privateCh);
+  const o = await outcome(thief, privateCh, 0);
+  // Refused by herdgate (hidden by the plugin), then the endpoint asked: it is down.
+  assert.equal(o.event, 'pusher:subscription_error');
+  assert.equal(o.data.type, 'AuthError', JSON.stringify(o.data));
+  assert.equal(endpoint.calls, before + 1, 'the plugin fell back to the endpoint');
+  assert.equal(thief.client.__herdgateGrants.has(privateCh), false, 'the refused grant is dropped');
+  thief.client.disconnect();
+});
+
+test('pusher-js without the plugin gets no grant', async () => {
+  endpoint.up = true;
+  const plain = connect('plain', { plugin: false });
+  const ch = uniq('private-plain-');
+  watch(plain, ch, 'marker');
+  assert.equal((await outcome(plain, ch, 0)).event, 'pusher:subscription_succeeded');
+  await makeServer().trigger(ch, 'marker', {});
+  await plain.log.assertAbsentBefore(
+    (e) => e.event === 'herdgate:grant',
+    { channel: ch, event: 'marker' },
+    'no herdgate:grant to a client that offered no key',
+  );
+  plain.client.disconnect();
+});
+
+test('rotating the app secret revokes every grant: the endpoint is asked again, then new grants work', async () => {
+  // B's config with a new secret, reloaded (SIGHUP); the endpoint signs with
+  // it too. B closes the roamer's socket (4203: it holds what the old secret
+  // authorized); pusher-js reconnects at once and its grants, minted under
+  // the old secret, are refused.
+  endpoint.up = true;
+  const rotated = `${env.secret}-rotated`;
+  endpoint.secret = rotated;
+  const before = endpoint.calls;
+  let mark = roamer.log.entries.length;
+  const n = roamer.connected;
+  const text = readFileSync(reloadConfig, 'utf8');
+  writeFileSync(reloadConfig, text.replace(`secret = "${env.secret}"`, `secret = "${rotated}"`));
+  process.kill(reloadPid, 'SIGHUP');
+  await roamer.log.waitFor((e) => e.event === 'connected' && e.data.n === n + 1, 'a reconnect');
+  for (const ch of [privateCh, presenceCh]) {
+    const o = await outcome(roamer, ch, mark);
+    assert.equal(o.event, 'pusher:subscription_succeeded', `${ch}: ${JSON.stringify(o.data)}`);
+    await grantOf(roamer, ch, mark);
+  }
+  assert.equal(endpoint.calls, before + 2, 'both grants refused, both channels authorized by the endpoint');
+  assert.equal(
+    roamer.log.filter((e) => e.event === 'pusher:subscription_error').length,
+    0,
+    'the plugin hid the refusals from the app',
+  );
+  // The grants minted under the new secret take the channels again.
+  endpoint.up = false;
+  mark = roamer.log.entries.length;
+  lb.drop();
+  await roamer.log.waitFor((e) => e.event === 'connected' && e.data.n === n + 2, 'a reconnect');
+  for (const ch of [privateCh, presenceCh]) {
+    const o = await outcome(roamer, ch, mark);
+    assert.equal(o.event, 'pusher:subscription_succeeded', `${ch}: ${JSON.stringify(o.data)}`);
+  }
+  assert.equal(endpoint.calls, before + 2, 'no call with the new grants');
+});
