@@ -81,7 +81,11 @@ function withGrants(pusher) {
         callback(err, res);
       });
     };
-    ready.then(() => {
+    // A grant names the user the socket was signed in as: a socket that is
+    // signing in (pusher-js starts that before it subscribes) presents it
+    // once signed in.
+    const signin = pusher.user && pusher.user.signinDonePromise;
+    Promise.all([ready, signin ? Promise.resolve(signin).catch(() => {}) : null]).then(() => {
       const g = grants.get(channel);
       if (!keys || !g || monotonic() > g.expiresAt - 2000) return viaApp();
       sign(params.socketId, channel, g.grant).then((auth) => {
@@ -113,6 +117,9 @@ function withGrants(pusher) {
           handle(event);
         };
       }
+    }
+    if (name === 'pusher:unsubscribe' && data && typeof data.channel === 'string') {
+      forget(data.channel);
     }
     return send(name, data, channel);
   };

@@ -183,6 +183,10 @@ fn describe() {
         "TLS handshakes completed, by kind: full or resumed (a session ticket)"
     );
     describe_counter!(
+        "herdgate_auth_grants_total",
+        "Auth grants issued, and presented grants refused, by result"
+    );
+    describe_counter!(
         "herdgate_tls_tickets_refused_total",
         "TLS session tickets that resumed nothing, by reason"
     );

@@ -739,3 +739,53 @@ async fn an_overlong_channel_name_is_echoed_whole() {
     assert_eq!(e.channel.as_deref(), Some(long.as_str()));
     assert_eq!(e.data["type"], "InvalidChannel");
 }
+
+/// Auth grants (docs/SECURITY.md "Auth grants"): a client presenting forged
+/// grants gets `GrantRefused` for each, at most
+/// `limits.auth_grant_checks_per_second` (burst twice that) are checked
+/// node-wide and the rest refused unchecked as busy; an honest client keeps
+/// receiving and still subscribes with the app's signature.
+#[tokio::test]
+async fn forged_grants_are_refused_and_their_checks_bounded_node_wide() {
+    let s = start_with_app(
+        "[limits]\nauth_grant_checks_per_second = 2\n",
+        "auth_grants = true\n",
+    )
+    .await;
+    let mut honest = s.connect().await;
+    assert_eq!(
+        honest.subscribe("healthy").await.event,
+        "pusher_internal:subscription_succeeded"
+    );
+    let mut attacker = s.connect().await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let channel = format!("private-forged-{i}");
+        let auth = format!("hg-grant.v1:{}:{}", "A".repeat(600), "B".repeat(86));
+        attacker
+            .send(json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth}}))
+            .await;
+        let e = attacker.next_event().await;
+        assert_eq!(e.event, "pusher:subscription_error", "{:?}", e.raw);
+        assert_eq!(e.data["type"], "GrantRefused", "{:?}", e.raw);
+        statuses.push(e.data["status"].as_u64().unwrap());
+    }
+    // The burst (4) checked and refused, the rest refused unchecked. Time
+    // refills the bucket: a slow machine may let one more through.
+    assert!(statuses[..4].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(
+        statuses[4..].contains(&503),
+        "the node-wide budget: {statuses:?}"
+    );
+    // The honest client is untouched, and the app's own signature still works.
+    let api = s.api();
+    let before = honest.until_marker(&api, "healthy").await;
+    assert!(
+        before.is_empty(),
+        "{:?}",
+        before.iter().map(|e| &e.event).collect::<Vec<_>>()
+    );
+    honest.expect_subscribed("private-honest").await;
+    // The attacker's socket stays (a refused grant is not an error of the connection).
+    attacker.expect_subscribed("private-after").await;
+}
