@@ -44,6 +44,9 @@ pub enum ScenarioCmd {
     /// No server: the machine's write floor (one write(2) of a frame per
     /// socket per round on loopback), to compare a server's fan-out with.
     Floor(crate::floor::FloorArgs),
+    /// Two servers: clients on private channels on A, A killed, all back on
+    /// B; auth endpoint calls, TLS resumption, CPU per reconnect, recovery time.
+    Herd(crate::herd::HerdArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, ValueEnum)]
@@ -73,6 +76,7 @@ impl ScenarioCmd {
             ScenarioCmd::Storm(c) => (Scenario::Storm, c),
             ScenarioCmd::Churn(c) => (Scenario::Churn, c),
             ScenarioCmd::Floor(_) => unreachable!("floor runs without a plan (main)"),
+            ScenarioCmd::Herd(_) => unreachable!("herd runs without a plan (main)"),
         }
     }
 }

@@ -19,6 +19,7 @@ mod cli;
 mod controller;
 mod ctx;
 mod floor;
+mod herd;
 mod hist;
 mod net;
 mod procstat;
@@ -55,6 +56,10 @@ fn main() -> Result<()> {
         );
         println!("{json}");
         return Ok(());
+    }
+    if let cli::ScenarioCmd::Herd(args) = &cli.scenario {
+        let _ = nofile;
+        return herd::run(args);
     }
     let (scenario, common) = cli.scenario.split();
     let plan = Arc::new(cli::Plan::new(scenario, &common)?);

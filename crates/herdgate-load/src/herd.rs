@@ -1,0 +1,436 @@
+//! `herd`: a reconnect storm after a server dies, measured end to end
+//! (docs/BENCHMARKS.md "Reconnect herd").
+//!
+//! N clients connect over TLS to server A and each subscribes to
+//! `--channels` private channels, authorized by an in-process auth endpoint
+//! that counts its calls (signing with `pusher-sign`, not herdgate's code).
+//! Then A is killed (SIGKILL) and every client reconnects to server B after
+//! a random delay within `--spread`, and subscribes to the same channels.
+//! With `--grants` the clients offer a P-256 key, keep the grants herdgate
+//! hands out and present them on B (docs/PROTOCOL.md "Auth grants"); with
+//! `--resume` each keeps its TLS session, which B resumes if it holds A's
+//! ticket keys. Without them, every reconnect is a full handshake and one
+//! endpoint call per channel: the same herd, as it costs today.
+//!
+//! Reported: endpoint calls during the recovery, B's full and resumed TLS
+//! handshakes (from its `/metrics`), B's CPU per reconnect, the time until
+//! 50 % and 99 % of the clients are back and subscribed.
+
+use crate::net;
+use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use rustls::pki_types::ServerName;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Args, Debug, Clone)]
+pub struct HerdArgs {
+    /// Server A (killed): `wss://127.0.0.1:PORT`.
+    #[arg(long)]
+    pub first: String,
+    /// Server B (takes the herd).
+    #[arg(long)]
+    pub then: String,
+    /// Server A's pid, killed once every client is subscribed.
+    #[arg(long)]
+    pub kill_pid: u32,
+    /// Server B's pid (its CPU time) and admin URL (its `/metrics`).
+    #[arg(long)]
+    pub server_pid: u32,
+    #[arg(long)]
+    pub admin: String,
+    /// CA certificate (PEM) of both servers.
+    #[arg(long)]
+    pub ca: PathBuf,
+    #[arg(long, short = 'n', default_value_t = 5000)]
+    pub clients: usize,
+    /// Private channels per client.
+    #[arg(long, default_value_t = 3)]
+    pub channels: usize,
+    /// Clients reconnect within this many milliseconds of losing A.
+    #[arg(long, default_value_t = 1000)]
+    pub spread_ms: u64,
+    /// Offer keys, keep grants and present them.
+    #[arg(long)]
+    pub grants: bool,
+    /// Keep each client's TLS session for resumption.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value = "herdgate-demo-key")]
+    pub key: String,
+    #[arg(long, default_value = "herdgate-demo-secret")]
+    pub secret: String,
+    #[arg(long, default_value = "100001")]
+    pub app_id: String,
+}
+
+/// The app's auth endpoint: signs, and counts.
+struct Endpoint {
+    key: String,
+    secret: String,
+    calls: AtomicU64,
+}
+
+impl Endpoint {
+    fn authorize(&self, socket_id: &str, channel: &str) -> String {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        pusher_sign::channel_auth(&self.key, &self.secret, socket_id, channel, None)
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// One client's grants: channel → grant text.
+type Grants = HashMap<String, String>;
+
+pub fn run(args: &HerdArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(herd(args))
+}
+
+async fn herd(args: &HerdArgs) -> Result<()> {
+    let first = net::Target::parse(&args.first)?;
+    let then = net::Target::parse(&args.then)?;
+    if !first.tls || !then.tls {
+        bail!("herd measures TLS reconnects: use wss:// URLs");
+    }
+    let base = net::tls_config(Some(&args.ca), false)?;
+    let endpoint = Arc::new(Endpoint {
+        key: args.key.clone(),
+        secret: args.secret.clone(),
+        calls: AtomicU64::new(0),
+    });
+    let (killed_tx, killed_rx) = watch::channel(false);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<()>>(args.clients);
+    let (back_tx, mut back_rx) = tokio::sync::mpsc::channel::<Result<Instant>>(args.clients);
+    // Connections opened at once to A: a few hundred, as clients would arrive.
+    let opening = Arc::new(Semaphore::new(256));
+    for i in 0..args.clients {
+        let mut tls = (*base).clone();
+        tls.resumption = if args.resume {
+            rustls::client::Resumption::in_memory_sessions(4)
+        } else {
+            rustls::client::Resumption::disabled()
+        };
+        let client = Client {
+            i,
+            tls: Arc::new(tls),
+            endpoint: endpoint.clone(),
+            channels: (0..args.channels)
+                .map(|c| format!("private-herd-{i}-{c}"))
+                .collect(),
+            key: args.key.clone(),
+            grants_on: args.grants,
+        };
+        let (first, then) = (first.clone(), then.clone());
+        let (ready_tx, back_tx) = (ready_tx.clone(), back_tx.clone());
+        let mut killed = killed_rx.clone();
+        let opening = opening.clone();
+        let spread = args.spread_ms;
+        tokio::spawn(async move {
+            let permit = opening.acquire_owned().await;
+            let joined = client.join(&first, None).await;
+            drop(permit);
+            let (ws, grants, keypair) = match joined {
+                Ok(j) => j,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(())).await;
+            // Held until A dies: the socket closes under the client.
+            let _ = killed.wait_for(|k| *k).await;
+            drop(ws);
+            let delay = rand::random::<u64>() % spread.max(1);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let back = client
+                .join(&then, Some((grants, keypair)))
+                .await
+                .map(|_| Instant::now());
+            let _ = back_tx.send(back).await;
+        });
+    }
+    drop((ready_tx, back_tx));
+    for _ in 0..args.clients {
+        ready_rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!("a client task ended"))?
+            .context("joining server A")?;
+    }
+    let joined_calls = endpoint.calls.load(Ordering::Relaxed);
+    eprintln!(
+        "{} clients subscribed on A ({} endpoint calls); killing A",
+        args.clients, joined_calls
+    );
+    let before = Snapshot::take(args).await?;
+    kill(args.kill_pid);
+    let t0 = Instant::now();
+    let _ = killed_tx.send(true);
+    let mut times = Vec::with_capacity(args.clients);
+    let mut failed = 0usize;
+    for _ in 0..args.clients {
+        match back_rx.recv().await {
+            Some(Ok(t)) => times.push(t.duration_since(t0)),
+            Some(Err(e)) => {
+                failed += 1;
+                if failed <= 3 {
+                    eprintln!("a client did not come back: {e:#}");
+                }
+            }
+            None => break,
+        }
+    }
+    let after = Snapshot::take(args).await?;
+    times.sort();
+    let pct = |p: f64| {
+        times
+            .get(((times.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .map_or("—".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+    };
+    let back = times.len();
+    let calls = endpoint.calls.load(Ordering::Relaxed) - joined_calls;
+    let full = after.full - before.full;
+    let resumed = after.resumed - before.resumed;
+    let cpu = after.cpu - before.cpu;
+    println!("| measurement | value |");
+    println!("|---|---|");
+    println!(
+        "| mode | grants {}, TLS resumption {} |",
+        on(args.grants),
+        on(args.resume)
+    );
+    println!(
+        "| clients back and subscribed ({} channels each) | {back} of {} |",
+        args.channels, args.clients
+    );
+    println!("| auth endpoint calls during the recovery | {calls} |");
+    println!("| server B: TLS handshakes full / resumed | {full} / {resumed} |");
+    println!(
+        "| server B: CPU per reconnect | {:.0} µs |",
+        cpu * 1e6 / back.max(1) as f64
+    );
+    println!(
+        "| back and subscribed: 50 % / 99 % / all | {} / {} / {} |",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    if failed > 0 {
+        bail!("{failed} clients did not come back");
+    }
+    Ok(())
+}
+
+fn on(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn kill(pid: u32) {
+    // SIGKILL: the server dies as in a crash, with no drain.
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+/// Server B's counters at one moment.
+struct Snapshot {
+    cpu: f64,
+    full: u64,
+    resumed: u64,
+}
+
+impl Snapshot {
+    async fn take(args: &HerdArgs) -> Result<Snapshot> {
+        let cpu = crate::procstat::cpu_secs(args.server_pid)
+            .ok_or_else(|| anyhow!("no CPU time for pid {}", args.server_pid))?;
+        let text = metrics_text(&args.admin).await?;
+        let count = |kind: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("herdgate_tls_handshakes_total")
+                        && l.contains(&format!("kind=\"{kind}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        };
+        Ok(Snapshot {
+            cpu,
+            full: count("full"),
+            resumed: count("resumed"),
+        })
+    }
+}
+
+/// `GET {admin}/metrics` over plain HTTP/1.0 (the admin listener).
+async fn metrics_text(admin: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = net::Target::parse(admin)?;
+    let mut tcp = TcpStream::connect(target.addr).await?;
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+struct Client {
+    i: usize,
+    tls: Arc<rustls::ClientConfig>,
+    endpoint: Arc<Endpoint>,
+    channels: Vec<String>,
+    key: String,
+    grants_on: bool,
+}
+
+impl Client {
+    /// Connect to `target` and subscribe to every channel: with the grants
+    /// held (and this client's key) if given, else through the endpoint.
+    async fn join(
+        &self,
+        target: &net::Target,
+        held: Option<(Grants, Option<Arc<EcdsaKeyPair>>)>,
+    ) -> Result<(Ws, Grants, Option<Arc<EcdsaKeyPair>>)> {
+        let (mut grants, keypair) = match held {
+            Some(h) => h,
+            None => {
+                let kp = self.grants_on.then(|| {
+                    let rng = SystemRandom::new();
+                    let pkcs8 =
+                        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                            .expect("P-256 key");
+                    Arc::new(
+                        EcdsaKeyPair::from_pkcs8(
+                            &ECDSA_P256_SHA256_FIXED_SIGNING,
+                            pkcs8.as_ref(),
+                            &rng,
+                        )
+                        .expect("P-256 key"),
+                    )
+                });
+                (Grants::new(), kp)
+            }
+        };
+        let tcp = TcpStream::connect(target.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from("localhost".to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .context("TLS")?;
+        let url = format!(
+            "wss://localhost:{}/app/{}?protocol=7&client=herd&version=1.0",
+            target.port, self.key
+        );
+        let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .context("websocket upgrade")?;
+        let established = next(&mut ws).await?;
+        let socket_id = parse_data(&established)["socket_id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no socket_id: {established}"))?
+            .to_string();
+        let public = keypair.as_ref().map(|k| B64.encode(k.public_key().as_ref()));
+        let mut pending: Vec<&String> = self.channels.iter().collect();
+        let mut presented: HashMap<String, bool> = HashMap::new();
+        for ch in &self.channels {
+            let with_grant = keypair.as_ref().zip(grants.get(ch));
+            let auth = match with_grant {
+                Some((kp, g)) => {
+                    presented.insert(ch.clone(), true);
+                    present(kp, &self.key, &socket_id, ch, g)
+                }
+                None => self.endpoint.authorize(&socket_id, ch),
+            };
+            send_subscribe(&mut ws, ch, &auth, public.as_deref()).await?;
+        }
+        // Until every channel is subscribed and, with grants, has its grant.
+        let mut granted = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !pending.is_empty() || (keypair.is_some() && granted < self.channels.len()) {
+            let m = tokio::time::timeout_at(deadline, next(&mut ws))
+                .await
+                .map_err(|_| anyhow!("client {}: subscriptions not done in 60 s", self.i))??;
+            let event = m["event"].as_str().unwrap_or("");
+            let channel = m["channel"].as_str().unwrap_or("").to_string();
+            match event {
+                "pusher_internal:subscription_succeeded" => pending.retain(|c| **c != channel),
+                "pusher:subscription_error" => {
+                    let data: Value = parse_data(&m);
+                    if data["type"] == "GrantRefused" && presented.remove(&channel).is_some() {
+                        grants.remove(&channel);
+                        let auth = self.endpoint.authorize(&socket_id, &channel);
+                        send_subscribe(&mut ws, &channel, &auth, public.as_deref()).await?;
+                    } else {
+                        bail!("client {}: {channel}: {data}", self.i);
+                    }
+                }
+                "herdgate:grant" => {
+                    let data = parse_data(&m);
+                    if let (Some(ch), Some(g)) = (data["channel"].as_str(), data["grant"].as_str()) {
+                        grants.insert(ch.to_string(), g.to_string());
+                        granted += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok((ws, grants, keypair))
+    }
+}
+
+fn present(kp: &EcdsaKeyPair, app_key: &str, socket_id: &str, channel: &str, grant: &str) -> String {
+    let msg = format!("herdgate-grant-v1\n{app_key}\nchannel\n{socket_id}\n{channel}\n{grant}");
+    let sig = kp
+        .sign(&SystemRandom::new(), msg.as_bytes())
+        .expect("ECDSA signature");
+    format!("hg-grant.v1:{grant}:{}", B64.encode(sig.as_ref()))
+}
+
+async fn send_subscribe(ws: &mut Ws, channel: &str, auth: &str, key: Option<&str>) -> Result<()> {
+    let mut data = json!({"channel": channel, "auth": auth});
+    if let Some(k) = key {
+        data["grant"] = json!({"key": k});
+    }
+    let m = json!({"event": "pusher:subscribe", "data": data}).to_string();
+    ws.send(Message::text(m)).await?;
+    Ok(())
+}
+
+fn parse_data(m: &Value) -> Value {
+    match &m["data"] {
+        Value::String(s) => serde_json::from_str(s).unwrap_or(Value::Null),
+        other => other.clone(),
+    }
+}
+
+async fn next(ws: &mut Ws) -> Result<Value> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str())?),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("closed"),
+        }
+    }
+}
