@@ -55,13 +55,20 @@ function withGrants(pusher) {
     })
     .catch(() => {});
 
-  const sign = async (socketId, channel, grant) => {
-    const message = `herdgate-grant-v1\n${pusher.key}\nchannel\n${socketId}\n${channel}\n${grant}`;
-    const sig = await subtle.sign(
-      { name: 'ECDSA', hash: 'SHA-256' },
-      keys.privateKey,
-      new TextEncoder().encode(message),
-    );
+  // One signature per socket: it proves holding the key on this socket for
+  // every grant presented there (herdgate verifies it once).
+  let signed = { socketId: null, sig: null };
+  const sign = async (socketId, grant) => {
+    if (signed.socketId !== socketId) {
+      const message = `herdgate-grant-v1\n${pusher.key}\n${socketId}`;
+      const sig = subtle.sign(
+        { name: 'ECDSA', hash: 'SHA-256' },
+        keys.privateKey,
+        new TextEncoder().encode(message),
+      );
+      signed = { socketId, sig };
+    }
+    const sig = await signed.sig;
     return PREFIX + grant + ':' + b64url(new Uint8Array(sig));
   };
 
@@ -88,7 +95,7 @@ function withGrants(pusher) {
     Promise.all([ready, signin ? Promise.resolve(signin).catch(() => {}) : null]).then(() => {
       const g = grants.get(channel);
       if (!keys || !g || monotonic() > g.expiresAt - 2000) return viaApp();
-      sign(params.socketId, channel, g.grant).then((auth) => {
+      sign(params.socketId, g.grant).then((auth) => {
         presenting.add(channel);
         callback(null, { auth, channel_data: g.channelData });
       }, viaApp);
@@ -128,7 +135,7 @@ function withGrants(pusher) {
     const g = grants.get(channel);
     const socketId = pusher.connection.socket_id;
     if (!g || !socketId || pusher.connection.state !== 'connected') return;
-    sign(socketId, channel, g.grant).then(
+    sign(socketId, g.grant).then(
       (auth) => send('herdgate:grant', { channel, auth, channel_data: g.channelData }),
       () => {},
     );

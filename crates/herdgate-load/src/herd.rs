@@ -350,15 +350,21 @@ impl Client {
             .as_str()
             .ok_or_else(|| anyhow!("no socket_id: {established}"))?
             .to_string();
-        let public = keypair.as_ref().map(|k| B64.encode(k.public_key().as_ref()));
+        let public = keypair
+            .as_ref()
+            .map(|k| B64.encode(k.public_key().as_ref()));
         let mut pending: Vec<&String> = self.channels.iter().collect();
         let mut presented: HashMap<String, bool> = HashMap::new();
+        let sig = keypair
+            .as_ref()
+            .filter(|_| !grants.is_empty())
+            .map(|kp| proof(kp, &self.key, &socket_id));
         for ch in &self.channels {
-            let with_grant = keypair.as_ref().zip(grants.get(ch));
+            let with_grant = sig.as_ref().zip(grants.get(ch));
             let auth = match with_grant {
-                Some((kp, g)) => {
+                Some((sig, g)) => {
                     presented.insert(ch.clone(), true);
-                    present(kp, &self.key, &socket_id, ch, g)
+                    format!("hg-grant.v1:{g}:{sig}")
                 }
                 None => self.endpoint.authorize(&socket_id, ch),
             };
@@ -387,7 +393,8 @@ impl Client {
                 }
                 "herdgate:grant" => {
                     let data = parse_data(&m);
-                    if let (Some(ch), Some(g)) = (data["channel"].as_str(), data["grant"].as_str()) {
+                    if let (Some(ch), Some(g)) = (data["channel"].as_str(), data["grant"].as_str())
+                    {
                         grants.insert(ch.to_string(), g.to_string());
                         granted += 1;
                     }
@@ -399,12 +406,14 @@ impl Client {
     }
 }
 
-fn present(kp: &EcdsaKeyPair, app_key: &str, socket_id: &str, channel: &str, grant: &str) -> String {
-    let msg = format!("herdgate-grant-v1\n{app_key}\nchannel\n{socket_id}\n{channel}\n{grant}");
+/// The socket's proof of holding the key: one signature per connection,
+/// presented with every grant (docs/PROTOCOL.md "Auth grants").
+fn proof(kp: &EcdsaKeyPair, app_key: &str, socket_id: &str) -> String {
+    let msg = format!("herdgate-grant-v1\n{app_key}\n{socket_id}");
     let sig = kp
         .sign(&SystemRandom::new(), msg.as_bytes())
         .expect("ECDSA signature");
-    format!("hg-grant.v1:{grant}:{}", B64.encode(sig.as_ref()))
+    B64.encode(sig.as_ref())
 }
 
 async fn send_subscribe(ws: &mut Ws, channel: &str, auth: &str, key: Option<&str>) -> Result<()> {

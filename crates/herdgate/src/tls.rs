@@ -186,6 +186,10 @@ fn base_config(store: Arc<CertStore>) -> Result<rustls::ServerConfig, TlsError> 
     // No early data: a ticket resumes a session, it never carries a
     // replayable request.
     cfg.max_early_data_size = 0;
+    // One ticket per TLS 1.3 handshake (rustls sends two by default): a
+    // websocket client reconnects one connection at a time, and each
+    // resumption brings it a fresh one.
+    cfg.send_tls13_tickets = 1;
     Ok(cfg)
 }
 

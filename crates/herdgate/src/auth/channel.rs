@@ -92,7 +92,8 @@ pub fn authorize_grant(
     app: &AppKeys<'_>,
     limits: super::grant::Limits,
     now: u64,
-) -> Result<(Option<Member>, super::grant::Grant), Refusal> {
+    proven: Option<&super::grant::Proven>,
+) -> Result<(Option<Member>, super::grant::Grant, super::grant::Proven), Refusal> {
     use super::grant;
     let bad = || refuse("GrantRefused", "grant refused: ask the app's endpoint", 401);
     let presence = match req.kind {
@@ -118,15 +119,21 @@ pub fn authorize_grant(
         socket_id: req.socket_id,
         data,
     };
-    let g =
-        grant::check((app.id, app.key, app.secret), &presented, limits, now).map_err(|why| {
-            metrics::counter!("herdgate_auth_grants_total", "result" => why.label()).increment(1);
-            refuse(
-                "GrantRefused",
-                format!("grant refused ({}): ask the app's endpoint", why.label()),
-                401,
-            )
-        })?;
+    let (g, proof) = grant::check(
+        (app.id, app.key, app.secret),
+        &presented,
+        limits,
+        now,
+        proven,
+    )
+    .map_err(|why| {
+        metrics::counter!("herdgate_auth_grants_total", "result" => why.label()).increment(1);
+        refuse(
+            "GrantRefused",
+            format!("grant refused ({}): ask the app's endpoint", why.label()),
+            401,
+        )
+    })?;
     if g.user != req.signed_in.unwrap_or("") {
         metrics::counter!("herdgate_auth_grants_total", "result" => "other_user").increment(1);
         return Err(refuse(
@@ -140,7 +147,7 @@ pub fn authorize_grant(
     } else {
         None
     };
-    Ok((member, g))
+    Ok((member, g, proof))
 }
 
 fn check_signature(

@@ -213,25 +213,22 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// What the holder signs to present `grant` (its text) on socket
-/// `socket_id`: every field is bound, and none can contain the separator
-/// (the socket id is the server's own `digits.digits`, channel names have
-/// no newline, the kind is the server's, app keys are `[A-Za-z0-9_.-]`,
-/// the grant is base64url). The app is named by its key, the one the
-/// client knows.
-pub fn presentation_message(
-    app_key: &str,
-    kind: Kind,
-    socket_id: &str,
-    name: &str,
-    grant: &str,
-) -> String {
-    let kind = match kind {
-        Kind::Channel => "channel",
-        Kind::SignIn => "signin",
-    };
-    format!("herdgate-grant-v1\n{app_key}\n{kind}\n{socket_id}\n{name}\n{grant}")
+/// What the holder signs to present grants on socket `socket_id`: one
+/// signature per socket, whatever grants it presents (an ECDSA
+/// verification is the one costly step of a presentation: a reconnect
+/// checks it once, not once per channel). Neither field can contain the
+/// separator: app keys are `[A-Za-z0-9_.-]`, the socket id is the server's
+/// own `digits.digits`. The app is named by its key, the one the client
+/// knows.
+pub fn presentation_message(app_key: &str, socket_id: &str) -> String {
+    format!("herdgate-grant-v1\n{app_key}\n{socket_id}")
 }
+
+/// A presentation's proof of holding the grant's key on this socket,
+/// summed up: SHA-256 of the key and the signature. A socket remembers the
+/// last one it verified, and a presentation with the same skips the
+/// verification.
+pub type Proven = [u8; HASH_LEN];
 
 /// What the app's settings allow now, checked on every presentation (a
 /// reload that shortens them applies to grants already out).
@@ -261,17 +258,17 @@ pub fn is_presentation(auth: &str) -> bool {
 }
 
 /// Check a presentation against the app's current credentials (id, key,
-/// secret) at `now`:
-/// the grant it carries, if it may be taken (revocation by
-/// `terminate_connections` is the caller's to ask). Cheap checks first:
-/// size, MAC, the channel, the time and the data, and only then the
-/// signature (an ECDSA verification, the one costly step).
+/// secret) at `now`: the grant it carries, if it may be taken, and its
+/// proof. Cheap checks first: size, MAC, the channel, the time and the
+/// data; then the signature over this socket, unless it is the one
+/// `proven` on this socket already.
 pub fn check(
     app: (&str, &str, &str),
     p: &Presented<'_>,
     limits: Limits,
     now: u64,
-) -> Result<Grant, Refused> {
+    proven: Option<&Proven>,
+) -> Result<(Grant, Proven), Refused> {
     let (app_id, app_key, secret) = app;
     if p.auth.len() > MAX_PRESENTED {
         return Err(Refused::Malformed);
@@ -296,11 +293,17 @@ pub fn check(
     if sig.len() != SIG_LEN {
         return Err(Refused::Malformed);
     }
-    let message = presentation_message(app_key, p.kind, p.socket_id, p.name, grant);
-    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &g.key)
-        .verify(message.as_bytes(), &sig)
-        .map_err(|_| Refused::NotTheHolder)?;
-    Ok(g)
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(&g.key);
+    ctx.update(&sig);
+    let proof: Proven = ctx.finish().as_ref().try_into().expect("32 bytes");
+    if proven != Some(&proof) {
+        let message = presentation_message(app_key, p.socket_id);
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &g.key)
+            .verify(message.as_bytes(), &sig)
+            .map_err(|_| Refused::NotTheHolder)?;
+    }
+    Ok((g, proof))
 }
 
 #[cfg(test)]
@@ -310,6 +313,11 @@ mod tests {
     use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 
     const NOW: u64 = 1_800_000_000;
+    const APP: (&str, &str, &str) = ("app1", "key1", "secret");
+    const LIMITS: Limits = Limits {
+        ttl: 300,
+        max_age: 3600,
+    };
 
     fn keypair() -> EcdsaKeyPair {
         let rng = SystemRandom::new();
@@ -330,18 +338,27 @@ mod tests {
         }
     }
 
-    /// The holder's presentation, signed with ring (not with this module).
-    fn present(
-        kp: &EcdsaKeyPair,
-        text: &str,
-        app: &str,
-        kind: &str,
-        socket: &str,
-        name: &str,
-    ) -> String {
-        let msg = format!("herdgate-grant-v1\n{app}\n{kind}\n{socket}\n{name}\n{text}");
+    /// The holder's presentation of grant `text` on `socket`, signed with
+    /// ring over the documented message (not with this module).
+    fn present(kp: &EcdsaKeyPair, text: &str, app_key: &str, socket: &str) -> String {
+        let msg = format!("herdgate-grant-v1\n{app_key}\n{socket}");
         let sig = kp.sign(&SystemRandom::new(), msg.as_bytes()).unwrap();
         format!("{PREFIX}{text}:{}", B64.encode(sig.as_ref()))
+    }
+
+    fn presented<'a>(
+        auth: &'a str,
+        name: &'a str,
+        socket: &'a str,
+        data: &'a str,
+    ) -> Presented<'a> {
+        Presented {
+            auth,
+            kind: Kind::Channel,
+            name,
+            socket_id: socket,
+            data,
+        }
     }
 
     fn check_at(
@@ -351,20 +368,8 @@ mod tests {
         data: &str,
         now: u64,
     ) -> Result<Grant, Refused> {
-        let p = Presented {
-            auth,
-            kind: Kind::Channel,
-            name,
-            socket_id: socket,
-            data,
-        };
-        check(("app1", "key1", "secret"), &p, LIMITS, now)
+        check(APP, &presented(auth, name, socket, data), LIMITS, now, None).map(|(g, _)| g)
     }
-
-    const LIMITS: Limits = Limits {
-        ttl: 300,
-        max_age: 3600,
-    };
 
     #[test]
     fn the_holder_takes_its_channel_again_on_a_new_socket() {
@@ -372,7 +377,7 @@ mod tests {
         let data = r#"{"user_id":"u1"}"#;
         let g = grant(&kp, "presence-room", data);
         let text = mint("app1", "secret", &g).unwrap();
-        let auth = present(&kp, &text, "key1", "channel", "123.456", "presence-room");
+        let auth = present(&kp, &text, "key1", "123.456");
         assert_eq!(
             check_at(&auth, "presence-room", "123.456", data, NOW + 10),
             Ok(g)
@@ -384,8 +389,7 @@ mod tests {
         let kp = keypair();
         let data = r#"{"user_id":"u1"}"#;
         let text = mint("app1", "secret", &grant(&kp, "presence-room", data)).unwrap();
-        let ok = |socket: &str| present(&kp, &text, "key1", "channel", socket, "presence-room");
-        let auth = ok("1.1");
+        let auth = present(&kp, &text, "key1", "1.1");
         // Another socket than the one signed for: a replayed presentation.
         assert_eq!(
             check_at(&auth, "presence-room", "1.2", data, NOW),
@@ -411,103 +415,70 @@ mod tests {
             Err(Refused::Expired)
         );
         // A reload that shortened the ttl, or the max age, applies to grants out.
-        let p = Presented {
-            auth: &auth,
-            kind: Kind::Channel,
-            name: "presence-room",
-            socket_id: "1.1",
-            data,
+        let p = presented(&auth, "presence-room", "1.1", data);
+        let short = Limits {
+            ttl: 60,
+            max_age: 3600,
         };
-        let app = ("app1", "key1", "secret");
         assert_eq!(
-            check(
-                app,
-                &p,
-                Limits {
-                    ttl: 60,
-                    max_age: 3600
-                },
-                NOW + 60
-            ),
+            check(APP, &p, short, NOW + 60, None).map(|r| r.0),
             Err(Refused::Expired)
         );
-        assert!(check(
-            app,
-            &p,
-            Limits {
-                ttl: 60,
-                max_age: 3600
-            },
-            NOW + 59
-        )
-        .is_ok());
+        assert!(check(APP, &p, short, NOW + 59, None).is_ok());
+        let young = Limits {
+            ttl: 300,
+            max_age: 150,
+        };
         assert_eq!(
-            check(
-                app,
-                &p,
-                Limits {
-                    ttl: 300,
-                    max_age: 150
-                },
-                NOW + 50
-            ),
+            check(APP, &p, young, NOW + 50, None).map(|r| r.0),
             Err(Refused::Expired)
-        );
-        // Another grant of the same key pair for the same channel: the
-        // signature names the grant it presents.
-        let mut other = grant(&kp, "presence-room", data);
-        other.expires += 1;
-        let other_text = mint("app1", "secret", &other).unwrap();
-        let sig = auth.rsplit_once(':').unwrap().1;
-        let swapped = format!("{PREFIX}{other_text}:{sig}");
-        assert_eq!(
-            check_at(&swapped, "presence-room", "1.1", data, NOW),
-            Err(Refused::NotTheHolder)
         );
         // The grant stolen, presented by another key pair.
         let thief = keypair();
-        let stolen = present(&thief, &text, "key1", "channel", "1.1", "presence-room");
+        let stolen = present(&thief, &text, "key1", "1.1");
         assert_eq!(
             check_at(&stolen, "presence-room", "1.1", data, NOW),
             Err(Refused::NotTheHolder)
         );
-        // Another app, or the app's secret rotated.
-        let p = Presented {
-            auth: &auth,
-            kind: Kind::Channel,
-            name: "presence-room",
-            socket_id: "1.1",
-            data,
-        };
-        assert_eq!(
-            check(("app2", "key1", "secret"), &p, LIMITS, NOW),
-            Err(Refused::Forged)
-        );
-        assert_eq!(
-            check(("app1", "key1", "rotated"), &p, LIMITS, NOW),
-            Err(Refused::Forged)
-        );
-        // Signed for another app's key.
-        assert_eq!(
-            check(("app1", "key2", "secret"), &p, LIMITS, NOW),
-            Err(Refused::NotTheHolder)
-        );
+        // Another app, or the app's secret rotated, or signed for another app's key.
+        let at = |app| check(app, &p, LIMITS, NOW, None).map(|r| r.0);
+        assert_eq!(at(("app2", "key1", "secret")), Err(Refused::Forged));
+        assert_eq!(at(("app1", "key1", "rotated")), Err(Refused::Forged));
+        assert_eq!(at(("app1", "key2", "secret")), Err(Refused::NotTheHolder));
         // A sign-in presentation of a channel grant.
         let p = Presented {
-            auth: &auth,
             kind: Kind::SignIn,
-            name: "presence-room",
-            socket_id: "1.1",
-            data,
+            ..presented(&auth, "presence-room", "1.1", data)
         };
         assert_eq!(
-            check(("app1", "key1", "secret"), &p, LIMITS, NOW),
+            check(APP, &p, LIMITS, NOW, None).map(|r| r.0),
             Err(Refused::Mismatch)
         );
-        // The signature of a sign-in over a channel grant (kind not in the message it signed).
-        let as_signin = present(&kp, &text, "key1", "signin", "1.1", "presence-room");
+    }
+
+    #[test]
+    fn a_socket_verifies_its_holder_once() {
+        let kp = keypair();
+        let a = mint("app1", "secret", &grant(&kp, "private-a", "")).unwrap();
+        let b = mint("app1", "secret", &grant(&kp, "private-b", "")).unwrap();
+        let first = present(&kp, &a, "key1", "1.1");
+        let p = presented(&first, "private-a", "1.1", "");
+        let (_, proof) = check(APP, &p, LIMITS, NOW, None).unwrap();
+        // The same signature with the socket's next grant: the same proof,
+        // not verified again.
+        let sig = first.rsplit_once(':').unwrap().1;
+        let next = format!("{PREFIX}{b}:{sig}");
+        let p = presented(&next, "private-b", "1.1", "");
+        assert_eq!(check(APP, &p, LIMITS, NOW, Some(&proof)).unwrap().1, proof);
+        assert!(check(APP, &p, LIMITS, NOW, None).is_ok(), "and it verifies");
+        // A proof remembered for one key does not pass another key's grant
+        // with the same signature.
+        let thief = keypair();
+        let theirs = mint("app1", "secret", &grant(&thief, "private-b", "")).unwrap();
+        let forged = format!("{PREFIX}{theirs}:{sig}");
+        let p = presented(&forged, "private-b", "1.1", "");
         assert_eq!(
-            check_at(&as_signin, "presence-room", "1.1", data, NOW),
+            check(APP, &p, LIMITS, NOW, Some(&proof)).map(|r| r.0),
             Err(Refused::NotTheHolder)
         );
     }
@@ -516,7 +487,7 @@ mod tests {
     fn damaged_or_oversized_presentations_are_refused_without_panics() {
         let kp = keypair();
         let text = mint("app1", "secret", &grant(&kp, "private-a", "")).unwrap();
-        let auth = present(&kp, &text, "key1", "channel", "1.1", "private-a");
+        let auth = present(&kp, &text, "key1", "1.1");
         for i in PREFIX.len()..auth.len() {
             let mut bad = auth.clone().into_bytes();
             bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
@@ -537,19 +508,11 @@ mod tests {
             check_at(&huge, "private-a", "1.1", "", NOW),
             Err(Refused::Malformed)
         );
-        assert!(auth.len() <= MAX_PRESENTED);
         // The longest grant minted fits the bound.
         let mut long = grant(&kp, &"c".repeat(MAX_FIELD), "");
         long.user = "u".repeat(MAX_FIELD);
         let text = mint("app1", "secret", &long).unwrap();
-        let auth = present(
-            &kp,
-            &text,
-            "app1",
-            "channel",
-            "1234567890.1234567890",
-            &long.name,
-        );
+        let auth = present(&kp, &text, "key1", "1234567890.1234567890");
         assert!(
             auth.len() <= MAX_PRESENTED,
             "{} > {MAX_PRESENTED}",

@@ -118,8 +118,16 @@ impl Session {
             ttl: settings.ttl.as_secs(),
             max_age: settings.max_age.as_secs(),
         };
-        match grant::check((&app.id, &app.key, &app.secret), &presented, limits, now) {
-            Ok(g) if g.user == self.grant_user() => {
+        let proven = self.proven.as_deref();
+        match grant::check(
+            (&app.id, &app.key, &app.secret),
+            &presented,
+            limits,
+            now,
+            proven,
+        ) {
+            Ok((g, proof)) if g.user == self.grant_user() => {
+                self.proven = Some(Box::new(proof));
                 let renewed = self.grant_for(settings, &r.channel, None, Some(g), None, now);
                 if let Some(g) = renewed {
                     self.hand_grant(&app, &g);

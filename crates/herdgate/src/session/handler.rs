@@ -214,7 +214,14 @@ impl Session {
                     max_age: s.max_age.as_secs(),
                 }
             });
-            auth::channel::authorize_grant(&request, &keys, limits, now).map(|(m, g)| (m, Some(g)))
+            let proven = self.proven.as_deref();
+            match auth::channel::authorize_grant(&request, &keys, limits, now, proven) {
+                Ok((m, g, proof)) => {
+                    self.proven = Some(Box::new(proof));
+                    Ok((m, Some(g)))
+                }
+                Err(r) => Err(r),
+            }
         };
         let (member, taken) = match authorized {
             Ok(ok) => ok,

@@ -102,6 +102,9 @@ pub struct Session {
     /// Connected with `?herdgate_resume=1`: every subscription opts in to
     /// resume, whether or not it says so.
     pub resume_all: bool,
+    /// The last auth grant proof verified on this socket (boxed: most
+    /// sockets never present a grant).
+    proven: Option<Box<crate::auth::grant::Proven>>,
 }
 
 impl Session {
@@ -122,6 +125,7 @@ impl Session {
             limiter: None,
             ops: None,
             resume_all: false,
+            proven: None,
         }
     }
 
