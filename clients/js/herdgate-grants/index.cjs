@@ -16,7 +16,10 @@
 // insecure http:// origin other than localhost) the plugin does nothing.
 
 const PREFIX = 'hg-grant.v1:';
-const NEEDS_AUTH = /^(private-|presence-)/;
+// Not private-encrypted-: its authorization carries the channel's shared
+// secret, which a grant does not.
+const GRANTED = /^(private-(?!encrypted-)|presence-)/;
+const SOCKET_ID = /^\d+\.\d+$/;
 
 function b64url(bytes) {
   let s = '';
@@ -94,7 +97,10 @@ function withGrants(pusher) {
     const signin = pusher.user && pusher.user.signinDonePromise;
     Promise.all([ready, signin ? Promise.resolve(signin).catch(() => {}) : null]).then(() => {
       const g = grants.get(channel);
-      if (!keys || !g || monotonic() > g.expiresAt - 2000) return viaApp();
+      // Only for this instance's own socket (a script calling the
+      // authorizer with another socket id gets the app's endpoint).
+      const own = params.socketId === pusher.connection.socket_id && SOCKET_ID.test(params.socketId);
+      if (!keys || !g || !own || monotonic() > g.expiresAt - 2000) return viaApp();
       sign(params.socketId, g.grant).then((auth) => {
         presenting.add(channel);
         callback(null, { auth, channel_data: g.channelData });
@@ -107,7 +113,7 @@ function withGrants(pusher) {
   // app's endpoint.
   const send = pusher.send_event.bind(pusher);
   pusher.send_event = function (name, data, channel) {
-    if (name === 'pusher:subscribe' && data && NEEDS_AUTH.test(data.channel || '') && publicKey) {
+    if (name === 'pusher:subscribe' && data && GRANTED.test(data.channel || '') && publicKey) {
       data = Object.assign({}, data, { grant: { key: publicKey } });
       const c = pusher.channel(data.channel);
       if (c && !c.__herdgateGrants) {
@@ -118,7 +124,13 @@ function withGrants(pusher) {
           if (event.event === 'pusher:subscription_error' && d && d.type === 'GrantRefused') {
             forget(c.name);
             presenting.delete(c.name);
-            c.subscribe();
+            if (c.subscriptionCancelled) {
+              // The app unsubscribed meanwhile: leave it so.
+              c.subscriptionPending = false;
+              pusher.channels.remove(c.name);
+            } else {
+              c.subscribe();
+            }
             return;
           }
           handle(event);
@@ -142,7 +154,8 @@ function withGrants(pusher) {
   };
 
   pusher.connection.bind('message', (m) => {
-    if (!m || m.event !== 'herdgate:grant') return;
+    // herdgate sends grants on the connection, never on a channel.
+    if (!m || m.event !== 'herdgate:grant' || m.channel) return;
     let d = m.data;
     try {
       d = typeof d === 'string' ? JSON.parse(d) : d;
@@ -150,6 +163,16 @@ function withGrants(pusher) {
       return;
     }
     if (!d || typeof d.channel !== 'string') return;
+    if (d.refused === 'busy') {
+      // The server is saving its checks: keep the grant, try again later.
+      const g = grants.get(d.channel);
+      if (g) {
+        const left = Math.max(0, g.expiresAt - monotonic());
+        g.timer = setTimeout(() => renew(d.channel), left * (0.2 + 0.3 * Math.random()));
+        if (g.timer && typeof g.timer.unref === 'function') g.timer.unref();
+      }
+      return;
+    }
     if (typeof d.refused === 'string' || typeof d.grant !== 'string') {
       forget(d.channel);
       return;

@@ -69,7 +69,7 @@ pub struct SessionContext {
     pub quotas: crate::apps::Quotas,
     /// Auth grant signature checks, node-wide
     /// (`limits.auth_grant_checks_per_second`, burst twice that).
-    grant_checks: std::sync::Mutex<Option<crate::ratelimit::TokenBucket>>,
+    grant_checks: std::sync::Mutex<Option<(u32, crate::ratelimit::TokenBucket)>>,
 }
 
 impl SessionContext {
@@ -86,10 +86,12 @@ impl SessionContext {
         let rate = self.node.live().config.limits.auth_grant_checks_per_second;
         let now = crate::clock::Instant::now();
         let mut b = self.grant_checks.lock().unwrap_or_else(|p| p.into_inner());
-        b.get_or_insert_with(|| {
-            crate::ratelimit::TokenBucket::new(rate, rate.saturating_mul(2), now)
-        })
-        .try_take(now)
+        // A reload that changes the rate starts a bucket at the new one.
+        if b.as_ref().is_none_or(|(r, _)| *r != rate) {
+            let bucket = crate::ratelimit::TokenBucket::new(rate, rate.saturating_mul(2), now);
+            *b = Some((rate, bucket));
+        }
+        b.as_mut().is_some_and(|(_, bucket)| bucket.try_take(now))
     }
 }
 

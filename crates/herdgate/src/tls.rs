@@ -159,7 +159,9 @@ pub fn server_config_for(
     }
     let mut cfg = base_config(store)?;
     if !tls.session_tickets {
+        // No resumption at all: no tickets, and no TLS 1.2 session ids.
         cfg.send_tls13_tickets = 0;
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         return Ok((Arc::new(cfg), None));
     }
     let keys =

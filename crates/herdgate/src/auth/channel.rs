@@ -93,13 +93,18 @@ pub fn authorize_grant(
     limits: super::grant::Limits,
     now: u64,
     proven: Option<&super::grant::Proven>,
+    budget: impl FnOnce() -> bool,
 ) -> Result<(Option<Member>, super::grant::Grant, super::grant::Proven), Refusal> {
     use super::grant;
     let bad = || refuse("GrantRefused", "grant refused: ask the app's endpoint", 401);
+    // Not encrypted channels: their authorization carries the channel's
+    // shared secret, which a grant does not.
     let presence = match req.kind {
-        ChannelKind::Private | ChannelKind::PrivateEncrypted => false,
+        ChannelKind::Private => false,
         ChannelKind::Presence => true,
-        ChannelKind::Public | ChannelKind::User => return Err(bad()),
+        ChannelKind::PrivateEncrypted | ChannelKind::Public | ChannelKind::User => {
+            return Err(bad())
+        }
     };
     let (Some(auth), true) = (req.auth, app.grants) else {
         return Err(bad());
@@ -119,21 +124,21 @@ pub fn authorize_grant(
         socket_id: req.socket_id,
         data,
     };
-    let (g, proof) = grant::check(
-        (app.id, app.key, app.secret),
-        &presented,
-        limits,
-        now,
-        proven,
-    )
-    .map_err(|why| {
-        metrics::counter!("herdgate_auth_grants_total", "result" => why.label()).increment(1);
-        refuse(
-            "GrantRefused",
-            format!("grant refused ({}): ask the app's endpoint", why.label()),
-            401,
-        )
-    })?;
+    let creds = (app.id, app.key, app.secret);
+    let (g, proof) =
+        grant::check(creds, &presented, limits, now, proven, budget).map_err(|why| {
+            metrics::counter!("herdgate_auth_grants_total", "result" => why.label()).increment(1);
+            let status = if why == grant::Refused::Busy {
+                503
+            } else {
+                401
+            };
+            refuse(
+                "GrantRefused",
+                format!("grant refused ({}): ask the app's endpoint", why.label()),
+                status,
+            )
+        })?;
     if g.user != req.signed_in.unwrap_or("") {
         metrics::counter!("herdgate_auth_grants_total", "result" => "other_user").increment(1);
         return Err(refuse(

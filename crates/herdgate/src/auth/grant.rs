@@ -2,9 +2,8 @@
 //! channels (and signs in) again without the app's auth endpoint
 //! (docs/PROTOCOL.md "Auth grants", docs/SECURITY.md "Auth grants").
 //!
-//! Pure: minting and checking take the app's credentials, the time and the
-//! socket as values. Revocation by `terminate_connections` is asked of the
-//! user's owner by the session, after [`check`] has passed.
+//! Pure: minting and checking take the app's credentials, the time, the
+//! socket and the node's verification budget as values.
 //!
 //! A grant is `base64url(payload ‖ HMAC-SHA256(K, payload))`, `K` derived
 //! from the app's secret and id with HKDF-SHA256, so only the app's current
@@ -69,9 +68,9 @@ pub struct Grant {
     /// SHA-256 of the `channel_data` (or `user_data`) authorized; of the
     /// empty string when there was none.
     pub data_hash: [u8; HASH_LEN],
-    /// The user it concerns, for revocation by `terminate_connections`:
-    /// the presence member's or the sign-in's user, else the user the
-    /// socket was signed in as; empty if none.
+    /// The user the socket was signed in as when the grant was made (empty
+    /// if none): only a socket signed in as that user (or not at all) can
+    /// take it.
     pub user: String,
 }
 
@@ -90,6 +89,8 @@ pub enum Refused {
     OtherData,
     /// The signature over this socket does not verify under the grant's key.
     NotTheHolder,
+    /// The node's budget of signature verifications is spent: not checked.
+    Busy,
 }
 
 impl Refused {
@@ -101,6 +102,7 @@ impl Refused {
             Refused::Expired => "expired",
             Refused::OtherData => "other_data",
             Refused::NotTheHolder => "not_the_holder",
+            Refused::Busy => "busy",
         }
     }
 }
@@ -261,13 +263,15 @@ pub fn is_presentation(auth: &str) -> bool {
 /// secret) at `now`: the grant it carries, if it may be taken, and its
 /// proof. Cheap checks first: size, MAC, the channel, the time and the
 /// data; then the signature over this socket, unless it is the one
-/// `proven` on this socket already.
+/// `proven` on this socket already, and only if `budget` grants one more
+/// verification (the node's, `limits.auth_grant_checks_per_second`).
 pub fn check(
     app: (&str, &str, &str),
     p: &Presented<'_>,
     limits: Limits,
     now: u64,
     proven: Option<&Proven>,
+    budget: impl FnOnce() -> bool,
 ) -> Result<(Grant, Proven), Refused> {
     let (app_id, app_key, secret) = app;
     if p.auth.len() > MAX_PRESENTED {
@@ -298,6 +302,9 @@ pub fn check(
     ctx.update(&sig);
     let proof: Proven = ctx.finish().as_ref().try_into().expect("32 bytes");
     if proven != Some(&proof) {
+        if !budget() {
+            return Err(Refused::Busy);
+        }
         let message = presentation_message(app_key, p.socket_id);
         signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &g.key)
             .verify(message.as_bytes(), &sig)
@@ -368,7 +375,15 @@ mod tests {
         data: &str,
         now: u64,
     ) -> Result<Grant, Refused> {
-        check(APP, &presented(auth, name, socket, data), LIMITS, now, None).map(|(g, _)| g)
+        check(
+            APP,
+            &presented(auth, name, socket, data),
+            LIMITS,
+            now,
+            None,
+            || true,
+        )
+        .map(|(g, _)| g)
     }
 
     #[test]
@@ -421,16 +436,16 @@ mod tests {
             max_age: 3600,
         };
         assert_eq!(
-            check(APP, &p, short, NOW + 60, None).map(|r| r.0),
+            check(APP, &p, short, NOW + 60, None, || true).map(|r| r.0),
             Err(Refused::Expired)
         );
-        assert!(check(APP, &p, short, NOW + 59, None).is_ok());
+        assert!(check(APP, &p, short, NOW + 59, None, || true).is_ok());
         let young = Limits {
             ttl: 300,
             max_age: 150,
         };
         assert_eq!(
-            check(APP, &p, young, NOW + 50, None).map(|r| r.0),
+            check(APP, &p, young, NOW + 50, None, || true).map(|r| r.0),
             Err(Refused::Expired)
         );
         // The grant stolen, presented by another key pair.
@@ -441,7 +456,7 @@ mod tests {
             Err(Refused::NotTheHolder)
         );
         // Another app, or the app's secret rotated, or signed for another app's key.
-        let at = |app| check(app, &p, LIMITS, NOW, None).map(|r| r.0);
+        let at = |app| check(app, &p, LIMITS, NOW, None, || true).map(|r| r.0);
         assert_eq!(at(("app2", "key1", "secret")), Err(Refused::Forged));
         assert_eq!(at(("app1", "key1", "rotated")), Err(Refused::Forged));
         assert_eq!(at(("app1", "key2", "secret")), Err(Refused::NotTheHolder));
@@ -451,7 +466,7 @@ mod tests {
             ..presented(&auth, "presence-room", "1.1", data)
         };
         assert_eq!(
-            check(APP, &p, LIMITS, NOW, None).map(|r| r.0),
+            check(APP, &p, LIMITS, NOW, None, || true).map(|r| r.0),
             Err(Refused::Mismatch)
         );
     }
@@ -463,14 +478,28 @@ mod tests {
         let b = mint("app1", "secret", &grant(&kp, "private-b", "")).unwrap();
         let first = present(&kp, &a, "key1", "1.1");
         let p = presented(&first, "private-a", "1.1", "");
-        let (_, proof) = check(APP, &p, LIMITS, NOW, None).unwrap();
+        let (_, proof) = check(APP, &p, LIMITS, NOW, None, || true).unwrap();
         // The same signature with the socket's next grant: the same proof,
         // not verified again.
         let sig = first.rsplit_once(':').unwrap().1;
         let next = format!("{PREFIX}{b}:{sig}");
         let p = presented(&next, "private-b", "1.1", "");
-        assert_eq!(check(APP, &p, LIMITS, NOW, Some(&proof)).unwrap().1, proof);
-        assert!(check(APP, &p, LIMITS, NOW, None).is_ok(), "and it verifies");
+        assert_eq!(
+            check(APP, &p, LIMITS, NOW, Some(&proof), || false)
+                .unwrap()
+                .1,
+            proof
+        );
+        assert!(
+            check(APP, &p, LIMITS, NOW, None, || true).is_ok(),
+            "and it verifies"
+        );
+        // A proof not yet verified needs one of the node's verifications;
+        // a remembered one (above) took none.
+        assert_eq!(
+            check(APP, &p, LIMITS, NOW, None, || false).map(|r| r.0),
+            Err(Refused::Busy)
+        );
         // A proof remembered for one key does not pass another key's grant
         // with the same signature.
         let thief = keypair();
@@ -478,7 +507,7 @@ mod tests {
         let forged = format!("{PREFIX}{theirs}:{sig}");
         let p = presented(&forged, "private-b", "1.1", "");
         assert_eq!(
-            check(APP, &p, LIMITS, NOW, Some(&proof)).map(|r| r.0),
+            check(APP, &p, LIMITS, NOW, Some(&proof), || true).map(|r| r.0),
             Err(Refused::NotTheHolder)
         );
     }

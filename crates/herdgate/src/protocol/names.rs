@@ -100,6 +100,11 @@ pub fn check_event_name(name: &str) -> Result<(), String> {
     if name.chars().any(char::is_control) {
         return Err("event name may not contain control characters".into());
     }
+    // herdgate's own events (herdgate:resumed, herdgate:grant, …) come only
+    // from herdgate: an app or a client cannot forge one.
+    if name.starts_with("herdgate:") {
+        return Err("event names beginning with \"herdgate:\" are reserved".into());
+    }
     Ok(())
 }
 

@@ -14,10 +14,6 @@ use std::sync::Arc;
 
 type Handled = Result<(), End>;
 
-/// A grant that was not taken: answered `pusher:subscription_error` of this
-/// type, which the plugin hides before asking the app's endpoint.
-pub(super) const REFUSED: &str = "GrantRefused";
-
 /// A `herdgate:grant` from the client: renew the grant of a channel it
 /// holds, presenting the current one over this socket.
 #[derive(Debug, serde::Deserialize)]
@@ -35,17 +31,6 @@ impl Session {
         self.user.as_ref().map_or("", |u| &u.id)
     }
 
-    /// One of the node's signature checks (`limits.auth_grant_checks_per_second`),
-    /// or `false`: the grant is refused unchecked and the client asks the
-    /// app's endpoint instead.
-    pub(super) fn grant_check_budget(&self) -> bool {
-        let ok = self.ctx.grant_checks();
-        if !ok {
-            metrics::counter!("herdgate_auth_grants_total", "result" => "busy").increment(1);
-        }
-        ok
-    }
-
     /// The grant to hand out after a subscription to `channel` succeeds:
     /// renewing `taken` (pinned to its key and its first authorization), or
     /// a first one for the key the client offered.
@@ -60,9 +45,11 @@ impl Session {
     ) -> Option<Grant> {
         let ttl = settings.ttl.as_secs();
         if let Some(g) = taken {
-            return Some(Grant {
+            // A renewal lives no longer than its line may.
+            let expires = (now + ttl).min(g.authorized.saturating_add(settings.max_age.as_secs()));
+            return (expires > now).then_some(Grant {
                 issued: now,
-                expires: now + ttl,
+                expires,
                 ..g
             });
         }
@@ -93,17 +80,19 @@ impl Session {
     /// `herdgate:grant` from the client: renew a held channel's grant.
     pub(super) async fn renew_grant(&mut self, r: Renew) -> Handled {
         let app: Arc<App> = self.current_app()?;
+        // The reasons are machine-readable: the plugin keeps its grant on
+        // `busy` (and retries), and drops it on any other.
         let refuse = |why: &str| protocol::grant_refused(&r.channel, why);
+        if !self.channel_op("grant") {
+            self.out.push(&refuse("busy"));
+            return Ok(());
+        }
         let Some(settings) = app.features.auth_grants else {
-            self.out.push(&refuse("grants are off for this app"));
+            self.out.push(&refuse("off"));
             return Ok(());
         };
         if self.subscribed(&r.channel).is_none() {
-            self.out.push(&refuse("not subscribed to this channel"));
-            return Ok(());
-        }
-        if !self.channel_op("grant") || !self.grant_check_budget() {
-            self.out.push(&refuse("busy; retry later"));
+            self.out.push(&refuse("not_subscribed"));
             return Ok(());
         }
         let now = crate::clock::unix_now().as_secs();
@@ -119,13 +108,9 @@ impl Session {
             max_age: settings.max_age.as_secs(),
         };
         let proven = self.proven.as_deref();
-        match grant::check(
-            (&app.id, &app.key, &app.secret),
-            &presented,
-            limits,
-            now,
-            proven,
-        ) {
+        let budget = || self.ctx.grant_checks();
+        let creds = (&*app.id, &*app.key, &*app.secret);
+        match grant::check(creds, &presented, limits, now, proven, budget) {
             Ok((g, proof)) if g.user == self.grant_user() => {
                 self.proven = Some(Box::new(proof));
                 let renewed = self.grant_for(settings, &r.channel, None, Some(g), None, now);
@@ -136,7 +121,7 @@ impl Session {
             Ok(_) => {
                 metrics::counter!("herdgate_auth_grants_total", "result" => "other_user")
                     .increment(1);
-                self.out.push(&refuse("the grant names another user"));
+                self.out.push(&refuse("other_user"));
             }
             Err(why) => {
                 metrics::counter!("herdgate_auth_grants_total", "result" => why.label())

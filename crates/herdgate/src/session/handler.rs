@@ -199,13 +199,6 @@ impl Session {
         let presented = d.auth.as_deref().is_some_and(auth::grant::is_presentation);
         let authorized = if !presented {
             auth::channel::authorize(&request, &keys).map(|m| (m, None))
-        } else if settings.is_some() && !self.grant_check_budget() {
-            return self.sub_error(
-                channel,
-                super::grants::REFUSED,
-                "grant refused (busy): ask the app's endpoint",
-                503,
-            );
         } else {
             // With grants off, refused before any decoding.
             let limits = settings.map_or(auth::grant::Limits { ttl: 0, max_age: 0 }, |s| {
@@ -215,7 +208,8 @@ impl Session {
                 }
             });
             let proven = self.proven.as_deref();
-            match auth::channel::authorize_grant(&request, &keys, limits, now, proven) {
+            let budget = || self.ctx.grant_checks();
+            match auth::channel::authorize_grant(&request, &keys, limits, now, proven, budget) {
                 Ok((m, g, proof)) => {
                     self.proven = Some(Box::new(proof));
                     Ok((m, Some(g)))
@@ -230,14 +224,16 @@ impl Session {
         // The grant this subscription gets once it succeeds: a renewal of
         // the one it presented, or a first one for the key it offered.
         let grant = match settings {
-            Some(s) if kind.needs_auth() => self.grant_for(
-                s,
-                channel,
-                d.channel_data.as_deref(),
-                taken,
-                d.grant.as_ref(),
-                now,
-            ),
+            // Not encrypted channels (a grant carries no shared secret).
+            Some(s) if matches!(kind, ChannelKind::Private | ChannelKind::Presence) => self
+                .grant_for(
+                    s,
+                    channel,
+                    d.channel_data.as_deref(),
+                    taken,
+                    d.grant.as_ref(),
+                    now,
+                ),
             _ => None,
         };
         let name: Arc<str> = Arc::from(channel);

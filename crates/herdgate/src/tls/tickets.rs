@@ -110,14 +110,20 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<[u8; 32]>, KeysError> {
             path: path.into(),
             line: i + 1,
         };
-        if line.len() != 64 || !line.is_ascii() {
+        if line.len() != 64 || !line.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(malformed());
         }
         let mut key = [0u8; 32];
         for (j, byte) in key.iter_mut().enumerate() {
             *byte = u8::from_str_radix(&line[2 * j..2 * j + 2], 16).map_err(|_| malformed())?;
         }
-        if keys.contains(&key) {
+        // Equal keys, or (one chance in 2^32) keys whose ids collide: the
+        // second would never open a ticket.
+        if keys.contains(&key)
+            || keys
+                .iter()
+                .any(|k| Key::derive(k).id == Key::derive(&key).id)
+        {
             return Err(KeysError::Duplicate {
                 path: path.into(),
                 line: i + 1,

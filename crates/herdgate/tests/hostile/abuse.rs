@@ -5,6 +5,8 @@
 //! from another address connects, subscribes and receives within a stated
 //! time. Waits are on answers (frames, responses, closes) with deadlines.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use futures_util::StreamExt;
 use herdgate_testkit::process::Herdgate;
 use herdgate_testkit::*;
@@ -740,11 +742,14 @@ async fn an_overlong_channel_name_is_echoed_whole() {
     assert_eq!(e.data["type"], "InvalidChannel");
 }
 
-/// Auth grants (docs/SECURITY.md "Auth grants"): a client presenting forged
-/// grants gets `GrantRefused` for each, at most
-/// `limits.auth_grant_checks_per_second` (burst twice that) are checked
-/// node-wide and the rest refused unchecked as busy; an honest client keeps
-/// receiving and still subscribes with the app's signature.
+/// Auth grants (docs/SECURITY.md "Auth grants"): junk presented as a
+/// grant is refused (`GrantRefused` 401) before any signature check; a
+/// client holding one real grant and presenting it again and again with
+/// bad signatures gets `GrantRefused` for each, and at most
+/// `limits.auth_grant_checks_per_second` (burst twice that) signature
+/// checks run node-wide: the rest are refused unchecked (503, busy). An
+/// honest client keeps receiving and still subscribes with the app's
+/// signature.
 #[tokio::test]
 async fn forged_grants_are_refused_and_their_checks_bounded_node_wide() {
     let s = start_with_app(
@@ -758,15 +763,47 @@ async fn forged_grants_are_refused_and_their_checks_bounded_node_wide() {
         "pusher_internal:subscription_succeeded"
     );
     let mut attacker = s.connect().await;
-    let mut statuses = Vec::new();
-    for i in 0..8 {
-        let channel = format!("private-forged-{i}");
+    let outcome = |e: &Event| (e.data["type"].clone(), e.data["status"].as_u64());
+    // Junk: refused by its MAC, no signature checked.
+    for i in 0..6 {
         let auth = format!("hg-grant.v1:{}:{}", "A".repeat(600), "B".repeat(86));
+        let channel = format!("private-junk-{i}");
         attacker
             .send(json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth}}))
             .await;
         let e = attacker.next_event().await;
-        assert_eq!(e.event, "pusher:subscription_error", "{:?}", e.raw);
+        assert_eq!(
+            outcome(&e),
+            (json!("GrantRefused"), Some(401)),
+            "{:?}",
+            e.raw
+        );
+    }
+    // One real grant, authorized by the app (its signature), for a key
+    // whose private half the attacker then does not use.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let public = URL_SAFE_NO_PAD.encode(key.public_key_raw());
+    let own = "private-own";
+    let auth = auth_for(&attacker.socket_id, own, None);
+    attacker
+        .send(json!({"event":"pusher:subscribe","data":{"channel":own,"auth":auth,"grant":{"key":public}}}))
+        .await;
+    attacker
+        .expect("pusher_internal:subscription_succeeded")
+        .await;
+    let g = attacker.expect("herdgate:grant").await;
+    let grant = g.data["grant"].as_str().expect("a grant").to_string();
+    let mut statuses = Vec::new();
+    for i in 0..8u8 {
+        attacker
+            .send(json!({"event":"pusher:unsubscribe","data":{"channel":own}}))
+            .await;
+        // A new (bad) signature each time: never a proof the socket verified.
+        let auth = format!("hg-grant.v1:{grant}:{}", URL_SAFE_NO_PAD.encode([i; 64]));
+        attacker
+            .send(json!({"event":"pusher:subscribe","data":{"channel":own,"auth":auth}}))
+            .await;
+        let e = attacker.next_event().await;
         assert_eq!(e.data["type"], "GrantRefused", "{:?}", e.raw);
         statuses.push(e.data["status"].as_u64().unwrap());
     }
