@@ -301,4 +301,42 @@ mod tests {
         r.signed_in = Some("42");
         assert!(matches!(authorize(&r, &APP), Ok(None)));
     }
+
+    /// A grant never authorizes an encrypted channel (its authorization
+    /// carries the shared secret), a public one or a user channel, nor
+    /// anything when the app hands out no grants: refused before any
+    /// decoding or signature check.
+    #[test]
+    fn grants_take_only_private_and_presence_channels_of_apps_that_hand_them_out() {
+        use crate::auth::grant::Limits;
+        let on = AppKeys {
+            grants: true,
+            ..APP
+        };
+        let limits = Limits {
+            ttl: 300,
+            max_age: 3600,
+        };
+        let auth = "hg-grant.v1:AAAA:BBBB";
+        for channel in ["private-encrypted-x", "lobby", "#server-to-user-u1"] {
+            let r = authorize_grant(
+                &req(channel, Some(auth), None),
+                &on,
+                limits,
+                0,
+                None,
+                || panic!("no signature checked for {channel}"),
+            );
+            assert_eq!(r.unwrap_err().kind, "GrantRefused", "{channel}");
+        }
+        let r = authorize_grant(
+            &req("private-x", Some(auth), None),
+            &APP,
+            limits,
+            0,
+            None,
+            || panic!("no signature checked with grants off"),
+        );
+        assert_eq!(r.unwrap_err().kind, "GrantRefused");
+    }
 }

@@ -8,9 +8,10 @@
 //! file the operator distributes to every edge (a Kubernetes Secret, a
 //! configuration-management file): one hex key of 32 bytes per line, the
 //! **first** encrypts new tickets, **every** listed key opens them. Rotation
-//! is a file change plus SIGHUP: put the new key first on every edge, keep
-//! the old one listed for one `ticket_lifetime` (tickets it sealed stay
-//! valid until then), then drop it. A key removed from the file opens
+//! is file changes plus SIGHUP, in three rollouts: add the new key second
+//! on every edge (all open its tickets before any seals with it); move it
+//! first; after one `ticket_lifetime` (tickets the old key sealed stay
+//! valid until then), drop the old key. A key removed from the file opens
 //! nothing from that reload on: that is the revocation.
 //!
 //! Without `tls.ticket_keys` each process uses rustls's own ticketer

@@ -233,3 +233,38 @@ test('rotating the app secret revokes every grant: the endpoint is asked again, 
   }
   assert.equal(endpoint.calls, before + 2, 'no call with the new grants');
 });
+
+test('turning auth_grants off revokes every grant at the next reconnect', async () => {
+  // Off in B's config, reloaded (SIGHUP). A reload has no event a client
+  // can await: a probe subscribes until it is no longer handed a grant.
+  const text = readFileSync(reloadConfig, 'utf8');
+  writeFileSync(reloadConfig, text.replace('auth_grants = true', 'auth_grants = false'));
+  process.kill(reloadPid, 'SIGHUP');
+  endpoint.up = true;
+  const probe = connect('probe');
+  await probe.log.waitFor((e) => e.event === 'connected', 'the probe to connect');
+  const api = makeServer({ secret: endpoint.secret });
+  for (let i = 0; ; i++) {
+    const ch = uniq('private-probe-');
+    const mark = probe.log.entries.length;
+    watch(probe, ch, 'marker');
+    assert.equal((await outcome(probe, ch, mark)).event, 'pusher:subscription_succeeded');
+    await api.trigger(ch, 'marker', {});
+    await probe.log.waitFor({ channel: ch, event: 'marker' });
+    const granted = probe.log.entries.slice(mark).some((e) => e.event === 'herdgate:grant');
+    probe.client.unsubscribe(ch);
+    if (!granted) break;
+    assert.ok(i < 200, 'grants still on after 200 probes');
+  }
+  probe.client.disconnect();
+  const before = endpoint.calls;
+  const mark = roamer.log.entries.length;
+  const n = roamer.connected;
+  lb.drop();
+  await roamer.log.waitFor((e) => e.event === 'connected' && e.data.n === n + 1, 'a reconnect');
+  for (const ch of [privateCh, presenceCh]) {
+    const o = await outcome(roamer, ch, mark);
+    assert.equal(o.event, 'pusher:subscription_succeeded', `${ch}: ${JSON.stringify(o.data)}`);
+  }
+  assert.equal(endpoint.calls, before + 2, 'both grants refused: the endpoint authorized both');
+});
