@@ -34,6 +34,28 @@ pub struct Features {
     pub max_read_requests_per_second: u32,
     /// Auth grants, when the app hands them out (`auth_grants`).
     pub auth_grants: Option<GrantSettings>,
+    /// `[[apps.conflation]]`, in config order: the first matching prefix wins.
+    pub conflation: Vec<Conflation>,
+}
+
+/// One `[[apps.conflation]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflation {
+    pub prefix: String,
+    /// `None`: the event's name; `Some(field)`: that field of its data.
+    pub field: Option<String>,
+    pub interval: std::time::Duration,
+    pub max_keys: usize,
+    pub client_events: bool,
+}
+
+impl Features {
+    /// The conflation rule for events to `channel`, if any.
+    pub fn conflation_for(&self, channel: &str) -> Option<&Conflation> {
+        self.conflation
+            .iter()
+            .find(|c| channel.starts_with(c.prefix.as_str()))
+    }
 }
 
 /// An app's auth grant settings (docs/PROTOCOL.md "Auth grants").
@@ -79,6 +101,17 @@ impl From<&AppConfig> for Features {
             },
             max_user_info_bytes: c.max_user_info_bytes,
             max_watchlist: c.max_watchlist,
+            conflation: c
+                .conflation
+                .iter()
+                .map(|r| Conflation {
+                    prefix: r.prefix.clone(),
+                    field: r.key.strip_prefix("data.").map(str::to_string),
+                    interval: r.interval.get(),
+                    max_keys: r.max_keys,
+                    client_events: r.client_events,
+                })
+                .collect(),
             auth_grants: c.auth_grants.then(|| GrantSettings {
                 ttl: c.auth_grant_ttl.get(),
                 max_age: c.auth_grant_max_age.get(),

@@ -183,6 +183,10 @@ fn describe() {
         "TLS handshakes completed, by kind: full or resumed (a session ticket)"
     );
     describe_counter!(
+        "herdgate_conflation_overflow_total",
+        "Events to a conflated channel sent at once: max_keys keys were waiting"
+    );
+    describe_counter!(
         "herdgate_auth_grants_total",
         "Auth grants issued, and presented grants refused, by result"
     );

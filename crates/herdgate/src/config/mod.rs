@@ -586,6 +586,42 @@ pub struct AppConfig {
     /// grants still work (auth_grant_ttl..24h): then the app is asked again.
     #[serde(default = "auth_grant_max_age")]
     pub auth_grant_max_age: HumanDuration,
+    /// Channels whose events only need their latest value (scores, counts,
+    /// positions): per key, the latest event per interval is sent.
+    #[serde(default)]
+    pub conflation: Vec<ConflationRule>,
+}
+
+/// `[[apps.conflation]]`: events to channels starting with `prefix` are
+/// conflated: per `key`, only the latest of each `interval` is sent.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflationRule {
+    pub prefix: String,
+    /// `"event"` (the event's name) or `"data.FIELD"` (a top-level field of
+    /// the event's JSON data; an event without it is its own key: sent
+    /// at once).
+    #[serde(default = "conflation_key")]
+    pub key: String,
+    #[serde(default = "conflation_interval")]
+    pub interval: HumanDuration,
+    /// Keys waiting per channel; an event with a new key beyond it is sent
+    /// at once, not conflated.
+    #[serde(default = "conflation_max_keys")]
+    pub max_keys: usize,
+    /// Client events too (never, unless set).
+    #[serde(default)]
+    pub client_events: bool,
+}
+
+fn conflation_key() -> String {
+    "event".into()
+}
+fn conflation_interval() -> HumanDuration {
+    HumanDuration::millis(1000)
+}
+fn conflation_max_keys() -> usize {
+    64
 }
 
 fn auth_grant_max_age() -> HumanDuration {
@@ -626,6 +662,7 @@ impl Default for AppConfig {
             auth_grants: false,
             auth_grant_ttl: auth_grant_ttl(),
             auth_grant_max_age: auth_grant_max_age(),
+            conflation: Vec::new(),
         }
     }
 }

@@ -388,6 +388,32 @@ fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
                 err(&rk("ttl"), "must be greater than zero".into());
             }
         }
+        for (j, rule) in app.conflation.iter().enumerate() {
+            let rk = |f: &str| k(&format!("conflation[{j}].{f}"));
+            if rule.prefix.is_empty() {
+                err(&rk("prefix"), "must not be empty".into());
+            }
+            let field_ok = rule
+                .key
+                .strip_prefix("data.")
+                .is_some_and(|f| !f.is_empty() && !f.contains('.'));
+            if rule.key != "event" && !field_ok {
+                err(
+                    &rk("key"),
+                    format!(
+                        "{:?}: \"event\" or \"data.FIELD\" (a top-level field)",
+                        rule.key
+                    ),
+                );
+            }
+            let ms = rule.interval.get().as_millis();
+            if !(10..=60_000).contains(&ms) {
+                err(&rk("interval"), "must be between 10ms and 60s".into());
+            }
+            if !(1..=10_000).contains(&rule.max_keys) {
+                err(&rk("max_keys"), "must be between 1 and 10000".into());
+            }
+        }
         if app.max_watchlist > 1000 {
             err(&k("max_watchlist"), "must be at most 1000".into());
         }

@@ -140,6 +140,26 @@ pub fn policies_of(config: &crate::config::Config) -> HashMap<Arc<str>, Policy> 
 /// The node's load state, as the workers read it (to shed history).
 pub type LoadProbe = Arc<dyn Fn() -> crate::config::LoadState + Send + Sync>;
 
+/// An event's conflation key: its name, or the `field` of its JSON data.
+fn conflation_key(frame: &Frame, field: Option<&str>) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(borrow)]
+        event: std::borrow::Cow<'a, str>,
+        #[serde(default, borrow)]
+        data: Option<std::borrow::Cow<'a, str>>,
+    }
+    let e: Event<'_> = serde_json::from_str(frame.as_str()).ok()?;
+    let Some(field) = field else {
+        return Some(e.event.into_owned());
+    };
+    let data: serde_json::Value = serde_json::from_str(e.data.as_deref()?).ok()?;
+    match data.get(field)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
 /// Start one worker; it runs until every sender is dropped.
 fn spawn(
     index: usize,
@@ -173,14 +193,26 @@ fn spawn(
     tx
 }
 
+/// A publish's answer, when it asked for one: its ack id and where to reply.
+type Ack = Option<(u64, oneshot::Sender<Delivery>)>;
+
+/// A frame waiting out its interval: when it goes, and to whom.
+struct Waiting {
+    due: Instant,
+    frame: Frame,
+    exclude: Option<ConnId>,
+}
+
 struct Worker {
     index: usize,
     rooms: HashMap<RoomKey, Room>,
     /// Signed-in sockets per user, keyed like the user's channel.
     users: HashMap<RoomKey, HashMap<ConnId, Target>>,
-    /// Coalesced publishes waiting for their interval: the latest frame per room.
-    /// Bounded by the number of rooms (one entry each).
-    coalesced: HashMap<RoomKey, (Instant, Frame, Option<ConnId>)>,
+    /// Publishes waiting for their interval, latest wins: per room, per key
+    /// (`None`: the whole room, the load state's coalescing; `Some`: an
+    /// app's conflation key). Bounded: one entry per room for coalescing,
+    /// at most the rule's `max_keys` per room for conflation.
+    coalesced: HashMap<RoomKey, HashMap<Option<Arc<str>>, Waiting>>,
     /// Where webhook events go (none: no webhooks in this process).
     hooks: Option<Arc<Hooks>>,
     /// vacated / removed webhook events waiting out their window.
@@ -208,7 +240,7 @@ impl Worker {
             let next_flush = self
                 .coalesced
                 .values()
-                .map(|(at, _, _)| *at)
+                .flat_map(|keys| keys.values().map(|w| w.due))
                 .chain(self.counts.next_due())
                 .chain(self.history.next_sweep())
                 .min();
@@ -271,6 +303,25 @@ impl Worker {
                     }
                     return;
                 }
+                // An app's conflation rule: latest per key per interval.
+                let (room, frame, ack) = match self.conflation(&room, &frame, client) {
+                    Some((every, key, max_keys)) => {
+                        match self.wait_out(
+                            room,
+                            frame,
+                            exclude,
+                            every,
+                            Some(key),
+                            max_keys,
+                            ack,
+                            client,
+                        ) {
+                            Ok(()) => return,
+                            Err(back) => back,
+                        }
+                    }
+                    None => (room, frame, ack),
+                };
                 let mut serial = None;
                 if client && self.rooms.contains_key(&room) {
                     self.client_event_hook(&room, &frame, exclude);
@@ -316,27 +367,9 @@ impl Worker {
                     }
                     return;
                 }
-                if !client {
-                    self.remember(&room, &frame);
-                }
-                if let Some((_, reply)) = ack {
-                    // Coalesced events are sent later, latest wins: there is
-                    // no per-event receipt to wait for.
-                    let _ = reply.send(Delivery::default());
-                }
-                if !self.rooms.contains_key(&room) {
-                    self.keep(&room, &frame); // nobody to coalesce for
-                    return;
-                }
                 crate::overload::shed("coalesced");
-                let due = Instant::now() + every;
-                match self.coalesced.get_mut(&room) {
-                    // Keep the flush time of the first waiting frame; replace the frame.
-                    Some(entry) => (entry.1, entry.2) = (frame, exclude),
-                    None => {
-                        self.coalesced.insert(room, (due, frame, exclude));
-                    }
-                }
+                let waited = self.wait_out(room, frame, exclude, every, None, 1, ack, client);
+                debug_assert!(waited.is_ok(), "one key per room always fits");
             }
             Command::Ask { ask, reply } => {
                 let _ = reply.send(self.answer(ask));
@@ -377,29 +410,119 @@ impl Worker {
         }
     }
 
+    /// The conflation rule that applies to this publish, if any: its
+    /// interval, the event's key and the rule's `max_keys`. `None`: no rule,
+    /// a client event the rule leaves alone, or no key (the data has no such
+    /// field, or the key is longer than an event name may be).
+    fn conflation(
+        &self,
+        room: &RoomKey,
+        frame: &Frame,
+        client: bool,
+    ) -> Option<(Duration, Arc<str>, usize)> {
+        let policies = self.policies.load();
+        let rule = policies
+            .get(&room.app)?
+            .features
+            .conflation_for(&room.channel)?;
+        if client && !rule.client_events {
+            return None;
+        }
+        let key = conflation_key(frame, rule.field.as_deref())?;
+        (key.len() <= protocol::names::MAX_EVENT_NAME)
+            .then(|| (rule.interval, Arc::from(key), rule.max_keys))
+    }
+
+    /// Hold `frame` until `every` has passed, replacing what waits under
+    /// the same `key` in the room (the first frame's time is kept). The
+    /// publish is answered now: it is sent later, latest wins, so there is
+    /// no per-event receipt to wait for. Gives the publish back when the
+    /// room already holds `max_keys` other keys: it is sent at once.
+    #[allow(clippy::too_many_arguments)]
+    fn wait_out(
+        &mut self,
+        room: RoomKey,
+        frame: Frame,
+        exclude: Option<ConnId>,
+        every: Duration,
+        key: Option<Arc<str>>,
+        max_keys: usize,
+        ack: Ack,
+        client: bool,
+    ) -> Result<(), (RoomKey, Frame, Ack)> {
+        let keys = self.coalesced.get(&room);
+        if keys.is_some_and(|k| k.len() >= max_keys && !k.contains_key(&key)) {
+            metrics::counter!("herdgate_conflation_overflow_total").increment(1);
+            return Err((room, frame, ack));
+        }
+        if !client {
+            self.remember(&room, &frame);
+        } else if self.rooms.contains_key(&room) {
+            // Its webhook goes now: the event was sent, if conflated.
+            self.client_event_hook(&room, &frame, exclude);
+        }
+        if let Some((_, reply)) = ack {
+            let _ = reply.send(Delivery::default());
+        }
+        if !self.rooms.contains_key(&room) {
+            if !client {
+                self.keep(&room, &frame); // nobody to wait for
+            }
+            return Ok(());
+        }
+        let due = Instant::now() + every;
+        let waiting = self.coalesced.entry(room).or_default();
+        match waiting.get_mut(&key) {
+            // Keep the flush time of the first waiting frame; replace the frame.
+            Some(w) => (w.frame, w.exclude) = (frame, exclude),
+            None => {
+                waiting.insert(
+                    key,
+                    Waiting {
+                        due,
+                        frame,
+                        exclude,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Send what has waited out its interval, in the order it first arrived.
     fn flush_coalesced(&mut self, now: Instant) {
-        let due: Vec<RoomKey> = self
-            .coalesced
-            .iter()
-            .filter(|(_, (at, _, _))| *at <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            if let Some((_, frame, exclude)) = self.coalesced.remove(&key) {
-                // History keeps what was sent: the latest of the interval.
-                let serial = self.keep(&key, &frame);
-                if let Some(room) = self.rooms.get(&key) {
-                    record(&room.fan_out(
-                        &key,
-                        &frame,
-                        To {
-                            exclude,
-                            serial,
-                            direct: self.direct,
-                            ..To::default()
-                        },
-                    ));
+        let mut due: Vec<(Instant, RoomKey, Option<Arc<str>>)> = Vec::new();
+        for (room, keys) in &self.coalesced {
+            for (key, w) in keys {
+                if w.due <= now {
+                    due.push((w.due, room.clone(), key.clone()));
                 }
+            }
+        }
+        due.sort_by_key(|(at, _, _)| *at);
+        for (_, room_key, key) in due {
+            let Some(keys) = self.coalesced.get_mut(&room_key) else {
+                continue;
+            };
+            let Some(w) = keys.remove(&key) else {
+                continue;
+            };
+            if keys.is_empty() {
+                self.coalesced.remove(&room_key);
+            }
+            // History keeps what was sent: the latest of the interval.
+            let serial = self.keep(&room_key, &w.frame);
+            if let Some(room) = self.rooms.get(&room_key) {
+                record(&room.fan_out(
+                    &room_key,
+                    &w.frame,
+                    To {
+                        exclude: w.exclude,
+                        serial,
+                        direct: self.direct,
+                        ..To::default()
+                    },
+                ));
             }
         }
     }

@@ -9,6 +9,7 @@
 
 mod compat;
 mod config;
+mod conflation;
 mod fuzz_regressions;
 mod grants;
 mod http_api;
