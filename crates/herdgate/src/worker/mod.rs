@@ -142,22 +142,37 @@ pub type LoadProbe = Arc<dyn Fn() -> crate::config::LoadState + Send + Sync>;
 
 /// An event's conflation key: its name, or the `field` of its JSON data.
 fn conflation_key(frame: &Frame, field: Option<&str>) -> Option<String> {
+    let (event, value) = event_and_field(frame, field)?;
+    match field {
+        None => Some(event),
+        Some(_) => value,
+    }
+}
+
+/// A frame's event name and, if `field` is given, that top-level field of
+/// its data: data sent as a JSON string (the HTTP API's) or as JSON (a
+/// client event's). A string field is taken as it is, another value as its
+/// JSON text.
+fn event_and_field(frame: &Frame, field: Option<&str>) -> Option<(String, Option<String>)> {
     #[derive(serde::Deserialize)]
     struct Event<'a> {
         #[serde(borrow)]
         event: std::borrow::Cow<'a, str>,
-        #[serde(default, borrow)]
-        data: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        data: Option<serde_json::Value>,
     }
     let e: Event<'_> = serde_json::from_str(frame.as_str()).ok()?;
-    let Some(field) = field else {
-        return Some(e.event.into_owned());
-    };
-    let data: serde_json::Value = serde_json::from_str(e.data.as_deref()?).ok()?;
-    match data.get(field)? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
+    let value = field.and_then(|f| {
+        let data = match e.data? {
+            serde_json::Value::String(s) => serde_json::from_str(&s).ok()?,
+            other => other,
+        };
+        match data.get(f)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        }
+    });
+    Some((e.event.into_owned(), value))
 }
 
 /// Start one worker; it runs until every sender is dropped.

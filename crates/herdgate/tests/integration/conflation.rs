@@ -19,6 +19,11 @@ max_keys = 2
 [[apps.conflation]]
 prefix = "private-live-"
 interval = "300ms"
+[[apps.conflation]]
+prefix = "private-cursor-"
+key = "data.user"
+interval = "300ms"
+client_events = true
 "#;
 
 fn data_of(e: &Event) -> String {
@@ -117,4 +122,32 @@ async fn client_events_are_not_conflated_unless_the_rule_says_so() {
         let e = b.expect("client-move").await;
         assert_eq!(e.data["n"], n, "{:?}", e.raw);
     }
+}
+
+#[tokio::test]
+async fn client_events_are_conflated_when_the_rule_says_so() {
+    let s = start_with_app("", RULES).await;
+    let (mut a, mut b) = (s.connect().await, s.connect().await);
+    a.expect_subscribed("private-cursor-1").await;
+    b.expect_subscribed("private-cursor-1").await;
+    for n in 0..3 {
+        a.send(
+            json!({"event":"client-move","channel":"private-cursor-1","data":{"user":"a","n":n}}),
+        )
+        .await;
+    }
+    let e = b.expect("client-move").await;
+    assert_eq!(
+        (e.data["user"].as_str(), e.data["n"].as_u64()),
+        (Some("a"), Some(2)),
+        "the latest of a's"
+    );
+    // Another key, later: the next event b gets (a's first two are gone).
+    a.send(json!({"event":"client-move","channel":"private-cursor-1","data":{"user":"z","n":9}}))
+        .await;
+    let e = b.expect("client-move").await;
+    assert_eq!(
+        (e.data["user"].as_str(), e.data["n"].as_u64()),
+        (Some("z"), Some(9))
+    );
 }
