@@ -36,6 +36,19 @@ pub struct Features {
     pub auth_grants: Option<GrantSettings>,
     /// `[[apps.conflation]]`, in config order: the first matching prefix wins.
     pub conflation: Vec<Conflation>,
+    /// `[[apps.tallies]]`, in config order: the first rule naming the
+    /// channel's prefix and the event wins.
+    pub tallies: Vec<Tally>,
+}
+
+/// One `[[apps.tallies]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub prefix: String,
+    pub events: Vec<String>,
+    pub field: Option<String>,
+    pub max_values: usize,
+    pub interval: std::time::Duration,
 }
 
 /// One `[[apps.conflation]]` rule.
@@ -50,6 +63,21 @@ pub struct Conflation {
 }
 
 impl Features {
+    /// Whether any tally rule names `channel` (cheap: before the event's
+    /// name is read).
+    pub fn tallies_channel(&self, channel: &str) -> bool {
+        self.tallies
+            .iter()
+            .any(|t| channel.starts_with(t.prefix.as_str()))
+    }
+
+    /// The tally rule for `event` on `channel`, if any.
+    pub fn tally_for(&self, channel: &str, event: &str) -> Option<&Tally> {
+        self.tallies
+            .iter()
+            .find(|t| channel.starts_with(t.prefix.as_str()) && t.events.iter().any(|e| e == event))
+    }
+
     /// The conflation rule for events to `channel`, if any.
     pub fn conflation_for(&self, channel: &str) -> Option<&Conflation> {
         self.conflation
@@ -101,6 +129,17 @@ impl From<&AppConfig> for Features {
             },
             max_user_info_bytes: c.max_user_info_bytes,
             max_watchlist: c.max_watchlist,
+            tallies: c
+                .tallies
+                .iter()
+                .map(|r| Tally {
+                    prefix: r.prefix.clone(),
+                    events: r.events.clone(),
+                    field: r.field.clone(),
+                    max_values: r.max_values,
+                    interval: r.interval.get(),
+                })
+                .collect(),
             conflation: c
                 .conflation
                 .iter()

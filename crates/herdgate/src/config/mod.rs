@@ -590,6 +590,37 @@ pub struct AppConfig {
     /// positions): per key, the latest event per interval is sent.
     #[serde(default)]
     pub conflation: Vec<ConflationRule>,
+    /// Events counted rather than fanned out (reactions): one summary per
+    /// channel per interval.
+    #[serde(default)]
+    pub tallies: Vec<TallyRule>,
+}
+
+/// `[[apps.tallies]]`: events named in `events` to channels starting with
+/// `prefix` are counted at the room's owner, by event and by the value of
+/// `field`, and one `herdgate:tally` summary goes to the channel per
+/// `interval`; the events themselves reach nobody.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TallyRule {
+    pub prefix: String,
+    pub events: Vec<String>,
+    /// A top-level field of the event's JSON data to count by (e.g. the emoji).
+    #[serde(default)]
+    pub field: Option<String>,
+    /// Distinct values counted per event per interval; the rest are counted
+    /// as `other`.
+    #[serde(default = "tally_max_values")]
+    pub max_values: usize,
+    #[serde(default = "tally_interval")]
+    pub interval: HumanDuration,
+}
+
+fn tally_max_values() -> usize {
+    16
+}
+fn tally_interval() -> HumanDuration {
+    HumanDuration::millis(1000)
 }
 
 /// `[[apps.conflation]]`: events to channels starting with `prefix` are
@@ -663,6 +694,7 @@ impl Default for AppConfig {
             auth_grant_ttl: auth_grant_ttl(),
             auth_grant_max_age: auth_grant_max_age(),
             conflation: Vec::new(),
+            tallies: Vec::new(),
         }
     }
 }

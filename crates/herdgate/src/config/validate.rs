@@ -414,6 +414,37 @@ fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
                 err(&rk("max_keys"), "must be between 1 and 10000".into());
             }
         }
+        for (j, rule) in app.tallies.iter().enumerate() {
+            let rk = |f: &str| k(&format!("tallies[{j}].{f}"));
+            if rule.prefix.is_empty() {
+                err(&rk("prefix"), "must not be empty".into());
+            }
+            if rule.events.is_empty() || rule.events.len() > 16 {
+                err(&rk("events"), "must name 1 to 16 events".into());
+            }
+            for e in &rule.events {
+                if e.is_empty() || e.len() > 200 || e.starts_with("herdgate:") {
+                    err(
+                        &rk("events"),
+                        format!("{e:?} is not an event name that can be tallied"),
+                    );
+                }
+            }
+            if rule
+                .field
+                .as_ref()
+                .is_some_and(|f| f.is_empty() || f.contains('.'))
+            {
+                err(&rk("field"), "a top-level field of the event's data".into());
+            }
+            if !(1..=256).contains(&rule.max_values) {
+                err(&rk("max_values"), "must be between 1 and 256".into());
+            }
+            let ms = rule.interval.get().as_millis();
+            if !(100..=60_000).contains(&ms) {
+                err(&rk("interval"), "must be between 100ms and 60s".into());
+            }
+        }
         if app.max_watchlist > 1000 {
             err(&k("max_watchlist"), "must be at most 1000".into());
         }

@@ -192,6 +192,7 @@ fn spawn(
         rooms: HashMap::new(),
         users: HashMap::new(),
         coalesced: HashMap::new(),
+        tallies: HashMap::new(),
         hooks: taps.map(|t| t.hooks),
         debounce,
         policies,
@@ -211,6 +212,23 @@ fn spawn(
 /// A publish's answer, when it asked for one: its ack id and where to reply.
 type Ack = Option<(u64, oneshot::Sender<Delivery>)>;
 
+/// A room's tallies for the interval under way.
+struct Tallying {
+    due: Instant,
+    interval: Duration,
+    events: Vec<EventTally>,
+}
+
+/// One event's count in a room's interval.
+struct EventTally {
+    name: String,
+    total: u64,
+    /// The counts of up to the rule's `max_values` values.
+    values: Vec<(String, u64)>,
+    /// How many had another value.
+    other: u64,
+}
+
 /// A frame waiting out its interval: when it goes, and to whom.
 struct Waiting {
     due: Instant,
@@ -228,6 +246,9 @@ struct Worker {
     /// app's conflation key). Bounded: one entry per room for coalescing,
     /// at most the rule's `max_keys` per room for conflation.
     coalesced: HashMap<RoomKey, HashMap<Option<Arc<str>>, Waiting>>,
+    /// Tallied events counted this interval, per room (`[[apps.tallies]]`).
+    /// Bounded per room by the rules' events × `max_values`.
+    tallies: HashMap<RoomKey, Tallying>,
     /// Where webhook events go (none: no webhooks in this process).
     hooks: Option<Arc<Hooks>>,
     /// vacated / removed webhook events waiting out their window.
@@ -256,6 +277,7 @@ impl Worker {
                 .coalesced
                 .values()
                 .flat_map(|keys| keys.values().map(|w| w.due))
+                .chain(self.tallies.values().map(|t| t.due))
                 .chain(self.counts.next_due())
                 .chain(self.history.next_sweep())
                 .min();
@@ -275,6 +297,7 @@ impl Worker {
                     self.direct = rx.is_empty();
                     let now = Instant::now();
                     self.flush_coalesced(now);
+                    self.flush_tallies(now);
                     for room in self.counts.due(now) {
                         self.send_count(&room, None);
                     }
@@ -313,6 +336,13 @@ impl Worker {
                 if idem.is_some_and(|k| !self.idem.first(&room, k)) {
                     // Published before with this key: done, nothing sent.
                     metrics::counter!("herdgate_publish_duplicates_total").increment(1);
+                    if let Some((_, reply)) = ack {
+                        let _ = reply.send(Delivery::default());
+                    }
+                    return;
+                }
+                // An app's tally rule: counted, not sent.
+                if self.tally(&room, &frame) {
                     if let Some((_, reply)) = ack {
                         let _ = reply.send(Delivery::default());
                     }
@@ -411,6 +441,7 @@ impl Worker {
                 self.users.retain(|k, _| keep(k));
                 self.watchers.retain(|k, _| keep(k));
                 self.coalesced.retain(|k, _| keep(k));
+                self.tallies.retain(|k, _| keep(k));
                 self.cache.retain(&*keep);
                 // Rooms that moved away take no debounce with them: what
                 // waits for them is sent now, before their new owner can
@@ -502,6 +533,108 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Count `frame` if a tally rule names its channel and event; `true`
+    /// when it was counted (and is then sent to nobody).
+    fn tally(&mut self, room: &RoomKey, frame: &Frame) -> bool {
+        let policies = self.policies.load();
+        let Some(features) = policies.get(&room.app).map(|p| &p.features) else {
+            return false;
+        };
+        if !features.tallies_channel(&room.channel) {
+            return false;
+        }
+        let Some((event, _)) = event_and_field(frame, None) else {
+            return false;
+        };
+        let Some(rule) = features.tally_for(&room.channel, &event) else {
+            return false;
+        };
+        let value = match &rule.field {
+            Some(f) => event_and_field(frame, Some(f)).and_then(|(_, v)| v),
+            None => None,
+        };
+        if !self.rooms.contains_key(room) {
+            return true; // nobody to tell
+        }
+        let now = Instant::now();
+        let t = self
+            .tallies
+            .entry(room.clone())
+            .or_insert_with(|| Tallying {
+                due: now + rule.interval,
+                interval: rule.interval,
+                events: Vec::new(),
+            });
+        let i = match t.events.iter().position(|e| e.name == event) {
+            Some(i) => i,
+            None => {
+                t.events.push(EventTally {
+                    name: event,
+                    total: 0,
+                    values: Vec::new(),
+                    other: 0,
+                });
+                t.events.len() - 1
+            }
+        };
+        let e = &mut t.events[i];
+        e.total += 1;
+        if let Some(v) = value {
+            if let Some(slot) = e.values.iter().position(|(name, _)| *name == v) {
+                e.values[slot].1 += 1;
+            } else if e.values.len() < rule.max_values && v.len() <= 64 {
+                e.values.push((v, 1));
+            } else {
+                e.other += 1;
+            }
+        }
+        true
+    }
+
+    /// Send each room's tally summary whose interval has ended:
+    /// `herdgate:tally` `{"interval_ms":…,"tallies":{event:{"total":n,"values":{v:n},"other":n}}}`.
+    fn flush_tallies(&mut self, now: Instant) {
+        let due: Vec<RoomKey> = self
+            .tallies
+            .iter()
+            .filter(|(_, t)| t.due <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some(t) = self.tallies.remove(&key) else {
+                continue;
+            };
+            let tallies: serde_json::Map<String, serde_json::Value> = t
+                .events
+                .into_iter()
+                .map(|e| {
+                    let values: serde_json::Map<String, serde_json::Value> =
+                        e.values.into_iter().map(|(v, n)| (v, n.into())).collect();
+                    let summary =
+                        serde_json::json!({"total": e.total, "values": values, "other": e.other});
+                    (e.name, summary)
+                })
+                .collect();
+            let data = serde_json::json!({
+                "interval_ms": t.interval.as_millis() as u64,
+                "tallies": tallies,
+            });
+            let frame = protocol::event("herdgate:tally", Some(&key.channel), &data.to_string());
+            let serial = self.keep(&key, &frame);
+            if let Some(room) = self.rooms.get(&key) {
+                record(&room.fan_out(
+                    &key,
+                    &frame,
+                    To {
+                        serial,
+                        direct: self.direct,
+                        ..To::default()
+                    },
+                ));
+            }
+        }
     }
 
     /// Send what has waited out its interval, in the order it first arrived.
@@ -691,6 +824,7 @@ impl Worker {
         if emptied {
             self.rooms.remove(&key);
             self.coalesced.remove(&key);
+            self.tallies.remove(&key);
             self.counts.forget(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
         } else if !shed.silent {
@@ -742,6 +876,7 @@ impl Worker {
         for key in emptied {
             self.rooms.remove(&key);
             self.coalesced.remove(&key);
+            self.tallies.remove(&key);
             self.counts.forget(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
             if !silent {

@@ -18,5 +18,6 @@ mod parity;
 mod protocol;
 mod realaddr;
 mod resume;
+mod tallies;
 mod tls;
 mod webhooks;
