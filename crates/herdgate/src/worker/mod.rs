@@ -413,8 +413,24 @@ impl Worker {
                     return;
                 }
                 crate::overload::shed("coalesced");
-                let waited = self.wait_out(room, frame, exclude, every, None, 1, ack, client);
-                debug_assert!(waited.is_ok(), "one key per room always fits");
+                // One key per room (`None`), beside whatever an app's
+                // conflation holds there: never refused for room.
+                let unbounded = usize::MAX;
+                if let Err((room, frame, ack)) =
+                    self.wait_out(room, frame, exclude, every, None, unbounded, ack, client)
+                {
+                    // Cannot happen (no bound); were it to, the publish is
+                    // sent at once, as any that cannot wait.
+                    self.handle(Command::Publish {
+                        room,
+                        frame,
+                        exclude,
+                        coalesce: None,
+                        ack,
+                        client,
+                        idem: None,
+                    });
+                }
             }
             Command::Ask { ask, reply } => {
                 let _ = reply.send(self.answer(ask));
