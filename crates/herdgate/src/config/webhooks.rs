@@ -6,7 +6,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// The event types a webhook may ask for (Pusher's names).
-pub const EVENT_TYPES: [&str; 9] = [
+pub const EVENT_TYPES: [&str; 10] = [
     "channel_occupied",
     "channel_vacated",
     "member_added",
@@ -16,6 +16,7 @@ pub const EVENT_TYPES: [&str; 9] = [
     "subscription_count",
     "user_online",
     "user_offline",
+    "tally",
 ];
 
 /// `[webhooks]`: sending, for every app's webhooks.

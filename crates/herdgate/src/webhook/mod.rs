@@ -40,10 +40,12 @@ pub enum Kind {
     UserOnline,
     /// Their last socket gone (debounced like `member_removed`).
     UserOffline,
+    /// A channel's reaction tally for one interval (`[[apps.tallies]]`).
+    Tally,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::ChannelOccupied,
         Kind::ChannelVacated,
         Kind::MemberAdded,
@@ -53,6 +55,7 @@ impl Kind {
         Kind::SubscriptionCount,
         Kind::UserOnline,
         Kind::UserOffline,
+        Kind::Tally,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Kind {
             Kind::SubscriptionCount => "subscription_count",
             Kind::UserOnline => "user_online",
             Kind::UserOffline => "user_offline",
+            Kind::Tally => "tally",
         }
     }
 
@@ -129,6 +133,16 @@ impl Event {
             kind,
             serde_json::json!({"name": kind.name(), "user_id": user_id}),
         )
+    }
+
+    /// `tally`: `{"name", "channel", "interval_ms", "tallies"}`, the same
+    /// summary the channel's sockets get as `herdgate:tally`.
+    pub fn tally(channel: &str, summary: &serde_json::Value) -> Event {
+        let mut v = serde_json::json!({"name": "tally", "channel": channel});
+        if let (Some(v), Some(s)) = (v.as_object_mut(), summary.as_object()) {
+            v.extend(s.clone());
+        }
+        Event::new(Kind::Tally, v)
     }
 
     pub fn cache_miss(channel: &str) -> Event {

@@ -638,6 +638,9 @@ impl Worker {
                 "tallies": tallies,
             });
             let frame = protocol::event("herdgate:tally", Some(&key.channel), &data.to_string());
+            if self.wants(&key, Kind::Tally).is_some() {
+                self.emit(&key, Event::tally(&key.channel, &data));
+            }
             let serial = self.keep(&key, &frame);
             if let Some(room) = self.rooms.get(&key) {
                 record(&room.fan_out(

@@ -68,3 +68,37 @@ async fn claps_are_counted_and_summed_up_once_per_interval() {
         400
     );
 }
+
+/// The same summary, signed, to the app's webhook (`event_types = ["tally"]`).
+#[test]
+fn the_summary_also_goes_to_the_apps_webhook() {
+    use herdgate_testkit::process::Herdgate;
+    use herdgate_testkit::webhook::Receiver;
+    let mut rx = Receiver::start(APP_ID, KEY, SECRET);
+    let hg = Herdgate::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[overload]\nenabled = false\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n[[apps.webhooks]]\nurl = \"{}\"\nevent_types = [\"tally\"]\n{RULES}",
+        rx.url()
+    ));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!(
+            "ws://{}/app/{KEY}?protocol=7&client=test&version=1.0",
+            hg.addr
+        );
+        let ch = "private-keynote-2";
+        let mut c = Client::connect(&url).await;
+        c.expect_subscribed(ch).await;
+        for _ in 0..3 {
+            c.send(json!({"event":"client-clap","channel":ch,"data":{"emoji":"👏"}}))
+                .await;
+        }
+        let tally = c.expect("herdgate:tally").await;
+        assert_eq!(tally.data["tallies"]["client-clap"]["total"], 3);
+    });
+    let got = rx.events_until(WAIT, |g| g.name() == "tally");
+    let t = &got.last().expect("a tally webhook").event;
+    assert_eq!(t["channel"], "private-keynote-2");
+    assert_eq!(t["tallies"]["client-clap"]["total"], 3, "{t}");
+    assert_eq!(t["tallies"]["client-clap"]["values"]["👏"], 3);
+    assert_eq!(t["interval_ms"], 300);
+}
