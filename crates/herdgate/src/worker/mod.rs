@@ -140,6 +140,25 @@ pub fn policies_of(config: &crate::config::Config) -> HashMap<Arc<str>, Policy> 
 /// The node's load state, as the workers read it (to shed history).
 pub type LoadProbe = Arc<dyn Fn() -> crate::config::LoadState + Send + Sync>;
 
+/// The conflation rule of `features` that applies to this publish, if
+/// any: its interval, the event's key and the rule's `max_keys`. `None`: no
+/// rule, a client event the rule leaves alone, or no key (the data has no
+/// such field, or the key is longer than an event name may be).
+fn conflation(
+    features: &crate::apps::Features,
+    room: &RoomKey,
+    frame: &Frame,
+    client: bool,
+) -> Option<(Duration, Arc<str>, usize)> {
+    let rule = features.conflation_for(&room.channel)?;
+    if client && !rule.client_events {
+        return None;
+    }
+    let key = conflation_key(frame, rule.field.as_deref())?;
+    (key.len() <= protocol::names::MAX_EVENT_NAME)
+        .then(|| (rule.interval, Arc::from(key), rule.max_keys))
+}
+
 /// An event's conflation key: its name, or the `field` of its JSON data.
 fn conflation_key(frame: &Frame, field: Option<&str>) -> Option<String> {
     let (event, value) = event_and_field(frame, field)?;
@@ -341,15 +360,19 @@ impl Worker {
                     }
                     return;
                 }
+                // The app's rules for this channel, read once per publish.
+                let policies = self.policies.load_full();
+                let features = policies.get(&room.app).map(|p| &p.features);
                 // An app's tally rule: counted, not sent.
-                if self.tally(&room, &frame) {
+                if features.is_some_and(|f| self.tally(f, &room, &frame)) {
                     if let Some((_, reply)) = ack {
                         let _ = reply.send(Delivery::default());
                     }
                     return;
                 }
                 // An app's conflation rule: latest per key per interval.
-                let (room, frame, ack) = match self.conflation(&room, &frame, client) {
+                let conflated = features.and_then(|f| conflation(f, &room, &frame, client));
+                let (room, frame, ack) = match conflated {
                     Some((every, key, max_keys)) => {
                         match self.wait_out(
                             room,
@@ -472,29 +495,6 @@ impl Worker {
         }
     }
 
-    /// The conflation rule that applies to this publish, if any: its
-    /// interval, the event's key and the rule's `max_keys`. `None`: no rule,
-    /// a client event the rule leaves alone, or no key (the data has no such
-    /// field, or the key is longer than an event name may be).
-    fn conflation(
-        &self,
-        room: &RoomKey,
-        frame: &Frame,
-        client: bool,
-    ) -> Option<(Duration, Arc<str>, usize)> {
-        let policies = self.policies.load();
-        let rule = policies
-            .get(&room.app)?
-            .features
-            .conflation_for(&room.channel)?;
-        if client && !rule.client_events {
-            return None;
-        }
-        let key = conflation_key(frame, rule.field.as_deref())?;
-        (key.len() <= protocol::names::MAX_EVENT_NAME)
-            .then(|| (rule.interval, Arc::from(key), rule.max_keys))
-    }
-
     /// Hold `frame` until `every` has passed, replacing what waits under
     /// the same `key` in the room (the first frame's time is kept). The
     /// publish is answered now: it is sent later, latest wins, so there is
@@ -553,21 +553,25 @@ impl Worker {
 
     /// Count `frame` if a tally rule names its channel and event; `true`
     /// when it was counted (and is then sent to nobody).
-    fn tally(&mut self, room: &RoomKey, frame: &Frame) -> bool {
-        let policies = self.policies.load();
-        let Some(features) = policies.get(&room.app).map(|p| &p.features) else {
-            return false;
-        };
+    fn tally(&mut self, features: &crate::apps::Features, room: &RoomKey, frame: &Frame) -> bool {
         if !features.tallies_channel(&room.channel) {
             return false;
         }
-        let Some((event, _)) = event_and_field(frame, None) else {
+        // The rules of one channel count by one field at most in practice;
+        // the frame is read once, for its name and the first rule's field.
+        let field = features
+            .tallies
+            .iter()
+            .find(|t| room.channel.starts_with(t.prefix.as_str()))
+            .and_then(|t| t.field.as_deref());
+        let Some((event, first_value)) = event_and_field(frame, field) else {
             return false;
         };
         let Some(rule) = features.tally_for(&room.channel, &event) else {
             return false;
         };
-        let value = match &rule.field {
+        let value = match rule.field.as_deref() {
+            f if f == field => first_value,
             Some(f) => event_and_field(frame, Some(f)).and_then(|(_, v)| v),
             None => None,
         };
