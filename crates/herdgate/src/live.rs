@@ -33,6 +33,16 @@ impl Live {
         }
     }
 
+    /// How a new socket that offered permessage-deflate is answered:
+    /// `None` when `compression.enabled` is off.
+    pub fn deflate(&self) -> Option<crate::protocol::deflate::Deflate> {
+        let c = &self.config.compression;
+        c.enabled.then_some(crate::protocol::deflate::Deflate {
+            min_bytes: c.min_bytes,
+            level: c.level,
+        })
+    }
+
     /// Websocket settings for a new socket.
     pub fn ws_config(&self) -> WebSocketConfig {
         let l = &self.config.limits;

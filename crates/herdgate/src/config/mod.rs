@@ -55,6 +55,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub webhooks: WebhooksConfig,
     pub admin: AdminConfig,
+    pub compression: CompressionConfig,
     /// Present: `listen` serves TLS (wss://, https://). Absent: plain.
     pub tls: Option<TlsConfig>,
     pub apps: Vec<AppConfig>,
@@ -72,6 +73,32 @@ pub struct AdminConfig {
     /// answers to; any other `Host` gets 421, so a web page cannot read it
     /// through DNS rebinding.
     pub allowed_hosts: Vec<String>,
+}
+
+/// `[compression]`: permessage-deflate (RFC 7692) for websocket clients
+/// that offer it (every browser does). Each broadcast is compressed once
+/// and the bytes shared (`protocol::deflate`); no window is kept per socket.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Accept a client's offer of permessage-deflate. New sockets only: a
+    /// reload does not change what open sockets negotiated.
+    pub enabled: bool,
+    /// Messages shorter than this go uncompressed (deflate gains little
+    /// on them and costs a compression each).
+    pub min_bytes: u32,
+    /// Deflate level, 1 (fastest) to 9 (smallest).
+    pub level: u8,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: true,
+            min_bytes: 256,
+            level: 6,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -72,6 +72,7 @@ pub(super) fn validate(c: &Config) -> Vec<ConfigError> {
     validate_overload(&c.overload, &mut err);
     validate_cluster(&c.cluster, &mut err);
     validate_log(c, &mut err);
+    validate_compression(&c.compression, &mut err);
     validate_apps(c, &mut err);
     validate_webhooks(&c.webhooks, &mut err);
     errs
@@ -287,6 +288,16 @@ fn validate_log(c: &Config, err: &mut impl FnMut(&str, String)) {
     }
     if let Some(problem) = c.log.format.problem() {
         err("log.format", problem);
+    }
+}
+
+/// `[compression]`: a deflate level there is.
+fn validate_compression(c: &super::CompressionConfig, err: &mut impl FnMut(&str, String)) {
+    if !(1..=9).contains(&c.level) {
+        err(
+            "compression.level",
+            format!("{} is not a deflate level from 1 to 9", c.level),
+        );
     }
 }
 

@@ -159,7 +159,17 @@ pub fn handle(
         Ok(admitted) => admitted,
         Err(refused) => return *refused,
     };
-    let ws_config = front.live().ws_config();
+    let live = front.live();
+    let ws_config = live.ws_config();
+    // permessage-deflate, when offered and on (protocol::deflate says how).
+    let deflate = live.deflate().and_then(|d| {
+        let offers = h
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        crate::protocol::deflate::negotiate(offers).map(|answer| (d, answer))
+    });
+    drop(live);
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let direct = req.extensions_mut().remove::<DirectSocket>();
@@ -175,16 +185,20 @@ pub fn handle(
         front: front.clone(),
         slot,
         direct,
+        deflate: deflate.map(|(d, _)| d),
     });
     front.node.life.tasks.spawn(session_task(handshake));
 
-    Response::builder()
+    let mut resp = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Body::default())
-        .expect("valid response")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some((_, answer)) = deflate {
+        metrics::counter!("herdgate_connections_compressed_total").increment(1);
+        resp = resp.header(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+    }
+    resp.body(Body::default()).expect("valid response")
 }
 
 /// Admission of a new session (websocket or HTTP fallback), before any
@@ -250,6 +264,8 @@ struct Handshake {
     slot: SessionSlot,
     /// The plain TCP socket under the upgrade, for direct writes.
     direct: Option<DirectSocket>,
+    /// permessage-deflate, if negotiated.
+    deflate: Option<crate::protocol::deflate::Deflate>,
 }
 
 /// The value of a box, freeing the box now rather than when its binding
@@ -325,6 +341,7 @@ async fn start(h: Box<Handshake>) -> Option<Box<Live>> {
         front,
         slot,
         direct,
+        deflate,
     } = unbox(h);
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -337,13 +354,14 @@ async fn start(h: Box<Handshake>) -> Option<Box<Live>> {
         TokioIo::new(upgraded),
         ws_config,
         Some(front.fragments.clone()),
+        deflate,
     );
     match check.and_then(|c| session_app(&front, &c.key).map(|a| (c, a))) {
         Ok((Checked { resume, .. }, (app, quota))) => {
             let mut session = Session::new(front.session.clone(), app);
             session.resume_all = resume;
             if let Some(socket) = direct {
-                session.write_directly(socket);
+                session.write_directly(socket.with_deflate(deflate));
             }
             let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);
             Some(Box::new(Live {

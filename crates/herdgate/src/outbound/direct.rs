@@ -23,6 +23,7 @@
 //! in [`crate::sys`], inlined.
 #![allow(unsafe_code)]
 
+use crate::protocol::deflate::Deflate;
 use crate::protocol::{wsframe, Frame};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -45,6 +46,7 @@ impl SharedTcp {
         DirectSocket {
             fd: self.0.as_raw_fd(),
             stream: self.0.clone(),
+            deflate: None,
         }
     }
     /// Until the reactor has seen the socket writable (large frames are
@@ -80,14 +82,23 @@ pub struct DirectSocket {
     /// The descriptor of `stream`, open for as long as `stream` is held.
     fd: std::os::fd::RawFd,
     stream: Arc<TcpStream>,
+    /// As the socket's writer has it: frames go compressed when set.
+    deflate: Option<Deflate>,
 }
 
 impl DirectSocket {
+    /// Writes made in place send what the socket's writer would: frames
+    /// compressed with `deflate` when it was negotiated.
+    pub fn with_deflate(mut self, deflate: Option<Deflate>) -> DirectSocket {
+        self.deflate = deflate;
+        self
+    }
+
     /// Write one text frame without waiting.
     pub(super) fn write_frame(&self, frame: &Frame) -> Wrote {
-        let payload = frame.as_bytes();
+        let (bits, payload) = frame.wire(self.deflate);
         let mut head = [0u8; 10];
-        let h = wsframe::header(wsframe::OP_TEXT, payload.len(), &mut head);
+        let h = wsframe::header(wsframe::OP_TEXT | bits, payload.len(), &mut head);
         let total = h + payload.len();
         let result = if total <= COPY_MAX {
             // A small frame is copied next to its header: one plain

@@ -4,11 +4,120 @@
 //! reference-counted bytes: cloning it for the 10,000th subscriber costs an
 //! atomic increment, not an allocation.
 
+use super::deflate::{self, Deflate};
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use std::sync::{Arc, OnceLock};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-pub type Frame = Utf8Bytes;
+/// One server message: its JSON text, shared, and — made by the first
+/// socket that wants it, then shared too — its permessage-deflate form.
+///
+/// A room's event is one `Frame` for all its subscribers, so it is
+/// compressed at most once however many sockets negotiated compression
+/// (see [`deflate`]). Cloning is one atomic increment.
+#[derive(Clone)]
+pub struct Frame(Arc<Encoded>);
+
+struct Encoded {
+    text: Utf8Bytes,
+    /// Set once a socket with compression asked: the compressed payload,
+    /// or `None` when compressing did not make it smaller.
+    deflated: OnceLock<Option<Bytes>>,
+}
+
+/// RSV1: set on the first frame of a compressed message (RFC 7692 §6).
+pub const RSV1: u8 = 0x40;
+
+impl Frame {
+    fn new(text: Utf8Bytes) -> Frame {
+        Frame(Arc::new(Encoded {
+            text,
+            deflated: OnceLock::new(),
+        }))
+    }
+
+    pub fn from_static(s: &'static str) -> Frame {
+        Frame::new(Utf8Bytes::from_static(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.text.as_str()
+    }
+
+    /// The text as a websocket library's message payload.
+    pub fn text(&self) -> &Utf8Bytes {
+        &self.0.text
+    }
+
+    /// What goes on the wire for a socket with `deflate` (negotiated, with
+    /// the node's settings) or without: the bits to add to the first header
+    /// byte ([`RSV1`] or 0) and the payload. The same for every call on the
+    /// same frame and settings, so a write cut short resumes where it was.
+    pub fn wire(&self, deflate: Option<Deflate>) -> (u8, &[u8]) {
+        let text = self.0.text.as_bytes();
+        match deflate {
+            Some(d) if text.len() >= d.min_bytes as usize => {
+                match self
+                    .0
+                    .deflated
+                    .get_or_init(|| deflate::compress(text, d.level))
+                {
+                    Some(z) => (RSV1, z),
+                    None => (0, text),
+                }
+            }
+            _ => (0, text),
+        }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+impl Eq for Frame {}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<String> for Frame {
+    fn from(s: String) -> Frame {
+        Frame::new(Utf8Bytes::from(s))
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(s: &str) -> Frame {
+        Frame::new(Utf8Bytes::from(s))
+    }
+}
+
+/// The text, shared (for the cluster link, which carries text only).
+impl From<Frame> for Bytes {
+    fn from(f: Frame) -> Bytes {
+        Bytes::from(f.0.text.clone())
+    }
+}
+
+impl TryFrom<Bytes> for Frame {
+    type Error = std::str::Utf8Error;
+    fn try_from(b: Bytes) -> Result<Frame, Self::Error> {
+        Utf8Bytes::try_from(b).map(Frame::new)
+    }
+}
 
 #[derive(Serialize)]
 struct Out<'a, D: Serialize + ?Sized> {

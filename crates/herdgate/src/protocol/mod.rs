@@ -6,6 +6,7 @@
 //! bytes go to every subscriber.
 
 pub mod codes;
+pub mod deflate;
 mod encode;
 pub mod names;
 pub mod wsframe;

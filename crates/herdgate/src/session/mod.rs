@@ -598,6 +598,11 @@ fn map_ws_error(e: WsError) -> End {
         WsError::Capacity(_) => {
             End::close(ws::MESSAGE_TOO_BIG, "message too big", "message_too_big")
         }
+        WsError::Utf8(reason) if reason == ws_reader::INVALID_DEFLATE => End::close(
+            ws::INVALID_PAYLOAD,
+            "invalid compressed data",
+            "invalid_deflate",
+        ),
         WsError::Utf8(_) => End::close(ws::INVALID_PAYLOAD, "invalid UTF-8", "invalid_utf8"),
         WsError::Protocol(_) => End::close(
             ws::PROTOCOL_ERROR,
@@ -684,7 +689,7 @@ mod tests {
             let ctx = ctx.clone();
             async move {
                 let (mut reader, mut writer) =
-                    websocket::server(a, WebSocketConfig::default(), None);
+                    websocket::server(a, WebSocketConfig::default(), None, None);
                 let mut session = Session::new(ctx, app);
                 run(&mut reader, &mut writer, &mut session).await
             }
@@ -728,7 +733,7 @@ mod tests {
         );
         let app = ctx.node.live().apps.by_key("k").unwrap().clone();
         let (a, _b) = tokio::io::duplex(1024);
-        let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default(), None);
+        let (mut reader, mut writer) = websocket::server(a, WebSocketConfig::default(), None, None);
         let mut session = Session::new(ctx, app);
         let fut = run(&mut reader, &mut writer, &mut session);
         let size = std::mem::size_of_val(&fut);

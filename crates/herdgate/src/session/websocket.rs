@@ -16,6 +16,7 @@
 //! socket, the rooms writing in place: [`crate::outbound::direct`]).
 
 use super::transport::Transport;
+use crate::protocol::deflate::Deflate;
 use crate::protocol::Frame;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -37,11 +38,13 @@ pub type WsReader<T> = super::ws_reader::WsReader<ReadHalf<T>>;
 
 /// Split an upgraded (server-side) stream into the session's reader and
 /// writer. `config` gives the largest frame and message the reader takes;
-/// an unfinished fragmented message counts against `fragments`, if given.
+/// an unfinished fragmented message counts against `fragments`, if given;
+/// `deflate` is set when the client negotiated permessage-deflate.
 pub fn server<T>(
     io: T,
     config: WebSocketConfig,
     fragments: Option<std::sync::Arc<crate::ratelimit::FragmentBudget>>,
+    deflate: Option<Deflate>,
 ) -> (WsReader<T>, WsWriter<WriteHalf<T>>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -55,7 +58,12 @@ where
     if let Some(b) = fragments {
         reader = reader.with_budget(b);
     }
-    (reader, WsWriter::new(wr))
+    if deflate.is_some() {
+        reader = reader.with_inflate();
+    }
+    let mut writer = WsWriter::new(wr);
+    writer.deflate = deflate;
+    (reader, writer)
 }
 
 /// One frame waiting to be written: its header, and its payload (shared).
@@ -109,6 +117,9 @@ pub struct WsWriter<W> {
     control_next: Option<Box<Out>>,
     /// Bytes of the frame in progress (`control`, else `queue[0]`) already written.
     sent: usize,
+    /// Negotiated permessage-deflate: frames from its `min_bytes` on go
+    /// compressed (each frame's shared compressed form, [`Frame::wire`]).
+    deflate: Option<Deflate>,
 }
 
 impl<W: AsyncWrite + Unpin> WsWriter<W> {
@@ -119,6 +130,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             control: None,
             control_next: None,
             sent: 0,
+            deflate: None,
         }
     }
 
@@ -145,7 +157,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             let Some(front) = self.queue.front() else {
                 break;
             };
-            let left = frame_len(front) - self.sent;
+            let left = frame_len(front, self.deflate) - self.sent;
             if n < left {
                 self.sent += n;
                 return;
@@ -158,6 +170,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
 
     fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.at_boundary();
+        let deflate = self.deflate;
         let n = if self.io.is_write_vectored() {
             let mut heads = [[0u8; 10]; BATCH];
             let mut lens = [0usize; BATCH];
@@ -172,11 +185,12 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
                 sent = 0;
             }
             for (i, f) in self.queue.iter().take(BATCH).enumerate() {
-                lens[i] = header(OP_TEXT, f.len(), &mut heads[i]);
+                let (bits, payload) = f.wire(deflate);
+                lens[i] = header(OP_TEXT | bits, payload.len(), &mut heads[i]);
             }
             for (i, f) in self.queue.iter().take(BATCH).enumerate() {
                 let h = lens[i];
-                let payload = f.as_bytes();
+                let payload = f.wire(deflate).1;
                 if sent < h {
                     slices[k] = IoSlice::new(&heads[i][sent..h]);
                     slices[k + 1] = IoSlice::new(payload);
@@ -214,8 +228,8 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
                     break;
                 }
                 let mut head = [0u8; 10];
-                let h = header(OP_TEXT, f.len(), &mut head);
-                let payload = f.as_bytes();
+                let (bits, payload) = f.wire(deflate);
+                let h = header(OP_TEXT | bits, payload.len(), &mut head);
                 let parts: (&[u8], &[u8]) = if sent < h {
                     (&head[sent..h], payload)
                 } else {
@@ -241,9 +255,10 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     }
 }
 
-fn frame_len(f: &Frame) -> usize {
+fn frame_len(f: &Frame, deflate: Option<Deflate>) -> usize {
+    let (bits, payload) = f.wire(deflate);
     let mut head = [0u8; 10];
-    header(OP_TEXT, f.len(), &mut head) + f.len()
+    header(OP_TEXT | bits, payload.len(), &mut head) + payload.len()
 }
 
 impl<W: AsyncWrite + Unpin> Transport for WsWriter<W> {
@@ -452,6 +467,96 @@ mod tests {
         assert_eq!(pongs, 1);
         assert_eq!(texts.len(), want.len());
         assert!(texts == want, "every frame whole and in order");
+    }
+
+    /// With permessage-deflate negotiated, frames from `min_bytes` on go
+    /// compressed (RSV1), smaller ones plain, through writes cut at every
+    /// byte, vectored (plain TCP) or gathered (TLS).
+    #[tokio::test]
+    async fn compressed_frames_stay_whole_through_partial_writes() {
+        use tokio::io::AsyncReadExt;
+        for vectored in [true, false] {
+            let (a, mut b) = tokio::io::duplex(1 << 20);
+            let mut w = WsWriter::new(Dribble {
+                inner: a,
+                chunk: 3,
+                flip: false,
+                vectored,
+            });
+            w.deflate = Some(Deflate {
+                min_bytes: 64,
+                level: 6,
+            });
+            let big = format!(
+                "{{\"event\":\"e\",\"data\":\"{}\"}}",
+                "abcdefgh".repeat(500)
+            );
+            let frames: Vec<Frame> = ["small", &big, &"z".repeat(100), "x"]
+                .iter()
+                .map(|s| Frame::from(*s))
+                .collect();
+            w.enqueue(frames.iter().cloned().collect());
+            w.pong(Bytes::from_static(b"p"));
+            std::future::poll_fn(|cx| w.poll_send(cx)).await.unwrap();
+            drop(w);
+            let mut raw = Vec::new();
+            b.read_to_end(&mut raw).await.unwrap();
+            // Parse what went out: (rsv1, opcode, payload) per frame.
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < raw.len() {
+                let (b0, mut len, mut h) = (raw[at], (raw[at + 1] & 0x7f) as usize, 2);
+                if len == 126 {
+                    len = u16::from_be_bytes([raw[at + 2], raw[at + 3]]) as usize;
+                    h = 4;
+                }
+                got.push((
+                    b0 & 0x40 != 0,
+                    b0 & 0x0f,
+                    raw[at + h..at + h + len].to_vec(),
+                ));
+                at += h + len;
+            }
+            assert_eq!(
+                got[0],
+                (false, OP_PONG, b"p".to_vec()),
+                "vectored = {vectored}"
+            );
+            let texts: Vec<(bool, String)> = got[1..]
+                .iter()
+                .map(|(z, op, p)| {
+                    assert_eq!(*op, OP_TEXT);
+                    let text = if *z {
+                        let mut wire = p.clone();
+                        wire.extend_from_slice(&[0, 0, 0xff, 0xff, 0x03, 0x00]);
+                        let mut s = String::new();
+                        std::io::Read::read_to_string(
+                            &mut flate2::read::DeflateDecoder::new(&wire[..]),
+                            &mut s,
+                        )
+                        .unwrap();
+                        s
+                    } else {
+                        String::from_utf8(p.clone()).unwrap()
+                    };
+                    (*z, text)
+                })
+                .collect();
+            assert_eq!(
+                texts,
+                [
+                    (false, "small".to_string()),
+                    (true, big.clone()),
+                    (true, "z".repeat(100)),
+                    (false, "x".to_string())
+                ],
+                "vectored = {vectored}"
+            );
+            assert!(
+                got[2].2.len() * 10 < big.len(),
+                "the big frame went compressed"
+            );
+        }
     }
 
     #[tokio::test]

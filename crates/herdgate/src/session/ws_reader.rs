@@ -12,7 +12,10 @@
 //!
 //! What it checks, as tungstenite did (and answers with the same errors, so
 //! the session's close codes are unchanged): frames from a client must be
-//! masked; no reserved bits (no extension is negotiated); known opcodes
+//! masked; no reserved bits, except RSV1 on the first frame of a data
+//! message once permessage-deflate is negotiated ([`WsReader::with_inflate`]:
+//! such a message is inflated whole, its result bounded by
+//! `max_message_size` too); known opcodes
 //! only; control frames unfragmented and at most 125 bytes; continuation
 //! frames only inside a fragmented message and data frames never inside
 //! one; every frame and message within `max_frame_size` /
@@ -44,16 +47,30 @@ pub struct WsReader<R> {
     /// moving this, so many small frames read at once cost one copy of
     /// the rest, not one per frame.
     pending_at: usize,
-    /// A fragmented message in progress: text or not, and its payload so
-    /// far (boxed: rare, and the reader lives as long as the socket).
-    message: Option<Box<(bool, Vec<u8>)>>,
+    /// A fragmented message in progress (boxed: rare, and the reader lives
+    /// as long as the socket).
+    message: Option<Box<Partial>>,
     max_frame: usize,
     max_message: usize,
     /// What `message` is counted against, node-wide.
     budget: Option<std::sync::Arc<crate::ratelimit::FragmentBudget>>,
     /// A close was read, the stream ended, or an error was returned.
     done: bool,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    inflate: bool,
 }
+
+/// A fragmented message so far.
+struct Partial {
+    text: bool,
+    /// Its first frame had RSV1: inflate it once whole.
+    compressed: bool,
+    payload: Vec<u8>,
+}
+
+/// The reason of a [`Error::Utf8`] that is really compressed data that
+/// does not inflate (both are closed 1007, invalid payload data).
+pub const INVALID_DEFLATE: &str = "invalid compressed data";
 
 impl<R> Drop for WsReader<R> {
     fn drop(&mut self) {
@@ -78,7 +95,30 @@ impl<R> WsReader<R> {
     /// Forget the unfinished message, giving its bytes back.
     fn drop_message(&mut self) {
         if let (Some(m), Some(b)) = (self.message.take(), &self.budget) {
-            b.release(m.1.len());
+            b.release(m.payload.len());
+        }
+    }
+
+    /// permessage-deflate was negotiated: take compressed messages.
+    pub fn with_inflate(mut self) -> Self {
+        self.inflate = true;
+        self
+    }
+
+    /// A whole message's payload: inflated first if it was compressed.
+    fn complete(&self, text: bool, compressed: bool, payload: Vec<u8>) -> Result<Message, Error> {
+        if !compressed {
+            return complete(text, payload);
+        }
+        let wire = payload.len();
+        match crate::protocol::deflate::inflate(payload, self.max_message) {
+            Ok(plain) => complete(text, plain),
+            Err(crate::protocol::deflate::InflateError::TooLong { max }) => {
+                Err(too_long(max.saturating_add(1).max(wire), max))
+            }
+            Err(crate::protocol::deflate::InflateError::Invalid) => {
+                Err(Error::Utf8(INVALID_DEFLATE.into()))
+            }
         }
     }
 }
@@ -86,6 +126,8 @@ impl<R> WsReader<R> {
 /// One complete frame at the front of a buffer.
 struct Head {
     fin: bool,
+    /// RSV1 (only allowed where [`WsReader::with_inflate`] said so).
+    compressed: bool,
     opcode: u8,
     mask: [u8; 4],
     /// Header bytes, then payload bytes.
@@ -104,13 +146,14 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             max_message,
             budget: None,
             done: false,
+            inflate: false,
         }
     }
 
     /// Take one frame from the front of `buf`, if it is all there; what it
     /// means (a message, or nothing yet) and how many bytes it used.
     fn take(&mut self, buf: &[u8]) -> Result<Option<(usize, Option<Message>)>, Error> {
-        let Some(h) = parse_head(buf, self.max_frame)? else {
+        let Some(h) = parse_head(buf, self.max_frame, self.inflate)? else {
             return Ok(None);
         };
         let used = h.header + h.len;
@@ -138,28 +181,36 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 // A whole message in one frame is bounded like a fragmented one.
                 check_size(payload.len(), self.max_message)?;
                 if h.fin {
-                    Some(complete(text, payload)?)
+                    Some(self.complete(text, h.compressed, payload)?)
                 } else {
                     self.hold(payload.len())?;
-                    self.message = Some(Box::new((text, payload)));
+                    self.message = Some(Box::new(Partial {
+                        text,
+                        compressed: h.compressed,
+                        payload,
+                    }));
                     None
                 }
             }
             OP_CONTINUE => {
-                let Some(held) = self.message.as_ref().map(|m| m.1.len()) else {
+                if h.compressed {
+                    // RSV1 belongs on a message's first frame only (§6.1).
+                    return Err(ProtocolError::NonZeroReservedBits.into());
+                }
+                let Some(held) = self.message.as_ref().map(|m| m.payload.len()) else {
                     return Err(ProtocolError::UnexpectedContinueFrame.into());
                 };
                 check_size(held + payload.len(), self.max_message)?;
                 self.hold(payload.len())?;
                 if let Some(m) = &mut self.message {
-                    m.1.extend_from_slice(&payload);
+                    m.payload.extend_from_slice(&payload);
                 }
                 if h.fin {
-                    let (text, whole) = *self.message.take().expect("checked above");
+                    let m = *self.message.take().expect("checked above");
                     if let Some(b) = &self.budget {
-                        b.release(whole.len());
+                        b.release(m.payload.len());
                     }
-                    Some(complete(text, whole)?)
+                    Some(self.complete(m.text, m.compressed, m.payload)?)
                 } else {
                     None
                 }
@@ -273,16 +324,20 @@ impl<R: AsyncRead + Unpin> Stream for WsReader<R> {
 }
 
 /// The header of the frame at the front of `buf`, once the whole frame is there.
-fn parse_head(buf: &[u8], max_frame: usize) -> Result<Option<Head>, Error> {
+fn parse_head(buf: &[u8], max_frame: usize, inflate: bool) -> Result<Option<Head>, Error> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
-        return Err(ProtocolError::NonZeroReservedBits.into());
-    }
     let fin = b0 & 0x80 != 0;
     let opcode = b0 & 0x0F;
+    let compressed = b0 & 0x40 != 0;
+    // RSV2 and RSV3 never; RSV1 only with deflate, on a data frame (a
+    // continuation's RSV1 is refused by the caller, which knows the message).
+    let rsv1_ok = inflate && matches!(opcode, OP_TEXT | OP_BINARY | OP_CONTINUE);
+    if b0 & 0x30 != 0 || (compressed && !rsv1_ok) {
+        return Err(ProtocolError::NonZeroReservedBits.into());
+    }
     match opcode {
         OP_CONTINUE | OP_TEXT | OP_BINARY => {}
         OP_CLOSE | OP_PING | OP_PONG => {
@@ -339,6 +394,7 @@ fn parse_head(buf: &[u8], max_frame: usize) -> Result<Option<Head>, Error> {
     }
     Ok(Some(Head {
         fin,
+        compressed,
         opcode,
         mask,
         header,
@@ -440,6 +496,99 @@ mod tests {
             "nothing kept at the end"
         );
         got
+    }
+
+    /// What a reader that negotiated permessage-deflate makes of `bytes`.
+    async fn read_inflating(bytes: Vec<u8>, max: usize) -> Vec<Result<Message, Error>> {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(async move { a.write_all(&bytes).await.unwrap() });
+        let mut r = WsReader::new(b, max, max).with_inflate();
+        let mut got = Vec::new();
+        while let Some(m) = r.next().await {
+            let err = m.is_err();
+            got.push(m);
+            if err {
+                break;
+            }
+        }
+        writer.await.unwrap();
+        got
+    }
+
+    /// A message deflated as RFC 7692 says (its 00 00 ff ff tail removed),
+    /// by flate2's writer rather than herdgate's compressor.
+    fn deflated(text: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(text).unwrap();
+        e.flush().unwrap(); // a sync flush: ends with 00 00 ff ff
+        let mut z = e.get_ref().clone();
+        assert!(z.ends_with(&[0, 0, 0xff, 0xff]));
+        z.truncate(z.len() - 4);
+        z
+    }
+
+    #[tokio::test]
+    async fn compressed_messages_are_read_only_when_negotiated() {
+        let text =
+            r#"{"event":"client-x","channel":"private-a","data":{"n":"aaaaaaaaaaaaaaaaaaaaaa"}}"#;
+        let z = deflated(text.as_bytes());
+        let whole = masked(true, 0x40 | OP_TEXT, &z);
+        let got = read_inflating(
+            [whole.clone(), masked(true, OP_TEXT, b"plain")].concat(),
+            1 << 16,
+        )
+        .await;
+        assert_eq!(
+            texts(&got),
+            [text, "plain"],
+            "compressed and plain messages mix"
+        );
+        // Fragmented: RSV1 on the first frame only.
+        let (head, tail) = z.split_at(z.len() / 2);
+        let frags = [
+            masked(false, 0x40 | OP_TEXT, head),
+            masked(true, OP_CONTINUE, tail),
+        ]
+        .concat();
+        assert_eq!(texts(&read_inflating(frags, 1 << 16).await), [text]);
+        // RSV1 on a continuation, on a control frame, or without deflate: 1002.
+        let bad_cont = [
+            masked(false, 0x40 | OP_TEXT, head),
+            masked(true, 0x40 | OP_CONTINUE, tail),
+        ]
+        .concat();
+        let ping = masked(true, 0x40 | OP_PING, b"");
+        for (bytes, inflating) in [(bad_cont, true), (ping, true), (whole, false)] {
+            let got = if inflating {
+                read_inflating(bytes, 1 << 16).await
+            } else {
+                read_all(bytes, 4096, 1 << 16).await
+            };
+            assert!(
+                matches!(
+                    got.last(),
+                    Some(Err(Error::Protocol(ProtocolError::NonZeroReservedBits)))
+                ),
+                "{got:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deflate_bomb_is_too_long_and_garbage_is_invalid() {
+        let bomb = deflated(&vec![b'a'; 4 << 20]);
+        assert!(bomb.len() < 8 << 10);
+        let got = read_inflating(masked(true, 0x40 | OP_TEXT, &bomb), 1 << 16).await;
+        assert!(
+            matches!(got.last(), Some(Err(Error::Capacity(_)))),
+            "a 4 MiB result of an 8 KiB frame is over the 64 KiB bound: {got:?}"
+        );
+        let got = read_inflating(masked(true, 0x40 | OP_TEXT, &[0xff; 32]), 1 << 16).await;
+        assert!(
+            matches!(got.last(), Some(Err(Error::Utf8(r))) if r == INVALID_DEFLATE),
+            "{got:?}"
+        );
     }
 
     fn texts(got: &[Result<Message, Error>]) -> Vec<String> {

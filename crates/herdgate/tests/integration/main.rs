@@ -10,6 +10,7 @@
 mod compat;
 mod config;
 mod conflation;
+mod deflate;
 mod fuzz_regressions;
 mod grants;
 mod http_api;
