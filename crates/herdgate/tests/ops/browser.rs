@@ -223,6 +223,22 @@ fn lobby_demo_works_for_two_people_and_through_a_storm_in_chromium() {
 }
 
 #[test]
+fn pusher_js_in_chromium_gets_compressed_events() {
+    let hg = Herdgate::start(&config());
+    // pusher-js's web build, from the lobby's lockfile.
+    let lobby = repo_path("examples/lobby");
+    herdgate_testkit::npm_ci(&lobby);
+    let pusher_js = lobby.join("node_modules/pusher-js/dist/web/pusher.min.js");
+    assert!(pusher_js.is_file(), "{} is missing", pusher_js.display());
+    run_with(
+        "deflate.test.mjs",
+        &hg,
+        None,
+        &[("HERDGATE_PUSHER_JS", pusher_js.display().to_string())],
+    );
+}
+
+#[test]
 fn status_page_shows_the_cluster_membership_in_chromium() {
     const CLUSTER: &str = r#"
 [overload]
