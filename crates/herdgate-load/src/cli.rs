@@ -59,6 +59,14 @@ pub enum Scenario {
     Churn,
 }
 
+/// `--deflate on|off`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelKind {
@@ -124,6 +132,14 @@ pub struct Common {
     /// Approximate size of each event's data string, bytes.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
+    /// Pad events with JSON-like records (player stats) instead of one repeated letter, so
+    /// compression sees realistic text.
+    #[arg(long)]
+    pub payload_json: bool,
+    /// Count the bytes of every text frame on the wire (report: `delivery.wire`); `on` also
+    /// offers permessage-deflate (as browsers do) and inflates what arrives compressed.
+    #[arg(long, value_enum)]
+    pub deflate: Option<OnOff>,
     /// Length of the measured phase, seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -197,6 +213,8 @@ pub struct Plan {
     pub resume: bool,
     pub publish_rate: f64,
     pub payload: usize,
+    pub payload_json: bool,
+    pub deflate: Option<OnOff>,
     pub duration: f64,
     pub connect_timeout: f64,
     pub drain: f64,
@@ -314,6 +332,8 @@ impl Plan {
             resume: c.resume,
             publish_rate,
             payload: c.payload,
+            payload_json: c.payload_json,
+            deflate: c.deflate,
             duration: c.duration,
             connect_timeout: c.connect_timeout.max(0.1),
             drain: c.drain.max(0.0),

@@ -358,6 +358,12 @@ fn build_report(
         },
     };
     let delivery = report::Delivery {
+        wire: plan.deflate.map(|d| report::Wire {
+            compression_offered: d == crate::cli::OnOff::On,
+            text_frames: w.wire_frames,
+            bytes: w.wire_bytes,
+            bytes_per_frame: w.wire_bytes as f64 / w.wire_frames.max(1) as f64,
+        }),
         measured_secs,
         published: p.attempted,
         publish_ok: p.ok,

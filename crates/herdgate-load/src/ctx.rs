@@ -79,6 +79,11 @@ pub struct WorkerResult {
     pub other_events: u64,
     pub pongs_sent: u64,
     pub pings_sent: u64,
+    /// Text frames and their bytes as they were on the wire (`--deflate` only).
+    #[serde(default)]
+    pub wire_frames: u64,
+    #[serde(default)]
+    pub wire_bytes: u64,
     /// Nested, not flattened: serde reads a flattened map's keys as strings
     /// only, so close codes (`u16` keys) would not come back.
     pub maps: Maps,
@@ -115,6 +120,8 @@ impl WorkerResult {
         self.other_events += o.other_events;
         self.pongs_sent += o.pongs_sent;
         self.pings_sent += o.pings_sent;
+        self.wire_frames += o.wire_frames;
+        self.wire_bytes += o.wire_bytes;
         add_map(&mut self.maps.refused_http, &o.maps.refused_http);
         add_map(&mut self.maps.refused_close, &o.maps.refused_close);
         add_map(&mut self.maps.dropped_close, &o.maps.dropped_close);
@@ -139,6 +146,8 @@ impl WorkerResult {
 /// State shared by the socket tasks of one worker.
 pub struct WorkerCtx {
     pub plan: Arc<Plan>,
+    /// Text frames on the wire, counted with `--deflate` (see `wire`).
+    pub wire: Arc<crate::wire::WireCount>,
     pub shm: Arc<Shm>,
     pub tls: Option<TlsConnector>,
     pub stats: Stats,
@@ -219,6 +228,8 @@ impl WorkerCtx {
             other_events: s.other_events.load(Relaxed),
             pongs_sent: s.pongs_sent.load(Relaxed),
             pings_sent: s.pings_sent.load(Relaxed),
+            wire_frames: self.wire.frames.load(Relaxed),
+            wire_bytes: self.wire.bytes.load(Relaxed),
             maps: s.maps.lock().unwrap().clone(),
             initial_sockets: initial_sockets as u64,
             initial_ready: self.initial_ready.load(Relaxed),

@@ -31,6 +31,7 @@ mod shm;
 mod sys;
 
 mod socket;
+mod wire;
 mod worker;
 
 use anyhow::{Context, Result};

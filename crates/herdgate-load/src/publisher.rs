@@ -89,6 +89,32 @@ impl Shared {
     }
 }
 
+/// The padding of each event: `len` bytes of one letter, or of JSON-like
+/// records (escaped inside the data string, as a real app's would be).
+fn pad(len: usize, json: bool) -> String {
+    if !json {
+        return "x".repeat(len);
+    }
+    let mut s = String::with_capacity(len + 128);
+    let mut i = 0u64;
+    while s.len() < len {
+        // Numbers vary as real stats do (a cheap mix, not one repeated record).
+        let h = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+        s.push_str(&format!(
+            "{{'id':'player-{i}','name':'Player {i}','team':'{}','goals':{},'assists':{},'minutes':{},'rating':{}.{}}}",
+            if h & 1 == 0 { "home" } else { "away" },
+            h % 4,
+            (h >> 3) % 5,
+            (h >> 7) % 91,
+            5 + (h >> 11) % 5,
+            (h >> 15) % 10
+        ));
+        i += 1;
+    }
+    s.truncate(len);
+    s
+}
+
 /// Publishes until `stop` turns true; returns what happened.
 pub async fn run(
     plan: Arc<Plan>,
@@ -101,7 +127,7 @@ pub async fn run(
         next_id: AtomicU64::new(1),
         chan_seq: (0..plan.channels).map(|_| AtomicU64::new(0)).collect(),
         // The data string without padding is ~60 bytes.
-        pad: "x".repeat(plan.payload.saturating_sub(60)),
+        pad: pad(plan.payload.saturating_sub(60), plan.payload_json),
         path: format!("{}/apps/{}/events", plan.api.base_path, plan.app_id),
         attempted: AtomicU64::new(0),
         ok: AtomicU64::new(0),

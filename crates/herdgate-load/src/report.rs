@@ -119,7 +119,19 @@ pub struct Connections {
 }
 
 #[derive(Serialize, Debug, Default)]
+pub struct Wire {
+    pub compression_offered: bool,
+    pub text_frames: u64,
+    pub bytes: u64,
+    pub bytes_per_frame: f64,
+}
+
+#[derive(Serialize, Debug, Default)]
 pub struct Delivery {
+    /// With `--deflate`: text frames received and their bytes on the wire (after compression,
+    /// header included), over the whole run; `bytes_per_frame` is dominated by the events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire: Option<Wire>,
     pub measured_secs: f64,
     pub published: u64,
     pub publish_ok: u64,
@@ -266,6 +278,18 @@ impl Report {
                 "| missing / duplicate / extra / late | {} / {} / {} / {} |",
                 d.missing, d.duplicates, d.extra, d.late
             );
+            if let Some(w) = &d.wire {
+                let _ = writeln!(
+                    o,
+                    "| wire bytes per text frame | {:.1} |",
+                    w.bytes_per_frame
+                );
+                let _ = writeln!(
+                    o,
+                    "| text frames / wire bytes (compression offered) | {} / {} ({}) |",
+                    w.text_frames, w.bytes, w.compression_offered
+                );
+            }
             pct_row(&mut o, "delivery latency", &d.latency_ms);
             pct_row(&mut o, "publish API call", &self.publish_api_ms);
         }

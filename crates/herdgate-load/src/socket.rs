@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Notify};
 use tokio::time::{sleep, sleep_until, timeout_at};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -163,7 +164,25 @@ async fn open(ctx: &WorkerCtx, src: Option<Ipv4Addr>) -> Result<Ws, Fail> {
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    match client_async_with_config(ctx.plan.socket_url.as_str(), conn, Some(config)).await {
+    let mut request = ctx
+        .plan
+        .socket_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Fail::Other(ws_error_label(&e)))?;
+    let conn = match ctx.plan.deflate {
+        None => conn,
+        Some(d) => {
+            if d == crate::cli::OnOff::On {
+                request.headers_mut().insert(
+                    "sec-websocket-extensions",
+                    http::HeaderValue::from_static(crate::wire::OFFER),
+                );
+            }
+            Conn::Wire(Box::new(crate::wire::Wire::new(conn, ctx.wire.clone())))
+        }
+    };
+    match client_async_with_config(request, conn, Some(config)).await {
         Ok((ws, _response)) => {
             ctx.stats.upgraded.fetch_add(1, Relaxed);
             Ok(ws)

@@ -38,6 +38,7 @@ pub async fn run(
         .then(|| net::source_ip_range(plan.source_ips as u32, index as u32, count as u32));
     let ctx = Arc::new(WorkerCtx {
         plan: plan.clone(),
+        wire: Default::default(),
         shm: shm.clone(),
         tls: plan.tls.clone().map(TlsConnector::from),
         stats: Stats::default(),

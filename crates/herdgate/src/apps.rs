@@ -39,6 +39,9 @@ pub struct Features {
     /// `[[apps.tallies]]`, in config order: the first rule naming the
     /// channel's prefix and the event wins.
     pub tallies: Vec<Tally>,
+    /// `write_delay`: how long a socket's room events may wait to go out
+    /// together (zero: not at all).
+    pub write_delay: std::time::Duration,
 }
 
 /// One `[[apps.tallies]]` rule.
@@ -159,6 +162,7 @@ impl From<&AppConfig> for Features {
             max_backend_events_per_second: c.max_backend_events_per_second,
             max_client_events_per_second: c.max_client_events_per_second,
             max_read_requests_per_second: c.max_read_requests_per_second,
+            write_delay: c.write_delay.get(),
         }
     }
 }

@@ -621,6 +621,14 @@ pub struct AppConfig {
     /// channel per interval.
     #[serde(default)]
     pub tallies: Vec<TallyRule>,
+    /// 0: every room event is written as soon as possible. Set (≤ 1s): a
+    /// socket's room events wait up to this long after the first of them,
+    /// then go out in one write (fewer writes per delivery, for latency);
+    /// the socket's own answers are never held. Open sockets follow a
+    /// reload, except that rooms write in place only to sockets that
+    /// connected while it was 0.
+    #[serde(default = "no_delay")]
+    pub write_delay: HumanDuration,
 }
 
 /// `[[apps.tallies]]`: events named in `events` to channels starting with
@@ -722,8 +730,13 @@ impl Default for AppConfig {
             auth_grant_max_age: auth_grant_max_age(),
             conflation: Vec::new(),
             tallies: Vec::new(),
+            write_delay: no_delay(),
         }
     }
+}
+
+fn no_delay() -> HumanDuration {
+    HumanDuration::millis(0)
 }
 
 fn user_authentication_timeout() -> HumanDuration {

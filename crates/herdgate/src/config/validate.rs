@@ -340,6 +340,12 @@ fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
         if app.cache_max_bytes < 1024 {
             err(&k("cache_max_bytes"), "must be at least 1024".into());
         }
+        if app.write_delay.get() > std::time::Duration::from_secs(1) {
+            err(
+                &k("write_delay"),
+                "must be at most 1s (it is added to every delivery's latency)".into(),
+            );
+        }
         let ttl = app.auth_grant_ttl.get().as_secs();
         // A grant is a shortcut past the app's endpoint: minutes, not days.
         if !(10..=3600).contains(&ttl) {

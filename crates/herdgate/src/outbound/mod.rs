@@ -87,6 +87,9 @@ struct State {
     /// The writer is busy with something not from this queue (a pong):
     /// no direct write may interleave with it. Cleared by `written`.
     hold: bool,
+    /// Something queued must not wait for the socket's write window (an
+    /// answer of its own, not a room's event). Cleared by `drain`.
+    urgent: bool,
     /// Bytes of the first queued frame a direct write already sent.
     sent: usize,
 }
@@ -126,9 +129,16 @@ impl Outbound {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue a frame for the socket's writer.
+    /// Queue a frame of the socket's own (an answer, an error, a ping):
+    /// written at once, with whatever else is queued.
     pub fn push(&self, frame: &Frame) -> Push {
-        self.push_with(frame, false)
+        self.push_with(frame, false, true)
+    }
+
+    /// Queue a room's event: it may wait for the socket's write window
+    /// (the app's `write_delay`) to go out with the next ones.
+    pub fn push_shared(&self, frame: &Frame) -> Push {
+        self.push_with(frame, false, false)
     }
 
     /// Hand a frame to the socket: written in place if its writer is idle
@@ -138,10 +148,10 @@ impl Outbound {
     /// requests it does not read the answers to fills its receive buffer
     /// far sooner with one segment per reply).
     pub fn push_direct(&self, frame: &Frame) -> Push {
-        self.push_with(frame, true)
+        self.push_with(frame, true, false)
     }
 
-    fn push_with(&self, frame: &Frame, direct: bool) -> Push {
+    fn push_with(&self, frame: &Frame, direct: bool, urgent: bool) -> Push {
         let mut s = self.lock();
         if s.close.is_some() {
             return Push::Closed;
@@ -187,8 +197,12 @@ impl Outbound {
         s.queue.push_back(frame.clone());
         s.bytes += len;
         OUTBOUND_BYTES.add(len as i64);
+        // The writer hears of the first frame, and of the first urgent one
+        // behind frames that are waiting out a write window.
+        let wake = was_empty || (urgent && !s.urgent);
+        s.urgent |= urgent;
         drop(s);
-        if was_empty {
+        if wake {
             self.notify.notify_one();
         }
         Push::Queued
@@ -211,6 +225,7 @@ impl Outbound {
         s.in_flight.0 += frames;
         s.in_flight.1 += bytes;
         s.bytes = 0;
+        s.urgent = false;
         Drained {
             frames: std::mem::take(&mut s.queue),
             sent: std::mem::take(&mut s.sent),
@@ -244,6 +259,17 @@ impl Outbound {
     /// until it says `written`.
     pub fn hold(&self) {
         self.lock().hold = true;
+    }
+
+    /// With a write window: when the writer should take the queue. `None`:
+    /// now (something urgent, or a close, is queued; or nothing is);
+    /// else when the oldest queued frame arrived, from which the window runs.
+    pub fn held_since(&self) -> Option<tokio::time::Instant> {
+        let s = self.lock();
+        if s.urgent || s.close.is_some() {
+            return None;
+        }
+        s.oldest
     }
 
     /// Resolves when something was pushed or a close was ordered since the last drain.

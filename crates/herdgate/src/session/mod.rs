@@ -293,6 +293,22 @@ where
 
 /// Hand what is queued (and a direct write's unfinished frame) to an idle
 /// writer; returns the close order, if one was given.
+/// An app's `write_delay` in whole milliseconds (0: none).
+fn window_ms(app: &App) -> u32 {
+    u32::try_from(app.features.write_delay.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// With a write window of `window` ms, until when the queued room events
+/// wait: `None` when they go now (no window, nothing held, something
+/// urgent or a close queued, or the window since the oldest has passed).
+fn hold_until(out: &Outbound, window: u32) -> Option<Instant> {
+    if window == 0 {
+        return None;
+    }
+    let at = out.held_since()? + Duration::from_millis(u64::from(window));
+    (at > Instant::now()).then_some(at)
+}
+
 fn take_queue<T: Transport>(
     out: &Outbound,
     writer: &mut T,
@@ -365,6 +381,8 @@ impl Session {
             Ok(app) => app,
             Err(end) => return end,
         };
+        // The app's write window (`write_delay`), in ms (≤ 1 s by config).
+        let mut window = window_ms(&app);
         let mut deadlines = {
             let live = self.ctx.node.live();
             let c = &live.config;
@@ -417,10 +435,18 @@ impl Session {
             let busy = writer.is_busy();
             tokio::select! {
                 _ = self.out.ready(), if !busy && closing.is_none() => {
-                    closing = take_queue(&self.out, writer, &mut oldest);
-                    if !writer.is_busy() {
-                        if let Some(order) = closing {
-                            return end_for(order);
+                    // Room events of an app with a write window wait for
+                    // it (the timer takes them); anything else goes now.
+                    if let Some(at) = hold_until(&self.out, window) {
+                        if timer.deadline() > at {
+                            timer.as_mut().reset(at);
+                        }
+                    } else {
+                        closing = take_queue(&self.out, writer, &mut oldest);
+                        if !writer.is_busy() {
+                            if let Some(order) = closing {
+                                return end_for(order);
+                            }
                         }
                     }
                 }
@@ -436,6 +462,14 @@ impl Session {
                             if let Some(order) = closing {
                                 return end_for(order);
                             }
+                            // Events held while this batch was written.
+                            if window > 0 && self.out.held_since().is_some() {
+                                match hold_until(&self.out, window) {
+                                    Some(at) if timer.deadline() > at => timer.as_mut().reset(at),
+                                    Some(_) => {}
+                                    None => closing = take_queue(&self.out, writer, &mut oldest),
+                                }
+                            }
                         }
                         Progress::Stalled(by) => {
                             if timer.deadline() > by {
@@ -448,9 +482,12 @@ impl Session {
                 Some(s) = status.next() => {
                     if s.reloads != reloads {
                         reloads = s.reloads;
-                        if let Err(end) = self.current_app() {
-                            tracing::debug!(?end, "closed by a config reload");
-                            return end;
+                        match self.current_app() {
+                            Ok(app) => window = window_ms(&app),
+                            Err(end) => {
+                                tracing::debug!(?end, "closed by a config reload");
+                                return end;
+                            }
                         }
                     }
                     if s.state != state {
@@ -512,13 +549,31 @@ impl Session {
                     }
                 }
                 _ = &mut timer => {
+                    // A write window that ended: its events go out together.
+                    if window > 0
+                        && !writer.is_busy()
+                        && closing.is_none()
+                        && self.out.held_since().is_some()
+                        && hold_until(&self.out, window).is_none()
+                    {
+                        closing = take_queue(&self.out, writer, &mut oldest);
+                        if !writer.is_busy() {
+                            if let Some(order) = closing {
+                                return end_for(order);
+                            }
+                        }
+                    }
                     let subscribed = || !self.channels.is_empty() || self.user.is_some();
                     match deadlines.due(Instant::now(), subscribed, || self.authorized()) {
                         Ok(wake) => {
                             if wake.ping {
                                 self.out.push(&crate::protocol::ping());
                             }
-                            timer.as_mut().reset(wake.next);
+                            let next = match hold_until(&self.out, window) {
+                                Some(at) if at < wake.next => at,
+                                _ => wake.next,
+                            };
+                            timer.as_mut().reset(next);
                         }
                         Err(expired) => return self.expired(expired),
                     }
@@ -742,6 +797,73 @@ mod tests {
             size <= 896,
             "the session loop's future grew to {size} bytes"
         );
+    }
+
+    /// `write_delay`: a room's events wait for the window that the first
+    /// of them opened, then go out together; the socket's own answers are
+    /// never held, and take what is waiting with them, in order.
+    #[tokio::test(start_paused = true)]
+    async fn room_events_wait_out_the_write_window_and_answers_do_not() {
+        let text = "[limits]\nsubscribe_deadline = \"0s\"\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwrite_delay = \"100ms\"\n";
+        let ctx = Context::new(
+            crate::state::Node::local(Config::from_toml_str(text).unwrap())
+                .unwrap()
+                .0,
+        );
+        let app = ctx.node.live().apps.by_key("k").unwrap().clone();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut session = Session::new(ctx, app);
+        let out = session.out.clone();
+        let server = tokio::spawn(async move {
+            let (mut reader, mut writer) =
+                websocket::server(a, WebSocketConfig::default(), None, None);
+            run(&mut reader, &mut writer, &mut session).await
+        });
+        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        let t0 = Instant::now();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        assert_eq!(t0.elapsed(), Duration::ZERO, "its own answer is not held");
+
+        let ev = |n: &str| crate::protocol::event(n, Some("c"), "{}");
+        let t1 = Instant::now();
+        out.push_shared(&ev("e1"));
+        out.push_shared(&ev("e2"));
+        tokio::time::advance(Duration::from_millis(40)).await;
+        out.push_shared(&ev("e3"));
+        for want in ["e1", "e2", "e3"] {
+            assert_eq!(next_event(&mut client).await.as_deref(), Some(want));
+        }
+        assert_eq!(
+            t1.elapsed(),
+            Duration::from_millis(100),
+            "one write when the window the first event opened ends"
+        );
+
+        let t2 = Instant::now();
+        out.push_shared(&ev("e4"));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        out.push(&crate::protocol::pong());
+        assert_eq!(next_event(&mut client).await.as_deref(), Some("e4"));
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:pong")
+        );
+        assert_eq!(
+            t2.elapsed(),
+            Duration::from_millis(10),
+            "an answer goes at once, with the event held before it"
+        );
+
+        // A window that opens again after an early flush is a new one.
+        let t3 = Instant::now();
+        out.push_shared(&ev("e5"));
+        assert_eq!(next_event(&mut client).await.as_deref(), Some("e5"));
+        assert_eq!(t3.elapsed(), Duration::from_millis(100));
+        drop(client);
+        server.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -318,7 +318,7 @@ impl Room {
                     in_place += 1;
                     l.out.push_direct(f)
                 } else {
-                    l.out.push(f)
+                    l.out.push_shared(f)
                 });
             }
         }

@@ -285,7 +285,7 @@ impl Shard {
                                     .get_or_insert_with(|| crate::protocol::with_serial(&frame, n)),
                                 _ => &frame,
                             };
-                            s.out.push(f);
+                            s.out.push_shared(f);
                             n += 1;
                         }
                     }

@@ -160,6 +160,19 @@ class RawClient {
     this.sock.write(compress ? clientFrame(0x1, deflateMessage(text), true) : clientFrame(0x1, Buffer.from(text)));
   }
 
+  async socketId() {
+    const m = await this.next('connection_established', (x) => x.event === 'pusher:connection_established');
+    return JSON.parse(m.json.data).socket_id;
+  }
+
+  /** Join a presence channel as `user`, signed by the official SDK; the snapshot message. */
+  async join(channel, user) {
+    const auth = api.authorizeChannel(await this.socketId(), channel, user);
+    const from = this.messages.length;
+    this.send(JSON.stringify({ event: 'pusher:subscribe', data: { channel, ...auth } }));
+    return this.next(`joined ${channel}`, (m) => m.event === 'pusher_internal:subscription_succeeded' && m.channel === channel, from);
+  }
+
   async subscribe(channel, opts) {
     const from = this.messages.length;
     this.send(JSON.stringify({ event: 'pusher:subscribe', data: { channel } }), opts);
@@ -276,6 +289,35 @@ test('a 2 KB event reaches compressing and plain clients identical, compressed o
     q.end();
     d.ws.terminate();
     p.ws.terminate();
+  }
+});
+
+test('a 10 KB presence snapshot goes compressed to the joiner that offered deflate', async () => {
+  const channel = uniq('presence-deflate-');
+  const members = [];
+  try {
+    for (let i = 0; i < 60; i++) {
+      const m = await RawClient.open(`member ${i}`, { offer: null });
+      members.push(m);
+      await m.join(channel, {
+        user_id: `attendee-${i}`,
+        user_info: { name: `Attendee ${i}`, title: i % 3 ? 'Engineer' : 'Product manager', company: `Company ${i % 7}`, avatar: `https://cdn.example/avatars/${1000 + i}.png` },
+      });
+    }
+    const user = { user_id: 'joiner', user_info: { name: 'Joiner' } };
+    const z = await RawClient.open('joiner deflate', { offer: 'permessage-deflate' });
+    const p = await RawClient.open('joiner plain', { offer: null });
+    members.push(z, p);
+    const [zs, ps] = [await z.join(channel, user), await p.join(channel, { ...user, user_id: 'joiner-2' })];
+    assert.ok(zs.compressed && !ps.compressed);
+    const snapshot = JSON.parse(zs.json.data);
+    assert.equal(snapshot.presence.count, 61, 'the snapshot lists every member');
+    const ratio = ps.wire / zs.wire;
+    console.log(`# presence snapshot: ${ps.wire} bytes plain, ${zs.wire} compressed (${ratio.toFixed(2)}x fewer)`);
+    assert.ok(ps.wire > 9000, `a ~10 KB snapshot (${ps.wire})`);
+    assert.ok(ratio >= 2.5, `at least 2.5x fewer bytes: ${ratio.toFixed(2)}`);
+  } finally {
+    for (const m of members) m.end();
   }
 });
 
