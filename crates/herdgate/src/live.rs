@@ -37,10 +37,8 @@ impl Live {
     /// `None` when `compression.enabled` is off.
     pub fn deflate(&self) -> Option<crate::protocol::deflate::Deflate> {
         let c = &self.config.compression;
-        c.enabled.then_some(crate::protocol::deflate::Deflate {
-            min_bytes: c.min_bytes,
-            level: c.level,
-        })
+        c.enabled
+            .then(|| crate::protocol::deflate::Deflate::new(c.min_bytes, c.level))
     }
 
     /// Websocket settings for a new socket.

@@ -206,6 +206,13 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Every socket's queue holds one (while plain and idle): compression
+    /// must not have made it bigger than a descriptor and a pointer.
+    #[test]
+    fn a_direct_socket_is_sixteen_bytes() {
+        assert_eq!(std::mem::size_of::<Option<DirectSocket>>(), 16);
+    }
+
     #[tokio::test]
     async fn reads_writes_and_shuts_down_like_a_stream() {
         let (mut s, mut c) = loopback_pair().await;

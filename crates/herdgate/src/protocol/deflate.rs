@@ -35,11 +35,30 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
 /// How a socket that negotiated the extension gets its frames: messages
 /// from `min_bytes` on are compressed at `level`. Node-wide settings
-/// (`[compression]`), copied into each such socket's writer.
+/// (`[compression]`), copied into each such socket's writer and its
+/// in-place handle: packed into four bytes (and `Option<Deflate>` too), so
+/// that neither grows and an idle socket costs what it did without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deflate {
-    pub min_bytes: u32,
-    pub level: u8,
+pub struct Deflate(std::num::NonZeroU32);
+
+impl Deflate {
+    /// The largest `min_bytes` (`compression.min_bytes` is checked against it).
+    pub const MAX_MIN_BYTES: u32 = (1 << 24) - 1;
+
+    /// `min_bytes` is capped at [`Self::MAX_MIN_BYTES`], `level` at 9.
+    pub fn new(min_bytes: u32, level: u8) -> Deflate {
+        let packed =
+            (1 << 31) | (u32::from(level.min(9)) << 24) | min_bytes.min(Self::MAX_MIN_BYTES);
+        Deflate(std::num::NonZeroU32::new(packed).expect("bit 31 is set"))
+    }
+
+    pub fn min_bytes(self) -> u32 {
+        self.0.get() & Self::MAX_MIN_BYTES
+    }
+
+    pub fn level(self) -> u8 {
+        ((self.0.get() >> 24) & 0x0f) as u8
+    }
 }
 
 /// The answer to a client's offers: the `Sec-WebSocket-Extensions` value
@@ -242,6 +261,18 @@ mod tests {
 
     const PLAIN: &str =
         "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+    /// Every idle socket holds two of these (its writer's and its in-place
+    /// handle's): they must not grow a socket.
+    #[test]
+    fn settings_fit_in_four_bytes_and_keep_their_values() {
+        assert_eq!(std::mem::size_of::<Option<Deflate>>(), 4);
+        let d = Deflate::new(256, 6);
+        assert_eq!((d.min_bytes(), d.level()), (256, 6));
+        let d = Deflate::new(u32::MAX, 200);
+        assert_eq!((d.min_bytes(), d.level()), (Deflate::MAX_MIN_BYTES, 9));
+        assert_eq!(Deflate::new(0, 1).min_bytes(), 0);
+    }
 
     #[test]
     fn offers_browsers_and_node_make_are_accepted() {

@@ -58,11 +58,11 @@ impl Frame {
     pub fn wire(&self, deflate: Option<Deflate>) -> (u8, &[u8]) {
         let text = self.0.text.as_bytes();
         match deflate {
-            Some(d) if text.len() >= d.min_bytes as usize => {
+            Some(d) if text.len() >= d.min_bytes() as usize => {
                 match self
                     .0
                     .deflated
-                    .get_or_init(|| deflate::compress(text, d.level))
+                    .get_or_init(|| deflate::compress(text, d.level()))
                 {
                     Some(z) => (RSV1, z),
                     None => (0, text),

@@ -115,8 +115,11 @@ pub struct WsWriter<W> {
     control: Option<Box<Out>>,
     /// A control frame waiting for the data frame in progress to end.
     control_next: Option<Box<Out>>,
-    /// Bytes of the frame in progress (`control`, else `queue[0]`) already written.
-    sent: usize,
+    /// Bytes of the frame in progress (`control`, else `queue[0]`) already
+    /// written. A u32 (a frame is far smaller than the socket's queue bound,
+    /// itself a u32), so that it and `deflate` share eight bytes: every
+    /// idle socket pays for each byte of this struct.
+    sent: u32,
     /// Negotiated permessage-deflate: frames from its `min_bytes` on go
     /// compressed (each frame's shared compressed form, [`Frame::wire`]).
     deflate: Option<Deflate>,
@@ -144,9 +147,9 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     /// Advance past `n` written bytes.
     fn advance(&mut self, mut n: usize) {
         if let Some(p) = &self.control {
-            let left = p.len() - self.sent;
+            let left = p.len() - self.sent as usize;
             if n < left {
-                self.sent += n;
+                self.sent += n as u32;
                 return;
             }
             n -= left;
@@ -157,9 +160,9 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             let Some(front) = self.queue.front() else {
                 break;
             };
-            let left = frame_len(front, self.deflate) - self.sent;
+            let left = frame_len(front, self.deflate) - self.sent as usize;
             if n < left {
-                self.sent += n;
+                self.sent += n as u32;
                 return;
             }
             n -= left;
@@ -176,7 +179,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             let mut lens = [0usize; BATCH];
             let mut slices: [IoSlice<'_>; 2 * BATCH + 2] = [IoSlice::new(&[]); 2 * BATCH + 2];
             let mut k = 0;
-            let mut sent = self.sent;
+            let mut sent = self.sent as usize;
             if let Some(p) = &self.control {
                 let (h, b) = p.parts(sent);
                 slices[0] = IoSlice::new(h);
@@ -206,7 +209,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             // Gather into one buffer: each write to a TLS stream is a record.
             let mut buf = [0u8; COPY_BUF];
             let mut filled = 0;
-            let mut sent = self.sent;
+            let mut sent = self.sent as usize;
             let mut put = |parts: (&[u8], &[u8]), filled: &mut usize| -> bool {
                 for part in [parts.0, parts.1] {
                     let n = part.len().min(COPY_BUF - *filled);
@@ -280,7 +283,7 @@ impl<W: AsyncWrite + Unpin> Transport for WsWriter<W> {
                 !self.is_busy() && self.sent == 0,
                 "direct writes only reach an idle writer"
             );
-            self.sent = sent;
+            self.sent = u32::try_from(sent).expect("a frame is smaller than 4 GiB");
         }
         self.enqueue(frames)
     }
@@ -469,6 +472,14 @@ mod tests {
         assert!(texts == want, "every frame whole and in order");
     }
 
+    /// Every socket's writer lives as long as the socket: compression must
+    /// not have grown it (64 bytes over a stream handle's 8, as before it).
+    #[test]
+    fn the_writer_did_not_grow() {
+        type W = WsWriter<tokio::io::WriteHalf<tokio::io::DuplexStream>>;
+        assert_eq!(std::mem::size_of::<W>(), 64);
+    }
+
     /// With permessage-deflate negotiated, frames from `min_bytes` on go
     /// compressed (RSV1), smaller ones plain, through writes cut at every
     /// byte, vectored (plain TCP) or gathered (TLS).
@@ -483,10 +494,7 @@ mod tests {
                 flip: false,
                 vectored,
             });
-            w.deflate = Some(Deflate {
-                min_bytes: 64,
-                level: 6,
-            });
+            w.deflate = Some(Deflate::new(64, 6));
             let big = format!(
                 "{{\"event\":\"e\",\"data\":\"{}\"}}",
                 "abcdefgh".repeat(500)
