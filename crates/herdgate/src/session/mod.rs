@@ -866,6 +866,95 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// Conflation in normal state (`[[apps.conflation]]`), on the paused
+    /// clock: per key, the latest event goes out one interval after the
+    /// first of that key's interval arrived.
+    #[tokio::test(start_paused = true)]
+    async fn conflated_events_go_once_per_interval_from_the_first_arrival() {
+        let (ctx, mut client, _server) = pair_shared(
+            "[limits]\nsubscribe_deadline = \"0s\"",
+            "[[apps.conflation]]\nprefix = \"score-\"\ninterval = \"300ms\"\n",
+        )
+        .await;
+        async fn next_with_data(
+            ws: &mut WebSocketStream<tokio::io::DuplexStream>,
+        ) -> (String, String) {
+            loop {
+                if let Ok(Message::Text(t)) = ws.next().await.unwrap() {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                    let data = v["data"].as_str().unwrap_or_default().to_string();
+                    return (v["event"].as_str().unwrap().to_string(), data);
+                }
+            }
+        }
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        let sub = r#"{"event":"pusher:subscribe","data":{"channel":"score-a"}}"#;
+        client.send(Message::Text(sub.into())).await.unwrap();
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher_internal:subscription_succeeded")
+        );
+        let room = crate::types::RoomKey {
+            app: "1".into(),
+            channel: "score-a".into(),
+        };
+        // A publish is in the owner's mailbox when this returns; asking the
+        // owner about the room after it waits until it was handled (one
+        // mailbox, in order), so the clock moves only after that.
+        let publish = |name: &'static str, data: &'static str| {
+            let (ctx, room) = (ctx.clone(), room.clone());
+            async move {
+                let router = &ctx.node.router;
+                let frame = crate::protocol::event(name, Some("score-a"), data);
+                let wait = Duration::from_secs(1);
+                router
+                    .publish(room.clone(), frame, None, None, wait)
+                    .await?;
+                router
+                    .ask(crate::op::Ask::Info { room }, wait)
+                    .await
+                    .map(drop)
+            }
+        };
+        let t0 = Instant::now();
+        publish("goal", "1").await.unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        publish("goal", "2").await.unwrap();
+        publish("corner", "1").await.unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        publish("goal", "3").await.unwrap();
+        assert_eq!(
+            next_with_data(&mut client).await,
+            ("goal".into(), "3".into())
+        );
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(300),
+            "one interval after the first goal"
+        );
+        assert_eq!(
+            next_with_data(&mut client).await,
+            ("corner".into(), "1".into())
+        );
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(400),
+            "one interval after the corner, which came 100 ms later"
+        );
+        // The next interval starts with the next event.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let t1 = Instant::now();
+        publish("goal", "4").await.unwrap();
+        assert_eq!(
+            next_with_data(&mut client).await,
+            ("goal".into(), "4".into())
+        );
+        assert_eq!(t1.elapsed(), Duration::from_millis(300));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn silent_socket_gets_a_ping_then_4201_after_the_pong_wait() {
         let (mut client, server) = pair("[server]\nactivity_timeout = \"10s\"\npong_timeout = \"5s\"\n[limits]\nsubscribe_deadline = \"0s\"").await;
