@@ -191,11 +191,15 @@ pub fn compress(text: &[u8], level: u8) -> Option<Bytes> {
             if out.len() == out.capacity() {
                 out.reserve(out.capacity().max(64));
             }
+            let before = (c.total_in(), out.len());
             c.compress_vec(&text[done..], &mut out, FlushCompress::Sync)
                 .ok()?;
             let done = (c.total_in() - in_at) as usize;
             if done == text.len() && out.len() < out.capacity() && out.ends_with(&TAIL) {
                 break;
+            }
+            if (c.total_in(), out.len()) == before && out.len() < out.capacity() {
+                return None; // no progress with room to make it: send it plain
             }
         }
         out.truncate(out.len() - TAIL.len());
@@ -228,9 +232,9 @@ pub fn inflate(mut payload: Vec<u8>, max: usize) -> Result<Vec<u8>, InflateError
             Vec::with_capacity((payload.len() * 4).max(64).min(max.saturating_add(1)));
         loop {
             if out.len() == out.capacity() {
-                // Grow, but never far past `max`: one byte over it is
+                // Grow, but never past `max` + 1: one byte over it is
                 // enough to know the message is too long.
-                out.reserve(out.capacity().min(max.saturating_add(1) - out.len()).max(1));
+                out.reserve_exact(out.capacity().min(max.saturating_add(1) - out.len()).max(1));
             }
             let (in_before, out_before) = (d.total_in(), out.len());
             let status = d

@@ -291,8 +291,6 @@ where
     end
 }
 
-/// Hand what is queued (and a direct write's unfinished frame) to an idle
-/// writer; returns the close order, if one was given.
 /// An app's `write_delay` in whole milliseconds (0: none).
 fn window_ms(app: &App) -> u32 {
     u32::try_from(app.features.write_delay.as_millis()).unwrap_or(u32::MAX)
@@ -309,6 +307,8 @@ fn hold_until(out: &Outbound, window: u32) -> Option<Instant> {
     (at > Instant::now()).then_some(at)
 }
 
+/// Hand what is queued (and a direct write's unfinished frame) to an idle
+/// writer; returns the close order, if one was given.
 fn take_queue<T: Transport>(
     out: &Outbound,
     writer: &mut T,
@@ -467,7 +467,14 @@ impl Session {
                                 match hold_until(&self.out, window) {
                                     Some(at) if timer.deadline() > at => timer.as_mut().reset(at),
                                     Some(_) => {}
-                                    None => closing = take_queue(&self.out, writer, &mut oldest),
+                                    None => {
+                                        closing = take_queue(&self.out, writer, &mut oldest);
+                                        if !writer.is_busy() {
+                                            if let Some(order) = closing {
+                                                return end_for(order);
+                                            }
+                                        }
+                                    }
                                 }
                             }
                         }
@@ -483,7 +490,15 @@ impl Session {
                     if s.reloads != reloads {
                         reloads = s.reloads;
                         match self.current_app() {
-                            Ok(app) => window = window_ms(&app),
+                            Ok(app) => {
+                                // A window that changed applies to what is
+                                // held too: the timer looks again now.
+                                let now = window_ms(&app);
+                                if now != window {
+                                    window = now;
+                                    timer.as_mut().reset(Instant::now());
+                                }
+                            }
                             Err(end) => {
                                 tracing::debug!(?end, "closed by a config reload");
                                 return end;
@@ -549,9 +564,9 @@ impl Session {
                     }
                 }
                 _ = &mut timer => {
-                    // A write window that ended: its events go out together.
-                    if window > 0
-                        && !writer.is_busy()
+                    // A write window that ended (or was shortened, or
+                    // removed, by a reload): its events go out together.
+                    if !writer.is_busy()
                         && closing.is_none()
                         && self.out.held_since().is_some()
                         && hold_until(&self.out, window).is_none()
@@ -862,6 +877,45 @@ mod tests {
         out.push_shared(&ev("e5"));
         assert_eq!(next_event(&mut client).await.as_deref(), Some("e5"));
         assert_eq!(t3.elapsed(), Duration::from_millis(100));
+        drop(client);
+        server.await.unwrap();
+    }
+
+    /// A reload that removes the write window lets what is held go at once
+    /// (and later events are not stuck behind it).
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_that_removes_the_window_releases_what_is_held() {
+        let with = |delay: &str| {
+            format!("[limits]\nsubscribe_deadline = \"0s\"\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwrite_delay = \"{delay}\"\n")
+        };
+        let ctx = Context::new(
+            crate::state::Node::local(Config::from_toml_str(&with("1s")).unwrap())
+                .unwrap()
+                .0,
+        );
+        let app = ctx.node.live().apps.by_key("k").unwrap().clone();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut session = Session::new(ctx.clone(), app);
+        let out = session.out.clone();
+        let server = tokio::spawn(async move {
+            let (mut reader, mut writer) =
+                websocket::server(a, WebSocketConfig::default(), None, None);
+            run(&mut reader, &mut writer, &mut session).await
+        });
+        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        assert_eq!(
+            next_event(&mut client).await.as_deref(),
+            Some("pusher:connection_established")
+        );
+        out.push_shared(&crate::protocol::event("held", Some("c"), "{}"));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        crate::reload::apply(&ctx.node, None, Config::from_toml_str(&with("0s")).unwrap());
+        assert_eq!(next_event(&mut client).await.as_deref(), Some("held"));
+        assert_eq!(t.elapsed(), Duration::ZERO, "released by the reload, not the old window");
+        out.push_shared(&crate::protocol::event("after", Some("c"), "{}"));
+        assert_eq!(next_event(&mut client).await.as_deref(), Some("after"));
+        assert_eq!(t.elapsed(), Duration::ZERO);
         drop(client);
         server.await.unwrap();
     }

@@ -68,6 +68,14 @@ struct Partial {
     payload: Vec<u8>,
 }
 
+/// A compressed message inflates to at most this many times its size on
+/// the wire, plus [`INFLATE_SLACK`] (and never past `max_message_size`):
+/// JSON compresses 3–20×, so honest messages stay far below it, while a
+/// client cannot make each 40-byte frame cost the server a whole
+/// `max_message_size` of inflating and parsing. Past it: 1009, as a bomb.
+pub const MAX_INFLATE_RATIO: usize = 128;
+pub const INFLATE_SLACK: usize = 4096;
+
 /// The reason of a [`Error::Utf8`] that is really compressed data that
 /// does not inflate (both are closed 1007, invalid payload data).
 pub const INVALID_DEFLATE: &str = "invalid compressed data";
@@ -111,7 +119,14 @@ impl<R> WsReader<R> {
             return complete(text, payload);
         }
         let wire = payload.len();
-        match crate::protocol::deflate::inflate(payload, self.max_message) {
+        // Bounded by max_message, and by a ratio: a few bytes on the wire
+        // must not buy a whole max_message of inflating and parsing each.
+        let bound = self.max_message.min(
+            MAX_INFLATE_RATIO
+                .saturating_mul(wire)
+                .saturating_add(INFLATE_SLACK),
+        );
+        match crate::protocol::deflate::inflate(payload, bound) {
             Ok(plain) => complete(text, plain),
             Err(crate::protocol::deflate::InflateError::TooLong { max }) => {
                 Err(too_long(max.saturating_add(1).max(wire), max))
@@ -589,6 +604,27 @@ mod tests {
             matches!(got.last(), Some(Err(Error::Utf8(r))) if r == INVALID_DEFLATE),
             "{got:?}"
         );
+        // Within max_message but past the ratio: 30 KB from a few dozen bytes.
+        let dense = deflated(&vec![b'a'; 30_000]);
+        assert!(MAX_INFLATE_RATIO * dense.len() + INFLATE_SLACK < 30_000);
+        let got = read_inflating(masked(true, 0x40 | OP_TEXT, &dense), 1 << 16).await;
+        assert!(
+            matches!(got.last(), Some(Err(Error::Capacity(_)))),
+            "{got:?}"
+        );
+        // Honest JSON of the same size compresses far less, and is read.
+        let json: String = (0..400)
+            .map(|i| {
+                format!(
+                    r#"{{"id":{i},"name":"user-{}","score":{}}},"#,
+                    i * 7919 % 1000,
+                    i * 31 % 97
+                )
+            })
+            .collect();
+        let z = deflated(json.as_bytes());
+        let got = read_inflating(masked(true, 0x40 | OP_TEXT, &z), 1 << 16).await;
+        assert_eq!(texts(&got), [json]);
     }
 
     fn texts(got: &[Result<Message, Error>]) -> Vec<String> {
