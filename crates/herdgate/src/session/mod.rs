@@ -912,7 +912,11 @@ mod tests {
         let t = Instant::now();
         crate::reload::apply(&ctx.node, None, Config::from_toml_str(&with("0s")).unwrap());
         assert_eq!(next_event(&mut client).await.as_deref(), Some("held"));
-        assert_eq!(t.elapsed(), Duration::ZERO, "released by the reload, not the old window");
+        assert_eq!(
+            t.elapsed(),
+            Duration::ZERO,
+            "released by the reload, not the old window"
+        );
         out.push_shared(&crate::protocol::event("after", Some("c"), "{}"));
         assert_eq!(next_event(&mut client).await.as_deref(), Some("after"));
         assert_eq!(t.elapsed(), Duration::ZERO);
