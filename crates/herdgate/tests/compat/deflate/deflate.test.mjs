@@ -3,11 +3,14 @@
 // socket client written here that reads every frame's header bits and
 // inflates with Node's zlib. Run by tests/integration/deflate.rs, which
 // starts herdgate with `limits.max_message_bytes = 65536` and an admin
-// listener (HERDGATE_ADMIN_URL) for the compression counters.
+// listener (HERDGATE_ADMIN_URL) for the compression counters. With
+// HERDGATE_DEFLATE_TLS=1 every client speaks TLS to a herdgate with [tls]
+// (trusting its CA through NODE_EXTRA_CA_CERTS): TLS sockets compress too.
 
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import tls from 'node:tls';
 import { randomBytes } from 'node:crypto';
 import zlib from 'node:zlib';
 import WebSocket from 'ws';
@@ -15,7 +18,8 @@ import { env, makeServer, uniq, withTimeout } from '../helpers.mjs';
 
 const TAIL = Buffer.from([0x00, 0x00, 0xff, 0xff]);
 const path = `/app/${env.key}?protocol=7&client=js&version=8.6.0`;
-const api = makeServer();
+const overTls = process.env.HERDGATE_DEFLATE_TLS === '1';
+const api = makeServer({ useTLS: overTls });
 
 /** A deflate stream for one message, sync-flushed, its tail removed (§7.2.1). */
 function deflateMessage(text) {
@@ -65,10 +69,10 @@ class RawClient {
 
   handshake(offer) {
     return withTimeout(`${this.label}: handshake`, (resolve, reject) => {
-      this.sock = net.connect(env.port, env.host);
+      this.sock = overTls ? tls.connect({ host: env.host, port: env.port }) : net.connect(env.port, env.host);
       this.sock.on('error', reject);
       const key = randomBytes(16).toString('base64');
-      this.sock.on('connect', () => {
+      this.sock.on(overTls ? 'secureConnect' : 'connect', () => {
         this.sock.write(
           `GET ${path} HTTP/1.1\r\nHost: ${env.host}:${env.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
             `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n` +
@@ -186,7 +190,7 @@ class RawClient {
 
 /** Node's `ws`, with or without permessage-deflate, collecting texts. */
 async function wsClient(label, perMessageDeflate) {
-  const ws = new WebSocket(`ws://${env.host}:${env.port}${path}`, { perMessageDeflate });
+  const ws = new WebSocket(`${overTls ? 'wss' : 'ws'}://${env.host}:${env.port}${path}`, { perMessageDeflate });
   const texts = [];
   const waiters = [];
   ws.on('message', (data, isBinary) => {
