@@ -4,7 +4,8 @@
 //   live settings        public channel `session-settings` (server events)
 //   Q&A                  cache channel `cache-qa-main`: a late joiner gets the
 //                        last state replayed on subscribe (or pusher:cache_miss)
-//   session chat         `presence-session-main`: members + client-chat / client-typing
+//   session chat         `presence-session-main`: members + client-chat / client-typing,
+//                        and reactions (client-reaction, tallied by herdgate)
 //   lobby, group rooms   presence channels with member lists
 //   roulette             `presence-roulette`; matches arrive server-to-user and
 //                        each pair chats on its own private channel
@@ -422,6 +423,30 @@ function makeChat(pusher, me, banner) {
     line('you', text, Date.now(), true);
     input.value = '';
   });
+
+  // Reactions: counted by herdgate, not fanned out ([[apps.tallies]] on
+  // presence-session- for client-reaction by emoji): nobody gets anyone's
+  // reaction, everyone gets one herdgate:tally summary a second.
+  const counts = new Map();
+  const showCounts = () => {
+    const box = $('reaction-counts');
+    let total = 0;
+    for (const n of counts.values()) total += n;
+    box.dataset.total = total;
+    box.textContent = [...counts].map(([e, n]) => `${e} ${n}`).join('  ');
+  };
+  ch.bind('herdgate:tally', (d) => {
+    const t = d && d.tallies && d.tallies['client-reaction'];
+    if (!t) return;
+    for (const [emoji, n] of Object.entries(t.values || {})) counts.set(emoji, (counts.get(emoji) || 0) + n);
+    if (t.other) counts.set('…', (counts.get('…') || 0) + t.other);
+    showCounts();
+  });
+  for (const b of document.querySelectorAll('#reactions button')) {
+    b.addEventListener('click', () => {
+      if (!paused && ch.subscribed) ch.trigger('client-reaction', { emoji: b.dataset.emoji });
+    });
+  }
 
   // Refused client events (pusher:error 4301: overloaded or too fast).
   pusher.connection.bind('error', (e) => {

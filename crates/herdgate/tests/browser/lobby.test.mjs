@@ -67,6 +67,18 @@ test('two people in the lobby, a late joiner, and a storm', () => showingFailure
   await a.press('#chat-input', 'Enter');
   await g.waitForSelector('#chat-log li:has-text("see the keynote?")');
 
+  // Reactions: counted by herdgate ([[apps.tallies]]), one summary a second
+  // to everyone, sender included; nobody receives the reactions themselves.
+  await g.click('#reactions button[data-emoji="👏"]');
+  await g.click('#reactions button[data-emoji="👏"]');
+  await a.click('#reactions button[data-emoji="🎉"]');
+  for (const p of [a, g]) {
+    await until(p, 'three reactions counted', () => document.getElementById('reaction-counts').dataset.total === '3',
+      undefined, members('#reaction-counts'));
+    assert.match(await text(p, '#reaction-counts'), /👏 2/);
+    assert.match(await text(p, '#reaction-counts'), /🎉 1/);
+  }
+
   // A news item triggered by the app server (the official SDK) reaches both.
   await a.fill('#news-input', 'Keynote moves to hall B');
   await a.click('#news-post');

@@ -54,6 +54,12 @@ grace = "0s"
 id = "{APP_ID}"
 key = "{KEY}"
 secret = "{SECRET}"
+# The lobby's reactions, as the shipped config counts them.
+[[apps.tallies]]
+prefix = "presence-session-"
+events = ["client-reaction"]
+field = "emoji"
+interval = "1s"
 "#
     )
 }
