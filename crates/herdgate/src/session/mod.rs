@@ -814,27 +814,41 @@ mod tests {
         );
     }
 
-    /// `write_delay`: a room's events wait for the window that the first
-    /// of them opened, then go out together; the socket's own answers are
-    /// never held, and take what is waiting with them, in order.
-    #[tokio::test(start_paused = true)]
-    async fn room_events_wait_out_the_write_window_and_answers_do_not() {
-        let text = "[limits]\nsubscribe_deadline = \"0s\"\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwrite_delay = \"100ms\"\n";
+    /// A session on `config` (the app "k"), served in a task, with its
+    /// outbound queue and context kept for the test to push to and reload.
+    async fn served(
+        config: &str,
+    ) -> (
+        Arc<Context>,
+        Arc<Outbound>,
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<End>,
+    ) {
         let ctx = Context::new(
-            crate::state::Node::local(Config::from_toml_str(text).unwrap())
+            crate::state::Node::local(Config::from_toml_str(config).unwrap())
                 .unwrap()
                 .0,
         );
         let app = ctx.node.live().apps.by_key("k").unwrap().clone();
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let mut session = Session::new(ctx, app);
+        let mut session = Session::new(ctx.clone(), app);
         let out = session.out.clone();
         let server = tokio::spawn(async move {
             let (mut reader, mut writer) =
                 websocket::server(a, WebSocketConfig::default(), None, None);
             run(&mut reader, &mut writer, &mut session).await
         });
-        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        let client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        (ctx, out, client, server)
+    }
+
+    /// `write_delay`: a room's events wait for the window that the first
+    /// of them opened, then go out together; the socket's own answers are
+    /// never held, and take what is waiting with them, in order.
+    #[tokio::test(start_paused = true)]
+    async fn room_events_wait_out_the_write_window_and_answers_do_not() {
+        let text = "[limits]\nsubscribe_deadline = \"0s\"\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwrite_delay = \"100ms\"\n";
+        let (_ctx, out, mut client, server) = served(text).await;
         let t0 = Instant::now();
         assert_eq!(
             next_event(&mut client).await.as_deref(),
@@ -888,21 +902,7 @@ mod tests {
         let with = |delay: &str| {
             format!("[limits]\nsubscribe_deadline = \"0s\"\n[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwrite_delay = \"{delay}\"\n")
         };
-        let ctx = Context::new(
-            crate::state::Node::local(Config::from_toml_str(&with("1s")).unwrap())
-                .unwrap()
-                .0,
-        );
-        let app = ctx.node.live().apps.by_key("k").unwrap().clone();
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let mut session = Session::new(ctx.clone(), app);
-        let out = session.out.clone();
-        let server = tokio::spawn(async move {
-            let (mut reader, mut writer) =
-                websocket::server(a, WebSocketConfig::default(), None, None);
-            run(&mut reader, &mut writer, &mut session).await
-        });
-        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        let (ctx, out, mut client, server) = served(&with("1s")).await;
         assert_eq!(
             next_event(&mut client).await.as_deref(),
             Some("pusher:connection_established")

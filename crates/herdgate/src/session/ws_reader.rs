@@ -490,6 +490,20 @@ mod tests {
 
     /// What the reader makes of `bytes`, written in chunks of `chunk`.
     async fn read_all(bytes: Vec<u8>, chunk: usize, max: usize) -> Vec<Result<Message, Error>> {
+        read_with(bytes, chunk, max, false).await
+    }
+
+    /// What a reader that negotiated permessage-deflate makes of `bytes`.
+    async fn read_inflating(bytes: Vec<u8>, max: usize) -> Vec<Result<Message, Error>> {
+        read_with(bytes, 4096, max, true).await
+    }
+
+    async fn read_with(
+        bytes: Vec<u8>,
+        chunk: usize,
+        max: usize,
+        inflate: bool,
+    ) -> Vec<Result<Message, Error>> {
         let (mut a, b) = tokio::io::duplex(1 << 20);
         let writer = tokio::spawn(async move {
             for part in bytes.chunks(chunk.max(1)) {
@@ -497,6 +511,9 @@ mod tests {
             }
         });
         let mut r = WsReader::new(b, max, max);
+        if inflate {
+            r = r.with_inflate();
+        }
         let mut got = Vec::new();
         while let Some(m) = r.next().await {
             let err = m.is_err();
@@ -510,23 +527,6 @@ mod tests {
             r.pending.capacity() == 0 && r.message.is_none(),
             "nothing kept at the end"
         );
-        got
-    }
-
-    /// What a reader that negotiated permessage-deflate makes of `bytes`.
-    async fn read_inflating(bytes: Vec<u8>, max: usize) -> Vec<Result<Message, Error>> {
-        let (mut a, b) = tokio::io::duplex(1 << 20);
-        let writer = tokio::spawn(async move { a.write_all(&bytes).await.unwrap() });
-        let mut r = WsReader::new(b, max, max).with_inflate();
-        let mut got = Vec::new();
-        while let Some(m) = r.next().await {
-            let err = m.is_err();
-            got.push(m);
-            if err {
-                break;
-            }
-        }
-        writer.await.unwrap();
         got
     }
 
