@@ -28,6 +28,10 @@ use std::path::Path;
 /// Longest user id (presence `user_id`, sign-in `id`), in bytes.
 pub const MAX_USER_ID: usize = 200;
 
+/// Largest `compression.min_bytes`: the socket's deflate settings pack it
+/// into 24 bits (`protocol::deflate::Deflate`).
+pub const MAX_COMPRESSION_MIN_BYTES: u32 = (1 << 24) - 1;
+
 /// A `log.level` (or `RUST_LOG`) filter. Field values are matched as
 /// plain text, never compiled as regular expressions: a filter such as
 /// `x[{f="(a+)+…"}]` would otherwise build an automaton exponential in its

@@ -293,7 +293,7 @@ fn validate_log(c: &Config, err: &mut impl FnMut(&str, String)) {
 
 /// `[compression]`: a deflate level there is.
 fn validate_compression(c: &super::CompressionConfig, err: &mut impl FnMut(&str, String)) {
-    let max = crate::protocol::deflate::Deflate::MAX_MIN_BYTES;
+    let max = super::MAX_COMPRESSION_MIN_BYTES;
     if c.min_bytes > max {
         err(
             "compression.min_bytes",

@@ -43,7 +43,7 @@ pub struct Deflate(std::num::NonZeroU32);
 
 impl Deflate {
     /// The largest `min_bytes` (`compression.min_bytes` is checked against it).
-    pub const MAX_MIN_BYTES: u32 = (1 << 24) - 1;
+    pub const MAX_MIN_BYTES: u32 = crate::config::MAX_COMPRESSION_MIN_BYTES;
 
     /// `min_bytes` is capped at [`Self::MAX_MIN_BYTES`], `level` at 9.
     pub fn new(min_bytes: u32, level: u8) -> Deflate {
