@@ -18,6 +18,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Largest frame (on the wire, and inflated) this client takes: a server
+/// sending more is an error, not memory.
+const MAX_FRAME: usize = 16 << 20;
+
 /// The offer sent when compression is asked for (what browsers send).
 pub const OFFER: &str = "permessage-deflate; client_max_window_bits";
 
@@ -88,6 +92,12 @@ impl Wire {
                 len = u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize;
                 at = 10;
             }
+            if len > MAX_FRAME {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "frame over 16 MiB",
+                ));
+            }
             if b.len() < at + len {
                 return Ok(());
             }
@@ -114,6 +124,12 @@ impl Wire {
             loop {
                 let read = (d.total_in() - start) as usize;
                 if out.len() == out.capacity() {
+                    if out.len() > MAX_FRAME {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "inflated over 16 MiB",
+                        ));
+                    }
                     out.reserve(out.capacity());
                 }
                 d.decompress_vec(&z[read..], &mut out, FlushDecompress::Sync)
