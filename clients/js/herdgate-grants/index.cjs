@@ -133,6 +133,13 @@ function withGrants(pusher) {
             }
             return;
           }
+          if (event.event === 'pusher:subscription_error' && d && (d.type === 'Removed' || d.type === 'Banned')) {
+            // A moderator took the user out: the grant must not bring them
+            // back by itself on the next reconnect (the app's endpoint
+            // decides; a ban refuses whatever is presented).
+            forget(c.name);
+            presenting.delete(c.name);
+          }
           handle(event);
         };
       }

@@ -28,6 +28,8 @@ pub struct Features {
     pub history: History,
     pub max_user_info_bytes: usize,
     pub max_watchlist: usize,
+    /// Channel bans the app may hold at each owner (0: none).
+    pub max_channel_bans: usize,
     pub max_connections: usize,
     pub max_backend_events_per_second: u32,
     pub max_client_events_per_second: u32,
@@ -132,6 +134,7 @@ impl From<&AppConfig> for Features {
             },
             max_user_info_bytes: c.max_user_info_bytes,
             max_watchlist: c.max_watchlist,
+            max_channel_bans: c.max_channel_bans,
             tallies: c
                 .tallies
                 .iter()

@@ -23,6 +23,10 @@ use crate::types::{ConnId, Member, Resume, RoomInfo, RoomKey, RouteError, Shed};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+/// The longest ban a moderator's removal may set (7 days): a longer one is
+/// the app's to keep, refusing at its auth endpoint.
+pub const MAX_BAN_SECS: u32 = 7 * 24 * 3600;
+
 /// The most bytes of a list or history answer in one page: a history
 /// answer stops there (`more`), and a link carries lists page by page.
 pub const PAGE_BYTES: usize = 256 * 1024;
@@ -51,6 +55,16 @@ pub enum Ask {
     /// Close every socket signed in as the user whose `#server-to-user-`
     /// room is `room`: [`Answer::Done`].
     Terminate { room: RoomKey },
+    /// Take `user` out of `room` on every socket (a moderator's removal),
+    /// and with `ban_secs` > 0 refuse them the room for that long:
+    /// [`Answer::Removed`], or [`Answer::BansFull`] (nothing done).
+    Remove {
+        room: RoomKey,
+        user: Arc<str>,
+        ban_secs: u32,
+    },
+    /// Lift `user`'s ban from `room`: [`Answer::Lifted`].
+    Unban { room: RoomKey, user: Arc<str> },
 }
 
 /// Who answers an [`Ask`].
@@ -68,7 +82,9 @@ impl Ask {
             | Ask::Users { room }
             | Ask::Cache { room }
             | Ask::History { room, .. }
-            | Ask::Terminate { room } => Scope::Room(room),
+            | Ask::Terminate { room }
+            | Ask::Remove { room, .. }
+            | Ask::Unban { room, .. } => Scope::Room(room),
             Ask::Rooms { .. } => Scope::Every,
         }
     }
@@ -82,6 +98,8 @@ impl Ask {
             Ask::Cache { .. } => "cache",
             Ask::History { .. } => "history",
             Ask::Terminate { .. } => "terminate",
+            Ask::Remove { .. } => "remove",
+            Ask::Unban { .. } => "unban",
         }
     }
 }
@@ -95,6 +113,14 @@ pub enum Answer {
     Cache(Option<(String, u64)>),
     History(Since),
     Done,
+    /// The user's sockets taken out of the room.
+    Removed {
+        sockets: u32,
+    },
+    /// The app's ban list at this owner is full: nothing was done.
+    BansFull,
+    /// Whether there was a ban to lift.
+    Lifted(bool),
 }
 
 /// A place a socket takes at the owner of a room (or, for a watch, of the
@@ -109,6 +135,10 @@ pub enum Join {
     Room {
         room: RoomKey,
         member: Option<Member>,
+        /// Outside presence channels, the user the socket was signed in as
+        /// when it subscribed: whom a moderator's removal or ban names
+        /// (in a presence channel, the member's id).
+        user: Option<Arc<str>>,
         max_members: u32,
         shed: Shed,
         /// Opted in to resume (docs/PROTOCOL.md "History and resume").
@@ -235,6 +265,22 @@ impl Answer {
     pub fn history(self) -> Result<Since, RouteError> {
         match self {
             Answer::History(s) => Ok(s),
+            a => Err(unexpected(a)),
+        }
+    }
+
+    /// A removal's outcome: `Ok(None)` when the ban list is full.
+    pub fn removed(self) -> Result<Option<u32>, RouteError> {
+        match self {
+            Answer::Removed { sockets } => Ok(Some(sockets)),
+            Answer::BansFull => Ok(None),
+            a => Err(unexpected(a)),
+        }
+    }
+
+    pub fn lifted(self) -> Result<bool, RouteError> {
+        match self {
+            Answer::Lifted(l) => Ok(l),
             a => Err(unexpected(a)),
         }
     }

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 /// Largest frame accepted from a peer: an event (payloads are ≤ the message
 /// limit) plus room names, or one page of a list reply, with room to spare.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -173,6 +173,14 @@ pub enum Msg {
     },
     /// "My lease may have expired: I serve nothing until I am sure of it."
     Fenced,
+    /// worker → edge: a moderator took socket `conn` out of the room; the
+    /// edge forgets its place there and sends it `frame` (the notice).
+    Removed {
+        app: String,
+        channel: String,
+        conn: u64,
+        frame: Bytes,
+    },
 }
 
 /// Why an edge registers a socket's places again (never on the wire: it
@@ -676,6 +684,7 @@ mod tests {
                             serde_json::value::RawValue::from_string("{\"n\":1}".into()).unwrap(),
                         ),
                     }),
+                    user: None,
                     max_members: 100,
                     shed: crate::types::Shed::default(),
                     resume: Some(crate::types::Resume {
@@ -803,6 +812,47 @@ mod tests {
                     prefix: "presence-".into(),
                 },
                 after: Some("presence-a".into()),
+            },
+            Msg::Join {
+                id: 14,
+                rev: 9,
+                conn: crate::types::ConnId(43),
+                join: Join::Room {
+                    room: crate::types::RoomKey {
+                        app: "1".into(),
+                        channel: "private-qa".into(),
+                    },
+                    member: None,
+                    user: Some("u".into()),
+                    max_members: 100,
+                    shed: crate::types::Shed::default(),
+                    resume: None,
+                },
+            },
+            Msg::Ask {
+                id: 15,
+                ask: Ask::Remove {
+                    room: crate::types::RoomKey {
+                        app: "1".into(),
+                        channel: "presence-qa".into(),
+                    },
+                    user: "u".into(),
+                    ban_secs: 600,
+                },
+                after: None,
+            },
+            Msg::Reply {
+                id: 15,
+                reply: Reply::Answer {
+                    answer: Answer::Removed { sockets: 2 },
+                    next: None,
+                },
+            },
+            Msg::Removed {
+                app: "1".into(),
+                channel: "presence-qa".into(),
+                conn: 43,
+                frame: Bytes::from_static(b"{}"),
             },
         ]
     }

@@ -593,6 +593,10 @@ pub struct AppConfig {
     /// Most user ids a sign-in's `watchlist` may name; 0 turns watchlists off.
     #[serde(default = "max_watchlist")]
     pub max_watchlist: usize,
+    /// Most channel bans (a moderator's, docs/PROTOCOL.md "Moderation") the
+    /// app holds at each room owner; 0 turns bans off (removals still work).
+    #[serde(default = "max_channel_bans")]
+    pub max_channel_bans: usize,
     /// Quotas (0 = none): open sockets of the app on this node (4004
     /// beyond it), HTTP API events per second (429), client events per
     /// second across the app's sockets (pusher:error 4301), HTTP API reads
@@ -725,6 +729,7 @@ impl Default for AppConfig {
             history_channels: Vec::new(),
             max_user_info_bytes: max_user_info_bytes(),
             max_watchlist: max_watchlist(),
+            max_channel_bans: max_channel_bans(),
             max_connections: 0,
             max_backend_events_per_second: 0,
             max_client_events_per_second: 0,
@@ -780,6 +785,11 @@ fn max_user_info_bytes() -> usize {
 fn max_watchlist() -> usize {
     100
 }
+fn max_channel_bans() -> usize {
+    10_000
+}
+/// The largest `max_channel_bans` (a ban costs ~150 bytes at its owner).
+pub const MAX_CHANNEL_BANS: usize = 1_000_000;
 
 fn yes() -> bool {
     true

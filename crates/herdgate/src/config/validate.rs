@@ -472,6 +472,12 @@ fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
         if app.max_watchlist > 1000 {
             err(&k("max_watchlist"), "must be at most 1000".into());
         }
+        if app.max_channel_bans > super::MAX_CHANNEL_BANS {
+            err(
+                &k("max_channel_bans"),
+                format!("must be at most {}", super::MAX_CHANNEL_BANS),
+            );
+        }
         // A presence snapshot at the member cap must fit a socket's queue
         // with room to spare, or every joiner would be closed as a slow
         // consumer (4100) and reconnect, forever.

@@ -132,6 +132,10 @@ async fn handle_inner(req: Request<hyper::body::Incoming>, front: &Arc<Front>) -
         (&Method::GET, ["channels", name, "users"]) => api.users(name).await,
         (&Method::GET, ["channels", name, "history"]) => api.history(name).await,
         (&Method::POST, ["users", user, "terminate_connections"]) => api.terminate(user).await,
+        (&Method::POST, ["channels", name, "users", user, "remove"]) => {
+            api.remove(name, user, &body).await
+        }
+        (&Method::POST, ["channels", name, "users", user, "unban"]) => api.unban(name, user).await,
         _ => Err(ApiError::NotFound(format!(
             "no endpoint {} {}",
             parts.method, path
@@ -585,6 +589,80 @@ impl Api<'_> {
             "complete": page.complete,
             "more": page.more,
         }))
+    }
+
+    /// `POST …/channels/{name}/users/{user}/remove`, body `{"ban_seconds": N}`
+    /// or empty: take the user out of the channel on every socket, and ban
+    /// them for N seconds (docs/PROTOCOL.md "Moderation").
+    async fn remove(&self, name: &str, user: &str, body: &[u8]) -> ApiResult {
+        names::check_channel(name).map_err(ApiError::BadRequest)?;
+        names::check_user_id(user).map_err(ApiError::BadRequest)?;
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct Removal {
+            #[serde(default)]
+            ban_seconds: u32,
+        }
+        let r: Removal = if body.iter().all(u8::is_ascii_whitespace) {
+            Removal::default()
+        } else {
+            parse_json(body)?
+        };
+        if r.ban_seconds > crate::op::MAX_BAN_SECS {
+            return Err(ApiError::BadRequest(format!(
+                "ban_seconds must be at most {} (7 days)",
+                crate::op::MAX_BAN_SECS
+            )));
+        }
+        if r.ban_seconds > 0 && self.app.features.max_channel_bans == 0 {
+            return Err(ApiError::BadRequest(
+                "bans are off for this app (max_channel_bans = 0)".into(),
+            ));
+        }
+        let ask = Ask::Remove {
+            room: self.room(name),
+            user: Arc::from(user),
+            ban_secs: r.ban_seconds,
+        };
+        let removed = self
+            .front
+            .node
+            .router
+            .ask(ask, self.wait())
+            .await
+            .and_then(Answer::removed)
+            .map_err(route_error)?;
+        match removed {
+            Some(sockets) => Ok(json!({ "removed": sockets, "ban_seconds": r.ban_seconds })),
+            None => {
+                metrics::counter!("herdgate_api_quota_refusals_total", "quota" => "bans")
+                    .increment(1);
+                Err(ApiError::TooManyRequests(
+                    "the app's ban list is full (max_channel_bans): lift bans or let them expire"
+                        .into(),
+                    60,
+                ))
+            }
+        }
+    }
+
+    /// `POST …/channels/{name}/users/{user}/unban`: lift the user's ban.
+    async fn unban(&self, name: &str, user: &str) -> ApiResult {
+        names::check_channel(name).map_err(ApiError::BadRequest)?;
+        names::check_user_id(user).map_err(ApiError::BadRequest)?;
+        let ask = Ask::Unban {
+            room: self.room(name),
+            user: Arc::from(user),
+        };
+        let lifted = self
+            .front
+            .node
+            .router
+            .ask(ask, self.wait())
+            .await
+            .and_then(Answer::lifted)
+            .map_err(route_error)?;
+        Ok(json!({ "lifted": lifted }))
     }
 
     async fn terminate(&self, user: &str) -> ApiResult {

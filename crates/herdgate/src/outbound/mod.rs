@@ -90,6 +90,9 @@ struct State {
     /// Something queued must not wait for the socket's write window (an
     /// answer of its own, not a room's event). Cleared by `drain`.
     urgent: bool,
+    /// A removal notice is queued (a frame that [`removes`](Frame::removes),
+    /// pushed as the socket's own). Cleared by `drain`.
+    removal: bool,
     /// Bytes of the first queued frame a direct write already sent.
     sent: usize,
 }
@@ -102,6 +105,9 @@ pub struct Drained {
     pub close: Option<CloseOrder>,
     /// When the oldest of the frames was queued.
     pub oldest: Option<tokio::time::Instant>,
+    /// Some of `frames` are removal notices: the session forgets their
+    /// channels.
+    pub removal: bool,
 }
 
 pub struct Outbound {
@@ -201,6 +207,7 @@ impl Outbound {
         // behind frames that are waiting out a write window.
         let wake = was_empty || (urgent && !s.urgent);
         s.urgent |= urgent;
+        s.removal |= frame.removes();
         drop(s);
         if wake {
             self.notify.notify_one();
@@ -231,6 +238,7 @@ impl Outbound {
             sent: std::mem::take(&mut s.sent),
             close: s.close,
             oldest: s.oldest.take(),
+            removal: std::mem::take(&mut s.removal),
         }
     }
 

@@ -25,6 +25,9 @@ struct Encoded {
     /// Set once a socket with compression asked: the compressed payload,
     /// or `None` when compressing did not make it smaller.
     deflated: OnceLock<Option<Bytes>>,
+    /// A moderator's removal notice ([`removed`]): the session that writes
+    /// it forgets the channel. Only the room's owner makes one.
+    removes: bool,
 }
 
 /// RSV1: set on the first frame of a compressed message (RFC 7692 §6).
@@ -35,7 +38,24 @@ impl Frame {
         Frame(Arc::new(Encoded {
             text,
             deflated: OnceLock::new(),
+            removes: false,
         }))
+    }
+
+    /// `text` as a removal notice (see [`removed`]): the cluster link
+    /// carries the notice's text in a message of its own.
+    pub fn removal(text: Bytes) -> Result<Frame, std::str::Utf8Error> {
+        Ok(Frame(Arc::new(Encoded {
+            text: Utf8Bytes::try_from(text)?,
+            deflated: OnceLock::new(),
+            removes: true,
+        })))
+    }
+
+    /// Made by [`removed`] (or [`Frame::removal`]): the socket no longer
+    /// holds the channel it names.
+    pub fn removes(&self) -> bool {
+        self.0.removes
     }
 
     pub fn from_static(s: &'static str) -> Frame {
@@ -334,6 +354,53 @@ pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16)
         Some(channel),
         &serde_json::json!({ "type": kind, "error": message, "status": status }),
     )
+}
+
+/// A moderator took the socket out of `channel` (docs/PROTOCOL.md
+/// "Moderation"): `pusher:subscription_error` of type `Removed`, which
+/// pusher-js emits on the channel; `ban_seconds` > 0 when it may not come
+/// back for that long. Marked: the session forgets the channel as it
+/// writes it.
+pub fn removed(channel: &str, ban_seconds: u32) -> Frame {
+    let f = internal(
+        "pusher:subscription_error",
+        Some(channel),
+        &serde_json::json!({
+            "type": "Removed",
+            "error": "removed from the channel by a moderator",
+            "status": 403,
+            "ban_seconds": ban_seconds,
+        }),
+    );
+    Frame::removal(Bytes::from(f)).expect("JSON is UTF-8")
+}
+
+/// A subscription refused because the user is banned from the channel for
+/// `retry_after` more seconds.
+pub fn banned(channel: &str, retry_after: u64) -> Frame {
+    internal(
+        "pusher:subscription_error",
+        Some(channel),
+        &serde_json::json!({
+            "type": "Banned",
+            "error": "banned from the channel by a moderator",
+            "status": 403,
+            "retry_after": retry_after,
+        }),
+    )
+}
+
+/// The channel a removal notice names.
+pub fn removed_channel(frame: &Frame) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Notice {
+        channel: String,
+    }
+    frame
+        .removes()
+        .then(|| serde_json::from_str::<Notice>(frame.as_str()).ok())
+        .flatten()
+        .map(|n| n.channel)
 }
 
 pub fn signin_success(user_data: &str) -> Frame {

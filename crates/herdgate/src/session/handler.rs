@@ -242,9 +242,16 @@ impl Session {
             app: self.app.id.clone(),
             channel: name.clone(),
         };
+        // Whom a moderator's removal or ban names: the presence member, or
+        // (elsewhere) the user the socket is signed in as.
+        let signed_in = match member {
+            None => self.user.as_ref().map(|u| u.id.clone()),
+            Some(_) => None,
+        };
         let join = Join::Room {
             room,
             member,
+            user: signed_in,
             max_members: max_members.min(u32::MAX as usize) as u32,
             shed: self.shed(),
             resume,

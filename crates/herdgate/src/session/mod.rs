@@ -308,13 +308,22 @@ fn hold_until(out: &Outbound, window: u32) -> Option<Instant> {
 }
 
 /// Hand what is queued (and a direct write's unfinished frame) to an idle
-/// writer; returns the close order, if one was given.
+/// writer; returns the close order, if one was given. A moderator's removal
+/// notice among the frames makes the socket forget that channel (the
+/// owner, and the edge, already did): the client reads the notice only
+/// after this, so whatever it does next meets a socket that agrees.
 fn take_queue<T: Transport>(
     out: &Outbound,
     writer: &mut T,
     oldest: &mut Option<Instant>,
+    channels: &mut Vec<Channel>,
 ) -> Option<CloseOrder> {
     let d = out.drain();
+    if d.removal {
+        for name in d.frames.iter().filter_map(crate::protocol::removed_channel) {
+            channels.retain(|c| *c.name != *name);
+        }
+    }
     if !d.frames.is_empty() {
         writer.enqueue_partial(d.frames, d.sent);
         *oldest = d.oldest;
@@ -442,7 +451,7 @@ impl Session {
                             timer.as_mut().reset(at);
                         }
                     } else {
-                        closing = take_queue(&self.out, writer, &mut oldest);
+                        closing = take_queue(&self.out, writer, &mut oldest, &mut self.channels);
                         if !writer.is_busy() {
                             if let Some(order) = closing {
                                 return end_for(order);
@@ -468,7 +477,7 @@ impl Session {
                                     Some(at) if timer.deadline() > at => timer.as_mut().reset(at),
                                     Some(_) => {}
                                     None => {
-                                        closing = take_queue(&self.out, writer, &mut oldest);
+                                        closing = take_queue(&self.out, writer, &mut oldest, &mut self.channels);
                                         if !writer.is_busy() {
                                             if let Some(order) = closing {
                                                 return end_for(order);
@@ -543,7 +552,7 @@ impl Session {
                             let code = frame.map_or(1000, |f| u16::from(f.code));
                             self.out.detach();
                             if !writer.is_busy() {
-                                take_queue(&self.out, writer, &mut oldest);
+                                take_queue(&self.out, writer, &mut oldest, &mut self.channels);
                             }
                             // Boxed: a rare step, kept out of the loop's future.
                             let _ = Box::pin(timeout(Duration::from_secs(1), writer.close(code, ""))).await;
@@ -554,7 +563,7 @@ impl Session {
                             // out, and a frame they left half-written goes first.
                             self.out.hold();
                             if !writer.is_busy() && closing.is_none() {
-                                closing = take_queue(&self.out, writer, &mut oldest);
+                                closing = take_queue(&self.out, writer, &mut oldest, &mut self.channels);
                             }
                             writer.pong(payload);
                         }
@@ -571,7 +580,7 @@ impl Session {
                         && self.out.held_since().is_some()
                         && hold_until(&self.out, window).is_none()
                     {
-                        closing = take_queue(&self.out, writer, &mut oldest);
+                        closing = take_queue(&self.out, writer, &mut oldest, &mut self.channels);
                         if !writer.is_busy() {
                             if let Some(order) = closing {
                                 return end_for(order);

@@ -7,6 +7,7 @@
 //! why subscribers are identified by [`ConnId`] and frames are already-encoded
 //! bytes.
 
+mod bans;
 mod history;
 mod ops;
 mod parity;
@@ -222,6 +223,7 @@ fn spawn(
         idem: Default::default(),
         counts: Default::default(),
         watchers: HashMap::new(),
+        bans: Default::default(),
         direct: true,
     };
     tokio::spawn(worker.run(rx));
@@ -283,6 +285,8 @@ struct Worker {
     counts: parity::Counts,
     /// Per user (keyed like `users`): the sockets watching them.
     watchers: HashMap<RoomKey, HashMap<ConnId, Target>>,
+    /// A moderator's channel bans, bounded per app (`max_channel_bans`).
+    bans: bans::Bans,
     /// Fan-outs may write idle sockets in place: no backlog in the mailbox
     /// (see [`crate::outbound::direct`]).
     direct: bool,
@@ -352,6 +356,9 @@ impl Worker {
                 client,
                 idem,
             } => {
+                if self.sent_by_outsider(&room, client, exclude) {
+                    return;
+                }
                 if idem.is_some_and(|k| !self.idem.first(&room, k)) {
                     // Published before with this key: done, nothing sent.
                     metrics::counter!("herdgate_publish_duplicates_total").increment(1);
@@ -429,6 +436,9 @@ impl Worker {
                 client,
                 idem,
             } => {
+                if self.sent_by_outsider(&room, client, exclude) {
+                    return;
+                }
                 if idem.is_some_and(|k| !self.idem.first(&room, k)) {
                     if let Some((_, reply)) = ack {
                         let _ = reply.send(Delivery::default());
@@ -698,12 +708,31 @@ impl Worker {
         }
     }
 
-    /// Whether the socket is subscribed afterwards.
+    /// A client event (`client`, sent by `exclude`) from a socket the room
+    /// does not hold: a moderator took it out, and its session had not yet
+    /// read the notice. Dropped.
+    fn sent_by_outsider(&self, room: &RoomKey, client: bool, exclude: Option<ConnId>) -> bool {
+        let outsider = match (client, exclude) {
+            (true, Some(sender)) => !self.rooms.get(room).is_some_and(|r| r.holds(sender)),
+            _ => false,
+        };
+        if outsider {
+            metrics::counter!("herdgate_client_events_dropped_total", "reason" => "not_subscribed")
+                .increment(1);
+        }
+        outsider
+    }
+
+    /// Whether the socket is subscribed afterwards. `signed_in`: outside
+    /// presence channels, the user the socket is signed in as (whom a ban
+    /// names).
+    #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &mut self,
         key: RoomKey,
         sub: Subscriber,
         member: Option<Member>,
+        signed_in: Option<Arc<str>>,
         max_members: usize,
         shed: Shed,
         resume: Option<Resume>,
@@ -711,6 +740,24 @@ impl Worker {
         let id = sub.id;
         let to = sub.to.clone();
         let user = member.as_ref().map(|m| m.user_id.clone());
+        // A moderator's ban holds whatever authorized the join (the app's
+        // signature, a grant) and on every edge: refused here, told why.
+        // A re-homed socket (silent) still held the room elsewhere: it is
+        // told it was removed, so its edge and session forget it too.
+        let named = user.as_deref().or(signed_in.as_deref());
+        if let Some(left) = named.and_then(|u| self.bans.banned(&key, u, Instant::now())) {
+            metrics::counter!("herdgate_moderation_total", "action" => "refused").increment(1);
+            if shed.silent {
+                to.remove(&key, id, &protocol::removed(&key.channel, 0));
+            } else {
+                to.push_one(
+                    &key,
+                    id,
+                    &protocol::banned(&key.channel, left.as_secs().max(1)),
+                );
+            }
+            return false;
+        }
         let is_new_room = !self.rooms.contains_key(&key);
         // The socket's position: every event of the room up to now is
         // behind it (serials are the worker's, so this is its newest one).
@@ -729,7 +776,7 @@ impl Worker {
         let rehomed = (shed.silent && resume.is_some())
             .then(|| protocol::resumed(&key.channel, false, &epoch, position));
         let room = self.rooms.entry(key.clone()).or_default();
-        match room.join(sub, member, max_members, resume.is_some()) {
+        match room.join(sub, member, signed_in, max_members, resume.is_some()) {
             Joined::AlreadySubscribed => {
                 if let Some(f) = &rehomed {
                     room.push_to(&key, id, f);

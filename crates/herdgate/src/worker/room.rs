@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// A subscriber: where it is, and the presence user it joined as.
+/// A subscriber: where it is, and the user it joined as (the presence
+/// member, or elsewhere the user it was signed in as: whom a moderator's
+/// removal names; members count only in presence rooms).
 pub(super) struct Entry {
     to: Target,
     user: Option<Arc<str>>,
@@ -146,6 +148,20 @@ impl Room {
         self.members.keys().map(|k| &**k)
     }
 
+    /// Whether the socket is subscribed here.
+    pub fn holds(&self, id: ConnId) -> bool {
+        self.subscribers.contains_key(&id)
+    }
+
+    /// The sockets that joined as `user`, and where they are.
+    pub fn sockets_of(&self, user: &str) -> Vec<(ConnId, Target)> {
+        self.subscribers
+            .iter()
+            .filter(|(_, e)| e.user.as_deref() == Some(user))
+            .map(|(id, e)| (*id, e.to.clone()))
+            .collect()
+    }
+
     fn add_target(&mut self, id: ConnId, to: &Target, user: &Option<Arc<str>>, resume: bool) {
         match to {
             Target::Local(out) => self.local.push(Local {
@@ -185,10 +201,13 @@ impl Room {
         }
     }
 
+    /// `signed_in`: outside presence rooms, the user the socket is signed
+    /// in as (kept for a moderator's removal, never a member).
     pub fn join(
         &mut self,
         sub: Subscriber,
         member: Option<Member>,
+        signed_in: Option<Arc<str>>,
         max_members: usize,
         resume: bool,
     ) -> Joined {
@@ -219,7 +238,7 @@ impl Room {
                 state.sockets += 1;
                 Some(m.user_id)
             }
-            None => None,
+            None => signed_in,
         };
         self.add_target(sub.id, &sub.to, &user, resume);
         self.subscribers.insert(sub.id, Entry { to: sub.to, user });
@@ -401,15 +420,15 @@ mod tests {
         let (a2, _) = sub(2);
         let (b, _) = sub(3);
         assert_eq!(
-            room.join(a1, member("alice"), 10, false),
+            room.join(a1, member("alice"), None, 10, false),
             Joined::Ok { new_member: true }
         );
         assert_eq!(
-            room.join(a2, member("alice"), 10, false),
+            room.join(a2, member("alice"), None, 10, false),
             Joined::Ok { new_member: false }
         );
         assert_eq!(
-            room.join(b, member("bob"), 10, false),
+            room.join(b, member("bob"), None, 10, false),
             Joined::Ok { new_member: true }
         );
         assert_eq!(room.user_count(), 2);
@@ -424,19 +443,19 @@ mod tests {
     fn presence_cap_counts_users_not_sockets() {
         let mut room = Room::default();
         assert!(matches!(
-            room.join(sub(1).0, member("a"), 1, false),
+            room.join(sub(1).0, member("a"), None, 1, false),
             Joined::Ok { .. }
         ));
         assert!(matches!(
-            room.join(sub(2).0, member("a"), 1, false),
+            room.join(sub(2).0, member("a"), None, 1, false),
             Joined::Ok { .. }
         ));
         assert_eq!(
-            room.join(sub(3).0, member("b"), 1, false),
+            room.join(sub(3).0, member("b"), None, 1, false),
             Joined::PresenceFull
         );
         assert_eq!(
-            room.join(sub(1).0, member("a"), 1, false),
+            room.join(sub(1).0, member("a"), None, 1, false),
             Joined::AlreadySubscribed
         );
     }
@@ -446,8 +465,8 @@ mod tests {
         let mut room = Room::default();
         let (s1, o1) = sub(1);
         let (s2, o2) = sub(2);
-        room.join(s1, None, 0, false);
-        room.join(s2, None, 0, true);
+        room.join(s1, None, None, 0, false);
+        room.join(s2, None, None, 0, true);
         let key = RoomKey {
             app: Arc::from("1"),
             channel: Arc::from("r"),

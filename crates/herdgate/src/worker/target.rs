@@ -36,6 +36,9 @@ pub trait RemoteEdge: Send + Sync {
     fn deliver_to(&self, room: &RoomKey, conn: ConnId, frame: &Frame);
     /// Close one socket signed in as a user (`room` is the user's channel).
     fn close(&self, room: &RoomKey, conn: ConnId, order: CloseOrder);
+    /// A moderator took one socket out of `room`: the edge forgets its
+    /// place there and sends it `notice` (a [`Frame::removes`] frame).
+    fn removed(&self, room: &RoomKey, conn: ConnId, notice: &Frame);
 }
 
 /// What became of a delivery to an edge.
@@ -74,6 +77,17 @@ impl Target {
                 e.deliver_to(room, conn, frame);
                 Push::Queued
             }
+        }
+    }
+
+    /// Tell a socket the owner took it out of `room` (the notice, which its
+    /// session, and its edge, act on).
+    pub fn remove(&self, room: &RoomKey, conn: ConnId, notice: &Frame) {
+        match self {
+            Target::Local(out) => {
+                out.push(notice);
+            }
+            Target::Edge(e) => e.removed(room, conn, notice),
         }
     }
 

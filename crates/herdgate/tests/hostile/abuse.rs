@@ -826,3 +826,93 @@ async fn forged_grants_are_refused_and_their_checks_bounded_node_wide() {
     // The attacker's socket stays (a refused grant is not an error of the connection).
     attacker.expect_subscribed("private-after").await;
 }
+
+/// docs/SECURITY.md "Moderation". A removed client keeps talking: the client
+/// events it sends after the removal's 200 (before and after its session
+/// reads the notice) reach nobody, and re-subscribing with its app's valid
+/// signature is refused while it is banned. A caller holding the secret
+/// cannot grow the app's ban list past `max_channel_bans` (429), and the
+/// bans already set hold. An honest member hears none of it and still
+/// subscribes and receives.
+#[tokio::test]
+async fn a_removed_client_reaches_nobody_and_the_ban_list_is_bounded() {
+    let s = start_with_app("", "max_channel_bans = 3\n").await;
+    let api = s.api();
+    let room = "private-abuse-moderated";
+    let mut honest = s.connect().await;
+    honest.expect_subscribed(room).await;
+    let mut mallory = s.connect().await;
+    assert_eq!(
+        mallory.signin("mallory").await.event,
+        "pusher:signin_success"
+    );
+    mallory.expect_subscribed(room).await;
+
+    let remove = |user: &str, body: &str| {
+        let path = format!("/channels/{room}/users/{user}/remove");
+        let body = body.to_string();
+        let api = &api;
+        async move { api.request("POST", &path, &[], &body).await }
+    };
+    let r = remove("mallory", r#"{"ban_seconds":60}"#).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body, json!({"removed": 1, "ban_seconds": 60}));
+    // It floods client events on the channel without reading a thing, then
+    // pings: the pong comes once its session handled every one of them.
+    for i in 0..20 {
+        mallory
+            .send(json!({"event":"client-spam","channel":room,"data":{"i":i}}))
+            .await;
+    }
+    mallory.send(json!({"event":"pusher:ping","data":{}})).await;
+    let mut notices = 0;
+    loop {
+        let e = mallory.next_event().await;
+        if e.event == "pusher:subscription_error" {
+            assert_eq!(e.data["type"], "Removed", "{:?}", e.raw);
+            notices += 1;
+        }
+        if e.event == "pusher:pong" {
+            break;
+        }
+    }
+    assert_eq!(notices, 1, "one notice");
+    // Everything it sent is behind the marker in the room's order: none of
+    // it reached the honest member.
+    let heard = honest.until_marker(&api, room).await;
+    assert!(
+        heard.iter().all(|e| e.event != "client-spam"),
+        "{:?}",
+        heard.iter().map(|e| &e.raw).collect::<Vec<_>>()
+    );
+    // Its app would still sign it in: the ban refuses it.
+    let e = mallory.subscribe(room).await;
+    assert_eq!(e.data["type"], "Banned", "{:?}", e.raw);
+    assert_eq!(e.data["status"], 403);
+
+    // The ban list: 3 per app at the owner. Two more fill it; a fourth is
+    // refused, and nothing of it is done.
+    for u in ["u1", "u2"] {
+        assert_eq!(remove(u, r#"{"ban_seconds":600}"#).await.status, 200);
+    }
+    let full = remove("u3", r#"{"ban_seconds":600}"#).await;
+    assert_eq!(full.status, 429, "{:?}", full.body);
+    assert!(full.headers.contains_key("retry-after"));
+    let e = mallory.subscribe(room).await;
+    assert_eq!(e.data["type"], "Banned", "the bans set still hold");
+    // A removal without a ban needs no place in the list.
+    assert_eq!(remove("u3", "").await.status, 200);
+    // Lifting one makes room.
+    let lifted = api
+        .request("POST", &format!("/channels/{room}/users/u1/unban"), &[], "")
+        .await;
+    assert_eq!(lifted.body, json!({"lifted": true}));
+    assert_eq!(remove("u3", r#"{"ban_seconds":600}"#).await.status, 200);
+
+    // The honest member: still subscribed, still hears, still joins more.
+    assert!(honest.until_marker(&api, room).await.is_empty());
+    honest.expect_subscribed("private-abuse-after").await;
+    let mut late = s.connect().await;
+    late.expect_subscribed(room).await;
+    assert!(late.until_marker(&api, room).await.is_empty());
+}

@@ -110,6 +110,7 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
             Join::Room {
                 room: room.clone(),
                 member: sub.member.clone(),
+                user: sub.user.clone(),
                 max_members: sub.max_members as u32,
                 shed: Shed {
                     member_events_max: None,
@@ -542,6 +543,26 @@ async fn on_message(edge: &Arc<Edge>, link: &Arc<WorkerLink>, msg: Msg) -> Resul
                             room,
                             conn: ConnId(conn),
                             code,
+                        },
+                    )
+                    .await;
+            }
+        }
+        Msg::Removed {
+            app,
+            channel,
+            conn,
+            frame,
+        } => {
+            let room = key(app, channel);
+            if let (true, Ok(notice)) = (edge.accepts(link, &room), Frame::removal(frame)) {
+                edge.rooms
+                    .send(
+                        &room.clone(),
+                        RoomCmd::Removed {
+                            room,
+                            conn: ConnId(conn),
+                            notice,
                         },
                     )
                     .await;

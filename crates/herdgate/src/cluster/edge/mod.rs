@@ -261,6 +261,7 @@ impl Edge {
             Join::Room {
                 room,
                 member,
+                user,
                 max_members,
                 shed,
                 resume,
@@ -268,6 +269,7 @@ impl Edge {
                 let sub = LocalSub {
                     out,
                     member,
+                    user,
                     max_members: max_members as usize,
                     resume: resume.is_some(),
                 };
@@ -301,6 +303,7 @@ impl Edge {
             join: Join::Room {
                 room: room.clone(),
                 member: sub.member.clone(),
+                user: sub.user.clone(),
                 max_members: sub.max_members as u32,
                 shed: Shed {
                     member_events_max: shed.member_events_max,

@@ -26,6 +26,9 @@ const MAILBOX: usize = 65_536;
 pub(super) struct LocalSub {
     pub out: Arc<Outbound>,
     pub member: Option<Member>,
+    /// Outside presence channels, the user it was signed in as (whom a
+    /// moderator's removal names).
+    pub user: Option<Arc<str>>,
     pub max_members: usize,
     /// Opted in to resume: its events carry their serial.
     pub resume: bool,
@@ -130,6 +133,13 @@ pub(super) enum RoomCmd {
         room: RoomKey,
         conn: ConnId,
         code: u16,
+    },
+    /// The owner took the socket out of the room (a moderator): forgotten
+    /// here, and told with `notice`.
+    Removed {
+        room: RoomKey,
+        conn: ConnId,
+        notice: Frame,
     },
     /// Every confirmed registration (and sign-in) of the rooms `pred` picks.
     Collect {
@@ -335,6 +345,12 @@ impl Shard {
                         self.users.remove(&room);
                     }
                 }
+            }
+            RoomCmd::Removed { room, conn, notice } => {
+                if let Some(sub) = self.rooms.get_mut(&room).and_then(|r| r.subs.remove(&conn)) {
+                    sub.out.push(&notice);
+                }
+                self.drop_if_empty(&room);
             }
             RoomCmd::CloseUser { room, conn, code } => {
                 if let Some(out) = self.users.get(&room).and_then(|u| u.get(&conn)) {

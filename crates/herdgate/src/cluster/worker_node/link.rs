@@ -136,4 +136,13 @@ impl RemoteEdge for EdgeLink {
             code: order.code,
         }));
     }
+
+    fn removed(&self, room: &RoomKey, conn: ConnId, notice: &Frame) {
+        self.send(encode(&Msg::Removed {
+            app: room.app.to_string(),
+            channel: room.channel.to_string(),
+            conn: conn.0,
+            frame: Bytes::from(notice.clone()),
+        }));
+    }
 }

@@ -741,6 +741,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                 Join::Room {
                     room,
                     member,
+                    user,
                     max_members,
                     mut shed,
                     resume,
@@ -751,6 +752,7 @@ async fn handle(node: &Arc<Node>, msg: Msg, link: &Arc<EdgeLink>, inflight: &Arc
                     Join::Room {
                         room,
                         member,
+                        user,
                         max_members,
                         shed,
                         resume,

@@ -127,6 +127,8 @@ const grantOf = (c, name, from = 0) =>
 const privateCh = uniq('private-g-');
 const presenceCh = uniq('presence-g-');
 let roamer;
+/** The roamer's presence grant before it was banned (a client that keeps it). */
+let heldPresenceGrant;
 
 test('a client takes its private and presence channels again on another server with the auth endpoint down', async () => {
   roamer = connect('roamer');
@@ -232,6 +234,41 @@ test('rotating the app secret revokes every grant: the endpoint is asked again, 
     assert.equal(o.event, 'pusher:subscription_succeeded', `${ch}: ${JSON.stringify(o.data)}`);
   }
   assert.equal(endpoint.calls, before + 2, 'no call with the new grants');
+  heldPresenceGrant = roamer.client.__herdgateGrants.get(presenceCh);
+  assert.ok(heldPresenceGrant, 'a presence grant under the new secret');
+});
+
+test('a ban revokes a grant: the banned user is refused on reconnect whatever it presents', async () => {
+  // The roamer is the presence member u-roamer, on B, holding grants, with
+  // the auth endpoint down. A moderator removes and bans it through B's API.
+  const api = makeServer({ secret: endpoint.secret });
+  let mark = roamer.log.entries.length;
+  const res = await api.post({ path: `/channels/${presenceCh}/users/u-roamer/remove`, body: { ban_seconds: 120 } });
+  assert.deepEqual(await res.json(), { removed: 1, ban_seconds: 120 });
+  const notice = await roamer.log.waitFor(
+    (e) => roamer.log.entries.indexOf(e) >= mark && e.channel === presenceCh && e.event === 'pusher:subscription_error',
+    'the removal notice',
+  );
+  assert.equal(notice.data.type, 'Removed');
+  assert.equal(roamer.client.__herdgateGrants.has(presenceCh), false, 'the plugin dropped the removed channel\'s grant');
+  // A copy of the grant kept by a client that does not drop it (a script
+  // replaying it on a new socket of its own key would be refused anyway:
+  // not_the_holder) is refused at the owner: the ban is checked on every
+  // join, whatever authorized it. The roamer presents it again as it was.
+  roamer.client.__herdgateGrants.set(presenceCh, { ...heldPresenceGrant, timer: null });
+  const before = endpoint.calls;
+  const n = roamer.connected;
+  mark = roamer.log.entries.length;
+  lb.drop();
+  await roamer.log.waitFor((e) => e.event === 'connected' && e.data.n === n + 1, 'a reconnect');
+  assert.equal((await outcome(roamer, privateCh, mark)).event, 'pusher:subscription_succeeded', 'its other channel, by grant');
+  const refused = await outcome(roamer, presenceCh, mark);
+  assert.equal(refused.event, 'pusher:subscription_error');
+  assert.equal(refused.data.type, 'Banned', JSON.stringify(refused.data));
+  assert.equal(endpoint.calls, before, 'refused by the ban, not by the grant: the endpoint was not asked');
+  // Lifted, so the next test starts where it expects.
+  const lifted = await api.post({ path: `/channels/${presenceCh}/users/u-roamer/unban` });
+  assert.deepEqual(await lifted.json(), { lifted: true });
 });
 
 test('turning auth_grants off revokes every grant at the next reconnect', async () => {
