@@ -59,6 +59,8 @@ const knows = [['ada', 'grace'], ['ada', 'alan'], ['grace', 'margaret'], ['alan'
 const contactsOf = (id) => knows.flatMap(([a, b]) => (a === id ? [b] : b === id ? [a] : []));
 
 const ROOMS = { rust: 'Rust', design: 'Design', hallway: 'Hallway track' };
+// The session's host: may remove an attendee from the session chat.
+const HOST = 'ada';
 const CHANNELS = {
   news: 'news',
   settings: 'session-settings',
@@ -135,6 +137,7 @@ const routes = {
     wsPort: Number(env.HERDGATE_WS_PORT ?? herdgate.port),
     channels: CHANNELS,
     rooms: ROOMS,
+    host: HOST,
     directory: [...people.values()],
   }),
 
@@ -217,6 +220,20 @@ const routes = {
     currentQuestion = q ? { id: q.id, text: q.text, name: q.name } : null;
     await publishQa();
     return { current: currentQuestion };
+  },
+
+  // Moderation (herdgate's API, through the SDK's generic post): the host
+  // removes an attendee from the session chat on all their sockets and bans
+  // them for `minutes`, or lifts the ban.
+  'POST /api/moderate': async (me, b) => {
+    if (me.id !== HOST) throw Object.assign(new Error('only the host moderates'), { status: 403 });
+    const who = people.get(clip(b.user, 40));
+    if (!who) throw Object.assign(new Error('no such attendee'), { status: 404 });
+    const base = `/channels/${CHANNELS.chat}/users/${who.id}`;
+    const r = b.lift
+      ? await pusher.post({ path: `${base}/unban` })
+      : await pusher.post({ path: `${base}/remove`, body: { ban_seconds: Math.min(60, Math.max(0, Number(b.minutes) || 0)) * 60 } });
+    return r.json();
   },
 
   // Inbox, invitations and notifications: server-to-user events.

@@ -153,7 +153,7 @@ function runLobby(cfg, me, contacts) {
   window.lobby = { pusher }; // for the browser console (and the tests' diagnostics)
 
   const banner = makeBanner(pusher);
-  const chat = makeChat(pusher, me, banner);
+  const chat = makeChat(pusher, me, banner, cfg.host);
   makeNews(pusher);
   const qa = makeQa(pusher, me);
   makeSettings(pusher, qa);
@@ -362,8 +362,9 @@ function memberNames(channel) {
   return names.sort();
 }
 
-function makeChat(pusher, me, banner) {
-  const ch = banner.watch(pusher.subscribe('presence-session-main'));
+function makeChat(pusher, me, banner, host) {
+  const NAME = 'presence-session-main';
+  let ch = null; // the channel: a new one when a removed attendee rejoins
   const log = $('chat-log');
   const input = $('chat-input');
   const typing = $('typing');
@@ -375,10 +376,14 @@ function makeChat(pusher, me, banner) {
     const box = $('chat-members');
     box.dataset.count = names.length;
     box.textContent = `Here (${names.length}): ${names.join(', ')}`;
+    // The host's moderation list: everyone here but the host.
+    const pick = $('mod-user');
+    const chosen = pick.value;
+    const others = [];
+    ch.members.each((m) => { if (m.id !== me.id) others.push(m); });
+    pick.replaceChildren(...others.map((m) => el('option', { value: m.id }, m.info.name)));
+    if (others.some((m) => m.id === chosen)) pick.value = chosen;
   };
-  ch.bind('pusher:subscription_succeeded', members);
-  ch.bind('pusher:member_added', members);
-  ch.bind('pusher:member_removed', (m) => { stopTyping(m.id); members(); });
 
   const line = (who, text, at, mine) => addItem(log, el('li', { class: mine ? 'mine' : '' },
     el('span', { class: 'who' }, who), text, el('span', { class: 'when' }, clock(at))), { append: true });
@@ -393,17 +398,67 @@ function makeChat(pusher, me, banner) {
     showTyping();
   };
 
-  ch.bind('client-chat', (d, meta) => {
-    stopTyping(meta.user_id);
-    const who = ch.members.get(meta.user_id);
-    line(who ? who.info.name : meta.user_id, String(d.text || ''), d.at || Date.now(), false);
-  });
-  ch.bind('client-typing', (_, meta) => {
-    if (meta.user_id === me.id) return;
-    clearTimeout(typers.get(meta.user_id));
-    typers.set(meta.user_id, setTimeout(() => stopTyping(meta.user_id), 3000));
-    showTyping();
-  });
+  // Removed by the host (herdgate's moderation API): the channel is gone
+  // for this socket; while banned, joining again is refused.
+  const removedBox = $('chat-removed');
+  const removed = (d) => {
+    const mins = Math.ceil((d.ban_seconds ?? d.retry_after ?? 0) / 60);
+    $('card-chat').dataset.removed = d.type === 'Banned' ? 'banned' : 'removed';
+    removedBox.hidden = false;
+    $('chat-removed-text').textContent = d.type === 'Banned'
+      ? `You cannot rejoin the chat yet (about ${mins} min left).`
+      : `A moderator removed you from the chat${mins ? ` for ${mins} min` : ''}.`;
+    input.disabled = true;
+    $('chat-send').disabled = true;
+  };
+
+  const join = () => {
+    // pusher-js keeps a channel the server refused "pending" (it would send
+    // nothing again): drop it before subscribing anew.
+    if (pusher.channel(NAME)?.subscriptionPending) pusher.channels.remove(NAME);
+    else pusher.unsubscribe(NAME);
+    ch = banner.watch(pusher.subscribe(NAME));
+    ch.bind('pusher:subscription_succeeded', () => {
+      delete $('card-chat').dataset.removed;
+      removedBox.hidden = true;
+      input.disabled = paused;
+      $('chat-send').disabled = paused;
+      members();
+    });
+    ch.bind('pusher:subscription_error', (d) => {
+      if (d && (d.type === 'Removed' || d.type === 'Banned')) removed(d);
+    });
+    ch.bind('pusher:member_added', members);
+    ch.bind('pusher:member_removed', (m) => { stopTyping(m.id); members(); });
+    ch.bind('client-chat', (d, meta) => {
+      stopTyping(meta.user_id);
+      const who = ch.members.get(meta.user_id);
+      line(who ? who.info.name : meta.user_id, String(d.text || ''), d.at || Date.now(), false);
+    });
+    ch.bind('client-typing', (_, meta) => {
+      if (meta.user_id === me.id) return;
+      clearTimeout(typers.get(meta.user_id));
+      typers.set(meta.user_id, setTimeout(() => stopTyping(meta.user_id), 3000));
+      showTyping();
+    });
+    ch.bind('herdgate:tally', tally);
+  };
+  $('chat-rejoin').addEventListener('click', join);
+
+  // The host removes someone from the chat for 10 minutes, or lets them back.
+  $('mod-form').hidden = me.id !== host;
+  $('mod-remove').addEventListener('click', attempt('Removing', async () => {
+    const user = $('mod-user').value;
+    if (!user) return;
+    $('mod-user').dataset.last = user;
+    await api('POST', '/api/moderate', { user, minutes: 10 });
+  }));
+  $('mod-unban').addEventListener('click', attempt('Letting back in', async () => {
+    const user = $('mod-user').dataset.last;
+    if (!user) return;
+    const r = await api('POST', '/api/moderate', { user, lift: true });
+    $('mod-form').dataset.lifted = r.lifted ? user : '';
+  }));
 
   let lastTyping = 0;
   input.addEventListener('input', () => {
@@ -435,13 +490,14 @@ function makeChat(pusher, me, banner) {
     box.dataset.total = total;
     box.textContent = [...counts].map(([e, n]) => `${e} ${n}`).join('  ');
   };
-  ch.bind('herdgate:tally', (d) => {
+  function tally(d) {
     const t = d && d.tallies && d.tallies['client-reaction'];
     if (!t) return;
     for (const [emoji, n] of Object.entries(t.values || {})) counts.set(emoji, (counts.get(emoji) || 0) + n);
     if (t.other) counts.set('…', (counts.get('…') || 0) + t.other);
     showCounts();
-  });
+  }
+  join();
   for (const b of document.querySelectorAll('#reactions button')) {
     b.addEventListener('click', () => {
       if (!paused && ch.subscribed) ch.trigger('client-reaction', { emoji: b.dataset.emoji });
@@ -458,8 +514,9 @@ function makeChat(pusher, me, banner) {
   return {
     pause(on) {
       paused = on;
-      input.disabled = on;
-      $('chat-send').disabled = on;
+      const out = Boolean($('card-chat').dataset.removed);
+      input.disabled = on || out;
+      $('chat-send').disabled = on || out;
       input.placeholder = on ? 'Chat paused while the event is busy' : 'Say something…';
       $('card-chat').dataset.paused = String(on);
     },

@@ -177,6 +177,36 @@ test('two people in the lobby, a late joiner, and a storm', () => showingFailure
   await g.press('#chat-input', 'Enter');
   await a.waitForSelector('#chat-log li:has-text("chat is back")');
 
+  // The host (Ada) removes Grace from the chat for 10 minutes: herdgate's
+  // moderation API, through the app server and the official SDK. Grace's
+  // page says so and closes her chat, Ada's member list drops her, and
+  // rejoining is refused while the ban lasts; once Ada lets her back in,
+  // she rejoins.
+  await until(a, 'Grace in the host\'s list',
+    () => [...document.querySelectorAll('#mod-user option')].some((o) => o.value === 'grace'));
+  assert.equal(await g.isHidden('#mod-form'), true, 'only the host moderates');
+  await a.selectOption('#mod-user', 'grace');
+  await a.click('#mod-remove');
+  await g.waitForSelector('#card-chat[data-removed="removed"]');
+  assert.match(await text(g, '#chat-removed-text'), /removed you from the chat for 10 min/);
+  assert.equal(await g.isDisabled('#chat-input'), true);
+  await until(a, 'Grace removed from the chat', () => document.getElementById('chat-members').dataset.count === '1',
+    undefined, members('#chat-members'));
+  await g.click('#chat-rejoin');
+  await g.waitForSelector('#card-chat[data-removed="banned"]');
+  assert.match(await text(g, '#chat-removed-text'), /cannot rejoin the chat yet/);
+  await a.click('#mod-unban');
+  await a.waitForSelector('#mod-form[data-lifted="grace"]', { state: 'attached' });
+  await g.click('#chat-rejoin');
+  await g.waitForSelector('#card-chat:not([data-removed])');
+  for (const p of [a, g]) {
+    await until(p, 'Grace back in the chat', () => document.getElementById('chat-members').dataset.count === '2',
+      undefined, members('#chat-members'));
+  }
+  await g.fill('#chat-input', 'thanks for letting me back');
+  await g.press('#chat-input', 'Enter');
+  await a.waitForSelector('#chat-log li:has-text("thanks for letting me back")');
+
   // Grace leaves: her contact goes offline for Ada (watchlist), and presence
   // lists drop her.
   assert.deepEqual(grace.errors, []);
