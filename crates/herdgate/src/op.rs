@@ -65,6 +65,15 @@ pub enum Ask {
     },
     /// Lift `user`'s ban from `room`: [`Answer::Lifted`].
     Unban { room: RoomKey, user: Arc<str> },
+    /// Refuse every join taken by a grant of `user` (as the member, or
+    /// signed in) whose line `app` authorized before `before` (Unix
+    /// seconds): `terminate_connections`. Asked of every owner:
+    /// [`Answer::Done`].
+    Revoke {
+        app: Arc<str>,
+        user: Arc<str>,
+        before: u64,
+    },
 }
 
 /// Who answers an [`Ask`].
@@ -85,7 +94,7 @@ impl Ask {
             | Ask::Terminate { room }
             | Ask::Remove { room, .. }
             | Ask::Unban { room, .. } => Scope::Room(room),
-            Ask::Rooms { .. } => Scope::Every,
+            Ask::Rooms { .. } | Ask::Revoke { .. } => Scope::Every,
         }
     }
 
@@ -100,6 +109,7 @@ impl Ask {
             Ask::Terminate { .. } => "terminate",
             Ask::Remove { .. } => "remove",
             Ask::Unban { .. } => "unban",
+            Ask::Revoke { .. } => "revoke",
         }
     }
 }
@@ -135,10 +145,13 @@ pub enum Join {
     Room {
         room: RoomKey,
         member: Option<Member>,
-        /// Outside presence channels, the user the socket was signed in as
-        /// when it subscribed: whom a moderator's removal or ban names
-        /// (in a presence channel, the member's id).
+        /// The user the socket was signed in as when it subscribed. Outside
+        /// presence channels, whom a moderator's removal or ban names (in a
+        /// presence channel, the member's id).
         user: Option<Arc<str>>,
+        /// Taken by an auth grant: when the app authorized the grant's line
+        /// (Unix seconds), for the owner's revocations.
+        granted: Option<u64>,
         max_members: u32,
         shed: Shed,
         /// Opted in to resume (docs/PROTOCOL.md "History and resume").

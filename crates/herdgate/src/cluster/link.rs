@@ -685,6 +685,7 @@ mod tests {
                         ),
                     }),
                     user: None,
+                    granted: None,
                     max_members: 100,
                     shed: crate::types::Shed::default(),
                     resume: Some(crate::types::Resume {
@@ -824,6 +825,7 @@ mod tests {
                     },
                     member: None,
                     user: Some("u".into()),
+                    granted: Some(1_796_000_000),
                     max_members: 100,
                     shed: crate::types::Shed::default(),
                     resume: None,
@@ -853,6 +855,15 @@ mod tests {
                 channel: "presence-qa".into(),
                 conn: 43,
                 frame: Bytes::from_static(b"{}"),
+            },
+            Msg::Ask {
+                id: 16,
+                ask: Ask::Revoke {
+                    app: "1".into(),
+                    user: "u".into(),
+                    before: 1_796_000_005,
+                },
+                after: None,
             },
         ]
     }

@@ -169,6 +169,11 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
+/// Seconds past now a revocation reaches back from (servers' clocks may be
+/// this far apart): a grant authorized within it is refused too, which
+/// costs one call to the app's endpoint, never a revocation missed.
+pub const REVOKE_MARGIN: u64 = 5;
+
 /// Events per history answer, unless `limit` says otherwise.
 pub const HISTORY_LIMIT_DEFAULT: u64 = 100;
 /// The largest `limit` of a history request (400 above it).
@@ -665,14 +670,30 @@ impl Api<'_> {
         Ok(json!({ "lifted": lifted }))
     }
 
+    /// Close the user's signed-in sockets (their owner) and, for an app
+    /// with auth grants, revoke the user's grants at every owner: a grant
+    /// its app authorized before now (plus [`REVOKE_MARGIN`] for clocks
+    /// apart) is refused, so the next join asks the app's endpoint. The 200
+    /// means both were done.
     async fn terminate(&self, user: &str) -> ApiResult {
         names::check_user_id(user).map_err(ApiError::BadRequest)?;
+        let router = &self.front.node.router;
         let ask = Ask::Terminate {
             room: RoomKey::user(&self.app.id, user),
         };
-        self.front
-            .node
-            .router
+        if self.app.features.auth_grants.is_some() {
+            let revoke = Ask::Revoke {
+                app: self.app.id.clone(),
+                user: Arc::from(user),
+                before: crate::clock::unix_now().as_secs() + REVOKE_MARGIN,
+            };
+            router
+                .ask(revoke, self.wait())
+                .await
+                .and_then(Answer::done)
+                .map_err(route_error)?;
+        }
+        router
             .ask(ask, self.wait())
             .await
             .and_then(Answer::done)

@@ -221,6 +221,7 @@ impl Session {
             Ok(ok) => ok,
             Err(r) => return self.sub_error(channel, r.kind, &r.message, r.status),
         };
+        let granted = taken.as_ref().map(|g| g.authorized);
         // The grant this subscription gets once it succeeds: a renewal of
         // the one it presented, or a first one for the key it offered.
         let grant = match settings {
@@ -242,16 +243,14 @@ impl Session {
             app: self.app.id.clone(),
             channel: name.clone(),
         };
-        // Whom a moderator's removal or ban names: the presence member, or
-        // (elsewhere) the user the socket is signed in as.
-        let signed_in = match member {
-            None => self.user.as_ref().map(|u| u.id.clone()),
-            Some(_) => None,
-        };
         let join = Join::Room {
             room,
             member,
-            user: signed_in,
+            // Whom a moderator's removal or ban names outside presence
+            // channels, and (with the member) whose revoked grants the
+            // owner refuses.
+            user: self.user.as_ref().map(|u| u.id.clone()),
+            granted,
             max_members: max_members.min(u32::MAX as usize) as u32,
             shed: self.shed(),
             resume,

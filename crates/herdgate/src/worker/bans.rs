@@ -113,6 +113,67 @@ impl Bans {
     }
 }
 
+/// Users whose auth grants were revoked (`terminate_connections`): a join
+/// taken by a grant whose line the app authorized before the revocation is
+/// refused, at every owner (each keeps the list: the joins of a user's
+/// grants go to any room's owner).
+///
+/// An entry is needed only while a grant authorized before it could still
+/// be presented: `auth_grant_max_age` after it. At most [`MAX_REVOKED`] per
+/// app; beyond that the oldest goes, and the app's **floor** rises to its
+/// time: every grant of the app authorized before the floor is refused (more
+/// endpoint calls, never a revocation undone).
+#[derive(Default)]
+pub(super) struct Revoked {
+    apps: HashMap<Arc<str>, AppRevoked>,
+}
+
+/// Revocations kept per app at each owner.
+pub const MAX_REVOKED: usize = 10_000;
+
+#[derive(Default)]
+struct AppRevoked {
+    /// user → revoked grants authorized before this (Unix seconds).
+    users: HashMap<Arc<str>, u64>,
+    /// Every grant authorized before this is refused (raised by eviction).
+    floor: u64,
+}
+
+impl Revoked {
+    /// Revoke `user`'s grants authorized before `before` (Unix seconds).
+    /// Entries older than `max_age` (as of `now`) are dropped first.
+    pub fn revoke(&mut self, app: &Arc<str>, user: &Arc<str>, before: u64, max_age: u64, now: u64) {
+        let a = self.apps.entry(app.clone()).or_default();
+        a.users.retain(|_, t| t.saturating_add(max_age) > now);
+        if a.users.len() >= MAX_REVOKED && !a.users.contains_key(user) {
+            if let Some((oldest, t)) = a
+                .users
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(u, t)| (u.clone(), *t))
+            {
+                a.users.remove(&oldest);
+                a.floor = a.floor.max(t);
+            }
+        }
+        let t = a.users.entry(user.clone()).or_insert(0);
+        *t = (*t).max(before);
+    }
+
+    /// Whether a grant for `users` (the member and the signed-in user) that
+    /// the app authorized at `authorized` is revoked.
+    pub fn voids(&self, app: &str, users: [Option<&str>; 2], authorized: u64) -> bool {
+        let Some(a) = self.apps.get(app) else {
+            return false;
+        };
+        authorized < a.floor
+            || users
+                .into_iter()
+                .flatten()
+                .any(|u| a.users.get(u).is_some_and(|t| authorized < *t))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +236,35 @@ mod tests {
             3,
             "u1 and u4 of app 1; app 2's, expired, not swept yet"
         );
+    }
+
+    #[test]
+    fn revoked_grants_are_those_authorized_before_and_the_bound_only_refuses_more() {
+        let mut r = Revoked::default();
+        let app: Arc<str> = "1".into();
+        r.revoke(&app, &Arc::from("u"), 1_000, 3_600, 1_000);
+        assert!(r.voids("1", [Some("u"), None], 999));
+        assert!(
+            r.voids("1", [None, Some("u")], 999),
+            "as the member or signed in"
+        );
+        assert!(!r.voids("1", [Some("u"), None], 1_000), "authorized after");
+        assert!(!r.voids("1", [Some("v"), None], 1), "another user");
+        assert!(!r.voids("2", [Some("u"), None], 1), "another app");
+        // Past max_age the entry goes (no grant that old is taken anyway).
+        r.revoke(&app, &Arc::from("w"), 5_000, 3_600, 4_601);
+        assert!(!r.voids("1", [Some("u"), None], 999));
+        // At the bound the oldest goes and the floor rises to its time.
+        for i in 0..MAX_REVOKED as u64 {
+            r.revoke(&app, &Arc::from(format!("x{i}")), 6_000 + i, 3_600, 6_000);
+        }
+        assert!(
+            r.voids("1", [Some("nobody"), None], 4_999),
+            "below the floor"
+        );
+        assert!(!r.voids("1", [Some("nobody"), None], 5_000));
+        assert!(r.voids("1", [Some("x9999"), None], 15_998));
+        assert!(r.apps["1"].users.len() <= MAX_REVOKED);
     }
 
     #[test]

@@ -224,6 +224,7 @@ fn spawn(
         counts: Default::default(),
         watchers: HashMap::new(),
         bans: Default::default(),
+        revoked: Default::default(),
         direct: true,
     };
     tokio::spawn(worker.run(rx));
@@ -287,6 +288,8 @@ struct Worker {
     watchers: HashMap<RoomKey, HashMap<ConnId, Target>>,
     /// A moderator's channel bans, bounded per app (`max_channel_bans`).
     bans: bans::Bans,
+    /// Users whose grants `terminate_connections` revoked.
+    revoked: bans::Revoked,
     /// Fan-outs may write idle sockets in place: no backlog in the mailbox
     /// (see [`crate::outbound::direct`]).
     direct: bool,
@@ -723,9 +726,9 @@ impl Worker {
         outsider
     }
 
-    /// Whether the socket is subscribed afterwards. `signed_in`: outside
-    /// presence channels, the user the socket is signed in as (whom a ban
-    /// names).
+    /// Whether the socket is subscribed afterwards. `signed_in`: the user
+    /// the socket is signed in as (outside presence channels, whom a ban
+    /// names); `granted`: taken by a grant the app's line authorized then.
     #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &mut self,
@@ -733,6 +736,7 @@ impl Worker {
         sub: Subscriber,
         member: Option<Member>,
         signed_in: Option<Arc<str>>,
+        granted: Option<u64>,
         max_members: usize,
         shed: Shed,
         resume: Option<Resume>,
@@ -756,6 +760,24 @@ impl Worker {
                     &protocol::banned(&key.channel, left.as_secs().max(1)),
                 );
             }
+            return false;
+        }
+        // A grant of a user whose grants were revoked (terminate_connections)
+        // since the app authorized its line: refused as a grant, so the
+        // client asks the app's endpoint, which decides.
+        let users = [user.as_deref(), signed_in.as_deref()];
+        if granted.is_some_and(|t| self.revoked.voids(&key.app, users, t)) {
+            metrics::counter!("herdgate_auth_grants_total", "result" => "revoked").increment(1);
+            to.push_one(
+                &key,
+                id,
+                &protocol::subscription_error(
+                    &key.channel,
+                    "GrantRefused",
+                    "grant refused: revoked; ask the app's endpoint",
+                    401,
+                ),
+            );
             return false;
         }
         let is_new_room = !self.rooms.contains_key(&key);

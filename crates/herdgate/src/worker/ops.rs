@@ -16,12 +16,13 @@ impl Worker {
                 room,
                 member,
                 user,
+                granted,
                 max_members,
                 shed,
                 resume,
             } => {
                 let max = max_members as usize;
-                let ok = self.subscribe(room, sub, member, user, max, shed, resume);
+                let ok = self.subscribe(room, sub, member, user, granted, max, shed, resume);
                 if let Some(reply) = reply {
                     reply(ok);
                 }
@@ -114,6 +115,20 @@ impl Worker {
                 user,
                 ban_secs,
             } => self.remove_user(room, user, ban_secs),
+            Ask::Revoke { app, user, before } => {
+                let max_age = self
+                    .policies
+                    .load()
+                    .get(&app)
+                    .and_then(|p| p.features.auth_grants)
+                    .map_or(0, |g| g.max_age.as_secs());
+                let now = crate::clock::unix_now().as_secs();
+                // With grants off no grant is taken; a reload turning them
+                // on again must still find this one: kept an hour at least.
+                self.revoked
+                    .revoke(&app, &user, before, max_age.max(3600), now);
+                Answer::Done
+            }
             Ask::Unban { room, user } => {
                 let lifted = self.bans.lift(&room, &user);
                 if lifted {
@@ -299,6 +314,7 @@ mod tests {
                 user_info: None,
             }),
             user: None,
+            granted: None,
             max_members: 100,
             shed: Shed::default(),
             resume: None,

@@ -48,5 +48,5 @@ fn pusher_js_with_the_plugin_takes_its_channels_again_elsewhere_without_the_endp
         stdout.contains("# fail 0"),
         "grants.test.mjs did not report zero failures"
     );
-    assert!(stdout.contains("# pass 6"), "all six cases ran");
+    assert!(stdout.contains("# pass 7"), "all seven cases ran");
 }

@@ -111,6 +111,8 @@ pub(super) fn again_msg(again: &Again, mode: RegMode, rev: u64) -> Msg {
                 room: room.clone(),
                 member: sub.member.clone(),
                 user: sub.user.clone(),
+                // A re-registration: the owner that took it checked it.
+                granted: None,
                 max_members: sub.max_members as u32,
                 shed: Shed {
                     member_events_max: None,

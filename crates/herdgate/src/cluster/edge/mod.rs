@@ -262,6 +262,7 @@ impl Edge {
                 room,
                 member,
                 user,
+                granted,
                 max_members,
                 shed,
                 resume,
@@ -273,7 +274,7 @@ impl Edge {
                     max_members: max_members as usize,
                     resume: resume.is_some(),
                 };
-                self.subscribe(room, conn, sub, shed, resume).await
+                self.subscribe(room, conn, sub, shed, resume, granted).await
             }
             Join::SignIn { room, max, .. } => self.sign_in(room, conn, out, max).await,
             Join::Watch { app, users, .. } => {
@@ -293,6 +294,7 @@ impl Edge {
         sub: LocalSub,
         shed: Shed,
         resume: Option<Resume>,
+        granted: Option<u64>,
     ) -> Result<bool, RouteError> {
         let (_, tx) = self.route(&room)?;
         let id = self.pending.register(room.clone(), conn);
@@ -304,6 +306,7 @@ impl Edge {
                 room: room.clone(),
                 member: sub.member.clone(),
                 user: sub.user.clone(),
+                granted,
                 max_members: sub.max_members as u32,
                 shed: Shed {
                     member_events_max: shed.member_events_max,

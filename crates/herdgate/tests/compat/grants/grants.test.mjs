@@ -238,6 +238,34 @@ test('rotating the app secret revokes every grant: the endpoint is asked again, 
   assert.ok(heldPresenceGrant, 'a presence grant under the new secret');
 });
 
+test('terminate_connections revokes the user\'s grants: its next join asks the app', async () => {
+  // The roamer is presence member u-roamer, not signed in: terminating
+  // u-roamer closes no socket of it, but every server refuses the grants
+  // naming u-roamer that the app authorized before now.
+  const api = makeServer({ secret: endpoint.secret });
+  const res = await api.terminateUserConnections('u-roamer');
+  assert.equal(res.status, 200);
+  endpoint.up = true;
+  const before = endpoint.calls;
+  const n = roamer.connected;
+  const mark = roamer.log.entries.length;
+  lb.drop();
+  await roamer.log.waitFor((e) => e.event === 'connected' && e.data.n === n + 1, 'a reconnect');
+  for (const ch of [privateCh, presenceCh]) {
+    const o = await outcome(roamer, ch, mark);
+    assert.equal(o.event, 'pusher:subscription_succeeded', `${ch}: ${JSON.stringify(o.data)}`);
+    await grantOf(roamer, ch, mark);
+  }
+  assert.equal(endpoint.calls, before + 1,
+    'the presence grant (u-roamer\'s) was refused and the endpoint asked; the private one names nobody and was taken');
+  assert.equal(
+    roamer.log.filter((e) => e.event === 'pusher:subscription_error').length,
+    0,
+    'the plugin hid the refusal from the app',
+  );
+  endpoint.up = false;
+});
+
 test('a ban revokes a grant: the banned user is refused on reconnect whatever it presents', async () => {
   // The roamer is the presence member u-roamer, on B, holding grants, with
   // the auth endpoint down. A moderator removes and bans it through B's API.
