@@ -196,7 +196,8 @@ impl Join {
     }
 }
 
-/// What a socket let go of, told to the owner of `room`; never answered.
+/// What a socket let go of (or, [`Tell::Identify`], who it turned out to
+/// be), told to the owner of `room`; never answered.
 /// The side that tells has forgotten it already, so an owner out of reach
 /// learns it from the registrations a link replays when it comes back (or
 /// drops the edge's state with the link).
@@ -213,14 +214,23 @@ pub enum Tell {
     SignOut { room: RoomKey, conn: ConnId },
     /// Socket `conn` stops watching the user whose room is `room`.
     Unwatch { room: RoomKey, conn: ConnId },
+    /// Socket `conn`, subscribed to `room` (not a presence channel), signed
+    /// in as `user` since: whom a moderator's removal names from now on,
+    /// and a ban of `user` from the room applies at once.
+    Identify {
+        room: RoomKey,
+        conn: ConnId,
+        user: Arc<str>,
+    },
 }
 
 impl Tell {
     pub fn room(&self) -> &RoomKey {
         match self {
-            Tell::Leave { room, .. } | Tell::SignOut { room, .. } | Tell::Unwatch { room, .. } => {
-                room
-            }
+            Tell::Leave { room, .. }
+            | Tell::SignOut { room, .. }
+            | Tell::Unwatch { room, .. }
+            | Tell::Identify { room, .. } => room,
         }
     }
 }

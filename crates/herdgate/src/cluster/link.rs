@@ -865,6 +865,14 @@ mod tests {
                 },
                 after: None,
             },
+            Msg::Tell(Tell::Identify {
+                room: crate::types::RoomKey {
+                    app: "1".into(),
+                    channel: "private-qa".into(),
+                },
+                conn: crate::types::ConnId(43),
+                user: "u".into(),
+            }),
         ]
     }
 

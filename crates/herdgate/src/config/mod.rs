@@ -788,8 +788,9 @@ fn max_watchlist() -> usize {
 fn max_channel_bans() -> usize {
     10_000
 }
-/// The largest `max_channel_bans` (a ban costs ~150 bytes at its owner).
-pub const MAX_CHANNEL_BANS: usize = 1_000_000;
+/// The largest `max_channel_bans` (a ban costs ~150 bytes at its owner,
+/// and the bound holds per realtime worker: 15 MiB a worker at most).
+pub const MAX_CHANNEL_BANS: usize = 100_000;
 
 fn yes() -> bool {
     true

@@ -624,6 +624,7 @@ impl Api<'_> {
                 "bans are off for this app (max_channel_bans = 0)".into(),
             ));
         }
+        self.moderation_quota()?;
         let ask = Ask::Remove {
             room: self.room(name),
             user: Arc::from(user),
@@ -655,6 +656,7 @@ impl Api<'_> {
     async fn unban(&self, name: &str, user: &str) -> ApiResult {
         names::check_channel(name).map_err(ApiError::BadRequest)?;
         names::check_user_id(user).map_err(ApiError::BadRequest)?;
+        self.moderation_quota()?;
         let ask = Ask::Unban {
             room: self.room(name),
             user: Arc::from(user),
@@ -675,6 +677,22 @@ impl Api<'_> {
     /// its app authorized before now (plus [`REVOKE_MARGIN`] for clocks
     /// apart) is refused, so the next join asks the app's endpoint. The 200
     /// means both were done.
+    /// A moderation call counts as one event against the app's
+    /// `max_backend_events_per_second`: each costs a scan of the room at
+    /// its owner.
+    fn moderation_quota(&self) -> Result<(), ApiError> {
+        let quota = self.front.quotas().of(&self.app.id);
+        if quota.backend_events(self.app.features.max_backend_events_per_second, 1) {
+            return Ok(());
+        }
+        metrics::counter!("herdgate_api_quota_refusals_total", "quota" => "backend_events")
+            .increment(1);
+        Err(ApiError::TooManyRequests(
+            "the app is over its event quota (max_backend_events_per_second)".into(),
+            1,
+        ))
+    }
+
     async fn terminate(&self, user: &str) -> ApiResult {
         names::check_user_id(user).map_err(ApiError::BadRequest)?;
         let router = &self.front.node.router;

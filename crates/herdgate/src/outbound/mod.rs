@@ -215,6 +215,22 @@ impl Outbound {
         Push::Queued
     }
 
+    /// The channels of the removal notices queued and not yet claimed (see
+    /// [`crate::protocol::claim_removed_channel`]): a session reads them
+    /// before a client message, so that what the client does next meets a
+    /// socket that already forgot the channel. Nothing is taken from the
+    /// queue.
+    pub fn claim_queued_removals(&self) -> Vec<String> {
+        let s = self.lock();
+        if !s.removal {
+            return Vec::new();
+        }
+        s.queue
+            .iter()
+            .filter_map(crate::protocol::claim_removed_channel)
+            .collect()
+    }
+
     /// Ask the writer to close the socket after what is already queued.
     pub fn close(&self, order: CloseOrder) {
         let mut s = self.lock();
@@ -334,6 +350,35 @@ mod tests {
         assert_eq!(q.push(&f("abc")), Push::Queued);
         assert_eq!(q.queued_bytes(), 3);
         assert_eq!(q.push(&f("abc")), Push::Overflow);
+    }
+
+    /// A removal notice is claimed once: before a client message (still
+    /// queued) or as it is written, never both, so a channel the client
+    /// took again in between is not forgotten a second time.
+    #[test]
+    fn a_removal_notice_is_claimed_once_and_still_written() {
+        let q = Outbound::new(16, 1 << 20);
+        q.push(&Frame::from("{\"event\":\"e\"}"));
+        assert!(q.claim_queued_removals().is_empty());
+        q.push(&crate::protocol::removed("private-a", 0));
+        assert_eq!(q.claim_queued_removals(), ["private-a"]);
+        assert!(q.claim_queued_removals().is_empty(), "claimed once");
+        let d = q.drain();
+        assert!(d.removal);
+        assert_eq!(d.frames.len(), 2, "the notice is still written");
+        assert!(d
+            .frames
+            .iter()
+            .all(|f| crate::protocol::claim_removed_channel(f).is_none()));
+        // A notice written before any client message is claimed there.
+        q.push(&crate::protocol::removed("private-b", 0));
+        let d = q.drain();
+        let claimed: Vec<String> = d
+            .frames
+            .iter()
+            .filter_map(crate::protocol::claim_removed_channel)
+            .collect();
+        assert_eq!(claimed, ["private-b"]);
     }
 
     #[test]

@@ -25,9 +25,11 @@ struct Encoded {
     /// Set once a socket with compression asked: the compressed payload,
     /// or `None` when compressing did not make it smaller.
     deflated: OnceLock<Option<Bytes>>,
-    /// A moderator's removal notice ([`removed`]): the session that writes
-    /// it forgets the channel. Only the room's owner makes one.
+    /// A moderator's removal notice ([`removed`]): the session forgets the
+    /// channel once, when it first meets the notice (`claimed`). Only the
+    /// room's owner makes one, one per socket.
     removes: bool,
+    claimed: std::sync::atomic::AtomicBool,
 }
 
 /// RSV1: set on the first frame of a compressed message (RFC 7692 §6).
@@ -39,6 +41,7 @@ impl Frame {
             text,
             deflated: OnceLock::new(),
             removes: false,
+            claimed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -49,6 +52,7 @@ impl Frame {
             text: Utf8Bytes::try_from(text)?,
             deflated: OnceLock::new(),
             removes: true,
+            claimed: std::sync::atomic::AtomicBool::new(false),
         })))
     }
 
@@ -390,14 +394,20 @@ pub fn banned(channel: &str, retry_after: u64) -> Frame {
     )
 }
 
-/// The channel a removal notice names.
-pub fn removed_channel(frame: &Frame) -> Option<String> {
+/// The channel a removal notice names, the first time it is asked (then
+/// `None`): the session forgets that channel exactly once, whether it meets
+/// the notice in its queue before a client message or as it writes it.
+pub fn claim_removed_channel(frame: &Frame) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Notice {
         channel: String,
     }
-    frame
-        .removes()
+    let first = frame.removes()
+        && !frame
+            .0
+            .claimed
+            .swap(true, std::sync::atomic::Ordering::AcqRel);
+    first
         .then(|| serde_json::from_str::<Notice>(frame.as_str()).ok())
         .flatten()
         .map(|n| n.channel)

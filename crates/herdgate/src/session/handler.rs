@@ -17,6 +17,11 @@ type Handled = Result<(), End>;
 
 impl Session {
     pub(super) async fn handle_text(&mut self, text: &str) -> Handled {
+        // A moderator's removal queued and not yet written: forgotten now,
+        // so an unsubscribe and subscribe racing it meet the owner's truth.
+        for name in self.out.claim_queued_removals() {
+            self.channels.retain(|c| *c.name != *name);
+        }
         let frame = match protocol::parse_frame(text) {
             Ok(f) => f,
             Err(e) => return self.error(None, &e.to_string()),
@@ -396,10 +401,31 @@ impl Session {
         // Recorded before watching, so that the release signs out and
         // unwatches whatever this got to register.
         let watched = watchlist.clone();
+        let id: Arc<str> = Arc::from(id);
         self.user = Some(Box::new(super::SignedIn {
-            id: Arc::from(id),
+            id: id.clone(),
             watchlist,
         }));
+        // The channels it subscribed before signing in (pusher-js signs in
+        // and subscribes at once): their owners learn who it is now, so a
+        // moderator's removal names it and a ban of this user applies.
+        for ch in self
+            .channels
+            .iter()
+            .filter(|c| c.kind != ChannelKind::Presence)
+        {
+            let identify = Tell::Identify {
+                room: RoomKey {
+                    app: self.app.id.clone(),
+                    channel: ch.name.clone(),
+                },
+                conn: self.id,
+                user: id.clone(),
+            };
+            if router.tell(identify).await.is_err() {
+                return Err(End::shutdown());
+            }
+        }
         // After signin_success: the owners of the watched users tell this
         // socket who is online, then every transition.
         let watch = Join::Watch {

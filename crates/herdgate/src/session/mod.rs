@@ -320,7 +320,11 @@ fn take_queue<T: Transport>(
 ) -> Option<CloseOrder> {
     let d = out.drain();
     if d.removal {
-        for name in d.frames.iter().filter_map(crate::protocol::removed_channel) {
+        for name in d
+            .frames
+            .iter()
+            .filter_map(crate::protocol::claim_removed_channel)
+        {
             channels.retain(|c| *c.name != *name);
         }
     }

@@ -8,7 +8,8 @@
 //! Bounded per app (`max_channel_bans` at this owner): a full list refuses
 //! the next ban rather than evicting one (evicting would lift a ban nobody
 //! lifted). Expired bans go when met (a join, a lift) and, when the list is
-//! full, in one sweep of the app's bans before a new one is refused.
+//! full, in one sweep of that app's bans before a new one is refused (none
+//! before the app's earliest ban ends).
 
 use crate::types::RoomKey;
 use std::collections::HashMap;
@@ -18,15 +19,28 @@ use tokio::time::Instant;
 
 #[derive(Default)]
 pub(super) struct Bans {
-    rooms: HashMap<RoomKey, HashMap<Arc<str>, Instant>>,
-    /// Bans held per app (expired ones included until swept).
-    per_app: HashMap<Arc<str>, usize>,
+    apps: HashMap<Arc<str>, AppBans>,
+}
+
+/// One app's bans at this owner.
+#[derive(Default)]
+struct AppBans {
+    /// channel → user → until.
+    rooms: HashMap<Arc<str>, HashMap<Arc<str>, Instant>>,
+    count: usize,
+    /// No ban of the app ends before this: a sweep before it finds nothing.
+    earliest: Option<Instant>,
 }
 
 impl Bans {
     /// How long `user` is still banned from `room`, if they are.
     pub fn banned(&mut self, room: &RoomKey, user: &str, now: Instant) -> Option<Duration> {
-        let until = *self.rooms.get(room)?.get(user)?;
+        let until = *self
+            .apps
+            .get(&room.app)?
+            .rooms
+            .get(&room.channel)?
+            .get(user)?;
         if until > now {
             return Some(until - now);
         }
@@ -45,18 +59,26 @@ impl Bans {
         max: usize,
         now: Instant,
     ) -> bool {
-        let there = self.rooms.get(room).is_some_and(|r| r.contains_key(user));
-        if !there && self.count(&room.app) >= max {
-            self.sweep(&room.app, now);
-            if self.count(&room.app) >= max {
+        let a = self.apps.entry(room.app.clone()).or_default();
+        let there = a
+            .rooms
+            .get(&room.channel)
+            .is_some_and(|r| r.contains_key(user));
+        if !there && a.count >= max {
+            a.sweep(now);
+            if a.count >= max {
+                if a.count == 0 {
+                    self.apps.remove(&room.app);
+                }
                 return false;
             }
         }
         if !there {
-            *self.per_app.entry(room.app.clone()).or_default() += 1;
+            a.count += 1;
         }
-        self.rooms
-            .entry(room.clone())
+        a.earliest = Some(a.earliest.map_or(until, |e| e.min(until)));
+        a.rooms
+            .entry(room.channel.clone())
             .or_default()
             .insert(user.clone(), until);
         true
@@ -64,52 +86,114 @@ impl Bans {
 
     /// `false`: there was no ban to lift.
     pub fn lift(&mut self, room: &RoomKey, user: &str) -> bool {
-        let Some(r) = self.rooms.get_mut(room) else {
+        let Some(a) = self.apps.get_mut(&room.app) else {
+            return false;
+        };
+        let Some(r) = a.rooms.get_mut(&room.channel) else {
             return false;
         };
         if r.remove(user).is_none() {
             return false;
         }
         if r.is_empty() {
-            self.rooms.remove(room);
+            a.rooms.remove(&room.channel);
         }
-        self.forget_one(&room.app);
+        a.count -= 1;
+        if a.count == 0 {
+            self.apps.remove(&room.app);
+        }
         true
     }
 
-    fn count(&self, app: &str) -> usize {
-        self.per_app.get(app).copied().unwrap_or(0)
-    }
-
-    fn forget_one(&mut self, app: &Arc<str>) {
-        if let Some(n) = self.per_app.get_mut(app) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_app.remove(app);
-            }
-        }
-    }
-
-    /// Drop the app's expired bans.
-    fn sweep(&mut self, app: &Arc<str>, now: Instant) {
-        let mut gone = 0;
-        self.rooms.retain(|room, users| {
-            if room.app == *app {
-                let before = users.len();
-                users.retain(|_, until| *until > now);
-                gone += before - users.len();
-            }
-            !users.is_empty()
+    /// Keep only the bans of the rooms `keep` picks (the rooms this owner
+    /// still holds after a view change: the others' bans do not move).
+    pub fn retain(&mut self, keep: &dyn Fn(&RoomKey) -> bool) {
+        self.apps.retain(|app, a| {
+            a.rooms.retain(|channel, users| {
+                let key = RoomKey {
+                    app: app.clone(),
+                    channel: channel.clone(),
+                };
+                let kept = keep(&key);
+                if !kept {
+                    a.count -= users.len();
+                }
+                kept
+            });
+            a.count > 0
         });
-        for _ in 0..gone {
-            self.forget_one(app);
-        }
     }
 
     /// Bans held, for tests.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.per_app.values().sum()
+        self.apps.values().map(|a| a.count).sum()
+    }
+}
+
+impl AppBans {
+    /// Drop the expired bans (nothing to do before the earliest end).
+    fn sweep(&mut self, now: Instant) {
+        if self.earliest.is_none_or(|e| e > now) {
+            return;
+        }
+        let mut earliest: Option<Instant> = None;
+        let mut count = 0;
+        self.rooms.retain(|_, users| {
+            users.retain(|_, until| *until > now);
+            for until in users.values() {
+                earliest = Some(earliest.map_or(*until, |e| e.min(*until)));
+            }
+            count += users.len();
+            !users.is_empty()
+        });
+        self.count = count;
+        self.earliest = earliest;
+    }
+}
+
+/// Sockets a moderator removed lately, per room: a silent re-registration
+/// of one (its edge's link came back before the edge heard of the removal,
+/// or the notice was lost with the link) is refused with the notice again,
+/// instead of quietly undoing the removal. Bounded: [`MAX_RECENT`] entries,
+/// each kept [`RECENT_FOR`]; at the bound the oldest goes.
+#[derive(Default)]
+pub(super) struct Recent {
+    order: std::collections::VecDeque<(Instant, RoomKey, crate::types::ConnId)>,
+    set: std::collections::HashSet<(RoomKey, crate::types::ConnId)>,
+}
+
+/// Removed sockets remembered per realtime worker.
+pub const MAX_RECENT: usize = 10_000;
+/// How long: past a link's lease and a handover, with room to spare.
+pub const RECENT_FOR: Duration = Duration::from_secs(120);
+
+impl Recent {
+    pub fn note(&mut self, room: &RoomKey, conn: crate::types::ConnId, now: Instant) {
+        self.expire(now);
+        if self.order.len() >= MAX_RECENT {
+            if let Some((_, r, c)) = self.order.pop_front() {
+                self.set.remove(&(r, c));
+            }
+        }
+        if self.set.insert((room.clone(), conn)) {
+            self.order.push_back((now, room.clone(), conn));
+        }
+    }
+
+    pub fn contains(&mut self, room: &RoomKey, conn: crate::types::ConnId, now: Instant) -> bool {
+        self.expire(now);
+        self.set.contains(&(room.clone(), conn))
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _, _)) = self.order.front() {
+            if now.duration_since(*at) < RECENT_FOR {
+                break;
+            }
+            let (_, r, c) = self.order.pop_front().expect("a front");
+            self.set.remove(&(r, c));
+        }
     }
 }
 
@@ -265,6 +349,44 @@ mod tests {
         assert!(!r.voids("1", [Some("nobody"), None], 5_000));
         assert!(r.voids("1", [Some("x9999"), None], 15_998));
         assert!(r.apps["1"].users.len() <= MAX_REVOKED);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bans_of_rooms_that_moved_away_go_and_free_their_places() {
+        let mut b = Bans::default();
+        let now = Instant::now();
+        let until = now + Duration::from_secs(60);
+        assert!(b.ban(&room("1", "a"), &Arc::from("u"), until, 2, now));
+        assert!(b.ban(&room("1", "b"), &Arc::from("u"), until, 2, now));
+        b.retain(&|k: &RoomKey| &*k.channel == "a");
+        assert_eq!(b.banned(&room("1", "b"), "u", now), None);
+        assert!(b.banned(&room("1", "a"), "u", now).is_some());
+        assert!(
+            b.ban(&room("1", "c"), &Arc::from("u"), until, 2, now),
+            "a place freed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recently_removed_sockets_are_remembered_for_a_while_and_bounded() {
+        let mut r = Recent::default();
+        let c = crate::types::ConnId(7);
+        let now = Instant::now();
+        r.note(&room("1", "a"), c, now);
+        assert!(r.contains(&room("1", "a"), c, now));
+        assert!(!r.contains(&room("1", "b"), c, now));
+        tokio::time::advance(RECENT_FOR).await;
+        assert!(!r.contains(&room("1", "a"), c, Instant::now()));
+        for i in 0..(MAX_RECENT as u64 + 5) {
+            r.note(&room("1", "a"), crate::types::ConnId(i), Instant::now());
+        }
+        assert_eq!(r.order.len(), MAX_RECENT);
+        assert!(!r.contains(&room("1", "a"), crate::types::ConnId(0), Instant::now()));
+        assert!(r.contains(
+            &room("1", "a"),
+            crate::types::ConnId(MAX_RECENT as u64 + 4),
+            Instant::now()
+        ));
     }
 
     #[test]

@@ -225,6 +225,7 @@ fn spawn(
         watchers: HashMap::new(),
         bans: Default::default(),
         revoked: Default::default(),
+        recent: Default::default(),
         direct: true,
     };
     tokio::spawn(worker.run(rx));
@@ -290,6 +291,8 @@ struct Worker {
     bans: bans::Bans,
     /// Users whose grants `terminate_connections` revoked.
     revoked: bans::Revoked,
+    /// Sockets a moderator removed lately (refused a silent re-registration).
+    recent: bans::Recent,
     /// Fan-outs may write idle sockets in place: no backlog in the mailbox
     /// (see [`crate::outbound::direct`]).
     direct: bool,
@@ -495,6 +498,7 @@ impl Worker {
                 self.coalesced.retain(|k, _| keep(k));
                 self.tallies.retain(|k, _| keep(k));
                 self.cache.retain(&*keep);
+                self.bans.retain(&*keep);
                 // Rooms that moved away take no debounce with them: what
                 // waits for them is sent now, before their new owner can
                 // emit anything for them.
@@ -748,11 +752,19 @@ impl Worker {
         // signature, a grant) and on every edge: refused here, told why.
         // A re-homed socket (silent) still held the room elsewhere: it is
         // told it was removed, so its edge and session forget it too.
+        let now = Instant::now();
+        // A re-registration of a socket a moderator removed here lately (its
+        // edge had not heard of it yet): told again, not taken back.
+        if shed.silent && self.recent.contains(&key, id, now) {
+            to.remove(&key, id, &protocol::removed(&key.channel, 0));
+            return false;
+        }
         let named = user.as_deref().or(signed_in.as_deref());
-        if let Some(left) = named.and_then(|u| self.bans.banned(&key, u, Instant::now())) {
+        if let Some(left) = named.and_then(|u| self.bans.banned(&key, u, now)) {
             metrics::counter!("herdgate_moderation_total", "action" => "refused").increment(1);
+            let secs = u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX);
             if shed.silent {
-                to.remove(&key, id, &protocol::removed(&key.channel, 0));
+                to.remove(&key, id, &protocol::removed(&key.channel, secs));
             } else {
                 to.push_one(
                     &key,

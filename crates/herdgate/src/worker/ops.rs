@@ -145,6 +145,26 @@ impl Worker {
             Tell::Leave { room, conn, shed } => self.unsubscribe(room, conn, shed),
             Tell::SignOut { room, conn } => self.sign_out(&room, conn),
             Tell::Unwatch { room, conn } => self.unwatch(&room, conn),
+            Tell::Identify { room, conn, user } => self.identify(room, conn, user),
+        }
+    }
+
+    /// A subscriber of a non-presence room signed in as `user`: recorded
+    /// (a removal names it now), and out at once if `user` is banned here.
+    fn identify(&mut self, room: RoomKey, conn: ConnId, user: Arc<str>) {
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(to) = r.identify(conn, &user) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        if let Some(left) = self.bans.banned(&room, &user, now) {
+            metrics::counter!("herdgate_moderation_total", "action" => "refused").increment(1);
+            let secs = u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX);
+            self.unsubscribe(room.clone(), conn, crate::types::Shed::default());
+            self.recent.note(&room, conn, now);
+            to.remove(&room, conn, &protocol::removed(&room.channel, secs));
         }
     }
 
@@ -247,11 +267,13 @@ impl Worker {
             .get(&room)
             .map(|r| r.sockets_of(&user))
             .unwrap_or_default();
-        let notice = protocol::removed(&room.channel, secs);
         let everyone = crate::types::Shed::default();
+        let now = tokio::time::Instant::now();
         for (conn, to) in &sockets {
             self.unsubscribe(room.clone(), *conn, everyone);
-            to.remove(&room, *conn, &notice);
+            self.recent.note(&room, *conn, now);
+            // One notice per socket: each session claims its own.
+            to.remove(&room, *conn, &protocol::removed(&room.channel, secs));
         }
         metrics::counter!("herdgate_moderation_total", "action" => "remove").increment(1);
         Answer::Removed {
@@ -357,8 +379,13 @@ mod tests {
         assert!(d.removal, "the notice is marked for the session");
         assert_eq!(d.frames.len(), 1);
         assert_eq!(
-            protocol::removed_channel(&d.frames[0]).as_deref(),
+            protocol::claim_removed_channel(&d.frames[0]).as_deref(),
             Some("presence-qa")
+        );
+        assert_eq!(
+            protocol::claim_removed_channel(&d.frames[0]),
+            None,
+            "claimed once"
         );
         let spam = Frame::from("{\"event\":\"client-spam\",\"channel\":\"presence-qa\"}");
         p.client_event(room(), spam, ConnId(1)).await.unwrap();

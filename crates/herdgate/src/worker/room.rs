@@ -153,6 +153,23 @@ impl Room {
         self.subscribers.contains_key(&id)
     }
 
+    /// Socket `id`, subscribed here but not as a presence member, is `user`
+    /// from now on; where it is (`None`: not here, or a member).
+    pub fn identify(&mut self, id: ConnId, user: &Arc<str>) -> Option<Target> {
+        let e = self.subscribers.get_mut(&id)?;
+        if e.user
+            .as_ref()
+            .is_some_and(|u| self.members.contains_key(u))
+        {
+            return None;
+        }
+        e.user = Some(user.clone());
+        if let Some(l) = self.local.iter_mut().find(|l| l.id == id) {
+            l.user = Some(user.clone());
+        }
+        Some(e.to.clone())
+    }
+
     /// The sockets that joined as `user`, and where they are.
     pub fn sockets_of(&self, user: &str) -> Vec<(ConnId, Target)> {
         self.subscribers

@@ -15,6 +15,7 @@ mod fuzz_regressions;
 mod grants;
 mod http_api;
 mod http_fallback;
+mod moderation;
 mod parity;
 mod protocol;
 mod realaddr;

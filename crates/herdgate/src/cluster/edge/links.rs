@@ -556,18 +556,27 @@ async fn on_message(edge: &Arc<Edge>, link: &Arc<WorkerLink>, msg: Msg) -> Resul
             conn,
             frame,
         } => {
+            // Taken even from a worker that no longer owns the room (the
+            // removal raced a move): it only takes a place away. The
+            // current owner, which the socket was registered with again
+            // meanwhile, is told the socket left.
             let room = key(app, channel);
-            if let (true, Ok(notice)) = (edge.accepts(link, &room), Frame::removal(frame)) {
-                edge.rooms
-                    .send(
-                        &room.clone(),
-                        RoomCmd::Removed {
-                            room,
-                            conn: ConnId(conn),
-                            notice,
-                        },
-                    )
-                    .await;
+            let Ok(notice) = Frame::removal(frame) else {
+                return Ok(());
+            };
+            let owner = edge.accepts(link, &room);
+            edge.rooms
+                .send(
+                    &room.clone(),
+                    RoomCmd::Removed {
+                        room: room.clone(),
+                        conn: ConnId(conn),
+                        notice,
+                    },
+                )
+                .await;
+            if !owner {
+                edge.leave_current_owner(&room, ConnId(conn));
             }
         }
         Msg::Reply { id, reply } => match edge.pending.take(id) {

@@ -378,6 +378,11 @@ impl Edge {
                 room: room.clone(),
                 conn: *conn,
             },
+            Tell::Identify { room, conn, user } => RoomCmd::Identify {
+                room: room.clone(),
+                conn: *conn,
+                user: user.clone(),
+            },
         };
         self.rooms.send(tell.room(), here).await;
         let room = tell.room().clone();
@@ -635,6 +640,19 @@ impl Edge {
     /// Tell `room`'s owner something it may miss: forgetting is recorded
     /// here first, and an owner out of reach learns it from the
     /// registrations its link replays (or drops the edge's state with it).
+    /// Tell the room's current owner that `conn` left, without waiting (a
+    /// full link queue drops it: the link's policy then closes and replays
+    /// the link, which registers only what the edge still holds).
+    pub(super) fn leave_current_owner(&self, room: &RoomKey, conn: ConnId) {
+        if let Ok((_, tx)) = self.route(room) {
+            let _ = tx.try_send(&Msg::Tell(Tell::Leave {
+                room: room.clone(),
+                conn,
+                shed: Shed::default(),
+            }));
+        }
+    }
+
     async fn tell_owner(&self, room: &RoomKey, msg: Msg) {
         if let Ok((_, tx)) = self.route(room) {
             let _ = tokio::time::timeout(REGISTER_WAIT, tx.send(&msg)).await;

@@ -134,6 +134,12 @@ pub(super) enum RoomCmd {
         conn: ConnId,
         code: u16,
     },
+    /// The socket signed in as `user` (kept for its re-registrations).
+    Identify {
+        room: RoomKey,
+        conn: ConnId,
+        user: Arc<str>,
+    },
     /// The owner took the socket out of the room (a moderator): forgotten
     /// here, and told with `notice`.
     Removed {
@@ -344,6 +350,15 @@ impl Shard {
                     if u.is_empty() {
                         self.users.remove(&room);
                     }
+                }
+            }
+            RoomCmd::Identify { room, conn, user } => {
+                if let Some(s) = self
+                    .rooms
+                    .get_mut(&room)
+                    .and_then(|r| r.subs.get_mut(&conn))
+                {
+                    s.user = Some(user);
                 }
             }
             RoomCmd::Removed { room, conn, notice } => {
