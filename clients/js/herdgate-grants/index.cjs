@@ -44,6 +44,7 @@ function withGrants(pusher) {
   /** channel -> {grant, channelData, expiresAt (monotonic ms), timer} */
   const grants = new Map();
   Object.defineProperty(pusher, '__herdgateGrants', { value: grants });
+  Object.defineProperty(pusher, '__herdgateSigninGrant', { get: () => signinGrant });
   /** channel -> channel_data of its last authorization by the app. */
   const fromApp = new Map();
   /** channels whose current subscription presented a grant. */
@@ -108,6 +109,42 @@ function withGrants(pusher) {
     }, viaApp);
   };
 
+  // Sign-ins: the same, through pusher-js's user authenticator. One grant
+  // (the user this page signs in as), presented with the user_data it was
+  // made for; refused, the app's endpoint is asked and the sign-in sent
+  // again, so pusher-js sees only the sign-in succeed.
+  /** {grant, userData, expiresAt, timer} */
+  let signinGrant = null;
+  /** user_data of the app's last sign-in authorization. */
+  let signinFromApp = null;
+  let presentingSignin = false;
+  const forgetSignin = () => {
+    if (signinGrant && signinGrant.timer) clearTimeout(signinGrant.timer);
+    signinGrant = null;
+  };
+  const originalUser = pusher.config.userAuthenticator;
+  const userViaApp = (params, callback) => {
+    presentingSignin = false;
+    originalUser(params, (err, res) => {
+      if (!err && res) signinFromApp = res.user_data;
+      callback(err, res);
+    });
+  };
+  if (typeof originalUser === 'function') {
+    pusher.config.userAuthenticator = (params, callback) => {
+      const viaApp = () => userViaApp(params, callback);
+      ready.then(() => {
+        const g = signinGrant;
+        const own = params.socketId === pusher.connection.socket_id && SOCKET_ID.test(params.socketId);
+        if (!keys || !g || !own || monotonic() > g.expiresAt - 2000) return viaApp();
+        sign(params.socketId, g.grant).then((auth) => {
+          presentingSignin = true;
+          callback(null, { auth, user_data: g.userData });
+        }, viaApp);
+      }, viaApp);
+    };
+  }
+
   // Offer the key with each private or presence subscription, and hide a
   // refused grant from the app: drop it and subscribe again through the
   // app's endpoint.
@@ -147,7 +184,53 @@ function withGrants(pusher) {
     if (name === 'pusher:unsubscribe' && data && typeof data.channel === 'string') {
       forget(data.channel);
     }
+    if (name === 'pusher:signin' && data && publicKey) {
+      data = Object.assign({}, data, { grant: { key: publicKey } });
+    }
     return send(name, data, channel);
+  };
+
+  const renewSignin = () => {
+    const g = signinGrant;
+    const socketId = pusher.connection.socket_id;
+    if (!g || !socketId || pusher.connection.state !== 'connected') return;
+    sign(socketId, g.grant).then(
+      (auth) => send('herdgate:grant', { signin: true, auth, user_data: g.userData }),
+      () => {},
+    );
+  };
+
+  const onSigninGrant = (d) => {
+    if (typeof d.refused === 'string') {
+      const was = presentingSignin;
+      presentingSignin = false;
+      if (d.refused === 'busy' && !was && signinGrant) {
+        // A renewal the server had no budget for: later.
+        const left = Math.max(0, signinGrant.expiresAt - monotonic());
+        signinGrant.timer = setTimeout(renewSignin, left * (0.2 + 0.3 * Math.random()));
+        if (signinGrant.timer && typeof signinGrant.timer.unref === 'function') signinGrant.timer.unref();
+        return;
+      }
+      forgetSignin();
+      if (was && typeof originalUser === 'function') {
+        // The grant was not taken: sign in through the app, as pusher-js
+        // would have (it still waits for signin_success).
+        const socketId = pusher.connection.socket_id;
+        userViaApp({ socketId }, (err, res) => {
+          if (!err && res) pusher.send_event('pusher:signin', { auth: res.auth, user_data: res.user_data });
+        });
+      }
+      return;
+    }
+    if (typeof d.grant !== 'string') return;
+    const userData = presentingSignin && signinGrant ? signinGrant.userData : signinFromApp;
+    presentingSignin = false;
+    forgetSignin();
+    if (typeof userData !== 'string') return;
+    const ttlMs = Math.max(0, Number(d.ttl) || 0) * 1000;
+    signinGrant = { grant: d.grant, userData, expiresAt: monotonic() + ttlMs, timer: null };
+    signinGrant.timer = setTimeout(renewSignin, ttlMs * (0.4 + 0.2 * Math.random()));
+    if (signinGrant.timer && typeof signinGrant.timer.unref === 'function') signinGrant.timer.unref();
   };
 
   const renew = (channel) => {
@@ -169,6 +252,7 @@ function withGrants(pusher) {
     } catch (e) {
       return;
     }
+    if (d && d.signin === true) return onSigninGrant(d);
     if (!d || typeof d.channel !== 'string') return;
     if (d.refused === 'busy') {
       // The server is saving its checks: keep the grant, try again later.

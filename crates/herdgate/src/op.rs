@@ -74,6 +74,10 @@ pub enum Ask {
         user: Arc<str>,
         before: u64,
     },
+    /// Whether a grant of the user whose `#server-to-user-` room is `room`,
+    /// authorized at `authorized`, was revoked (a sign-in by grant asks the
+    /// user's owner first): [`Answer::Revoked`].
+    Revoked { room: RoomKey, authorized: u64 },
 }
 
 /// Who answers an [`Ask`].
@@ -93,7 +97,8 @@ impl Ask {
             | Ask::History { room, .. }
             | Ask::Terminate { room }
             | Ask::Remove { room, .. }
-            | Ask::Unban { room, .. } => Scope::Room(room),
+            | Ask::Unban { room, .. }
+            | Ask::Revoked { room, .. } => Scope::Room(room),
             Ask::Rooms { .. } | Ask::Revoke { .. } => Scope::Every,
         }
     }
@@ -110,6 +115,7 @@ impl Ask {
             Ask::Remove { .. } => "remove",
             Ask::Unban { .. } => "unban",
             Ask::Revoke { .. } => "revoke",
+            Ask::Revoked { .. } => "revoked",
         }
     }
 }
@@ -131,6 +137,8 @@ pub enum Answer {
     BansFull,
     /// Whether there was a ban to lift.
     Lifted(bool),
+    /// Whether the grant asked about was revoked.
+    Revoked(bool),
 }
 
 /// A place a socket takes at the owner of a room (or, for a watch, of the
@@ -304,6 +312,13 @@ impl Answer {
     pub fn lifted(self) -> Result<bool, RouteError> {
         match self {
             Answer::Lifted(l) => Ok(l),
+            a => Err(unexpected(a)),
+        }
+    }
+
+    pub fn revoked(self) -> Result<bool, RouteError> {
+        match self {
+            Answer::Revoked(r) => Ok(r),
             a => Err(unexpected(a)),
         }
     }

@@ -873,6 +873,14 @@ mod tests {
                 conn: crate::types::ConnId(43),
                 user: "u".into(),
             }),
+            Msg::Ask {
+                id: 17,
+                ask: Ask::Revoked {
+                    room: crate::types::RoomKey::user(&"1".into(), "u"),
+                    authorized: 1_796_000_000,
+                },
+                after: None,
+            },
         ]
     }
 

@@ -281,6 +281,44 @@ pub fn grant(channel: &str, grant: &str, expires: u64, ttl: u64) -> Frame {
 }
 
 /// `herdgate:grant` refusing to renew `channel`'s grant, and why.
+/// `herdgate:grant` for a sign-in: `{"signin": true, grant, expires, ttl}`.
+pub fn signin_grant(grant: &str, expires: u64, ttl: u64) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        signin: bool,
+        grant: &'a str,
+        expires: u64,
+        ttl: u64,
+    }
+    internal(
+        "herdgate:grant",
+        None,
+        &D {
+            signin: true,
+            grant,
+            expires,
+            ttl,
+        },
+    )
+}
+
+/// A sign-in grant not taken (or not renewed): `{"signin": true, refused}`.
+pub fn signin_grant_refused(refused: &str) -> Frame {
+    #[derive(Serialize)]
+    struct D<'a> {
+        signin: bool,
+        refused: &'a str,
+    }
+    internal(
+        "herdgate:grant",
+        None,
+        &D {
+            signin: true,
+            refused,
+        },
+    )
+}
+
 pub fn grant_refused(channel: &str, refused: &str) -> Frame {
     #[derive(Serialize)]
     struct D<'a> {

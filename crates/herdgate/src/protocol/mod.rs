@@ -74,6 +74,10 @@ pub struct UnsubscribeData {
 pub struct SigninData {
     pub auth: String,
     pub user_data: String,
+    /// herdgate extension: the key a sign-in grant should name
+    /// (docs/PROTOCOL.md "Auth grants").
+    #[serde(default)]
+    pub grant: Option<GrantOffer>,
 }
 
 /// The parsed `channel_data` of a presence subscription.

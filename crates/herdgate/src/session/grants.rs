@@ -15,13 +15,19 @@ use std::sync::Arc;
 type Handled = Result<(), End>;
 
 /// A `herdgate:grant` from the client: renew the grant of a channel it
-/// holds, presenting the current one over this socket.
+/// holds (or, with `signin`, of its sign-in), presenting the current one
+/// over this socket.
 #[derive(Debug, serde::Deserialize)]
 pub struct Renew {
+    #[serde(default)]
     pub channel: String,
     pub auth: String,
     #[serde(default)]
     pub channel_data: Option<String>,
+    #[serde(default)]
+    pub signin: bool,
+    #[serde(default)]
+    pub user_data: Option<String>,
 }
 
 impl Session {
@@ -66,6 +72,147 @@ impl Session {
         })
     }
 
+    /// Check a sign-in grant presented in a `pusher:signin`'s `auth` (with
+    /// the `user_data` it was made for): the grant, or why not (a
+    /// `herdgate:grant` refusal reason).
+    pub(super) fn take_signin_grant(
+        &mut self,
+        app: &App,
+        d: &protocol::SigninData,
+        now: u64,
+    ) -> Result<Grant, &'static str> {
+        let Some(settings) = app.features.auth_grants else {
+            return Err("off");
+        };
+        let presented = grant::Presented {
+            auth: &d.auth,
+            kind: Kind::SignIn,
+            name: "",
+            socket_id: &self.socket_id(),
+            data: &d.user_data,
+        };
+        let limits = Limits {
+            ttl: settings.ttl.as_secs(),
+            max_age: settings.max_age.as_secs(),
+        };
+        let proven = self.proven.as_deref();
+        let budget = || self.ctx.grant_checks();
+        let creds = (&*app.id, &*app.key, &*app.secret);
+        match grant::check(creds, &presented, limits, now, proven, budget) {
+            Ok((g, proof)) => {
+                self.proven = Some(Box::new(proof));
+                Ok(g)
+            }
+            Err(why) => {
+                metrics::counter!("herdgate_auth_grants_total", "result" => why.label())
+                    .increment(1);
+                Err(why.label())
+            }
+        }
+    }
+
+    /// The sign-in grant to hand out once signed in as `user`: renewing
+    /// `taken`, or a first one for the key the sign-in offered.
+    pub(super) fn signin_grant_for(
+        &self,
+        app: &App,
+        d: &protocol::SigninData,
+        user: &str,
+        taken: Option<Grant>,
+        now: u64,
+    ) -> Option<Grant> {
+        let settings = app.features.auth_grants?;
+        let ttl = settings.ttl.as_secs();
+        if let Some(g) = taken {
+            let expires = (now + ttl).min(g.authorized.saturating_add(settings.max_age.as_secs()));
+            return (expires > now).then_some(Grant {
+                issued: now,
+                expires,
+                ..g
+            });
+        }
+        let key = grant::parse_key(&d.grant.as_ref()?.key)?;
+        Some(Grant {
+            kind: Kind::SignIn,
+            authorized: now,
+            issued: now,
+            expires: now + ttl,
+            key,
+            name: String::new(),
+            data_hash: grant::data_hash(&d.user_data),
+            user: user.to_string(),
+        })
+    }
+
+    /// Send a sign-in grant to the socket as `herdgate:grant`.
+    pub(super) fn hand_signin_grant(&self, app: &App, g: &Grant) {
+        let Some(text) = grant::mint(&app.id, &app.secret, g) else {
+            return;
+        };
+        metrics::counter!("herdgate_auth_grants_total", "result" => "issued").increment(1);
+        let ttl = g.expires.saturating_sub(g.issued);
+        self.out
+            .push(&protocol::signin_grant(&text, g.expires, ttl));
+    }
+
+    /// `herdgate:grant` with `signin`: renew the sign-in's grant.
+    async fn renew_signin_grant(&mut self, app: Arc<App>, r: Renew) -> Handled {
+        let refuse = |why: &str| protocol::signin_grant_refused(why);
+        let Some(settings) = app.features.auth_grants else {
+            self.out.push(&refuse("off"));
+            return Ok(());
+        };
+        let Some(user) = self.user.as_ref().map(|u| u.id.clone()) else {
+            self.out.push(&refuse("not_signed_in"));
+            return Ok(());
+        };
+        let now = crate::clock::unix_now().as_secs();
+        let data = r.user_data.unwrap_or_default();
+        let presented = grant::Presented {
+            auth: &r.auth,
+            kind: Kind::SignIn,
+            name: "",
+            socket_id: &self.socket_id(),
+            data: &data,
+        };
+        let limits = Limits {
+            ttl: settings.ttl.as_secs(),
+            max_age: settings.max_age.as_secs(),
+        };
+        let proven = self.proven.as_deref();
+        let budget = || self.ctx.grant_checks();
+        let creds = (&*app.id, &*app.key, &*app.secret);
+        match grant::check(creds, &presented, limits, now, proven, budget) {
+            Ok((g, proof)) if *g.user == *user => {
+                self.proven = Some(Box::new(proof));
+                let ttl = settings.ttl.as_secs();
+                let expires =
+                    (now + ttl).min(g.authorized.saturating_add(settings.max_age.as_secs()));
+                if expires > now {
+                    self.hand_signin_grant(
+                        &app,
+                        &Grant {
+                            issued: now,
+                            expires,
+                            ..g
+                        },
+                    );
+                }
+            }
+            Ok(_) => {
+                metrics::counter!("herdgate_auth_grants_total", "result" => "other_user")
+                    .increment(1);
+                self.out.push(&refuse("other_user"));
+            }
+            Err(why) => {
+                metrics::counter!("herdgate_auth_grants_total", "result" => why.label())
+                    .increment(1);
+                self.out.push(&refuse(why.label()));
+            }
+        }
+        Ok(())
+    }
+
     /// Send `g` to the socket as `herdgate:grant`.
     pub(super) fn hand_grant(&self, app: &App, g: &Grant) {
         let Some(text) = grant::mint(&app.id, &app.secret, g) else {
@@ -84,8 +231,15 @@ impl Session {
         // `busy` (and retries), and drops it on any other.
         let refuse = |why: &str| protocol::grant_refused(&r.channel, why);
         if !self.channel_op("grant") {
-            self.out.push(&refuse("busy"));
+            self.out.push(&if r.signin {
+                protocol::signin_grant_refused("busy")
+            } else {
+                refuse("busy")
+            });
             return Ok(());
+        }
+        if r.signin {
+            return self.renew_signin_grant(app, r).await;
         }
         let Some(settings) = app.features.auth_grants else {
             self.out.push(&refuse("off"));

@@ -320,9 +320,24 @@ impl Session {
                 "too many sign-ins per second on this connection; retry later",
             );
         }
-        let signed = auth::signin_string(&self.socket_id(), &d.user_data);
         let app = self.current_app()?;
-        if !auth::verify_token(&app.key, &app.secret, &signed, &d.auth) {
+        let now = crate::clock::unix_now().as_secs();
+        // A sign-in grant presented instead of the app's signature: checked
+        // as a channel's is; refused without closing (the plugin then asks
+        // the app's endpoint).
+        let taken = if auth::grant::is_presentation(&d.auth) {
+            match self.take_signin_grant(&app, &d, now) {
+                Ok(g) => Some(g),
+                Err(why) => {
+                    self.out.push(&protocol::signin_grant_refused(why));
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        let signed = auth::signin_string(&self.socket_id(), &d.user_data);
+        if taken.is_none() && !auth::verify_token(&app.key, &app.secret, &signed, &d.auth) {
             self.out.push(&protocol::error(
                 Some(codes::UNAUTHORIZED),
                 "invalid sign-in signature",
@@ -373,6 +388,32 @@ impl Session {
         watchlist.sort();
         watchlist.dedup();
         let router = &self.ctx.node.router;
+        if let Some(g) = &taken {
+            // terminate_connections revoked the user's grants since? Their
+            // owner keeps the revocation: asked before anything is done.
+            let ask = crate::op::Ask::Revoked {
+                room: RoomKey::user(&self.app.id, &id),
+                authorized: g.authorized,
+            };
+            let wait = std::time::Duration::from_secs(2);
+            match router
+                .ask(ask, wait)
+                .await
+                .and_then(crate::op::Answer::revoked)
+            {
+                Ok(false) => {}
+                Ok(true) => {
+                    metrics::counter!("herdgate_auth_grants_total", "result" => "revoked")
+                        .increment(1);
+                    self.out.push(&protocol::signin_grant_refused("revoked"));
+                    return Ok(());
+                }
+                Err(_) => {
+                    self.out.push(&protocol::signin_grant_refused("busy"));
+                    return Ok(());
+                }
+            }
+        }
         if let Some(old) = self.user.take() {
             old.release(router, &self.app.id, self.id).await;
         }
@@ -398,6 +439,9 @@ impl Session {
             Err(_) => return Err(End::shutdown()),
         }
         self.out.push(&protocol::signin_success(&d.user_data));
+        if let Some(g) = self.signin_grant_for(&app, &d, &id, taken, now) {
+            self.hand_signin_grant(&app, &g);
+        }
         // Recorded before watching, so that the release signs out and
         // unwatches whatever this got to register.
         let watched = watchlist.clone();

@@ -129,6 +129,13 @@ impl Worker {
                     .revoke(&app, &user, before, max_age.max(3600), now);
                 Answer::Done
             }
+            Ask::Revoked { room, authorized } => {
+                let user = room.user_id();
+                Answer::Revoked(
+                    self.revoked
+                        .voids(&room.app, [Some(user), None], authorized),
+                )
+            }
             Ask::Unban { room, user } => {
                 let lifted = self.bans.lift(&room, &user);
                 if lifted {

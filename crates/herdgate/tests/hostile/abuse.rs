@@ -823,6 +823,16 @@ async fn forged_grants_are_refused_and_their_checks_bounded_node_wide() {
         before.iter().map(|e| &e.event).collect::<Vec<_>>()
     );
     honest.expect_subscribed("private-honest").await;
+    // A forged sign-in grant: refused as a grant (the socket is not signed
+    // in, and not closed: the plugin asks the app's endpoint instead).
+    let user_data = json!({"id": "someone-else"}).to_string();
+    let auth = format!("hg-grant.v1:{}:{}", "A".repeat(300), "B".repeat(86));
+    attacker
+        .send(json!({"event":"pusher:signin","data":{"auth":auth,"user_data":user_data}}))
+        .await;
+    let e = attacker.expect("herdgate:grant").await;
+    assert_eq!(e.data["signin"], true, "{:?}", e.raw);
+    assert!(e.data["refused"].is_string(), "{:?}", e.raw);
     // The attacker's socket stays (a refused grant is not an error of the connection).
     attacker.expect_subscribed("private-after").await;
 }

@@ -47,6 +47,12 @@ const lb = {
     for (const s of this.open) s.destroy();
     this.open.clear();
   },
+  /** Connections ended, and who waits for the next one to end. */
+  ended: 0,
+  onEnd: [],
+  nextEnd() {
+    return new Promise((resolve) => this.onEnd.push(resolve));
+  },
 };
 lb.server = net.createServer((client) => {
   const up = net.connect(lb.target, '127.0.0.1');
@@ -54,9 +60,14 @@ lb.server = net.createServer((client) => {
   lb.open.add(up);
   client.pipe(up);
   up.pipe(client);
+  let done = false;
   const end = () => {
     client.destroy();
     up.destroy();
+    if (done) return;
+    done = true;
+    lb.ended++;
+    for (const w of lb.onEnd.splice(0)) w();
   };
   client.on('error', end);
   up.on('error', end);
@@ -73,7 +84,21 @@ after(() => {
   lb.server.close();
 });
 
-function connect(label, { plugin = true } = {}) {
+/** The app's user-authentication endpoint (sign-ins): counted, switchable off. */
+const userEndpoint = {
+  up: true,
+  calls: 0,
+  handler(id) {
+    return (params, callback) => {
+      userEndpoint.calls++;
+      if (!userEndpoint.up) return callback(new Error('user endpoint down'), null);
+      const signer = makeServer({ secret: endpoint.secret });
+      callback(null, signer.authenticateUser(params.socketId, { id, user_info: { name: id } }));
+    };
+  },
+};
+
+function connect(label, { plugin = true, user = null } = {}) {
   const client = new PusherClient(env.key, {
     cluster: 'mt1',
     wsHost: '127.0.0.1',
@@ -82,6 +107,7 @@ function connect(label, { plugin = true } = {}) {
     enabledTransports: ['ws'],
     disableStats: true,
     channelAuthorization: { customHandler: endpoint.handler(label) },
+    ...(user ? { userAuthentication: { customHandler: userEndpoint.handler(user) } } : {}),
   });
   if (plugin) withGrants(client);
   const log = new EventLog(label);
@@ -89,8 +115,9 @@ function connect(label, { plugin = true } = {}) {
   client.connection.bind('message', (m) => {
     if (m.event === 'herdgate:grant') {
       const data = typeof m.data === 'string' ? JSON.parse(m.data) : m.data;
-      log.push({ event: 'herdgate:grant', channel: data.channel, data });
+      log.push({ event: 'herdgate:grant', channel: data.signin ? '#signin' : data.channel, data });
     }
+    if (m.event === 'pusher:signin_success') log.push({ event: 'pusher:signin_success', data: m.data });
   });
   client.connection.bind('connected', () => {
     c.connected++;
@@ -163,6 +190,72 @@ test('a client takes its private and presence channels again on another server w
     await api.trigger(ch, 'msg', { on: 'B' });
     await roamer.log.waitFor({ channel: ch, event: 'msg', data: { on: 'B' } });
   }
+});
+
+test('a signed-in client signs in again, and takes its channels, on the other server with both endpoints down', async () => {
+  endpoint.up = true;
+  userEndpoint.up = true;
+  const walker = connect('walker', { user: 'u-walker' });
+  await walker.log.waitFor((e) => e.event === 'connected', 'the walker to connect');
+  walker.client.signin();
+  await walker.log.waitFor((e) => e.event === 'pusher:signin_success', 'signed in by the app');
+  const signinGrant = (await grantOf(walker, '#signin')).data;
+  assert.equal(typeof signinGrant.grant, 'string');
+  const ch = uniq('private-walk-');
+  watch(walker, ch, 'msg');
+  assert.equal((await outcome(walker, ch, 0)).event, 'pusher:subscription_succeeded');
+  await grantOf(walker, ch);
+  assert.equal(userEndpoint.calls, 1);
+
+  // Both endpoints go down, and the walker lands on the other server (A).
+  endpoint.up = false;
+  userEndpoint.up = false;
+  const before = { channel: endpoint.calls, user: userEndpoint.calls };
+  const mark = walker.log.entries.length;
+  const n = walker.connected;
+  const rn = roamer.connected;
+  lb.target = portA;
+  lb.drop();
+  await walker.log.waitFor((e) => e.event === 'connected' && e.data.n === n + 1, 'a reconnect');
+  await walker.log.waitFor(
+    (e) => walker.log.entries.indexOf(e) >= mark && e.event === 'pusher:signin_success',
+    'signed in again, by its grant',
+  );
+  const o = await outcome(walker, ch, mark);
+  assert.equal(o.event, 'pusher:subscription_succeeded', JSON.stringify(o.data));
+  await grantOf(walker, '#signin', mark);
+  assert.deepEqual({ channel: endpoint.calls, user: userEndpoint.calls }, before, 'neither endpoint asked');
+  assert.equal(walker.client.user.user_data.id, 'u-walker');
+
+  // terminate_connections closes its socket (4009: pusher-js stays away)
+  // and revokes the user's grants: connecting again, its sign-in grant is
+  // refused and the plugin asks the app's endpoint (up again) instead.
+  userEndpoint.up = true;
+  walker.client.connection.bind('state_change', (c) => walker.log.push({ event: 'state', data: c }));
+  const gone = walker.log.entries.length;
+  await makeServer({ port: portA, secret: endpoint.secret }).terminateUserConnections('u-walker');
+  await walker.log.waitFor(
+    (e) => walker.log.entries.indexOf(e) >= gone && e.event === 'state' && e.data.current !== 'connected',
+    'the socket closed',
+  );
+  const again = walker.log.entries.length;
+  walker.client.connect();
+  await walker.log.waitFor(
+    (e) => walker.log.entries.indexOf(e) >= again && e.event === 'pusher:signin_success',
+    'signed in again, by the app',
+  );
+  assert.equal(userEndpoint.calls, before.user + 1, 'the revoked sign-in grant sent it to the app');
+
+  // Closed, once its close handshake is through (a client whose proxied
+  // socket is cut mid-close waits 30 s for it); then back to B for the
+  // tests after this one.
+  const closed = lb.nextEnd();
+  walker.client.disconnect();
+  await closed;
+  lb.target = portB;
+  lb.drop();
+  await roamer.log.waitFor((e) => e.event === 'connected' && e.data.n >= rn + 2, 'the roamer back on B');
+  userEndpoint.up = true;
 });
 
 test('a grant copied to another client is refused, and that client falls back to the endpoint', async () => {
