@@ -126,6 +126,11 @@ pub struct Common {
     /// event then carries its history serial (docs/PROTOCOL.md).
     #[arg(long)]
     pub resume: bool,
+    /// Client events each ready socket sends per second on its first channel while the run
+    /// measures (`client-reaction` `{"emoji":"👏"}`, phases spread at random): a clap wave.
+    /// The report counts what the sockets receive back (`client_events`).
+    #[arg(long, default_value_t = 0.0)]
+    pub client_event_rate: f64,
     /// Events per second through the HTTP API [default: fanout 10, rooms 100, churn 10, else 0].
     #[arg(long)]
     pub publish_rate: Option<f64>,
@@ -211,6 +216,7 @@ pub struct Plan {
     pub per_conn: usize,
     pub kind: ChannelKind,
     pub resume: bool,
+    pub client_event_rate: f64,
     pub publish_rate: f64,
     pub payload: usize,
     pub payload_json: bool,
@@ -330,6 +336,7 @@ impl Plan {
             per_conn,
             kind: c.channel_kind,
             resume: c.resume,
+            client_event_rate: c.client_event_rate.max(0.0),
             publish_rate,
             payload: c.payload,
             payload_json: c.payload_json,

@@ -382,6 +382,13 @@ fn build_report(
         duplicates: w.duplicates,
         late: w.late,
         latency_ms: Pct::of(&w.delivery_us),
+        client_events: (plan.client_event_rate > 0.0).then(|| report::ClientEvents {
+            sent: w.client_events_sent,
+            received: w.client_events_received,
+            tallies: w.tallies_received,
+            frames_per_socket_per_sec: (w.client_events_received + w.tallies_received) as f64
+                / (w.ready.max(1) as f64 * measured_secs.max(1e-9)),
+        }),
     };
     let mut histograms: std::collections::BTreeMap<&'static str, Hist> = Default::default();
     let (handshake_ms, ready_ms, publish_api_ms) = (

@@ -48,6 +48,11 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub late: AtomicU64,
     pub other_events: AtomicU64,
+    /// While measuring: client events sent, client events received from
+    /// others, and `herdgate:tally` summaries received.
+    pub client_events_sent: AtomicU64,
+    pub client_events_received: AtomicU64,
+    pub tallies_received: AtomicU64,
     pub pongs_sent: AtomicU64,
     pub pings_sent: AtomicU64,
     maps: Mutex<Maps>,
@@ -77,6 +82,12 @@ pub struct WorkerResult {
     pub duplicates: u64,
     pub late: u64,
     pub other_events: u64,
+    #[serde(default)]
+    pub client_events_sent: u64,
+    #[serde(default)]
+    pub client_events_received: u64,
+    #[serde(default)]
+    pub tallies_received: u64,
     pub pongs_sent: u64,
     pub pings_sent: u64,
     /// Text frames and their bytes as they were on the wire (`--deflate` only).
@@ -118,6 +129,9 @@ impl WorkerResult {
         self.duplicates += o.duplicates;
         self.late += o.late;
         self.other_events += o.other_events;
+        self.client_events_sent += o.client_events_sent;
+        self.client_events_received += o.client_events_received;
+        self.tallies_received += o.tallies_received;
         self.pongs_sent += o.pongs_sent;
         self.pings_sent += o.pings_sent;
         self.wire_frames += o.wire_frames;
@@ -226,6 +240,9 @@ impl WorkerCtx {
             duplicates: s.duplicates.load(Relaxed),
             late: s.late.load(Relaxed),
             other_events: s.other_events.load(Relaxed),
+            client_events_sent: s.client_events_sent.load(Relaxed),
+            client_events_received: s.client_events_received.load(Relaxed),
+            tallies_received: s.tallies_received.load(Relaxed),
             pongs_sent: s.pongs_sent.load(Relaxed),
             pings_sent: s.pings_sent.load(Relaxed),
             wire_frames: self.wire.frames.load(Relaxed),

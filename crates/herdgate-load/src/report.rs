@@ -150,6 +150,21 @@ pub struct Delivery {
     /// Deliveries that arrived after their ledger record was recycled.
     pub late: u64,
     pub latency_ms: Pct,
+    /// With `--client-event-rate`: what the clap wave cost the sockets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_events: Option<ClientEvents>,
+}
+
+/// The clap wave (`--client-event-rate`), while the run measured.
+#[derive(Serialize, Debug, Default)]
+pub struct ClientEvents {
+    pub sent: u64,
+    /// Others' client events received (a server that fans them out).
+    pub received: u64,
+    /// `herdgate:tally` summaries received.
+    pub tallies: u64,
+    /// Frames of both kinds per subscribed socket per second.
+    pub frames_per_socket_per_sec: f64,
 }
 
 #[derive(Serialize, Debug, Default)]
@@ -316,6 +331,18 @@ impl Report {
                 o,
                 "| deliveries per server CPU-second | {} |",
                 opt(s.deliveries_per_cpu_sec.map(|v| format!("{v:.0}")))
+            );
+        }
+        if let Some(c) = &self.delivery.client_events {
+            let _ = writeln!(
+                o,
+                "| client events sent / others' received / tallies received | {} / {} / {} |",
+                c.sent, c.received, c.tallies
+            );
+            let _ = writeln!(
+                o,
+                "| frames per socket per second (client events + tallies) | {:.3} |",
+                c.frames_per_socket_per_sec
             );
         }
         o

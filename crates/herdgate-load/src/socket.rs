@@ -232,6 +232,12 @@ impl Session<'_> {
         let mut last_rx = Instant::now();
         let ping = sleep(Duration::from_secs(86_400));
         tokio::pin!(ping);
+        // The clap wave: one client event every 1/rate s, first at a random
+        // phase (sockets spread over the second), while the run measures.
+        let clap_every = (self.ctx.plan.client_event_rate > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / self.ctx.plan.client_event_rate));
+        let clap = sleep(clap_every.map_or(Duration::from_secs(86_400), |e| e.mul_f64(rand::random::<f64>())));
+        tokio::pin!(clap);
         let end = loop {
             let ready = self.ready;
             let setup = async move {
@@ -251,6 +257,20 @@ impl Session<'_> {
                 _ = wait_shutdown(shutdown) => break End::Shutdown,
                 _ = recycle_now, if ready => break End::Recycle,
                 _ = setup => break End::SetupTimeout,
+                _ = &mut clap, if clap_every.is_some() => {
+                    let every = clap_every.expect("clapping");
+                    clap.as_mut().reset(tokio::time::Instant::now() + every);
+                    if ready && self.measuring() {
+                        if let Some(c) = self.chans.iter().find(|c| c.state == SUB_OK) {
+                            let channel = self.ctx.plan.channel_name(c.idx as usize);
+                            let msg = format!(r#"{{"event":"client-reaction","channel":"{channel}","data":{{"emoji":"👏"}}}}"#);
+                            if ws.send(Message::text(msg)).await.is_err() {
+                                break End::Error("send".into());
+                            }
+                            self.ctx.stats.client_events_sent.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
                 _ = &mut ping => {
                     // pusher-js behaviour: ping after `activity_timeout` of silence.
                     let idle = last_rx.elapsed();
@@ -363,6 +383,16 @@ impl Session<'_> {
                 ctx.stats.pongs_sent.fetch_add(1, Relaxed);
             }
             "pusher:pong" => {}
+            "herdgate:tally" => {
+                if self.measuring() {
+                    ctx.stats.tallies_received.fetch_add(1, Relaxed);
+                }
+            }
+            e if e.starts_with("client-") => {
+                if self.measuring() {
+                    ctx.stats.client_events_received.fetch_add(1, Relaxed);
+                }
+            }
             "pusher:error" => match serde_json::from_str::<PusherError>(&data)
                 .ok()
                 .and_then(|e| e.code)
@@ -375,6 +405,10 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    fn measuring(&self) -> bool {
+        self.ctx.shm.header().phase.load(Relaxed) == crate::shm::PHASE_MEASURING
     }
 
     fn subscribe_frame(&self, idx: usize, socket_id: &str) -> String {
