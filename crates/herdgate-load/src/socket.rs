@@ -236,7 +236,9 @@ impl Session<'_> {
         // phase (sockets spread over the second), while the run measures.
         let clap_every = (self.ctx.plan.client_event_rate > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / self.ctx.plan.client_event_rate));
-        let clap = sleep(clap_every.map_or(Duration::from_secs(86_400), |e| e.mul_f64(rand::random::<f64>())));
+        let clap = sleep(clap_every.map_or(Duration::from_secs(86_400), |e| {
+            e.mul_f64(rand::random::<f64>())
+        }));
         tokio::pin!(clap);
         let end = loop {
             let ready = self.ready;

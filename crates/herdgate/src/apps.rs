@@ -44,6 +44,10 @@ pub struct Features {
     /// `write_delay`: how long a socket's room events may wait to go out
     /// together (zero: not at all).
     pub write_delay: std::time::Duration,
+    /// `presence_full_members` / `presence_count_interval`: big presence
+    /// rooms (docs/PROTOCOL.md "Big presence rooms").
+    pub presence_full_members: usize,
+    pub presence_count_every: std::time::Duration,
 }
 
 /// One `[[apps.tallies]]` rule.
@@ -166,6 +170,8 @@ impl From<&AppConfig> for Features {
             max_client_events_per_second: c.max_client_events_per_second,
             max_read_requests_per_second: c.max_read_requests_per_second,
             write_delay: c.write_delay.get(),
+            presence_full_members: c.presence_full_members,
+            presence_count_every: c.presence_count_interval.get(),
         }
     }
 }

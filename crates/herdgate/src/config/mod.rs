@@ -637,6 +637,14 @@ pub struct AppConfig {
     /// connected while it was 0.
     #[serde(default = "no_delay")]
     pub write_delay: HumanDuration,
+    /// Presence rooms with more members than this switch to big mode
+    /// (docs/PROTOCOL.md "Big presence rooms"): the true count, featured
+    /// members only in the list and in member events, and the count every
+    /// `presence_count_interval` when it changed.
+    #[serde(default = "presence_full_members")]
+    pub presence_full_members: usize,
+    #[serde(default = "presence_count_interval")]
+    pub presence_count_interval: HumanDuration,
 }
 
 /// `[[apps.tallies]]`: events named in `events` to channels starting with
@@ -740,6 +748,8 @@ impl Default for AppConfig {
             conflation: Vec::new(),
             tallies: Vec::new(),
             write_delay: no_delay(),
+            presence_full_members: presence_full_members(),
+            presence_count_interval: presence_count_interval(),
         }
     }
 }
@@ -762,6 +772,12 @@ fn history_max_events() -> usize {
 }
 fn history_ttl() -> HumanDuration {
     HumanDuration::secs(120)
+}
+fn presence_full_members() -> usize {
+    100
+}
+fn presence_count_interval() -> HumanDuration {
+    HumanDuration::secs(5)
 }
 fn history_max_bytes() -> usize {
     8 * 1024 * 1024

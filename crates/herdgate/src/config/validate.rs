@@ -347,6 +347,19 @@ fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
         if app.cache_max_bytes < 1024 {
             err(&k("cache_max_bytes"), "must be at least 1024".into());
         }
+        if !(1..=10_000).contains(&app.presence_full_members) {
+            err(
+                &k("presence_full_members"),
+                "must be between 1 and 10000".into(),
+            );
+        }
+        let every = app.presence_count_interval.get();
+        if every < std::time::Duration::from_secs(1) || every > std::time::Duration::from_secs(60) {
+            err(
+                &k("presence_count_interval"),
+                "must be between 1s and 60s".into(),
+            );
+        }
         if app.write_delay.get() > std::time::Duration::from_secs(1) {
             err(
                 &k("write_delay"),
@@ -481,14 +494,19 @@ fn validate_apps(c: &Config, err: &mut impl FnMut(&str, String)) {
         // A presence snapshot at the member cap must fit a socket's queue
         // with room to spare, or every joiner would be closed as a slow
         // consumer (4100) and reconnect, forever.
-        let snapshot =
-            presence_snapshot_bytes(c.limits.max_presence_members, app.max_user_info_bytes);
+        // Above `presence_full_members` a room is big: its snapshot lists
+        // the featured members (at most that many) and the joiner.
+        let listed = c
+            .limits
+            .max_presence_members
+            .min(app.presence_full_members.saturating_add(1));
+        let snapshot = presence_snapshot_bytes(listed, app.max_user_info_bytes);
         if c.limits.outbound_queue_bytes < snapshot + 64 * 1024 {
             err(
                 &k("max_user_info_bytes"),
                 format!(
-                    "a presence snapshot of limits.max_presence_members ({}) members with {} bytes of user_info each can take {snapshot} bytes: limits.outbound_queue_bytes ({}) must be at least {}",
-                    c.limits.max_presence_members,
+                    "a presence snapshot of {} members (limits.max_presence_members, or presence_full_members + 1 in a big room) with {} bytes of user_info each can take {snapshot} bytes: limits.outbound_queue_bytes ({}) must be at least {}",
+                    listed,
                     app.max_user_info_bytes,
                     c.limits.outbound_queue_bytes,
                     snapshot + 64 * 1024

@@ -174,6 +174,10 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
 /// costs one call to the app's endpoint, never a revocation missed.
 pub const REVOKE_MARGIN: u64 = 5;
 
+/// The largest page of `GET …/channels/{c}/users?limit=` (and the page
+/// size when only `after` is given).
+pub const USERS_LIMIT_MAX: usize = 1000;
+
 /// Events per history answer, unless `limit` says otherwise.
 pub const HISTORY_LIMIT_DEFAULT: u64 = 100;
 /// The largest `limit` of a history request (400 above it).
@@ -538,8 +542,34 @@ impl Api<'_> {
             .await
             .and_then(Answer::users)
             .map_err(route_error)?;
-        let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
-        Ok(json!({ "users": users }))
+        // Paged (a big room's list): `limit` ids after `after`, sorted, and
+        // the cursor of the next page.
+        let limit = match self.param("limit") {
+            None => None,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=USERS_LIMIT_MAX).contains(&n) => Some(n),
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit must be between 1 and {USERS_LIMIT_MAX}"
+                    )))
+                }
+            },
+        };
+        let after = self.param("after");
+        if limit.is_none() && after.is_none() {
+            let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
+            return Ok(json!({ "users": users }));
+        }
+        let limit = limit.unwrap_or(USERS_LIMIT_MAX);
+        let start = after.map_or(0, |a| users.partition_point(|u| u.as_str() <= a));
+        let page: Vec<Value> = users[start..]
+            .iter()
+            .take(limit)
+            .map(|id| json!({ "id": id }))
+            .collect();
+        let next =
+            (start + page.len() < users.len()).then(|| users[start + page.len() - 1].clone());
+        Ok(json!({ "users": page, "next": next }))
     }
 
     /// `GET …/channels/{name}/history?since=S&limit=N[&epoch=E]`: the events

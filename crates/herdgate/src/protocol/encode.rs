@@ -345,7 +345,13 @@ pub fn subscription_succeeded(channel: &str) -> Frame {
 }
 
 /// Presence members as sent in `subscription_succeeded`.
-pub fn presence_subscription_succeeded<'a, I>(channel: &str, members: I) -> Frame
+/// `pusher_internal:subscription_succeeded` of a presence channel: `count`
+/// is the number of `members` listed, unless given (a big room lists some).
+pub fn presence_subscription_succeeded<'a, I>(
+    channel: &str,
+    count: Option<usize>,
+    members: I,
+) -> Frame
 where
     I: IntoIterator<Item = (&'a str, Option<&'a RawValue>)>,
 {
@@ -358,7 +364,8 @@ where
             serde_json::from_str(info.unwrap_or(&null).get()).unwrap_or_default();
         hash.insert(id.to_string(), info);
     }
-    let data = serde_json::json!({"presence": {"count": ids.len(), "ids": ids, "hash": hash}});
+    let count = count.unwrap_or(ids.len());
+    let data = serde_json::json!({"presence": {"count": count, "ids": ids, "hash": hash}});
     internal(
         "pusher_internal:subscription_succeeded",
         Some(channel),
@@ -377,6 +384,17 @@ pub fn member_added(channel: &str, user_id: &str, user_info: Option<&RawValue>) 
         "pusher_internal:member_added",
         Some(channel),
         &D { user_id, user_info },
+    )
+}
+
+/// `herdgate:presence_count` `{count}` on a big presence channel: the
+/// number of members now (pusher-js emits it on the channel; the
+/// `herdgate-presence` plugin sets `members.count` from it).
+pub fn presence_count(channel: &str, count: usize) -> Frame {
+    internal(
+        "herdgate:presence_count",
+        Some(channel),
+        &serde_json::json!({ "count": count }),
     )
 }
 
@@ -532,7 +550,8 @@ mod tests {
     #[test]
     fn presence_succeeded_shape() {
         let info = RawValue::from_string(r#"{"name":"A"}"#.into()).unwrap();
-        let f = presence_subscription_succeeded("presence-x", [("1", Some(&*info)), ("2", None)]);
+        let f =
+            presence_subscription_succeeded("presence-x", None, [("1", Some(&*info)), ("2", None)]);
         let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
         let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
         assert_eq!(d["presence"]["count"], 2);

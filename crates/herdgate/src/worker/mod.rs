@@ -226,6 +226,7 @@ fn spawn(
         bans: Default::default(),
         revoked: Default::default(),
         recent: Default::default(),
+        presence_counts: HashMap::new(),
         direct: true,
     };
     tokio::spawn(worker.run(rx));
@@ -250,6 +251,15 @@ struct EventTally {
     values: Vec<(String, u64)>,
     /// How many had another value.
     other: u64,
+}
+
+/// A big presence room's count events (docs/PROTOCOL.md "Big presence
+/// rooms").
+struct PresenceCount {
+    /// When the next one goes (none: nothing changed since the last).
+    due: Option<Instant>,
+    /// The count last sent.
+    sent: usize,
 }
 
 /// A frame waiting out its interval: when it goes, and to whom.
@@ -293,6 +303,10 @@ struct Worker {
     revoked: bans::Revoked,
     /// Sockets a moderator removed lately (refused a silent re-registration).
     recent: bans::Recent,
+    /// Big presence rooms whose count changed: when their next
+    /// `herdgate:presence_count` is due, and the count last sent. One entry
+    /// per big room at most.
+    presence_counts: HashMap<RoomKey, PresenceCount>,
     /// Fan-outs may write idle sockets in place: no backlog in the mailbox
     /// (see [`crate::outbound::direct`]).
     direct: bool,
@@ -309,6 +323,7 @@ impl Worker {
                 .chain(self.tallies.values().map(|t| t.due))
                 .chain(self.counts.next_due())
                 .chain(self.history.next_sweep())
+                .chain(self.presence_counts.values().filter_map(|p| p.due))
                 .min();
             let waiting = !self.debounce.is_empty();
             tokio::select! {
@@ -330,6 +345,7 @@ impl Worker {
                     for room in self.counts.due(now) {
                         self.send_count(&room, None);
                     }
+                    self.send_presence_counts(now);
                     if self.history.next_sweep().is_some_and(|at| at <= now) {
                         let policies = self.policies.load();
                         self.history.sweep(&|k: &RoomKey| {
@@ -497,6 +513,7 @@ impl Worker {
                 self.watchers.retain(|k, _| keep(k));
                 self.coalesced.retain(|k, _| keep(k));
                 self.tallies.retain(|k, _| keep(k));
+                self.presence_counts.retain(|k, _| keep(k));
                 self.cache.retain(&*keep);
                 self.bans.retain(&*keep);
                 // Rooms that moved away take no debounce with them: what
@@ -715,6 +732,47 @@ impl Worker {
         }
     }
 
+    /// A big presence room's membership changed: its count goes out at most
+    /// every `presence_count_interval`, the first one interval after the
+    /// change.
+    fn presence_changed(&mut self, key: &RoomKey) {
+        let every = self
+            .policies
+            .load()
+            .get(&key.app)
+            .map_or(Duration::from_secs(5), |p| p.features.presence_count_every);
+        let entry = self
+            .presence_counts
+            .entry(key.clone())
+            .or_insert(PresenceCount { due: None, sent: 0 });
+        if entry.due.is_none() {
+            entry.due = Some(Instant::now() + every);
+        }
+    }
+
+    /// The big rooms' counts that are due, each to the whole room, when it
+    /// changed since the last one.
+    fn send_presence_counts(&mut self, now: Instant) {
+        for (key, p) in self.presence_counts.iter_mut() {
+            if !p.due.is_some_and(|d| d <= now) {
+                continue;
+            }
+            p.due = None;
+            let Some(room) = self.rooms.get(key) else {
+                continue;
+            };
+            let count = room.user_count();
+            if count != p.sent {
+                p.sent = count;
+                record(&room.fan_out(
+                    key,
+                    &protocol::presence_count(&key.channel, count),
+                    To::direct(self.direct),
+                ));
+            }
+        }
+    }
+
     /// A client event (`client`, sent by `exclude`) from a socket the room
     /// does not hold: a moderator took it out, and its session had not yet
     /// read the notice. Dropped.
@@ -847,14 +905,24 @@ impl Worker {
                 if let (true, true, Some(user)) = (new_member, announced, &user) {
                     self.member_added(&key, user);
                 }
+                let full = self
+                    .policies
+                    .load()
+                    .get(&key.app)
+                    .map_or(usize::MAX, |p| p.features.presence_full_members);
                 let room = self.rooms.get_mut(&key).expect("just joined");
                 match user {
                     Some(user) => {
+                        let big = room.grow(full);
                         if !shed.silent {
-                            room.push_to(&key, id, &answer(room.presence_frame(&key.channel)));
+                            let frame = room.presence_frame(&key.channel, &user, full);
+                            room.push_to(&key, id, &answer(frame));
                         }
+                        // A big room tells its members only of featured
+                        // ones joining; the count follows (presence_changed).
                         if new_member
                             && (!shed.silent || shed.announce)
+                            && room.announces(room.is_featured(&user))
                             && member_events_allowed(room, shed)
                         {
                             let added = protocol::member_added(
@@ -871,6 +939,9 @@ impl Worker {
                                     ..To::default()
                                 },
                             ));
+                        }
+                        if new_member && big {
+                            self.presence_changed(&key);
                         }
                     }
                     None => {
@@ -909,11 +980,15 @@ impl Worker {
         // The room's size as the member leaves (counting them) decides, as on joining.
         let announce =
             !shed.silent && room.user_count() <= shed.member_events_max.unwrap_or(usize::MAX);
-        let gone_user = room.leave(id);
+        let gone = room.leave_member(id);
         if room.subscription_count() < before {
             metrics::gauge!("herdgate_subscriptions").decrement(1.0);
         }
-        if let Some(user) = &gone_user {
+        let big = gone.is_some() && room.is_big();
+        // A big room tells its members only of featured ones leaving.
+        let heard = gone.as_ref().is_some_and(|(_, f)| room.announces(*f));
+        let gone_user = gone.map(|(u, _)| u);
+        if let (Some(user), true) = (&gone_user, heard) {
             if announce {
                 record(&room.fan_out(
                     &key,
@@ -930,9 +1005,15 @@ impl Worker {
             self.coalesced.remove(&key);
             self.tallies.remove(&key);
             self.counts.forget(&key);
+            self.presence_counts.remove(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
-        } else if !shed.silent {
-            self.count_changed(&key, None);
+        } else {
+            if !shed.silent {
+                self.count_changed(&key, None);
+            }
+            if big {
+                self.presence_changed(&key);
+            }
         }
         if !shed.silent {
             if let Some(user) = gone_user {
@@ -950,15 +1031,21 @@ impl Worker {
         let mut emptied = Vec::new();
         let mut removed = Vec::new();
         let mut touched = Vec::new();
+        let mut big_changed = Vec::new();
         for (key, room) in self.rooms.iter_mut() {
             let before = room.subscription_count();
             let gone = room.purge_edge(edge);
-            for user in gone.into_iter().filter(|_| !silent) {
-                record(&room.fan_out(
-                    key,
-                    &protocol::member_removed(&key.channel, &user),
-                    To::direct(self.direct),
-                ));
+            if !gone.is_empty() && room.is_big() {
+                big_changed.push(key.clone());
+            }
+            for (user, featured) in gone.into_iter().filter(|_| !silent) {
+                if room.announces(featured) {
+                    record(&room.fan_out(
+                        key,
+                        &protocol::member_removed(&key.channel, &user),
+                        To::direct(self.direct),
+                    ));
+                }
                 removed.push((key.clone(), user));
             }
             metrics::gauge!("herdgate_subscriptions")
@@ -972,6 +1059,9 @@ impl Worker {
         for (key, user) in removed {
             self.member_removed(&key, user);
         }
+        for key in big_changed {
+            self.presence_changed(&key);
+        }
         if !silent {
             for key in touched {
                 self.count_changed(&key, None);
@@ -982,6 +1072,7 @@ impl Worker {
             self.coalesced.remove(&key);
             self.tallies.remove(&key);
             self.counts.forget(&key);
+            self.presence_counts.remove(&key);
             metrics::gauge!("herdgate_channels").decrement(1.0);
             if !silent {
                 self.vacated(&key);

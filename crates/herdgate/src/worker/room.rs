@@ -26,6 +26,22 @@ pub(super) struct Entry {
 struct MemberState {
     info: Option<Box<RawValue>>,
     sockets: u32,
+    /// The app marked them (`"featured": true` in `user_info`): listed and
+    /// announced in a big room too.
+    featured: bool,
+}
+
+/// Whether a presence `user_info` carries `"featured": true`.
+fn is_featured(info: Option<&RawValue>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Flag {
+        #[serde(default)]
+        featured: bool,
+    }
+    info.is_some_and(|i| {
+        i.get().contains("featured")
+            && serde_json::from_str::<Flag>(i.get()).is_ok_and(|f| f.featured)
+    })
 }
 
 /// An edge with sockets in the room, and how many.
@@ -52,6 +68,9 @@ pub(super) struct Room {
     /// is one per edge, not one per remote subscriber.
     edges: Vec<EdgeRef>,
     members: HashMap<Arc<str>, MemberState>,
+    /// More members than the app's `presence_full_members` came in: big
+    /// mode until the room empties (docs/PROTOCOL.md "Big presence rooms").
+    big: bool,
     /// Pacing of direct writes: when the last fan-out started, and the CPU
     /// time per socket of the last fan-out that wrote in place.
     pace: Cell<(Option<Instant>, Duration)>,
@@ -247,9 +266,11 @@ impl Room {
                 }
                 let state = self.members.entry(m.user_id.clone()).or_insert_with(|| {
                     new_member = true;
+                    let featured = is_featured(m.user_info.as_deref());
                     MemberState {
                         info: m.user_info,
                         sockets: 0,
+                        featured,
                     }
                 });
                 state.sockets += 1;
@@ -263,26 +284,77 @@ impl Room {
     }
 
     /// Remove a socket; returns the user id if it was that user's last socket.
+    #[cfg(test)]
     pub fn leave(&mut self, id: ConnId) -> Option<Arc<str>> {
+        self.leave_member(id).map(|(user, _)| user)
+    }
+
+    /// [`Room::leave`], with whether the member gone was featured.
+    pub fn leave_member(&mut self, id: ConnId) -> Option<(Arc<str>, bool)> {
         let entry = self.subscribers.remove(&id)?;
         self.remove_target(id, &entry.to);
         let user = entry.user?;
         let state = self.members.get_mut(&user)?;
         state.sockets -= 1;
         if state.sockets == 0 {
+            let featured = state.featured;
             self.members.remove(&user);
-            Some(user)
+            Some((user, featured))
         } else {
             None
         }
     }
 
-    pub fn presence_frame(&self, channel: &str) -> Frame {
+    /// Enter big mode once the room holds more than `full` members; whether
+    /// it is big.
+    pub fn grow(&mut self, full: usize) -> bool {
+        if !self.big && self.members.len() > full {
+            self.big = true;
+        }
+        self.big
+    }
+
+    pub fn is_big(&self) -> bool {
+        self.big
+    }
+
+    /// Whether the others hear of a member joining or leaving: always in a
+    /// small room; in a big one only of featured members.
+    pub fn announces(&self, featured: bool) -> bool {
+        !self.big || featured
+    }
+
+    pub fn is_featured(&self, user: &str) -> bool {
+        self.members.get(user).is_some_and(|m| m.featured)
+    }
+
+    /// The joiner's `subscription_succeeded`: every member in a small room;
+    /// in a big one the true count, and the joiner with at most `full`
+    /// featured members.
+    pub fn presence_frame(&self, channel: &str, joiner: &str, full: usize) -> Frame {
+        if !self.big {
+            return protocol::presence_subscription_succeeded(
+                channel,
+                None,
+                self.members
+                    .iter()
+                    .map(|(id, m)| (&**id, m.info.as_deref())),
+            );
+        }
+        let me = self
+            .members
+            .get_key_value(joiner)
+            .map(|(id, m)| (&**id, m.info.as_deref()));
+        let featured = self
+            .members
+            .iter()
+            .filter(|(id, m)| m.featured && &***id != joiner)
+            .take(full)
+            .map(|(id, m)| (&**id, m.info.as_deref()));
         protocol::presence_subscription_succeeded(
             channel,
-            self.members
-                .iter()
-                .map(|(id, m)| (&**id, m.info.as_deref())),
+            Some(self.members.len()),
+            me.into_iter().chain(featured),
         )
     }
 
@@ -396,14 +468,18 @@ impl Room {
 
     /// Remove every socket of edge `edge` (its link is gone for good);
     /// returns the users who had no other socket left.
-    pub fn purge_edge(&mut self, edge: u64) -> Vec<Arc<str>> {
+    /// Drop an edge's sockets: the members gone with them (and whether each
+    /// was featured).
+    pub fn purge_edge(&mut self, edge: u64) -> Vec<(Arc<str>, bool)> {
         let gone: Vec<ConnId> = self
             .subscribers
             .iter()
             .filter(|(_, e)| e.to.edge_id() == Some(edge))
             .map(|(id, _)| *id)
             .collect();
-        gone.into_iter().filter_map(|id| self.leave(id)).collect()
+        gone.into_iter()
+            .filter_map(|id| self.leave_member(id))
+            .collect()
     }
 }
 

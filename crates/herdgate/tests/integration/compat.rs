@@ -12,6 +12,8 @@ id = "424242"
 key = "compat-key"
 secret = "compat-secret"
 subscription_count_events = true
+presence_full_members = 20
+presence_count_interval = "1s"
 "#;
 
 #[test]

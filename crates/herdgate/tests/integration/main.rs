@@ -7,6 +7,7 @@
 // Real processes in real time: the clock rule (clippy.toml) is the server's.
 #![allow(clippy::disallowed_types)]
 
+mod big_presence;
 mod compat;
 mod config;
 mod conflation;
