@@ -754,7 +754,7 @@ impl Worker {
     /// changed since the last one.
     fn send_presence_counts(&mut self, now: Instant) {
         for (key, p) in self.presence_counts.iter_mut() {
-            if !p.due.is_some_and(|d| d <= now) {
+            if p.due.is_none_or(|d| d > now) {
                 continue;
             }
             p.due = None;
