@@ -53,6 +53,9 @@ pub struct Stats {
     pub client_events_sent: AtomicU64,
     pub client_events_received: AtomicU64,
     pub tallies_received: AtomicU64,
+    /// While measuring: presence member events and big rooms' count events received.
+    pub member_events_received: AtomicU64,
+    pub presence_counts_received: AtomicU64,
     pub pongs_sent: AtomicU64,
     pub pings_sent: AtomicU64,
     maps: Mutex<Maps>,
@@ -88,6 +91,10 @@ pub struct WorkerResult {
     pub client_events_received: u64,
     #[serde(default)]
     pub tallies_received: u64,
+    #[serde(default)]
+    pub member_events_received: u64,
+    #[serde(default)]
+    pub presence_counts_received: u64,
     pub pongs_sent: u64,
     pub pings_sent: u64,
     /// Text frames and their bytes as they were on the wire (`--deflate` only).
@@ -132,6 +139,8 @@ impl WorkerResult {
         self.client_events_sent += o.client_events_sent;
         self.client_events_received += o.client_events_received;
         self.tallies_received += o.tallies_received;
+        self.member_events_received += o.member_events_received;
+        self.presence_counts_received += o.presence_counts_received;
         self.pongs_sent += o.pongs_sent;
         self.pings_sent += o.pings_sent;
         self.wire_frames += o.wire_frames;
@@ -243,6 +252,8 @@ impl WorkerCtx {
             client_events_sent: s.client_events_sent.load(Relaxed),
             client_events_received: s.client_events_received.load(Relaxed),
             tallies_received: s.tallies_received.load(Relaxed),
+            member_events_received: s.member_events_received.load(Relaxed),
+            presence_counts_received: s.presence_counts_received.load(Relaxed),
             pongs_sent: s.pongs_sent.load(Relaxed),
             pings_sent: s.pings_sent.load(Relaxed),
             wire_frames: self.wire.frames.load(Relaxed),

@@ -153,6 +153,19 @@ pub struct Delivery {
     /// With `--client-event-rate`: what the clap wave cost the sockets.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_events: Option<ClientEvents>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceFrames>,
+}
+
+/// Presence frames received while the run measured (`--channel-kind presence`).
+#[derive(Serialize, Debug, Default)]
+pub struct PresenceFrames {
+    /// `member_added` and `member_removed`.
+    pub member_events: u64,
+    /// A big room's `herdgate:presence_count`.
+    pub count_events: u64,
+    /// Both, per second, all sockets together.
+    pub frames_per_sec: f64,
 }
 
 /// The clap wave (`--client-event-rate`), while the run measured.
@@ -331,6 +344,13 @@ impl Report {
                 o,
                 "| deliveries per server CPU-second | {} |",
                 opt(s.deliveries_per_cpu_sec.map(|v| format!("{v:.0}")))
+            );
+        }
+        if let Some(p) = &self.delivery.presence {
+            let _ = writeln!(
+                o,
+                "| presence frames received: member events / count events / per second | {} / {} / {:.0} |",
+                p.member_events, p.count_events, p.frames_per_sec
             );
         }
         if let Some(c) = &self.delivery.client_events {

@@ -385,6 +385,16 @@ impl Session<'_> {
                 ctx.stats.pongs_sent.fetch_add(1, Relaxed);
             }
             "pusher:pong" => {}
+            "pusher_internal:member_added" | "pusher_internal:member_removed" => {
+                if self.measuring() {
+                    ctx.stats.member_events_received.fetch_add(1, Relaxed);
+                }
+            }
+            "herdgate:presence_count" => {
+                if self.measuring() {
+                    ctx.stats.presence_counts_received.fetch_add(1, Relaxed);
+                }
+            }
             "herdgate:tally" => {
                 if self.measuring() {
                     ctx.stats.tallies_received.fetch_add(1, Relaxed);
