@@ -67,6 +67,9 @@ const CHANNELS = {
   qa: 'cache-qa-main',
   chat: 'presence-session-main',
   lobby: 'presence-lobby',
+  // Everyone watching the keynote: a presence room of thousands at an event
+  // (herdgate's big presence rooms: the host is featured, the rest counted).
+  keynote: 'presence-keynote',
   roulette: 'presence-roulette',
 };
 
@@ -153,10 +156,11 @@ const routes = {
     const socketId = clip(b.socket_id, 64);
     const channel = clip(b.channel_name, 164);
     if (channel.startsWith('presence-')) {
-      return pusher.authorizeChannel(socketId, channel, {
-        user_id: me.id,
-        user_info: { name: me.name, topic: me.topic },
-      });
+      const info = { name: me.name, topic: me.topic };
+      // In the keynote the host is featured: listed and announced even
+      // when the room is too big to list everyone.
+      if (channel === CHANNELS.keynote && me.id === HOST) info.featured = true;
+      return pusher.authorizeChannel(socketId, channel, { user_id: me.id, user_info: info });
     }
     const pair = /^private-pair-([a-z]+)--([a-z]+)$/.exec(channel);
     if (pair && (pair[1] === me.id || pair[2] === me.id)) {

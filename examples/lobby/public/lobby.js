@@ -157,6 +157,7 @@ function runLobby(cfg, me, contacts) {
   makeNews(pusher);
   const qa = makeQa(pusher, me);
   makeSettings(pusher, qa);
+  makeKeynote(pusher);
   makeLobbyPresence(pusher);
   const rooms = makeRooms(pusher, cfg.rooms, banner);
   makeContacts(pusher, contacts, rooms);
@@ -521,6 +522,34 @@ function makeChat(pusher, me, banner, host) {
       $('card-chat').dataset.paused = String(on);
     },
   };
+}
+
+// --- The keynote: a big presence room ------------------------------------------
+//
+// Thousands watch the keynote. Past the app's presence_full_members herdgate
+// stops sending every join and leave to everyone: pusher-js's member list
+// then holds the featured members (the host) and us, members.count starts
+// at the true count, and herdgate:presence_count brings the new count at
+// most every few seconds (what the herdgate-presence plugin applies for
+// pusher-js; here the page renders it itself).
+
+function makeKeynote(pusher) {
+  const ch = pusher.subscribe('presence-keynote');
+  const render = (count) => {
+    const n = count ?? ch.members.count;
+    $('keynote-count').dataset.count = n;
+    $('keynote-count').textContent = String(n);
+    const speakers = [];
+    ch.members.each((m) => { if (m.info && m.info.featured) speakers.push(m.info.name); });
+    $('keynote-speakers').textContent = speakers.length ? `On stage: ${speakers.sort().join(', ')}` : '';
+  };
+  ch.bind('pusher:subscription_succeeded', () => render());
+  ch.bind('pusher:member_added', () => render());
+  ch.bind('pusher:member_removed', () => render());
+  ch.bind('herdgate:presence_count', (d) => {
+    ch.members.count = d.count;
+    render(d.count);
+  });
 }
 
 // --- Everyone in the lobby (presence) ----------------------------------------

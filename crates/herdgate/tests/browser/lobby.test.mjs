@@ -54,6 +54,10 @@ test('two people in the lobby, a late joiner, and a storm', () => showingFailure
       () => document.getElementById('chat-members').dataset.count === '2', undefined, members('#chat-members'));
     assert.match(await text(p, '#chat-members'), /Ada Lovelace, Grace Hopper/);
     await until(p, 'both in the lobby', () => document.getElementById('lobby-members').dataset.count === '2');
+    // The keynote counts its audience; the host (featured) is on stage.
+    await until(p, 'two watching the keynote', () => document.getElementById('keynote-count').dataset.count === '2',
+      undefined, members('#keynote-count'));
+    assert.match(await text(p, '#keynote-speakers'), /On stage: Ada Lovelace/);
   }
 
   // Chat with a typing indicator (presence client events), both ways.
@@ -214,6 +218,8 @@ test('two people in the lobby, a late joiner, and a storm', () => showingFailure
   await a.waitForSelector('#contacts-list li[data-id="grace"][data-online="false"]');
   await until(a, 'Grace gone from the chat', () => document.getElementById('chat-members').dataset.count === '1',
     undefined, members('#chat-members'));
+  await until(a, 'one watching the keynote', () => document.getElementById('keynote-count').dataset.count === '1',
+    undefined, members('#keynote-count'));
   await until(a, 'Grace gone from the room', () => document.getElementById('room-members').dataset.count === '1');
   assert.deepEqual(ada.errors, []);
 }));
