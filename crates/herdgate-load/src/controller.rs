@@ -382,11 +382,13 @@ fn build_report(
         duplicates: w.duplicates,
         late: w.late,
         latency_ms: Pct::of(&w.delivery_us),
-        presence: (plan.kind == crate::cli::ChannelKind::Presence).then(|| report::PresenceFrames {
-            member_events: w.member_events_received,
-            count_events: w.presence_counts_received,
-            frames_per_sec: (w.member_events_received + w.presence_counts_received) as f64
-                / measured_secs.max(1e-9),
+        presence: (plan.kind == crate::cli::ChannelKind::Presence).then(|| {
+            report::PresenceFrames {
+                member_events: w.member_events_received,
+                count_events: w.presence_counts_received,
+                frames_per_sec: (w.member_events_received + w.presence_counts_received) as f64
+                    / measured_secs.max(1e-9),
+            }
         }),
         client_events: (plan.client_event_rate > 0.0).then(|| report::ClientEvents {
             sent: w.client_events_sent,

@@ -146,3 +146,95 @@ async fn two_thousand_members_cost_each_other_o1_frames_and_the_count_arrives() 
     assert_eq!(bad.status, 400);
     drop(members);
 }
+
+/// The same room across a cluster (real processes: 3 workers, 2 edges,
+/// static membership): 2,000 members, half on each edge. The owner decides
+/// the mode; an observer on either edge hears no non-featured join, both get
+/// the count, and a joiner on either edge gets the true count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_members_across_two_edges() {
+    use herdgate_testkit::process::Herdgate;
+    let app = format!(
+        "[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\npresence_full_members = 5\npresence_count_interval = \"1s\"\n"
+    );
+    let limits = "[limits]\nmax_presence_members = 5000\n[overload]\nenabled = false\n";
+    let workers: Vec<Herdgate> = (0..3)
+        .map(|_| {
+            Herdgate::start(&format!(
+                "[server]\nadmin_listen = \"\"\n{limits}[cluster]\nrole = \"worker\"\nlink_listen = \"127.0.0.1:0\"\nsecret = \"big-presence-cluster-secret\"\n{app}"
+            ))
+        })
+        .collect();
+    let list: Vec<String> = workers.iter().map(|w| format!("{:?}", w.addr)).collect();
+    let edges: Vec<Herdgate> = (0..2)
+        .map(|_| {
+            let e = Herdgate::start(&format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{limits}[cluster]\nrole = \"edge\"\nworkers = [{}]\nsecret = \"big-presence-cluster-secret\"\n{app}",
+                list.join(", ")
+            ));
+            for _ in 0..workers.len() {
+                while !tokio::task::block_in_place(|| {
+                    e.log.recv_timeout(std::time::Duration::from_secs(10))
+                })
+                .expect("edge links up")
+                .contains("worker link up")
+                {}
+            }
+            e
+        })
+        .collect();
+    let url = |i: usize| {
+        format!(
+            "ws://{}/app/{KEY}?protocol=7&client=big&version=1.0",
+            edges[i % 2].addr
+        )
+    };
+    let join_on = |i: usize, user: String| {
+        let url = url(i);
+        async move {
+            let mut c = Client::connect(&url).await;
+            let data = json!({"user_id": user, "user_info": {"name": user}}).to_string();
+            let auth = auth_for(&c.socket_id, ROOM, Some(&data));
+            c.send(json!({"event":"pusher:subscribe","data":{"channel":ROOM,"auth":auth,"channel_data":data}}))
+                .await;
+            let e = c.expect("pusher_internal:subscription_succeeded").await;
+            (c, e)
+        }
+    };
+    let mut watchers = Vec::new();
+    for i in 0..2 {
+        watchers.push(join_on(i, format!("watcher-{i}")).await.0);
+    }
+    let mut members = Vec::new();
+    for i in 0..MEMBERS - 2 {
+        members.push(join_on(i, format!("m{i:04}")).await.0);
+    }
+    for w in &mut watchers {
+        // Past the first few (small room), only count events: every
+        // member_added before the room went big came first.
+        let mut added = 0;
+        loop {
+            let e = w.next_event().await;
+            match e.event.as_str() {
+                "pusher_internal:member_added" => added += 1,
+                "herdgate:presence_count" => {
+                    if e.data["count"] == MEMBERS {
+                        break;
+                    }
+                }
+                other => panic!("unexpected {other}: {:?}", e.raw),
+            }
+        }
+        assert!(
+            added <= 5,
+            "{added} member_added: only while the room was small"
+        );
+    }
+    for i in 0..2 {
+        let (c, ok) = join_on(i, format!("late-{i}")).await;
+        assert_eq!(ok.data["presence"]["count"], MEMBERS + 1 + i, "on edge {i}");
+        assert_eq!(listed(&ok), BTreeSet::from([format!("late-{i}")]));
+        members.push(c);
+    }
+    drop(members);
+}
