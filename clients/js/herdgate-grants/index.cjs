@@ -193,7 +193,10 @@ function withGrants(pusher) {
   const renewSignin = () => {
     const g = signinGrant;
     const socketId = pusher.connection.socket_id;
-    if (!g || !socketId || pusher.connection.state !== 'connected') return;
+    // Only on a socket signed in (never while a presentation is under way:
+    // its answer would be taken for the renewal's).
+    const signedIn = pusher.user && pusher.user.user_data;
+    if (!g || !socketId || pusher.connection.state !== 'connected' || !signedIn || presentingSignin) return;
     sign(socketId, g.grant).then(
       (auth) => send('herdgate:grant', { signin: true, auth, user_data: g.userData }),
       () => {},
@@ -214,10 +217,14 @@ function withGrants(pusher) {
       forgetSignin();
       if (was && typeof originalUser === 'function') {
         // The grant was not taken: sign in through the app, as pusher-js
-        // would have (it still waits for signin_success).
+        // would have. pusher-js still waits for signin_success: its own
+        // handler sends the app's answer, or reports the app's error
+        // (pusher:signin_error, and the sign-in is over).
         const socketId = pusher.connection.socket_id;
+        const finish = pusher.user && pusher.user._onAuthorize;
         userViaApp({ socketId }, (err, res) => {
-          if (!err && res) pusher.send_event('pusher:signin', { auth: res.auth, user_data: res.user_data });
+          if (typeof finish === 'function') finish(err, res);
+          else if (!err && res) pusher.send_event('pusher:signin', { auth: res.auth, user_data: res.user_data });
         });
       }
       return;

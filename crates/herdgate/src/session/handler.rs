@@ -388,30 +388,12 @@ impl Session {
         watchlist.sort();
         watchlist.dedup();
         let router = &self.ctx.node.router;
+        // terminate_connections revoked the user's grants since? Their
+        // owner keeps the revocation: asked before anything is done.
         if let Some(g) = &taken {
-            // terminate_connections revoked the user's grants since? Their
-            // owner keeps the revocation: asked before anything is done.
-            let ask = crate::op::Ask::Revoked {
-                room: RoomKey::user(&self.app.id, &id),
-                authorized: g.authorized,
-            };
-            let wait = std::time::Duration::from_secs(2);
-            match router
-                .ask(ask, wait)
-                .await
-                .and_then(crate::op::Answer::revoked)
-            {
-                Ok(false) => {}
-                Ok(true) => {
-                    metrics::counter!("herdgate_auth_grants_total", "result" => "revoked")
-                        .increment(1);
-                    self.out.push(&protocol::signin_grant_refused("revoked"));
-                    return Ok(());
-                }
-                Err(_) => {
-                    self.out.push(&protocol::signin_grant_refused("busy"));
-                    return Ok(());
-                }
+            if let Some(why) = self.signin_grant_revoked(&id, g.authorized).await {
+                self.out.push(&protocol::signin_grant_refused(why));
+                return Ok(());
             }
         }
         if let Some(old) = self.user.take() {
@@ -437,6 +419,21 @@ impl Session {
                 )
             }
             Err(_) => return Err(End::shutdown()),
+        }
+        // And once more now that the owner holds the socket: a
+        // terminate_connections between the first question and the join
+        // revoked first (every owner answers its Revoke before its Terminate
+        // is sent), so it is seen here, in order, and undone.
+        if let Some(g) = &taken {
+            if let Some(why) = self.signin_grant_revoked(&id, g.authorized).await {
+                let undo = Tell::SignOut {
+                    room: RoomKey::user(&self.app.id, &id),
+                    conn: self.id,
+                };
+                let _ = router.tell(undo).await;
+                self.out.push(&protocol::signin_grant_refused(why));
+                return Ok(());
+            }
         }
         self.out.push(&protocol::signin_success(&d.user_data));
         if let Some(g) = self.signin_grant_for(&app, &d, &id, taken, now) {
@@ -483,6 +480,34 @@ impl Session {
             return Err(End::shutdown());
         }
         Ok(())
+    }
+
+    /// Whether a sign-in grant of `user` that the app authorized at
+    /// `authorized` may not be taken: `revoked` (terminate_connections), or
+    /// `busy` (the user's owner did not answer: refused, the plugin asks
+    /// the app). `None`: it may.
+    async fn signin_grant_revoked(&self, user: &str, authorized: u64) -> Option<&'static str> {
+        let ask = crate::op::Ask::Revoked {
+            room: RoomKey::user(&self.app.id, user),
+            authorized,
+        };
+        let wait = std::time::Duration::from_secs(2);
+        match self
+            .ctx
+            .node
+            .router
+            .ask(ask, wait)
+            .await
+            .and_then(crate::op::Answer::revoked)
+        {
+            Ok(false) => None,
+            Ok(true) => {
+                metrics::counter!("herdgate_auth_grants_total", "result" => "revoked")
+                    .increment(1);
+                Some("revoked")
+            }
+            Err(_) => Some("busy"),
+        }
     }
 
     async fn client_event(

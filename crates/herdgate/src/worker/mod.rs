@@ -258,7 +258,8 @@ struct EventTally {
 struct PresenceCount {
     /// When the next one goes (none: nothing changed since the last).
     due: Option<Instant>,
-    /// The count last sent.
+    /// The count last sent (for logs and tests).
+    #[allow(dead_code)]
     sent: usize,
 }
 
@@ -750,8 +751,10 @@ impl Worker {
         }
     }
 
-    /// The big rooms' counts that are due, each to the whole room, when it
-    /// changed since the last one.
+    /// The big rooms' counts that are due, each to the whole room. Sent
+    /// whenever a change armed it, even when the count is back where the
+    /// last one left it: members' own counts moved meanwhile (pusher-js
+    /// counts the featured members' joins and leaves itself).
     fn send_presence_counts(&mut self, now: Instant) {
         for (key, p) in self.presence_counts.iter_mut() {
             if p.due.is_none_or(|d| d > now) {
@@ -762,14 +765,12 @@ impl Worker {
                 continue;
             };
             let count = room.user_count();
-            if count != p.sent {
-                p.sent = count;
-                record(&room.fan_out(
-                    key,
-                    &protocol::presence_count(&key.channel, count),
-                    To::direct(self.direct),
-                ));
-            }
+            p.sent = count;
+            record(&room.fan_out(
+                key,
+                &protocol::presence_count(&key.channel, count),
+                To::direct(self.direct),
+            ));
         }
     }
 
