@@ -502,8 +502,7 @@ impl Session {
         {
             Ok(false) => None,
             Ok(true) => {
-                metrics::counter!("herdgate_auth_grants_total", "result" => "revoked")
-                    .increment(1);
+                metrics::counter!("herdgate_auth_grants_total", "result" => "revoked").increment(1);
                 Some("revoked")
             }
             Err(_) => Some("busy"),
