@@ -51,13 +51,7 @@ impl Session {
     ) -> Option<Grant> {
         let ttl = settings.ttl.as_secs();
         if let Some(g) = taken {
-            // A renewal lives no longer than its line may.
-            let expires = (now + ttl).min(g.authorized.saturating_add(settings.max_age.as_secs()));
-            return (expires > now).then_some(Grant {
-                issued: now,
-                expires,
-                ..g
-            });
+            return renewed(settings, g, now);
         }
         let key = grant::parse_key(&offered?.key)?;
         Some(Grant {
@@ -84,12 +78,35 @@ impl Session {
         let Some(settings) = app.features.auth_grants else {
             return Err("off");
         };
+        self.check_presented(
+            app,
+            settings,
+            (Kind::SignIn, ""),
+            &d.user_data,
+            &d.auth,
+            now,
+        )
+        .map_err(grant::Refused::label)
+    }
+
+    /// Check a presentation (`auth`) of a grant of `kind` and name, for
+    /// `data`, on this socket: the grant (its proof kept: the socket's next
+    /// presentations skip the signature), or why not (counted).
+    fn check_presented(
+        &mut self,
+        app: &App,
+        settings: GrantSettings,
+        (kind, name): (Kind, &str),
+        data: &str,
+        auth: &str,
+        now: u64,
+    ) -> Result<Grant, grant::Refused> {
         let presented = grant::Presented {
-            auth: &d.auth,
-            kind: Kind::SignIn,
-            name: "",
+            auth,
+            kind,
+            name,
             socket_id: &self.socket_id(),
-            data: &d.user_data,
+            data,
         };
         let limits = Limits {
             ttl: settings.ttl.as_secs(),
@@ -106,7 +123,7 @@ impl Session {
             Err(why) => {
                 metrics::counter!("herdgate_auth_grants_total", "result" => why.label())
                     .increment(1);
-                Err(why.label())
+                Err(why)
             }
         }
     }
@@ -124,12 +141,7 @@ impl Session {
         let settings = app.features.auth_grants?;
         let ttl = settings.ttl.as_secs();
         if let Some(g) = taken {
-            let expires = (now + ttl).min(g.authorized.saturating_add(settings.max_age.as_secs()));
-            return (expires > now).then_some(Grant {
-                issued: now,
-                expires,
-                ..g
-            });
+            return renewed(settings, g, now);
         }
         let key = grant::parse_key(&d.grant.as_ref()?.key)?;
         Some(Grant {
@@ -168,35 +180,10 @@ impl Session {
         };
         let now = crate::clock::unix_now().as_secs();
         let data = r.user_data.unwrap_or_default();
-        let presented = grant::Presented {
-            auth: &r.auth,
-            kind: Kind::SignIn,
-            name: "",
-            socket_id: &self.socket_id(),
-            data: &data,
-        };
-        let limits = Limits {
-            ttl: settings.ttl.as_secs(),
-            max_age: settings.max_age.as_secs(),
-        };
-        let proven = self.proven.as_deref();
-        let budget = || self.ctx.grant_checks();
-        let creds = (&*app.id, &*app.key, &*app.secret);
-        match grant::check(creds, &presented, limits, now, proven, budget) {
-            Ok((g, proof)) if *g.user == *user => {
-                self.proven = Some(Box::new(proof));
-                let ttl = settings.ttl.as_secs();
-                let expires =
-                    (now + ttl).min(g.authorized.saturating_add(settings.max_age.as_secs()));
-                if expires > now {
-                    self.hand_signin_grant(
-                        &app,
-                        &Grant {
-                            issued: now,
-                            expires,
-                            ..g
-                        },
-                    );
+        match self.check_presented(&app, settings, (Kind::SignIn, ""), &data, &r.auth, now) {
+            Ok(g) if *g.user == *user => {
+                if let Some(g) = renewed(settings, g, now) {
+                    self.hand_signin_grant(&app, &g);
                 }
             }
             Ok(_) => {
@@ -205,8 +192,6 @@ impl Session {
                 self.out.push(&refuse("other_user"));
             }
             Err(why) => {
-                metrics::counter!("herdgate_auth_grants_total", "result" => why.label())
-                    .increment(1);
                 self.out.push(&refuse(why.label()));
             }
         }
@@ -250,25 +235,11 @@ impl Session {
             return Ok(());
         }
         let now = crate::clock::unix_now().as_secs();
-        let presented = grant::Presented {
-            auth: &r.auth,
-            kind: Kind::Channel,
-            name: &r.channel,
-            socket_id: &self.socket_id(),
-            data: r.channel_data.as_deref().unwrap_or(""),
-        };
-        let limits = Limits {
-            ttl: settings.ttl.as_secs(),
-            max_age: settings.max_age.as_secs(),
-        };
-        let proven = self.proven.as_deref();
-        let budget = || self.ctx.grant_checks();
-        let creds = (&*app.id, &*app.key, &*app.secret);
-        match grant::check(creds, &presented, limits, now, proven, budget) {
-            Ok((g, proof)) if g.user == self.grant_user() => {
-                self.proven = Some(Box::new(proof));
-                let renewed = self.grant_for(settings, &r.channel, None, Some(g), None, now);
-                if let Some(g) = renewed {
+        let data = r.channel_data.as_deref().unwrap_or("");
+        let kind = (Kind::Channel, r.channel.as_str());
+        match self.check_presented(&app, settings, kind, data, &r.auth, now) {
+            Ok(g) if g.user == self.grant_user() => {
+                if let Some(g) = renewed(settings, g, now) {
                     self.hand_grant(&app, &g);
                 }
             }
@@ -278,11 +249,21 @@ impl Session {
                 self.out.push(&refuse("other_user"));
             }
             Err(why) => {
-                metrics::counter!("herdgate_auth_grants_total", "result" => why.label())
-                    .increment(1);
                 self.out.push(&refuse(why.label()));
             }
         }
         Ok(())
     }
+}
+
+/// A renewal of `g`: the same key and first authorization, issued now, and
+/// living no longer than its line may (none past `auth_grant_max_age`).
+fn renewed(settings: GrantSettings, g: Grant, now: u64) -> Option<Grant> {
+    let line_ends = g.authorized.saturating_add(settings.max_age.as_secs());
+    let expires = (now + settings.ttl.as_secs()).min(line_ends);
+    (expires > now).then_some(Grant {
+        issued: now,
+        expires,
+        ..g
+    })
 }
