@@ -68,6 +68,9 @@ pub(super) struct Room {
     /// is one per edge, not one per remote subscriber.
     edges: Vec<EdgeRef>,
     members: HashMap<Arc<str>, MemberState>,
+    /// The featured members' ids: a big room's snapshot lists them without
+    /// scanning every member.
+    featured: std::collections::HashSet<Arc<str>>,
     /// More members than the app's `presence_full_members` came in: big
     /// mode until the room empties (docs/PROTOCOL.md "Big presence rooms").
     big: bool,
@@ -264,9 +267,13 @@ impl Room {
                 if !self.members.contains_key(&m.user_id) && self.members.len() >= max_members {
                     return Joined::PresenceFull;
                 }
+                let featured_ids = &mut self.featured;
                 let state = self.members.entry(m.user_id.clone()).or_insert_with(|| {
                     new_member = true;
                     let featured = is_featured(m.user_info.as_deref());
+                    if featured {
+                        featured_ids.insert(m.user_id.clone());
+                    }
                     MemberState {
                         info: m.user_info,
                         sockets: 0,
@@ -299,6 +306,9 @@ impl Room {
         if state.sockets == 0 {
             let featured = state.featured;
             self.members.remove(&user);
+            if featured {
+                self.featured.remove(&user);
+            }
             Some((user, featured))
         } else {
             None
@@ -346,10 +356,11 @@ impl Room {
             .get_key_value(joiner)
             .map(|(id, m)| (&**id, m.info.as_deref()));
         let featured = self
-            .members
+            .featured
             .iter()
-            .filter(|(id, m)| m.featured && &***id != joiner)
+            .filter(|id| &***id != joiner)
             .take(full)
+            .filter_map(|id| self.members.get_key_value(id))
             .map(|(id, m)| (&**id, m.info.as_deref()));
         protocol::presence_subscription_succeeded(
             channel,
