@@ -156,87 +156,54 @@ impl Session {
         })
     }
 
-    /// Send a sign-in grant to the socket as `herdgate:grant`.
-    pub(super) fn hand_signin_grant(&self, app: &App, g: &Grant) {
-        let Some(text) = grant::mint(&app.id, &app.secret, g) else {
-            return;
-        };
-        metrics::counter!("herdgate_auth_grants_total", "result" => "issued").increment(1);
-        let ttl = g.expires.saturating_sub(g.issued);
-        self.out
-            .push(&protocol::signin_grant(&text, g.expires, ttl));
-    }
-
-    /// `herdgate:grant` with `signin`: renew the sign-in's grant.
-    async fn renew_signin_grant(&mut self, app: Arc<App>, r: Renew) -> Handled {
-        let refuse = |why: &str| protocol::signin_grant_refused(why);
-        let Some(settings) = app.features.auth_grants else {
-            self.out.push(&refuse("off"));
-            return Ok(());
-        };
-        let Some(user) = self.user.as_ref().map(|u| u.id.clone()) else {
-            self.out.push(&refuse("not_signed_in"));
-            return Ok(());
-        };
-        let now = crate::clock::unix_now().as_secs();
-        let data = r.user_data.unwrap_or_default();
-        match self.check_presented(&app, settings, (Kind::SignIn, ""), &data, &r.auth, now) {
-            Ok(g) if *g.user == *user => {
-                if let Some(g) = renewed(settings, g, now) {
-                    self.hand_signin_grant(&app, &g);
-                }
-            }
-            Ok(_) => {
-                metrics::counter!("herdgate_auth_grants_total", "result" => "other_user")
-                    .increment(1);
-                self.out.push(&refuse("other_user"));
-            }
-            Err(why) => {
-                self.out.push(&refuse(why.label()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Send `g` to the socket as `herdgate:grant`.
+    /// Send `g` to the socket as `herdgate:grant` (a channel's, or with
+    /// `signin` a sign-in's).
     pub(super) fn hand_grant(&self, app: &App, g: &Grant) {
         let Some(text) = grant::mint(&app.id, &app.secret, g) else {
             return;
         };
         metrics::counter!("herdgate_auth_grants_total", "result" => "issued").increment(1);
         let ttl = g.expires.saturating_sub(g.issued);
-        self.out
-            .push(&protocol::grant(&g.name, &text, g.expires, ttl));
+        self.out.push(&match g.kind {
+            Kind::Channel => protocol::grant(&g.name, &text, g.expires, ttl),
+            Kind::SignIn => protocol::signin_grant(&text, g.expires, ttl),
+        });
     }
 
-    /// `herdgate:grant` from the client: renew a held channel's grant.
+    /// `herdgate:grant` from the client: renew the grant of a channel it
+    /// holds, or (`signin`) of its sign-in, presented over this socket. The
+    /// grant must name the user the socket is signed in as now.
     pub(super) async fn renew_grant(&mut self, r: Renew) -> Handled {
         let app: Arc<App> = self.current_app()?;
         // The reasons are machine-readable: the plugin keeps its grant on
         // `busy` (and retries), and drops it on any other.
-        let refuse = |why: &str| protocol::grant_refused(&r.channel, why);
+        let refuse = |why: &str| match r.signin {
+            true => protocol::signin_grant_refused(why),
+            false => protocol::grant_refused(&r.channel, why),
+        };
         if !self.channel_op("grant") {
-            self.out.push(&if r.signin {
-                protocol::signin_grant_refused("busy")
-            } else {
-                refuse("busy")
-            });
+            self.out.push(&refuse("busy"));
             return Ok(());
-        }
-        if r.signin {
-            return self.renew_signin_grant(app, r).await;
         }
         let Some(settings) = app.features.auth_grants else {
             self.out.push(&refuse("off"));
             return Ok(());
         };
-        if self.subscribed(&r.channel).is_none() {
-            self.out.push(&refuse("not_subscribed"));
-            return Ok(());
-        }
+        let (kind, data) = if r.signin {
+            if self.user.is_none() {
+                self.out.push(&refuse("not_signed_in"));
+                return Ok(());
+            }
+            ((Kind::SignIn, ""), r.user_data.as_deref().unwrap_or(""))
+        } else {
+            if self.subscribed(&r.channel).is_none() {
+                self.out.push(&refuse("not_subscribed"));
+                return Ok(());
+            }
+            let data = r.channel_data.as_deref().unwrap_or("");
+            ((Kind::Channel, r.channel.as_str()), data)
+        };
         let now = crate::clock::unix_now().as_secs();
-        let data = r.channel_data.as_deref().unwrap_or("");
-        let kind = (Kind::Channel, r.channel.as_str());
         match self.check_presented(&app, settings, kind, data, &r.auth, now) {
             Ok(g) if g.user == self.grant_user() => {
                 if let Some(g) = renewed(settings, g, now) {

@@ -437,7 +437,7 @@ impl Session {
         }
         self.out.push(&protocol::signin_success(&d.user_data));
         if let Some(g) = self.signin_grant_for(&app, &d, &id, taken, now) {
-            self.hand_signin_grant(&app, &g);
+            self.hand_grant(&app, &g);
         }
         // Recorded before watching, so that the release signs out and
         // unwatches whatever this got to register.

@@ -253,16 +253,6 @@ struct EventTally {
     other: u64,
 }
 
-/// A big presence room's count events (docs/PROTOCOL.md "Big presence
-/// rooms").
-struct PresenceCount {
-    /// When the next one goes (none: nothing changed since the last).
-    due: Option<Instant>,
-    /// The count last sent (for logs and tests).
-    #[allow(dead_code)]
-    sent: usize,
-}
-
 /// A frame waiting out its interval: when it goes, and to whom.
 struct Waiting {
     due: Instant,
@@ -304,10 +294,10 @@ struct Worker {
     revoked: bans::Revoked,
     /// Sockets a moderator removed lately (refused a silent re-registration).
     recent: bans::Recent,
-    /// Big presence rooms whose count changed: when their next
-    /// `herdgate:presence_count` is due, and the count last sent. One entry
-    /// per big room at most.
-    presence_counts: HashMap<RoomKey, PresenceCount>,
+    /// Big presence rooms whose membership changed since their last
+    /// `herdgate:presence_count`, and when the next one is due
+    /// (docs/PROTOCOL.md "Big presence rooms"). One entry per such room.
+    presence_counts: HashMap<RoomKey, Instant>,
     /// Fan-outs may write idle sockets in place: no backlog in the mailbox
     /// (see [`crate::outbound::direct`]).
     direct: bool,
@@ -324,7 +314,7 @@ impl Worker {
                 .chain(self.tallies.values().map(|t| t.due))
                 .chain(self.counts.next_due())
                 .chain(self.history.next_sweep())
-                .chain(self.presence_counts.values().filter_map(|p| p.due))
+                .chain(self.presence_counts.values().copied())
                 .min();
             let waiting = !self.debounce.is_empty();
             tokio::select! {
@@ -742,13 +732,9 @@ impl Worker {
             .load()
             .get(&key.app)
             .map_or(Duration::from_secs(5), |p| p.features.presence_count_every);
-        let entry = self
-            .presence_counts
+        self.presence_counts
             .entry(key.clone())
-            .or_insert(PresenceCount { due: None, sent: 0 });
-        if entry.due.is_none() {
-            entry.due = Some(Instant::now() + every);
-        }
+            .or_insert_with(|| Instant::now() + every);
     }
 
     /// The big rooms' counts that are due, each to the whole room. Sent
@@ -756,16 +742,18 @@ impl Worker {
     /// last one left it: members' own counts moved meanwhile (pusher-js
     /// counts the featured members' joins and leaves itself).
     fn send_presence_counts(&mut self, now: Instant) {
-        for (key, p) in self.presence_counts.iter_mut() {
-            if p.due.is_none_or(|d| d > now) {
-                continue;
-            }
-            p.due = None;
+        let due: Vec<RoomKey> = self
+            .presence_counts
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &due {
+            self.presence_counts.remove(key);
             let Some(room) = self.rooms.get(key) else {
                 continue;
             };
             let count = room.user_count();
-            p.sent = count;
             record(&room.fan_out(
                 key,
                 &protocol::presence_count(&key.channel, count),
