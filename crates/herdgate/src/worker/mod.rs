@@ -894,11 +894,13 @@ impl Worker {
                 if let (true, true, Some(user)) = (new_member, announced, &user) {
                     self.member_added(&key, user);
                 }
-                let full = self
-                    .policies
-                    .load()
-                    .get(&key.app)
-                    .map_or(usize::MAX, |p| p.features.presence_full_members);
+                // Read only for presence joins: the app's big-room threshold.
+                let full = user.as_ref().map_or(usize::MAX, |_| {
+                    self.policies
+                        .load()
+                        .get(&key.app)
+                        .map_or(usize::MAX, |p| p.features.presence_full_members)
+                });
                 let room = self.rooms.get_mut(&key).expect("just joined");
                 match user {
                     Some(user) => {
