@@ -358,12 +358,11 @@ async fn start(h: Box<Handshake>) -> Option<Box<Live>> {
     );
     match check.and_then(|c| session_app(&front, &c.key).map(|a| (c, a))) {
         Ok((Checked { resume, .. }, (app, quota))) => {
-            let in_place = app.features.write_delay.is_zero();
             let mut session = Session::new(front.session.clone(), app);
             session.resume_all = resume;
-            // Rooms write in place only to sockets without a write window
-            // (which must queue so that their events can wait for it).
-            if let Some(socket) = direct.filter(|_| in_place) {
+            // Rooms write plain-TCP sockets in place; with a write window,
+            // when it ends (see `outbound::window`).
+            if let Some(socket) = direct {
                 session.write_directly(socket.with_deflate(deflate));
             }
             let span = tracing::debug_span!("session", socket_id = %session.socket_id(), %peer);

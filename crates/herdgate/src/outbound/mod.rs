@@ -19,14 +19,25 @@
 //! and everything else, `push`: frames wait and are written in batches by
 //! each socket's own task, on every core.
 //!
+//! An app with a write window (`write_delay`) holds a room's events for
+//! the window the first of them opens. For a plain-TCP socket the room's
+//! worker keeps the time (see [`window`]): the fan-out queues without
+//! waking anyone, and when the window ends the worker writes everything
+//! held in one vectored write from its own thread (`flush_held`). The
+//! socket's task is not woken at all unless the kernel does not take it
+//! all. TLS sockets, and any socket whose writer is busy, keep the
+//! window with their session's timer as before.
+//!
 //! Queued bytes are also counted process-wide (`OUTBOUND_BYTES`, sharded per
 //! thread so fan-out on many cores does not contend) for the load monitor.
 
 mod counter;
 pub mod direct;
+pub mod window;
 
 pub use counter::{ShardedCounter, OUTBOUND_BYTES};
 pub use direct::{DirectSocket, SharedTcp};
+pub use window::Windows;
 
 use crate::protocol::{codes, Frame};
 use std::collections::VecDeque;
@@ -58,12 +69,28 @@ pub fn record_in_place(took: std::time::Duration, n: u64) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
     Queued,
+    /// Queued to wait out the socket's write window of this many ms, and
+    /// nobody was told: whoever pushed must see that it is flushed when
+    /// the window ends (see [`window::Windows`]), or wake the writer.
+    Held(u32),
     /// Written to the socket in place (see [`direct`]): delivered, nothing queued.
     Written,
     /// This push overflowed the queue; the socket is now being closed.
     Overflow,
     /// The socket was already closing; the frame was dropped.
     Closed,
+}
+
+/// What [`Outbound::flush_held`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Nothing was left to flush.
+    Nothing,
+    /// Everything held was written in place: this many frames.
+    Wrote(u64),
+    /// This many frames were written in place, and the rest handed to the
+    /// socket's writer.
+    Handed(u64),
 }
 
 /// Why the writer must close the socket.
@@ -95,6 +122,8 @@ struct State {
     removal: bool,
     /// Bytes of the first queued frame a direct write already sent.
     sent: usize,
+    /// The app's write window in ms (0: none), as the session last set it.
+    window: u32,
 }
 
 /// What the writer takes from the queue.
@@ -138,13 +167,13 @@ impl Outbound {
     /// Queue a frame of the socket's own (an answer, an error, a ping):
     /// written at once, with whatever else is queued.
     pub fn push(&self, frame: &Frame) -> Push {
-        self.push_with(frame, false, true)
+        self.push_with(frame, false, true, false)
     }
 
     /// Queue a room's event: it may wait for the socket's write window
     /// (the app's `write_delay`) to go out with the next ones.
     pub fn push_shared(&self, frame: &Frame) -> Push {
-        self.push_with(frame, false, false)
+        self.push_with(frame, false, false, false)
     }
 
     /// Hand a frame to the socket: written in place if its writer is idle
@@ -154,10 +183,19 @@ impl Outbound {
     /// requests it does not read the answers to fills its receive buffer
     /// far sooner with one segment per reply).
     pub fn push_direct(&self, frame: &Frame) -> Push {
-        self.push_with(frame, true, false)
+        self.push_with(frame, true, false, false)
     }
 
-    fn push_with(&self, frame: &Frame, direct: bool, urgent: bool) -> Push {
+    /// A room's event from a room worker that keeps write windows: as
+    /// [`push_direct`](Self::push_direct) when `in_place` (else as
+    /// [`push_shared`](Self::push_shared)), except that a plain-TCP socket
+    /// with a write window answers [`Push::Held`] for the frame that opens
+    /// the window, and is not woken for it.
+    pub fn push_room(&self, frame: &Frame, in_place: bool) -> Push {
+        self.push_with(frame, in_place, false, true)
+    }
+
+    fn push_with(&self, frame: &Frame, direct: bool, urgent: bool, may_hold: bool) -> Push {
         let mut s = self.lock();
         if s.close.is_some() {
             return Push::Closed;
@@ -188,7 +226,9 @@ impl Outbound {
             return Push::Overflow;
         }
         let was_empty = s.queue.is_empty();
-        if direct && was_empty && s.in_flight.0 == 0 && !s.hold {
+        // The worker keeps this socket's window: nobody is woken.
+        let held = may_hold && s.window > 0 && s.direct.is_some();
+        if direct && s.window == 0 && was_empty && s.in_flight.0 == 0 && !s.hold {
             if let Some(socket) = &s.direct {
                 match socket.write_frame(frame) {
                     direct::Wrote::All => return Push::Written,
@@ -205,14 +245,85 @@ impl Outbound {
         OUTBOUND_BYTES.add(len as i64);
         // The writer hears of the first frame, and of the first urgent one
         // behind frames that are waiting out a write window.
-        let wake = was_empty || (urgent && !s.urgent);
+        let wake = (was_empty && !held) || (urgent && !s.urgent);
         s.urgent |= urgent;
         s.removal |= frame.removes();
+        let window = s.window;
         drop(s);
         if wake {
             self.notify.notify_one();
         }
-        Push::Queued
+        if held && was_empty {
+            Push::Held(window)
+        } else {
+            Push::Queued
+        }
+    }
+
+    /// Set the write window (ms, 0: none) of this socket's app: the
+    /// session does on start and on a reload that changes it.
+    pub fn set_window(&self, ms: u32) {
+        self.lock().window = ms;
+    }
+
+    /// A [`Push::Held`] frame's window that nobody else will keep: the
+    /// session's timer keeps it.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// The write window that a [`Push::Held`] frame opened has ended:
+    /// write what is queued now, in place, in vectored writes of up to
+    /// [`direct::BATCH`] frames, if the socket's writer is idle and nothing
+    /// queued is for the session to see first. What the kernel does not
+    /// take, and a queue this cannot write, goes to the writer, woken for
+    /// it. Never waits.
+    pub fn flush_held(&self) -> Flushed {
+        let mut s = self.lock();
+        if s.queue.is_empty() || s.close.is_some() || s.urgent {
+            // Written already, or the writer was woken for it.
+            return Flushed::Nothing;
+        }
+        let writable = s.in_flight.0 == 0 && !s.hold && s.sent == 0 && !s.removal;
+        let Some(socket) = s.direct.clone().filter(|_| writable) else {
+            return self.hand_over(s, 0);
+        };
+        let mut written = 0u64;
+        let mut lens = [0usize; direct::BATCH];
+        loop {
+            let (k, result) = socket.write_frames(&s.queue, &mut lens);
+            let mut n = match result {
+                Ok(n) => n,
+                Err(_) => return self.hand_over(s, written),
+            };
+            for &len in &lens[..k] {
+                if n < len {
+                    // The kernel took part of this frame: the writer
+                    // starts after that part.
+                    s.sent = n;
+                    return self.hand_over(s, written);
+                }
+                n -= len;
+                let frame = s.queue.pop_front().expect("k ≤ queued frames");
+                s.bytes -= frame.len();
+                OUTBOUND_BYTES.add(-(frame.len() as i64));
+                written += 1;
+            }
+            if s.queue.is_empty() {
+                if let Some(t) = s.oldest.take() {
+                    delivery_delay().record(t.elapsed().as_secs_f64());
+                }
+                return Flushed::Wrote(written);
+            }
+        }
+    }
+
+    /// The rest of a held queue goes to the writer, now.
+    fn hand_over(&self, mut s: std::sync::MutexGuard<'_, State>, written: u64) -> Flushed {
+        s.urgent = true;
+        drop(s);
+        self.notify.notify_one();
+        Flushed::Handed(written)
     }
 
     /// The channels of the removal notices queued and not yet claimed (see

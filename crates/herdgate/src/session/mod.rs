@@ -396,6 +396,8 @@ impl Session {
         };
         // The app's write window (`write_delay`), in ms (≤ 1 s by config).
         let mut window = window_ms(&app);
+        // Rooms' workers keep the window of a socket they write directly.
+        self.out.set_window(window);
         let mut deadlines = {
             let live = self.ctx.node.live();
             let c = &live.config;
@@ -509,6 +511,7 @@ impl Session {
                                 let now = window_ms(&app);
                                 if now != window {
                                     window = now;
+                                    self.out.set_window(now);
                                     timer.as_mut().reset(Instant::now());
                                 }
                             }

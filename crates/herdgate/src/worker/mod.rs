@@ -228,6 +228,7 @@ fn spawn(
         recent: Default::default(),
         presence_counts: HashMap::new(),
         direct: true,
+        windows: crate::outbound::Windows::new(),
     };
     tokio::spawn(worker.run(rx));
     tx
@@ -301,6 +302,9 @@ struct Worker {
     /// Fan-outs may write idle sockets in place: no backlog in the mailbox
     /// (see [`crate::outbound::direct`]).
     direct: bool,
+    /// The write windows this worker's fan-outs opened, flushed here when
+    /// they end (see [`crate::outbound::window`]). Bounded by `Windows::MAX`.
+    windows: crate::outbound::Windows,
 }
 
 impl Worker {
@@ -315,6 +319,7 @@ impl Worker {
                 .chain(self.counts.next_due())
                 .chain(self.history.next_sweep())
                 .chain(self.presence_counts.values().copied())
+                .chain(self.windows.next_due())
                 .min();
             let waiting = !self.debounce.is_empty();
             tokio::select! {
@@ -331,6 +336,9 @@ impl Worker {
                 _ = sleep_until_opt(next_flush) => {
                     self.direct = rx.is_empty();
                     let now = Instant::now();
+                    if !self.windows.is_empty() {
+                        record_windows(self.windows.flush_due(now));
+                    }
                     self.flush_coalesced(now);
                     self.flush_tallies(now);
                     for room in self.counts.due(now) {
@@ -430,6 +438,7 @@ impl Worker {
                             ack_id,
                             serial,
                             direct: self.direct,
+                            windows: Some(&self.windows),
                             ..To::default()
                         },
                     ),
@@ -678,6 +687,7 @@ impl Worker {
                     To {
                         serial,
                         direct: self.direct,
+                        windows: Some(&self.windows),
                         ..To::default()
                     },
                 ));
@@ -716,6 +726,7 @@ impl Worker {
                         exclude: w.exclude,
                         serial,
                         direct: self.direct,
+                        windows: Some(&self.windows),
                         ..To::default()
                     },
                 ));
@@ -757,7 +768,7 @@ impl Worker {
             record(&room.fan_out(
                 key,
                 &protocol::presence_count(&key.channel, count),
-                To::direct(self.direct),
+                To::room(self.direct, &self.windows),
             ));
         }
     }
@@ -927,6 +938,7 @@ impl Worker {
                                 To {
                                     except_user: Some(&user),
                                     direct: self.direct,
+                                    windows: Some(&self.windows),
                                     ..To::default()
                                 },
                             ));
@@ -984,7 +996,7 @@ impl Worker {
                 record(&room.fan_out(
                     &key,
                     &protocol::member_removed(&key.channel, user),
-                    To::direct(self.direct),
+                    To::room(self.direct, &self.windows),
                 ));
             } else {
                 crate::overload::shed("presence_member_event");
@@ -1034,7 +1046,7 @@ impl Worker {
                     record(&room.fan_out(
                         key,
                         &protocol::member_removed(&key.channel, &user),
-                        To::direct(self.direct),
+                        To::room(self.direct, &self.windows),
                     ));
                 }
                 removed.push((key.clone(), user));
@@ -1253,6 +1265,7 @@ impl Worker {
             To {
                 exclude: joined,
                 direct: self.direct,
+                windows: Some(&self.windows),
                 ..To::default()
             },
         ));
@@ -1405,6 +1418,19 @@ fn info(r: &Room) -> RoomInfo {
     RoomInfo {
         subscription_count: r.subscription_count(),
         user_count: r.user_count(),
+    }
+}
+
+/// `herdgate_write_window_flushes_total{how}`: sockets whose write window
+/// a worker flushed, written in place or handed to their writer.
+fn record_windows(f: crate::outbound::window::Flush) {
+    if f.in_place > 0 {
+        metrics::counter!("herdgate_write_window_flushes_total", "how" => "in_place")
+            .increment(f.in_place);
+    }
+    if f.handed > 0 {
+        metrics::counter!("herdgate_write_window_flushes_total", "how" => "writer")
+            .increment(f.handed);
     }
 }
 

@@ -5,7 +5,7 @@
 //! one leaves.
 
 use super::{RemoteEdge, Sent, Subscriber, Target};
-use crate::outbound::{Outbound, Push};
+use crate::outbound::{Outbound, Push, Windows};
 use crate::protocol::{self, Frame};
 use crate::types::{ConnId, Member, RoomKey};
 use serde_json::value::RawValue;
@@ -100,13 +100,19 @@ pub struct To<'a> {
     pub serial: Option<u64>,
     /// Idle plain-TCP sockets may be written in place.
     pub direct: bool,
+    /// The worker's write windows: a plain-TCP socket of an app with a
+    /// `write_delay` whose window this fan-out opens is noted there, and
+    /// flushed by the worker when it ends. `None`: such sockets keep their
+    /// window with their session's timer.
+    pub windows: Option<&'a Windows>,
 }
 
-impl To<'_> {
-    /// Everyone, written in place if `direct`.
-    pub fn direct(direct: bool) -> To<'static> {
+impl<'a> To<'a> {
+    /// Everyone, written in place if `direct`, windows kept by `windows`.
+    pub fn room(direct: bool, windows: &'a Windows) -> To<'a> {
         To {
             direct,
+            windows: Some(windows),
             ..To::default()
         }
     }
@@ -132,7 +138,7 @@ pub struct Delivery {
 impl Delivery {
     fn count(&mut self, p: Push) {
         match p {
-            Push::Queued => self.queued += 1,
+            Push::Queued | Push::Held(_) => self.queued += 1,
             Push::Written => {
                 self.queued += 1;
                 self.written += 1;
@@ -399,6 +405,7 @@ impl Room {
             ack_id,
             serial,
             direct,
+            windows,
         } = to;
         let mut d = Delivery::default();
         let mut numbered: Option<Frame> = None;
@@ -433,12 +440,20 @@ impl Room {
                     }
                     _ => frame,
                 };
-                d.count(if direct {
-                    in_place += 1;
-                    l.out.push_direct(f)
-                } else {
-                    l.out.push_shared(f)
-                });
+                in_place += u32::from(direct);
+                let p = match windows {
+                    Some(_) => l.out.push_room(f, direct),
+                    None if direct => l.out.push_direct(f),
+                    None => l.out.push_shared(f),
+                };
+                if let Push::Held(ms) = p {
+                    // This event opened the socket's write window.
+                    if !windows.is_some_and(|w| w.hold(&l.out, start, ms)) {
+                        metrics::counter!("herdgate_write_window_flushes_total", "how" => "session_timer").increment(1);
+                        l.out.wake();
+                    }
+                }
+                d.count(p);
             }
         }
         if d.written > 0 {

@@ -24,3 +24,4 @@ mod resume;
 mod tallies;
 mod tls;
 mod webhooks;
+mod write_window;

@@ -1,0 +1,247 @@
+//! Write windows kept by a room worker, for the sockets its rooms hold.
+//!
+//! Why: with a write window (an app's `write_delay`) a socket's room events
+//! wait for the window the first of them opens, then go out in one write.
+//! Kept by each socket's own task, that costs two task wakes and a timer
+//! per socket per window, which measured about what the writes it saves
+//! cost (docs/BENCHMARKS.md "Wire cost"). A room's events reach all its
+//! sockets at once, so their windows open together: the worker that fanned
+//! them out notes each socket whose window it opened ([`Windows::hold`]),
+//! grouped by the millisecond the window ends, and when that comes writes
+//! each one's held frames in place, one vectored write per socket
+//! ([`Outbound::flush_held`]), from its own thread. No socket task is woken
+//! unless the kernel does not take everything.
+//!
+//! Bounded: one entry per window a fan-out opened, at most [`Windows::MAX`]
+//! in all; past that the socket's session keeps the window with its own
+//! timer, as it does for TLS sockets (policy: `session_timer`).
+
+use super::{Flushed, Outbound};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The windows a worker keeps: the sockets to flush, by the millisecond
+/// (from `base`) their window ends.
+pub struct Windows {
+    base: Instant,
+    due: RefCell<BTreeMap<u64, Vec<Arc<Outbound>>>>,
+    len: Cell<usize>,
+}
+
+/// What one [`Windows::flush_due`] did, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Flush {
+    /// Sockets written in place, all they held.
+    pub in_place: u64,
+    /// Sockets handed to their writer (in part or in all).
+    pub handed: u64,
+    /// Frames written in place.
+    pub frames: u64,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows::new()
+    }
+}
+
+impl Windows {
+    /// Sockets whose window one worker keeps at most.
+    pub const MAX: usize = 1 << 20;
+
+    pub fn new() -> Windows {
+        Windows {
+            base: Instant::now(),
+            due: RefCell::new(BTreeMap::new()),
+            len: Cell::new(0),
+        }
+    }
+
+    /// Flush `out` when its window of `ms`, opened `since`, ends (rounded
+    /// up to the millisecond). `false`: full, keep it some other way.
+    pub fn hold(&self, out: &Arc<Outbound>, since: Instant, ms: u32) -> bool {
+        if self.len.get() >= Self::MAX {
+            return false;
+        }
+        let end = since.saturating_duration_since(self.base) + Duration::from_millis(u64::from(ms));
+        let key = end.as_micros().div_ceil(1000) as u64;
+        self.due
+            .borrow_mut()
+            .entry(key)
+            .or_default()
+            .push(out.clone());
+        self.len.set(self.len.get() + 1);
+        true
+    }
+
+    /// When the next window ends.
+    pub fn next_due(&self) -> Option<Instant> {
+        let due = self.due.borrow();
+        let (&key, _) = due.first_key_value()?;
+        Some(self.at(key))
+    }
+
+    fn at(&self, key: u64) -> Instant {
+        self.base + Duration::from_millis(key)
+    }
+
+    /// Write what every socket whose window ended by `now` holds.
+    pub fn flush_due(&self, now: Instant) -> Flush {
+        let mut flush = Flush::default();
+        loop {
+            let sockets = {
+                let mut due = self.due.borrow_mut();
+                match due.first_entry() {
+                    Some(e) if self.at(*e.key()) <= now => e.remove(),
+                    _ => break,
+                }
+            };
+            self.len.set(self.len.get() - sockets.len());
+            for out in sockets {
+                match out.flush_held() {
+                    Flushed::Nothing => {}
+                    Flushed::Wrote(n) => {
+                        flush.in_place += 1;
+                        flush.frames += n;
+                    }
+                    Flushed::Handed(n) => {
+                        flush.handed += 1;
+                        flush.frames += n;
+                    }
+                }
+            }
+        }
+        flush
+    }
+
+    /// Sockets whose window is kept here now.
+    pub fn len(&self) -> usize {
+        self.len.get()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len.get() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::{direct, Push};
+    use crate::protocol::Frame;
+    use tokio::io::AsyncReadExt;
+
+    fn ev(n: u32) -> Frame {
+        crate::protocol::event("e", Some("c"), &format!("{{\"n\":{n}}}"))
+    }
+
+    /// A windowed socket's room events are held without a wake, and the
+    /// worker's flush writes them all, in order, in one go when the window
+    /// ends; a socket of its own answer is not held back.
+    #[tokio::test(start_paused = true)]
+    async fn held_frames_go_out_together_when_the_window_ends() {
+        let (shared, mut client) = direct::loopback_pair().await;
+        let out = Arc::new(Outbound::new(100, 1 << 20));
+        out.attach(shared.handle());
+        out.set_window(100);
+        let windows = Windows::new();
+        let t0 = Instant::now();
+        assert_eq!(out.push_room(&ev(1), true), Push::Held(100));
+        assert!(windows.hold(&out, t0, 100));
+        assert_eq!(
+            out.push_room(&ev(2), true),
+            Push::Queued,
+            "the window is open"
+        );
+        assert_eq!(out.push_room(&ev(3), false), Push::Queued);
+        // Nobody was woken.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), out.ready())
+                .await
+                .is_err(),
+            "a held frame wakes nobody"
+        );
+        assert_eq!(windows.next_due(), Some(t0 + Duration::from_millis(100)));
+        assert_eq!(
+            windows.flush_due(t0 + Duration::from_millis(99)),
+            Flush::default()
+        );
+        let f = windows.flush_due(t0 + Duration::from_millis(100));
+        assert_eq!(
+            f,
+            Flush {
+                in_place: 1,
+                handed: 0,
+                frames: 3
+            }
+        );
+        assert!(windows.is_empty());
+        assert_eq!(out.queued_bytes(), 0);
+        let mut want = Vec::new();
+        for n in 1..=3 {
+            let text = ev(n);
+            let mut head = [0u8; 10];
+            let h = crate::protocol::wsframe::header(
+                crate::protocol::wsframe::OP_TEXT,
+                text.len(),
+                &mut head,
+            );
+            want.extend_from_slice(&head[..h]);
+            want.extend_from_slice(text.as_str().as_bytes());
+        }
+        let mut got = vec![0u8; want.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want, "three frames, in order, whole");
+        // Without a window, a room's event is written in place at once.
+        out.set_window(0);
+        assert_eq!(out.push_room(&ev(4), true), Push::Written);
+    }
+
+    /// What the flush cannot write in place goes to the writer: a socket
+    /// whose writer is busy, or whose queue holds something the session
+    /// must see first, is woken instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_writer_or_an_urgent_frame_is_handed_the_queue() {
+        let (shared, _client) = direct::loopback_pair().await;
+        let out = Arc::new(Outbound::new(100, 1 << 20));
+        out.attach(shared.handle());
+        out.set_window(50);
+        let windows = Windows::new();
+        let t0 = Instant::now();
+        // The writer holds a batch (a pong, say).
+        out.hold();
+        assert_eq!(out.push_room(&ev(1), true), Push::Held(50));
+        assert!(windows.hold(&out, t0, 50));
+        let f = windows.flush_due(t0 + Duration::from_millis(50));
+        assert_eq!(f.handed, 1);
+        tokio::time::timeout(Duration::from_millis(1), out.ready())
+            .await
+            .expect("the writer is woken for what it was handed");
+        assert_eq!(out.drain().frames.len(), 1);
+        out.written();
+        // An answer of the socket's own behind a held event: the session
+        // was woken for it and takes both; the flush leaves them.
+        assert_eq!(out.push_room(&ev(2), true), Push::Held(50));
+        assert!(windows.hold(&out, t0, 50));
+        out.push(&ev(3));
+        assert_eq!(
+            windows.flush_due(t0 + Duration::from_secs(1)),
+            Flush::default()
+        );
+        assert_eq!(out.drain().frames.len(), 2);
+    }
+
+    /// A TLS socket (no direct handle) keeps its window with its session.
+    #[tokio::test]
+    async fn a_socket_without_a_direct_handle_is_woken_as_before() {
+        let out = Outbound::new(100, 1 << 20);
+        out.set_window(100);
+        assert_eq!(out.push_room(&ev(1), true), Push::Queued);
+        tokio::time::timeout(Duration::from_millis(100), out.ready())
+            .await
+            .expect("woken");
+    }
+}
