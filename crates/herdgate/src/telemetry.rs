@@ -128,6 +128,10 @@ fn describe() {
         "Of the delivered frames, those a room wrote to an idle plain-TCP socket itself"
     );
     describe_counter!(
+        "herdgate_write_window_flushes_total",
+        "Sockets whose write window ended, by how their held frames went out"
+    );
+    describe_counter!(
         "herdgate_outbound_overflows_total",
         "Frames refused because a socket's outbound queue was full"
     );

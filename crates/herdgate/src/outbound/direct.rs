@@ -10,12 +10,15 @@
 //! before, which then starts where the kernel stopped. Nothing waits: a full socket answers
 //! `WouldBlock` at once.
 //!
+//! With a write window, the room's worker writes what the window held the
+//! same way when it ends (`write_frames`: several frames, one write).
+//!
 //! The socket is shared for this: the session reads and writes it through
 //! [`SharedTcp`] as it would a `TcpStream`, and its queue holds a
 //! [`DirectSocket`] to the same stream while the session allows it. Only
 //! plain TCP qualifies; a TLS socket's record layer belongs to its session.
 //!
-//! `unsafe` here: one line. The descriptor is kept beside the queue's state
+//! `unsafe` here: two lines, the same. The descriptor is kept beside the queue's state
 //! as a raw fd (one cache line less per socket of a fan-out than asking the
 //! stream for it), so borrowing it back for [`crate::sys::send_nonblocking`]
 //! is [`BorrowedFd::borrow_raw`], sound because the `DirectSocket` that
@@ -125,6 +128,9 @@ impl DirectSocket {
 /// Frames up to this size (header included) are written from one buffer.
 const COPY_MAX: usize = 1024;
 
+/// Held frames up to this many bytes in all go out from one buffer.
+const COPY_BATCH: usize = 4096;
+
 /// At most this many frames go in one vectored write of a held queue
 /// (two buffers each, well under the kernel's `IOV_MAX` of 1024).
 pub(super) const BATCH: usize = 64;
@@ -148,6 +154,24 @@ impl DirectSocket {
             head_lens[i] = wsframe::header(wsframe::OP_TEXT | bits, payload.len(), &mut heads[i]);
             payloads[i] = payload;
             lens[i] = head_lens[i] + payload.len();
+        }
+        let total: usize = lens[..k].iter().sum();
+        if total <= COPY_BATCH {
+            // Small frames are copied into one buffer, as in `write_frame`:
+            // one plain send(2) costs the kernel less than a writev of
+            // two parts per frame.
+            let mut buf = [0u8; COPY_BATCH];
+            let mut at = 0;
+            for i in 0..k {
+                buf[at..at + head_lens[i]].copy_from_slice(&heads[i][..head_lens[i]]);
+                at += head_lens[i];
+                buf[at..at + payloads[i].len()].copy_from_slice(payloads[i]);
+                at += payloads[i].len();
+            }
+            // SAFETY: as in `write_frame`: `fd` is `stream`'s descriptor,
+            // open while `self.stream` is held, and `self` is borrowed.
+            let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+            return (k, crate::sys::send_nonblocking(fd, &buf[..total]));
         }
         let mut iov = [IoSlice::new(&[]); 2 * BATCH];
         for i in 0..k {

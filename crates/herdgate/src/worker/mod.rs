@@ -1422,7 +1422,8 @@ fn info(r: &Room) -> RoomInfo {
 }
 
 /// `herdgate_write_window_flushes_total{how}`: sockets whose write window
-/// a worker flushed, written in place or handed to their writer.
+/// a worker flushed, written in place or handed to their writer; and the
+/// frames it wrote in place.
 fn record_windows(f: crate::outbound::window::Flush) {
     if f.in_place > 0 {
         metrics::counter!("herdgate_write_window_flushes_total", "how" => "in_place")
@@ -1431,6 +1432,9 @@ fn record_windows(f: crate::outbound::window::Flush) {
     if f.handed > 0 {
         metrics::counter!("herdgate_write_window_flushes_total", "how" => "writer")
             .increment(f.handed);
+    }
+    if f.frames > 0 {
+        metrics::counter!("herdgate_messages_written_in_place_total").increment(f.frames);
     }
 }
 
