@@ -318,6 +318,16 @@ impl Outbound {
         }
     }
 
+    /// The write window that a [`Push::Held`] frame opened has ended, and
+    /// the worker will not write it: the writer takes the queue now.
+    pub fn release_held(&self) {
+        let s = self.lock();
+        if s.queue.is_empty() || s.urgent || s.close.is_some() {
+            return;
+        }
+        self.hand_over(s, 0);
+    }
+
     /// The rest of a held queue goes to the writer, now.
     fn hand_over(&self, mut s: std::sync::MutexGuard<'_, State>, written: u64) -> Flushed {
         s.urgent = true;

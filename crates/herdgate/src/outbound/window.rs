@@ -23,6 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// How long one flush may write in place before it hands the rest of the
+/// due sockets to their writers (as a fan-out's in-place budget).
+pub const BUDGET: Duration = Duration::from_millis(50);
+
 /// The windows a worker keeps: the sockets to flush, by the millisecond
 /// (from `base`) their window ends.
 pub struct Windows {
@@ -88,9 +92,19 @@ impl Windows {
         self.base + Duration::from_millis(key)
     }
 
-    /// Write what every socket whose window ended by `now` holds.
+    /// Write what every socket whose window ended by `now` holds. One
+    /// call writes in place for at most [`BUDGET`]: the sockets left are
+    /// handed to their own tasks, which write them in parallel, on every
+    /// core, rather than this thread writing on and on.
     pub fn flush_due(&self, now: Instant) -> Flush {
+        self.flush_within(now, BUDGET)
+    }
+
+    fn flush_within(&self, now: Instant, budget: Duration) -> Flush {
         let mut flush = Flush::default();
+        let start = Instant::now();
+        let mut n = 0u32;
+        let mut past = false;
         loop {
             let sockets = {
                 let mut due = self.due.borrow_mut();
@@ -101,15 +115,23 @@ impl Windows {
             };
             self.len.set(self.len.get() - sockets.len());
             for out in sockets {
+                n += 1;
+                past = past || (n % 64 == 0 && start.elapsed() >= budget);
+                if past {
+                    // Past the budget: the writers take the rest.
+                    out.release_held();
+                    flush.handed += 1;
+                    continue;
+                }
                 match out.flush_held() {
                     Flushed::Nothing => {}
-                    Flushed::Wrote(n) => {
+                    Flushed::Wrote(frames) => {
                         flush.in_place += 1;
-                        flush.frames += n;
+                        flush.frames += frames;
                     }
-                    Flushed::Handed(n) => {
+                    Flushed::Handed(frames) => {
                         flush.handed += 1;
-                        flush.frames += n;
+                        flush.frames += frames;
                     }
                 }
             }
@@ -232,6 +254,33 @@ mod tests {
             Flush::default()
         );
         assert_eq!(out.drain().frames.len(), 2);
+    }
+
+    /// Past its budget a flush hands the rest to the sockets' writers
+    /// (checked every 64 sockets).
+    #[tokio::test]
+    async fn past_the_budget_the_writers_take_the_rest() {
+        let windows = Windows::new();
+        let t0 = Instant::now();
+        let mut keep = Vec::new();
+        for _ in 0..130 {
+            let (shared, client) = direct::loopback_pair().await;
+            let out = Arc::new(Outbound::new(100, 1 << 20));
+            out.attach(shared.handle());
+            out.set_window(10);
+            assert_eq!(out.push_room(&ev(1), true), Push::Held(10));
+            assert!(windows.hold(&out, t0, 10));
+            keep.push((out, shared, client));
+        }
+        assert_eq!(windows.len(), 130);
+        let f = windows.flush_within(t0 + Duration::from_millis(10), Duration::ZERO);
+        assert_eq!((f.in_place, f.handed, f.frames), (63, 67, 63));
+        for (out, ..) in &keep[63..] {
+            tokio::time::timeout(Duration::from_secs(1), out.ready())
+                .await
+                .expect("a socket past the budget is woken");
+            assert_eq!(out.drain().frames.len(), 1);
+        }
     }
 
     /// A TLS socket (no direct handle) keeps its window with its session.
