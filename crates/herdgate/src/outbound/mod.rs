@@ -25,8 +25,9 @@
 //! waking anyone, and when the window ends the worker writes everything
 //! held in one vectored write from its own thread (`flush_held`). The
 //! socket's task is not woken at all unless the kernel does not take it
-//! all. TLS sockets, and any socket whose writer is busy, keep the
-//! window with their session's timer as before.
+//! all. A socket whose writer is busy when its window ends is handed the
+//! queue, which it writes as soon as it is idle; TLS sockets keep the
+//! window with their session's timer.
 //!
 //! Queued bytes are also counted process-wide (`OUTBOUND_BYTES`, sharded per
 //! thread so fan-out on many cores does not contend) for the load monitor.
@@ -124,6 +125,10 @@ struct State {
     sent: usize,
     /// The app's write window in ms (0: none), as the session last set it.
     window: u32,
+    /// A worker keeps this socket's window (it was answered
+    /// [`Push::Held`] and has not flushed or released it yet): no second
+    /// entry is made, however often the queue empties meanwhile.
+    scheduled: bool,
 }
 
 /// What the writer takes from the queue.
@@ -228,6 +233,10 @@ impl Outbound {
         let was_empty = s.queue.is_empty();
         // The worker keeps this socket's window: nobody is woken.
         let held = may_hold && s.window > 0 && s.direct.is_some();
+        // The window this frame opens needs an entry at a worker, unless
+        // one is pending (it flushes whatever is queued when it comes).
+        let opens = held && was_empty && !s.scheduled;
+        s.scheduled |= opens;
         if direct && s.window == 0 && was_empty && s.in_flight.0 == 0 && !s.hold {
             if let Some(socket) = &s.direct {
                 match socket.write_frame(frame) {
@@ -253,7 +262,7 @@ impl Outbound {
         if wake {
             self.notify.notify_one();
         }
-        if held && was_empty {
+        if opens {
             Push::Held(window)
         } else {
             Push::Queued
@@ -266,9 +275,10 @@ impl Outbound {
         self.lock().window = ms;
     }
 
-    /// A [`Push::Held`] frame's window that nobody else will keep: the
+    /// A [`Push::Held`] frame's window that no worker keeps: the
     /// session's timer keeps it.
     pub fn wake(&self) {
+        self.lock().scheduled = false;
         self.notify.notify_one();
     }
 
@@ -280,6 +290,7 @@ impl Outbound {
     /// it. Never waits.
     pub fn flush_held(&self) -> Flushed {
         let mut s = self.lock();
+        s.scheduled = false;
         if s.queue.is_empty() || s.close.is_some() || s.urgent {
             // Written already, or the writer was woken for it.
             return Flushed::Nothing;
@@ -321,7 +332,8 @@ impl Outbound {
     /// The write window that a [`Push::Held`] frame opened has ended, and
     /// the worker will not write it: the writer takes the queue now.
     pub fn release_held(&self) {
-        let s = self.lock();
+        let mut s = self.lock();
+        s.scheduled = false;
         if s.queue.is_empty() || s.urgent || s.close.is_some() {
             return;
         }

@@ -33,6 +33,7 @@ pub struct Windows {
     base: Instant,
     due: RefCell<BTreeMap<u64, Vec<Arc<Outbound>>>>,
     len: Cell<usize>,
+    max: usize,
 }
 
 /// What one [`Windows::flush_due`] did, for metrics.
@@ -57,17 +58,22 @@ impl Windows {
     pub const MAX: usize = 1 << 20;
 
     pub fn new() -> Windows {
+        Windows::with_max(Self::MAX)
+    }
+
+    fn with_max(max: usize) -> Windows {
         Windows {
             base: Instant::now(),
             due: RefCell::new(BTreeMap::new()),
             len: Cell::new(0),
+            max,
         }
     }
 
     /// Flush `out` when its window of `ms`, opened `since`, ends (rounded
     /// up to the millisecond). `false`: full, keep it some other way.
     pub fn hold(&self, out: &Arc<Outbound>, since: Instant, ms: u32) -> bool {
-        if self.len.get() >= Self::MAX {
+        if self.len.get() >= self.max {
             return false;
         }
         let end = since.saturating_duration_since(self.base) + Duration::from_millis(u64::from(ms));
@@ -93,18 +99,20 @@ impl Windows {
     }
 
     /// Write what every socket whose window ended by `now` holds. One
-    /// call writes in place for at most [`BUDGET`]: the sockets left are
-    /// handed to their own tasks, which write them in parallel, on every
-    /// core, rather than this thread writing on and on.
-    pub fn flush_due(&self, now: Instant) -> Flush {
-        self.flush_within(now, BUDGET)
+    /// call writes in place for at most [`BUDGET`], and not at all when
+    /// `in_place` is false (the worker has work waiting, as a fan-out's
+    /// `direct`): the sockets left are handed to their own tasks, which
+    /// write them in parallel, on every core, rather than this thread
+    /// writing on and on.
+    pub fn flush_due(&self, now: Instant, in_place: bool) -> Flush {
+        self.flush_within(now, if in_place { BUDGET } else { Duration::ZERO })
     }
 
     fn flush_within(&self, now: Instant, budget: Duration) -> Flush {
         let mut flush = Flush::default();
         let start = Instant::now();
         let mut n = 0u32;
-        let mut past = false;
+        let mut past = budget.is_zero();
         loop {
             let sockets = {
                 let mut due = self.due.borrow_mut();
@@ -139,6 +147,16 @@ impl Windows {
         flush
     }
 
+    /// Hand every socket still kept here to its writer (the worker is
+    /// going away).
+    fn release_all(&self) {
+        let due = std::mem::take(&mut *self.due.borrow_mut());
+        for out in due.into_values().flatten() {
+            out.release_held();
+        }
+        self.len.set(0);
+    }
+
     /// Sockets whose window is kept here now.
     pub fn len(&self) -> usize {
         self.len.get()
@@ -146,6 +164,14 @@ impl Windows {
 
     pub fn is_empty(&self) -> bool {
         self.len.get() == 0
+    }
+}
+
+impl Drop for Windows {
+    /// A worker that ends (a panic, a shutdown) leaves no socket waiting
+    /// for a flush that will not come.
+    fn drop(&mut self) {
+        self.release_all();
     }
 }
 
@@ -188,10 +214,10 @@ mod tests {
         );
         assert_eq!(windows.next_due(), Some(t0 + Duration::from_millis(100)));
         assert_eq!(
-            windows.flush_due(t0 + Duration::from_millis(99)),
+            windows.flush_due(t0 + Duration::from_millis(99), true),
             Flush::default()
         );
-        let f = windows.flush_due(t0 + Duration::from_millis(100));
+        let f = windows.flush_due(t0 + Duration::from_millis(100), true);
         assert_eq!(
             f,
             Flush {
@@ -237,7 +263,7 @@ mod tests {
         out.hold();
         assert_eq!(out.push_room(&ev(1), true), Push::Held(50));
         assert!(windows.hold(&out, t0, 50));
-        let f = windows.flush_due(t0 + Duration::from_millis(50));
+        let f = windows.flush_due(t0 + Duration::from_millis(50), true);
         assert_eq!(f.handed, 1);
         tokio::time::timeout(Duration::from_millis(1), out.ready())
             .await
@@ -250,7 +276,7 @@ mod tests {
         assert!(windows.hold(&out, t0, 50));
         out.push(&ev(3));
         assert_eq!(
-            windows.flush_due(t0 + Duration::from_secs(1)),
+            windows.flush_due(t0 + Duration::from_secs(1), true),
             Flush::default()
         );
         assert_eq!(out.drain().frames.len(), 2);
@@ -273,7 +299,7 @@ mod tests {
             keep.push((out, shared, client));
         }
         assert_eq!(windows.len(), 130);
-        let f = windows.flush_within(t0 + Duration::from_millis(10), Duration::ZERO);
+        let f = windows.flush_within(t0 + Duration::from_millis(10), Duration::from_nanos(1));
         assert_eq!((f.in_place, f.handed, f.frames), (63, 67, 63));
         for (out, ..) in &keep[63..] {
             tokio::time::timeout(Duration::from_secs(1), out.ready())
@@ -281,6 +307,103 @@ mod tests {
                 .expect("a socket past the budget is woken");
             assert_eq!(out.drain().frames.len(), 1);
         }
+    }
+
+    /// Frames too big for one buffer go out in vectored writes of up to
+    /// 64; what the kernel does not take (the client is not reading) goes
+    /// to the writer, which starts where the kernel stopped, inside a
+    /// frame: the client reads every frame whole, in order.
+    #[tokio::test]
+    async fn a_partial_vectored_write_is_finished_by_the_writer() {
+        use tokio::io::AsyncWriteExt;
+        let (shared, mut client) = direct::loopback_pair().await;
+        let out = Arc::new(Outbound::new(10_000, 256 << 20));
+        out.attach(shared.handle());
+        out.set_window(10);
+        shared.writable().await;
+        let windows = Windows::new();
+        let t0 = Instant::now();
+        let big =
+            |n: u32| crate::protocol::event("e", Some("c"), &format!("{n:06}{}", "x".repeat(6000)));
+        let frames: Vec<Frame> = (0..3000).map(big).collect();
+        assert_eq!(out.push_room(&frames[0], true), Push::Held(10));
+        assert!(windows.hold(&out, t0, 10));
+        for f in &frames[1..] {
+            assert_eq!(out.push_room(f, true), Push::Queued);
+        }
+        let f = windows.flush_due(t0 + Duration::from_millis(10), true);
+        assert_eq!(f.handed, 1, "18 MB do not fit the socket's buffers");
+        let wrote = f.frames as usize;
+        assert!(wrote > 64, "several vectored writes went out: {wrote}");
+        let d = out.drain();
+        assert_eq!(d.frames.len(), 3000 - wrote);
+        let mut want = Vec::new();
+        let wire = |f: &Frame, want: &mut Vec<u8>| {
+            let mut head = [0u8; 10];
+            let h = crate::protocol::wsframe::header(
+                crate::protocol::wsframe::OP_TEXT,
+                f.len(),
+                &mut head,
+            );
+            want.extend_from_slice(&head[..h]);
+            want.extend_from_slice(f.as_str().as_bytes());
+        };
+        for f in &frames {
+            wire(f, &mut want);
+        }
+        // The client reads everything while the writer finishes.
+        let total = want.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; total];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let mut rest = Vec::new();
+        for f in &d.frames {
+            wire(f, &mut rest);
+        }
+        let mut writer = shared;
+        writer.write_all(&rest[d.sent..]).await.unwrap();
+        out.written();
+        let got = reader.await.unwrap();
+        assert!(got == want, "every frame whole and in order");
+        assert_eq!(out.queued_bytes(), 0);
+    }
+
+    /// One entry per window however often the queue empties meanwhile; a
+    /// full list says no (the session keeps the window); a worker that
+    /// ends hands what it kept to the writers.
+    #[tokio::test(start_paused = true)]
+    async fn one_entry_per_socket_a_full_list_and_a_dropped_worker() {
+        let (shared, _client) = direct::loopback_pair().await;
+        let out = Arc::new(Outbound::new(100, 1 << 20));
+        out.attach(shared.handle());
+        out.set_window(100);
+        let windows = Windows::with_max(1);
+        let t0 = Instant::now();
+        assert_eq!(out.push_room(&ev(1), true), Push::Held(100));
+        assert!(windows.hold(&out, t0, 100));
+        // The session takes the queue early (an answer of its own) ...
+        out.push(&ev(2));
+        assert_eq!(out.drain().frames.len(), 2);
+        out.written();
+        // ... and the next event finds the entry still pending.
+        assert_eq!(out.push_room(&ev(3), true), Push::Queued);
+        assert_eq!(windows.len(), 1);
+        // Full: another socket's window is not kept here.
+        let (shared2, _client2) = direct::loopback_pair().await;
+        let other = Arc::new(Outbound::new(100, 1 << 20));
+        other.attach(shared2.handle());
+        other.set_window(100);
+        assert_eq!(other.push_room(&ev(1), true), Push::Held(100));
+        assert!(!windows.hold(&other, t0, 100), "the list is full");
+        // Dropped with an entry: its socket's writer is woken for it.
+        let _ = tokio::time::timeout(Duration::from_millis(1), out.ready()).await;
+        drop(windows);
+        tokio::time::timeout(Duration::from_millis(1), out.ready())
+            .await
+            .expect("a dropped worker's sockets are handed to their writers");
+        assert_eq!(out.drain().frames.len(), 1);
     }
 
     /// A TLS socket (no direct handle) keeps its window with its session.

@@ -337,7 +337,7 @@ impl Worker {
                     self.direct = rx.is_empty();
                     let now = Instant::now();
                     if !self.windows.is_empty() {
-                        record_windows(self.windows.flush_due(now));
+                        record_windows(self.windows.flush_due(now, self.direct));
                     }
                     self.flush_coalesced(now);
                     self.flush_tallies(now);
