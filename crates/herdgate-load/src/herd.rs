@@ -17,7 +17,7 @@
 //! 50 % and 99 % of the clients are back and subscribed.
 //!
 //! With `--publish-rate` (a cluster: A and B edges of the same workers,
-//! `--api` B's HTTP API), events are published through B to every client's
+//! `--api` the HTTP API of one of its edges), events are published to every client's
 //! channels in turn, from before A dies until after the herd is back; each
 //! client counts the events it receives (each carries its publish id), and
 //! the run reports the acked publishes (HTTP 200) that never reached their
@@ -88,7 +88,7 @@ pub struct HerdArgs {
     /// channels, in turn (0: none).
     #[arg(long, default_value_t = 0.0)]
     pub publish_rate: f64,
-    /// Server B's HTTP API (`https://127.0.0.1:PORT`), for the publishes.
+    /// An HTTP API of the cluster (`http(s)://127.0.0.1:PORT`), for the publishes.
     #[arg(long)]
     pub api: Option<String>,
     /// Publish this long before A is killed, and after every client is
@@ -226,7 +226,7 @@ async fn herd(args: &HerdArgs) -> Result<()> {
         "{} clients subscribed on A ({} endpoint calls); killing A",
         args.clients, joined_calls
     );
-    // Publishes through B, from before A dies until after the herd is back.
+    // Publishes, from before A dies until after the herd is back.
     let publishing = match (&args.api, args.publish_rate > 0.0) {
         (Some(api), true) => {
             let (stop_tx, stop_rx) = watch::channel(false);
@@ -310,7 +310,7 @@ async fn herd(args: &HerdArgs) -> Result<()> {
     );
     if let Some(e) = &events {
         println!(
-            "| events published through B / acked (HTTP 200) | {} / {} |",
+            "| events published / acked (HTTP 200) | {} / {} |",
             e.attempted, e.acked
         );
         println!(
@@ -320,8 +320,8 @@ async fn herd(args: &HerdArgs) -> Result<()> {
         println!("| publishes not acked, by status | {} |", e.failed);
         println!("| events received twice | {} |", e.duplicates);
         println!(
-            "| resumed on B: recovered / not recovered | {} / {} |",
-            e.recovered, e.not_recovered
+            "| resumed on B: recovered / not recovered; events replayed | {} / {}; {} |",
+            e.recovered, e.not_recovered, e.replayed
         );
     }
     if failed > 0 {
@@ -338,6 +338,7 @@ struct Events {
     duplicates: u64,
     recovered: u64,
     not_recovered: u64,
+    replayed: u64,
     failed: String,
 }
 
@@ -349,6 +350,7 @@ fn tally(acked: &Acked, seen: &[Option<Track>]) -> Events {
         duplicates: 0,
         recovered: 0,
         not_recovered: 0,
+        replayed: 0,
         failed: if acked.failed.is_empty() {
             "—".into()
         } else {
@@ -364,6 +366,7 @@ fn tally(acked: &Acked, seen: &[Option<Track>]) -> Events {
         e.duplicates += t.duplicates;
         e.recovered += t.recovered;
         e.not_recovered += t.not_recovered;
+        e.replayed += t.replayed;
     }
     for &(i, c, id) in &acked.ok {
         let got = seen
@@ -384,6 +387,10 @@ struct Track {
     duplicates: u64,
     recovered: u64,
     not_recovered: u64,
+    /// Per channel: resuming from a position, until `herdgate:resumed`.
+    replaying: Vec<bool>,
+    /// Events that came as a replay: published while the client was away.
+    replayed: u64,
 }
 
 impl Track {
@@ -394,6 +401,8 @@ impl Track {
             duplicates: 0,
             recovered: 0,
             not_recovered: 0,
+            replaying: vec![false; channels],
+            replayed: 0,
         }
     }
 
@@ -406,6 +415,7 @@ impl Track {
                     if !self.got[c].insert(id) {
                         self.duplicates += 1;
                     }
+                    self.replayed += u64::from(self.replaying[c]);
                 }
                 if let Some(serial) = m["serial"].as_u64() {
                     if let Some(p) = &mut self.position[c] {
@@ -419,6 +429,7 @@ impl Track {
                 }
             }
             "herdgate:resumed" => {
+                self.replaying[c] = false;
                 let data = parse_data(m);
                 if data["recovered"] == true {
                     self.recovered += 1;
@@ -444,7 +455,7 @@ struct Acked {
     failed: std::collections::BTreeMap<String, u64>,
 }
 
-/// Publishes `tick` events to the clients' channels in turn, through B.
+/// Publishes `tick` events to the clients' channels in turn.
 struct Publisher {
     api: net::Target,
     tls: tokio_rustls::TlsConnector,
@@ -734,6 +745,9 @@ impl Client {
             })
         };
         let resumes: Vec<Option<Value>> = (0..self.channels.len()).map(resume).collect();
+        for (c, r) in resumes.iter().enumerate() {
+            track.replaying[c] = r.as_ref().is_some_and(|r| r.get("serial").is_some());
+        }
         for (c, ch) in self.channels.iter().enumerate() {
             let with_grant = sig.as_ref().zip(grants.get(ch));
             let auth = match with_grant {

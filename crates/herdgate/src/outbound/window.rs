@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long one flush may write in place before it hands the rest of the
-/// due sockets to their writers (as a fan-out's in-place budget).
-pub const BUDGET: Duration = Duration::from_millis(50);
+/// How long one turn of flushing may write in place before the worker
+/// looks at its mailbox again (the rest stays due).
+pub const SLICE: Duration = Duration::from_millis(5);
 
 /// The windows a worker keeps: the sockets to flush, by the millisecond
 /// (from `base`) their window ends.
@@ -98,35 +98,33 @@ impl Windows {
         self.base + Duration::from_millis(key)
     }
 
-    /// Write what every socket whose window ended by `now` holds. One
-    /// call writes in place for at most [`BUDGET`], and not at all when
-    /// `in_place` is false (the worker has work waiting, as a fan-out's
-    /// `direct`): the sockets left are handed to their own tasks, which
-    /// write them in parallel, on every core, rather than this thread
-    /// writing on and on.
+    /// Write what every socket whose window ended by `now` holds, for at
+    /// most [`SLICE`]: the sockets left stay due, and the worker comes back
+    /// for them after a look at its mailbox, so a big room's flush never
+    /// holds up the worker's other rooms for long. With `in_place` false
+    /// (commands pile up in the worker's mailbox) nothing is written here:
+    /// every due socket is handed to its own task, and they write in
+    /// parallel, on every core.
     pub fn flush_due(&self, now: Instant, in_place: bool) -> Flush {
-        self.flush_within(now, if in_place { BUDGET } else { Duration::ZERO })
+        self.flush_within(now, in_place, SLICE)
     }
 
-    fn flush_within(&self, now: Instant, budget: Duration) -> Flush {
+    fn flush_within(&self, now: Instant, in_place: bool, slice: Duration) -> Flush {
         let mut flush = Flush::default();
         let start = Instant::now();
         let mut n = 0u32;
-        let mut past = budget.is_zero();
         loop {
-            let sockets = {
+            let (key, sockets) = {
                 let mut due = self.due.borrow_mut();
                 match due.first_entry() {
-                    Some(e) if self.at(*e.key()) <= now => e.remove(),
+                    Some(e) if self.at(*e.key()) <= now => e.remove_entry(),
                     _ => break,
                 }
             };
             self.len.set(self.len.get() - sockets.len());
-            for out in sockets {
-                n += 1;
-                past = past || (n % 64 == 0 && start.elapsed() >= budget);
-                if past {
-                    // Past the budget: the writers take the rest.
+            let mut sockets = sockets.into_iter();
+            while let Some(out) = sockets.next() {
+                if !in_place {
                     out.release_held();
                     flush.handed += 1;
                     continue;
@@ -141,6 +139,16 @@ impl Windows {
                         flush.handed += 1;
                         flush.frames += frames;
                     }
+                }
+                n += 1;
+                if n % 64 == 0 && start.elapsed() >= slice {
+                    // The slice is used up: the rest waits for the next.
+                    let rest: Vec<_> = sockets.collect();
+                    if !rest.is_empty() {
+                        self.len.set(self.len.get() + rest.len());
+                        self.due.borrow_mut().entry(key).or_default().extend(rest);
+                    }
+                    return flush;
                 }
             }
         }
@@ -282,10 +290,11 @@ mod tests {
         assert_eq!(out.drain().frames.len(), 2);
     }
 
-    /// Past its budget a flush hands the rest to the sockets' writers
-    /// (checked every 64 sockets).
+    /// A flush writes for one slice (checked every 64 sockets) and leaves
+    /// the rest due for the next; under a backlog it writes nothing and
+    /// hands every due socket to its writer.
     #[tokio::test]
-    async fn past_the_budget_the_writers_take_the_rest() {
+    async fn a_slice_at_a_time_and_nothing_in_place_under_a_backlog() {
         let windows = Windows::new();
         let t0 = Instant::now();
         let mut keep = Vec::new();
@@ -298,13 +307,21 @@ mod tests {
             assert!(windows.hold(&out, t0, 10));
             keep.push((out, shared, client));
         }
-        assert_eq!(windows.len(), 130);
-        let f = windows.flush_within(t0 + Duration::from_millis(10), Duration::from_nanos(1));
-        assert_eq!((f.in_place, f.handed, f.frames), (63, 67, 63));
-        for (out, ..) in &keep[63..] {
+        let due = t0 + Duration::from_millis(10);
+        let f = windows.flush_within(due, true, Duration::from_nanos(1));
+        assert_eq!((f.in_place, f.handed, f.frames), (64, 0, 64));
+        assert_eq!(windows.len(), 66, "the rest stays due");
+        assert!(windows.next_due().is_some_and(|d| d <= due), "and due now");
+        let f = windows.flush_within(due, true, Duration::from_nanos(1));
+        assert_eq!(f.in_place, 64);
+        // Under a backlog: the last two go to their writers.
+        let f = windows.flush_due(due, false);
+        assert_eq!((f.in_place, f.handed), (0, 2));
+        assert!(windows.is_empty());
+        for (out, ..) in &keep[128..] {
             tokio::time::timeout(Duration::from_secs(1), out.ready())
                 .await
-                .expect("a socket past the budget is woken");
+                .expect("a socket handed over is woken");
             assert_eq!(out.drain().frames.len(), 1);
         }
     }
