@@ -307,7 +307,7 @@ mod tests {
             assert!(windows.hold(&out, t0, 10));
             keep.push((out, shared, client));
         }
-        let due = t0 + Duration::from_millis(10);
+        let due = t0 + Duration::from_millis(11); // past the window, rounded up to the ms
         let f = windows.flush_within(due, true, Duration::from_nanos(1));
         assert_eq!((f.in_place, f.handed, f.frames), (64, 0, 64));
         assert_eq!(windows.len(), 66, "the rest stays due");
@@ -348,7 +348,7 @@ mod tests {
         for f in &frames[1..] {
             assert_eq!(out.push_room(f, true), Push::Queued);
         }
-        let f = windows.flush_due(t0 + Duration::from_millis(10), true);
+        let f = windows.flush_due(t0 + Duration::from_millis(11), true);
         assert_eq!(f.handed, 1, "18 MB do not fit the socket's buffers");
         let wrote = f.frames as usize;
         assert!(wrote > 64, "several vectored writes went out: {wrote}");
