@@ -53,11 +53,13 @@ pub fn apply(node: &Node, front: Option<&Front>, mut new: Config) -> Vec<&'stati
         if was.session_tickets != t.session_tickets
             || keyed(&was.ticket_keys) != keyed(&t.ticket_keys)
             || was.ticket_lifetime != t.ticket_lifetime
+            || was.ticket_keys_in_etcd != t.ticket_keys_in_etcd
         {
             restart.push("tls.session_tickets");
             t.session_tickets = was.session_tickets;
             t.ticket_lifetime = was.ticket_lifetime;
             t.ticket_keys = was.ticket_keys.clone();
+            t.ticket_keys_in_etcd = was.ticket_keys_in_etcd;
         }
     }
     match (&o.tls, &new.tls, front.and_then(|f| f.tls.as_ref())) {
@@ -65,7 +67,8 @@ pub fn apply(node: &Node, front: Option<&Front>, mut new: Config) -> Vec<&'stati
             if let Err(e) = tls.store.reload_from(t.cert.as_ref(), t.key.as_ref()) {
                 tracing::error!(error = %e, "TLS certificate reload failed; still serving the previous one");
             }
-            if let Some(tickets) = &tls.tickets {
+            // Keys from etcd follow etcd, not the config.
+            if let Some(tickets) = tls.tickets.as_ref().filter(|_| !t.ticket_keys_in_etcd) {
                 // Validated with the whole file: a failure here is a file
                 // changed again since.
                 match crate::tls::tickets::load(std::path::Path::new(&t.ticket_keys)) {

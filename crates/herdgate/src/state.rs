@@ -218,6 +218,15 @@ impl Front {
                     t.key.as_ref(),
                 )?);
                 let (config, tickets) = crate::tls::server_config_for(store.clone(), t)?;
+                #[cfg(feature = "etcd")]
+                if let Some(shared) = tickets.as_ref().filter(|_| t.ticket_keys_in_etcd) {
+                    crate::cluster::membership::ticket_keys::spawn(
+                        &live.config.cluster.etcd,
+                        shared.clone(),
+                        t.ticket_lifetime.get(),
+                        node.life.stopped.clone(),
+                    );
+                }
                 Some(Tls {
                     store,
                     config,

@@ -154,7 +154,7 @@ pub fn server_config_for(
     ),
     TlsError,
 > {
-    if tls.session_tickets && tls.ticket_keys.is_empty() {
+    if tls.session_tickets && tls.ticket_keys.is_empty() && !tls.ticket_keys_in_etcd {
         return Ok((server_config(store)?, None));
     }
     let mut cfg = base_config(store)?;
@@ -164,9 +164,16 @@ pub fn server_config_for(
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         return Ok((Arc::new(cfg), None));
     }
+    let lifetime = tls.ticket_lifetime.get().as_secs().min(u64::from(u32::MAX)) as u32;
+    if tls.ticket_keys_in_etcd {
+        // No key, so no ticket, until the cluster's keys are read.
+        let shared = Arc::new(tickets::SharedTickets::new(&[], lifetime));
+        tracing::info!("TLS session tickets: shared keys from etcd");
+        cfg.ticketer = shared.clone();
+        return Ok((Arc::new(cfg), Some(shared)));
+    }
     let keys =
         tickets::load(Path::new(&tls.ticket_keys)).map_err(|e| TlsError::Config(e.to_string()))?;
-    let lifetime = tls.ticket_lifetime.get().as_secs().min(u64::from(u32::MAX)) as u32;
     let shared = Arc::new(tickets::SharedTickets::new(&keys, lifetime));
     tracing::info!(
         path = %tls.ticket_keys,

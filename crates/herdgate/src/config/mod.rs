@@ -125,6 +125,11 @@ pub struct TlsConfig {
     /// resumption on the same process only. See `tls::tickets`.
     #[serde(default)]
     pub ticket_keys: String,
+    /// Edges of a cluster on etcd keep their ticket keys there instead:
+    /// made and rotated (every `ticket_lifetime`) by the edges, no file.
+    /// See `cluster::membership::ticket_keys`.
+    #[serde(default)]
+    pub ticket_keys_in_etcd: bool,
     /// How long a ticket resumes a session (also the hint sent to clients).
     /// Keep a rotated-out key in `ticket_keys` this long.
     #[serde(default = "tls_ticket_lifetime")]

@@ -145,6 +145,20 @@ fn validate_server(c: &Config, err: &mut impl FnMut(&str, String)) {
                 "set while tls.session_tickets is false: remove one of them".into(),
             );
         }
+        if tls.ticket_keys_in_etcd {
+            if !tls.session_tickets || !tls.ticket_keys.is_empty() {
+                err(
+                    "tls.ticket_keys_in_etcd",
+                    "set with tls.ticket_keys or with tls.session_tickets = false: keep one of them".into(),
+                );
+            }
+            if c.cluster.membership != super::Membership::Etcd {
+                err(
+                    "tls.ticket_keys_in_etcd",
+                    "needs a cluster on etcd (cluster.membership = \"etcd\")".into(),
+                );
+            }
+        }
         if tls.handshake_timeout.get().is_zero() {
             err("tls.handshake_timeout", "must be greater than zero".into());
         }

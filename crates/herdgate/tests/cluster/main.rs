@@ -13,6 +13,8 @@ mod cluster;
 mod cluster_etcd;
 #[cfg(feature = "etcd")]
 mod resume_cluster;
+#[cfg(feature = "etcd")]
+mod ticket_keys;
 
 /// Held by every scenario of this binary for its whole run. A tokio mutex:
 /// the static-membership scenarios are async (`lock().await`), the etcd

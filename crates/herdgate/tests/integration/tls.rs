@@ -238,6 +238,11 @@ short
             "tls.ticket_lifetime",
             "7d",
         ),
+        (
+            "ticket_keys_in_etcd = true\n".to_string(),
+            "tls.ticket_keys_in_etcd",
+            "cluster on etcd",
+        ),
     ];
     for (extra, field, needle) in ticket_cases {
         let text = format!(

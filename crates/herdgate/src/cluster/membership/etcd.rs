@@ -7,6 +7,7 @@
 //! | `<p>/meta` | `{"ring":"fnv1a64-chain","link_version":3}` | none: written once, compared by every node |
 //! | `<p>/workers/<id>` | `{"addr":…,"vnodes":…,"state":…}` | the worker's |
 //! | `<p>/edges/<id>` | `{"addr":…}` | the edge's |
+//! | `<p>/tls/ticket_keys` | `{"keys":[{"key":…,"from":…}]}` | none: the edges' shared TLS ticket keys (see [`super::ticket_keys`]) |
 //!
 //! Each node keeps its key alive with a lease renewed every
 //! `keepalive_interval`; a worker's [`Fence`] stays valid until the send time
@@ -340,11 +341,23 @@ impl Watcher {
             // store's revision when it is sent, which may already cover the
             // next event, so two different views would share one revision
             // (and a node would skip the second as "not newer").
-            if resp.events().is_empty() {
-                continue; // created / progress: nothing new
+            // The TLS ticket keys live under the prefix too, but are no
+            // part of the view: their writes make no view (every node
+            // skips the same events, so views still meet at one revision).
+            let tls = format!("{}/tls/", self.prefix);
+            let events: Vec<_> = resp
+                .events()
+                .iter()
+                .filter(|ev| {
+                    !ev.kv()
+                        .is_some_and(|kv| kv.key().starts_with(tls.as_bytes()))
+                })
+                .collect();
+            if events.is_empty() {
+                continue; // created / progress / ticket keys: nothing new
             }
             let mut newest = rev;
-            for ev in resp.events() {
+            for ev in events {
                 let Some(kv) = ev.kv() else { continue };
                 newest = newest.max(kv.mod_revision());
                 match ev.event_type() {

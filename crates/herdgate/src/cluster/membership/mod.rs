@@ -15,6 +15,8 @@
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod freeze;
+#[cfg(feature = "etcd")]
+pub mod ticket_keys;
 
 use super::view::{NodeId, View, WorkerInfo};
 use std::collections::{BTreeMap, BTreeSet};
