@@ -222,6 +222,7 @@ impl Front {
                 if let Some(shared) = tickets.as_ref().filter(|_| t.ticket_keys_in_etcd) {
                     crate::cluster::membership::ticket_keys::spawn(
                         &live.config.cluster.etcd,
+                        &live.config.cluster.secret,
                         shared.clone(),
                         t.ticket_lifetime.get(),
                         node.life.stopped.clone(),

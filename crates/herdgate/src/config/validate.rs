@@ -158,6 +158,12 @@ fn validate_server(c: &Config, err: &mut impl FnMut(&str, String)) {
                     "needs a cluster on etcd (cluster.membership = \"etcd\")".into(),
                 );
             }
+            if c.cluster.secret.len() < 16 {
+                err(
+                    "tls.ticket_keys_in_etcd",
+                    "needs cluster.secret (at least 16 characters): the keys are sealed with it in etcd".into(),
+                );
+            }
         }
         if tls.handshake_timeout.get().is_zero() {
             err("tls.handshake_timeout", "must be greater than zero".into());

@@ -6,7 +6,7 @@
 //! nothing. Times are passed in (Unix seconds), so hours of rotation take
 //! no time.
 
-use herdgate::cluster::membership::ticket_keys::{in_force, sync_at, LEAD};
+use herdgate::cluster::membership::ticket_keys::{in_force, sync_at, Vault, LEAD};
 use herdgate::tls::tickets::{Refused, SharedTickets};
 use herdgate_testkit::etcd::Etcd;
 
@@ -23,14 +23,15 @@ fn edges_share_ticket_keys_through_etcd_and_rotate_them() {
         let prefix = "/ticket-keys-test";
         let life = 3600u64;
         let t0 = 1_000_000u64;
-        let sync = |now: u64| sync_at(&ep, prefix, now, life);
+        let vault = Vault::new("cluster-secret-0123456789");
+        let sync = |now: u64| sync_at(&ep, prefix, now, life, &vault);
         // Two edges starting at once: one list.
         let (a, b) = tokio::join!(sync(t0), sync(t0));
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!(a, b, "both edges hold the list one of them wrote");
         assert_eq!(a.keys.len(), 1);
-        let edge_a = SharedTickets::new(&in_force(&a, t0), life as u32);
-        let edge_b = SharedTickets::new(&in_force(&b, t0), life as u32);
+        let edge_a = SharedTickets::new(&in_force(&a, t0, &vault), life as u32);
+        let edge_b = SharedTickets::new(&in_force(&b, t0, &vault), life as u32);
         let old = edge_a.seal(b"session", t0).unwrap();
         assert_eq!(edge_b.open(&old, t0 + 1).unwrap(), b"session");
         // Nothing due: nothing written.
@@ -45,8 +46,8 @@ fn edges_share_ticket_keys_through_etcd_and_rotate_them() {
         let from = a1.keys[0].from;
         assert!(from > t1, "the new key seals only later");
         // B has read it but its time has not come; A's has.
-        edge_b.set_keys(&in_force(&b1, t1));
-        edge_a.set_keys(&in_force(&a1, from));
+        edge_b.set_keys(&in_force(&b1, t1, &vault));
+        edge_a.set_keys(&in_force(&a1, from, &vault));
         let new = edge_a.seal(b"later", from).unwrap();
         assert_eq!(
             edge_b.open(&new, from).unwrap(),
@@ -62,8 +63,8 @@ fn edges_share_ticket_keys_through_etcd_and_rotate_them() {
         // opens nothing.
         let t2 = from + life;
         let a2 = sync(t2).await.unwrap();
-        assert!(a2.keys.iter().all(|k| k.key != a.keys[0].key));
-        edge_a.set_keys(&in_force(&a2, t2));
+        assert!(a2.keys.iter().all(|k| k.sealed != a.keys[0].sealed));
+        edge_a.set_keys(&in_force(&a2, t2, &vault));
         assert_eq!(edge_a.open(&old, t0 + 10), Err(Refused::UnknownKey));
     });
 }

@@ -7,7 +7,7 @@
 //! | `<p>/meta` | `{"ring":"fnv1a64-chain","link_version":3}` | none: written once, compared by every node |
 //! | `<p>/workers/<id>` | `{"addr":…,"vnodes":…,"state":…}` | the worker's |
 //! | `<p>/edges/<id>` | `{"addr":…}` | the edge's |
-//! | `<p>/tls/ticket_keys` | `{"keys":[{"key":…,"from":…}]}` | none: the edges' shared TLS ticket keys (see [`super::ticket_keys`]) |
+//! | `<p>/tls/ticket_keys` | `{"keys":[{"sealed":…,"from":…}]}` | none: the edges' shared TLS ticket keys, sealed (see [`super::ticket_keys`]); not part of the view |
 //!
 //! Each node keeps its key alive with a lease renewed every
 //! `keepalive_interval`; a worker's [`Fence`] stays valid until the send time
