@@ -256,7 +256,7 @@ fn sane(stored: &Stored, now: u64) -> Vec<StoredKey> {
         .filter(|k| k.from <= horizon)
         .cloned()
         .collect();
-    keys.sort_by(|a, b| b.from.cmp(&a.from));
+    keys.sort_by_key(|k| std::cmp::Reverse(k.from));
     keys
 }
 
