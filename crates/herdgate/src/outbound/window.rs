@@ -12,9 +12,17 @@
 //! ([`Outbound::flush_held`]), from its own thread. No socket task is woken
 //! unless the kernel does not take everything.
 //!
-//! Bounded: one entry per window a fan-out opened, at most [`Windows::MAX`]
-//! in all; past that the socket's session keeps the window with its own
-//! timer, as it does for TLS sockets (policy: `session_timer`).
+//! A flush writes for one [`SLICE`] at a time and leaves the rest due, so
+//! a big room's flush holds up the worker's other rooms for no longer;
+//! with commands piling up in the worker's mailbox it writes nothing and
+//! wakes the due sockets' own tasks instead, which write on every core.
+//!
+//! Bounded: at most one entry per socket (a socket with an entry pending
+//! gets no second, however often its queue empties meanwhile), at most
+//! [`Windows::MAX`] in all; past that the socket's session keeps the window
+//! with its own timer, as it does for TLS sockets (policy:
+//! `session_timer`). A worker that ends hands every socket it kept to its
+//! writer.
 
 use super::{Flushed, Outbound};
 use std::cell::{Cell, RefCell};
