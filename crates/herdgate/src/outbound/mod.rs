@@ -578,3 +578,15 @@ mod tests {
             .expect("a push before ready() leaves a permit");
     }
 }
+
+#[cfg(test)]
+mod size {
+    /// What an idle socket pays for its queue (docs/BENCHMARKS.md "Memory
+    /// per socket"): the write window's fields fit in the padding.
+    #[test]
+    fn an_outbound_queue_stays_this_small() {
+        // 176 before the window fields came (a187244), and after.
+        let size = std::mem::size_of::<super::Outbound>();
+        assert!(size <= 176, "an idle socket's queue grew to {size} bytes");
+    }
+}
