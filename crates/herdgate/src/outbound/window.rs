@@ -198,6 +198,16 @@ mod tests {
     use crate::protocol::Frame;
     use tokio::io::AsyncReadExt;
 
+    /// A plain-TCP socket's queue with a window of `ms`, its server side
+    /// and its client.
+    async fn windowed(ms: u32) -> (Arc<Outbound>, direct::SharedTcp, tokio::net::TcpStream) {
+        let (shared, client) = direct::loopback_pair().await;
+        let out = Arc::new(Outbound::new(100, 1 << 20));
+        out.attach(shared.handle());
+        out.set_window(ms);
+        (out, shared, client)
+    }
+
     fn ev(n: u32) -> Frame {
         crate::protocol::event("e", Some("c"), &format!("{{\"n\":{n}}}"))
     }
@@ -269,10 +279,7 @@ mod tests {
     /// must see first, is woken instead.
     #[tokio::test(start_paused = true)]
     async fn a_busy_writer_or_an_urgent_frame_is_handed_the_queue() {
-        let (shared, _client) = direct::loopback_pair().await;
-        let out = Arc::new(Outbound::new(100, 1 << 20));
-        out.attach(shared.handle());
-        out.set_window(50);
+        let (out, _shared, _client) = windowed(50).await;
         let windows = Windows::new();
         let t0 = Instant::now();
         // The writer holds a batch (a pong, say).
@@ -307,10 +314,7 @@ mod tests {
         let t0 = Instant::now();
         let mut keep = Vec::new();
         for _ in 0..130 {
-            let (shared, client) = direct::loopback_pair().await;
-            let out = Arc::new(Outbound::new(100, 1 << 20));
-            out.attach(shared.handle());
-            out.set_window(10);
+            let (out, shared, client) = windowed(10).await;
             assert_eq!(out.push_room(&ev(1), true), Push::Held(10));
             assert!(windows.hold(&out, t0, 10));
             keep.push((out, shared, client));
@@ -400,10 +404,7 @@ mod tests {
     /// ends hands what it kept to the writers.
     #[tokio::test(start_paused = true)]
     async fn one_entry_per_socket_a_full_list_and_a_dropped_worker() {
-        let (shared, _client) = direct::loopback_pair().await;
-        let out = Arc::new(Outbound::new(100, 1 << 20));
-        out.attach(shared.handle());
-        out.set_window(100);
+        let (out, _shared, _client) = windowed(100).await;
         let windows = Windows::with_max(1);
         let t0 = Instant::now();
         assert_eq!(out.push_room(&ev(1), true), Push::Held(100));
@@ -416,10 +417,7 @@ mod tests {
         assert_eq!(out.push_room(&ev(3), true), Push::Queued);
         assert_eq!(windows.len(), 1);
         // Full: another socket's window is not kept here.
-        let (shared2, _client2) = direct::loopback_pair().await;
-        let other = Arc::new(Outbound::new(100, 1 << 20));
-        other.attach(shared2.handle());
-        other.set_window(100);
+        let (other, _shared2, _client2) = windowed(100).await;
         assert_eq!(other.push_room(&ev(1), true), Push::Held(100));
         assert!(!windows.hold(&other, t0, 100), "the list is full");
         // Dropped with an entry: its socket's writer is woken for it.

@@ -22,6 +22,14 @@ async fn flushed_in_place(s: &TestServer) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `tick` events `0..n` to `live`, each acked.
+async fn publish_ticks(api: &Api, n: u32) {
+    for i in 0..n {
+        let r = api.publish("live", "tick", &i.to_string(), None).await;
+        assert_eq!(r.status, 200);
+    }
+}
+
 async fn expect_ticks(c: &mut Client, n: u32) {
     for i in 0..n {
         let e = c.expect("tick").await;
@@ -49,14 +57,7 @@ async fn held_events_arrive_in_order_on_tls_and_plain_sockets_and_the_worker_wri
         tls: Some(cfg),
         ..s.api()
     };
-    for i in 0..20 {
-        assert_eq!(
-            api.publish("live", "tick", &i.to_string(), None)
-                .await
-                .status,
-            200
-        );
-    }
+    publish_ticks(&api, 20).await;
     expect_ticks(&mut secure, 20).await;
     // (The counter is the test binary's: no other test has a window.)
     assert_eq!(
@@ -73,14 +74,7 @@ async fn held_events_arrive_in_order_on_tls_and_plain_sockets_and_the_worker_wri
     b.expect_subscribed("live").await;
     let before = flushed_in_place(&s).await;
     let api = s.api();
-    for i in 0..20 {
-        assert_eq!(
-            api.publish("live", "tick", &i.to_string(), None)
-                .await
-                .status,
-            200
-        );
-    }
+    publish_ticks(&api, 20).await;
     expect_ticks(&mut a, 20).await;
     expect_ticks(&mut b, 20).await;
     assert!(
