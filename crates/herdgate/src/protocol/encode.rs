@@ -261,71 +261,79 @@ pub fn resumed(channel: &str, recovered: bool, epoch: &str, serial: u64) -> Fram
 /// for `channel` on a later connection, when it expires (Unix seconds) and
 /// its seconds to live (the client's clock may differ).
 pub fn grant(channel: &str, grant: &str, expires: u64, ttl: u64) -> Frame {
-    #[derive(Serialize)]
-    struct D<'a> {
-        channel: &'a str,
-        grant: &'a str,
-        expires: u64,
-        ttl: u64,
-    }
-    internal(
-        "herdgate:grant",
-        None,
-        &D {
-            channel,
-            grant,
-            expires,
-            ttl,
-        },
-    )
+    grant_frame(GrantData {
+        channel: Some(channel),
+        given: Some((grant, expires, ttl)),
+        ..GrantData::default()
+    })
 }
 
-/// `herdgate:grant` refusing to renew `channel`'s grant, and why.
 /// `herdgate:grant` for a sign-in: `{"signin": true, grant, expires, ttl}`.
 pub fn signin_grant(grant: &str, expires: u64, ttl: u64) -> Frame {
-    #[derive(Serialize)]
-    struct D<'a> {
-        signin: bool,
-        grant: &'a str,
-        expires: u64,
-        ttl: u64,
-    }
-    internal(
-        "herdgate:grant",
-        None,
-        &D {
-            signin: true,
-            grant,
-            expires,
-            ttl,
-        },
-    )
+    grant_frame(GrantData {
+        signin: true,
+        given: Some((grant, expires, ttl)),
+        ..GrantData::default()
+    })
 }
 
 /// A sign-in grant not taken (or not renewed): `{"signin": true, refused}`.
 pub fn signin_grant_refused(refused: &str) -> Frame {
+    grant_frame(GrantData {
+        signin: true,
+        refused: Some(refused),
+        ..GrantData::default()
+    })
+}
+
+/// `herdgate:grant` refusing to renew `channel`'s grant, and why:
+/// `{channel, refused}`.
+pub fn grant_refused(channel: &str, refused: &str) -> Frame {
+    grant_frame(GrantData {
+        channel: Some(channel),
+        refused: Some(refused),
+        ..GrantData::default()
+    })
+}
+
+/// The data of every `herdgate:grant`: for the sign-in or a channel, a
+/// grant given (`grant`, `expires`, `ttl`) or `refused`.
+#[derive(Default)]
+struct GrantData<'a> {
+    signin: bool,
+    channel: Option<&'a str>,
+    given: Option<(&'a str, u64, u64)>,
+    refused: Option<&'a str>,
+}
+
+fn grant_frame(d: GrantData<'_>) -> Frame {
     #[derive(Serialize)]
     struct D<'a> {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
         signin: bool,
-        refused: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        grant: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ttl: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        refused: Option<&'a str>,
     }
     internal(
         "herdgate:grant",
         None,
         &D {
-            signin: true,
-            refused,
+            signin: d.signin,
+            channel: d.channel,
+            grant: d.given.map(|g| g.0),
+            expires: d.given.map(|g| g.1),
+            ttl: d.given.map(|g| g.2),
+            refused: d.refused,
         },
     )
-}
-
-pub fn grant_refused(channel: &str, refused: &str) -> Frame {
-    #[derive(Serialize)]
-    struct D<'a> {
-        channel: &'a str,
-        refused: &'a str,
-    }
-    internal("herdgate:grant", None, &D { channel, refused })
 }
 
 pub fn pong() -> Frame {
@@ -512,6 +520,35 @@ pub fn watchlist_events(online: &[&str], offline: &[&str]) -> Frame {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The four `herdgate:grant` shapes the plugin reads (docs/PROTOCOL.md
+    /// "Auth grants"), byte for byte.
+    #[test]
+    fn grant_frames_have_their_documented_shapes() {
+        let data = |f: Frame| {
+            let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+            assert_eq!(v["event"], "herdgate:grant");
+            v["data"].as_str().unwrap().to_string()
+        };
+        assert_eq!(
+            data(grant("private-a", "g", 10, 5)),
+            r#"{"channel":"private-a","grant":"g","expires":10,"ttl":5}"#
+        );
+        assert_eq!(
+            data(signin_grant("g", 10, 5)),
+            r#"{"signin":true,"grant":"g","expires":10,"ttl":5}"#
+        );
+        assert_eq!(
+            data(grant_refused("private-a", "revoked")),
+            r#"{"channel":"private-a","refused":"revoked"}"#
+        );
+        assert_eq!(
+            data(signin_grant_refused("revoked")),
+            r#"{"signin":true,"refused":"revoked"}"#
+        );
+    }
+
     use super::*;
 
     #[test]
