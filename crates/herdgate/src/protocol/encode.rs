@@ -549,8 +549,6 @@ mod tests {
         );
     }
 
-    use super::*;
-
     #[test]
     fn parity_events_have_pusher_js_shapes() {
         let v: serde_json::Value =
